@@ -1,0 +1,181 @@
+"""``surprise-calibrate``: build a calibration table from an ImageFolder of training images."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from calibrate.builder import calibrate
+from calibrate.table import CalibrationTable
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_model(spec: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    """A torchvision architecture name (random weights) or an importable ``module:factory``."""
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import model factory {spec!r}: {exc}") from exc
+        model = factory(**kwargs)
+    else:
+        import torchvision
+
+        if spec not in torchvision.models.list_models():
+            raise ValueError(f"{spec!r} is neither a torchvision model name nor module:factory")
+        if num_classes is not None:
+            kwargs = {"num_classes": num_classes, **kwargs}
+        model = torchvision.models.get_model(spec, weights=None, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec!r} did not build a torch nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state_dict file without unpickling arbitrary objects (``weights_only=True``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a loadable state_dict file: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict, found {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit the model: {exc}") from exc
+
+
+def image_transform(
+    resize: int, crop: int, mean: Sequence[float], std: Sequence[float], grayscale: bool
+):
+    """The usual ImageNet-style preprocessing: resize, centre crop, to tensor, normalise."""
+    from torchvision import transforms
+
+    steps: list[Any] = []
+    if grayscale:
+        steps.append(transforms.Grayscale(num_output_channels=1))
+    if resize > 0:
+        steps.append(transforms.Resize(resize))
+    if crop > 0:
+        steps.append(transforms.CenterCrop(crop))
+    steps += [transforms.ToTensor(), transforms.Normalize(list(mean), list(std))]
+    return transforms.Compose(steps)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="surprise-calibrate",
+        description="Calibrate a CNN on its training images (ImageFolder layout: one folder per "
+        "class) and write the surprise-monitor table.",
+    )
+    p.add_argument("model", help="torchvision architecture name (e.g. resnet50) or module:factory")
+    p.add_argument("--data", required=True, help="ImageFolder root of the training images")
+    p.add_argument("--out", required=True, help="where to write the table (.safetensors)")
+    p.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
+    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for the factory")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        help="classes of a torchvision model (default: the number of class folders)",
+    )
+    p.add_argument("--layer", help="target module name (default: the final convolution)")
+    p.add_argument("--score", default="logit", choices=["logit", "softmax", "log_softmax"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resize", type=int, default=256, help="shorter side before cropping (0: no)")
+    p.add_argument("--crop", type=int, default=224, help="centre crop size (0: no crop)")
+    p.add_argument("--mean", type=float, nargs="+", default=list(IMAGENET_MEAN))
+    p.add_argument("--std", type=float, nargs="+", default=list(IMAGENET_STD))
+    p.add_argument("--grayscale", action="store_true", help="load images as one channel")
+    p.add_argument("--top-k", type=int, default=6, help="exemplars kept per (class, filter)")
+    p.add_argument("--spill-dir", help="keep the streamed alpha values in this folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def summary(table: CalibrationTable, out: Path, seconds: float) -> str:
+    """What the run produced, for people: per-class counts, thin classes, where it went."""
+    n = int(table.counts.sum())
+    lines = [
+        f"layer: {table.layer} ({table.layer_reason})",
+        f"filters: {table.num_filters}, classes: {table.num_classes}, images: {n}, "
+        f"{seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s)",
+        "images per class: "
+        + ", ".join(
+            f"{name}={int(c)}" for name, c in zip(table.class_names, table.counts, strict=True)
+        ),
+    ]
+    thin = table.undersampled_classes(99.9)
+    if thin:
+        names = ", ".join(table.class_names[c] for c in thin[:20]) + (
+            " ..." if len(thin) > 20 else ""
+        )
+        lines.append(
+            f"{len(thin)} classes have fewer than 1000 images, too few to estimate a 99.9th "
+            f"percentile (it sits at the class maximum): {names}"
+        )
+    lines.append(f"table written to {out}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        from torchvision.datasets import ImageFolder
+
+        if len(args.mean) != len(args.std):
+            raise ValueError("--mean and --std need the same number of values")
+        transform = image_transform(args.resize, args.crop, args.mean, args.std, args.grayscale)
+        root = Path(args.data)
+        if not root.is_dir():
+            raise ValueError(f"--data {root}: no such folder")
+        dataset = ImageFolder(str(root), transform=transform)
+        num_classes = args.num_classes or len(dataset.classes)
+        model = build_model(args.model, num_classes, json.loads(args.model_kwargs))
+        if args.weights:
+            load_weights(model, args.weights)
+        model.eval().to(args.device)
+        loader = DataLoader(
+            dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+            pin_memory=args.device.startswith("cuda"),
+        )  # fmt: skip
+        source = {
+            "kind": "imagefolder", "root": str(root.resolve()), "resize": args.resize,
+            "crop": args.crop, "mean": args.mean, "std": args.std, "grayscale": args.grayscale,
+        }  # fmt: skip
+        started = time.perf_counter()
+        names = dataset.classes if len(dataset.classes) == num_classes else None
+        table = calibrate(
+            model, loader, layer=args.layer, score=args.score, top_k=args.top_k,
+            class_names=names, device=args.device, spill_dir=args.spill_dir,
+            progress=not args.quiet, data_source=source,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        out = table.save(args.out)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"surprise-calibrate: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(table, out, seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Streaming alpha values to disk, one raw float32 file per class, with bounded RAM.
+
+Each class c gets ``class_{c}.alpha`` (rows of N float32 values, one row per image) and
+``class_{c}.index`` (int64 dataset indices, one per row). Rows are buffered in memory up to
+``buffer_bytes`` in total and then appended to the files, so memory does not grow with the
+number of images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from calibrate.statistics import FileRows
+
+
+class AlphaSpill:
+    """Append-only per-class store of alpha rows and their dataset indices."""
+
+    def __init__(self, directory: str | Path, num_filters: int, buffer_bytes: int = 32 << 20):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.num_filters = int(num_filters)
+        self.buffer_bytes = int(buffer_bytes)
+        self._rows: dict[int, list[np.ndarray]] = {}
+        self._index: dict[int, list[np.ndarray]] = {}
+        self._buffered = 0
+        self.counts: dict[int, int] = {}
+
+    def alpha_path(self, c: int) -> Path:
+        return self.directory / f"class_{c}.alpha"
+
+    def index_path(self, c: int) -> Path:
+        return self.directory / f"class_{c}.index"
+
+    def append(self, alpha: np.ndarray, classes: np.ndarray, indices: np.ndarray) -> None:
+        """Add rows ``alpha[i]`` (``[B, N]`` float32) for ``classes[i]`` and ``indices[i]``."""
+        alpha = np.ascontiguousarray(alpha, dtype=np.float32)
+        if alpha.ndim != 2 or alpha.shape[1] != self.num_filters:
+            raise ValueError(f"alpha rows must be [B, {self.num_filters}], got {alpha.shape}")
+        for c in np.unique(classes):
+            sel = classes == c
+            c = int(c)
+            self._rows.setdefault(c, []).append(alpha[sel])
+            self._index.setdefault(c, []).append(np.asarray(indices[sel], dtype=np.int64))
+            self.counts[c] = self.counts.get(c, 0) + int(sel.sum())
+        self._buffered += alpha.nbytes + 8 * len(indices)
+        if self._buffered >= self.buffer_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append every buffered row to its class's files."""
+        for c, rows in self._rows.items():
+            with open(self.alpha_path(c), "ab") as f:
+                for r in rows:
+                    f.write(np.ascontiguousarray(r).tobytes())
+            with open(self.index_path(c), "ab") as f:
+                for i in self._index[c]:
+                    f.write(i.tobytes())
+        self._rows.clear()
+        self._index.clear()
+        self._buffered = 0
+
+    def read_alpha(self, c: int) -> FileRows:
+        """Class ``c``'s alpha rows ``[n_c, N]``, readable in chunks (flushes first)."""
+        self.flush()
+        return FileRows(self.alpha_path(c), self.num_filters)
+
+    def read_indices(self, c: int) -> np.ndarray:
+        self.flush()
+        path = self.index_path(c)
+        return np.fromfile(path, dtype=np.int64) if path.exists() else np.zeros(0, np.int64)
+
+
+def read_class_alpha(directory: str | Path, c: int, num_filters: int) -> np.ndarray:
+    """All spilled alpha rows of class ``c`` in memory, ``[n_c, num_filters]`` float32."""
+    rows = FileRows(Path(directory) / f"class_{c}.alpha", num_filters)
+    return (
+        rows.read_rows(0, rows.shape[0])
+        if rows.shape[0]
+        else np.zeros((0, num_filters), np.float32)
+    )

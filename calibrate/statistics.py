@@ -1,0 +1,130 @@
+"""Per-class statistics of spilled alpha values, computed in filter blocks under a memory budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+# Bytes of working memory per alpha value while a block is processed: the block itself, the
+# copy numpy.percentile partitions, the index-ordered and negated copies, the int64 argsort.
+_BYTES_PER_VALUE = 4 + 4 + 4 + 4 + 8
+
+
+class RowSource(Protocol):
+    """Rows of alpha values ``[n, N]`` that can be read a few at a time."""
+
+    shape: tuple[int, int]
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class ArrayRows:
+    """An in-memory ``[n, N]`` array as a :class:`RowSource`."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = np.asarray(array, dtype=np.float32)
+        self.shape = self.array.shape
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
+
+
+class FileRows:
+    """A raw float32 file of ``[n, N]`` rows as a :class:`RowSource`.
+
+    Reads go through ordinary file reads, not a memory map, so pages already processed do not
+    stay in the process's resident memory.
+    """
+
+    def __init__(self, path: str | Path, num_filters: int) -> None:
+        self.path = Path(path)
+        size = self.path.stat().st_size if self.path.exists() else 0
+        row = 4 * num_filters
+        if size % row:
+            raise ValueError(f"{self.path}: {size} bytes is not a whole number of alpha rows")
+        self.shape = (size // row, num_filters)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        n = self.shape[1]
+        count = (min(stop, self.shape[0]) - start) * n
+        data = np.fromfile(self.path, dtype=np.float32, count=count, offset=4 * start * n)
+        return data.reshape(-1, n)
+
+
+@dataclass
+class ClassStatistics:
+    """Statistics of one class: N filters, Q alpha levels, Qb beta levels, k exemplars."""
+
+    quantiles: np.ndarray  # [N, Q] float32
+    mean: np.ndarray  # [N] float32
+    beta_quantiles: np.ndarray  # [Qb] float32
+    top_indices: np.ndarray  # [N, k] int64, -1 where the class has fewer than k images
+    top_alpha: np.ndarray  # [N, k] float32, NaN where none
+    count: int
+
+
+def class_statistics(
+    alpha: RowSource | np.ndarray,
+    indices: np.ndarray,
+    levels: np.ndarray,
+    beta_levels: np.ndarray,
+    top_k: int,
+    memory_budget_bytes: int = 256 << 20,
+) -> ClassStatistics:
+    """Exact statistics of one class's alpha rows ``[n, N]`` (an array or a :class:`RowSource`).
+
+    - ``quantiles[n, q] = numpy.percentile(alpha[:, n], levels[q], method="linear")``
+    - ``mean[n]``: the mean of ``alpha[:, n]`` (accumulated in float64)
+    - ``beta_quantiles``: percentiles of the class's betas, ``beta_i = mean_n(alpha[i, n] - mu_n)``
+    - ``top_indices[n]``: the dataset indices of the ``top_k`` rows with the largest
+      ``alpha[:, n]``, largest first (ties: smaller dataset index first).
+
+    Filters are processed in blocks sized so that the working memory stays under about
+    ``memory_budget_bytes`` whatever the number of rows; each block is gathered from row
+    chunks, so a class larger than the budget is read once per block.
+    """
+    source = ArrayRows(alpha) if isinstance(alpha, np.ndarray) else alpha
+    n, num_filters = source.shape
+    q, qb = len(levels), len(beta_levels)
+    quantiles = np.zeros((num_filters, q), np.float32)
+    mean = np.zeros(num_filters, np.float64)
+    top_indices = np.full((num_filters, top_k), -1, np.int64)
+    top_alpha = np.full((num_filters, top_k), np.nan, np.float32)
+    if n == 0:
+        return ClassStatistics(
+            quantiles, mean.astype(np.float32), np.zeros(qb, np.float32), top_indices, top_alpha, 0
+        )
+    indices = np.asarray(indices, np.int64)
+    if indices.shape != (n,):
+        raise ValueError(f"{indices.shape[0]} indices for {n} alpha rows")
+    k = min(top_k, n)
+
+    by_index = np.argsort(indices, kind="stable")
+    row_mean = np.empty(n, np.float64)
+    rows_per_chunk = max(1, memory_budget_bytes // (4 * 4 * num_filters))
+    cols_per_block = max(1, memory_budget_bytes // (_BYTES_PER_VALUE * n))
+    for start in range(0, num_filters, cols_per_block):
+        stop = min(num_filters, start + cols_per_block)
+        block = np.empty((n, stop - start), np.float32)
+        for r0 in range(0, n, rows_per_chunk):
+            chunk = source.read_rows(r0, r0 + rows_per_chunk)
+            block[r0 : r0 + len(chunk)] = chunk[:, start:stop]
+            if start == 0:  # the first pass also gives each row's mean over all filters
+                row_mean[r0 : r0 + len(chunk)] = chunk.mean(axis=1, dtype=np.float64)
+            del chunk
+        mean[start:stop] = block.mean(axis=0, dtype=np.float64)
+        quantiles[start:stop] = np.percentile(block, levels, axis=0, method="linear").T
+        # Largest first; ties go to the smaller dataset index, whatever the order rows came in.
+        order = by_index[np.argsort(-block[by_index], axis=0, kind="stable")[:k]]  # [k, cols]
+        top_indices[start:stop, :k] = indices[order].T
+        top_alpha[start:stop, :k] = np.take_along_axis(block, order, axis=0).T
+        del block, order
+
+    betas = row_mean - mean.mean()
+    beta_quantiles = np.percentile(betas, beta_levels, method="linear").astype(np.float32)
+    return ClassStatistics(
+        quantiles, mean.astype(np.float32), beta_quantiles, top_indices, top_alpha, n
+    )

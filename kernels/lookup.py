@@ -1,0 +1,130 @@
+"""Public ``percentile_lookup``: validation + backend dispatch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kernels._backend import Backend, fmt_shape, resolve_backend
+from kernels._types import LookupResult, LookupTable
+from kernels.reference import percentile_lookup_reference
+from kernels.table import prepare_lookup_table
+
+__all__ = ["percentile_lookup"]
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_DEFAULT_SURPRISE_PCT = 99.9
+_DEFAULT_EXPECTATION_PCT = 0.1
+
+
+def _resolve_table(
+    table: Any,
+    surprise_pct: float | None,
+    expectation_pct: float | None,
+    device: torch.device,
+) -> LookupTable:
+    p = "percentile_lookup"
+    if isinstance(table, LookupTable):
+        for name, want, have in (
+            ("surprise_pct", surprise_pct, table.surprise_pct),
+            ("expectation_pct", expectation_pct, table.expectation_pct),
+        ):
+            if want is not None and float(want) != have:
+                raise ValueError(
+                    f"{p}: table was prepared with {name}={have} but {name}={want} was "
+                    "requested; call prepare_lookup_table again with the new pcts"
+                )
+        if table.device != device:
+            raise ValueError(
+                f"{p}: alpha is on {device} but the prepared table is on {table.device}"
+            )
+        return table
+    return prepare_lookup_table(
+        table,
+        surprise_pct=_DEFAULT_SURPRISE_PCT if surprise_pct is None else surprise_pct,
+        expectation_pct=_DEFAULT_EXPECTATION_PCT if expectation_pct is None else expectation_pct,
+        device=device,
+    )
+
+
+def _validate(alpha: torch.Tensor, classes: torch.Tensor, table: LookupTable) -> None:
+    p = "percentile_lookup"
+    if alpha.ndim != 2:
+        raise ValueError(f"{p}: alpha must be 2-D [B, N], got {fmt_shape(alpha.shape)}")
+    if not alpha.is_floating_point():
+        raise ValueError(f"{p}: alpha must be floating point, got {alpha.dtype}")
+    b, n = alpha.shape
+    if n != table.num_filters:
+        raise ValueError(f"{p}: alpha has N={n} filters but the table has N={table.num_filters}")
+    if not isinstance(classes, torch.Tensor):
+        raise ValueError(f"{p}: classes must be a torch.Tensor, got {type(classes).__name__}")
+    if classes.dtype not in _INT_DTYPES:
+        raise ValueError(f"{p}: classes must be an integer tensor, got {classes.dtype}")
+    if classes.ndim != 1 or classes.shape[0] != b:
+        raise ValueError(
+            f"{p}: classes must be 1-D of length B={b}, got {fmt_shape(classes.shape)}"
+        )
+    if classes.device != alpha.device:
+        raise ValueError(f"{p}: classes is on {classes.device} but alpha is on {alpha.device}")
+    if b == 0:
+        return
+    # one host sync for all data-dependent checks (matters on CUDA)
+    lo, hi, bad = torch.stack(
+        [classes.min().long(), classes.max().long(), (~torch.isfinite(alpha)).sum()]
+    ).tolist()
+    if lo < 0 or hi >= table.num_classes:
+        raise ValueError(f"{p}: classes out of range [0, {table.num_classes}): min={lo}, max={hi}")
+    if bad:
+        raise ValueError(f"{p}: alpha has {bad} non-finite values")
+
+
+@torch.no_grad()
+def percentile_lookup(
+    alpha: torch.Tensor,
+    classes: torch.Tensor,
+    table: Any,
+    *,
+    surprise_pct: float | None = None,
+    expectation_pct: float | None = None,
+    backend: Backend = "auto",
+) -> LookupResult:
+    """Percentile rank, surprise/expectation flags and beta for a batch of alpha scores.
+
+    Args:
+        alpha: ``[B, N]`` float alpha scores (computed in float32).
+        classes: ``[B]`` integer class per sample, ``0 <= c < K``, same device as alpha.
+        table: a :class:`LookupTable` (fast path: used as is, must be on alpha's device) or
+            any object with ``levels``, ``quantiles``, ``mean`` (prepared on alpha's device
+            on every call; see :func:`prepare_lookup_table`).
+        surprise_pct, expectation_pct: threshold levels. ``None`` means the prepared
+            table's own pcts, or 99.9 / 0.1 for a raw table. Passing a value that differs
+            from a prepared table's raises ``ValueError`` (re-prepare instead).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`kernels.grad_amap`).
+
+    Per sample ``b`` (class ``c``) and filter ``n``, with ``v = alpha[b, n]``, grid
+    ``G = quantiles[c, n, :]`` and levels ``L``:
+
+    * ``percentile``: 0 if ``v < G[0]``; 100 if ``v >= G[Q-1]``; otherwise, with ``q`` the
+      last index such that ``G[q] <= v`` (right-continuous, so ties / flat runs are fine),
+      ``L[q] + (L[q+1] - L[q]) * (v - G[q]) / (G[q+1] - G[q])``, clamped to [0, 100].
+      Equals ``numpy.interp(v, G, L)`` for strictly increasing G.
+    * ``surprise``: ``v > surprise_value[c, n]`` (strict).
+    * ``expectation``: ``v < expectation_value[c, n]`` (strict) and ``expectation_guard[c, n]``.
+    * ``beta[b]``: ``mean_n(alpha[b, n] - mean[c, n])``.
+
+    Raises:
+        ValueError: bad shapes/dtypes, class ids out of range, non-finite alpha, device or
+            pct mismatch with a prepared table, invalid raw table, unusable backend.
+    """
+    if not isinstance(alpha, torch.Tensor):
+        raise ValueError(
+            f"percentile_lookup: alpha must be a torch.Tensor, got {type(alpha).__name__}"
+        )
+    prepared = _resolve_table(table, surprise_pct, expectation_pct, alpha.device)
+    _validate(alpha, classes, prepared)
+    if resolve_backend("percentile_lookup", backend, alpha.device) == "torch":
+        return percentile_lookup_reference(alpha, classes, prepared)
+    from kernels._triton_lookup import percentile_lookup_triton
+
+    return percentile_lookup_triton(alpha, classes, prepared)

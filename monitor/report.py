@@ -1,0 +1,129 @@
+"""The monitor's per-batch result, convertible to plain Python / JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class FlaggedFilter:
+    """One filter flagged for one input."""
+
+    filter: int
+    kind: str  # "surprise" or "expectation"
+    alpha: float
+    mu: float
+    deviation: float  # alpha - mu
+    percentile: float  # alpha's percentile rank within the class's calibration distribution
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class MonitorReport:
+    """Per-sample monitoring results for a batch of B inputs (tensors are batch-first, on CPU).
+
+    ``classes`` is the class each input was judged against: the caller's label when given
+    (``labels_given``), else the prediction.
+    """
+
+    logits: torch.Tensor  # [B, K]
+    classes: torch.Tensor  # [B] int64
+    labels_given: bool
+    alpha: torch.Tensor  # [B, N]
+    mu: torch.Tensor  # [B, N] the class means the inputs were compared with
+    percentile: torch.Tensor  # [B, N]
+    surprise: torch.Tensor  # [B, N] bool
+    expectation: torch.Tensor  # [B, N] bool
+    beta: torch.Tensor  # [B]
+    beta_percentile: torch.Tensor  # [B]
+    low_beta: torch.Tensor  # [B] bool
+    calibrated: torch.Tensor  # [B] bool: the class had calibration images
+    layer: str
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.classes.shape[0])
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+    @property
+    def deviation(self) -> torch.Tensor:
+        """``alpha - mu`` per sample and filter, ``[B, N]``."""
+        return self.alpha - self.mu
+
+    @property
+    def surprise_count(self) -> torch.Tensor:
+        return self.surprise.sum(dim=1)
+
+    @property
+    def expectation_count(self) -> torch.Tensor:
+        return self.expectation.sum(dim=1)
+
+    @property
+    def flagged(self) -> torch.Tensor:
+        """``[B]`` bool: any surprising or expected filter, or a low beta."""
+        return self.surprise.any(dim=1) | self.expectation.any(dim=1) | self.low_beta
+
+    def _filters(
+        self, i: int, mask: torch.Tensor, kind: str, descending: bool
+    ) -> list[FlaggedFilter]:
+        idx = torch.nonzero(mask[i]).flatten()
+        dev = self.deviation[i, idx]
+        order = torch.argsort(dev, descending=descending, stable=True)
+        return [
+            FlaggedFilter(
+                filter=int(n),
+                kind=kind,
+                alpha=float(self.alpha[i, n]),
+                mu=float(self.mu[i, n]),
+                deviation=float(self.deviation[i, n]),
+                percentile=float(self.percentile[i, n]),
+            )
+            for n in idx[order].tolist()
+        ]
+
+    def surprising_filters(self, i: int) -> list[FlaggedFilter]:
+        """Input i's surprising filters, most surprising (largest ``alpha - mu``) first."""
+        return self._filters(i, self.surprise, "surprise", descending=True)
+
+    def expected_filters(self, i: int) -> list[FlaggedFilter]:
+        """Input i's expected filters, most under-active (most negative ``alpha - mu``) first."""
+        return self._filters(i, self.expectation, "expectation", descending=False)
+
+    def sample(self, i: int, max_filters: int | None = 10) -> dict[str, Any]:
+        """Input i's result as plain Python (JSON-serialisable)."""
+        c = int(self.classes[i])
+        sur = self.surprising_filters(i)
+        exp = self.expected_filters(i)
+        return {
+            "class": c,
+            "class_name": self.class_names[c] if c < len(self.class_names) else str(c),
+            "label_given": self.labels_given,
+            "prediction": int(self.predictions[i]),
+            "calibrated": bool(self.calibrated[i]),
+            "beta": float(self.beta[i]),
+            "beta_percentile": float(self.beta_percentile[i]),
+            "low_beta": bool(self.low_beta[i]),
+            "surprise_count": len(sur),
+            "expectation_count": len(exp),
+            "surprising_filters": [f.to_dict() for f in sur[:max_filters]],
+            "expected_filters": [f.to_dict() for f in exp[:max_filters]],
+        }
+
+    def to_dict(self, max_filters: int | None = 10) -> dict[str, Any]:
+        """The whole batch as plain Python: ``{"layer": ..., "samples": [...]}``."""
+        return {
+            "layer": self.layer,
+            "samples": [self.sample(i, max_filters) for i in range(len(self))],
+        }
+
+    def to_json(self, max_filters: int | None = 10, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(max_filters), **kwargs)

@@ -1,0 +1,94 @@
+"""Small models and data made in the tests (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class TinyCNN(nn.Module):
+    """conv -> ReLU(inplace) -> conv -> ReLU(inplace) -> global pool -> linear."""
+
+    def __init__(self, num_classes: int = 4, width: int = 8, in_channels: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class ShortcutBlock(nn.Module):
+    """A residual block whose 1x1 projection shortcut runs after the main path."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + self.downsample(x))
+
+
+class ShortcutNet(nn.Module):
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.block = ShortcutBlock(6, 12)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def class_images(n: int, num_classes: int, size: int = 8, channels: int = 3, seed: int = 0):
+    """Images whose class sets a coloured pattern, plus noise; labels cycle through classes."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    patterns = torch.randn(num_classes, channels, size, size, generator=g)
+    images = patterns[labels] + 0.5 * torch.randn(n, channels, size, size, generator=g)
+    return images, labels
+
+
+def class_dataset(n: int, num_classes: int, **kwargs) -> TensorDataset:
+    images, labels = class_images(n, num_classes, **kwargs)
+    return TensorDataset(images, labels)
+
+
+def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-initialise ``model`` deterministically and put it in eval mode."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def trained_tiny_cnn(num_classes: int = 3, n: int = 600, steps: int = 150, seed: int = 1):
+    """A TinyCNN fitted (in about a second) to :func:`class_dataset` images of that seed."""
+    model = seeded(TinyCNN(num_classes=num_classes), seed=seed).train()
+    x, y = class_images(n, num_classes, seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()

@@ -1,0 +1,106 @@
+"""calibrate() end to end: alpha of every image, exact statistics, exemplars, input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from calibrate import calibrate, model_fingerprint
+from calibrate.spill import read_class_alpha
+from calibrate.table import DEFAULT_LEVELS
+from tests._models import TinyCNN, class_dataset, seeded
+from tests.monitor.test_probe import _autograd_alpha
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = seeded(TinyCNN(num_classes=3))
+    data = class_dataset(50, 3)
+    spill = tmp_path_factory.mktemp("spill")
+    loader = DataLoader(data, batch_size=8, shuffle=False)
+    table = calibrate(model, loader, spill_dir=spill, top_k=6, progress=False)
+    return model, data, spill, table
+
+
+def test_table_layout(setup):
+    model, data, _, table = setup
+    assert table.layer == "features.2"
+    assert table.num_classes == 3 and table.num_filters == 16
+    assert table.counts.tolist() == [17, 17, 16]
+    assert table.input_shape == (3, 8, 8)
+    assert table.model_fingerprint == model_fingerprint(model)
+    assert set(DEFAULT_LEVELS) <= set(table.levels.tolist())
+    assert table.class_names == ["0", "1", "2"]
+
+
+def test_spilled_alpha_is_each_images_alpha_for_its_true_label(setup):
+    model, data, spill, table = setup
+    x, y = data.tensors
+    oracle = _autograd_alpha(model, "features.2", x, y).numpy()
+    for c in range(3):
+        stored = np.asarray(read_class_alpha(spill, c, 16))
+        np.testing.assert_allclose(stored, oracle[(y == c).numpy()], rtol=1e-5, atol=1e-7)
+
+
+def test_statistics_equal_numpy_on_stored_alpha(setup):
+    _, data, spill, table = setup
+    _, y = data.tensors
+    levels = table.levels.numpy()
+    for c in range(3):
+        a = np.asarray(read_class_alpha(spill, c, 16))
+        np.testing.assert_array_equal(
+            table.quantiles[c].numpy(), np.percentile(a, levels, axis=0).T.astype(np.float32)
+        )
+        np.testing.assert_allclose(table.mean[c].numpy(), a.astype(np.float64).mean(0), rtol=1e-6)
+        betas = (a.astype(np.float64) - a.astype(np.float64).mean(0)).mean(1)
+        np.testing.assert_allclose(
+            table.beta_quantiles[c].numpy(),
+            np.percentile(betas, table.beta_levels.numpy()),
+            atol=1e-6,
+        )
+        idx = np.nonzero((y == c).numpy())[0]
+        for n in (0, 7, 15):
+            best = idx[np.argsort(-a[:, n], kind="stable")[:6]]
+            assert table.top_indices[c, n].tolist() == best.tolist()
+
+
+def test_explicit_indices_and_shuffling():
+    model = seeded(TinyCNN(num_classes=2))
+    data = class_dataset(12, 2)
+
+    class WithIndex(Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            x, y = data[i]
+            return x, y, i
+
+    shuffled = DataLoader(data, batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="shuffles"):
+        calibrate(model, shuffled, progress=False)
+    g = torch.Generator().manual_seed(0)
+    with_index = DataLoader(WithIndex(), batch_size=4, shuffle=True, generator=g)
+    a = calibrate(model, with_index, progress=False, top_k=3)
+    b = calibrate(model, data, batch_size=5, progress=False, top_k=3)
+    assert torch.equal(a.top_indices, b.top_indices)
+    torch.testing.assert_close(a.quantiles, b.quantiles)
+
+
+def test_bad_inputs_are_named():
+    model = seeded(TinyCNN(num_classes=2))
+    x, y = class_dataset(6, 2).tensors
+    with pytest.raises(ValueError, match="outside the model's 2 classes"):
+        calibrate(model, torch.utils.data.TensorDataset(x, y + 1), progress=False)
+    x_nan = x.clone()
+    x_nan[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        calibrate(model, torch.utils.data.TensorDataset(x_nan, y), progress=False)
+    with pytest.raises(ValueError, match="eval mode"):
+        calibrate(TinyCNN(num_classes=2).train(), class_dataset(6, 2), progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(model, torch.utils.data.TensorDataset(x[:0], y[:0]), progress=False)
+    with pytest.raises(ValueError, match="3 class names for a model with 2 classes"):
+        calibrate(model, class_dataset(6, 2), class_names=["a", "b", "c"], progress=False)

@@ -1,0 +1,46 @@
+"""Peak memory of calibration does not grow with the number of images (alpha is spilled)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from calibrate import calibrate
+
+    n_images = int(sys.argv[1])
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    # 1024 filters: 4 KiB of alpha per image, so holding them all would show in the RSS.
+    model = nn.Sequential(nn.Conv2d(3, 1024, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(1024, 2)).eval()
+    images = torch.randn(n_images, 3, 2, 2)
+    data = TensorDataset(images, torch.arange(n_images) % 2)
+    table = calibrate(model, DataLoader(data, batch_size=500), progress=False,
+                      memory_budget_bytes=16 << 20)
+    assert int(table.counts.sum()) == n_images
+    print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    """
+)
+
+
+def _peak_kib(n: int) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(n)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
+
+
+def test_peak_memory_flat_in_number_of_images():
+    small, large = _peak_kib(2_000), _peak_kib(40_000)
+    held = 38_000 * 1024 * 4 // 1024  # KiB that keeping the extra images' alpha would take
+    assert held > 150_000
+    # 20x the images: growth stays far below what holding the alpha values would cost.
+    assert large - small < held * 0.2, (small, large, held)

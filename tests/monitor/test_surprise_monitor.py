@@ -1,0 +1,210 @@
+"""SurpriseMonitor: drop-in behaviour, flags by definition, refusals, fail-open."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from calibrate import calibrate
+from monitor import SurpriseMonitor, TableMismatchError
+from tests._models import TinyCNN, class_dataset, class_images, seeded, trained_tiny_cnn
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    model = trained_tiny_cnn(num_classes=3, seed=1)
+    table = calibrate(model, class_dataset(600, 3, seed=1), progress=False)
+    return model, table
+
+
+@pytest.fixture()
+def monitor(calibrated):
+    model, table = calibrated
+    with SurpriseMonitor(model, table) as m:
+        yield m
+
+
+def _inputs(n: int = 12) -> torch.Tensor:
+    """New images of the training classes; inputs 0, 4, 8.. scaled up, 1, 5, 9.. blanked."""
+    x, _ = class_images(n, 3, seed=1)  # the training patterns ...
+    x = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))  # new noise
+    x[0::4] *= 6.0
+    x[1::4] = 0.0
+    return x
+
+
+def test_drop_in_returns_the_models_output(monitor, calibrated):
+    model, _ = calibrated
+    x = _inputs()
+    out = monitor(x)
+    with torch.no_grad():
+        assert torch.equal(out, model(x))
+    assert not out.requires_grad
+    assert monitor.last_report is not None and len(monitor.last_report) == len(x)
+
+
+def _grid_value(table, c: int, level: float) -> np.ndarray:
+    q = int(np.nonzero(table.levels.numpy() == level)[0][0])
+    return table.quantiles[c, :, q].numpy()
+
+
+def test_flags_follow_the_definitions(monitor, calibrated):
+    _, table = calibrated
+    r = monitor.inspect(_inputs())
+    mu = table.mean.numpy()
+    for b in range(len(r)):
+        c = int(r.classes[b])
+        a = r.alpha[b].numpy()
+        np.testing.assert_array_equal(r.surprise[b].numpy(), a > _grid_value(table, c, 99.9))
+        guard = mu[c] > mu[c].mean()
+        np.testing.assert_array_equal(
+            r.expectation[b].numpy(), (a < _grid_value(table, c, 0.1)) & guard
+        )
+        np.testing.assert_allclose(float(r.beta[b]), (a - mu[c]).mean(), rtol=1e-5, atol=1e-7)
+        bq, bl = table.beta_quantiles[c].numpy(), table.beta_levels.numpy()
+        assert float(r.beta_percentile[b]) == pytest.approx(
+            np.interp(float(r.beta[b]), bq, bl), abs=1e-3
+        )
+        assert bool(r.low_beta[b]) == (float(r.beta[b]) < np.interp(1.0, bl, bq))
+        for n in (0, 5, 15):
+            expected_pct = np.interp(a[n], table.quantiles[c, n].numpy(), table.levels.numpy())
+            if a[n] < table.quantiles[c, n, -1]:
+                assert float(r.percentile[b, n]) == pytest.approx(expected_pct, abs=1e-3)
+    assert r.classes.tolist() == r.predictions.tolist() and not r.labels_given
+    assert r.surprise[0::4].any(1).all() and r.low_beta[1::4].all()  # the atypical inputs flag
+    assert not r.flagged[2::4].all()  # ordinary inputs mostly pass
+
+
+def test_flagged_filters_are_ranked_by_deviation(monitor):
+    r = monitor.inspect(_inputs())
+    b = int(torch.nonzero(r.surprise_count >= 2)[0])
+    sur = r.surprising_filters(b)
+    assert [f.filter for f in sur] == sorted(
+        torch.nonzero(r.surprise[b]).flatten().tolist(), key=lambda n: -float(r.deviation[b, n])
+    )
+    assert all(f.kind == "surprise" and f.alpha > f.mu for f in sur)
+    devs = [f.deviation for f in r.expected_filters(b)]
+    assert devs == sorted(devs)
+    doc = json.loads(r.to_json())
+    assert doc["layer"] == "features.2" and len(doc["samples"]) == len(r)
+    assert doc["samples"][b]["surprise_count"] == len(sur)
+
+
+def test_labels_pick_the_class(monitor):
+    x = _inputs(4)
+    labels = torch.tensor([2, 2, 0, 1])
+    r = monitor.inspect(x, labels=labels)
+    assert r.classes.tolist() == [2, 2, 0, 1] and r.labels_given
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        monitor.inspect(x, labels=torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="labels must be 4 integers"):
+        monitor.inspect(x, labels=torch.tensor([0.0, 1.0, 2.0, 1.0]))
+
+
+def test_batch_equals_single_inputs(monitor):
+    x = _inputs(7)
+    batch = monitor.inspect(x)
+    for i in range(7):
+        one = monitor.inspect(x[i : i + 1])
+        torch.testing.assert_close(one.alpha[0], batch.alpha[i], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(one.beta[0], batch.beta[i], rtol=1e-5, atol=1e-7)
+        assert torch.equal(one.surprise[0], batch.surprise[i])
+        assert torch.equal(one.expectation[0], batch.expectation[i])
+        assert one.classes[0] == batch.classes[i]
+
+
+def test_model_is_left_as_it_was(calibrated):
+    model, table = calibrated
+    flags = [p.requires_grad for p in model.parameters()]
+    with SurpriseMonitor(model, table) as m:
+        m(_inputs(3))
+        assert sum(len(mod._forward_hooks) for mod in model.modules()) == 1
+    assert all(not mod._forward_hooks for mod in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_tables_for_something_else_are_refused(calibrated, tmp_path):
+    model, table = calibrated
+    with pytest.raises(
+        TableMismatchError, match="calibrated at layer 'features.2', not 'features.0'"
+    ):
+        SurpriseMonitor(model, table, layer="features.0")
+    other = seeded(TinyCNN(num_classes=3), seed=5)
+    with pytest.raises(TableMismatchError, match="other weights"):
+        SurpriseMonitor(other, table)
+    SurpriseMonitor(other, table, check_fingerprint=False).close()  # a deliberate change
+    with pytest.raises(TableMismatchError, match="has 8 filters but the table has 16"):
+        SurpriseMonitor(seeded(TinyCNN(num_classes=3, width=4)), table, check_fingerprint=False)
+    with pytest.raises(TableMismatchError, match="5 classes but the table has 3"):
+        SurpriseMonitor(seeded(TinyCNN(num_classes=5)), table, check_fingerprint=False)
+    with pytest.raises(ValueError, match="training mode"):
+        SurpriseMonitor(model.train(), table)
+    model.eval()
+    path = table.save(tmp_path / "t.safetensors")
+    with SurpriseMonitor(model, str(path)) as m:  # a path works too
+        assert m.layer == "features.2"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda x: x[0], "must be a \\[B, C, H, W\\] batch"),
+        (lambda x: x[:0], "empty"),
+        (lambda x: x[:, :1], "1 channels"),
+        (lambda x: torch.nn.functional.pad(x, (0, 1, 0, 1)), "differs from the calibration size"),
+        (lambda x: x.to(torch.int64), "floating point"),
+        (
+            lambda x: x.index_put((torch.tensor([1]),), torch.tensor(float("nan"))),
+            "NaN or Inf values \\(batch rows \\[1\\]\\)",
+        ),
+    ],
+)
+def test_bad_input_is_named_and_inference_survives(monitor, calibrated, make, message, caplog):
+    model, _ = calibrated
+    x = make(_inputs(3))
+    with pytest.raises(ValueError, match=message):
+        monitor.inspect(x)
+    before = sum(monitor.failures.values())
+    try:
+        with torch.no_grad():
+            expected = model(x)
+    except Exception as exc:  # the model itself cannot run it: its own error surfaces
+        with pytest.raises(type(exc)):
+            monitor(x)
+    else:
+        with caplog.at_level(logging.WARNING):
+            out = monitor(x)
+        assert torch.equal(out, expected) or (out.isnan().any() and expected.isnan().any())
+    assert sum(monitor.failures.values()) == before + 1
+
+
+def test_training_mode_after_wrapping_fails_open(monitor, calibrated):
+    model, _ = calibrated
+    x = _inputs(3)
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="training mode"):
+            monitor.inspect(x)
+        out = monitor(x)
+        assert out.shape == (3, 3)
+        assert monitor.failures["ValueError"] >= 1
+    finally:
+        model.eval()
+
+
+def test_uncalibrated_class_is_never_flagged(calibrated):
+    model, table = calibrated
+    counts = table.counts.clone()
+    table.counts[1] = 0
+    try:
+        with SurpriseMonitor(model, table) as m:
+            x = _inputs(6) * 10
+            r = m.inspect(x, labels=torch.ones(6, dtype=torch.long))
+            assert not r.calibrated.any() and not r.flagged.any()
+    finally:
+        table.counts = counts
