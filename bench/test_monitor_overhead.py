@@ -13,8 +13,10 @@ group's ``plain`` median, measured in the same run.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from monitor import GradAMapProbe, SurpriseMonitor
 
 MODELS = ["resnet50", "vgg16"]
 ROUNDS = 5
+PAIRS = 8
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -69,6 +72,45 @@ def test_inspect(benchmark, setup):
 def test_call(benchmark, setup):
     name, _, monitor = setup
     _bench(benchmark, name, monitor)
+
+
+def test_paired_ratio(benchmark, setup):
+    """Plain and monitored calls interleaved (order alternating): the median of the per-pair time
+    ratios, which a shared, noisy machine disturbs far less than separate runs."""
+    name, model, monitor = setup
+    x = batch()
+    ratios: dict[str, list[float]] = {"inspect": [], "floor": []}
+    probe = GradAMapProbe(model, monitor.layer)
+
+    def plain():
+        with torch.inference_mode():
+            model(x)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def pairs():
+        for i in range(PAIRS):
+            for key, fn in (
+                ("inspect", lambda: monitor.inspect(x)),
+                ("floor", lambda: probe.run(x)),
+            ):
+                if i % 2:
+                    t_fn, t_plain = timed(fn), timed(plain)
+                else:
+                    t_plain, t_fn = timed(plain), timed(fn)
+                ratios[key].append(t_fn / t_plain)
+
+    monitor.inspect(x)  # warm up
+    benchmark.group = f"paired-{name}-b8"
+    try:
+        benchmark.pedantic(pairs, rounds=1, iterations=1)
+    finally:
+        probe.close()
+    for key, values in ratios.items():
+        benchmark.extra_info[f"{key}_over_plain_ratio"] = statistics.median(values)
 
 
 @pytest.mark.parametrize("name", MODELS)

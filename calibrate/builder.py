@@ -42,6 +42,9 @@ def _ordered(loader: DataLoader) -> bool:
     """True when the loader visits the dataset in index order (so indices can be counted)."""
     if isinstance(loader.dataset, IterableDataset):
         return True
+    batches = loader.batch_sampler
+    if batches is not None and getattr(batches, "sampler", None) is not loader.sampler:
+        return False  # a custom batch sampler decides the order
     return isinstance(loader.sampler, SequentialSampler)
 
 
