@@ -39,3 +39,65 @@ def table_for(name: str, model: torch.nn.Module, size: int = 224) -> Path:
 
 def batch(size: int = 224, n: int = 8) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------- peers (bench/test_peers.py)
+#: Ways to get a batch's output and per-filter gradient x activation at the target layer.
+PEER_MODES = ("plain", "monitor", "captum", "gradcam")
+
+
+def peer_runner(mode: str, name: str, model: torch.nn.Module):
+    """A callable ``run(x)`` for one mode of the peer benchmark, on ``model`` at its table's layer.
+
+    - ``plain``: ``model(x)`` under ``torch.inference_mode()`` (the baseline).
+    - ``monitor``: ``SurpriseMonitor.inspect(x)`` (logits, alpha, flags and beta).
+    - ``captum``: a plain forward for the predicted classes (Captum returns no logits), then
+      ``LayerGradientXActivation(model, layer).attribute(x, target=pred)`` averaged over H x W.
+    - ``gradcam``: pytorch-grad-cam's ``ActivationsAndGradients`` capture, as its ``BaseCAM``
+      drives it (forward with grad, ``model.zero_grad()``, ``backward(retain_graph=True)`` of
+      the summed predicted-class scores), then ``mean_hw(activation * gradient)``.
+
+    ``gradcam`` leaves hooks on ``model`` that record every later forward: give it its own copy.
+    """
+    from monitor.layers import get_module
+
+    if mode not in PEER_MODES:
+        raise ValueError(f"mode must be one of {PEER_MODES}, got {mode!r}")
+    if mode == "plain":
+
+        def plain(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return model(x)
+
+        return plain
+    path = table_for(name, model)
+    if mode == "monitor":
+        from monitor import SurpriseMonitor
+
+        return SurpriseMonitor(model, path).inspect
+    layer = get_module(model, CalibrationTable.load(path, exemplars=False).layer)
+    if mode == "captum":
+        from captum.attr import LayerGradientXActivation
+
+        lga = LayerGradientXActivation(model, layer)
+
+        def captum(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():  # inference tensors cannot be Captum's targets
+                pred = model(x).argmax(dim=1)
+            return lga.attribute(x, target=pred).mean(dim=(2, 3))
+
+        return captum
+    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+
+    capture = ActivationsAndGradients(model, [layer], None)
+
+    def gradcam(x: torch.Tensor) -> torch.Tensor:
+        out = capture(x)
+        pred = out.detach().argmax(dim=1)
+        model.zero_grad()
+        out.gather(1, pred[:, None]).sum().backward(retain_graph=True)
+        alpha = (capture.activations[0] * capture.gradients[0]).mean(dim=(2, 3))
+        capture.activations, capture.gradients = [], []
+        return alpha
+
+    return gradcam

@@ -1,6 +1,7 @@
 """Peak resident memory of one inference mode, measured in a fresh process.
 
-Usage: ``python bench/peak_memory.py MODEL MODE BATCH`` with MODE ``plain`` or ``monitor``.
+Usage: ``python bench/peak_memory.py MODEL MODE BATCH`` with MODE ``plain`` or ``monitor``
+(or the peers ``captum`` / ``gradcam``, see ``bench._setup.peer_runner``).
 Prints JSON: ``idle_kib`` (resident after loading the model, the table and one batch-1 warm-up
 call), ``peak_kib`` (the high-water mark while running three calls at BATCH) and
 ``call_kib = peak_kib - idle_kib`` (the working memory of a call).
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._setup import batch, build_model, table_for  # noqa: E402
+from bench._setup import batch, build_model, peer_runner, table_for  # noqa: E402
 
 
 def _status_kib(field: str) -> int:
@@ -38,6 +39,8 @@ def main() -> None:
         from monitor import SurpriseMonitor
 
         run = SurpriseMonitor(model, table_for(name, model)).inspect
+    elif mode in ("captum", "gradcam"):
+        run = peer_runner(mode, name, model)
     else:
         raise SystemExit(f"unknown mode {mode}")
     run(x[:1])

@@ -84,7 +84,11 @@ def parser() -> argparse.ArgumentParser:
         description="Calibrate a CNN on its training images (ImageFolder layout: one folder per "
         "class) and write the surprise-monitor table.",
     )
-    p.add_argument("model", help="torchvision architecture name (e.g. resnet50) or module:factory")
+    p.add_argument(
+        "model", nargs="?",
+        help="torchvision architecture name (e.g. resnet50) or module:factory (or use --onnx)",
+    )  # fmt: skip
+    p.add_argument("--onnx", help="an ONNX model file instead of MODEL and --weights")
     p.add_argument("--data", required=True, help="ImageFolder root of the training images")
     p.add_argument("--out", required=True, help="where to write the table (.safetensors)")
     p.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
@@ -107,6 +111,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=6, help="exemplars kept per (class, filter)")
     p.add_argument("--spill-dir", help="keep the streamed alpha values in this folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Calibration at scale: resumable, mixed precision, approximate; torchrun is detected.
+    p.add_argument(
+        "--checkpoint-dir",
+        help="spill alpha here and checkpoint progress, so a killed run can --resume",
+    )
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the checkpoint in --checkpoint-dir (refused if settings or data differ)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", type=int, default=100, help="batches between checkpoints"
+    )
+    p.add_argument(
+        "--amp", action="store_true",
+        help="mixed precision (float16 on CUDA, bfloat16 on CPU); alpha accumulated in float32",
+    )  # fmt: skip
+    p.add_argument(
+        "--approximate", action="store_true",
+        help="fixed-grid histograms instead of spilled alpha: memory independent of the "
+        "number of images, no spill on disk, percentiles within --sketch-accuracy",
+    )  # fmt: skip
+    p.add_argument(
+        "--sketch-accuracy", type=float, default=0.01,
+        help="relative accuracy of --approximate percentiles (default 0.01)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sketch-range", type=float, nargs=2, default=[1e-6, 1e3], metavar=("MIN", "MAX"),
+        help="|alpha| range of the --approximate grid (default 1e-6 1e3)",
+    )  # fmt: skip
     return p
 
 
@@ -138,6 +171,23 @@ def summary(table: CalibrationTable, out: Path, seconds: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not args.quiet:
+        logging.getLogger("calibrate.builder").setLevel(logging.INFO)
+    from calibrate.distributed import init_from_env
+
+    info, args.device, own_group = init_from_env(args.device)  # torchrun: WORLD_SIZE > 1
+    code = 2
+    try:
+        code = _run(args, info)
+        return code
+    finally:
+        if own_group:  # wait for every rank before closing (a failed rank exits at once)
+            if code == 0:
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, info: Any) -> int:
     try:
         from torchvision.datasets import ImageFolder
 
@@ -149,7 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--data {root}: no such folder")
         dataset = ImageFolder(str(root), transform=transform)
         num_classes = args.num_classes or len(dataset.classes)
-        model = build_model(args.model, num_classes, json.loads(args.model_kwargs))
+        if args.onnx:
+            if args.model or args.weights:
+                raise ValueError("--onnx replaces MODEL and --weights; give one or the other")
+            from monitor.onnx_model import load_onnx
+
+            model = load_onnx(args.onnx)
+        elif not args.model:
+            raise ValueError("give MODEL (a torchvision name or module:factory) or --onnx PATH")
+        else:
+            model = build_model(args.model, num_classes, json.loads(args.model_kwargs))
         if args.weights:
             load_weights(model, args.weights)
         model.eval().to(args.device)
@@ -163,12 +222,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         }  # fmt: skip
         started = time.perf_counter()
         names = dataset.classes if len(dataset.classes) == num_classes else None
+        grid = None
+        if args.approximate:
+            from calibrate.sketch import LogGrid
+
+            grid = LogGrid(args.sketch_accuracy, *args.sketch_range)
         table = calibrate(
             model, loader, layer=args.layer, score=args.score, top_k=args.top_k,
             class_names=names, device=args.device, spill_dir=args.spill_dir,
             progress=not args.quiet, data_source=source,
+            checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+            checkpoint_every=args.checkpoint_every, amp=args.amp, approximate=grid or False,
         )  # fmt: skip
         seconds = time.perf_counter() - started
+        if info.rank != 0:  # every rank holds the same table; rank 0 writes it
+            return 0
         out = table.save(args.out)
     except (ValueError, TypeError, OSError) as exc:
         print(f"surprise-calibrate: error: {exc}", file=sys.stderr)

@@ -8,6 +8,8 @@ number of images.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ class AlphaSpill:
         self._rows: dict[int, list[np.ndarray]] = {}
         self._index: dict[int, list[np.ndarray]] = {}
         self._buffered = 0
+        self._touched: set[int] = set()
         self.counts: dict[int, int] = {}
 
     def alpha_path(self, c: int) -> Path:
@@ -52,6 +55,7 @@ class AlphaSpill:
     def flush(self) -> None:
         """Append every buffered row to its class's files."""
         for c, rows in self._rows.items():
+            self._touched.add(c)
             with open(self.alpha_path(c), "ab") as f:
                 for r in rows:
                     f.write(np.ascontiguousarray(r).tobytes())
@@ -62,6 +66,48 @@ class AlphaSpill:
         self._index.clear()
         self._buffered = 0
 
+    def sync(self) -> dict[int, int]:
+        """Flush, make every file written since the last sync durable (fsync), and return the
+        rows stored per class: what a checkpoint manifest records."""
+        self.flush()
+        for c in sorted(self._touched):
+            for path in (self.alpha_path(c), self.index_path(c)):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        self._touched.clear()
+        return dict(sorted(self.counts.items()))
+
+    def restore(self, rows: dict[int, int]) -> None:
+        """Cut the class files back to ``rows[c]`` rows each (a checkpoint's record) and remove
+        files of other classes: rows written after that checkpoint are dropped."""
+        self._rows.clear()
+        self._index.clear()
+        self._buffered = 0
+        for path in self.directory.iterdir():
+            m = _CLASS_FILE.fullmatch(path.name)
+            if m and int(m.group(1)) not in rows:
+                path.unlink()
+        for c, n in rows.items():
+            for path, size in ((self.alpha_path(c), 4 * self.num_filters * n),
+                               (self.index_path(c), 8 * n)):  # fmt: skip
+                have = path.stat().st_size if path.exists() else 0
+                if have < size:
+                    raise ValueError(
+                        f"{path}: {have} bytes, the checkpoint recorded {size}: the spill files "
+                        "were changed or lost since the checkpoint"
+                    )
+                if have > size:
+                    os.truncate(path, size)
+        self.counts = {int(c): int(n) for c, n in rows.items()}
+        self._touched = set(self.counts)
+
+    def clear(self) -> None:
+        """Remove every class file in the folder (a fresh start)."""
+        self.restore({})
+
     def read_alpha(self, c: int) -> FileRows:
         """Class ``c``'s alpha rows ``[n_c, N]``, readable in chunks (flushes first)."""
         self.flush()
@@ -71,6 +117,9 @@ class AlphaSpill:
         self.flush()
         path = self.index_path(c)
         return np.fromfile(path, dtype=np.int64) if path.exists() else np.zeros(0, np.int64)
+
+
+_CLASS_FILE = re.compile(r"class_(\d+)\.(alpha|index)")
 
 
 def read_class_alpha(directory: str | Path, c: int, num_filters: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 
 # Bytes of working memory per alpha value while a block is processed: the block itself, the
-# copy numpy.percentile partitions, the index-ordered and negated copies, the int64 argsort.
+# copy numpy.percentile partitions, the negated copy, the int64 argsort (and slack).
 _BYTES_PER_VALUE = 4 + 4 + 4 + 4 + 8
 
 
@@ -52,6 +52,29 @@ class FileRows:
         count = (min(stop, self.shape[0]) - start) * n
         data = np.fromfile(self.path, dtype=np.float32, count=count, offset=4 * start * n)
         return data.reshape(-1, n)
+
+
+class ConcatRows:
+    """Several :class:`RowSource` one after another (a class's rows from several shards)."""
+
+    def __init__(self, sources: list[RowSource], num_filters: int) -> None:
+        for src in sources:
+            if src.shape[1] != num_filters:
+                raise ValueError(f"a shard has {src.shape[1]} filters, expected {num_filters}")
+        self.sources = [src for src in sources if src.shape[0]]
+        self.starts = np.cumsum([0] + [src.shape[0] for src in self.sources])
+        self.shape = (int(self.starts[-1]), num_filters)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, self.shape[0])
+        parts = []
+        for src, s0, s1 in zip(self.sources, self.starts[:-1], self.starts[1:], strict=True):
+            lo, hi = max(start, s0), min(stop, s1)
+            if lo < hi:
+                parts.append(src.read_rows(int(lo - s0), int(hi - s0)))
+        if not parts:
+            return np.zeros((0, self.shape[1]), np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 @dataclass
@@ -102,24 +125,32 @@ def class_statistics(
         raise ValueError(f"{indices.shape[0]} indices for {n} alpha rows")
     k = min(top_k, n)
 
+    # Rows are processed in dataset-index order, whatever order they were spilled in (one
+    # process, several ranks, a resumed run): every floating-point sum then runs in the same
+    # order, so the statistics are bit-identical however the rows arrived.
     by_index = np.argsort(indices, kind="stable")
+    position = np.empty(n, np.int64)
+    position[by_index] = np.arange(n)
+    sorted_indices = indices[by_index]
     row_mean = np.empty(n, np.float64)
     rows_per_chunk = max(1, memory_budget_bytes // (4 * 4 * num_filters))
     cols_per_block = max(1, memory_budget_bytes // (_BYTES_PER_VALUE * n))
     for start in range(0, num_filters, cols_per_block):
         stop = min(num_filters, start + cols_per_block)
-        block = np.empty((n, stop - start), np.float32)
+        block = np.empty((n, stop - start), np.float32)  # rows in dataset-index order
         for r0 in range(0, n, rows_per_chunk):
             chunk = source.read_rows(r0, r0 + rows_per_chunk)
-            block[r0 : r0 + len(chunk)] = chunk[:, start:stop]
+            at = position[r0 : r0 + len(chunk)]
+            block[at] = chunk[:, start:stop]
             if start == 0:  # the first pass also gives each row's mean over all filters
-                row_mean[r0 : r0 + len(chunk)] = chunk.mean(axis=1, dtype=np.float64)
+                row_mean[at] = chunk.mean(axis=1, dtype=np.float64)
             del chunk
         mean[start:stop] = block.mean(axis=0, dtype=np.float64)
         quantiles[start:stop] = np.percentile(block, levels, axis=0, method="linear").T
-        # Largest first; ties go to the smaller dataset index, whatever the order rows came in.
-        order = by_index[np.argsort(-block[by_index], axis=0, kind="stable")[:k]]  # [k, cols]
-        top_indices[start:stop, :k] = indices[order].T
+        # Largest first; rows are in index order, so a stable sort sends ties to the smaller
+        # dataset index.
+        order = np.argsort(-block, axis=0, kind="stable")[:k]  # [k, cols]
+        top_indices[start:stop, :k] = sorted_indices[order].T
         top_alpha[start:stop, :k] = np.take_along_axis(block, order, axis=0).T
         del block, order
 

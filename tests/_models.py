@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -81,8 +83,10 @@ def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+@functools.lru_cache(maxsize=8)
 def trained_tiny_cnn(num_classes: int = 3, n: int = 600, steps: int = 150, seed: int = 1):
-    """A TinyCNN fitted (in about a second) to :func:`class_dataset` images of that seed."""
+    """A TinyCNN fitted to :func:`class_dataset` images of that seed (about a second on an idle
+    2-core machine). Cached for the session: callers must not change its weights."""
     model = seeded(TinyCNN(num_classes=num_classes), seed=seed).train()
     x, y = class_images(n, num_classes, seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

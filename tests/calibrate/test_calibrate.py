@@ -81,6 +81,9 @@ def test_explicit_indices_and_shuffling():
     shuffled = DataLoader(data, batch_size=4, shuffle=True)
     with pytest.raises(ValueError, match="shuffles"):
         calibrate(model, shuffled, progress=False)
+    backwards = DataLoader(data, batch_sampler=[[11, 10, 9], [8, 7, 6, 5, 4, 3, 2, 1, 0]])
+    with pytest.raises(ValueError, match="custom sampler"):
+        calibrate(model, backwards, progress=False)
     g = torch.Generator().manual_seed(0)
     with_index = DataLoader(WithIndex(), batch_size=4, shuffle=True, generator=g)
     a = calibrate(model, with_index, progress=False, top_k=3)

@@ -1,0 +1,300 @@
+"""Shared set-up of the paper experiments: data, the trained models, their calibration tables.
+
+- Data: CIFAR-10 and the MNIST-family files from ``--data-dir``, else ``$SURPRISE_DATA_DIR``,
+  else ``../shared/data`` (:func:`bench.cifar.find_data_dir`); a missing folder or file stops the
+  script with a message naming what it looked for.
+- Models: :func:`bench.cifar.train_or_load` with :data:`TRAIN_SETTINGS` (3 epochs on the first
+  20,000 CIFAR-10 training images, the settings the other benchmarks use, so one cached copy of
+  the weights serves them all; cached outside the repository).
+- Calibration tables (cached beside the weights): ``"train"`` on training images 0..9,999 (seen in
+  training, as the paper calibrates on its training data) and ``"heldout"`` on training images
+  40,000..49,999 (never seen in training); 1,000 images per class each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bench.cifar import (
+    cache_dir,
+    data_source,
+    find_data_dir,
+    load_cifar10,
+    to_tensor,
+    train_or_load,
+)
+from calibrate import CalibrationTable, calibrate
+from calibrate.fingerprint import model_fingerprint
+from monitor import SurpriseMonitor
+
+ARCHS = ("small_vgg", "small_resnet")
+ARCH_TITLES = {
+    "small_vgg": "small VGG (no batch norm)",
+    "small_resnet": "small ResNet (batch norm)",
+}
+#: How the two CIFAR-10 models are trained (see :func:`bench.cifar.train_or_load`).
+TRAIN_SETTINGS: dict[str, Any] = {"epochs": 3, "n_train": 20000}
+#: Calibration splits: ranges of CIFAR-10 training-image indices.
+CALIBRATION_SPLITS: dict[str, tuple[int, int]] = {"train": (0, 10000), "heldout": (40000, 50000)}
+OOD_FILES = {
+    "MNIST": "mnist_test",
+    "Fashion-MNIST": "fashion_mnist_test",
+    "notMNIST": "notmnist_test",
+}
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+FIGURES = HERE / "figures"
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    """The options every paper script takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with cifar10_*.npz and the MNIST-family files "
+        "(default: $SURPRISE_DATA_DIR, else ../shared/data)",
+    )
+    p.add_argument(
+        "--archs", default=",".join(ARCHS), help="comma-separated: small_vgg,small_resnet"
+    )
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=5000,
+        help="CIFAR-10 test images used (the first ones; the files are shuffled)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse, check the data folder exists (a clear message and exit 2 if not), set threads."""
+    args = p.parse_args(argv)
+    try:
+        args.data_dir = find_data_dir(args.data_dir)
+        for name in ("cifar10_train", "cifar10_test"):
+            if not (args.data_dir / f"{name}.npz").is_file():
+                raise FileNotFoundError(f"{args.data_dir / name}.npz is missing")
+    except FileNotFoundError as exc:
+        p.exit(2, f"{p.prog}: data not found: {exc}\n")
+    args.archs = [a for a in str(args.archs).split(",") if a]
+    bad = [a for a in args.archs if a not in ARCHS]
+    if bad:
+        p.error(f"unknown arch {bad[0]!r}; choose from {', '.join(ARCHS)}")
+    if args.n_test < 100:
+        p.error("--n-test must be at least 100")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+def cifar_range(split: str, start: int, stop: int, data_dir: Path | None) -> TensorDataset:
+    """CIFAR-10 ``split`` images ``start..stop-1`` as ``(image, label, index)``, normalised."""
+    s = load_cifar10(split, data_dir, stop)
+    if len(s) < stop:
+        raise ValueError(f"{s.path} holds {len(s)} images, fewer than the {stop} needed")
+    x = to_tensor(s.images[start:stop])
+    ds = TensorDataset(
+        x, torch.from_numpy(s.labels[start:stop]), torch.arange(start, stop, dtype=torch.int64)
+    )
+    ds.classes = s.class_names  # type: ignore[attr-defined]
+    return ds
+
+
+def test_images(data_dir: Path | None, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised CIFAR-10 test images ``start..stop-1`` and their labels."""
+    ds = cifar_range("test", start, stop, data_dir)
+    return ds.tensors[0], ds.tensors[1]
+
+
+def test_uint8(data_dir: Path | None, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw uint8 ``[n, 32, 32, 3]`` CIFAR-10 test images (for the shifts) and their labels."""
+    s = load_cifar10("test", data_dir, stop)
+    return s.images[start:stop], s.labels[start:stop]
+
+
+def load_gray_npz(name: str, data_dir: Path | None, limit: int | None = None) -> np.ndarray:
+    """uint8 ``[N, 28, 28, 1]`` images of ``{name}.npz`` (an MNIST-family file), no pickle."""
+    path = find_data_dir(data_dir) / f"{name}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (needed for the out-of-distribution sets)")
+    with np.load(path, allow_pickle=False) as d:
+        x = d["x"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 1:
+        raise ValueError(f"{path}: expected uint8 [N, H, W, 1] images, got {x.dtype} {x.shape}")
+    return x[:limit] if limit is not None else x
+
+
+def gray_to_cifar(images: np.ndarray, size: int = 32) -> np.ndarray:
+    """Grey ``[N, h, w, 1]`` uint8 -> ``[N, size, size, 3]``: zero-padded around the centre
+    (28 -> 32: 2 pixels each side), the grey channel copied to R, G and B."""
+    n, h, w, c = images.shape
+    if c != 1 or h > size or w > size:
+        raise ValueError(f"expected [N, h, w, 1] with h, w <= {size}, got {images.shape}")
+    top, left = (size - h) // 2, (size - w) // 2
+    out = np.zeros((n, size, size, 3), dtype=np.uint8)
+    out[:, top : top + h, left : left + w, :] = images
+    return out
+
+
+# ---------------------------------------------------------------------------- models and tables
+@dataclass
+class Setup:
+    """One trained model with its calibration tables (built on first use, cached on disk)."""
+
+    arch: str
+    model: nn.Module
+    data_dir: Path
+    test_accuracy: float = float("nan")
+    _tables: dict[str, CalibrationTable] = field(default_factory=dict, repr=False)
+
+    @property
+    def title(self) -> str:
+        return ARCH_TITLES[self.arch]
+
+    def table(self, split: str = "train") -> CalibrationTable:
+        if split not in self._tables:
+            self._tables[split] = calibration_table(self.model, self.arch, split, self.data_dir)
+        return self._tables[split]
+
+    def monitor(self, split: str = "train", **kwargs: Any) -> SurpriseMonitor:
+        return SurpriseMonitor(self.model, self.table(split), **kwargs)
+
+
+def load_setup(arch: str, data_dir: Path) -> Setup:
+    """The trained ``arch`` (training it on the first call, a few minutes on the CPU)."""
+    model = train_or_load(arch, data_dir=data_dir, log=log, **TRAIN_SETTINGS)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # no experiment here needs parameter gradients
+    acc = float("nan")  # the test accuracy train_or_load stored beside the weights
+    for meta in cache_dir().glob(f"cifar10-{arch}-*.json"):
+        info = json.loads(meta.read_text())
+        if all(info.get(k) == v for k, v in TRAIN_SETTINGS.items()):
+            acc = float(info.get("test_accuracy", acc))
+    return Setup(arch, model, data_dir, acc)
+
+
+def calibration_table(model: nn.Module, arch: str, split: str, data_dir: Path) -> CalibrationTable:
+    """The table of ``model`` on the calibration ``split`` (cached by weights and split)."""
+    if split not in CALIBRATION_SPLITS:
+        raise ValueError(f"split must be one of {sorted(CALIBRATION_SPLITS)}, got {split!r}")
+    start, stop = CALIBRATION_SPLITS[split]
+    fp = model_fingerprint(model)
+    path = cache_dir() / "paper" / f"{arch}-{fp[:12]}-{split}-{start}-{stop}.safetensors"
+    if path.is_file():
+        try:
+            table = CalibrationTable.load(path)
+            if table.model_fingerprint == fp:
+                return table
+        except ValueError as exc:
+            log(f"rebuilding {path}: {exc}")
+    log(f"{arch}: calibrating on CIFAR-10 training images {start}..{stop - 1} ({split})")
+    ds = cifar_range("train", start, stop, data_dir)
+    table = calibrate(
+        model, ds, batch_size=250, progress=False, data_source=data_source("train", data_dir)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    return table
+
+
+# ------------------------------------------------------------------------------------- batching
+def batched(fn: Callable[..., Any], x: torch.Tensor, *rest: Any, size: int = 500) -> list[Any]:
+    """``fn`` on slices of ``x`` (and of any tensor in ``rest``), results in a list."""
+    out = []
+    for i in range(0, len(x), size):
+        args = [r[i : i + size] if isinstance(r, torch.Tensor) else r for r in rest]
+        out.append(fn(x[i : i + size], *args))
+    return out
+
+
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def run(b: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(b)
+
+    return torch.cat(batched(run, x))
+
+
+def features_of(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(penultimate features, logits)``: the input of the model's last ``nn.Linear``."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    box: list[torch.Tensor] = []
+    handle = last.register_forward_pre_hook(lambda m, inp: box.append(inp[0].detach().clone()))
+    try:
+        logits = logits_of(model, x)
+    finally:
+        handle.remove()
+    return torch.cat(box).flatten(1), logits
+
+
+REPORT_FIELDS = (
+    "logits",
+    "classes",
+    "alpha",
+    "mu",
+    "percentile",
+    "surprise",
+    "expectation",
+    "beta",
+    "beta_percentile",
+    "low_beta",
+)
+
+
+def inspect_all(
+    monitor: SurpriseMonitor, x: torch.Tensor, labels: torch.Tensor | None = None, size: int = 500
+) -> dict[str, torch.Tensor]:
+    """``monitor.inspect`` over ``x`` in batches: the report's tensors, concatenated."""
+    parts = batched(lambda b, lab: monitor.inspect(b, labels=lab), x, labels, size=size)
+    return {k: torch.cat([getattr(r, k) for r in parts]) for k in REPORT_FIELDS}
+
+
+def save_json(path: Path, obj: Any) -> Path:
+    """Atomic JSON write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+    return path
+
+
+def save_figure(fig: Any, name: str) -> Path:
+    """Save a matplotlib figure as ``figures/{name}.png`` (atomically); returns the path."""
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    path = FIGURES / f"{name}.png"
+    tmp = path.with_suffix(f".tmp{os.getpid()}.png")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure with an Agg canvas (no pyplot state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig

@@ -1,0 +1,139 @@
+"""Resumable calibration: a JSON manifest of what a run has durably done, and what it ran with.
+
+A calibration run processes its batches in a fixed order (one rank's share of the global batch
+list) and appends each batch's alpha rows to per-class spill files. Every few batches it
+commits a checkpoint: the spill files are flushed and fsynced first, then ``manifest.json`` is
+replaced atomically (temporary file, fsync, rename, fsync of the folder). The manifest records:
+
+- ``settings``: everything that decides the spilled values (model weights' fingerprint,
+  requested layer, score, batch size, the data's fingerprint, world size and rank, device type,
+  mixed precision, kernel backend, torch version, exact or approximate mode). A resume with any
+  of them different is refused, naming the differences.
+- ``batches_done``: how many of this rank's batches are in the spill, in order.
+- ``accumulator``: rows per class file (exact mode) or the name of the sketch state file.
+- ``meta``: the resolved layer, its reason, filters, classes and input shape.
+
+Resuming cuts each class file back to the recorded number of rows (rows written after the last
+checkpoint by a killed run are dropped) and skips the recorded batches, so the result is the same
+as that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibrate._atomic import atomic_write_bytes
+
+FORMAT = "surprise-calibrate-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: made with other settings or data, or damaged."""
+
+
+def manifest_path(directory: str | Path) -> Path:
+    return Path(directory) / MANIFEST
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    """The manifest in ``directory``, or ``None`` when there is none."""
+    path = manifest_path(directory)
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint manifest: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a surprise-calibrate checkpoint manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {manifest.get('version')} is not supported "
+            f"(this library writes version {VERSION})"
+        )
+    return manifest
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
+    """Replace the manifest atomically (call it only after the data it describes is fsynced)."""
+    body = {"format": FORMAT, "version": VERSION, **manifest}
+    atomic_write_bytes(manifest_path(directory), json.dumps(body, indent=1).encode())
+
+
+def check_settings(directory: str | Path, recorded: dict[str, Any], current: dict[str, Any]):
+    """Raise :class:`CheckpointError` naming every setting that differs."""
+    keys = sorted(set(recorded) | set(current))
+    diff = [k for k in keys if recorded.get(k) != current.get(k)]
+    if diff:
+        shown = "; ".join(
+            f"{k}: checkpoint {_short(recorded.get(k))}, now {_short(current.get(k))}"
+            for k in diff
+        )
+        raise CheckpointError(
+            f"{manifest_path(directory)}: the checkpoint was made with other settings or data "
+            f"({shown}); use another --checkpoint-dir or remove this one"
+        )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """SHA-256 of what identifies a dataset's content cheaply.
+
+    - an ImageFolder-like dataset (``samples`` of ``(path, label)``): every path (relative to
+      its ``root``) and label, plus the class names (an image edited in place is not detected);
+    - a ``TensorDataset``: the bytes of every tensor;
+    - a ``Subset``: its indices and the fingerprint of the dataset below;
+    - anything else: its type, length and the tensors of its first, middle and last samples.
+    """
+    h = hashlib.sha256(type(dataset).__name__.encode())
+    n = len(dataset)
+    h.update(f"len={n};".encode())
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list):
+        root = getattr(dataset, "root", None)
+        for path, label in samples:
+            name = os.path.relpath(path, root) if root else str(path)
+            h.update(f"{name}\0{label}\n".encode())
+        h.update(json.dumps(list(getattr(dataset, "classes", []))).encode())
+    elif isinstance(dataset, torch.utils.data.TensorDataset):
+        for t in dataset.tensors:
+            _update_tensor(h, t)
+    elif isinstance(dataset, torch.utils.data.Subset):
+        h.update(np.asarray(dataset.indices, np.int64).tobytes())
+        h.update(dataset_fingerprint(dataset.dataset).encode())
+    else:
+        for i in sorted({0, n // 2, n - 1} if n else set()):
+            _update_any(h, dataset[i])
+    return h.hexdigest()
+
+
+def _update_tensor(h: Any, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}:{tuple(t.shape)};".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _update_any(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        _update_tensor(h, obj)
+    elif isinstance(obj, np.ndarray):
+        _update_tensor(h, torch.from_numpy(np.ascontiguousarray(obj)))
+    elif isinstance(obj, list | tuple):
+        for o in obj:
+            _update_any(h, o)
+    else:
+        h.update(repr(obj).encode())

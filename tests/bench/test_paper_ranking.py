@@ -1,0 +1,135 @@
+"""The filter-ranking pieces of bench.paper.ranking on tiny random networks (seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAMPlusPlus
+
+from bench.cifar import small_resnet, small_vgg
+from bench.paper.ranking import (
+    METHODS,
+    capture,
+    filter_scores,
+    removal_counts,
+    removal_steps,
+    split_model,
+    taylor_total,
+)
+from monitor import GradAMapProbe
+from tests._models import TinyCNN
+
+
+def _model(arch: str) -> tuple[torch.nn.Module, str]:
+    torch.manual_seed(0)
+    if arch == "vgg":
+        return small_vgg(width=4).eval(), "features.12"
+    if arch == "resnet":
+        m = small_resnet(width=4)
+        for mod in m.modules():  # non-trivial batch-norm statistics
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+        return m.eval(), "layer3.conv2"
+    return TinyCNN(num_classes=10, width=4).eval(), "features.2"
+
+
+def _data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet", "generic"])
+def test_split_model_reproduces_the_model(arch):
+    model, layer = _model(arch)
+    x, _ = _data()
+    split = split_model(model, layer)
+    with torch.no_grad():
+        a, ctx = split.prefix(x)
+        assert torch.allclose(split.head(a, ctx), model(x), atol=1e-5)
+        # the fast paths agree with the generic hook-based cut on edited activations
+        generic = split_model(torch.nn.Sequential(model), "0." + layer)
+        a2, ctx2 = generic.prefix(x)
+        edited = a * (torch.arange(a.shape[1]) % 3 != 0).float()[None, :, None, None]
+        assert torch.allclose(split.head(edited, ctx), generic.head(edited, ctx2), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+def test_capture_gradients_match_the_monitor_probe(arch):
+    model, layer = _model(arch)
+    x, y = _data()
+    cap = capture(split_model(model, layer), x, y)
+    for score, got in (("logit", cap.g_logit), ("softmax", cap.g_softmax)):
+        probe = GradAMapProbe(model, layer, score=score)
+        try:
+            res = probe.run(x, y)
+        finally:
+            probe.close()
+        assert torch.allclose(res.activation, cap.activation, atol=1e-6)
+        assert torch.allclose(res.gradient, got, atol=1e-6, rtol=1e-4)
+    # cross-entropy: dL/dA = -(1 / S_c) dS_c/dA, per image
+    s_c = torch.softmax(cap.logits, 1).gather(1, y[:, None]).view(-1, 1, 1, 1)
+    assert torch.allclose(cap.g_loss, -cap.g_softmax / s_c, atol=1e-5, rtol=1e-4)
+
+
+def test_filter_scores_by_hand():
+    model, layer = _model("vgg")
+    x, y = _data(6)
+    split = split_model(model, layer)
+    cap = capture(split, x, y)
+    a = cap.activation
+    total = taylor_total(split, x, y, batch=4)
+    hand = {
+        "l1": a.abs().flatten(2).sum(2),
+        "gradcam": cap.g_logit.flatten(2).mean(2),
+        "grad_amap": (a * cap.g_softmax).flatten(2).mean(2),
+        "grad_amap_logit": (a * cap.g_logit).flatten(2).mean(2),
+        "taylor_class": (a * cap.g_softmax).flatten(2).mean(2).abs(),
+        "taylor": (a * cap.g_loss).flatten(2).mean(2).sum(0).abs().expand(6, -1),
+    }
+    for method, want in hand.items():
+        got = filter_scores(cap, method, taylor_total=total)
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4), method
+    cam_pp = GradCAMPlusPlus.get_cam_weights(
+        None, None, None, None, a.double().numpy(), cap.g_logit.double().numpy()
+    )
+    assert np.allclose(filter_scores(cap, "gradcampp").double().numpy(), cam_pp, rtol=1e-4)
+    r1 = filter_scores(cap, "random", torch.Generator().manual_seed(0))
+    r2 = filter_scores(cap, "random", torch.Generator().manual_seed(0))
+    assert torch.equal(r1, r2) and r1.shape == a.shape[:2]
+    with pytest.raises(ValueError, match="taylor_total"):
+        filter_scores(cap, "taylor")
+    with pytest.raises(ValueError, match="method"):
+        filter_scores(cap, "nope")
+    assert set(METHODS) == set(hand) | {"random", "gradcampp"}
+
+
+def test_removal_counts_by_hand():
+    model, layer = _model("resnet")
+    x, y = _data(10)
+    y = model(x).argmax(1).detach()  # every image right at k = 0
+    split = split_model(model, layer)
+    cap = capture(split, x, y)
+    scores = filter_scores(cap, "grad_amap_logit")
+    ks = removal_steps(cap.activation.shape[1], increments=4)
+    assert ks == [0, 4, 8, 12, 16]
+    got = removal_counts(split, cap, y, scores, ks)
+    assert got[0] == 10
+    # k = 5: zero each image's five best filters through a forward hook on the whole model
+    order = scores.argsort(1, descending=True)
+    keep = torch.ones_like(scores).scatter_(1, order[:, :5], 0.0)
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda m, i, o: o * keep[:, :, None, None])
+    try:
+        with torch.no_grad():
+            want = int((model(x).argmax(1) == y).sum())
+    finally:
+        handle.remove()
+    assert removal_counts(split, cap, y, scores, [5])[0] == want
+
+
+def test_removal_steps():
+    assert removal_steps(128) == list(range(0, 129, 4))  # 32 increments, as the paper's 512/16
+    assert removal_steps(10, increments=4) == [0, 2, 4, 6, 8, 10]
+    assert removal_steps(3) == [0, 1, 2, 3]

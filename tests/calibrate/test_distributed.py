@@ -1,0 +1,151 @@
+"""torchrun with 2 processes on CPU (gloo) gives the single-process table, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from calibrate import CalibrationTable
+from calibrate.distributed import DistInfo, shard_dir
+from calibrate.spill import AlphaSpill
+from tests._models import TinyCNN, seeded
+from tests.calibrate.test_resume import assert_same_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Three classes of real-photo crops, 13, 12 and 11 images: 9 batches of 4 (last short)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    for name, count in (("astronaut", 13), ("chelsea", 12), ("coffee", 11)):
+        img = getattr(skdata, name)()
+        (root / name).mkdir()
+        for i in range(count):
+            y, x = rng.integers(0, img.shape[0] - 40), rng.integers(0, img.shape[1] - 40)
+            Image.fromarray(img[y : y + 40, x : x + 40]).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "tiny.pt"
+    torch.save(seeded(TinyCNN(num_classes=3)).state_dict(), path)
+    return path
+
+
+def cli_args(image_folder: Path, weights: Path, *extra: str) -> list[str]:
+    return [
+        "tests._models:TinyCNN", "--model-kwargs", json.dumps({"num_classes": 3}),
+        "--weights", str(weights), "--data", str(image_folder),
+        "--resize", "36", "--crop", "32", "--batch-size", "4", "--top-k", "4", "--quiet",
+        "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+# Run in one process (reference) and under torchrun (2 ranks): the CLI's code path with ranks
+# sharing a spill folder, the approximate mode, and data so small that rank 1 gets no batch.
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from calibrate import calibrate
+    from calibrate.cli import main
+    from calibrate.distributed import init_from_env
+    from calibrate.sketch import LogGrid
+    from tests._models import TinyCNN, class_dataset, seeded
+
+    info, _, own = init_from_env("cpu")
+    out = Path(sys.argv[1])
+    cli = json.loads(sys.argv[2])
+    spill = ["--spill-dir", str(out / "spill")]
+    assert main(cli + spill + ["--out", str(out / "cli-shared.safetensors")]) == 0
+    model = seeded(TinyCNN(num_classes=3))
+    data = class_dataset(70, 3)
+    grid = LogGrid(0.02, 1e-6, 1e2)
+    approx = calibrate(model, data, batch_size=4, progress=False, approximate=grid, top_k=3)
+    tiny = calibrate(model, class_dataset(3, 3), batch_size=4, progress=False, top_k=2)
+    if info.rank == 0:
+        approx.save(out / "approx.safetensors")
+        tiny.save(out / "tiny.safetensors")
+    if own:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    """
+)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _sorted_rows(spills: list[AlphaSpill], c: int) -> tuple[np.ndarray, np.ndarray]:
+    alpha = np.concatenate([s.read_alpha(c).read_rows(0, 1 << 30) for s in spills])
+    index = np.concatenate([s.read_indices(c) for s in spills])
+    order = np.argsort(index)
+    return alpha[order], index[order]
+
+
+def test_torchrun_two_ranks_equal_one_process(image_folder, weights, tmp_path):
+    single, two = tmp_path / "single", tmp_path / "two"
+    single.mkdir()
+    two.mkdir()
+    args = cli_args(image_folder, weights)
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    # The reference: one plain process.
+    _run([sys.executable, str(script), str(single), json.dumps(args)])
+    # The command unchanged under torchrun; no shared folder, so rows are sent over gloo.
+    _run([*TORCHRUN, "-m", "calibrate", *args, "--out", str(two / "cli-send.safetensors")])
+    # The script under torchrun: a shared spill folder, approximate mode, an idle rank.
+    _run([*TORCHRUN, str(script), str(two), json.dumps(args)])
+
+    ref = CalibrationTable.load(single / "cli-shared.safetensors")
+    assert int(ref.counts.sum()) == 36 and ref.counts.tolist() == [13, 12, 11]
+    assert_same_table(ref, CalibrationTable.load(two / "cli-shared.safetensors"))
+    assert_same_table(ref, CalibrationTable.load(two / "cli-send.safetensors"))
+    assert_same_table(
+        CalibrationTable.load(single / "tiny.safetensors"),
+        CalibrationTable.load(two / "tiny.safetensors"),
+    )
+
+    # The spilled values themselves: each rank holds its batches' rows, bit-identical to the
+    # single process's; batches are dealt round-robin (rank 0: batches 0, 2, 4, 6, 8).
+    one = [AlphaSpill(single / "spill", 16)]
+    ranks = [AlphaSpill(shard_dir(two / "spill", DistInfo(r, 2)), 16) for r in range(2)]
+    assert sorted(np.concatenate([s.read_indices(c) for c in range(3) for s in ranks[:1]])) == [
+        i for b in (0, 2, 4, 6, 8) for i in range(4 * b, min(4 * b + 4, 36))
+    ]
+    for c in range(3):
+        a1, i1 = _sorted_rows(one, c)
+        a2, i2 = _sorted_rows(ranks, c)
+        np.testing.assert_array_equal(i1, i2)
+        assert a1.tobytes() == a2.tobytes()
+
+    # Approximate mode: counts, extremes and exemplars merge exactly; means up to sum order.
+    a = CalibrationTable.load(single / "approx.safetensors")
+    b = CalibrationTable.load(two / "approx.safetensors")
+    assert torch.equal(a.counts, b.counts) and torch.equal(a.top_indices, b.top_indices)
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(a.quantiles, b.quantiles, rtol=1e-6, atol=1e-9)
