@@ -94,9 +94,7 @@ class _Plan:
         return DataLoader(self.dataset, batch_sampler=sampler, **self.loader_kwargs)
 
 
-def _plan(
-    data: DataLoader | Dataset, batch_size: int, num_workers: int, pin: bool
-) -> _Plan | None:
+def _plan(data: DataLoader | Dataset, batch_size: int, num_workers: int, pin: bool) -> _Plan | None:
     """A :class:`_Plan` for ``data``, or ``None`` where it can only be streamed as given (an
     iterable dataset, a shuffling loader or one with a custom batch sampler)."""
     if isinstance(data, DataLoader):
@@ -258,7 +256,6 @@ class _Run:
         self.probe = cls(self.model, choice.name, score=self.score)
         if self.grid is None and self.images is not None:
             _announce_disk(self.meta["num_filters"], self.images, self.work)
-
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor):
         dtype = torch.float16 if self.dev.type == "cuda" else torch.bfloat16

@@ -75,8 +75,7 @@ def check_settings(directory: str | Path, recorded: dict[str, Any], current: dic
     diff = [k for k in keys if recorded.get(k) != current.get(k)]
     if diff:
         shown = "; ".join(
-            f"{k}: checkpoint {_short(recorded.get(k))}, now {_short(current.get(k))}"
-            for k in diff
+            f"{k}: checkpoint {_short(recorded.get(k))}, now {_short(current.get(k))}" for k in diff
         )
         raise CheckpointError(
             f"{manifest_path(directory)}: the checkpoint was made with other settings or data "

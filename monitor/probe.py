@@ -129,33 +129,36 @@ class GradAMapProbe:
             raise RuntimeError("probe is closed")
         state = _Pass()
         self._local.state = state
-        try:
-            with torch.no_grad():
+        try:  # normal tensors even inside a caller's inference_mode; no graph before the layer
+            with torch.inference_mode(False), torch.no_grad():
                 output = self.model(x)
         finally:
             self._local.state = None
         if state.leaf is None:
             raise RuntimeError(f"layer {self.layer!r} did not run in the forward pass")
-        logits = self.output_to_logits(output) if self.output_to_logits else output
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-            raise ValueError(
-                "model output is not [B, K] logits; pass output_to_logits= to extract them"
-            )
-        if not logits.requires_grad:
-            raise RuntimeError(
-                f"the logits do not depend on layer {self.layer!r} through autograd "
-                "(does the model run its head under torch.no_grad()?)"
-            )
-        if labels is None:
-            classes = logits.detach().argmax(dim=1)
-        else:
-            classes = labels.to(device=logits.device, dtype=torch.int64)
-            k = logits.shape[1]
-            bad = (classes < 0) | (classes >= k)
-            if bool(bad.any()):
-                raise ValueError(f"label {int(classes[bad][0])} is outside the model's {k} classes")
-        score = class_scores(logits, classes, self.score).sum()
-        (gradient,) = torch.autograd.grad(score, state.leaf)
+        with torch.inference_mode(False), torch.enable_grad():  # whatever the caller's mode
+            logits = self.output_to_logits(output) if self.output_to_logits else output
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+                raise ValueError(
+                    "model output is not [B, K] logits; pass output_to_logits= to extract them"
+                )
+            if not logits.requires_grad:
+                raise RuntimeError(
+                    f"the logits do not depend on layer {self.layer!r} through autograd "
+                    "(does the model run its head under torch.no_grad()?)"
+                )
+            if labels is None:
+                classes = logits.detach().argmax(dim=1)
+            else:
+                classes = labels.to(device=logits.device, dtype=torch.int64)
+                k = logits.shape[1]
+                bad = (classes < 0) | (classes >= k)
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"label {int(classes[bad][0])} is outside the model's {k} classes"
+                    )
+            score = class_scores(logits, classes, self.score).sum()
+            (gradient,) = torch.autograd.grad(score, state.leaf)
         return ProbeResult(
             output=detach_tree(output),
             logits=logits.detach(),

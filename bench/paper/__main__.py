@@ -18,6 +18,7 @@ import torch
 
 from bench.paper import atypical, beta, failures, ranking
 from bench.paper.common import (
+    ARCHS,
     CALIBRATION_SPLITS,
     HERE,
     OOD_FILES,
@@ -28,7 +29,7 @@ from bench.paper.common import (
     load_setup,
     log,
     parse,
-    save_json,
+    store,
 )
 from bench.paper.scores import BASELINE_SCORES, MONITOR_SCORES
 
@@ -116,7 +117,7 @@ def write_report(setups: Sequence[Setup], args: Any, seconds: float) -> str:
         f"- Evaluation: the first {args.n_test:,} CIFAR-10 test images (the file is shuffled); "
         f"atypical sets of {args.n_ood:,} images each.",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__} ({torch.get_num_threads()} threads); this run took "
+        f"{torch.__version__} ({torch.get_num_threads()} threads); the last invocation took "
         f"{seconds / 60:.1f} min.",
         "",
         models_section(setups),
@@ -182,19 +183,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     setups = [load_setup(a, args.data_dir) for a in args.archs]
     if "ranking" in only:
-        r = ranking.run(setups, args.n_test, args.seed)
-        ranking.plot(r)
-        save_json(RESULTS / "ranking.json", r)
+        ranking.plot(store("ranking", ranking.run(setups, args.n_test, args.seed)))
     if "beta" in only:
-        r = beta.run(setups, args.n_test)
-        beta.plot(r)
-        save_json(RESULTS / "beta.json", beta.strip_arrays(r))
+        beta.plot(store("beta", beta.run(setups, args.n_test)))
     if "failures" in only:
-        save_json(RESULTS / "failures.json", failures.run(setups, args.n_test, args.per_kind))
+        store("failures", failures.run(setups, args.n_test, args.per_kind))
     if "atypical" in only:
-        r = atypical.run(setups, args.n_test, args.n_ood)
-        atypical.plot(r)
-        save_json(RESULTS / "atypical.json", atypical.strip_arrays(r))
+        atypical.plot(store("atypical", atypical.run(setups, args.n_test, args.n_ood)))
+    reported = sorted({a for e in EXPERIMENTS for a in (_load(e) or {})}, key=ARCHS.index)
+    setups = [s for s in setups if s.arch in reported] + [
+        load_setup(a, args.data_dir) for a in reported if a not in args.archs
+    ]
+    setups.sort(key=lambda s: ARCHS.index(s.arch))
     log(f"report: {write_report(setups, args, time.perf_counter() - started)}")
 
 

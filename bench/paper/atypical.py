@@ -34,7 +34,6 @@ from bench.cifar import to_tensor
 from bench.paper.common import (
     CALIBRATION_SPLITS,
     OOD_FILES,
-    RESULTS,
     Setup,
     arg_parser,
     cifar_range,
@@ -47,7 +46,7 @@ from bench.paper.common import (
     new_figure,
     parse,
     save_figure,
-    save_json,
+    store,
     test_uint8,
 )
 from bench.paper.metrics import auroc, fpr_at_tpr
@@ -320,10 +319,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def strip_arrays(results: dict[str, Any]) -> dict[str, Any]:
-    return {a: {k: v for k, v in r.items() if not k.startswith("_")} for a, r in results.items()}
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     p = arg_parser(__doc__.splitlines()[0])
     p.add_argument("--n-ood", type=int, default=2000, help="images per atypical set")
@@ -336,9 +331,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"missing in {args.data_dir} (the far-OOD sets)\n",
         )
     setups = [load_setup(a, args.data_dir) for a in args.archs]
-    results = run(setups, args.n_test, args.n_ood)
+    results = store("atypical", run(setups, args.n_test, args.n_ood))
     plot(results)
-    save_json(RESULTS / "atypical.json", strip_arrays(results))
     print(markdown(results))
 
 

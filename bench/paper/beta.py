@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from bench.paper.common import (
-    RESULTS,
     Setup,
     arg_parser,
     inspect_all,
@@ -33,7 +32,7 @@ from bench.paper.common import (
     new_figure,
     parse,
     save_figure,
-    save_json,
+    store,
     test_images,
 )
 from bench.paper.metrics import per_class_spearman
@@ -156,17 +155,11 @@ def markdown(results: dict[str, Any], figure: str | None = "beta.png") -> str:
     return "\n".join(lines)
 
 
-def strip_arrays(results: dict[str, Any]) -> dict[str, Any]:
-    """The results without the per-image arrays (for the JSON file)."""
-    return {a: {k: v for k, v in r.items() if k != "_arrays"} for a, r in results.items()}
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(arg_parser(__doc__.splitlines()[0]), argv)
     setups = [load_setup(a, args.data_dir) for a in args.archs]
-    results = run(setups, args.n_test)
+    results = store("beta", run(setups, args.n_test))
     plot(results)
-    save_json(RESULTS / "beta.json", strip_arrays(results))
     print(markdown(results))
 
 

@@ -280,6 +280,24 @@ def save_json(path: Path, obj: Any) -> Path:
     return path
 
 
+def strip(results: dict[str, Any]) -> dict[str, Any]:
+    """Per-model results without their per-image arrays (keys starting with ``_``)."""
+    return {a: {k: v for k, v in r.items() if not k.startswith("_")} for a, r in results.items()}
+
+
+def store(name: str, results: dict[str, Any]) -> dict[str, Any]:
+    """Merge one experiment's per-model results into those saved earlier (models not run now
+    keep theirs) and save them: in full, with the per-image arrays the plots need, under the
+    cache folder, and without the arrays as ``results/{name}.json``. Returns the merged results."""
+    full = cache_dir() / "paper" / "results" / f"{name}.json"
+    merged = json.loads(full.read_text()) if full.is_file() else {}
+    merged.update(results)
+    merged = {a: merged[a] for a in ARCHS if a in merged}
+    save_json(full, merged)
+    save_json(RESULTS / f"{name}.json", strip(merged))
+    return merged
+
+
 def save_figure(fig: Any, name: str) -> Path:
     """Save a matplotlib figure as ``figures/{name}.png`` (atomically); returns the path."""
     FIGURES.mkdir(parents=True, exist_ok=True)

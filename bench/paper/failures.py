@@ -16,21 +16,20 @@ Run: ``python -m bench.paper.failures [--data-dir DIR] [--n-test 5000] [--per-ki
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
 
 from bench.paper.common import (
     FIGURES,
-    RESULTS,
     Setup,
     arg_parser,
     inspect_all,
     load_setup,
     log,
     parse,
-    save_json,
+    store,
     test_images,
 )
 
@@ -38,14 +37,18 @@ KINDS = ("surprise", "expectation")
 
 
 def pick_failures(
-    rep: dict[str, torch.Tensor], labels: torch.Tensor, kind: str, count: int
+    rep: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    kind: str,
+    count: int,
+    exclude: Collection[int] = (),
 ) -> list[int]:
     """Indices of misclassified images that have a ``kind`` filter, lowest beta first."""
     wrong = rep["logits"].argmax(1) != labels
     has = rep[kind].any(dim=1)
     idx = torch.nonzero(wrong & has).flatten()
     order = torch.argsort(rep["beta"][idx], stable=True)
-    return idx[order][:count].tolist()
+    return [i for i in idx[order].tolist() if i not in exclude][:count]
 
 
 def run(setups: Sequence[Setup], n_test: int, per_kind: int = 2) -> dict[str, Any]:
@@ -70,7 +73,8 @@ def run(setups: Sequence[Setup], n_test: int, per_kind: int = 2) -> dict[str, An
                 "cases": [],
             }
             for kind in KINDS:
-                for i in pick_failures(rep, y, kind, per_kind):
+                used = {c["test_index"] for c in r["cases"]}
+                for i in pick_failures(rep, y, kind, per_kind, used):
                     filt = rep[kind][i].nonzero().flatten()
                     dev = (rep["alpha"][i] - rep["mu"][i])[filt]
                     best = int(filt[dev.argmax() if kind == "surprise" else dev.argmin()])
@@ -135,8 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--per-kind", type=int, default=2, help="images per kind and model")
     args = parse(p, argv)
     setups = [load_setup(a, args.data_dir) for a in args.archs]
-    results = run(setups, args.n_test, args.per_kind)
-    save_json(RESULTS / "failures.json", results)
+    results = store("failures", run(setups, args.n_test, args.per_kind))
     print(markdown(results))
 
 

@@ -35,7 +35,6 @@ from torch import nn
 
 from bench.cifar import _VGG, _ResNet
 from bench.paper.common import (
-    RESULTS,
     Setup,
     arg_parser,
     load_setup,
@@ -43,7 +42,7 @@ from bench.paper.common import (
     new_figure,
     parse,
     save_figure,
-    save_json,
+    store,
     test_images,
 )
 from bench.paper.metrics import curve_auc
@@ -358,9 +357,8 @@ def run(setups: Sequence[Setup], n_test: int, seed: int = 0) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(arg_parser(__doc__.splitlines()[0]), argv)
     setups = [load_setup(a, args.data_dir) for a in args.archs]
-    results = run(setups, args.n_test, args.seed)
+    results = store("ranking", run(setups, args.n_test, args.seed))
     plot(results)
-    save_json(RESULTS / "ranking.json", results)
     print(markdown(results))
 
 

@@ -60,9 +60,7 @@ def test_histogram_quantiles_heavy_tails_against_numpy():
             assert err <= _bound(col, level, 0.005, 1e-6) * (1 + 1e-5), (n, level, err)
     # Tail error in rank: how many calibration values lie between estimate and truth at 99.9.
     q999 = list(LEVELS).index(99.9)
-    between = np.abs(
-        (data[:, 0] <= est[0, q999]).mean() - (data[:, 0] <= exact[0, q999]).mean()
-    )
+    between = np.abs((data[:, 0] <= est[0, q999]).mean() - (data[:, 0] <= exact[0, q999]).mean())
     assert between <= 2 / 20000
     assert est[0, 0] == data[:, 0].min() and est[0, -1] == data[:, 0].max()  # exact extremes
 

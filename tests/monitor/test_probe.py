@@ -147,3 +147,21 @@ def test_batch_equals_single_samples():
 
 def _ag(res):
     return res.activation, res.gradient
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_callers_grad_mode_does_not_matter(context):
+    model = seeded(TinyCNN(num_classes=3))
+    x = torch.randn(4, 3, 8, 8)
+    labels = torch.tensor([0, 2, 1, 1])
+    probe = GradAMapProbe(model, "features.2")
+    try:
+        expected = grad_amap(*_ag(probe.run(x, labels)))
+        with getattr(torch, context)():
+            inner = torch.randn(4, 3, 8, 8).copy_(x)  # an inference tensor under inference_mode
+            res = probe.run(inner, labels)
+            assert torch.is_grad_enabled() is False
+    finally:
+        probe.close()
+    torch.testing.assert_close(grad_amap(*_ag(res)), expected)
+    assert not res.output.requires_grad

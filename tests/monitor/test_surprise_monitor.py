@@ -208,3 +208,16 @@ def test_uncalibrated_class_is_never_flagged(calibrated):
             assert not r.calibrated.any() and not r.flagged.any()
     finally:
         table.counts = counts
+
+
+def test_works_inside_the_callers_no_grad_and_inference_mode(monitor):
+    x = _inputs(4)
+    expected = monitor.inspect(x)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = monitor(x)
+            report = monitor.inspect(x)
+        assert not monitor.failures, monitor.failures
+        assert torch.equal(out, expected.logits)
+        torch.testing.assert_close(report.alpha, expected.alpha)
+        assert torch.equal(report.surprise, expected.surprise)
