@@ -217,9 +217,10 @@ def explain(
     mean_t, std_t = normalisation(table.data_source, mean, std)
     device = next(iter(monitor.model.parameters()), torch.empty(0)).device
     x = x.to(device)
-    labels = None if label is None else torch.tensor([int(label)])
     previous = monitor.last_report
-    report = monitor.inspect(x, labels=labels)
+    with torch.inference_mode(False):  # normal label tensors, even in a caller's inference_mode
+        labels = None if label is None else torch.tensor([int(label)])
+        report = monitor.inspect(x, labels=labels)
     monitor.last_report = previous  # explaining is not monitoring: leave the drop-in's report
     n, kind, reason = choose_filter(report, filter)
     c = int(report.classes[0])

@@ -142,7 +142,8 @@ def fix(
     x = x.to(device)
 
     previous = monitor.last_report
-    report = monitor.inspect(x, labels=torch.tensor([label]))
+    with torch.inference_mode(False):  # normal label tensors, even in a caller's inference_mode
+        report = monitor.inspect(x, labels=torch.tensor([label]))
     monitor.last_report = previous
     prediction = int(report.predictions[0])
     if prediction == label:

@@ -151,6 +151,8 @@ class GradAMapProbe:
                 classes = logits.detach().argmax(dim=1)
             else:
                 classes = labels.to(device=logits.device, dtype=torch.int64)
+                if classes.is_inference():  # made under inference_mode: cannot be saved
+                    classes = classes.clone()
                 k = logits.shape[1]
                 bad = (classes < 0) | (classes >= k)
                 if bool(bad.any()):

@@ -48,8 +48,9 @@ def input_gradient(
         raise ValueError("the model is in training mode; call model.eval() first")
     if x.ndim != 4:
         raise ValueError(f"x must be a [B, C, H, W] batch, got shape {tuple(x.shape)}")
-    x = x.detach().requires_grad_(True)
-    cls = torch.as_tensor(classes, dtype=torch.int64, device=x.device).reshape(-1)
+    with torch.inference_mode(False):  # normal tensors, even in a caller's inference_mode
+        x = x.detach().clone().requires_grad_(True)
+        cls = torch.as_tensor(classes, dtype=torch.int64, device=x.device).reshape(-1).clone()
     if cls.numel() == 1 and x.shape[0] > 1:
         cls = cls.expand(x.shape[0])
     if cls.numel() != x.shape[0]:
@@ -68,21 +69,21 @@ def input_gradient(
 
     handle = get_module(model, layer).register_forward_hook(hook)
     try:
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # whatever the caller's mode
             out = model(x)
     finally:
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"layer {layer!r} ran {len(captured)} times in one forward pass")
     activation = captured[0]
-    logits = output_to_logits(out) if output_to_logits else out
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        raise ValueError("model output is not [B, K] logits; pass output_to_logits=")
-    k = logits.shape[1]
-    if bool(((cls < 0) | (cls >= k)).any()):
-        raise ValueError(f"classes must lie in [0, {k}), got {cls.tolist()}")
-    total = class_scores(logits, cls, score).sum()  # samples are independent in eval mode
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        logits = output_to_logits(out) if output_to_logits else out
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            raise ValueError("model output is not [B, K] logits; pass output_to_logits=")
+        k = logits.shape[1]
+        if bool(((cls < 0) | (cls >= k)).any()):
+            raise ValueError(f"classes must lie in [0, {k}), got {cls.tolist()}")
+        total = class_scores(logits, cls, score).sum()  # samples are independent in eval mode
         if channels is None:
             (grad,) = torch.autograd.grad(total, x)
             return grad.detach()

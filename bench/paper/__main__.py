@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.cifar import cache_dir
 from bench.paper import atypical, beta, failures, ranking
 from bench.paper.common import (
     ARCHS,
@@ -167,9 +168,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = arg_parser(__doc__.splitlines()[0])
     p.add_argument("--n-ood", type=int, default=2000, help="images per atypical set")
     p.add_argument("--per-kind", type=int, default=2, help="failure pictures per kind and model")
-    p.add_argument("--only", default=",".join(EXPERIMENTS), help="experiments to (re)run")
+    p.add_argument(
+        "--only",
+        default=",".join(EXPERIMENTS),
+        help="experiments to (re)run; 'report' only rewrites REPORT.md from the saved results",
+    )
     args = parse(p, argv)
-    only = [e for e in args.only.split(",") if e]
+    only = [e for e in args.only.split(",") if e and e != "report"]
     bad = [e for e in only if e not in EXPERIMENTS]
     if bad:
         p.error(f"unknown experiment {bad[0]!r}; choose from {', '.join(EXPERIMENTS)}")
@@ -183,13 +188,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     setups = [load_setup(a, args.data_dir) for a in args.archs]
     if "ranking" in only:
-        ranking.plot(store("ranking", ranking.run(setups, args.n_test, args.seed)))
+        store("ranking", ranking.run(setups, args.n_test, args.seed))
     if "beta" in only:
-        beta.plot(store("beta", beta.run(setups, args.n_test)))
+        store("beta", beta.run(setups, args.n_test))
     if "failures" in only:
         store("failures", failures.run(setups, args.n_test, args.per_kind))
     if "atypical" in only:
-        atypical.plot(store("atypical", atypical.run(setups, args.n_test, args.n_ood)))
+        store("atypical", atypical.run(setups, args.n_test, args.n_ood))
+    for name, plot in (("ranking", ranking.plot), ("beta", beta.plot), ("atypical", atypical.plot)):
+        full = cache_dir() / "paper" / "results" / f"{name}.json"
+        if full.is_file():  # every model's results, with the arrays the figures need
+            plot(json.loads(full.read_text()))
     reported = sorted({a for e in EXPERIMENTS for a in (_load(e) or {})}, key=ARCHS.index)
     setups = [s for s in setups if s.arch in reported] + [
         load_setup(a, args.data_dir) for a in reported if a not in args.archs

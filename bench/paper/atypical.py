@@ -127,6 +127,9 @@ def alert_rates(rep: dict[str, torch.Tensor]) -> dict[str, float]:
     }
 
 
+TABLES = ("train", "heldout", "heldout_pred")
+
+
 def run(setups: Sequence[Setup], n_test: int, n_ood: int) -> dict[str, Any]:
     if n_test + n_ood > 10000:
         raise ValueError(f"--n-test + --n-ood must be at most 10000, got {n_test + n_ood}")
@@ -136,39 +139,40 @@ def run(setups: Sequence[Setup], n_test: int, n_ood: int) -> dict[str, Any]:
         x_id = cifar_range("test", 0, n_test, s.data_dir)
         x, y = x_id.tensors[0], x_id.tensors[1]
         log(f"atypical: {s.arch}: {n_test} test images, {len(sets)} atypical sets of {n_ood}")
-        start, stop = CALIBRATION_SPLITS["train"]
-        calib = cifar_range("train", start, stop, s.data_dir)
-        feats, _ = features_of(s.model, calib.tensors[0])
-        base = Baselines(feats, calib.tensors[1])
         r: dict[str, Any] = {"title": s.title, "n_test": n_test, "n_ood": n_ood}
-        for split in ("train", "heldout"):
+        for split in ("train", "heldout"):  # how well the model fits its calibration images
+            start, stop = CALIBRATION_SPLITS[split]
+            calib = cifar_range("train", start, stop, s.data_dir)
+            feats, logits = features_of(s.model, calib.tensors[0])
+            r[f"accuracy_{split}_images"] = float(
+                (logits.argmax(1) == calib.tensors[1]).float().mean()
+            )
+            if split == "train":
+                base = Baselines(feats, calib.tensors[1])
+        f_id, _ = features_of(s.model, x)
+        f_out = {name: features_of(s.model, xs)[0] for name, xs in sets.items()}
+        for split in TABLES:
             with s.monitor(split, low_beta_pct=1.0) as mon:
                 rep = inspect_all(mon, x)
                 r[f"alerts_{split}"] = alert_rates(rep)
                 r[f"alerts_{split}_true_class"] = alert_rates(inspect_all(mon, x, y))
-                if split == "train":
-                    r["accuracy"] = float((rep["logits"].argmax(1) == y).float().mean())
-                    r["_beta_pct_train"] = rep["beta_percentile"].tolist()
-                else:
-                    r["_beta_pct_heldout"] = rep["beta_percentile"].tolist()
+                r[f"_beta_pct_{split}"] = rep["beta_percentile"].tolist()
                 ids = monitor_scores(rep)
-                if split == "train":
-                    f_id, _ = features_of(s.model, x)
-                    ids.update(base.scores(rep["logits"], f_id))
                 outs = {}
                 for name, xs in sets.items():
                     rep_o = inspect_all(mon, xs)
                     outs[name] = monitor_scores(rep_o)
                     if split == "train":
-                        f_o, _ = features_of(s.model, xs)
-                        outs[name].update(base.scores(rep_o["logits"], f_o))
-            r[f"metrics_{split}"] = evaluate(ids, outs)
+                        outs[name].update(base.scores(rep_o["logits"], f_out[name]))
             if split == "train":
+                r["accuracy"] = float((rep["logits"].argmax(1) == y).float().mean())
+                ids.update(base.scores(rep["logits"], f_id))
                 r["_roc"] = {
                     "id": {k: v.tolist() for k, v in ids.items()},
                     "MNIST": {k: v.tolist() for k, v in outs["MNIST"].items()},
                     "noise 0.08": {k: v.tolist() for k, v in outs["noise 0.08"].items()},
                 }
+            r[f"metrics_{split}"] = evaluate(ids, outs)
         results[s.arch] = r
     return results
 
@@ -240,10 +244,12 @@ def plot(results: dict[str, Any]) -> list[str]:
     for j, a in enumerate(archs):
         ax = fig.add_subplot(1, len(archs), j + 1)
         bins = np.linspace(0, 100, 51)
-        for split in ("train", "heldout"):
+        for split in TABLES:
             v = np.asarray(results[a][f"_beta_pct_{split}"])
             rate = results[a][f"alerts_{split}"]["low_beta"]
-            ax.hist(v, bins=bins, alpha=0.5, label=f"{split} table: {100 * rate:.1f}% below P1")
+            ax.hist(
+                v, bins=bins, histtype="step", lw=1.5, label=f"{split}: {100 * rate:.1f}% below P1"
+            )
         ax.axhline(len(v) / 50, color="k", lw=0.6, ls=":")
         ax.set_title(f"{results[a]['title']}: beta percentile of test images", fontsize=8)
         ax.set_xlabel("beta percentile (within the predicted class)", fontsize=8)
@@ -284,23 +290,34 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _table(r["metrics_train"], "auroc", scores, ".3f")
         lines += ["", "FPR at 95% TPR (lower is better), same table:", ""]
         lines += _table(r["metrics_train"], "fpr95", scores, ".3f")
-        lines += [
-            "",
-            "AUROC of the monitor's scores with the table calibrated on held-out images:",
-            "",
-        ]
-        lines += _table(r["metrics_heldout"], "auroc", MONITOR_SCORES, ".3f")
+        for split, what in (
+            ("heldout", "held-out images with their true labels"),
+            ("heldout_pred", "held-out images labelled with the model's predictions"),
+        ):
+            lines += ["", f"AUROC of the monitor's scores, table calibrated on {what}:", ""]
+            lines += _table(r[f"metrics_{split}"], "auroc", MONITOR_SCORES, ".3f")
         lines.append("")
     lines += [
-        "Alert rates on in-distribution test images (configured: low beta below the "
-        "class's 1st percentile; surprise above P99.9 and expectation below P0.1 per "
-        "filter):",
+        "Alert rates on the in-distribution test images (configured: low beta below the "
+        "class's 1st percentile, so 1% is expected; surprise above P99.9 and expectation below "
+        "P0.1 per filter). Tables: `train` (training images 0..9,999, true labels), `heldout` "
+        "(images 40,000..49,999, never trained on, true labels), `heldout_pred` (the same "
+        "images labelled with the model's predictions).",
+        "",
+    ]
+    for r in results.values():
+        lines.append(
+            f"- {r['title']}: accuracy on the `train` calibration images "
+            f"{r['accuracy_train_images']:.3f}, on the `heldout` ones "
+            f"{r['accuracy_heldout_images']:.3f}, on the test images {r['accuracy']:.3f}."
+        )
+    lines += [
         "",
         "| model | table | judged against | low beta | any surprise | any expectation | any flag |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in results.values():
-        for split in ("train", "heldout"):
+        for split in TABLES:
             for suffix, who in (("", "prediction"), ("_true_class", "true class")):
                 t = r[f"alerts_{split}{suffix}"]
                 lines.append(
@@ -314,7 +331,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "![ROC curves](figures/atypical-roc.png)",
         "",
-        "![beta percentiles of test images under the two tables](figures/atypical-beta-rate.png)",
+        "![beta percentiles of test images under the three tables](figures/atypical-beta-rate.png)",
     ]
     return "\n".join(lines)
 

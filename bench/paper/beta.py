@@ -85,9 +85,10 @@ def run(setups: Sequence[Setup], n_test: int) -> dict[str, Any]:
     return results
 
 
-def plot(results: dict[str, Any], one_class: int = 3) -> str:
+def plot(results: dict[str, Any]) -> str:
     """Figure 4's layout: beta against the score before (top) and after (bottom) softmax, for
-    all classes (left) and one class (right), per model."""
+    all classes (left) and one class (right: the class with the most images both right and
+    wrong), per model."""
     archs = list(results)
     fig = new_figure(4.0 * 2 * len(archs), 6.4)
     for j, a in enumerate(archs):
@@ -98,6 +99,8 @@ def plot(results: dict[str, Any], one_class: int = 3) -> str:
         pre = logits.gather(1, torch.from_numpy(y).view(-1, 1)).squeeze(1).numpy()
         post = torch.softmax(logits, 1).gather(1, torch.from_numpy(y).view(-1, 1)).squeeze(1)
         wrong = logits.argmax(1).numpy() != y
+        both = [min(np.sum((y == k) & wrong), np.sum((y == k) & ~wrong)) for k in range(10)]
+        one_class = int(np.argmax(both))
         for row, (score, name) in enumerate(
             ((pre, "logit (pre-softmax)"), (post.numpy(), "softmax (post-softmax)"))
         ):
@@ -120,7 +123,7 @@ def plot(results: dict[str, Any], one_class: int = 3) -> str:
                     color="tab:red",
                 )
                 ax.axvline(0, color="k", lw=0.5)
-                which = "all classes" if col == 0 else f"class {one_class}"
+                which = "all classes" if col == 0 else f"class {one_class} only"
                 ax.set_title(f"{results[a]['title']}\n{which}", fontsize=8)
                 ax.set_xlabel("beta", fontsize=8)
                 ax.set_ylabel(name, fontsize=8)

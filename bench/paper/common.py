@@ -8,7 +8,9 @@
   the weights serves them all; cached outside the repository).
 - Calibration tables (cached beside the weights): ``"train"`` on training images 0..9,999 (seen in
   training, as the paper calibrates on its training data) and ``"heldout"`` on training images
-  40,000..49,999 (never seen in training); 1,000 images per class each.
+  40,000..49,999 (never seen in training), about 1,000 images per class each, with their true
+  labels; ``"heldout_pred"`` on the held-out images labelled with the model's own predictions
+  (the class a deployed monitor judges an input against).
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ ARCH_TITLES = {
 #: How the two CIFAR-10 models are trained (see :func:`bench.cifar.train_or_load`).
 TRAIN_SETTINGS: dict[str, Any] = {"epochs": 3, "n_train": 20000}
 #: Calibration splits: ranges of CIFAR-10 training-image indices.
-CALIBRATION_SPLITS: dict[str, tuple[int, int]] = {"train": (0, 10000), "heldout": (40000, 50000)}
+CALIBRATION_SPLITS: dict[str, tuple[int, int]] = {
+    "train": (0, 10000),
+    "heldout": (40000, 50000),
+    "heldout_pred": (40000, 50000),  # labelled with the model's own predictions
+}
 OOD_FILES = {
     "MNIST": "mnist_test",
     "Fashion-MNIST": "fashion_mnist_test",
@@ -211,6 +217,11 @@ def calibration_table(model: nn.Module, arch: str, split: str, data_dir: Path) -
             log(f"rebuilding {path}: {exc}")
     log(f"{arch}: calibrating on CIFAR-10 training images {start}..{stop - 1} ({split})")
     ds = cifar_range("train", start, stop, data_dir)
+    if split.endswith("_pred"):  # judge each image against the class the model gives it
+        x, _, idx = ds.tensors
+        pred = logits_of(model, x).argmax(1)
+        ds = TensorDataset(x, pred, idx)
+        ds.classes = load_cifar10("test", data_dir, 1).class_names  # type: ignore[attr-defined]
     table = calibrate(
         model, ds, batch_size=250, progress=False, data_source=data_source("train", data_dir)
     )

@@ -6,10 +6,11 @@ that have an expected filter are explained with :func:`monitor.explain.explain`:
 the image behind the filter (filter-restricted input gradient over 50 SLIC superpixels) beside
 the training images that engage the filter most, each with its own region:
 
-- a surprising filter is shown with the exemplars of the *predicted* class (what the network
-  took the image for; the paper's Figure 7 shows the filter's favourite training images);
-- an expected filter is shown with the exemplars of the *true* class (Figure 8: "from the
-  training data within the same class").
+both with the exemplars of the true class (the class the filter is judged against; the table
+keeps the top training images per class and filter): for a surprising filter, the class's
+training images in which the filter is most engaged (what, in the class's own data, fires the
+filter that this image over-fires); for an expected filter, as the paper's Figure 8, the class's
+images that engage the filter most (what the network expected to see).
 
 Run: ``python -m bench.paper.failures [--data-dir DIR] [--n-test 5000] [--per-kind 2]``.
 """
@@ -78,9 +79,8 @@ def run(setups: Sequence[Setup], n_test: int, per_kind: int = 2) -> dict[str, An
                     filt = rep[kind][i].nonzero().flatten()
                     dev = (rep["alpha"][i] - rep["mu"][i])[filt]
                     best = int(filt[dev.argmax() if kind == "surprise" else dev.argmin()])
-                    pred = int(rep["logits"][i].argmax())
-                    ex_cls = pred if kind == "surprise" else int(y[i])
-                    expl = explain(mon, x[i], filter=best, label=int(y[i]), exemplar_class=ex_cls)
+                    ex_cls = int(y[i])
+                    expl = explain(mon, x[i], filter=best, label=ex_cls)
                     name = f"failure-{s.arch}-{kind}-{i}.png"
                     expl.save_figure(FIGURES / name)
                     r["cases"].append(

@@ -101,6 +101,11 @@ def test_filter_gradient_matches_a_rewired_model():
         want = _rewired_tiny(model, x, cls, n)
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+        with torch.inference_mode():  # the same inside a caller's inference_mode or no_grad
+            inside = input_gradient(model, "features.2", x.clone(), cls, n)
+        with torch.no_grad():
+            torch.testing.assert_close(input_gradient(model, "features.2", x, cls, n), got)
+        torch.testing.assert_close(inside, got)
     assert all(p.grad is None for p in model.parameters())
 
 

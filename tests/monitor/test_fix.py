@@ -121,6 +121,9 @@ def test_fix_removes_the_planted_patch(planted):
     assert min(a.removed_pixels for a in fixing) == int(res.mask.sum())
     assert {a.n_segments for a in res.attempts} == {10, 25, 50, 100}
     assert res.to_dict()["removed_pixels"] == int(res.mask.sum())
+    with torch.inference_mode():  # a serving process may call it from inference mode
+        again = monitor.fix(x.clone(), 0)
+    np.testing.assert_array_equal(again.mask, res.mask)
 
 
 def test_vanilla_gradients_point_at_the_object_instead(planted):

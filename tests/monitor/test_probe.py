@@ -159,7 +159,7 @@ def test_callers_grad_mode_does_not_matter(context):
         expected = grad_amap(*_ag(probe.run(x, labels)))
         with getattr(torch, context)():
             inner = torch.randn(4, 3, 8, 8).copy_(x)  # an inference tensor under inference_mode
-            res = probe.run(inner, labels)
+            res = probe.run(inner, labels.clone())  # labels made inside the context too
             assert torch.is_grad_enabled() is False
     finally:
         probe.close()
