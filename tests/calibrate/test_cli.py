@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,7 @@ def test_cli_errors_are_clear(image_folder, weights, tmp_path, capsys):
 
 
 def test_python_dash_m_and_console_script():
-    for cmd in ([sys.executable, "-m", "calibrate", "--help"], ["surprise-calibrate", "--help"]):
+    script = Path(sys.executable).with_name("surprise-calibrate")  # the venv's, active or not
+    for cmd in ([sys.executable, "-m", "calibrate", "--help"], [str(script), "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         assert "--layer" in out and "ImageFolder" in out
