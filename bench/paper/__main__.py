@@ -95,7 +95,7 @@ def atypical_notes(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_report(setups: Sequence[Setup], args: Any, seconds: float) -> str:
+def write_report(setups: Sequence[Setup], args: Any) -> str:
     res = {name: _load(name) for name in EXPERIMENTS}
     tr, ho = CALIBRATION_SPLITS["train"], CALIBRATION_SPLITS["heldout"]
     lines = [
@@ -112,14 +112,15 @@ def write_report(setups: Sequence[Setup], args: Any, seconds: float) -> str:
         f"- Training: the first {TRAIN_SETTINGS['n_train']:,} CIFAR-10 training images, "
         f"{TRAIN_SETTINGS['epochs']} epochs, Adam with a one-cycle rate, random crops and "
         "flips, on the CPU (`bench.cifar.train_or_load`; weights cached outside the repository).",
-        f"- Calibration tables: `train` on training images {tr[0]:,}..{tr[1] - 1:,} (seen in "
-        f"training; the paper calibrates on its training data) and `heldout` on training images "
-        f"{ho[0]:,}..{ho[1] - 1:,} (never used in training); 1,000 images per class each.",
+        f"- Calibration tables (about 1,000 images per class each): `train` on training images "
+        f"{tr[0]:,}..{tr[1] - 1:,} (seen in training; the paper calibrates on its training "
+        f"data) and `heldout` on training images {ho[0]:,}..{ho[1] - 1:,} (never used in "
+        "training), both with their true labels; `heldout_pred` on the held-out images labelled "
+        "with the model's own predictions (section 4 only). Sections 1-3 use `train`.",
         f"- Evaluation: the first {args.n_test:,} CIFAR-10 test images (the file is shuffled); "
         f"atypical sets of {args.n_ood:,} images each.",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__} ({torch.get_num_threads()} threads); the last invocation took "
-        f"{seconds / 60:.1f} min.",
+        f"{torch.__version__} ({torch.get_num_threads()} threads).",
         "",
         models_section(setups),
         "",
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         load_setup(a, args.data_dir) for a in reported if a not in args.archs
     ]
     setups.sort(key=lambda s: ARCHS.index(s.arch))
-    log(f"report: {write_report(setups, args, time.perf_counter() - started)}")
+    log(f"report: {write_report(setups, args)} ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def plot(results: dict[str, Any]) -> list[str]:
             ax.text(
                 k,
                 i,
-                f"{v:.2f}"[1:] if v < 1 else "1",
+                f"{v:.2f}".removeprefix("0"),
                 ha="center",
                 va="center",
                 fontsize=5.5,

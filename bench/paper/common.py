@@ -314,7 +314,7 @@ def save_figure(fig: Any, name: str) -> Path:
     FIGURES.mkdir(parents=True, exist_ok=True)
     path = FIGURES / f"{name}.png"
     tmp = path.with_suffix(f".tmp{os.getpid()}.png")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
     os.replace(tmp, path)
     return path
 
