@@ -96,3 +96,25 @@ def trained_tiny_cnn(num_classes: int = 3, n: int = 600, steps: int = 150, seed:
         opt.step()
     model.zero_grad(set_to_none=True)
     return model.eval()
+
+
+def write_photo_folder(root, counts: dict[str, int], seed: int = 0, size: int = 40):
+    """An ImageFolder of ``size`` x ``size`` random crops of skimage photos: ``{photo: count}``."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        img = getattr(skdata, name)()
+        (root / name).mkdir()
+        for i in range(count):
+            y, x = rng.integers(0, img.shape[0] - size), rng.integers(0, img.shape[1] - size)
+            Image.fromarray(img[y : y + size, x : x + size]).save(root / name / f"{i}.png")
+    return root
+
+
+def write_tiny_weights(path, num_classes: int = 3):
+    """Save a seeded :class:`TinyCNN` state_dict to ``path``; returns the path."""
+    torch.save(seeded(TinyCNN(num_classes=num_classes)).state_dict(), path)
+    return path

@@ -7,36 +7,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from skimage import data as skdata
 
 from calibrate import CalibrationTable
 from calibrate.cli import main
-from tests._models import TinyCNN, seeded
+from tests._models import TinyCNN, seeded, write_photo_folder, write_tiny_weights
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """Three classes of 40x40 crops from three real photos, five per class."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for name in ("astronaut", "chelsea", "coffee"):
-        img = getattr(skdata, name)()
-        (root / name).mkdir()
-        for i in range(5):
-            y, x = rng.integers(0, img.shape[0] - 40), rng.integers(0, img.shape[1] - 40)
-            Image.fromarray(img[y : y + 40, x : x + 40]).save(root / name / f"{i}.png")
-    return root
+    counts = {"astronaut": 5, "chelsea": 5, "coffee": 5}
+    return write_photo_folder(tmp_path_factory.mktemp("images"), counts, seed=0)
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "tiny.pt"
-    torch.save(seeded(TinyCNN(num_classes=3)).state_dict(), path)
-    return path
+    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.pt")
 
 
 def _args(image_folder, out, weights, *extra):

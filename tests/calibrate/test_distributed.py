@@ -12,13 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from skimage import data as skdata
 
 from calibrate import CalibrationTable
 from calibrate.distributed import DistInfo, shard_dir
 from calibrate.spill import AlphaSpill
-from tests._models import TinyCNN, seeded
+from tests._models import write_photo_folder, write_tiny_weights
 from tests.calibrate.test_resume import assert_same_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,22 +25,13 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """Three classes of real-photo crops, 13, 12 and 11 images: 9 batches of 4 (last short)."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    for name, count in (("astronaut", 13), ("chelsea", 12), ("coffee", 11)):
-        img = getattr(skdata, name)()
-        (root / name).mkdir()
-        for i in range(count):
-            y, x = rng.integers(0, img.shape[0] - 40), rng.integers(0, img.shape[1] - 40)
-            Image.fromarray(img[y : y + 40, x : x + 40]).save(root / name / f"{i}.png")
-    return root
+    counts = {"astronaut": 13, "chelsea": 12, "coffee": 11}
+    return write_photo_folder(tmp_path_factory.mktemp("images"), counts, seed=1)
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "tiny.pt"
-    torch.save(seeded(TinyCNN(num_classes=3)).state_dict(), path)
-    return path
+    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.pt")
 
 
 def cli_args(image_folder: Path, weights: Path, *extra: str) -> list[str]:
