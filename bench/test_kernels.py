@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kernels import grad_amap, percentile_lookup, prepare_lookup_table
-from kernels.reference import percentile_lookup_reference
+from kernels.lookup_torch import percentile_lookup_torch
 
 AMAP_SHAPES = [(b, n, hw) for b in (8, 32) for n in (512, 2048) for hw in (49, 196)]
 LOOKUP_SHAPES = [(b, n) for b in (8, 32) for n in (512, 2048)]
@@ -97,7 +97,7 @@ def test_cpu_percentile_lookup(benchmark, b, n, variant):
     if variant == "public":
         res = benchmark(lambda: percentile_lookup(alpha, classes, table, backend="torch"))
     else:
-        res = benchmark(lambda: percentile_lookup_reference(alpha, classes, table))
+        res = benchmark(lambda: percentile_lookup_torch(alpha, classes, table))
     assert res.percentile.shape == (b, n)
 
 
@@ -155,8 +155,8 @@ def test_cuda_percentile_lookup(benchmark, b, n, variant):
             alpha, classes, table, backend="triton"
         )
     else:
-        fn = lambda: percentile_lookup_reference(alpha, classes, table)  # noqa: E731
+        fn = lambda: percentile_lookup_torch(alpha, classes, table)  # noqa: E731
     res = _cuda_timed(benchmark, fn, nbytes)
-    ref = percentile_lookup_reference(alpha, classes, table)
+    ref = percentile_lookup_torch(alpha, classes, table)
     torch.testing.assert_close(res.percentile, ref.percentile, rtol=0, atol=1e-3)
     assert np.array_equal(res.surprise.cpu().numpy(), ref.surprise.cpu().numpy())

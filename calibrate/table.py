@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
 from calibrate._atomic import atomic_write_bytes
+from kernels import check_percentile_grid, quantile_at
 
 FORMAT_NAME = "surprise-monitor-table"
 FORMAT_VERSION = 1
@@ -108,14 +109,10 @@ class CalibrationTable:
 
         Exact at grid levels; linear in the level between two grid levels otherwise.
         """
-        from kernels.reference import quantile_at
-
         return quantile_at(self.quantiles, self.levels.to(self.quantiles.dtype), float(pct))
 
     def beta_value_at(self, pct: float) -> torch.Tensor:
         """The pct-th percentile of the calibration betas per class, ``[K]``."""
-        from kernels.reference import quantile_at
-
         return quantile_at(
             self.beta_quantiles, self.beta_levels.to(self.beta_quantiles.dtype), float(pct)
         )
@@ -146,19 +143,14 @@ class CalibrationTable:
                 raise TableError("top_alpha and top_indices shapes differ")
         if len(self.class_names) != k:
             raise TableError(f"{len(self.class_names)} class names for {k} classes")
-        for name in ("levels", "beta_levels"):
-            lv = getattr(self, name)
-            if lv.numel() < 2 or float(lv[0]) != 0.0 or float(lv[-1]) != 100.0:
-                raise TableError(f"{name} must run from 0 to 100")
-            if not bool((lv[1:] > lv[:-1]).all()):
-                raise TableError(f"{name} must be strictly increasing")
-        for name in ("quantiles", "mean", "beta_quantiles"):
-            if not bool(torch.isfinite(getattr(self, name)).all()):
-                raise TableError(f"{name} holds NaN or Inf")
-        if bool((q[..., 1:] < q[..., :-1]).any()):
-            raise TableError("quantiles decrease along the percentile grid")
-        if bool((self.beta_quantiles[:, 1:] < self.beta_quantiles[:, :-1]).any()):
-            raise TableError("beta_quantiles decrease along the percentile grid")
+        try:
+            check_percentile_grid(self.levels, q, self.mean)
+            check_percentile_grid(
+                self.beta_levels, self.beta_quantiles,
+                names=("beta_levels", "beta_quantiles"), axes=("class",),
+            )  # fmt: skip
+        except ValueError as exc:
+            raise TableError(str(exc)) from exc
         if bool((self.counts < 0).any()):
             raise TableError("negative class counts")
         if self.score not in ("logit", "softmax", "log_softmax"):

@@ -1,4 +1,4 @@
-"""Result and table containers for :func:`kernels.percentile_lookup`."""
+"""The prepared table and the result of :func:`kernels.percentile_lookup`."""
 
 from __future__ import annotations
 

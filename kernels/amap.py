@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels._backend import Backend, fmt_shape, resolve_backend
-from kernels.reference import grad_amap_reference
+from kernels.amap_torch import grad_amap_torch
 
 __all__ = ["grad_amap"]
 
@@ -13,6 +13,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _validate(activation: torch.Tensor, gradient: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless both inputs are float ``[B, N, H, W]`` tensors of one shape
+    and device with ``H * W > 0`` (shape checks only: no host sync)."""
     p = "grad_amap"
     for name, t in (("activation", activation), ("gradient", gradient)):
         if not isinstance(t, torch.Tensor):
@@ -59,7 +61,7 @@ def grad_amap(
     """
     _validate(activation, gradient)
     if resolve_backend("grad_amap", backend, activation.device) == "torch":
-        return grad_amap_reference(activation, gradient)
-    from kernels._triton_amap import grad_amap_triton
+        return grad_amap_torch(activation, gradient)
+    from kernels.amap_triton import grad_amap_triton
 
     return grad_amap_triton(activation, gradient)

@@ -8,7 +8,7 @@ import torch
 
 from kernels._backend import Backend, fmt_shape, resolve_backend
 from kernels._types import LookupResult, LookupTable
-from kernels.reference import percentile_lookup_reference
+from kernels.lookup_torch import percentile_lookup_torch
 from kernels.table import prepare_lookup_table
 
 __all__ = ["percentile_lookup"]
@@ -24,6 +24,8 @@ def _resolve_table(
     expectation_pct: float | None,
     device: torch.device,
 ) -> LookupTable:
+    """``table`` ready for a lookup on ``device``: a prepared table is checked against the
+    requested pcts and the device; anything else is prepared (and validated) here."""
     p = "percentile_lookup"
     if isinstance(table, LookupTable):
         for name, want, have in (
@@ -48,7 +50,8 @@ def _resolve_table(
     )
 
 
-def _validate(alpha: torch.Tensor, classes: torch.Tensor, table: LookupTable) -> None:
+def _validate_shapes(alpha: torch.Tensor, classes: torch.Tensor, table: LookupTable) -> None:
+    """Raise ``ValueError`` for a bad alpha / classes type, dtype, shape or device (no sync)."""
     p = "percentile_lookup"
     if alpha.ndim != 2:
         raise ValueError(f"{p}: alpha must be 2-D [B, N], got {fmt_shape(alpha.shape)}")
@@ -67,7 +70,12 @@ def _validate(alpha: torch.Tensor, classes: torch.Tensor, table: LookupTable) ->
         )
     if classes.device != alpha.device:
         raise ValueError(f"{p}: classes is on {classes.device} but alpha is on {alpha.device}")
-    if b == 0:
+
+
+def _validate_values(alpha: torch.Tensor, classes: torch.Tensor, table: LookupTable) -> None:
+    """Raise ``ValueError`` for class ids out of range or non-finite alpha (one host sync)."""
+    p = "percentile_lookup"
+    if alpha.shape[0] == 0:
         return
     # one host sync for all data-dependent checks (matters on CUDA)
     lo, hi, bad = torch.stack(
@@ -88,6 +96,7 @@ def percentile_lookup(
     surprise_pct: float | None = None,
     expectation_pct: float | None = None,
     backend: Backend = "auto",
+    check_values: bool = True,
 ) -> LookupResult:
     """Percentile rank, surprise/expectation flags and beta for a batch of alpha scores.
 
@@ -101,6 +110,9 @@ def percentile_lookup(
             table's own pcts, or 99.9 / 0.1 for a raw table. Passing a value that differs
             from a prepared table's raises ``ValueError`` (re-prepare instead).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`kernels.grad_amap`).
+        check_values: check that class ids are in range and alpha is finite, which reads the
+            tensors on the host (one sync). ``False`` leaves those checks to a caller that
+            guarantees them; shapes, dtypes and devices are always checked.
 
     Per sample ``b`` (class ``c``) and filter ``n``, with ``v = alpha[b, n]``, grid
     ``G = quantiles[c, n, :]`` and levels ``L``:
@@ -122,9 +134,11 @@ def percentile_lookup(
             f"percentile_lookup: alpha must be a torch.Tensor, got {type(alpha).__name__}"
         )
     prepared = _resolve_table(table, surprise_pct, expectation_pct, alpha.device)
-    _validate(alpha, classes, prepared)
+    _validate_shapes(alpha, classes, prepared)
+    if check_values:
+        _validate_values(alpha, classes, prepared)
     if resolve_backend("percentile_lookup", backend, alpha.device) == "torch":
-        return percentile_lookup_reference(alpha, classes, prepared)
-    from kernels._triton_lookup import percentile_lookup_triton
+        return percentile_lookup_torch(alpha, classes, prepared)
+    from kernels.lookup_triton import percentile_lookup_triton
 
     return percentile_lookup_triton(alpha, classes, prepared)

@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 
-from kernels._backend import fmt_shape
 from kernels._types import LookupTable
-from kernels.reference import quantile_at
+from kernels.grid import check_percentile_grid, quantile_at
 
 __all__ = ["prepare_lookup_table"]
 
 
 def _as_f32(x: Any, name: str, device: torch.device | None) -> torch.Tensor:
+    """``x`` (a tensor or array) as a contiguous float32 tensor on ``device``."""
     if x is None:
         raise ValueError(f"prepare_lookup_table: table has no '{name}'")
     t = torch.as_tensor(x)
@@ -24,6 +24,7 @@ def _as_f32(x: Any, name: str, device: torch.device | None) -> torch.Tensor:
 
 
 def _check_pct(name: str, pct: float) -> float:
+    """``pct`` as a float, or ``ValueError`` when it is outside [0, 100]."""
     pct = float(pct)
     if not 0.0 <= pct <= 100.0:
         raise ValueError(f"prepare_lookup_table: {name}={pct} is outside [0, 100]")
@@ -37,6 +38,7 @@ def _thresholds(
     surprise_pct: float,
     expectation_pct: float,
 ) -> LookupTable:
+    """The :class:`LookupTable` of a validated grid: thresholds and guard precomputed."""
     return LookupTable(
         levels=levels,
         quantiles=quantiles,
@@ -47,49 +49,6 @@ def _thresholds(
         surprise_pct=surprise_pct,
         expectation_pct=expectation_pct,
     )
-
-
-def _validate(levels: torch.Tensor, quantiles: torch.Tensor, mean: torch.Tensor) -> None:
-    p = "prepare_lookup_table"
-    if levels.ndim != 1 or levels.shape[0] < 2:
-        raise ValueError(
-            f"{p}: levels must be 1-D with at least 2 entries, got {fmt_shape(levels.shape)}"
-        )
-    if not torch.isfinite(levels).all():
-        raise ValueError(f"{p}: levels contain non-finite values")
-    if not bool((levels[1:] > levels[:-1]).all()):
-        raise ValueError(f"{p}: levels must be strictly increasing (in float32)")
-    lo, hi = float(levels[0]), float(levels[-1])
-    if lo != 0.0 or hi != 100.0:
-        raise ValueError(f"{p}: levels must start at 0 and end at 100, got {lo} .. {hi}")
-    q = levels.shape[0]
-    if quantiles.ndim != 3 or quantiles.shape[2] != q:
-        raise ValueError(
-            f"{p}: quantiles must be [K, N, Q] with Q={q} (len(levels)), "
-            f"got {fmt_shape(quantiles.shape)}"
-        )
-    k, n = quantiles.shape[:2]
-    if k < 1 or n < 1:
-        raise ValueError(
-            f"{p}: quantiles must have K >= 1 and N >= 1, got {fmt_shape(quantiles.shape)}"
-        )
-    if tuple(mean.shape) != (k, n):
-        raise ValueError(
-            f"{p}: mean must be [K, N] = {fmt_shape((k, n))}, got {fmt_shape(mean.shape)}"
-        )
-    bad = int((~torch.isfinite(quantiles)).sum())
-    if bad:
-        raise ValueError(f"{p}: quantiles have {bad} non-finite values")
-    bad = int((~torch.isfinite(mean)).sum())
-    if bad:
-        raise ValueError(f"{p}: mean has {bad} non-finite values")
-    dec = quantiles[..., 1:] < quantiles[..., :-1]
-    if bool(dec.any()):
-        c, f, j = (int(i) for i in dec.nonzero()[0])
-        raise ValueError(
-            f"{p}: quantiles must be non-decreasing along the level axis; "
-            f"{int(dec.sum())} decreasing steps, first at class {c}, filter {f}, level index {j}"
-        )
 
 
 def prepare_lookup_table(
@@ -111,7 +70,7 @@ def prepare_lookup_table(
 
     The threshold at a pct equal to a grid level is exactly that grid column; between two
     levels it is interpolated linearly in level between the two neighbouring columns (see
-    :func:`kernels.reference.quantile_at`). ``expectation_guard = mean[c, n] > mean[c, :].mean()``.
+    :func:`kernels.quantile_at`). ``expectation_guard = mean[c, n] > mean[c, :].mean()``.
 
     Raises:
         ValueError: levels not strictly increasing or not spanning 0..100, inconsistent
@@ -138,5 +97,5 @@ def prepare_lookup_table(
     levels = _as_f32(getattr(table, "levels", None), "levels", device)
     quantiles = _as_f32(getattr(table, "quantiles", None), "quantiles", device)
     mean = _as_f32(getattr(table, "mean", None), "mean", device)
-    _validate(levels, quantiles, mean)
+    check_percentile_grid(levels, quantiles, mean, where="prepare_lookup_table: ")
     return _thresholds(levels, quantiles, mean, surprise_pct, expectation_pct)

@@ -17,8 +17,13 @@ from torch import nn
 
 from calibrate.fingerprint import model_fingerprint
 from calibrate.table import CalibrationTable
-from kernels import LookupTable, grad_amap, percentile_lookup, prepare_lookup_table
-from kernels.reference import percentile_rank
+from kernels import (
+    LookupTable,
+    grad_amap,
+    percentile_lookup,
+    percentile_rank,
+    prepare_lookup_table,
+)
 from monitor.layers import get_module
 from monitor.metrics import DEFAULT_NAMESPACE, MonitorMetrics
 from monitor.probe import GradAMapProbe, ProbeResult

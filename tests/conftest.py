@@ -1,6 +1,6 @@
 """Run Triton kernels through the interpreter on CPU-only machines.
 
-Must run before any test imports ``kernels._triton_*`` (``@triton.jit`` reads
+Must run before any test imports ``kernels.*_triton`` (``@triton.jit`` reads
 ``TRITON_INTERPRET`` when the kernel module is imported). Importing torch does not import
 triton.
 """

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels import grad_amap
-from kernels.reference import grad_amap_reference
+from kernels.amap_torch import grad_amap_torch
 
 CL = torch.channels_last
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -29,7 +29,7 @@ def test_triton_matches_reference_shapes(b, n, hw, device, need_triton):
     a, g = _pair(b, n, *hw, torch.float32, "nchw", device, seed=b * 7 + n)
     out = grad_amap(a, g, backend="triton")
     assert out.shape == (b, n) and out.dtype == torch.float32
-    torch.testing.assert_close(out, grad_amap_reference(a, g), **TOL)
+    torch.testing.assert_close(out, grad_amap_torch(a, g), **TOL)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl", "nchw+cl", "cl+nchw"])
@@ -40,7 +40,7 @@ def test_triton_dtypes_and_layouts(shape, dtype, layout, device, need_triton):
     out = grad_amap(a, g, backend="triton")
     assert out.dtype == torch.float32
     # both paths upcast before multiplying, so half inputs agree to fp32 rounding
-    torch.testing.assert_close(out, grad_amap_reference(a, g), **TOL)
+    torch.testing.assert_close(out, grad_amap_torch(a, g), **TOL)
 
 
 @pytest.mark.parametrize(
@@ -53,11 +53,11 @@ def test_triton_dtypes_and_layouts(shape, dtype, layout, device, need_triton):
 )
 @pytest.mark.parametrize("layout", ["nchw", "cl", "cl+nchw"])
 def test_triton_small_tiles_loop_over_chunks(shape, blocks, layout, device, need_triton):
-    from kernels._triton_amap import grad_amap_triton
+    from kernels.amap_triton import grad_amap_triton
 
     a, g = _pair(*shape, torch.float32, layout, device, seed=11)
     out = grad_amap_triton(a, g, block_r=blocks[0], block_hw=blocks[1])
-    torch.testing.assert_close(out, grad_amap_reference(a, g), **TOL)
+    torch.testing.assert_close(out, grad_amap_torch(a, g), **TOL)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl", "nchw+cl"])
@@ -65,13 +65,13 @@ def test_triton_small_tiles_loop_over_chunks(shape, blocks, layout, device, need
 def test_triton_with_cuda_tile_config(shape, layout, device, need_triton):
     """The block sizes chosen for CUDA give the right answer too (run here in the
     interpreter when there is no GPU)."""
-    from kernels._triton_amap import _pick_blocks, grad_amap_triton
+    from kernels.amap_triton import _pick_blocks, grad_amap_triton
 
     a, g = _pair(*shape, torch.float32, layout, device, seed=5)
     b, n, h, w = shape
     br, bhw, _ = _pick_blocks(a, h * w, b * n, cuda=True)
     out = grad_amap_triton(a, g, block_r=br, block_hw=bhw)
-    torch.testing.assert_close(out, grad_amap_reference(a, g), **TOL)
+    torch.testing.assert_close(out, grad_amap_torch(a, g), **TOL)
 
 
 def test_triton_general_strides(device, need_triton):
@@ -94,7 +94,7 @@ def test_triton_empty_batch(device, need_triton):
 
 def test_torch_backend_and_auto_on_cpu_agree_exactly():
     a, g = _pair(4, 33, 7, 7, torch.float32, "nchw+cl", "cpu", seed=9)
-    ref = grad_amap_reference(a, g)
+    ref = grad_amap_torch(a, g)
     assert torch.equal(grad_amap(a, g, backend="torch"), ref)
     assert torch.equal(grad_amap(a, g), ref)
     assert grad_amap(a[:0], g[:0]).shape == (0, 33)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import grad_amap, percentile_lookup, prepare_lookup_table
+from kernels import check_percentile_grid, grad_amap, percentile_lookup, prepare_lookup_table
 from kernels._backend import resolve_backend
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,3 +268,32 @@ def test_works_where_triton_is_missing():
     assert proc.returncode == 0, proc.stderr
     assert "SHAPE: (2, 3)" in proc.stdout
     assert "ERR: grad_amap: backend='triton' requested but triton is not installed" in proc.stdout
+
+
+def test_value_checks_can_be_left_to_the_caller():
+    """``check_values=False`` skips the host-synced checks, not the shape checks, and gives the
+    same result on valid inputs."""
+    table = prepare_lookup_table(_raw())
+    alpha, classes = torch.linspace(-1, 5, 8).view(2, 4), torch.tensor([0, 2])
+    checked = percentile_lookup(alpha, classes, table)
+    unchecked = percentile_lookup(alpha, classes, table, check_values=False)
+    for name in ("percentile", "surprise", "expectation", "beta"):
+        assert torch.equal(getattr(checked, name), getattr(unchecked, name)), name
+    alpha[0, 1] = float("nan")
+    assert percentile_lookup(alpha, classes, table, check_values=False).beta[0].isnan()
+    with pytest.raises(ValueError, match="alpha has N=5 filters"):
+        percentile_lookup(torch.zeros(2, 5), classes, table, check_values=False)
+
+
+def test_grid_invariants_name_the_grid_and_the_place():
+    levels = torch.tensor([0.0, 50.0, 100.0], dtype=torch.float64)
+    beta = torch.tensor([[0.0, 1.0, 2.0], [0.0, 3.0, 1.0]])
+    kw = {"names": ("beta_levels", "beta_quantiles"), "axes": ("class",)}
+    with pytest.raises(ValueError, match=r"^beta_quantiles must be non-decreasing .* "
+                       r"first at class 1, level index 1$"):  # fmt: skip
+        check_percentile_grid(levels, beta, **kw)
+    with pytest.raises(ValueError, match=r"beta_quantiles must be \[K, Q\] with Q=3"):
+        check_percentile_grid(levels, beta[:, :2], **kw)
+    with pytest.raises(ValueError, match=r"^x: beta_levels must start at 0 and end at 100"):
+        check_percentile_grid(levels * 0.5, beta.sort(1).values, where="x: ", **kw)
+    check_percentile_grid(levels, beta.sort(1).values, **kw)  # a valid grid passes

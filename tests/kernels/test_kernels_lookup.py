@@ -7,7 +7,7 @@ import torch
 
 import kernels
 from kernels import percentile_lookup, prepare_lookup_table
-from kernels.reference import percentile_lookup_reference
+from kernels.lookup_torch import percentile_lookup_torch
 
 
 def _classes(b: int, k: int, device, seed: int = 0, dtype=torch.int64) -> torch.Tensor:
@@ -32,7 +32,7 @@ def test_triton_matches_reference(b, n, q, device, need_triton, make_table, make
     table = prepare_lookup_table(make_table(k, n, q, seed=n + q), device=device)
     classes = _classes(b, k, device, seed=b)
     alpha = make_alpha(table, classes, seed=q)
-    ref = percentile_lookup_reference(alpha, classes, table)
+    ref = percentile_lookup_torch(alpha, classes, table)
     res = percentile_lookup(alpha, classes, table, backend="triton")
     _assert_same(res, ref)
     if b * n >= 512:  # the generated alphas do hit the interesting cases
@@ -45,7 +45,7 @@ def test_triton_matches_reference(b, n, q, device, need_triton, make_table, make
     [(1, 16, 8), (2, 64, 4), (4, 32, 32), (8, 128, 16)],
 )
 def test_triton_small_tiles_loop_over_chunks(blocks, device, need_triton, make_table, make_alpha):
-    from kernels._triton_lookup import percentile_lookup_triton
+    from kernels.lookup_triton import percentile_lookup_triton
 
     table = prepare_lookup_table(make_table(5, 300, 25, seed=4), device=device)
     classes = _classes(7, 5, device, seed=3)
@@ -53,19 +53,19 @@ def test_triton_small_tiles_loop_over_chunks(blocks, device, need_triton, make_t
     res = percentile_lookup_triton(
         alpha, classes, table, block_b=blocks[0], block_n=blocks[1], block_q=blocks[2]
     )
-    _assert_same(res, percentile_lookup_reference(alpha, classes, table))
+    _assert_same(res, percentile_lookup_torch(alpha, classes, table))
 
 
 @pytest.mark.parametrize("b,n,q", [(3, 512, 25), (1, 3, 40), (5, 2048, 5)])
 def test_triton_with_cuda_tile_config(b, n, q, device, need_triton, make_table, make_alpha):
-    from kernels._triton_lookup import _pick_blocks, percentile_lookup_triton
+    from kernels.lookup_triton import _pick_blocks, percentile_lookup_triton
 
     table = prepare_lookup_table(make_table(4, n, q, seed=1), device=device)
     classes = _classes(b, 4, device, seed=2)
     alpha = make_alpha(table, classes, seed=3)
     bb, bn, bq = _pick_blocks(b, n, q, cuda=True)
     res = percentile_lookup_triton(alpha, classes, table, block_b=bb, block_n=bn, block_q=bq)
-    _assert_same(res, percentile_lookup_reference(alpha, classes, table))
+    _assert_same(res, percentile_lookup_torch(alpha, classes, table))
 
 
 def test_triton_strided_alpha_int32_classes_half_alpha(device, need_triton, make_table, make_alpha):
@@ -74,12 +74,12 @@ def test_triton_strided_alpha_int32_classes_half_alpha(device, need_triton, make
     alpha = make_alpha(table, classes, seed=2)
     strided = alpha.t().contiguous().t()  # same values, stride (1, B)
     assert not strided.is_contiguous()
-    ref = percentile_lookup_reference(alpha, classes, table)
+    ref = percentile_lookup_torch(alpha, classes, table)
     _assert_same(percentile_lookup(strided, classes, table, backend="triton"), ref)
     half = alpha.to(torch.float16)
     _assert_same(
         percentile_lookup(half, classes, table, backend="triton"),
-        percentile_lookup_reference(half, classes, table),
+        percentile_lookup_torch(half, classes, table),
     )
 
 
@@ -99,7 +99,7 @@ def test_auto_on_cpu_is_the_reference_and_raw_table_equals_prepared(make_table, 
     table = prepare_lookup_table(raw)
     classes = _classes(6, 4, "cpu")
     alpha = make_alpha(table, classes)
-    ref = percentile_lookup_reference(alpha, classes, table)
+    ref = percentile_lookup_torch(alpha, classes, table)
     for res in (
         percentile_lookup(alpha, classes, table),
         percentile_lookup(alpha, classes, raw, backend="torch"),

@@ -1,0 +1,157 @@
+"""Percentile grids: the invariants of a grid, ranks on it and values read off it.
+
+A grid is ``quantiles [..., Q]`` (non-decreasing along the last axis) at percent ``levels [Q]``
+(strictly increasing, from 0 to 100). The calibration table holds two of them (alpha per
+(class, filter), beta per class); :func:`check_percentile_grid` is the one statement of their
+invariants, used by :func:`kernels.prepare_lookup_table` and by the table format.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+
+import torch
+
+from kernels._backend import fmt_shape
+
+__all__ = ["check_percentile_grid", "percentile_rank", "quantile_at", "rank_on_grid"]
+
+
+_AXIS_LETTERS = {"class": "K", "filter": "N"}
+
+
+def _check_levels(name: str, levels: torch.Tensor, where: str) -> None:
+    """Raise ``ValueError`` unless ``levels`` is 1-D, finite, strictly increasing, 0 .. 100."""
+    if levels.ndim != 1 or levels.shape[0] < 2:
+        raise ValueError(
+            f"{where}{name} must be 1-D with at least 2 entries, got {fmt_shape(levels.shape)}"
+        )
+    if not bool(torch.isfinite(levels).all()):
+        raise ValueError(f"{where}{name} contain non-finite values")
+    if not bool((levels[1:] > levels[:-1]).all()):
+        raise ValueError(f"{where}{name} must be strictly increasing (in {levels.dtype})")
+    lo, hi = float(levels[0]), float(levels[-1])
+    if lo != 0.0 or hi != 100.0:
+        raise ValueError(f"{where}{name} must start at 0 and end at 100, got {lo} .. {hi}")
+
+
+def _check_finite(name: str, values: torch.Tensor, where: str) -> None:
+    """Raise ``ValueError`` counting the NaN / Inf entries of ``values``, if any."""
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        verb = "have" if name.endswith("s") else "has"
+        raise ValueError(f"{where}{name} {verb} {bad} non-finite values (NaN or Inf)")
+
+
+def _check_non_decreasing(name: str, grid: torch.Tensor, axes: tuple[str, ...], where: str) -> None:
+    """Raise ``ValueError`` naming the first place where ``grid`` decreases along its last axis."""
+    dec = grid[..., 1:] < grid[..., :-1]
+    if bool(dec.any()):
+        first = [int(i) for i in dec.nonzero()[0]]
+        at = ", ".join(f"{axis} {i}" for axis, i in zip((*axes, "level index"), first, strict=True))
+        raise ValueError(
+            f"{where}{name} must be non-decreasing along the level axis; {int(dec.sum())} steps "
+            f"decrease, first at {at}"
+        )
+
+
+def check_percentile_grid(
+    levels: torch.Tensor,
+    quantiles: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    *,
+    names: tuple[str, str] = ("levels", "quantiles"),
+    axes: tuple[str, ...] = ("class", "filter"),
+    where: str = "",
+) -> None:
+    """Check a percentile grid and raise ``ValueError`` naming the first broken invariant.
+
+    ``levels [Q]``: finite, strictly increasing (in its own dtype), from 0 to 100.
+    ``quantiles [*axes, Q]``: one entry per axis in ``axes`` plus the level axis, every size at
+    least 1, finite, non-decreasing along the level axis. ``mean`` (optional): shaped like
+    ``quantiles`` without the level axis, finite. ``names`` are the two grid tensors' names in
+    the messages, and ``where`` prefixes every message.
+    """
+    levels_name, name = names
+    _check_levels(levels_name, levels, where)
+    q = levels.shape[0]
+    if quantiles.ndim != len(axes) + 1 or quantiles.shape[-1] != q:
+        shape = "[" + ", ".join([_AXIS_LETTERS.get(a, a) for a in axes] + ["Q"]) + "]"
+        raise ValueError(
+            f"{where}{name} must be {shape} with Q={q} (len(levels)), "
+            f"got {fmt_shape(quantiles.shape)}"
+        )
+    if min(quantiles.shape[:-1], default=1) < 1:
+        raise ValueError(
+            f"{where}{name} must have K >= 1 and N >= 1, got {fmt_shape(quantiles.shape)}"
+        )
+    if mean is not None and tuple(mean.shape) != tuple(quantiles.shape[:-1]):
+        raise ValueError(
+            f"{where}mean must be [K, N] = {fmt_shape(quantiles.shape[:-1])}, "
+            f"got {fmt_shape(mean.shape)}"
+        )
+    _check_finite(name, quantiles, where)
+    if mean is not None:
+        _check_finite("mean", mean, where)
+    _check_non_decreasing(name, quantiles, axes, where)
+
+
+def rank_on_grid(values: torch.Tensor, grid: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Percentile rank of contiguous ``values [...]`` on contiguous ``grid [..., Q]`` (same dtype;
+    see :func:`percentile_rank` for the convention). No validation, no host sync."""
+    q = grid.shape[-1]
+    count = torch.searchsorted(grid, values.unsqueeze(-1), right=True).squeeze(-1)
+    lo = (count - 1).clamp_(min=0)
+    hi = count.clamp(max=q - 1)
+    g_lo = grid.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
+    g_hi = grid.gather(-1, hi.unsqueeze(-1)).squeeze(-1)
+    l_lo = levels.take(lo)
+    l_hi = levels.take(hi)
+    frac = (values - g_lo) / (g_hi - g_lo)
+    rank = l_lo + (l_hi - l_lo) * frac
+    rank = torch.where(count == 0, 0.0, rank)
+    rank = torch.where(count == q, 100.0, rank)
+    return rank.clamp_(0.0, 100.0)
+
+
+@torch.no_grad()
+def percentile_rank(
+    values: torch.Tensor, quantiles: torch.Tensor, levels: torch.Tensor
+) -> torch.Tensor:
+    """Percentile rank of ``values [...]`` on the grid ``quantiles [..., Q]`` at ``levels [Q]``.
+
+    ``values`` and ``quantiles[..., 0]`` broadcast against each other. Convention
+    (right-continuous, well defined on ties / flat runs of the grid ``G``, levels ``L``
+    running from 0 to 100): ``v < G[0]`` gives 0; ``v >= G[Q-1]`` gives 100; otherwise,
+    with ``q`` the *last* index such that ``G[q] <= v`` (so ``G[q] < G[q+1]``)::
+
+        rank = L[q] + (L[q+1] - L[q]) * (v - G[q]) / (G[q+1] - G[q])
+
+    clamped to ``[0, 100]``. For a strictly increasing grid this is ``numpy.interp(v, G, L)``.
+    Returns float32 (the grid's dtype).
+    """
+    shape = torch.broadcast_shapes(values.shape, quantiles.shape[:-1])
+    grid = quantiles.expand(*shape, quantiles.shape[-1]).contiguous()
+    v = values.to(grid.dtype).expand(shape).contiguous()
+    return rank_on_grid(v, grid, levels.to(grid.dtype))
+
+
+@torch.no_grad()
+def quantile_at(quantiles: torch.Tensor, levels: torch.Tensor, pct: float) -> torch.Tensor:
+    """Value of the ``pct``-th percentile read off the grid ``quantiles [..., Q]``.
+
+    If ``pct`` equals a grid level (compared in float32) the result is exactly that grid
+    column. Between two grid levels ``L[j] < pct < L[j+1]`` it interpolates linearly in
+    level: ``G[j] + (G[j+1] - G[j]) * (pct - L[j]) / (L[j+1] - L[j])``. Raises
+    ``ValueError`` if ``pct`` lies outside ``[levels[0], levels[-1]]``.
+    """
+    lv = levels.detach().to("cpu", torch.float32).tolist()
+    p = float(torch.tensor(float(pct), dtype=torch.float32))
+    if not lv[0] <= p <= lv[-1]:
+        raise ValueError(f"quantile_at: pct={pct} is outside the grid [{lv[0]}, {lv[-1]}]")
+    j = bisect_right(lv, p) - 1
+    if lv[j] == p:
+        return quantiles[..., j].contiguous()
+    w = (p - lv[j]) / (lv[j + 1] - lv[j])
+    lo = quantiles[..., j]
+    return lo + (quantiles[..., j + 1] - lo) * w
