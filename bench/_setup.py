@@ -59,7 +59,7 @@ def peer_runner(mode: str, name: str, model: torch.nn.Module):
 
     ``gradcam`` leaves hooks on ``model`` that record every later forward: give it its own copy.
     """
-    from monitor.layers import get_module
+    from monitor.probe import get_module
 
     if mode not in PEER_MODES:
         raise ValueError(f"mode must be one of {PEER_MODES}, got {mode!r}")

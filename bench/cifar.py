@@ -117,7 +117,7 @@ def cifar10_dataset(
 
 
 def data_source(split: str, data_dir: str | Path | None = None, limit: int | None = None) -> dict:
-    """What a calibration table records to find its images again (``monitor.exemplars``)."""
+    """What a calibration table records to find its images again (``monitor.explain.exemplars``)."""
     path = find_data_dir(data_dir) / f"cifar10_{split}.npz"
     return {
         "kind": "npz", "path": str(path.resolve()), "key": "x", "limit": limit,

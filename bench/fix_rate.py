@@ -2,7 +2,7 @@
 
 Pipeline: a small CNN trained on the CPU (:func:`bench.cifar.train_or_load`, cached), its
 calibration table on training images (cached beside the weights), then for the first ``--images``
-misclassified test images (the file is in random order) :func:`monitor.fix.fix` with
+misclassified test images (the file is in random order) :func:`monitor.explain.fix` with
 
 - ``surprise``: superpixels ranked by the gradient through the most surprising filter relative
   to the true class (the paper's method),
@@ -45,7 +45,7 @@ from bench.cifar import (  # noqa: E402
 )
 from calibrate import CalibrationTable, calibrate, model_fingerprint  # noqa: E402
 from monitor import SurpriseMonitor  # noqa: E402
-from monitor.fix import DEFAULT_N_SEGMENTS, DEFAULT_REMOVE, METHODS, fix  # noqa: E402
+from monitor.explain import DEFAULT_N_SEGMENTS, DEFAULT_REMOVE, METHODS, fix  # noqa: E402
 
 
 def table_for(

@@ -31,8 +31,8 @@ from torch.utils.data import TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._serve_process import start_service, stop_process  # noqa: E402
 from calibrate import calibrate  # noqa: E402
-from tests.examples.test_serve import start_service, stop_service  # noqa: E402
 
 
 def prepare(folder: Path, name: str, size: int, classes: int) -> list[str]:
@@ -129,7 +129,7 @@ def main() -> None:
                 rows.append(row)
         finally:
             for proc in procs:
-                stop_service(proc)
+                stop_process(proc)
     base = rows[0]["requests_per_s"] if rows and rows[0]["mode"] == "off" else None
     print(f"\n{args.model} {args.size}x{args.size}: medians of {args.rounds} rounds of "
           f"{args.requests} requests, {args.concurrency} client threads")  # fmt: skip

@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from calibrate._atomic import atomic_write_bytes
+from calibrate.distributed import DistInfo
+from monitor.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 FORMAT = "surprise-calibrate-checkpoint"
 VERSION = 1
@@ -41,6 +46,7 @@ class CheckpointError(ValueError):
 
 
 def manifest_path(directory: str | Path) -> Path:
+    """The manifest file of the checkpoint in ``directory``."""
     return Path(directory) / MANIFEST
 
 
@@ -63,13 +69,70 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What a checkpoint holds for a resumed run."""
+
+    batches_done: int  # this rank's batches already in the accumulator
+    meta: dict[str, Any] | None  # the run's meta (None: no batch was done)
+    accumulator: dict[str, Any]  # the accumulator's record
+
+
+class Checkpoint:
+    """The checkpoint of one rank's run in its work folder ``directory``, made with
+    ``settings`` (see :func:`check_settings`)."""
+
+    def __init__(self, directory: Path, settings: dict[str, Any], info: DistInfo) -> None:
+        self.directory, self.settings, self.info = directory, settings, info
+
+    def open(self, resume: bool) -> Resumed | None:
+        """The state to resume from; ``None`` when there is no checkpoint yet (a fresh start).
+        :class:`CheckpointError` for a checkpoint without ``resume`` or made otherwise."""
+        manifest = read_manifest(self.directory)
+        if manifest is None:
+            if resume:
+                log.info(
+                    "calibrate: no checkpoint in %s yet, starting from the beginning",
+                    self.directory,
+                )
+            return None
+        if not resume:
+            raise CheckpointError(
+                f"{manifest_path(self.directory)}: this folder holds a checkpoint of an earlier "
+                "run; pass resume=True (--resume) to continue it, or use an empty folder"
+            )
+        check_settings(self.directory, manifest.get("settings", {}), self.settings)
+        done = int(manifest.get("batches_done", 0))
+        log.info("calibrate: resuming %s after %d batches", self.directory, done)
+        return Resumed(done, manifest.get("meta"), manifest.get("accumulator", {}))
+
+    def commit(
+        self, done: int, complete: bool, meta: dict[str, Any] | None, record: dict[str, Any]
+    ) -> None:
+        """Write the manifest: ``done`` batches are durably in the accumulator (``record``)."""
+        write_manifest(
+            self.directory,
+            {
+                "settings": self.settings,
+                "rank": self.info.rank,
+                "world_size": self.info.world_size,
+                "batches_done": done,
+                "complete": complete,
+                "meta": meta,
+                "accumulator": record,
+            },
+        )
+
+
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
     """Replace the manifest atomically (call it only after the data it describes is fsynced)."""
     body = {"format": FORMAT, "version": VERSION, **manifest}
     atomic_write_bytes(manifest_path(directory), json.dumps(body, indent=1).encode())
 
 
-def check_settings(directory: str | Path, recorded: dict[str, Any], current: dict[str, Any]):
+def check_settings(
+    directory: str | Path, recorded: dict[str, Any], current: dict[str, Any]
+) -> None:
     """Raise :class:`CheckpointError` naming every setting that differs."""
     keys = sorted(set(recorded) | set(current))
     diff = [k for k in keys if recorded.get(k) != current.get(k)]
@@ -84,6 +147,7 @@ def check_settings(directory: str | Path, recorded: dict[str, Any], current: dic
 
 
 def _short(value: Any) -> str:
+    """``value`` as JSON, cut to 60 characters."""
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -120,6 +184,7 @@ def dataset_fingerprint(dataset: Any) -> str:
 
 
 def _update_tensor(h: Any, t: torch.Tensor) -> None:
+    """Hash a tensor's dtype, shape and bytes."""
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}:{tuple(t.shape)};".encode())
     if t.numel():
@@ -127,6 +192,7 @@ def _update_tensor(h: Any, t: torch.Tensor) -> None:
 
 
 def _update_any(h: Any, obj: Any) -> None:
+    """Hash a sample: its tensors and arrays by value, anything else by ``repr``."""
     if isinstance(obj, torch.Tensor):
         _update_tensor(h, obj)
     elif isinstance(obj, np.ndarray):

@@ -3,82 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from calibrate.builder import calibrate
-from calibrate.table import CalibrationTable
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def build_model(spec: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
-    """A torchvision architecture name (random weights) or an importable ``module:factory``."""
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot import model factory {spec!r}: {exc}") from exc
-        model = factory(**kwargs)
-    else:
-        import torchvision
-
-        if spec not in torchvision.models.list_models():
-            raise ValueError(f"{spec!r} is neither a torchvision model name nor module:factory")
-        if num_classes is not None:
-            kwargs = {"num_classes": num_classes, **kwargs}
-        model = torchvision.models.get_model(spec, weights=None, **kwargs)
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{spec!r} did not build a torch nn.Module")
-    return model
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state_dict file without unpickling arbitrary objects (``weights_only=True``)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a loadable state_dict file: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict, found {type(state).__name__}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not fit the model: {exc}") from exc
-
-
-def image_transform(
-    resize: int, crop: int, mean: Sequence[float], std: Sequence[float], grayscale: bool
-):
-    """The usual ImageNet-style preprocessing: resize, centre crop, to tensor, normalise."""
-    from torchvision import transforms
-
-    steps: list[Any] = []
-    if grayscale:
-        steps.append(transforms.Grayscale(num_output_channels=1))
-    if resize > 0:
-        steps.append(transforms.Resize(resize))
-    if crop > 0:
-        steps.append(transforms.CenterCrop(crop))
-    steps += [transforms.ToTensor(), transforms.Normalize(list(mean), list(std))]
-    return transforms.Compose(steps)
+from calibrate.distributed import DistInfo, init_from_env
+from calibrate.sketch import LogGrid
+from monitor.loading.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from monitor.loading.models import build_model, load_weights
+from monitor.loading.onnx_model import load_onnx
+from monitor.probe.scores import SCORES
+from monitor.table import CalibrationTable
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     p = argparse.ArgumentParser(
         prog="surprise-calibrate",
         description="Calibrate a CNN on its training images (ImageFolder layout: one folder per "
@@ -99,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
         help="classes of a torchvision model (default: the number of class folders)",
     )
     p.add_argument("--layer", help="target module name (default: the final convolution)")
-    p.add_argument("--score", default="logit", choices=["logit", "softmax", "log_softmax"])
+    p.add_argument("--score", default="logit", choices=list(SCORES))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -111,7 +58,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=6, help="exemplars kept per (class, filter)")
     p.add_argument("--spill-dir", help="keep the streamed alpha values in this folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    # Calibration at scale: resumable, mixed precision, approximate; torchrun is detected.
+    _scale_arguments(p)
+    return p
+
+
+def _scale_arguments(p: argparse.ArgumentParser) -> None:
+    """Calibration at scale: resumable, mixed precision, approximate (torchrun is detected)."""
     p.add_argument(
         "--checkpoint-dir",
         help="spill alpha here and checkpoint progress, so a killed run can --resume",
@@ -140,7 +92,6 @@ def parser() -> argparse.ArgumentParser:
         "--sketch-range", type=float, nargs=2, default=[1e-6, 1e3], metavar=("MIN", "MAX"),
         help="|alpha| range of the --approximate grid (default 1e-6 1e3)",
     )  # fmt: skip
-    return p
 
 
 def summary(table: CalibrationTable, out: Path, seconds: float) -> str:
@@ -169,12 +120,11 @@ def summary(table: CalibrationTable, out: Path, seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``surprise-calibrate`` (on every rank under ``torchrun``); the exit status."""
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not args.quiet:
-        logging.getLogger("calibrate.builder").setLevel(logging.INFO)
-    from calibrate.distributed import init_from_env
-
+        logging.getLogger("calibrate").setLevel(logging.INFO)
     info, args.device, own_group = init_from_env(args.device)  # torchrun: WORLD_SIZE > 1
     code = 2
     try:
@@ -187,50 +137,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, info: Any) -> int:
+def _run(args: argparse.Namespace, info: DistInfo) -> int:
+    """Calibrate as the arguments say; rank 0 writes the table and prints the summary."""
     try:
-        from torchvision.datasets import ImageFolder
-
         if len(args.mean) != len(args.std):
             raise ValueError("--mean and --std need the same number of values")
-        transform = image_transform(args.resize, args.crop, args.mean, args.std, args.grayscale)
+        steps = Preprocessing(args.resize, args.crop, tuple(args.mean), tuple(args.std),
+                              args.grayscale)  # fmt: skip
         root = Path(args.data)
         if not root.is_dir():
             raise ValueError(f"--data {root}: no such folder")
-        dataset = ImageFolder(str(root), transform=transform)
-        num_classes = args.num_classes or len(dataset.classes)
-        if args.onnx:
-            if args.model or args.weights:
-                raise ValueError("--onnx replaces MODEL and --weights; give one or the other")
-            from monitor.onnx_model import load_onnx
+        from torchvision.datasets import ImageFolder
 
-            model = load_onnx(args.onnx)
-        elif not args.model:
-            raise ValueError("give MODEL (a torchvision name or module:factory) or --onnx PATH")
-        else:
-            model = build_model(args.model, num_classes, json.loads(args.model_kwargs))
-        if args.weights:
-            load_weights(model, args.weights)
-        model.eval().to(args.device)
+        dataset = ImageFolder(str(root), transform=steps.transform())
+        num_classes = args.num_classes or len(dataset.classes)
+        model = _model(args, num_classes)
         loader = DataLoader(
             dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
             pin_memory=args.device.startswith("cuda"),
         )  # fmt: skip
-        source = {
-            "kind": "imagefolder", "root": str(root.resolve()), "resize": args.resize,
-            "crop": args.crop, "mean": args.mean, "std": args.std, "grayscale": args.grayscale,
-        }  # fmt: skip
         started = time.perf_counter()
         names = dataset.classes if len(dataset.classes) == num_classes else None
-        grid = None
-        if args.approximate:
-            from calibrate.sketch import LogGrid
-
-            grid = LogGrid(args.sketch_accuracy, *args.sketch_range)
+        grid = LogGrid(args.sketch_accuracy, *args.sketch_range) if args.approximate else None
         table = calibrate(
             model, loader, layer=args.layer, score=args.score, top_k=args.top_k,
             class_names=names, device=args.device, spill_dir=args.spill_dir,
-            progress=not args.quiet, data_source=source,
+            progress=not args.quiet, data_source=steps.source(root),
             checkpoint_dir=args.checkpoint_dir, resume=args.resume,
             checkpoint_every=args.checkpoint_every, amp=args.amp, approximate=grid or False,
         )  # fmt: skip
@@ -243,6 +175,21 @@ def _run(args: argparse.Namespace, info: Any) -> int:
         return 2
     print(summary(table, out, seconds))
     return 0
+
+
+def _model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """The model ``MODEL`` / ``--onnx`` names, with ``--weights``, in eval mode on the device."""
+    if args.onnx:
+        if args.model or args.weights:
+            raise ValueError("--onnx replaces MODEL and --weights; give one or the other")
+        model = load_onnx(args.onnx)
+    elif not args.model:
+        raise ValueError("give MODEL (a torchvision name or module:factory) or --onnx PATH")
+    else:
+        model = build_model(args.model, num_classes, json.loads(args.model_kwargs))
+    if args.weights:
+        load_weights(model, args.weights)
+    return model.eval().to(args.device)
 
 
 if __name__ == "__main__":

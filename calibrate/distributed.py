@@ -15,7 +15,8 @@ Statistics sort a class's rows by dataset index before any sum, so they do not d
 rank sent what. Each owner then broadcasts its classes' statistics, so every rank returns the
 same table.
 
-Approximate mode: the ranks' sketches are summed class by class with ``all_reduce``.
+Approximate mode: the ranks' sketches are summed class by class with ``all_reduce``
+(:meth:`calibrate.sketch.HistogramSketch.reduce`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
+        """True with more than one process."""
         return self.world_size > 1
 
 
@@ -110,6 +112,7 @@ class Comm:
         return array
 
     def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` is true on every rank."""
         return bool(self.all_reduce(np.array([int(flag)], np.int64), "min")[0])
 
     def all_gather(self, array: np.ndarray) -> list[np.ndarray]:
@@ -122,9 +125,11 @@ class Comm:
         return [o.numpy() for o in out]
 
     def send(self, array: np.ndarray, dst: int) -> None:
+        """Send ``array`` to rank ``dst`` (blocking)."""
         dist.send(torch.from_numpy(np.ascontiguousarray(array)), dst, group=self.group)
 
     def recv(self, shape: tuple[int, ...], dtype: np.dtype, src: int) -> np.ndarray:
+        """Receive an array of ``shape`` and ``dtype`` from rank ``src`` (blocking)."""
         t = torch.from_numpy(np.empty(shape, dtype))
         dist.recv(t, src, group=self.group)
         return t.numpy()
@@ -172,25 +177,44 @@ def class_sources(
     ``merge``: ``"auto"`` (read a shared folder when there is one, else send), ``"send"``.
     """
     info = comm.info
-    nf = spill.num_filters
     spill.sync()
     if not info.distributed:
         return {c: (spill.read_alpha(c), spill.read_indices(c)) for c in range(num_classes)}
     if merge not in ("auto", "send"):
         raise ValueError(f"merge must be 'auto' or 'send', got {merge!r}")
-    shared = shared_folder(comm, root) if merge == "auto" else False
     mine = [c for c in range(num_classes) if owner(c, info) == info.rank]
-    if shared:
-        out = {}
-        for c in mine:
-            spills = [
-                AlphaSpill(shard_dir(root, DistInfo(r, info.world_size)), nf, buffer_bytes=0)
-                for r in range(info.world_size)
-            ]  # fmt: skip
-            sources = [FileRows(s.alpha_path(c), nf) for s in spills]
-            indices = np.concatenate([s.read_indices(c) for s in spills])
-            out[c] = (ConcatRows(sources, nf), indices)
-        return out
+    if merge == "auto" and shared_folder(comm, root):
+        assert root is not None
+        return {c: _shared_rows(info, root, spill.num_filters, c) for c in mine}
+    recv = _received_spill(comm, spill, num_classes, work, chunk_bytes)
+    nf = spill.num_filters
+    out = {}
+    for c in mine:
+        sources = [spill.read_alpha(c), recv.read_alpha(c)]
+        indices = np.concatenate([spill.read_indices(c), recv.read_indices(c)])
+        out[c] = (ConcatRows(sources, nf), indices)
+    return out
+
+
+def _shared_rows(
+    info: DistInfo, root: Path, num_filters: int, c: int
+) -> tuple[RowSource, np.ndarray]:
+    """Class ``c``'s rows and indices read straight from every rank's shard folder."""
+    spills = [
+        AlphaSpill(shard_dir(root, DistInfo(r, info.world_size)), num_filters, buffer_bytes=0)
+        for r in range(info.world_size)
+    ]
+    sources: list[RowSource] = [FileRows(s.alpha_path(c), num_filters) for s in spills]
+    indices = np.concatenate([s.read_indices(c) for s in spills])
+    return ConcatRows(sources, num_filters), indices
+
+
+def _received_spill(
+    comm: Comm, spill: AlphaSpill, num_classes: int, work: Path, chunk_bytes: int
+) -> AlphaSpill:
+    """Send every class's rows to its owner in chunks; the rows this rank received for its
+    own classes, spilled to ``work``."""
+    info, nf = comm.info, spill.num_filters
     recv = AlphaSpill(work, nf, buffer_bytes=0)
     recv.clear()
     rows_per_chunk = max(1, chunk_bytes // (4 * nf + 8))
@@ -215,12 +239,7 @@ def class_sources(
                 index = comm.recv((m,), np.int64, src)
                 recv.append(alpha, np.full(m, c), index)
         recv.flush()
-    out = {}
-    for c in mine:
-        sources = [spill.read_alpha(c), recv.read_alpha(c)]
-        indices = np.concatenate([spill.read_indices(c), recv.read_indices(c)])
-        out[c] = (ConcatRows(sources, nf), indices)
-    return out
+    return recv
 
 
 def share_statistics(
@@ -260,22 +279,3 @@ def share_statistics(
             )
         )  # fmt: skip
     return out
-
-
-def reduce_sketch(comm: Comm, sketch) -> None:
-    """Sum the ranks' :class:`~calibrate.sketch.SketchAccumulator` states, class by class."""
-    if not comm.info.distributed:
-        return
-    a = sketch.arrays
-    ops = {"mins": "min", "row_mins": "min", "maxs": "max", "row_maxs": "max"}
-    for name in ("images", "row_counts", "row_mins", "row_maxs", "overflow"):
-        comm.all_reduce(a[name], ops.get(name, "sum"))
-    for c in range(sketch.num_classes):
-        for name in ("counts", "sums", "mins", "maxs"):
-            comm.all_reduce(a[name][c], ops.get(name, "sum"))
-        values = comm.all_gather(a["top_alpha"][c])
-        indices = comm.all_gather(a["top_indices"][c])
-        a["top_alpha"][c] = -np.inf
-        a["top_indices"][c] = -1
-        for v, i in zip(values, indices, strict=True):
-            sketch._merge_top(c, v.T, i.T)

@@ -14,6 +14,7 @@ the plain probe.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -31,17 +32,20 @@ class InferenceModeProbe(GradAMapProbe):
 
     def __init__(self, model: nn.Module, layer: str, **kwargs: Any) -> None:
         super().__init__(model, layer, **kwargs)
-        self._pre = model.register_forward_pre_hook(self._enter)
+        self._guards = threading.local()  # per thread: entered (bool), guard (or None)
+        self._pre: Any = model.register_forward_pre_hook(self._enter)
 
     def close(self) -> None:
+        """Remove both hooks (idempotent)."""
         if self._pre is not None:
             self._pre.remove()
             self._pre = None
         super().close()
 
     def _enter(self, module: nn.Module, inputs: Any) -> None:
-        local = self._local
-        if getattr(local, "state", None) is None or getattr(local, "entered", True):
+        """The model's pre-hook: enter inference mode at the start of a probe pass."""
+        local = self._guards
+        if not self.tap.is_armed() or getattr(local, "entered", True):
             return
         local.entered = True
         guard = torch._C._InferenceMode(True)
@@ -49,31 +53,35 @@ class InferenceModeProbe(GradAMapProbe):
         local.guard = guard
 
     def _leave(self) -> None:
-        guard = getattr(self._local, "guard", None)
+        """Leave inference mode, if this thread is in it."""
+        guard = getattr(self._guards, "guard", None)
         if guard is not None:
-            self._local.guard = None
+            self._guards.guard = None
             guard.__exit__(None, None, None)
 
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
-        if getattr(self._local, "state", None) is None:
-            return None
-        if getattr(self._local, "guard", None) is not None:
-            self._leave()  # back to the caller's no_grad state; the head is recorded normally
+    def _layer_output(self, output: Any) -> Any:
+        """At the target layer: leave inference mode (back to the caller's no_grad state, so
+        the head is recorded normally) with a normal-tensor copy of the layer's output."""
+        if getattr(self._guards, "guard", None) is not None:
+            self._leave()
             if isinstance(output, torch.Tensor):
                 output = output.clone()  # a normal tensor, not an inference tensor
-        return super()._hook(module, inputs, output)
+        return output
 
-    def run(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> ProbeResult:
+    def run(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, *, check_labels: bool = True
+    ) -> ProbeResult:
+        """:meth:`GradAMapProbe.run` with the prefix in inference mode;
+        :class:`InferenceModeUnsupported` when the head cannot run that way."""
         grad = torch.is_grad_enabled()
-        self._local.entered = False
+        self._guards.entered = False
         try:
-            return super().run(x, labels)
+            return super().run(x, labels, check_labels=check_labels)
         except RuntimeError as exc:
             if "Inference tensors" in str(exc):
                 raise InferenceModeUnsupported(str(exc)) from exc
             raise
         finally:
-            self._local.entered = True
-            if getattr(self._local, "guard", None) is not None:
-                self._leave()
+            self._guards.entered = True
+            self._leave()
             torch.set_grad_enabled(grad)

@@ -29,8 +29,9 @@ import numpy as np
 from safetensors.numpy import load_file
 from safetensors.numpy import save as safetensors_save
 
-from calibrate._atomic import atomic_write_bytes
+from calibrate.distributed import Comm
 from calibrate.statistics import ClassStatistics
+from monitor.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class LogGrid:
 
     @property
     def gamma(self) -> float:
+        """The ratio of consecutive bin edges, ``(1 + a) / (1 - a)``."""
         a = self.relative_accuracy
         return (1 + a) / (1 - a)
 
@@ -61,9 +63,11 @@ class LogGrid:
 
     @property
     def num_bins(self) -> int:
+        """Bins in all: both signs and the zero bin."""
         return 2 * self.per_sign + 1
 
     def settings(self) -> dict[str, float]:
+        """The grid's parameters (what a checkpoint records)."""
         return asdict(self)
 
     def bins(self, x: np.ndarray) -> np.ndarray:
@@ -87,6 +91,13 @@ class LogGrid:
         return np.abs(x) > self.max_magnitude * (1 + 1e-12)
 
 
+#: How each array of two states combines.
+_MERGE_OPS = {
+    "counts": "sum", "row_counts": "sum", "images": "sum", "sums": "sum", "overflow": "sum",
+    "mins": "min", "row_mins": "min", "maxs": "max", "row_maxs": "max",
+}  # fmt: skip
+
+
 def histogram_quantiles(
     counts: np.ndarray, values: np.ndarray, lo: np.ndarray, hi: np.ndarray, levels: np.ndarray
 ) -> np.ndarray:
@@ -106,6 +117,7 @@ def histogram_quantiles(
     cum, n, lo, hi = cum[ok], n[ok], np.asarray(lo, np.float64)[ok], np.asarray(hi, np.float64)[ok]
 
     def order_stat(j: np.ndarray) -> np.ndarray:
+        """Order statistic ``j`` of each row: its bin's value, clamped; the ends exact."""
         b = (cum <= j[:, None]).sum(axis=1)
         v = np.clip(values[np.minimum(b, len(values) - 1)], lo, hi)
         return np.where(j == 0, lo, np.where(j == n - 1, hi, v))
@@ -122,7 +134,7 @@ def histogram_quantiles(
     return out
 
 
-class SketchAccumulator:
+class HistogramSketch:
     """Mergeable per (class, filter) histograms with exact count, sum, min, max and top-k."""
 
     def __init__(self, num_classes: int, num_filters: int, top_k: int, grid: LogGrid) -> None:
@@ -192,31 +204,31 @@ class SketchAccumulator:
         a["top_alpha"][c] = np.take_along_axis(v, order, axis=0).T
         a["top_indices"][c] = np.take_along_axis(i, order, axis=0).T
 
-    def merge(self, other: SketchAccumulator) -> None:
-        """Add another accumulator's data (same shapes and grid) into this one."""
-        if other.grid != self.grid or other.arrays["counts"].shape != self.arrays["counts"].shape:
-            raise ValueError("cannot merge sketches of different grids or shapes")
-        a, b = self.arrays, other.arrays
-        for name in ("counts", "row_counts", "images", "sums", "overflow"):
-            a[name] += b[name]
-        for name in ("mins", "row_mins"):
-            np.minimum(a[name], b[name], out=a[name])
-        for name in ("maxs", "row_maxs"):
-            np.maximum(a[name], b[name], out=a[name])
+    def reduce(self, comm: Comm) -> None:
+        """Sum the ranks' states into every rank's, class by class (counts add, extremes take
+        the min / max, exemplars keep the top-k of all ranks)."""
+        if not comm.info.distributed:
+            return
+        a = self.arrays
+        for name in ("images", "row_counts", "row_mins", "row_maxs", "overflow"):
+            comm.all_reduce(a[name], _MERGE_OPS[name])
         for c in range(self.num_classes):
-            self._merge_top(c, b["top_alpha"][c].T, b["top_indices"][c].T)
+            for name in ("counts", "sums", "mins", "maxs"):
+                comm.all_reduce(a[name][c], _MERGE_OPS[name])
+            values = comm.all_gather(a["top_alpha"][c])
+            indices = comm.all_gather(a["top_indices"][c])
+            a["top_alpha"][c] = -np.inf
+            a["top_indices"][c] = -1
+            for v, i in zip(values, indices, strict=True):
+                self._merge_top(c, v.T, i.T)
 
     def statistics(self, c: int, levels: np.ndarray, beta_levels: np.ndarray) -> ClassStatistics:
         """Class ``c``'s statistics, with percentiles estimated from the histograms."""
         a = self.arrays
         n_img = int(a["images"][c])
-        nf, k, q = self.num_filters, self.top_k, len(levels)
         if n_img == 0:
-            return ClassStatistics(
-                np.zeros((nf, q), np.float32), np.zeros(nf, np.float32),
-                np.zeros(len(beta_levels), np.float32), np.full((nf, k), -1, np.int64),
-                np.full((nf, k), np.nan, np.float32), 0,
-            )  # fmt: skip
+            nf, k = self.num_filters, self.top_k
+            return ClassStatistics.empty(nf, len(levels), len(beta_levels), k)
         values = self.grid.values()
         quantiles = histogram_quantiles(a["counts"][c], values, a["mins"][c], a["maxs"][c], levels)
         mean = a["sums"][c] / n_img
@@ -258,6 +270,7 @@ class SketchAccumulator:
         self.arrays = arrays
 
     def _meta(self) -> dict[str, str]:
+        """The state file's metadata: grid and shapes, checked on load."""
         return {
             "grid": repr(sorted(self.grid.settings().items())),
             "shape": f"{self.num_classes},{self.num_filters},{self.top_k}",

@@ -16,11 +16,15 @@ import numpy as np
 
 from calibrate.statistics import FileRows
 
+_CLASS_FILE = re.compile(r"class_(\d+)\.(alpha|index)")
+
 
 class AlphaSpill:
     """Append-only per-class store of alpha rows and their dataset indices."""
 
-    def __init__(self, directory: str | Path, num_filters: int, buffer_bytes: int = 32 << 20):
+    def __init__(
+        self, directory: str | Path, num_filters: int, buffer_bytes: int = 32 << 20
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.num_filters = int(num_filters)
@@ -32,9 +36,11 @@ class AlphaSpill:
         self.counts: dict[int, int] = {}
 
     def alpha_path(self, c: int) -> Path:
+        """Class ``c``'s file of alpha rows."""
         return self.directory / f"class_{c}.alpha"
 
     def index_path(self, c: int) -> Path:
+        """Class ``c``'s file of dataset indices."""
         return self.directory / f"class_{c}.index"
 
     def append(self, alpha: np.ndarray, classes: np.ndarray, indices: np.ndarray) -> None:
@@ -114,19 +120,7 @@ class AlphaSpill:
         return FileRows(self.alpha_path(c), self.num_filters)
 
     def read_indices(self, c: int) -> np.ndarray:
+        """Class ``c``'s dataset indices, one per alpha row (flushes first)."""
         self.flush()
         path = self.index_path(c)
         return np.fromfile(path, dtype=np.int64) if path.exists() else np.zeros(0, np.int64)
-
-
-_CLASS_FILE = re.compile(r"class_(\d+)\.(alpha|index)")
-
-
-def read_class_alpha(directory: str | Path, c: int, num_filters: int) -> np.ndarray:
-    """All spilled alpha rows of class ``c`` in memory, ``[n_c, num_filters]`` float32."""
-    rows = FileRows(Path(directory) / f"class_{c}.alpha", num_filters)
-    return (
-        rows.read_rows(0, rows.shape[0])
-        if rows.shape[0]
-        else np.zeros((0, num_filters), np.float32)
-    )

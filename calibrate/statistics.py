@@ -18,7 +18,9 @@ class RowSource(Protocol):
 
     shape: tuple[int, int]
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray: ...
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop`` (``stop`` may run past the end)."""
+        ...
 
 
 class ArrayRows:
@@ -29,6 +31,7 @@ class ArrayRows:
         self.shape = self.array.shape
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop`` (a view)."""
         return self.array[start:stop]
 
 
@@ -48,6 +51,7 @@ class FileRows:
         self.shape = (size // row, num_filters)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop``, read from the file."""
         n = self.shape[1]
         count = (min(stop, self.shape[0]) - start) * n
         data = np.fromfile(self.path, dtype=np.float32, count=count, offset=4 * start * n)
@@ -66,6 +70,7 @@ class ConcatRows:
         self.shape = (int(self.starts[-1]), num_filters)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop`` of the sources one after another."""
         stop = min(stop, self.shape[0])
         parts = []
         for src, s0, s1 in zip(self.sources, self.starts[:-1], self.starts[1:], strict=True):
@@ -87,6 +92,15 @@ class ClassStatistics:
     top_indices: np.ndarray  # [N, k] int64, -1 where the class has fewer than k images
     top_alpha: np.ndarray  # [N, k] float32, NaN where none
     count: int
+
+    @classmethod
+    def empty(cls, num_filters: int, levels: int, beta_levels: int, top_k: int) -> ClassStatistics:
+        """The statistics of a class without images: zeros, no exemplars."""
+        return cls(
+            np.zeros((num_filters, levels), np.float32), np.zeros(num_filters, np.float32),
+            np.zeros(beta_levels, np.float32), np.full((num_filters, top_k), -1, np.int64),
+            np.full((num_filters, top_k), np.nan, np.float32), 0,
+        )  # fmt: skip
 
 
 def class_statistics(
@@ -111,20 +125,15 @@ def class_statistics(
     """
     source = ArrayRows(alpha) if isinstance(alpha, np.ndarray) else alpha
     n, num_filters = source.shape
-    q, qb = len(levels), len(beta_levels)
-    quantiles = np.zeros((num_filters, q), np.float32)
-    mean = np.zeros(num_filters, np.float64)
-    top_indices = np.full((num_filters, top_k), -1, np.int64)
-    top_alpha = np.full((num_filters, top_k), np.nan, np.float32)
     if n == 0:
-        return ClassStatistics(
-            quantiles, mean.astype(np.float32), np.zeros(qb, np.float32), top_indices, top_alpha, 0
-        )
+        return ClassStatistics.empty(num_filters, len(levels), len(beta_levels), top_k)
     indices = np.asarray(indices, np.int64)
     if indices.shape != (n,):
         raise ValueError(f"{indices.shape[0]} indices for {n} alpha rows")
-    k = min(top_k, n)
-
+    stats = ClassStatistics.empty(num_filters, len(levels), len(beta_levels), top_k)
+    stats.count = n
+    mean = np.zeros(num_filters, np.float64)
+    row_mean = np.empty(n, np.float64)
     # Rows are processed in dataset-index order, whatever order they were spilled in (one
     # process, several ranks, a resumed run): every floating-point sum then runs in the same
     # order, so the statistics are bit-identical however the rows arrived.
@@ -132,30 +141,49 @@ def class_statistics(
     position = np.empty(n, np.int64)
     position[by_index] = np.arange(n)
     sorted_indices = indices[by_index]
-    row_mean = np.empty(n, np.float64)
-    rows_per_chunk = max(1, memory_budget_bytes // (4 * 4 * num_filters))
     cols_per_block = max(1, memory_budget_bytes // (_BYTES_PER_VALUE * n))
     for start in range(0, num_filters, cols_per_block):
-        stop = min(num_filters, start + cols_per_block)
-        block = np.empty((n, stop - start), np.float32)  # rows in dataset-index order
-        for r0 in range(0, n, rows_per_chunk):
-            chunk = source.read_rows(r0, r0 + rows_per_chunk)
-            at = position[r0 : r0 + len(chunk)]
-            block[at] = chunk[:, start:stop]
-            if start == 0:  # the first pass also gives each row's mean over all filters
-                row_mean[at] = chunk.mean(axis=1, dtype=np.float64)
-            del chunk
-        mean[start:stop] = block.mean(axis=0, dtype=np.float64)
-        quantiles[start:stop] = np.percentile(block, levels, axis=0, method="linear").T
-        # Largest first; rows are in index order, so a stable sort sends ties to the smaller
-        # dataset index.
-        order = np.argsort(-block, axis=0, kind="stable")[:k]  # [k, cols]
-        top_indices[start:stop, :k] = sorted_indices[order].T
-        top_alpha[start:stop, :k] = np.take_along_axis(block, order, axis=0).T
-        del block, order
-
+        cols = slice(start, min(num_filters, start + cols_per_block))
+        block = _gather_block(source, position, cols, row_mean, memory_budget_bytes)
+        mean[cols] = block.mean(axis=0, dtype=np.float64)
+        stats.quantiles[cols] = np.percentile(block, levels, axis=0, method="linear").T
+        _top_rows(block, sorted_indices, stats.top_indices[cols], stats.top_alpha[cols])
+        del block
+    stats.mean = mean.astype(np.float32)
     betas = row_mean - mean.mean()
-    beta_quantiles = np.percentile(betas, beta_levels, method="linear").astype(np.float32)
-    return ClassStatistics(
-        quantiles, mean.astype(np.float32), beta_quantiles, top_indices, top_alpha, n
-    )
+    stats.beta_quantiles = np.percentile(betas, beta_levels, method="linear").astype(np.float32)
+    return stats
+
+
+def _gather_block(
+    source: RowSource,
+    position: np.ndarray,
+    cols: slice,
+    row_mean: np.ndarray,
+    memory_budget_bytes: int,
+) -> np.ndarray:
+    """The columns ``cols`` of every row, in dataset-index order (``position[i]`` is stored row
+    i's place), read in row chunks; the first block also fills ``row_mean``."""
+    n, num_filters = source.shape
+    rows_per_chunk = max(1, memory_budget_bytes // (4 * 4 * num_filters))
+    block = np.empty((n, cols.stop - cols.start), np.float32)
+    for r0 in range(0, n, rows_per_chunk):
+        chunk = source.read_rows(r0, r0 + rows_per_chunk)
+        at = position[r0 : r0 + len(chunk)]
+        block[at] = chunk[:, cols]
+        if cols.start == 0:  # the first pass also gives each row's mean over all filters
+            row_mean[at] = chunk.mean(axis=1, dtype=np.float64)
+        del chunk
+    return block
+
+
+def _top_rows(
+    block: np.ndarray, sorted_indices: np.ndarray, top_indices: np.ndarray, top_alpha: np.ndarray
+) -> None:
+    """Fill ``top_indices`` / ``top_alpha`` ``[cols, k]`` with each column's largest values of
+    ``block`` (rows in dataset-index order), largest first; a stable sort sends ties to the
+    smaller dataset index."""
+    k = min(top_indices.shape[1], block.shape[0])
+    order = np.argsort(-block, axis=0, kind="stable")[:k]  # [k, cols]
+    top_indices[:, :k] = sorted_indices[order].T
+    top_alpha[:, :k] = np.take_along_axis(block, order, axis=0).T

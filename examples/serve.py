@@ -43,8 +43,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibrate import CalibrationTable  # noqa: E402
-from calibrate.cli import build_model, load_weights  # noqa: E402
 from monitor import MonitorReport, SurpriseMonitor, load_onnx  # noqa: E402
+from monitor.loading import build_model, load_weights  # noqa: E402
 
 log = logging.getLogger("serve")
 

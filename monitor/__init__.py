@@ -1,15 +1,27 @@
-"""Runtime monitoring of a CNN: surprise, expectation and beta per input."""
+"""Runtime monitoring of a CNN: surprise, expectation and beta per input.
 
-from monitor.explain import Explanation
-from monitor.fix import FixAttempt, FixResult
-from monitor.layers import LayerChoice, resolve_layer
-from monitor.metrics import MetricsConflictError, MonitorMetrics
-from monitor.onnx_model import OnnxConversionError, load_onnx
-from monitor.probe import GradAMapProbe, ProbeResult
+The layout, bottom to top (each part imports only from the parts listed before it, and from
+``kernels``):
+
+- ``files``, ``fingerprint``: atomic writes; the model-weights fingerprint.
+- ``probe/``: the layer hooks, the class scores, the Grad-AMap probe, the target layer's choice.
+- ``table``: the calibration table and its file format.
+- ``loading/``: models (torchvision names, ``module:factory``, weights, ONNX) and images.
+- ``report``: the per-batch result.
+- ``judge``: a batch in, a report out (probe -> kernels -> report).
+- ``runtime/``: the request path around the judge (sampling, async, fail-open, metrics).
+- ``explain/``: explanations, exemplars, figures and fixes, on the judge.
+- ``surprise_monitor``: the facade, :class:`SurpriseMonitor`.
+- ``explain/cli.py``: the ``surprise-explain`` command line, on the facade.
+"""
+
+from monitor.explain import Explanation, FixAttempt, FixResult, input_gradient
+from monitor.judge import InvalidInputError, Judge, TableMismatchError
+from monitor.loading import OnnxConversionError, load_onnx
+from monitor.probe import GradAMapProbe, LayerChoice, ProbeResult, resolve_layer
 from monitor.report import FlaggedFilter, MonitorReport
-from monitor.runtime import MonitorResult
-from monitor.saliency import input_gradient
-from monitor.surprise_monitor import InvalidInputError, SurpriseMonitor, TableMismatchError
+from monitor.runtime import MetricsConflictError, MonitorMetrics, MonitorResult
+from monitor.surprise_monitor import SurpriseMonitor
 
 __all__ = [
     "Explanation",
@@ -18,6 +30,7 @@ __all__ = [
     "FlaggedFilter",
     "GradAMapProbe",
     "InvalidInputError",
+    "Judge",
     "LayerChoice",
     "MetricsConflictError",
     "MonitorMetrics",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ class FlaggedFilter:
     percentile: float  # alpha's percentile rank within the class's calibration distribution
 
     def to_dict(self) -> dict[str, Any]:
+        """The filter's fields as a plain dict."""
         return dict(self.__dict__)
 
 
@@ -50,8 +51,19 @@ class MonitorReport:
     def __len__(self) -> int:
         return int(self.classes.shape[0])
 
+    def select(self, rows: list[int] | torch.Tensor) -> MonitorReport:
+        """The report restricted to the given batch rows (every per-sample tensor indexed)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        changes = {
+            f.name: getattr(self, f.name)[idx]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **changes)
+
     @property
     def predictions(self) -> torch.Tensor:
+        """``[B]`` the predicted class of each input."""
         return self.logits.argmax(dim=1)
 
     @property
@@ -61,10 +73,12 @@ class MonitorReport:
 
     @property
     def surprise_count(self) -> torch.Tensor:
+        """``[B]`` surprising filters per input."""
         return self.surprise.sum(dim=1)
 
     @property
     def expectation_count(self) -> torch.Tensor:
+        """``[B]`` expected filters per input."""
         return self.expectation.sum(dim=1)
 
     @property
@@ -75,6 +89,7 @@ class MonitorReport:
     def _filters(
         self, i: int, mask: torch.Tensor, kind: str, descending: bool
     ) -> list[FlaggedFilter]:
+        """Input i's filters where ``mask`` is set, sorted by ``alpha - mu``."""
         idx = torch.nonzero(mask[i]).flatten()
         dev = self.deviation[i, idx]
         order = torch.argsort(dev, descending=descending, stable=True)
@@ -97,6 +112,13 @@ class MonitorReport:
     def expected_filters(self, i: int) -> list[FlaggedFilter]:
         """Input i's expected filters, most under-active (most negative ``alpha - mu``) first."""
         return self._filters(i, self.expectation, "expectation", descending=False)
+
+    def highest_percentile_filter(self, i: int) -> int:
+        """Input i's filter with the highest percentile rank (ties: the larger ``alpha - mu``,
+        then the lower index): what explanations and fixes fall back on when no filter is
+        flagged."""
+        pct, dev = self.percentile[i].double(), self.deviation[i].double()
+        return max(range(int(self.alpha.shape[1])), key=lambda n: (float(pct[n]), float(dev[n])))
 
     def sample(self, i: int, max_filters: int | None = 10) -> dict[str, Any]:
         """Input i's result as plain Python (JSON-serialisable)."""
@@ -126,4 +148,5 @@ class MonitorReport:
         }
 
     def to_json(self, max_filters: int | None = 10, **kwargs: Any) -> str:
+        """:meth:`to_dict` as JSON (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(max_filters), **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -65,8 +66,19 @@ def class_images(n: int, num_classes: int, size: int = 8, channels: int = 3, see
 
 
 def class_dataset(n: int, num_classes: int, **kwargs) -> TensorDataset:
+    """:func:`class_images` as a dataset."""
     images, labels = class_images(n, num_classes, **kwargs)
     return TensorDataset(images, labels)
+
+
+def mixed_inputs(n: int = 12, seed: int = 7) -> torch.Tensor:
+    """New images of the training classes of :func:`trained_tiny_cnn` (3 classes, seed 1): the
+    training patterns with new noise; inputs 0, 4, 8.. scaled up, 1, 5, 9.. blanked."""
+    x, _ = class_images(n, 3, seed=1)
+    x = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    x[0::4] *= 6.0
+    x[1::4] = 0.0
+    return x
 
 
 def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -100,7 +112,6 @@ def trained_tiny_cnn(num_classes: int = 3, n: int = 600, steps: int = 150, seed:
 
 def write_photo_folder(root, counts: dict[str, int], seed: int = 0, size: int = 40):
     """An ImageFolder of ``size`` x ``size`` random crops of skimage photos: ``{photo: count}``."""
-    import numpy as np
     from PIL import Image
     from skimage import data as skdata
 
@@ -118,3 +129,43 @@ def write_tiny_weights(path, num_classes: int = 3):
     """Save a seeded :class:`TinyCNN` state_dict to ``path``; returns the path."""
     torch.save(seeded(TinyCNN(num_classes=num_classes)).state_dict(), path)
     return path
+
+
+# ------------------------------------------------------------------------------ photos
+PHOTO_MEAN = (0.5, 0.5, 0.5)
+PHOTO_STD = (0.25, 0.25, 0.25)
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def photo(name: str, side: int) -> np.ndarray:
+    """A scikit-image sample photo resized to ``side x side``, uint8 RGB."""
+    from skimage import data as skdata
+    from skimage.transform import resize
+
+    img = getattr(skdata, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    out = resize(img[..., :3], (side, side), anti_aliasing=True, preserve_range=True)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def photo_crops(size: int = 32, side: int = 96, stride: int = 16):
+    """uint8 ``[N, size, size, 3]`` crops (and their mirror images) of the four
+    :data:`PHOTOS`, labelled by photo."""
+    xs, ys = [], []
+    for label, name in enumerate(PHOTOS):
+        img = photo(name, side)
+        for i in range(0, side - size + 1, stride):
+            for j in range(0, side - size + 1, stride):
+                crop = img[i : i + size, j : j + size]
+                xs += [crop, crop[:, ::-1]]
+                ys += [label, label]
+    return np.ascontiguousarray(np.stack(xs)), np.array(ys, dtype=np.int64)
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` images -> normalised ``[N, 3, H, W]`` (:data:`PHOTO_MEAN`,
+    :data:`PHOTO_STD`)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(PHOTO_MEAN).view(1, 3, 1, 1)
+    return (x - mean) / torch.tensor(PHOTO_STD).view(1, 3, 1, 1)

@@ -37,8 +37,7 @@ from bench.cifar import (
     to_tensor,
     train_or_load,
 )
-from calibrate import CalibrationTable, calibrate
-from calibrate.fingerprint import model_fingerprint
+from calibrate import CalibrationTable, calibrate, model_fingerprint
 from monitor import SurpriseMonitor
 
 ARCHS = ("small_vgg", "small_resnet")

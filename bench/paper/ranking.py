@@ -47,7 +47,7 @@ from bench.paper.common import (
 )
 from bench.paper.metrics import curve_auc
 from kernels import grad_amap
-from monitor.layers import get_module
+from monitor.probe import get_module
 
 METHODS = (
     "random",

@@ -7,11 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from calibrate import calibrate, model_fingerprint
-from calibrate.spill import read_class_alpha
-from calibrate.table import DEFAULT_LEVELS
+from calibrate import DEFAULT_LEVELS, calibrate, model_fingerprint
+from tests._checks import autograd_alpha, spilled_alpha
 from tests._models import TinyCNN, class_dataset, seeded
-from tests.monitor.test_probe import _autograd_alpha
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +36,9 @@ def test_table_layout(setup):
 def test_spilled_alpha_is_each_images_alpha_for_its_true_label(setup):
     model, data, spill, table = setup
     x, y = data.tensors
-    oracle = _autograd_alpha(model, "features.2", x, y).numpy()
+    oracle = autograd_alpha(model, "features.2", x, y).numpy()
     for c in range(3):
-        stored = np.asarray(read_class_alpha(spill, c, 16))
+        stored = np.asarray(spilled_alpha(spill, c, 16))
         np.testing.assert_allclose(stored, oracle[(y == c).numpy()], rtol=1e-5, atol=1e-7)
 
 
@@ -49,7 +47,7 @@ def test_statistics_equal_numpy_on_stored_alpha(setup):
     _, y = data.tensors
     levels = table.levels.numpy()
     for c in range(3):
-        a = np.asarray(read_class_alpha(spill, c, 16))
+        a = np.asarray(spilled_alpha(spill, c, 16))
         np.testing.assert_array_equal(
             table.quantiles[c].numpy(), np.percentile(a, levels, axis=0).T.astype(np.float32)
         )

@@ -12,19 +12,13 @@ import torch
 
 from calibrate import CalibrationTable
 from calibrate.cli import main
-from tests._models import TinyCNN, seeded, write_photo_folder, write_tiny_weights
+from tests._models import TinyCNN, seeded
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
+def image_folder(photo_folder):
     """Three classes of 40x40 crops from three real photos, five per class."""
-    counts = {"astronaut": 5, "chelsea": 5, "coffee": 5}
-    return write_photo_folder(tmp_path_factory.mktemp("images"), counts, seed=0)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.pt")
+    return photo_folder({"astronaut": 5, "chelsea": 5, "coffee": 5}, seed=0)
 
 
 def _args(image_folder, out, weights, *extra):
@@ -35,9 +29,9 @@ def _args(image_folder, out, weights, *extra):
     ]  # fmt: skip
 
 
-def test_cli_writes_a_table_and_a_summary(image_folder, weights, tmp_path, capsys):
+def test_cli_writes_a_table_and_a_summary(image_folder, tiny_weights, tmp_path, capsys):
     out = tmp_path / "table.safetensors"
-    assert main(_args(image_folder, out, weights, "--top-k", "3")) == 0
+    assert main(_args(image_folder, out, tiny_weights, "--top-k", "3")) == 0
     text = capsys.readouterr().out
     assert "layer: features.2 (last nn.Conv2d executed" in text
     assert "images per class: astronaut=5, chelsea=5, coffee=5" in text
@@ -64,12 +58,12 @@ def test_cli_named_layer_and_torchvision_arch(image_folder, tmp_path, capsys):
     assert table.layer == "layer3" and table.num_filters == 256 and table.num_classes == 3
 
 
-def test_cli_errors_are_clear(image_folder, weights, tmp_path, capsys):
+def test_cli_errors_are_clear(image_folder, tiny_weights, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main(_args(image_folder, tmp_path / "o", bad)) == 2
     assert "not a loadable state_dict file" in capsys.readouterr().err
-    assert main(_args(tmp_path / "missing", tmp_path / "o", weights)) == 2
+    assert main(_args(tmp_path / "missing", tmp_path / "o", tiny_weights)) == 2
     assert "no such folder" in capsys.readouterr().err
     other = tmp_path / "other.pt"
     torch.save(seeded(TinyCNN(num_classes=3, width=4)).state_dict(), other)

@@ -16,22 +16,15 @@ import torch
 from calibrate import CalibrationTable
 from calibrate.distributed import DistInfo, shard_dir
 from calibrate.spill import AlphaSpill
-from tests._models import write_photo_folder, write_tiny_weights
-from tests.calibrate.test_resume import assert_same_table
+from tests._checks import assert_same_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
+def image_folder(photo_folder):
     """Three classes of real-photo crops, 13, 12 and 11 images: 9 batches of 4 (last short)."""
-    counts = {"astronaut": 13, "chelsea": 12, "coffee": 11}
-    return write_photo_folder(tmp_path_factory.mktemp("images"), counts, seed=1)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.pt")
+    return photo_folder({"astronaut": 13, "chelsea": 12, "coffee": 11}, seed=1)
 
 
 def cli_args(image_folder: Path, weights: Path, *extra: str) -> list[str]:
@@ -96,11 +89,11 @@ def _sorted_rows(spills: list[AlphaSpill], c: int) -> tuple[np.ndarray, np.ndarr
     return alpha[order], index[order]
 
 
-def test_torchrun_two_ranks_equal_one_process(image_folder, weights, tmp_path):
+def test_torchrun_two_ranks_equal_one_process(image_folder, tiny_weights, tmp_path):
     single, two = tmp_path / "single", tmp_path / "two"
     single.mkdir()
     two.mkdir()
-    args = cli_args(image_folder, weights)
+    args = cli_args(image_folder, tiny_weights)
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     # The reference: one plain process.

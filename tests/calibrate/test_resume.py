@@ -20,19 +20,10 @@ from torch.utils.data import Dataset
 from calibrate import CalibrationTable, calibrate
 from calibrate.checkpoint import CheckpointError, read_manifest
 from calibrate.sketch import LogGrid
+from tests._checks import assert_same_table
 from tests._models import TinyCNN, class_dataset, seeded
 
 ROOT = Path(__file__).resolve().parents[2]
-TENSORS = ("quantiles", "mean", "counts", "beta_quantiles", "top_indices", "top_alpha")
-
-
-def assert_same_table(a: CalibrationTable, b: CalibrationTable) -> None:
-    """Bitwise equality of every tensor (NaN where there is no exemplar, in both)."""
-    for name in TENSORS:
-        x, y = getattr(a, name), getattr(b, name)
-        assert x.dtype == y.dtype and x.shape == y.shape, name
-        assert torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8)), name
-    assert (a.layer, a.class_names, a.input_shape) == (b.layer, b.class_names, b.input_shape)
 
 
 # A run on 480 images in 120 batches of 4, each image read with a short pause so that the run

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
 from calibrate import calibrate
-from calibrate.sketch import LogGrid, SketchAccumulator, histogram_quantiles
-from calibrate.spill import read_class_alpha
-from calibrate.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS, levels_with_required
+from calibrate.distributed import DistInfo
+from calibrate.sketch import HistogramSketch, LogGrid, histogram_quantiles
+from monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS, levels_with_required
+from tests._checks import spilled_alpha
 from tests._models import TinyCNN, class_dataset, seeded
 
 LEVELS = levels_with_required(DEFAULT_LEVELS)
@@ -48,7 +51,7 @@ def test_histogram_quantiles_heavy_tails_against_numpy():
     data = np.stack([rng.standard_cauchy(20000), rng.lognormal(0, 2, 20000) * 1e-3]).T
     data = np.clip(data, -900, 900).astype(np.float32)
     grid = LogGrid(0.005, 1e-6, 1e3)
-    acc = SketchAccumulator(1, 2, 3, grid)
+    acc = HistogramSketch(1, 2, 3, grid)
     for s in range(0, len(data), 1000):
         acc.add(data[s : s + 1000], np.zeros(1000, np.int64), np.arange(s, s + 1000))
     est = acc.statistics(0, LEVELS, BETA_LEVELS).quantiles
@@ -81,7 +84,7 @@ def test_approximate_table_against_the_exact_table(tmp_path):
     assert torch.equal(exact.quantiles[..., -1], approx.quantiles[..., -1])  # maximum
     worst = {}
     for c in range(3):
-        alpha = np.sort(read_class_alpha(tmp_path, c, exact.num_filters), axis=0)
+        alpha = np.sort(spilled_alpha(tmp_path, c, exact.num_filters), axis=0)
         for n in range(exact.num_filters):
             for q, level in enumerate(LEVELS):
                 err = abs(float(approx.quantiles[c, n, q]) - float(exact.quantiles[c, n, q]))
@@ -94,9 +97,33 @@ def test_approximate_table_against_the_exact_table(tmp_path):
     assert worst[0.1] <= a and worst[99.9] <= a and max(worst.values()) <= a * (1 + 1e-4)
     # Betas come from a histogram of each image's mean alpha: error within a * |row mean| + m.
     for c in range(3):
-        row_means = read_class_alpha(tmp_path, c, exact.num_filters).mean(1, dtype=np.float64)
+        row_means = spilled_alpha(tmp_path, c, exact.num_filters).mean(1, dtype=np.float64)
         beta_err = (exact.beta_quantiles[c] - approx.beta_quantiles[c]).abs().amax()
         assert beta_err <= a * np.abs(row_means).max() + m + 1e-7
+
+
+class ThreadComm:
+    """The collectives :meth:`HistogramSketch.reduce` uses, between threads standing for ranks."""
+
+    def __init__(self, rank: int, shared: dict) -> None:
+        self.info = DistInfo(rank, shared["world"])
+        self.shared = shared
+
+    def _exchange(self, array: np.ndarray) -> list[np.ndarray]:
+        """Every rank's ``array`` (copies), once all ranks have given theirs."""
+        self.shared["slots"][self.info.rank] = array.copy()
+        self.shared["barrier"].wait()
+        gathered = list(self.shared["slots"])
+        self.shared["barrier"].wait()
+        return gathered
+
+    def all_reduce(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
+        reduce = {"sum": np.sum, "min": np.min, "max": np.max}[op]
+        array[...] = reduce(np.stack(self._exchange(array)), axis=0)
+        return array
+
+    def all_gather(self, array: np.ndarray) -> list[np.ndarray]:
+        return self._exchange(array)
 
 
 def test_merge_and_state_round_trip(tmp_path):
@@ -105,29 +132,36 @@ def test_merge_and_state_round_trip(tmp_path):
     alpha = rng.normal(0, 1, (300, 5)).astype(np.float32)
     y = rng.integers(0, 4, 300)
     idx = np.arange(300)
-    one = SketchAccumulator(4, 5, 3, grid)
+    one = HistogramSketch(4, 5, 3, grid)
     one.add(alpha, y, idx)
-    parts = [SketchAccumulator(4, 5, 3, grid) for _ in range(3)]
+    parts = [HistogramSketch(4, 5, 3, grid) for _ in range(3)]
     for i, p in enumerate(parts):
         sel = slice(100 * i, 100 * i + 100)
         p.add(alpha[sel], y[sel], idx[sel])
-    parts[2].merge(parts[0])
-    parts[2].merge(parts[1])
+    # Three "ranks" reduce their parts, as under torchrun: every part becomes the whole.
+    shared = {"world": 3, "slots": [None] * 3, "barrier": threading.Barrier(3, timeout=30)}
+    ranks = [threading.Thread(target=p.reduce, args=(ThreadComm(r, shared),))
+             for r, p in enumerate(parts)]  # fmt: skip
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join(60)
     for name in ("counts", "row_counts", "images", "mins", "maxs", "top_indices", "top_alpha"):
-        np.testing.assert_array_equal(one.arrays[name], parts[2].arrays[name], err_msg=name)
+        for p in parts:
+            np.testing.assert_array_equal(one.arrays[name], p.arrays[name], err_msg=name)
     np.testing.assert_allclose(one.arrays["sums"], parts[2].arrays["sums"], rtol=1e-12)
     assert one.overflow == (np.abs(alpha) > 10).sum()
 
     one.save(tmp_path / "s.safetensors")
-    back = SketchAccumulator(4, 5, 3, grid)
+    back = HistogramSketch(4, 5, 3, grid)
     back.load(tmp_path / "s.safetensors")
     for name, arr in one.arrays.items():
         np.testing.assert_array_equal(arr, back.arrays[name])
-    other = SketchAccumulator(4, 5, 3, LogGrid(0.01, 1e-5, 10.0))
+    other = HistogramSketch(4, 5, 3, LogGrid(0.01, 1e-5, 10.0))
     with pytest.raises(ValueError, match="other shapes or grid"):
         other.load(tmp_path / "s.safetensors")
     held = sum(a.nbytes for a in one.arrays.values())
-    assert abs(SketchAccumulator.memory_bytes(4, 5, 3, grid) - held) <= 64
+    assert abs(HistogramSketch.memory_bytes(4, 5, 3, grid) - held) <= 64
 
 
 def test_empty_rows_and_quantile_helper():

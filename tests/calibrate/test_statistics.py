@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from calibrate.statistics import class_statistics
-from calibrate.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
+from monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
 
 
 @pytest.mark.parametrize("budget", [1 << 30, 4000])  # one block, and 3-column blocks

@@ -20,13 +20,8 @@ import httpx
 import pytest
 import torch
 
+from bench._serve_process import free_port, start_service, stop_process
 from tests._models import class_images
-from tests.examples.test_serve import (
-    free_port,
-    saved_tiny_model,
-    start_service,
-    stop_service,
-)
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERT = "SurpriseMonitorLowBetaRateHigh"
@@ -132,8 +127,8 @@ def _ratio(api: str) -> float | None:
 
 
 @needs_prometheus
-def test_low_beta_alert_goes_pending_then_firing(tmp_path):
-    model, table, args = saved_tiny_model(tmp_path)
+def test_low_beta_alert_goes_pending_then_firing(saved_tiny_model, tmp_path):
+    model, table, args = saved_tiny_model
     service, url = start_service(args, tmp_path / "serve.log")
     prometheus = None
     try:
@@ -198,10 +193,5 @@ def test_low_beta_alert_goes_pending_then_firing(tmp_path):
         assert up["data"]["result"][0]["value"][1] == "1"
     finally:
         if prometheus is not None:
-            prometheus.terminate()
-            try:
-                prometheus.wait(15)
-            except subprocess.TimeoutExpired:
-                prometheus.kill()
-                prometheus.wait(15)
-        stop_service(service)
+            stop_process(prometheus)
+        stop_process(service)

@@ -4,76 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from calibrate import calibrate
+from bench._serve_process import start_service, stop_process
 from monitor import SurpriseMonitor
-from tests._models import class_dataset, class_images, trained_tiny_cnn
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_service(
-    args: list[str], log: Path, timeout: float = 60.0
-) -> tuple[subprocess.Popen, str]:
-    """Start examples/serve.py on a free loopback port; wait for /healthz."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "serve.py"), *args, "--host", "127.0.0.1",
-         "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve.py exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_service(proc)
-    raise RuntimeError(f"serve.py did not answer within {timeout} s:\n{log.read_text()}")
-
-
-def stop_service(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(15)
-
-
-def saved_tiny_model(folder: Path):
-    """A trained TinyCNN (3 classes), its weights file and its calibration table file."""
-    model = trained_tiny_cnn(num_classes=3, seed=1)
-    table = calibrate(model, class_dataset(600, 3, seed=1), progress=False)
-    torch.save(model.state_dict(), folder / "model.pt")
-    table.save(folder / "table.safetensors")
-    args = ["--model", "tests._models:TinyCNN", "--model-kwargs", '{"num_classes": 3}',
-            "--weights", str(folder / "model.pt"), "--table", str(folder / "table.safetensors")]
-    return model, table, args  # fmt: skip
+from tests._models import mixed_inputs
 
 
 def metric_values(url: str) -> dict[tuple[str, tuple], float]:
@@ -85,32 +26,19 @@ def metric_values(url: str) -> dict[tuple[str, tuple], float]:
     }
 
 
-def _inputs(n: int) -> torch.Tensor:
-    x, _ = class_images(n, 3, seed=1)
-    x = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-    x[0::4] *= 6.0
-    x[1::4] = 0.0
-    return x
-
-
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return saved_tiny_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def service(saved, tmp_path_factory):
-    model, table, args = saved
+def service(saved_tiny_model, tmp_path_factory):
+    model, table, args = saved_tiny_model
     proc, url = start_service(args, tmp_path_factory.mktemp("serve") / "serve.log")
     try:
         yield model, table, url
     finally:
-        stop_service(proc)
+        stop_process(proc)
 
 
 def test_predictions_and_surprise_summaries(service):
     model, table, url = service
-    x = _inputs(8)
+    x = mixed_inputs(8)
     resp = httpx.post(url + "/predict", json={"inputs": x.tolist(), "surprise": True}, timeout=30)
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -143,7 +71,7 @@ def test_predictions_and_surprise_summaries(service):
 def test_bad_requests_get_clear_errors_and_the_service_survives(service):
     _, _, url = service
     before = metric_values(url)
-    nan = _inputs(2)
+    nan = mixed_inputs(2)
     nan[0, 0, 0, 0] = float("nan")
     resp = httpx.post(  # Python's json writes NaN as a literal, which the server accepts
         url + "/predict", content=json.dumps({"inputs": nan.tolist(), "surprise": True}),
@@ -155,10 +83,11 @@ def test_bad_requests_get_clear_errors_and_the_service_survives(service):
     assert ragged.status_code == 422 and "rectangular" in ragged.text
     flat = httpx.post(url + "/predict", json={"inputs": [1.0, 2.0]}, timeout=30)
     assert flat.status_code == 422 and "B x C x H x W" in flat.text
-    channels = httpx.post(url + "/predict", json={"inputs": _inputs(1)[:, :1].tolist()}, timeout=30)
+    one = mixed_inputs(1)
+    channels = httpx.post(url + "/predict", json={"inputs": one[:, :1].tolist()}, timeout=30)
     assert channels.status_code == 400 and "the model cannot run this input" in channels.text
     label = httpx.post(
-        url + "/predict", json={"inputs": _inputs(1).tolist(), "labels": [7], "surprise": True},
+        url + "/predict", json={"inputs": one.tolist(), "labels": [7], "surprise": True},
         timeout=30,
     )  # fmt: skip
     assert label.status_code == 200 and label.json()["surprise"] == [None]
@@ -171,7 +100,7 @@ def test_bad_requests_get_clear_errors_and_the_service_survives(service):
 def test_concurrent_requests_add_up_in_metrics(service):
     model, table, url = service
     before = metric_values(url)
-    batches = [_inputs(1 + i % 3) for i in range(24)]
+    batches = [mixed_inputs(1 + i % 3) for i in range(24)]
     with httpx.Client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(
             lambda x: client.post(url + "/predict", json={"inputs": x.tolist()}), batches
@@ -195,9 +124,9 @@ def test_concurrent_requests_add_up_in_metrics(service):
     assert not math.isnan(after[("surprise_monitor_added_latency_seconds_sum", ())])
 
 
-def test_unmonitored_and_async_services(saved, tmp_path):
-    model, _, args = saved
-    x = _inputs(4)
+def test_unmonitored_and_async_services(saved_tiny_model, tmp_path):
+    model, _, args = saved_tiny_model
+    x = mixed_inputs(4)
     proc, url = start_service([*args, "--mode", "async", "--sample-every", "2"],
                               tmp_path / "async.log")  # fmt: skip
     try:
@@ -211,7 +140,7 @@ def test_unmonitored_and_async_services(saved, tmp_path):
             assert time.monotonic() < deadline, "the async worker did not judge the inputs"
             time.sleep(0.2)
     finally:
-        stop_service(proc)
+        stop_process(proc)
     proc, url = start_service([*args, "--no-monitor"], tmp_path / "plain.log")
     try:
         assert httpx.get(url + "/healthz", timeout=5).json()["monitor"] == "off"
@@ -220,4 +149,4 @@ def test_unmonitored_and_async_services(saved, tmp_path):
             assert body["predictions"] == model(x).argmax(1).tolist()
         assert "surprise_monitor_inputs_total" not in httpx.get(url + "/metrics").text
     finally:
-        stop_service(proc)
+        stop_process(proc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,19 @@ def grid_levels(q: int) -> torch.Tensor:
         inner = torch.linspace(5.0, 95.0, q - 6).tolist()
         vals = [0.0, 0.1, 1.0, *inner, 99.0, 99.9, 100.0]
     return torch.tensor(vals, dtype=torch.float32)
+
+
+@pytest.fixture
+def strict_grid() -> Callable[..., np.ndarray]:
+    """Factory for a strictly increasing float32 grid ``[*shape, q]``: ``strict_grid(rng,
+    shape, q)``."""
+
+    def _make(rng: np.random.Generator, shape: tuple[int, ...], q: int) -> np.ndarray:
+        x = np.sort(rng.normal(size=(*shape, q)), axis=-1)
+        x += np.arange(q) * 1e-3  # strictly increasing
+        return x.astype(np.float32)
+
+    return _make
 
 
 @pytest.fixture

@@ -9,16 +9,10 @@ import torch
 from kernels import percentile_rank, quantile_at
 
 
-def _strict_grid(rng, shape, q):
-    x = np.sort(rng.normal(size=(*shape, q)), axis=-1)
-    x += np.arange(q) * 1e-3  # strictly increasing
-    return x.astype(np.float32)
-
-
-def test_percentile_rank_matches_numpy_interp_on_strict_grids():
+def test_percentile_rank_matches_numpy_interp_on_strict_grids(strict_grid):
     rng = np.random.default_rng(0)
     levels = np.concatenate([[0.0], np.sort(rng.uniform(0, 100, 23)), [100.0]]).astype(np.float32)
-    grid = _strict_grid(rng, (40,), 25)
+    grid = strict_grid(rng, (40,), 25)
     values = rng.normal(scale=1.5, size=(40, 30)).astype(np.float32)
     values[:, :25] = grid  # exactly on every grid point
     out = percentile_rank(

@@ -52,17 +52,11 @@ def test_grad_amap_torch_known_values():
     assert grad_amap_torch(a, g).tolist() == [[1.5, -5.5]]
 
 
-def _strict_grid(rng, shape, q):
-    x = np.sort(rng.normal(size=(*shape, q)), axis=-1)
-    x += np.arange(q) * 1e-3  # strictly increasing
-    return x.astype(np.float32)
-
-
-def test_percentile_lookup_torch_vs_numpy():
+def test_percentile_lookup_torch_vs_numpy(strict_grid):
     rng = np.random.default_rng(2)
     k, n, q, b = 5, 17, 9, 11
     levels = np.array([0, 0.1, 10, 30, 50, 70, 90, 99.9, 100], dtype=np.float32)
-    grid = _strict_grid(rng, (k, n), q)
+    grid = strict_grid(rng, (k, n), q)
     mean = rng.normal(size=(k, n)).astype(np.float32)
     table = prepare_lookup_table(
         type("T", (), {"levels": levels, "quantiles": grid, "mean": mean})()

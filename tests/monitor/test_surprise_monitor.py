@@ -9,16 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate import calibrate
 from monitor import SurpriseMonitor, TableMismatchError
-from tests._models import TinyCNN, class_dataset, class_images, seeded, trained_tiny_cnn
-
-
-@pytest.fixture(scope="module")
-def calibrated():
-    model = trained_tiny_cnn(num_classes=3, seed=1)
-    table = calibrate(model, class_dataset(600, 3, seed=1), progress=False)
-    return model, table
+from tests._models import TinyCNN, mixed_inputs, seeded
 
 
 @pytest.fixture()
@@ -28,18 +20,9 @@ def monitor(calibrated):
         yield m
 
 
-def _inputs(n: int = 12) -> torch.Tensor:
-    """New images of the training classes; inputs 0, 4, 8.. scaled up, 1, 5, 9.. blanked."""
-    x, _ = class_images(n, 3, seed=1)  # the training patterns ...
-    x = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))  # new noise
-    x[0::4] *= 6.0
-    x[1::4] = 0.0
-    return x
-
-
 def test_drop_in_returns_the_models_output(monitor, calibrated):
     model, _ = calibrated
-    x = _inputs()
+    x = mixed_inputs()
     out = monitor(x)
     with torch.no_grad():
         assert torch.equal(out, model(x))
@@ -54,7 +37,7 @@ def _grid_value(table, c: int, level: float) -> np.ndarray:
 
 def test_flags_follow_the_definitions(monitor, calibrated):
     _, table = calibrated
-    r = monitor.inspect(_inputs())
+    r = monitor.inspect(mixed_inputs())
     mu = table.mean.numpy()
     for b in range(len(r)):
         c = int(r.classes[b])
@@ -80,7 +63,7 @@ def test_flags_follow_the_definitions(monitor, calibrated):
 
 
 def test_flagged_filters_are_ranked_by_deviation(monitor):
-    r = monitor.inspect(_inputs())
+    r = monitor.inspect(mixed_inputs())
     b = int(torch.nonzero(r.surprise_count >= 2)[0])
     sur = r.surprising_filters(b)
     assert [f.filter for f in sur] == sorted(
@@ -95,7 +78,7 @@ def test_flagged_filters_are_ranked_by_deviation(monitor):
 
 
 def test_labels_pick_the_class(monitor):
-    x = _inputs(4)
+    x = mixed_inputs(4)
     labels = torch.tensor([2, 2, 0, 1])
     r = monitor.inspect(x, labels=labels)
     assert r.classes.tolist() == [2, 2, 0, 1] and r.labels_given
@@ -106,7 +89,7 @@ def test_labels_pick_the_class(monitor):
 
 
 def test_batch_equals_single_inputs(monitor):
-    x = _inputs(7)
+    x = mixed_inputs(7)
     batch = monitor.inspect(x)
     for i in range(7):
         one = monitor.inspect(x[i : i + 1])
@@ -121,7 +104,7 @@ def test_model_is_left_as_it_was(calibrated):
     model, table = calibrated
     flags = [p.requires_grad for p in model.parameters()]
     with SurpriseMonitor(model, table) as m:
-        m(_inputs(3))
+        m(mixed_inputs(3))
         assert sum(len(mod._forward_hooks) for mod in model.modules()) == 1
     assert all(not mod._forward_hooks for mod in model.modules())
     assert [p.requires_grad for p in model.parameters()] == flags
@@ -166,7 +149,7 @@ def test_tables_for_something_else_are_refused(calibrated, tmp_path):
 )
 def test_bad_input_is_named_and_inference_survives(monitor, calibrated, make, message, caplog):
     model, _ = calibrated
-    x = make(_inputs(3))
+    x = make(mixed_inputs(3))
     with pytest.raises(ValueError, match=message):
         monitor.inspect(x)
     before = sum(monitor.failures.values())
@@ -185,7 +168,7 @@ def test_bad_input_is_named_and_inference_survives(monitor, calibrated, make, me
 
 def test_training_mode_after_wrapping_fails_open(monitor, calibrated):
     model, _ = calibrated
-    x = _inputs(3)
+    x = mixed_inputs(3)
     model.train()
     try:
         with pytest.raises(ValueError, match="training mode"):
@@ -203,7 +186,7 @@ def test_uncalibrated_class_is_never_flagged(calibrated):
     table.counts[1] = 0
     try:
         with SurpriseMonitor(model, table) as m:
-            x = _inputs(6) * 10
+            x = mixed_inputs(6) * 10
             r = m.inspect(x, labels=torch.ones(6, dtype=torch.long))
             assert not r.calibrated.any() and not r.flagged.any()
     finally:
@@ -211,7 +194,7 @@ def test_uncalibrated_class_is_never_flagged(calibrated):
 
 
 def test_works_inside_the_callers_no_grad_and_inference_mode(monitor):
-    x = _inputs(4)
+    x = mixed_inputs(4)
     expected = monitor.inspect(x)
     for context in (torch.no_grad, torch.inference_mode):
         with context():

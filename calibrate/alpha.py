@@ -1,0 +1,142 @@
+"""Each calibration batch's alpha: the monitor's probe run over training images with their true
+labels.
+
+:class:`BatchAlpha` chooses the target layer on the first batch (or takes the checkpoint's),
+runs the prefix in ``torch.inference_mode`` where the model allows it (falling back to the plain
+probe), optionally under autocast, and checks what it computes: finite images and alpha, one
+input size, one class count, indices that fit the table's int32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrate.checkpoint import CheckpointError
+from calibrate.inference_probe import InferenceModeProbe, InferenceModeUnsupported
+from kernels import grad_amap
+from monitor.probe import GradAMapProbe, ProbeResult, resolve_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunMeta:
+    """What the first batch told about the model (recorded in checkpoints, same on all ranks)."""
+
+    layer: str
+    layer_reason: str
+    num_filters: int
+    input_shape: list[int]  # [C, H, W]
+    num_classes: int | None = None  # known once the model has run
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON object a checkpoint manifest stores."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any] | None) -> RunMeta | None:
+        """The meta a manifest (or a broadcast) holds; ``None`` stays ``None``."""
+        return None if obj is None else cls(**obj)
+
+
+class BatchAlpha:
+    """Computes alpha ``[B, N]`` for batches of training images with their true labels.
+
+    Args:
+        model: the CNN in eval mode.
+        layer: the requested target layer (``None``: the final convolution).
+        score: the class score differentiated.
+        device: where the model runs (for autocast).
+        backend: the ``grad_amap`` kernel backend.
+        amp: autocast (float16 on CUDA, bfloat16 on CPU); alpha still accumulates in float32.
+        inference_mode: run the prefix in inference mode where the model allows it.
+        meta: a checkpoint's meta (the layer is then the checkpoint's).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None,
+        score: str,
+        device: torch.device,
+        backend: str,
+        *,
+        amp: bool = False,
+        inference_mode: bool = True,
+        meta: RunMeta | None = None,
+    ) -> None:
+        self.model, self.layer, self.score, self.device = model, layer, score, device
+        self.backend, self.amp, self.inference_mode = backend, amp, inference_mode
+        self.meta = meta
+        self.probe: GradAMapProbe | None = None
+
+    def close(self) -> None:
+        """Remove the probe's hooks (idempotent)."""
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray) -> np.ndarray:
+        """Alpha ``[B, N]`` (float32, on the CPU) of a batch on the device, checked."""
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"images {idx[0]}..{idx[-1]} contain NaN or Inf")
+        if self.probe is None:
+            self._start(x)
+        elif list(x.shape[1:]) != self.meta.input_shape:
+            raise ValueError(
+                f"images {idx[0]}..{idx[-1]} have shape {tuple(x.shape[1:])}, earlier ones "
+                f"{tuple(self.meta.input_shape)}: calibrate at one input size"
+            )
+        res = self._probe(x, y)
+        k = int(res.logits.shape[1])
+        if self.meta.num_classes is None:
+            self.meta.num_classes = k
+        elif self.meta.num_classes != k:
+            raise ValueError(f"the model gave {k} classes, earlier {self.meta.num_classes}")
+        alpha = grad_amap(res.activation, res.gradient, backend=self.backend)
+        if not bool(torch.isfinite(alpha).all()):
+            raise ValueError(f"alpha is not finite for images {idx[0]}..{idx[-1]}")
+        if idx.size and (idx.min() < 0 or idx.max() >= 2**31):
+            raise ValueError(f"dataset index {idx.max()} does not fit the table's int32")
+        return alpha.float().cpu().numpy()
+
+    def _start(self, x: torch.Tensor) -> None:
+        """Choose the layer on the first batch (the checkpoint's, if resumed) and attach the
+        probe."""
+        want = self.meta.layer if self.meta else self.layer
+        choice = resolve_layer(self.model, want, x[:1])
+        if self.meta is None:
+            log.info("calibrate: target layer %r (%s)", choice.name, choice.reason)
+            self.meta = RunMeta(
+                choice.name, choice.reason, int(choice.out_shape[0]), list(x.shape[1:])
+            )
+        elif int(choice.out_shape[0]) != self.meta.num_filters:
+            raise CheckpointError(
+                f"layer {choice.name!r} has {choice.out_shape[0]} filters, the checkpoint "
+                f"{self.meta.num_filters}"
+            )
+        probe = InferenceModeProbe if self.inference_mode else GradAMapProbe
+        self.probe = probe(self.model, choice.name, score=self.score)
+
+    def _probe(self, x: torch.Tensor, y: torch.Tensor) -> ProbeResult:
+        """One probe pass under autocast when asked; falls back to the plain probe for good
+        when the model's head cannot run with the prefix in inference mode."""
+        try:
+            return self._forward(x, y)
+        except InferenceModeUnsupported as exc:
+            log.info("calibrate: prefix in no_grad instead of inference_mode (%s)", exc)
+            self.close()
+            self.probe = GradAMapProbe(self.model, self.meta.layer, score=self.score)
+            return self._forward(x, y)
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> ProbeResult:
+        """The probe's pass, under autocast when ``amp`` is on."""
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
+            return self.probe.run(x, labels=y)

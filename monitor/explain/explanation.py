@@ -1,0 +1,237 @@
+"""Why was an input flagged? The region of the image behind one filter, and the training images
+that engage that filter most (the paper's Sections 4.3-4.4, Figures 7 and 8).
+
+For one image ``x`` judged against class ``c`` (the caller's label, else the prediction):
+
+1. the filter: the caller's, else the most surprising one (largest ``alpha - mu`` among those
+   with ``alpha > P_cn(surprise_pct)``), else the most expected one, else (nothing flagged) the
+   filter with the highest percentile rank, ``kind="unflagged"``;
+2. the gradient of class c's score with respect to the input pixels that flows only through that
+   filter (:func:`monitor.explain.saliency.input_gradient`);
+3. SLIC superpixels of the un-normalised image (:mod:`monitor.explain.superpixels`; the
+   normalisation comes from ``table.data_source["mean"/"std"]`` or the ``mean=`` / ``std=``
+   arguments), each scored by the gradient it holds (the sum over its pixels of ``max_c |g|``);
+   the top superpixel is the region most important to the filter;
+4. optionally the training exemplars of ``(c, filter)`` from the calibration table, each with
+   its own region (:mod:`monitor.explain.exemplars`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from monitor.explain import superpixels
+from monitor.explain.choice import choose_filter
+from monitor.explain.exemplars import Exemplar, exemplars
+from monitor.explain.figures import Panel, draw_boundary, panels_figure, save_png
+from monitor.explain.inputs import judged_on_device, one_image
+from monitor.explain.saliency import input_gradient
+from monitor.judge import HasJudge, Judge, judge_of
+from monitor.loading.images import SOURCE_KINDS
+from monitor.table import CalibrationTable
+
+_VERBS = {"surprise": "surprising", "expectation": "expected", "unflagged": "unflagged"}
+
+
+@dataclass
+class Explanation:
+    """One image's explanation for one filter (arrays are NumPy, on the CPU)."""
+
+    image: np.ndarray = field(repr=False)  # [H, W, C] the un-normalised picture, in [0, 1]
+    segments: np.ndarray = field(repr=False)  # [H, W] int64 superpixel labels 0..S-1
+    scores: np.ndarray = field(repr=False)  # [S] gradient score of each superpixel
+    top_segment: int  # the highest-scored superpixel
+    mask: np.ndarray = field(repr=False)  # [H, W] bool: the top region
+    gradient: np.ndarray = field(repr=False)  # [C, H, W] the filter-restricted input gradient
+    filter: int
+    kind: str  # "surprise", "expectation" or "unflagged"
+    cls: int  # the class the filter was judged against: the label if given, else the prediction
+    prediction: int
+    label: int | None
+    alpha: float
+    mu: float
+    percentile: float  # alpha's percentile rank within the class's calibration alphas
+    low: float  # P_cn(expectation_pct)
+    high: float  # P_cn(surprise_pct)
+    surprise_pct: float
+    expectation_pct: float
+    layer: str
+    n_segments: int
+    class_names: tuple[str, ...] = ()
+    reason: str = ""  # how the filter was chosen
+    exemplar_class: int = -1
+    exemplars: list[Exemplar] = field(default_factory=list, repr=False)
+
+    def class_name(self, c: int | None) -> str:
+        """Class ``c``'s name (``"?"`` for ``None``, the number when the table has no name)."""
+        if c is None:
+            return "?"
+        return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
+
+    @property
+    def num_segments(self) -> int:
+        """Superpixels SLIC found (it can differ a little from ``n_segments``)."""
+        return int(self.scores.shape[0])
+
+    def title(self) -> str:
+        """The figure's title: prediction, label, filter and its kind for the judged class."""
+        return (
+            f"predicted '{self.class_name(self.prediction)}'"
+            + (f" (true '{self.class_name(self.label)}')" if self.label is not None else "")
+            + f": filter {self.filter} of {self.layer}, {_VERBS[self.kind]} for "
+            f"'{self.class_name(self.cls)}'"
+        )
+
+    def caption(self) -> str:
+        """The input's caption: predicted (true) class, filter, kind, alpha against the class's
+        percentiles."""
+        head = self.class_name(self.prediction)
+        if self.label is not None:
+            head += f" ({self.class_name(self.label)})"
+        return (
+            f"{head}\nfilter {self.filter}: {self.kind}\n"
+            f"alpha {self.alpha:.3g} (percentile {self.percentile:.1f})\n"
+            f"class mean {self.mu:.3g}\n"
+            f"P{self.expectation_pct:g} {self.low:.3g} | P{self.surprise_pct:g} {self.high:.3g}"
+        )
+
+    def render(
+        self,
+        path: str | Path | None = None,
+        *,
+        scale: int | None = None,
+        color: tuple[int, int, int] = (255, 255, 0),
+    ) -> Image.Image:
+        """The input upscaled (nearest, default: longer side >= 256 px) with the top region's
+        boundary drawn in ``color``; written as PNG to ``path`` when given."""
+        rgb = draw_boundary(self.image, self.mask, scale=scale, color=color)
+        if path is not None:
+            save_png(rgb, path)
+        return Image.fromarray(rgb)
+
+    def save_figure(self, path: str | Path, **kwargs: Any) -> Path:
+        """The input beside its training exemplars, each masked to its own region, captioned,
+        as one PNG (matplotlib, Agg; ``kwargs``: ``panel_inches``, ``dpi``)."""
+        panels = [Panel(draw_boundary(self.image, self.mask), self.caption())]
+        for ex in self.exemplars:
+            caption = (
+                f"training #{ex.index} ({self.class_name(self.exemplar_class)})\n"
+                f"rank {ex.rank + 1}, alpha {ex.alpha:.3g}"
+            )
+            panels.append(Panel(draw_boundary(ex.image, ex.mask, dim=0.35), caption))
+        return panels_figure(panels, self.title(), path, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (no arrays)."""
+        return {
+            "filter": self.filter,
+            "kind": self.kind,
+            "reason": self.reason,
+            "layer": self.layer,
+            "class": self.cls,
+            "class_name": self.class_name(self.cls),
+            "prediction": self.prediction,
+            "prediction_name": self.class_name(self.prediction),
+            "label": self.label,
+            "alpha": self.alpha,
+            "mu": self.mu,
+            "percentile": self.percentile,
+            "low": self.low,
+            "high": self.high,
+            "n_segments": self.n_segments,
+            "segments_found": self.num_segments,
+            "top_segment": self.top_segment,
+            "top_region_pixels": int(self.mask.sum()),
+            "exemplars": [{"index": e.index, "alpha": e.alpha} for e in self.exemplars],
+        }
+
+
+def explain(
+    target: Judge | HasJudge,
+    x: torch.Tensor,
+    filter: int | None = None,
+    label: int | None = None,
+    n_segments: int = 50,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    exemplars_k: int | None = None,
+    dataset: Any = None,
+    exemplar_class: int | None = None,
+    reduce: str = "sum",
+    slic_kwargs: Mapping[str, Any] | None = None,
+) -> Explanation:
+    """Explain one image ``x`` (normalised, ``[C, H, W]`` or ``[1, C, H, W]``) for one filter.
+
+    Args:
+        target: the judge, or a :class:`~monitor.SurpriseMonitor` (its judge is used; its
+            ``last_report`` is left alone).
+        filter: the filter to explain; default: the most surprising, else the most expected one.
+        label: the true class if known (the filter is judged against it); else the prediction.
+        n_segments: SLIC's target superpixel count (the paper uses 50).
+        mean, std: the normalisation of ``x`` when ``table.data_source`` does not record it.
+        exemplars_k: training exemplars to attach; default: the table's top-k when the images can
+            be found (``table.data_source`` or ``dataset``), else none. 0 for none.
+        dataset: the calibration dataset (index order, normalised tensors), for the exemplars.
+        exemplar_class: whose exemplars to show (default: the class the filter was judged
+            against, whose top-k the table stores).
+        reduce: superpixel scoring, ``"sum"`` (default) or ``"mean"`` of ``max_c |g|``.
+        slic_kwargs: extra arguments for ``skimage.segmentation.slic``.
+    """
+    x = one_image(x, "explain")
+    judge = judge_of(target)
+    table = judge.table
+    mean_t, std_t = superpixels.normalisation(table.data_source, mean, std)
+    x, report = judged_on_device(judge, x, label)
+    n, kind, reason = choose_filter(report, filter)
+    c = int(report.classes[0])
+    grad = input_gradient(
+        judge.model, table.layer, x, c, n, score=table.score,
+        output_to_logits=judge.output_to_logits,
+    )[0].cpu()  # fmt: skip
+    image = superpixels.unnormalise(x[0], mean_t, std_t)
+    segs, scores, order = superpixels.ranked_superpixels(
+        image, grad, n_segments, reduce=reduce, slic_kwargs=slic_kwargs
+    )
+    top = int(order[0])
+    expl = Explanation(
+        image=image, segments=segs, scores=scores, top_segment=top,
+        mask=superpixels.region_mask(segs, [top]), gradient=grad.numpy(), filter=n, kind=kind,
+        cls=c, prediction=int(report.predictions[0]),
+        label=None if label is None else int(label), alpha=float(report.alpha[0, n]),
+        mu=float(report.mu[0, n]), percentile=float(report.percentile[0, n]),
+        low=float(table.value_at(judge.expectation_pct)[c, n]),
+        high=float(table.value_at(judge.surprise_pct)[c, n]),
+        surprise_pct=judge.surprise_pct, expectation_pct=judge.expectation_pct,
+        layer=table.layer, n_segments=n_segments, class_names=tuple(table.class_names),
+        reason=reason, exemplar_class=c if exemplar_class is None else int(exemplar_class),
+    )  # fmt: skip
+    k = _exemplar_count(table, exemplars_k, dataset)
+    if k > 0:
+        expl.exemplars = exemplars(
+            judge.model, table, expl.exemplar_class, n, mean=mean_t, std=std_t, k=k,
+            dataset=dataset, n_segments=n_segments, reduce=reduce,
+            output_to_logits=judge.output_to_logits, slic_kwargs=slic_kwargs,
+        )  # fmt: skip
+    return expl
+
+
+def _exemplar_count(table: CalibrationTable, asked: int | None, dataset: Any) -> int:
+    """Exemplars to attach: ``asked``, else the table's top-k when the training images can be
+    found (``dataset`` or a readable ``data_source``), else 0."""
+    if asked is not None:
+        return asked
+    source = table.data_source
+    if dataset is None and (source is None or source.get("kind") not in SOURCE_KINDS):
+        return 0
+    try:
+        return int(table.top_k)
+    except ValueError:  # no exemplars stored and no file to read them from
+        return 0

@@ -1,0 +1,50 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never a partial one.
+
+Every file the library writes (calibration tables, checkpoint manifests, sketch states,
+figures) goes through :func:`atomic_write`: a temporary file in the same folder, fsync, rename,
+fsync of the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, fsync it, then rename it to
+    ``path`` and fsync the folder. On any error the temporary file is removed and ``path`` is
+    left as it was. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        _fsync(tmp, os.O_RDONLY)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        _fsync(path.parent, os.O_RDONLY)
+    except OSError:
+        pass
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`). Returns ``path``."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    """fsync the file or folder at ``path`` (opened with ``flags``)."""
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,20 @@
+"""The probe: one forward and one partial backward pass give a layer's activation and the class
+score's gradient there; plus the layer hooks it is built on, the class scores and the choice of
+the target layer."""
+
+from monitor.probe.grad_amap_probe import GradAMapProbe, ProbeResult
+from monitor.probe.hooks import LayerTap, get_module, traced_calls
+from monitor.probe.layers import LayerChoice, resolve_layer
+from monitor.probe.scores import SCORES, class_scores
+
+__all__ = [
+    "SCORES",
+    "GradAMapProbe",
+    "LayerChoice",
+    "LayerTap",
+    "ProbeResult",
+    "class_scores",
+    "get_module",
+    "resolve_layer",
+    "traced_calls",
+]

@@ -1,0 +1,387 @@
+"""Prometheus metrics of a :class:`~monitor.SurpriseMonitor`, in a registry the caller chooses.
+
+Names follow the Prometheus conventions (``_total`` counters, ``_seconds`` durations, base
+units, low-cardinality labels). With the default namespace ``surprise_monitor``:
+
+==========================================  ========================================================
+``surprise_monitor_inputs_total``            inputs passed to the monitored model
+``surprise_monitor_inputs_monitored_total``  inputs judged against the calibration table
+``surprise_monitor_inputs_flagged_total``    judged inputs flagged, by ``kind``: ``surprise`` (any
+                                             surprising filter), ``expectation``, ``low_beta``
+``surprise_monitor_inputs_skipped_total``    inputs not judged, by ``reason``: ``sampled_out``,
+                                             ``queue_full`` (async mode), ``failed``
+``surprise_monitor_failures_total``          failed monitoring calls, by ``kind`` (exception type)
+``surprise_monitor_beta``                    histogram of beta per judged input (no ``_sum``
+                                             when a bucket is negative: prometheus_client's rule)
+``surprise_monitor_beta_percentile``         histogram of beta's percentile in its class (0..100)
+``surprise_monitor_surprising_filters``      histogram of surprising filters per judged input
+``surprise_monitor_expected_filters``        histogram of expected filters per judged input
+``surprise_monitor_added_latency_seconds``   time the monitor added to the request path, per call
+``surprise_monitor_inspect_duration_seconds`` time to judge one batch (off the path in async mode)
+``surprise_monitor_queue_depth``             batches waiting for the async worker
+``surprise_monitor_filters``                 filters N at the monitored layer (for filter rates)
+==========================================  ========================================================
+
+Once the async queue is drained, ``inputs_total`` equals ``inputs_monitored_total`` plus the
+sum of ``inputs_skipped_total`` over its reasons. A per-class ``class`` label (the class name)
+is added to the monitored and flagged counters only with ``per_class=True``: it multiplies their
+series by the number of classes.
+
+Monitors share metric families per (registry, namespace): two monitors in one registry either
+use different namespaces or the same constant ``labels`` keys with different values (e.g.
+``{"model": "resnet50"}`` and ``{"model": "vgg16"}``); anything else is a
+:class:`MetricsConflictError`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
+
+import torch
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from monitor.report import MonitorReport
+    from monitor.table import CalibrationTable
+
+DEFAULT_NAMESPACE = "surprise_monitor"
+FLAG_KINDS = ("surprise", "expectation", "low_beta")
+SKIP_REASONS = ("sampled_out", "queue_full", "failed")
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+)  # fmt: skip
+PERCENTILE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 100.0)
+_BETA_LEVELS = (0.1, 1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
+_RESERVED = ("kind", "reason", "class", "le", "quantile")
+
+
+class MetricsConflictError(ValueError):
+    """The registry already holds metrics that this monitor's metrics would collide with."""
+
+
+def count_buckets(num_filters: int) -> tuple[float, ...]:
+    """``0, 1, 2, 4, ...`` up to the first power of two >= ``num_filters``."""
+    out, b = [0.0], 1
+    while True:
+        out.append(float(b))
+        if b >= num_filters:
+            return tuple(out)
+        b *= 2
+
+
+def beta_buckets_from(table: CalibrationTable) -> tuple[float, ...]:
+    """Histogram buckets for beta: the calibration betas' percentiles (0.1 ... 99.9), each the
+    median over the calibrated classes, to 3 significant digits."""
+    calibrated = table.counts > 0
+    if not bool(calibrated.any()):
+        return (-1.0, -0.1, 0.0, 0.1, 1.0)
+    values = []
+    for pct in _BETA_LEVELS:
+        v = float(table.beta_value_at(pct)[calibrated].float().median())
+        if math.isfinite(v):
+            values.append(float(f"{v:.3g}"))
+    out = tuple(sorted(set(values)))
+    return out if len(out) >= 2 else (-1.0, -0.1, 0.0, 0.1, 1.0)
+
+
+@dataclass
+class _Family:
+    """The metric objects of one (registry, namespace), shared by its monitors."""
+
+    label_names: tuple[str, ...]
+    per_class: bool
+    beta_buckets: tuple[float, ...]
+    metrics: dict[str, Counter | Gauge | Histogram]
+    members: set[tuple[str, ...]] = field(default_factory=set)
+
+
+_FAMILIES: WeakKeyDictionary[CollectorRegistry, dict[str, _Family]] = WeakKeyDictionary()
+_FAMILIES_LOCK = threading.Lock()
+
+
+_MetricSpec = tuple[type, str, str, tuple[str, ...], dict]
+
+
+def _family_specs(
+    label_names: tuple[str, ...],
+    per_class: bool,
+    beta_buckets: tuple[float, ...],
+    count_bounds: tuple[float, ...],
+) -> dict[str, _MetricSpec]:
+    """``key: (kind, name, help, label names, extra arguments)`` of every metric in a family."""
+    cls = ("class",) if per_class else ()
+    ln = label_names
+    return {
+        "inputs": (Counter, "inputs", "Inputs passed to the monitored model.", ln, {}),
+        "monitored": (
+            Counter, "inputs_monitored", "Inputs judged against the calibration table.",
+            ln + cls, {},
+        ),
+        "flagged": (
+            Counter, "inputs_flagged",
+            "Judged inputs flagged, by kind (surprise: any surprising filter; expectation: any "
+            "expected filter; low_beta: beta below the class's calibrated threshold).",
+            ln + ("kind",) + cls, {},
+        ),
+        "skipped": (
+            Counter, "inputs_skipped",
+            "Inputs not judged, by reason (sampled_out, queue_full, failed).",
+            ln + ("reason",), {},
+        ),
+        "failures": (
+            Counter, "failures", "Failed monitoring calls, by exception kind.", ln + ("kind",), {},
+        ),
+        "beta": (
+            Histogram, "beta", "beta = mean over filters of (alpha - mu) per judged input.", ln,
+            {"buckets": beta_buckets},
+        ),
+        "beta_percentile": (
+            Histogram, "beta_percentile",
+            "Percentile (0..100) of beta among the class's calibration betas, per judged input.",
+            ln, {"buckets": PERCENTILE_BUCKETS},
+        ),
+        "surprising": (
+            Histogram, "surprising_filters", "Surprising filters per judged input.", ln,
+            {"buckets": count_bounds},
+        ),
+        "expected": (
+            Histogram, "expected_filters", "Expected filters per judged input.", ln,
+            {"buckets": count_bounds},
+        ),
+        "added_latency": (
+            Histogram, "added_latency_seconds",
+            "Time the monitor added to the request path, per call.", ln,
+            {"buckets": LATENCY_BUCKETS},
+        ),
+        "inspect_duration": (
+            Histogram, "inspect_duration_seconds",
+            "Time to judge one batch (on the worker thread in async mode).", ln,
+            {"buckets": LATENCY_BUCKETS},
+        ),
+        "queue_depth": (Gauge, "queue_depth", "Batches waiting for the async worker.", ln, {}),
+        "filters": (Gauge, "filters", "Filters at the monitored layer.", ln, {}),
+    }  # fmt: skip
+
+
+def _build_family(
+    registry: CollectorRegistry,
+    namespace: str,
+    label_names: tuple[str, ...],
+    per_class: bool,
+    beta_buckets: tuple[float, ...],
+    count_bounds: tuple[float, ...],
+) -> _Family:
+    """Register a new family's metrics in ``registry`` (all or none of them)."""
+    specs = _family_specs(label_names, per_class, beta_buckets, count_bounds)
+    made: dict[str, Counter | Gauge | Histogram] = {}
+    try:
+        for key, (kind, name, doc, labels, extra) in specs.items():
+            made[key] = kind(
+                name, doc, labelnames=labels, namespace=namespace, registry=registry, **extra
+            )
+    except ValueError as exc:  # prometheus_client: "Duplicated timeseries in CollectorRegistry"
+        for metric in made.values():
+            registry.unregister(metric)
+        raise MetricsConflictError(
+            f"metrics named {namespace}_* are already registered in this registry by something "
+            f"other than a surprise monitor ({exc}); pass another namespace= or registry="
+        ) from exc
+    return _Family(label_names, per_class, beta_buckets, made)
+
+
+class MonitorMetrics:
+    """One monitor's metrics, registered in ``registry`` (default: the global registry).
+
+    Args:
+        table: the monitor's calibration table (class names, filter count, beta scale).
+        registry: a :class:`prometheus_client.CollectorRegistry`; ``None`` is the global one.
+        namespace: the metric name prefix.
+        labels: constant labels for this monitor's series (e.g. ``{"model": "resnet50"}``).
+        per_class: add a ``class`` label to the monitored and flagged counters (cardinality:
+            one series per class and kind).
+        beta_buckets: the beta histogram's buckets (default: from the table's calibration betas).
+    """
+
+    def __init__(
+        self,
+        table: CalibrationTable,
+        *,
+        registry: CollectorRegistry | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        labels: Mapping[str, str] | None = None,
+        per_class: bool = False,
+        beta_buckets: Sequence[float] | None = None,
+    ) -> None:
+        self.registry = REGISTRY if registry is None else registry
+        self.namespace = namespace
+        labels = {str(k): str(v) for k, v in (labels or {}).items()}
+        clash = sorted(set(labels) & set(_RESERVED))
+        if clash:
+            raise ValueError(f"constant label names {clash} are used by the monitor's metrics")
+        self.label_names = tuple(sorted(labels))
+        self.label_values = tuple(labels[k] for k in self.label_names)
+        self.per_class = bool(per_class)
+        self.class_names = [str(c) for c in table.class_names] or [
+            str(c) for c in range(table.num_classes)
+        ]
+        buckets = tuple(float(b) for b in beta_buckets) if beta_buckets else None
+        family = self._join_family(table, buckets)
+        self._family = family
+        self.beta_buckets = family.beta_buckets
+        self._lock = threading.Lock()
+        self._children: set[tuple[str, tuple[str, ...]]] = set()
+        self._closed = False
+        # Series that alerts divide by exist from the start (at 0), so rates are never absent.
+        self._inputs = self._child("inputs")
+        self._skipped = {r: self._child("skipped", r) for r in SKIP_REASONS}
+        if not self.per_class:
+            self._monitored = self._child("monitored")
+            self._flagged = {k: self._child("flagged", k) for k in FLAG_KINDS}
+        self._beta = self._child("beta")
+        self._beta_pct = self._child("beta_percentile")
+        self._surprising = self._child("surprising")
+        self._expected = self._child("expected")
+        self._added = self._child("added_latency")
+        self._inspect = self._child("inspect_duration")
+        self._queue = self._child("queue_depth")
+        self._child("filters").set(table.num_filters)
+
+    def _join_family(
+        self, table: CalibrationTable, buckets: tuple[float, ...] | None
+    ) -> _Family:
+        """This registry's family under this namespace (made on first use), with this monitor
+        added as a member; :class:`MetricsConflictError` if it cannot join."""
+        namespace = self.namespace
+        with _FAMILIES_LOCK:
+            families = _FAMILIES.setdefault(self.registry, {})
+            family = families.get(namespace)
+            if family is None:
+                family = _build_family(
+                    self.registry, namespace, self.label_names, self.per_class,
+                    buckets or beta_buckets_from(table), count_buckets(table.num_filters),
+                )  # fmt: skip
+                families[namespace] = family
+            elif family.label_names != self.label_names or family.per_class != self.per_class:
+                raise MetricsConflictError(
+                    f"another monitor in this registry uses namespace {namespace!r} with "
+                    f"constant labels {list(family.label_names)} and per_class="
+                    f"{family.per_class}; use the same label names and per_class, or another "
+                    "namespace"
+                )
+            elif buckets is not None and buckets != family.beta_buckets:
+                raise MetricsConflictError(
+                    f"namespace {namespace!r} already has beta buckets {family.beta_buckets}"
+                )
+            if self.label_values in family.members:
+                shown = dict(zip(self.label_names, self.label_values, strict=True))
+                raise MetricsConflictError(
+                    f"a monitor with namespace {namespace!r} and constant labels {shown} is "
+                    "already registered in this registry; give each monitor distinct labels= "
+                    "(e.g. {'model': 'name'}) or another namespace, or close() the other one"
+                )
+            family.members.add(self.label_values)
+        return family
+
+    def _child(self, key: str, *extra: str) -> Any:
+        """The metric ``key``'s series for this monitor's labels plus ``extra`` (recorded, so
+        :meth:`close` can remove it)."""
+        values = self.label_values + extra
+        with self._lock:
+            self._children.add((key, values))
+        metric = self._family.metrics[key]
+        return metric.labels(*values) if values else metric
+
+    # ------------------------------------------------------------- recording
+    def inputs_seen(self, n: int) -> None:
+        """``n`` inputs reached the monitored model."""
+        self._inputs.inc(n)
+
+    def skipped(self, reason: str, n: int) -> None:
+        """``n`` inputs were not judged, for ``reason`` (one of :data:`SKIP_REASONS`)."""
+        if n:
+            self._skipped[reason].inc(n)
+
+    def failure(self, kind: str) -> None:
+        """One monitoring call failed with an exception of this kind."""
+        self._child("failures", kind).inc()
+
+    def added_latency(self, seconds: float) -> None:
+        """Time the monitor added to one call on the request path."""
+        self._added.observe(max(seconds, 0.0))
+
+    def inspect_duration(self, seconds: float) -> None:
+        """Time one batch took to judge."""
+        self._inspect.observe(max(seconds, 0.0))
+
+    def queue_depth(self, depth: int) -> None:
+        """Batches waiting for the async worker now."""
+        self._queue.set(depth)
+
+    def observe(self, report: MonitorReport) -> None:
+        """Count a judged batch: inputs, flags by kind, and the per-input histograms."""
+        n = len(report)
+        if n == 0:
+            return
+        flags = {
+            "surprise": report.surprise.any(dim=1),
+            "expectation": report.expectation.any(dim=1),
+            "low_beta": report.low_beta,
+        }
+        if self.per_class:
+            classes = report.classes
+            for c in torch.unique(classes).tolist():
+                rows = classes == c
+                name = self.class_names[c] if c < len(self.class_names) else str(c)
+                self._child("monitored", name).inc(int(rows.sum()))
+                for kind, flagged in flags.items():
+                    hits = int((flagged & rows).sum())
+                    child = self._child("flagged", kind, name)
+                    if hits:
+                        child.inc(hits)
+        else:
+            self._monitored.inc(n)
+            for kind, flagged in flags.items():
+                hits = int(flagged.sum())
+                if hits:
+                    self._flagged[kind].inc(hits)
+        for beta, pct, s, e in zip(
+            report.beta.tolist(), report.beta_percentile.tolist(),
+            report.surprise_count.tolist(), report.expectation_count.tolist(), strict=True,
+        ):  # fmt: skip
+            self._beta.observe(beta)
+            self._beta_pct.observe(pct)
+            self._surprising.observe(s)
+            self._expected.observe(e)
+
+    # ------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Remove this monitor's series; the family leaves the registry with its last monitor."""
+        with _FAMILIES_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            family = self._family
+            with self._lock:
+                children = list(self._children)
+            for key, values in children:
+                if values:
+                    try:
+                        family.metrics[key].remove(*values)
+                    except KeyError:
+                        pass
+            family.members.discard(self.label_values)
+            if not family.members:
+                for metric in family.metrics.values():
+                    try:
+                        self.registry.unregister(metric)
+                    except KeyError:
+                        pass
+                families = _FAMILIES.get(self.registry, {})
+                if families.get(self.namespace) is family:
+                    del families[self.namespace]

@@ -1,0 +1,273 @@
+"""The request path: what happens around the judge when a served model is called.
+
+:class:`RequestPath` runs the model for every call and has the :class:`~monitor.judge.Judge`
+judge the inputs it samples: on the calling thread (``mode="sync"``, from the same forward pass
+when every input is sampled) or on a worker thread (``mode="async"``, a copy of the inputs,
+dropped and counted when the queue is full). It never lets monitoring break the call (fail-open):
+a failure is counted (``failures``, the metrics) and logged once per kind, and the model's
+output is still returned. It calls ``on_flag`` for each flagged input, feeds the Prometheus
+metrics and keeps the last report.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from monitor.judge import Judge
+from monitor.report import MonitorReport
+from monitor.runtime.metrics import MonitorMetrics
+from monitor.runtime.sampling import Sampler
+from monitor.runtime.timing import ForwardTime, ForwardTimer
+from monitor.runtime.worker import AsyncWorker
+
+log = logging.getLogger(__name__)
+
+MODES = ("sync", "async")
+_NOT_RUN = object()  # the model's output before the model ran
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    """What one monitored call produced.
+
+    ``output`` is the model's output for the whole batch. ``report`` covers the batch rows in
+    ``rows`` (``report.sample(j)`` is row ``rows[j]``); it is ``None`` when no row was judged on
+    the request path (all sampled out, monitoring failed, or async mode).
+    """
+
+    output: Any
+    report: MonitorReport | None
+    rows: torch.Tensor  # [R] int64 batch indices the report covers (empty when report is None)
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` itself, or ``ValueError`` when it is not one of :data:`MODES`."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def batch_len(x: Any) -> int:
+    """Inputs in a call: the batch size of a ``[B, C, H, W]`` tensor, else 1."""
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim == 4 else 1
+
+
+def rows_of(labels: Any, rows: torch.Tensor) -> Any:
+    """The labels of the given batch rows (``None`` stays ``None``)."""
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    return labels.view(1)[rows] if labels.ndim == 0 else labels[rows]
+
+
+class RequestPath:
+    """Sampling, the async worker, fail-open counting, ``on_flag`` and metrics around a judge.
+
+    Args:
+        judge: judges the sampled inputs (its model also answers the unsampled ones).
+        sampler: which inputs to judge.
+        mode: ``"sync"`` or ``"async"``.
+        queue_size: batches the async queue holds.
+        on_flag: called with a one-input report per flagged input (errors counted, not raised).
+        metrics: the monitor's metrics, or ``None``; closed by :meth:`close`. With metrics,
+            two timing hooks are added on the model's root module.
+    """
+
+    def __init__(
+        self,
+        judge: Judge,
+        *,
+        sampler: Sampler,
+        mode: str = "sync",
+        queue_size: int = 64,
+        on_flag: Callable[[MonitorReport], Any] | None = None,
+        metrics: MonitorMetrics | None = None,
+    ) -> None:
+        self.judge = judge
+        self.sampler = sampler
+        self.mode = check_mode(mode)
+        self.on_flag = on_flag
+        self.metrics = metrics
+        self.failures: Counter[str] = Counter()
+        self.dropped = 0  # inputs the async mode dropped because its queue was full
+        self.last_report: MonitorReport | None = None
+        self._lock = threading.Lock()
+        self._logged_failures: set[str] = set()
+        self._metrics_server: Any = None
+        self._timer = ForwardTimer(judge.model) if metrics is not None else None
+        self._worker: AsyncWorker | None = None
+        if mode == "async":
+            on_depth = metrics.queue_depth if metrics is not None else None
+            self._worker = AsyncWorker(self._handle_queued, queue_size, on_depth=on_depth)
+
+    # ------------------------------------------------------------------ calls
+    def run(self, x: Any, labels: Any = None) -> MonitorResult:
+        """The model's output for ``x`` and the report of the rows judged on this thread."""
+        start = time.perf_counter()
+        n = batch_len(x)
+        take = self.sampler.select(n)
+        k = int(take.sum())
+        if self.metrics is not None:
+            self.metrics.inputs_seen(n)
+            self.metrics.skipped("sampled_out", n - k)
+        with self._forward_time() as forward:
+            if self.mode == "async":
+                result = MonitorResult(self._plain(x), None, torch.zeros(0, dtype=torch.long))
+                if k:
+                    self._enqueue(x, labels, take, k)
+            elif k == n:
+                result = self._judge_all(x, labels, n)
+            else:
+                result = self._judge_some(x, labels, take, k)
+        if self.metrics is not None:
+            self.metrics.added_latency(time.perf_counter() - start - forward.seconds)
+        return result
+
+    def _plain(self, x: Any) -> Any:
+        """The model's output for ``x``, unmonitored."""
+        with torch.no_grad():
+            return self.judge.model(x)
+
+    @contextmanager
+    def _forward_time(self) -> Iterator[ForwardTime]:
+        """Measure the model's forward time in the block (zero without metrics)."""
+        if self._timer is None:
+            yield ForwardTime()
+        else:
+            with self._timer.measure() as spent:
+                yield spent
+
+    def _judge_all(self, x: Any, labels: Any, n: int) -> MonitorResult:
+        """Every row sampled: judge the batch from the forward pass that answers it."""
+        rows = torch.arange(n)
+        output, report = self._judge(x, labels, n)
+        if output is _NOT_RUN:
+            output = self._plain(x)
+        return MonitorResult(output, report, rows if report is not None else rows[:0])
+
+    def _judge_some(self, x: Any, labels: Any, take: torch.Tensor, k: int) -> MonitorResult:
+        """Some rows sampled: answer the batch, then judge the ``k`` sampled rows."""
+        output = self._plain(x)
+        rows = torch.nonzero(take).flatten()
+        if k == 0:
+            return MonitorResult(output, None, rows)
+        _, report = self._judge(x, labels, k, rows=rows)
+        return MonitorResult(output, report, rows if report is not None else rows[:0])
+
+    def _judge(
+        self, x: Any, labels: Any, k: int, rows: torch.Tensor | None = None
+    ) -> tuple[Any, MonitorReport | None]:
+        """Judge ``k`` inputs (the ``rows`` of ``x`` when given), failing open: the model's
+        output (``_NOT_RUN`` if the model did not get to run) and the report, or ``None``
+        after a counted failure."""
+        started = time.perf_counter()
+        output: Any = _NOT_RUN
+        try:
+            if rows is not None:
+                x, labels = x[rows], rows_of(labels, rows)
+            batch = self.judge.validate(x, labels)
+            step = self.judge.device_step(batch)
+            output = step.output
+            report = self.judge.assemble(step, batch.labels_given)
+        except Exception as exc:  # fail open: never break the inference being watched
+            self._count_failure(exc, k)
+            return output, None
+        self.last_report = report
+        if self.metrics is not None:
+            self.metrics.inspect_duration(time.perf_counter() - started)
+            self.metrics.observe(report)
+        self._notify(report)
+        return output, report
+
+    def _notify(self, report: MonitorReport) -> None:
+        """Call ``on_flag`` with each flagged input's one-input report."""
+        if self.on_flag is None:
+            return
+        for j in torch.nonzero(report.flagged).flatten().tolist():
+            try:
+                self.on_flag(report.select([j]))
+            except Exception as exc:  # a broken callback must not break inference either
+                self._count_failure(exc, 0, prefix="on_flag:")
+
+    # ------------------------------------------------------------- async mode
+    def _enqueue(self, x: Any, labels: Any, take: torch.Tensor, k: int) -> None:
+        """Queue a copy of the ``k`` sampled rows for the worker (counted when dropped)."""
+        try:
+            rows = torch.nonzero(take).flatten()
+            sub = self.judge.check_input(x if k == batch_len(x) else x[rows])
+            with torch.inference_mode(False):  # a copy the caller cannot change afterwards
+                copy = sub.detach().clone()
+                lab = rows_of(labels, rows)
+                lab = lab.clone() if isinstance(lab, torch.Tensor) else lab
+        except Exception as exc:
+            self._count_failure(exc, k)
+            return
+        assert self._worker is not None
+        if not self._worker.submit((copy, lab, rows)):
+            if self.metrics is not None:
+                self.metrics.skipped("queue_full", k)
+            with self._lock:
+                self.dropped += k
+
+    def _handle_queued(self, item: tuple[torch.Tensor, Any, torch.Tensor]) -> None:
+        """The worker's handler: judge one queued copy."""
+        x, labels, _ = item
+        self._judge(x, labels, int(x.shape[0]))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the async worker has judged every queued input (True), or ``timeout``
+        seconds passed (False). True at once in sync mode."""
+        return self._worker.flush(timeout) if self._worker is not None else True
+
+    # --------------------------------------------------------------- failures
+    def _count_failure(self, exc: Exception, rows: int = 0, prefix: str = "") -> None:
+        """Count a monitoring failure (and its ``rows`` skipped inputs); log a kind once."""
+        kind = prefix + type(exc).__name__
+        with self._lock:
+            self.failures[kind] += 1
+            first = kind not in self._logged_failures
+            self._logged_failures.add(kind)
+        if self.metrics is not None:
+            self.metrics.failure(kind)
+            self.metrics.skipped("failed", rows)
+        if first:
+            log.warning(
+                "surprise monitor failed (%s: %s); the model's output is returned", kind, exc
+            )
+
+    # -------------------------------------------------------------- lifecycle
+    def serve_metrics(self, port: int = 0, addr: str = "127.0.0.1") -> int:
+        """Serve the metrics registry at ``http://addr:port/metrics`` on a daemon thread until
+        :meth:`close`; ``port=0`` picks a free port. Returns the port."""
+        if self.metrics is None:
+            raise RuntimeError("metrics are off; construct the monitor with metrics=True")
+        if self._metrics_server is not None:
+            raise RuntimeError("metrics are already served")
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(port, addr=addr, registry=self.metrics.registry)
+        self._metrics_server = server
+        return int(server.server_port)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain the async queue (at most ``timeout`` seconds), stop the worker and the metrics
+        server, remove the metric series and the timing hooks (idempotent)."""
+        if self._worker is not None:
+            self._worker.close(timeout)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+        if self.metrics is not None:
+            self.metrics.close()
+        if self._timer is not None:
+            self._timer.close()

@@ -1,0 +1,335 @@
+"""The calibration table: per (class, filter) statistics of Grad-AMap alpha on training data,
+and its file format.
+
+Stored as safetensors (tensors) plus JSON metadata; loading never unpickles. A SHA-256 over the
+metadata and every tensor's bytes is kept in the header, so a truncated or edited file is refused
+with a clear error instead of being used silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+
+from kernels import check_percentile_grid, quantile_at
+from monitor.files import atomic_write_bytes
+from monitor.probe.scores import SCORES
+
+FORMAT_NAME = "surprise-monitor-table"
+FORMAT_VERSION = 1
+
+#: Default percent levels of the alpha grid: dense in the tails, where the flags live.
+DEFAULT_LEVELS: tuple[float, ...] = (
+    0.0, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0,
+    55.0, 60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0, 97.5, 99.0, 99.5, 99.9, 100.0,
+)  # fmt: skip
+#: Levels that every grid must contain (the paper's thresholds and the usual tails).
+REQUIRED_LEVELS: tuple[float, ...] = (
+    0.0, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 97.5, 99.0, 99.5, 99.9, 100.0,
+)  # fmt: skip
+#: Percent levels of the per-class beta grid (0.1 steps), for calibrated low-beta thresholds.
+DEFAULT_BETA_LEVELS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1001))
+
+_TENSOR_NAMES = (
+    "levels", "quantiles", "mean", "counts",
+    "beta_levels", "beta_quantiles", "top_indices", "top_alpha",
+)  # fmt: skip
+
+
+class TableError(ValueError):
+    """A calibration table file or object is invalid (corrupt, truncated, edited, inconsistent)."""
+
+
+@dataclass(eq=False)
+class CalibrationTable:
+    """Per (class, filter) distribution of alpha, as gathered on training images with true labels.
+
+    Shapes: K classes, N filters, Q alpha grid levels, Qb beta grid levels, k exemplars.
+    """
+
+    layer: str
+    levels: torch.Tensor  # [Q] float64 percent levels, 0 ... 100
+    quantiles: torch.Tensor  # [K, N, Q] float32: quantiles[c, n, q] = P_cn(levels[q])
+    mean: torch.Tensor  # [K, N] float32: mu_cn
+    counts: torch.Tensor  # [K] int64: calibration images per class
+    beta_levels: torch.Tensor  # [Qb] float64
+    beta_quantiles: torch.Tensor  # [K, Qb] float32: percentiles of beta per class
+    # Exemplars: None when loaded with exemplars=False (see ensure_exemplars()).
+    top_indices: torch.Tensor | None  # [K, N, k] int32 dataset indices, -1 = none
+    top_alpha: torch.Tensor | None  # [K, N, k] float32 alpha of those exemplars (NaN = none)
+    class_names: list[str]
+    score: str = "logit"
+    input_shape: tuple[int, ...] = ()
+    model_fingerprint: str = ""
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    layer_reason: str = ""
+    data_source: dict[str, Any] | None = None
+    path: Path | None = None  # the file it was loaded from, if any
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def num_classes(self) -> int:
+        """K, the number of classes."""
+        return int(self.quantiles.shape[0])
+
+    @property
+    def num_filters(self) -> int:
+        """N, the number of filters at the layer."""
+        return int(self.quantiles.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        """k, the exemplars kept per (class, filter) (loads them if they were left on disk)."""
+        self.ensure_exemplars()
+        return int(self.top_indices.shape[2])
+
+    def ensure_exemplars(self) -> None:
+        """Load the exemplar tensors if :meth:`load` skipped them (``exemplars=False``)."""
+        if self.top_indices is not None and self.top_alpha is not None:
+            return
+        if self.path is None:
+            raise TableError("this table has no exemplars and no file to load them from")
+        full = type(self).load(self.path)
+        if full.model_fingerprint != self.model_fingerprint or full.layer != self.layer:
+            raise TableError(f"{self.path}: the file changed since this table was loaded")
+        self.top_indices, self.top_alpha = full.top_indices, full.top_alpha
+
+    def value_at(self, pct: float) -> torch.Tensor:
+        """The pct-th percentile of alpha per (class, filter), ``[K, N]``, from the grid.
+
+        Exact at grid levels; linear in the level between two grid levels otherwise.
+        """
+        return quantile_at(self.quantiles, self.levels.to(self.quantiles.dtype), float(pct))
+
+    def beta_value_at(self, pct: float) -> torch.Tensor:
+        """The pct-th percentile of the calibration betas per class, ``[K]``."""
+        return quantile_at(
+            self.beta_quantiles, self.beta_levels.to(self.beta_quantiles.dtype), float(pct)
+        )
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Check shapes, dtypes and monotonicity; raise :class:`TableError` naming the problem."""
+        q = self.quantiles
+        if q.ndim != 3:
+            raise TableError(f"quantiles must be [K, N, Q], got shape {tuple(q.shape)}")
+        k, n, nq = q.shape
+        expect = {
+            "levels": (nq,),
+            "mean": (k, n),
+            "counts": (k,),
+            "beta_quantiles": (k, self.beta_levels.shape[0]),
+        }
+        for name, shape in expect.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise TableError(f"{name} has shape {got}, expected {shape} for K={k}, N={n}")
+        if (self.top_indices is None) != (self.top_alpha is None):
+            raise TableError("top_indices and top_alpha must be given together")
+        if self.top_indices is not None:
+            if self.top_indices.ndim != 3 or tuple(self.top_indices.shape[:2]) != (k, n):
+                raise TableError(f"top_indices has shape {tuple(self.top_indices.shape)}")
+            if self.top_alpha.shape != self.top_indices.shape:
+                raise TableError("top_alpha and top_indices shapes differ")
+        if len(self.class_names) != k:
+            raise TableError(f"{len(self.class_names)} class names for {k} classes")
+        try:
+            check_percentile_grid(self.levels, q, self.mean)
+            check_percentile_grid(
+                self.beta_levels, self.beta_quantiles,
+                names=("beta_levels", "beta_quantiles"), axes=("class",),
+            )  # fmt: skip
+        except ValueError as exc:
+            raise TableError(str(exc)) from exc
+        if bool((self.counts < 0).any()):
+            raise TableError("negative class counts")
+        if self.score not in SCORES:
+            raise TableError(f"unknown score {self.score!r}; one of {SCORES}")
+
+    # -------------------------------------------------------------------- I/O
+    def _metadata(self) -> dict[str, Any]:
+        """The JSON metadata stored in the file's header."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "layer": self.layer,
+            "layer_reason": self.layer_reason,
+            "num_classes": self.num_classes,
+            "num_filters": self.num_filters,
+            "class_names": list(self.class_names),
+            "levels": [float(v) for v in self.levels],
+            "score": self.score,
+            "input_shape": list(self.input_shape),
+            "model_fingerprint": self.model_fingerprint,
+            "created": self.created,
+            "images_per_class": [int(c) for c in self.counts],
+            "top_k": self.top_k,
+            "data_source": self.data_source,
+        }
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor, on the CPU, contiguous, in its file dtype."""
+        dtypes = {
+            "levels": torch.float64, "beta_levels": torch.float64,
+            "counts": torch.int64, "top_indices": torch.int32,
+        }  # fmt: skip
+        self.ensure_exemplars()
+        return {
+            name: getattr(self, name)
+            .detach()
+            .cpu()
+            .to(dtypes.get(name, torch.float32))
+            .contiguous()
+            for name in _TENSOR_NAMES
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table to ``path`` (safetensors) atomically; returns the path."""
+        path = Path(path)
+        tensors = self._tensors()
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "meta": json.dumps(self._metadata(), sort_keys=True),
+        }
+        # The data section does not depend on the metadata: serialise once to checksum it.
+        entries, data = _split(safetensors_save(tensors, metadata=header))
+        header["sha256"] = _checksum(header["meta"], entries, [data])
+        atomic_write_bytes(path, safetensors_save(tensors, metadata=header))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, exemplars: bool = True) -> CalibrationTable:
+        """Read a table written by :meth:`save`; refuse anything corrupt, truncated or edited.
+
+        The checksum is verified with ordinary reads of the file; the tensors are then mapped
+        from it. ``exemplars=False`` leaves the exemplar tensors (``top_indices``,
+        ``top_alpha``: 8 bytes per class, filter and exemplar) out until
+        :meth:`ensure_exemplars` needs them; the monitor's inference path does not.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise TableError(f"{path}: no such calibration table file")
+        try:
+            header, entries = _verified_header(path)
+            missing = [n for n in _TENSOR_NAMES if n not in entries]
+            if missing:
+                raise TableError(f"{path}: table lacks tensors {missing}")
+            skip = set() if exemplars else {"top_indices", "top_alpha"}
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {n: f.get_tensor(n) for n in _TENSOR_NAMES if n not in skip}
+        except TableError:
+            raise
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise TableError(
+                f"{path}: not a readable calibration table (truncated or corrupt?): {exc}"
+            ) from exc
+        meta = json.loads(header["meta"])
+        try:
+            return cls(
+                layer=meta["layer"],
+                class_names=list(meta["class_names"]),
+                score=meta["score"],
+                input_shape=tuple(meta["input_shape"]),
+                model_fingerprint=meta["model_fingerprint"],
+                created=meta["created"],
+                layer_reason=meta.get("layer_reason", ""),
+                data_source=meta.get("data_source"),
+                path=path,
+                **{name: tensors.get(name) for name in _TENSOR_NAMES},
+            )
+        except TableError as exc:
+            raise TableError(f"{path}: {exc}") from exc
+
+    # ------------------------------------------------------------- summaries
+    def undersampled_classes(self, pct: float = 99.9) -> list[int]:
+        """Classes with too few images for the pct-th percentile to differ from the extreme.
+
+        With linear interpolation, the 99.9th percentile of n samples is an interpolation between
+        the two largest values only when n >= 1000; below that it is pinned near the maximum.
+        """
+        tail = min(pct, 100.0 - pct)
+        need = math.ceil(100.0 / tail) if tail > 0 else 1
+        return [c for c in range(self.num_classes) if int(self.counts[c]) < need]
+
+    def __repr__(self) -> str:
+        return (
+            f"CalibrationTable(layer={self.layer!r}, classes={self.num_classes}, "
+            f"filters={self.num_filters}, levels={self.levels.numel()}, score={self.score!r}, "
+            f"images={int(self.counts.sum())})"
+        )
+
+
+def _verified_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """The file's metadata header and tensor entries, after checking the format, the size and
+    the checksum with ordinary reads (``ValueError`` / :class:`TableError` otherwise)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < size <= 100 << 20:
+            raise ValueError(f"bad header size {size}")
+        entries = json.loads(f.read(size))
+        header = entries.pop("__metadata__", None) or {}
+        _check_format(path, header)
+        end = max((e["data_offsets"][1] for e in entries.values()), default=0)
+        if path.stat().st_size != 8 + size + end:
+            raise ValueError(
+                f"the file has {path.stat().st_size} bytes, its header describes "
+                f"{8 + size + end}"
+            )
+        chunks = iter(lambda: f.read(1 << 20), b"")
+        digest = _checksum(header.get("meta", ""), entries, chunks)
+    if header.get("sha256") != digest:
+        raise TableError(f"{path}: checksum mismatch: the file was edited or corrupted")
+    return header, entries
+
+
+def _check_format(path: Path, header: dict[str, str]) -> None:
+    """:class:`TableError` unless the header names this format and a version this code reads."""
+    if header.get("format") != FORMAT_NAME:
+        raise TableError(f"{path}: not a surprise-monitor calibration table")
+    if header.get("format_version") != str(FORMAT_VERSION):
+        raise TableError(
+            f"{path}: table format version {header.get('format_version')} is not supported "
+            f"(this library reads version {FORMAT_VERSION})"
+        )
+
+
+def _split(body: bytes) -> tuple[dict[str, Any], bytes]:
+    """A serialised safetensors file's tensor entries (no metadata) and its data section."""
+    (size,) = struct.unpack("<Q", body[:8])
+    entries = json.loads(body[8 : 8 + size])
+    entries.pop("__metadata__", None)
+    return entries, body[8 + size :]
+
+
+def _checksum(meta_json: str, entries: dict[str, Any], chunks: Iterable[bytes]) -> str:
+    """SHA-256 over the metadata JSON, the tensor entries (dtype, shape, offsets) and the data."""
+    h = hashlib.sha256(meta_json.encode())
+    h.update(json.dumps(entries, sort_keys=True).encode())
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def levels_with_required(levels: tuple[float, ...] | list[float] | np.ndarray) -> np.ndarray:
+    """Sorted union of ``levels`` and :data:`REQUIRED_LEVELS` (float64)."""
+    lv = np.unique(np.concatenate([np.asarray(levels, np.float64), REQUIRED_LEVELS]))
+    if lv[0] < 0 or lv[-1] > 100:
+        raise ValueError(f"percent levels must lie in [0, 100], got {lv[0]} .. {lv[-1]}")
+    return lv

@@ -1,0 +1,53 @@
+"""Choosing the target layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from monitor.probe import resolve_layer
+from tests._models import ShortcutNet, TinyCNN, seeded
+
+
+def test_projection_shortcut_is_skipped_and_explained():
+    model = seeded(ShortcutNet())
+    choice = resolve_layer(model, None, torch.zeros(1, 3, 8, 8))
+    assert choice.name == "block.conv2"
+    assert "block.downsample.0" in choice.reason and "projection shortcut" in choice.reason
+    assert choice.out_shape == (12, 8, 8)
+
+
+def test_named_layer_checks():
+    model = seeded(TinyCNN())
+    x = torch.zeros(1, 3, 8, 8)
+    assert resolve_layer(model, "features.3", x).out_shape == (16, 8, 8)
+    with pytest.raises(ValueError, match="did you mean 'features.2'"):
+        resolve_layer(model, "feature.2", x)
+    with pytest.raises(ValueError, match="4-D"):
+        resolve_layer(model, "fc", x)
+
+
+def test_reused_module_is_refused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.head = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.head(self.conv(self.conv(x))).mean((2, 3)))
+
+    model = Twice().eval()
+    x = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="ran 2 times"):
+        resolve_layer(model, "conv", x)
+    assert resolve_layer(model, None, x).name == "head"
+
+
+def test_model_without_conv():
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        resolve_layer(
+            nn.Sequential(nn.Flatten(), nn.Linear(12, 2)).eval(), None, torch.zeros(1, 3, 2, 2)
+        )

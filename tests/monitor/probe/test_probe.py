@@ -1,0 +1,149 @@
+"""alpha from the probe against independent oracles: Captum and a plain full-autograd pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from captum.attr import LayerGradientXActivation
+
+from kernels import grad_amap
+from monitor.probe import GradAMapProbe, get_module, resolve_layer
+from tests._checks import autograd_alpha as _autograd_alpha
+from tests._models import TinyCNN, seeded
+
+ARCHS = {
+    # name: (default final conv, another named 4-D layer)
+    "resnet18": ("layer4.1.conv2", "layer3"),
+    "vgg11": ("features.18", "features.15"),
+    "mobilenet_v3_small": ("features.12.0", "features.9"),
+}
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None, num_classes=7).eval()
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch(request):
+    return request.param, _model(request.param)
+
+
+def test_default_layer_is_final_conv(arch):
+    name, model = arch
+    choice = resolve_layer(model, None, torch.zeros(1, 3, 64, 64))
+    assert choice.name == ARCHS[name][0]
+    assert "last nn.Conv2d executed" in choice.reason
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["final-conv", "named-layer"])
+def test_alpha_matches_captum_and_autograd(arch, which):
+    name, model = arch
+    layer = ARCHS[name][which]
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, 64, 64)
+    labels = torch.tensor([0, 5, 3])  # explicit, varied: untrained nets predict one class
+    probe = GradAMapProbe(model, layer)
+    try:
+        res = probe.run(x, labels)
+    finally:
+        probe.close()
+    alpha = grad_amap(res.activation, res.gradient)
+
+    captum = LayerGradientXActivation(model, get_module(model, layer))
+    oracle = captum.attribute(x, target=labels).mean((2, 3)).detach()
+    scale = oracle.abs().max()
+    torch.testing.assert_close(alpha, oracle, rtol=1e-5, atol=1e-5 * float(scale))
+    manual = _autograd_alpha(model, layer, x, labels)
+    torch.testing.assert_close(alpha, manual, rtol=1e-5, atol=1e-5 * float(scale))
+    assert alpha.abs().max() > 0  # a real signal, not all zeros
+
+
+@pytest.mark.parametrize("score", ["logit", "softmax", "log_softmax"])
+def test_scores_match_autograd(score):
+    model = seeded(TinyCNN(num_classes=5))
+    x = torch.randn(4, 3, 8, 8)
+    labels = torch.tensor([4, 0, 2, 2])
+    probe = GradAMapProbe(model, "features.2", score=score)
+    res = probe.run(x, labels)
+    probe.close()
+    alpha = grad_amap(res.activation, res.gradient)
+    torch.testing.assert_close(alpha, _autograd_alpha(model, "features.2", x, labels, score))
+
+
+def test_predicted_class_used_without_labels():
+    model = seeded(TinyCNN(num_classes=5))
+    x = torch.randn(6, 3, 8, 8)
+    probe = GradAMapProbe(model, "features.2")
+    res = probe.run(x)
+    probe.close()
+    assert torch.equal(res.classes, model(x).argmax(1))
+
+
+def test_prefix_runs_without_autograd_and_model_is_untouched():
+    model = seeded(TinyCNN())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    seen = {}
+
+    def record(module, inputs):
+        seen["prefix_grad"] = inputs[0].requires_grad or inputs[0].grad_fn is not None
+
+    pre = model.features[2].register_forward_pre_hook(record)
+    probe = GradAMapProbe(model, "features.2")
+    res = probe.run(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+    probe.close()
+    pre.remove()
+    assert seen["prefix_grad"] is False  # no graph was recorded before the target layer
+    assert res.activation.grad_fn is None and not res.logits.requires_grad
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())
+    assert torch.is_grad_enabled()
+
+
+def test_hook_is_inert_outside_a_probe_call():
+    model = seeded(TinyCNN())
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    probe = GradAMapProbe(model, "features.2")
+    try:
+        out = model(x)  # plain call while the probe is attached
+    finally:
+        probe.close()
+    assert torch.equal(out, expected)
+
+
+def test_batch_equals_single_samples():
+    model = seeded(TinyCNN(num_classes=3))
+    x = torch.randn(5, 3, 8, 8)
+    labels = torch.tensor([2, 0, 1, 1, 0])
+    probe = GradAMapProbe(model, "features.2")
+    batch = grad_amap(*_ag(probe.run(x, labels)))
+    singles = torch.cat(
+        [grad_amap(*_ag(probe.run(x[i : i + 1], labels[i : i + 1]))) for i in range(5)]
+    )
+    probe.close()
+    torch.testing.assert_close(batch, singles, rtol=1e-5, atol=1e-7)
+
+
+def _ag(res):
+    return res.activation, res.gradient
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_callers_grad_mode_does_not_matter(context):
+    model = seeded(TinyCNN(num_classes=3))
+    x = torch.randn(4, 3, 8, 8)
+    labels = torch.tensor([0, 2, 1, 1])
+    probe = GradAMapProbe(model, "features.2")
+    try:
+        expected = grad_amap(*_ag(probe.run(x, labels)))
+        with getattr(torch, context)():
+            inner = torch.randn(4, 3, 8, 8).copy_(x)  # an inference tensor under inference_mode
+            res = probe.run(inner, labels.clone())  # labels made inside the context too
+            assert torch.is_grad_enabled() is False
+    finally:
+        probe.close()
+    torch.testing.assert_close(grad_amap(*_ag(res)), expected)
+    assert not res.output.requires_grad

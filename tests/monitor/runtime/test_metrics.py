@@ -1,0 +1,198 @@
+"""Prometheus metrics: names and types, values against the reports, registries, labels, serving."""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor import MetricsConflictError, MonitorMetrics, SurpriseMonitor
+from monitor.runtime.metrics import beta_buckets_from, count_buckets
+from tests._models import mixed_inputs
+
+ROOT = Path(__file__).resolve().parents[3]
+NAMES = {
+    "surprise_monitor_inputs": "counter",
+    "surprise_monitor_inputs_monitored": "counter",
+    "surprise_monitor_inputs_flagged": "counter",
+    "surprise_monitor_inputs_skipped": "counter",
+    "surprise_monitor_failures": "counter",
+    "surprise_monitor_beta": "histogram",
+    "surprise_monitor_beta_percentile": "histogram",
+    "surprise_monitor_surprising_filters": "histogram",
+    "surprise_monitor_expected_filters": "histogram",
+    "surprise_monitor_added_latency_seconds": "histogram",
+    "surprise_monitor_inspect_duration_seconds": "histogram",
+    "surprise_monitor_queue_depth": "gauge",
+    "surprise_monitor_filters": "gauge",
+}
+
+
+def _families(registry: CollectorRegistry) -> dict:
+    """Metric families by name, without prometheus_client's ``*_created`` gauges."""
+    text = generate_latest(registry).decode()
+    fams = text_string_to_metric_families(text)
+    return {f.name: f for f in fams if not f.name.endswith("_created")}
+
+
+def _value(registry, name, **labels) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_names_types_and_values_follow_the_report(calibrated):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    x = mixed_inputs()
+    with SurpriseMonitor(model, table, metrics=registry) as monitor:
+        monitor(x[:5])
+        monitor(x[5:])
+        report = monitor.inspect(x)  # inspect() itself does not count
+        fams = _families(registry)
+        assert {n: f.type for n, f in fams.items()} == NAMES
+        for name, fam in fams.items():  # base units, no per-class label by default
+            if fam.type == "counter":
+                assert all(s.name.endswith(("_total", "_created")) for s in fam.samples)
+            assert all("class" not in s.labels for s in fam.samples), name
+        assert _value(registry, "surprise_monitor_inputs_total") == 12
+        assert _value(registry, "surprise_monitor_inputs_monitored_total") == 12
+        flags = {
+            "surprise": report.surprise.any(1),
+            "expectation": report.expectation.any(1),
+            "low_beta": report.low_beta,
+        }
+        for kind, f in flags.items():
+            assert _value(registry, "surprise_monitor_inputs_flagged_total", kind=kind) == int(
+                f.sum()
+            )
+        assert int(flags["low_beta"].sum()) >= 3 and int(flags["surprise"].sum()) >= 3
+        for reason in ("sampled_out", "queue_full", "failed"):
+            assert _value(registry, "surprise_monitor_inputs_skipped_total", reason=reason) == 0
+        for name, counts in (
+            ("surprise_monitor_surprising_filters", report.surprise_count),
+            ("surprise_monitor_expected_filters", report.expectation_count),
+        ):
+            assert _value(registry, name + "_sum") == int(counts.sum())
+            for bound in count_buckets(table.num_filters):
+                assert _value(registry, name + "_bucket", le=str(bound)) == int(
+                    (counts <= bound).sum()
+                )
+        for bound in monitor.metrics.beta_buckets:
+            got = _value(registry, "surprise_monitor_beta_bucket", le=str(bound))
+            assert got == int((report.beta <= bound).sum())
+        assert _value(registry, "surprise_monitor_beta_percentile_sum") == pytest.approx(
+            float(report.beta_percentile.double().sum()), rel=1e-6
+        )
+        assert _value(registry, "surprise_monitor_added_latency_seconds_count") == 2
+        assert _value(registry, "surprise_monitor_inspect_duration_seconds_count") == 2
+        assert _value(registry, "surprise_monitor_filters") == table.num_filters
+        latency = _value(registry, "surprise_monitor_added_latency_seconds_sum")
+        assert 0 < latency < _value(registry, "surprise_monitor_inspect_duration_seconds_sum")
+
+
+def test_beta_buckets_come_from_the_calibration_betas(calibrated):
+    _, table = calibrated
+    buckets = beta_buckets_from(table)
+    assert list(buckets) == sorted(set(buckets)) and len(buckets) >= 5
+    median_of_medians = float(table.beta_value_at(50.0).median())
+    assert buckets[0] < median_of_medians < buckets[-1]
+    assert count_buckets(16) == (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+    assert count_buckets(2048)[-1] == 2048.0
+
+
+def test_per_class_labels_only_when_asked(calibrated):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    x = mixed_inputs()
+    with SurpriseMonitor(model, table, metrics=registry, per_class_metrics=True) as monitor:
+        report = monitor.run(x).report
+        for c, name in enumerate(table.class_names):
+            rows = report.classes == c
+            got = _value(registry, "surprise_monitor_inputs_monitored_total", **{"class": name})
+            assert (got or 0) == int(rows.sum())
+            low = _value(
+                registry, "surprise_monitor_inputs_flagged_total", kind="low_beta",
+                **{"class": name},
+            )  # fmt: skip
+            assert (low or 0) == int((report.low_beta & rows).sum())
+        fams = _families(registry).values()
+        labelled = [s for f in fams for s in f.samples if "class" in s.labels]
+        assert {s.name.rsplit("_", 1)[0] for s in labelled} == {
+            "surprise_monitor_inputs_monitored", "surprise_monitor_inputs_flagged"
+        }  # fmt: skip
+
+
+def test_two_monitors_in_one_registry(calibrated):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    with SurpriseMonitor(model, table, metrics=registry):
+        with pytest.raises(MetricsConflictError, match="already registered.*distinct labels"):
+            SurpriseMonitor(model, table, metrics=registry)
+        with pytest.raises(MetricsConflictError, match="constant labels"):
+            SurpriseMonitor(model, table, metrics=registry, metrics_labels={"model": "b"})
+        with SurpriseMonitor(model, table, metrics=registry, metrics_namespace="shadow") as other:
+            other(mixed_inputs(2))
+            assert _value(registry, "shadow_inputs_total") == 2
+            assert _value(registry, "surprise_monitor_inputs_total") == 0
+    assert all(not m._forward_hooks for m in model.modules())  # failed constructions cleaned up
+    assert _families(registry) == {}  # the last monitor took its families along
+
+    a = SurpriseMonitor(model, table, metrics=registry, metrics_labels={"model": "a"})
+    b = SurpriseMonitor(model, table, metrics=registry, metrics_labels={"model": "b"})
+    try:
+        a(mixed_inputs(3))
+        b(mixed_inputs(5))
+        assert _value(registry, "surprise_monitor_inputs_total", model="a") == 3
+        assert _value(registry, "surprise_monitor_inputs_total", model="b") == 5
+        a.close()
+        assert _value(registry, "surprise_monitor_inputs_total", model="a") is None
+        assert _value(registry, "surprise_monitor_inputs_total", model="b") == 5
+    finally:
+        a.close()
+        b.close()
+    assert _families(registry) == {}
+
+
+def test_a_foreign_metric_with_the_same_name_is_a_clear_error(calibrated):
+    _, table = calibrated
+    registry = CollectorRegistry()
+    prometheus_client.Counter("surprise_monitor_inputs", "someone else's", registry=registry)
+    with pytest.raises(MetricsConflictError, match="other than a surprise monitor"):
+        MonitorMetrics(table, registry=registry)
+    assert set(_families(registry)) == {"surprise_monitor_inputs"}  # nothing half-registered
+    with pytest.raises(ValueError, match="used by the monitor's metrics"):
+        MonitorMetrics(table, registry=CollectorRegistry(), labels={"kind": "x"})
+
+
+def test_default_registry_is_the_global_one(calibrated):
+    model, table = calibrated
+    with SurpriseMonitor(model, table, metrics=True) as monitor:
+        monitor(mixed_inputs(2))
+        assert prometheus_client.REGISTRY.get_sample_value("surprise_monitor_inputs_total") == 2
+    assert prometheus_client.REGISTRY.get_sample_value("surprise_monitor_inputs_total") is None
+
+
+def test_serve_metrics_on_loopback(calibrated):
+    model, table = calibrated
+    monitor = SurpriseMonitor(model, table, metrics=CollectorRegistry())
+    try:
+        port = monitor.serve_metrics(0)
+        monitor(mixed_inputs(4))
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = resp.read().decode()
+        assert resp.status == 200
+        assert re.search(r"^surprise_monitor_inputs_total 4\.0$", body, re.M)
+        with pytest.raises(RuntimeError, match="already served"):
+            monitor.serve_metrics(0)
+    finally:
+        monitor.close()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=5)
+    with SurpriseMonitor(model, table) as plain, pytest.raises(RuntimeError, match="metrics=True"):
+        plain.serve_metrics(0)

@@ -1,0 +1,315 @@
+"""The request path: threads, sampling, async mode, on_flag callbacks, fail-open."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from monitor import InvalidInputError, SurpriseMonitor
+from monitor.runtime import AsyncWorker, Sampler
+from tests._models import mixed_inputs
+
+
+def _value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    v = registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def _assert_same_rows(report, rows, reference) -> None:
+    """``report`` row j equals row ``rows[j]`` of ``reference`` (a serial inspect)."""
+    rows = torch.as_tensor(rows)
+    torch.testing.assert_close(report.alpha, reference.alpha[rows], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(report.beta, reference.beta[rows], rtol=1e-5, atol=1e-7)
+    assert torch.equal(report.classes, reference.classes[rows])
+    assert torch.equal(report.surprise, reference.surprise[rows])
+    assert torch.equal(report.expectation, reference.expectation[rows])
+    assert torch.equal(report.low_beta, reference.low_beta[rows])
+
+
+def test_threads_match_serial_results_and_counters_add_up(calibrated):
+    model, table = calibrated
+    threads, calls = 8, 6
+    batches = [[mixed_inputs(1 + (t + c) % 4, seed=100 * t + c) for c in range(calls)]
+               for t in range(threads)]  # fmt: skip
+    with SurpriseMonitor(model, table) as plain:
+        serial = [[plain.inspect(x) for x in row] for row in batches]
+    registry = CollectorRegistry()
+    flagged_seen: list[int] = []
+    lock = threading.Lock()
+
+    def on_flag(report):
+        assert len(report) == 1 and bool(report.flagged[0])
+        with lock:
+            flagged_seen.append(1)
+
+    results: dict[tuple[int, int], object] = {}
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+    with SurpriseMonitor(model, table, metrics=registry, on_flag=on_flag) as monitor:
+
+        def work(t: int) -> None:
+            try:
+                barrier.wait()
+                for c, x in enumerate(batches[t]):
+                    results[(t, c)] = monitor.run(x)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join(60)
+        assert not errors, errors
+        for t in range(threads):
+            for c in range(calls):
+                res, ref = results[(t, c)], serial[t][c]
+                with torch.no_grad():
+                    assert torch.equal(res.output, model(batches[t][c]))
+                _assert_same_rows(res.report, range(len(ref)), ref)
+        reports = [r for row in serial for r in row]
+        n = sum(len(r) for r in reports)
+        assert monitor.failures == {}
+        assert _value(registry, "surprise_monitor_inputs_total") == n
+        assert _value(registry, "surprise_monitor_inputs_monitored_total") == n
+        expected = {
+            "surprise": sum(int(r.surprise.any(1).sum()) for r in reports),
+            "expectation": sum(int(r.expectation.any(1).sum()) for r in reports),
+            "low_beta": sum(int(r.low_beta.sum()) for r in reports),
+        }
+        assert expected["low_beta"] > 0 and expected["surprise"] > 0
+        for kind, count in expected.items():
+            assert _value(registry, "surprise_monitor_inputs_flagged_total", kind=kind) == count
+        assert len(flagged_seen) == sum(int(r.flagged.sum()) for r in reports)
+        assert _value(registry, "surprise_monitor_beta_count") == n
+        betas = torch.cat([r.beta for r in reports])
+        for bound in monitor.metrics.beta_buckets:  # cumulative counts per bucket
+            got = _value(registry, "surprise_monitor_beta_bucket", le=str(bound))
+            assert got == int((betas <= bound).sum()), bound
+        assert _value(registry, "surprise_monitor_added_latency_seconds_count") == threads * calls
+
+
+def test_sample_every_k_monitors_exactly_one_in_k(calibrated):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    xs = [mixed_inputs(4, seed=s) for s in range(10)]
+    with SurpriseMonitor(model, table, metrics=registry, sample_every=3) as monitor:
+        judged = 0
+        for i, x in enumerate(xs):
+            res = monitor.run(x)
+            with torch.no_grad():
+                assert torch.equal(res.output, model(x))  # every input is still answered
+            positions = [4 * i + r for r in range(4)]
+            expected_rows = [r for r, p in enumerate(positions) if p % 3 == 0]
+            assert res.rows.tolist() == expected_rows
+            if expected_rows:
+                _assert_same_rows(res.report, range(len(expected_rows)),
+                                  monitor.inspect(x[expected_rows]))  # fmt: skip
+            else:
+                assert res.report is None
+            judged += len(expected_rows)
+        assert judged == math.ceil(40 / 3) == 14
+        assert _value(registry, "surprise_monitor_inputs_total") == 40
+        assert _value(registry, "surprise_monitor_inputs_monitored_total") == 14
+        skipped = _value(registry, "surprise_monitor_inputs_skipped_total", reason="sampled_out")
+        assert skipped == 26
+
+
+def test_sample_fraction_is_seeded_and_near_the_fraction():
+    picks = [Sampler(fraction=0.25, seed=3).select(400) for _ in range(2)]
+    assert torch.equal(picks[0], picks[1])
+    assert 60 <= int(picks[0].sum()) <= 140  # Binomial(400, 0.25): mean 100, sd 8.7
+    assert not torch.equal(picks[0], Sampler(fraction=0.25, seed=4).select(400))
+    with pytest.raises(ValueError, match="not both"):
+        Sampler(every=2, fraction=0.5)
+    with pytest.raises(ValueError, match="sample_every"):
+        Sampler(every=0)
+    with pytest.raises(ValueError, match="sample_fraction"):
+        Sampler(fraction=0.0)
+
+
+def test_async_mode_judges_a_copy_off_the_request_path(calibrated):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    got: list[tuple[str, object]] = []
+    x = mixed_inputs(8)
+    original = x.clone()
+    reference = None
+    with SurpriseMonitor(model, table) as plain:
+        reference = plain.inspect(original)
+    with SurpriseMonitor(
+        model, table, metrics=registry, mode="async", queue_size=4,
+        on_flag=lambda r: got.append((threading.current_thread().name, r)),
+    ) as monitor:  # fmt: skip
+        res = monitor.run(x)
+        x.zero_()  # the caller reuses its buffer at once: the worker has its own copy
+        with torch.no_grad():
+            assert torch.equal(res.output, model(original))
+        assert res.report is None
+        assert monitor.flush(30)
+        assert _value(registry, "surprise_monitor_inputs_monitored_total") == 8
+        assert monitor.last_report is not None
+        _assert_same_rows(monitor.last_report, range(8), reference)
+    flagged = torch.nonzero(reference.flagged).flatten().tolist()
+    assert len(got) == len(flagged) > 0
+    for (thread, one), row in zip(got, flagged, strict=True):
+        assert thread == "surprise-monitor-worker"
+        _assert_same_rows(one, [0], reference.select([row]))
+
+
+def test_async_full_queue_drops_and_counts_without_blocking(calibrated):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(report):
+        entered.set()
+        release.wait(30)
+
+    x = torch.zeros(1, 3, 8, 8)  # a blank image: flagged, so the callback runs
+    monitor = SurpriseMonitor(
+        model, table, metrics=registry, mode="async", queue_size=2, on_flag=slow
+    )
+    try:
+        monitor(x)
+        assert entered.wait(30)  # the worker holds batch 1 in the callback
+        started = time.perf_counter()
+        for _ in range(9):
+            monitor(x)
+        assert time.perf_counter() - started < 5.0  # never waited for the worker
+        assert monitor.dropped == 7
+        assert _value(registry, "surprise_monitor_queue_depth") == 2
+        release.set()
+        assert monitor.flush(30)
+    finally:
+        release.set()
+        monitor.close()
+    assert _value(registry, "surprise_monitor_inputs_total") == 0  # close() removed the series
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_async_counts_add_up_after_flush(calibrated):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    with SurpriseMonitor(
+        model, table, metrics=registry, mode="async", queue_size=1, sample_every=2
+    ) as monitor:  # fmt: skip
+        for s in range(20):
+            monitor(mixed_inputs(3, seed=s))
+        monitor(torch.full((2, 3, 8, 8), float("nan")))  # a counted skip, never queued
+        assert monitor.flush(60)
+        total = _value(registry, "surprise_monitor_inputs_total")
+        parts = _value(registry, "surprise_monitor_inputs_monitored_total") + sum(
+            _value(registry, "surprise_monitor_inputs_skipped_total", reason=r)
+            for r in ("sampled_out", "queue_full", "failed")
+        )
+        assert total == 62 and parts == total
+        assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="sampled_out") == 31
+        assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="failed") == 1
+        assert _value(registry, "surprise_monitor_failures_total", kind="InvalidInputError") == 1
+        dropped = _value(registry, "surprise_monitor_inputs_skipped_total", reason="queue_full")
+        assert dropped == monitor.dropped
+
+
+def test_async_worker_flush_and_close_drain_the_queue():
+    done: list[int] = []
+    gate = threading.Event()
+
+    def handle(i):
+        gate.wait(10)
+        done.append(i)
+
+    worker = AsyncWorker(handle, maxsize=3)
+    assert [worker.submit(i) for i in range(5)].count(True) >= 3
+    assert not worker.flush(0.05)  # blocked in the handler
+    gate.set()
+    assert worker.flush(10)
+    assert worker.submit(9)
+    worker.close(10)
+    assert done[-1] == 9 and not worker.submit(10)
+    worker.close()  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("make", "skipped"),
+    [
+        (lambda x: x.index_put((torch.tensor([1]),), torch.tensor(float("nan"))), 3),
+        (lambda x: x * float("inf"), 3),
+        (lambda x: x[:0], 0),
+        (lambda x: torch.nn.functional.pad(x, (0, 1, 0, 1)), 3),  # another size: the model runs
+    ],
+)
+def test_bad_inputs_are_counted_skips_and_the_output_is_returned(calibrated, make, skipped):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    x = make(mixed_inputs(3))
+    with SurpriseMonitor(model, table, metrics=registry) as monitor:
+        res = monitor.run(x)
+        with torch.no_grad():
+            expected = model(x)
+        assert torch.equal(res.output.nan_to_num(), expected.nan_to_num())
+        assert res.report is None
+        assert monitor.failures == {"InvalidInputError": 1}
+        assert _value(registry, "surprise_monitor_failures_total", kind="InvalidInputError") == 1
+        assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="failed") == skipped
+        with pytest.raises(InvalidInputError):
+            monitor.inspect(x)
+
+
+def test_inputs_the_model_cannot_run_raise_the_models_own_error(calibrated):
+    model, table = calibrated
+    with SurpriseMonitor(model, table) as monitor:
+        for bad in (mixed_inputs(3).to(torch.int64), mixed_inputs(3)[:, :1], mixed_inputs(3)[0]):
+            with pytest.raises(RuntimeError):
+                monitor(bad)
+        assert sum(monitor.failures.values()) == 3  # each also counted as a monitor failure
+
+
+def test_internal_failure_fails_open_and_logs_once(calibrated, monkeypatch, caplog):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    x = mixed_inputs(4)
+    with SurpriseMonitor(model, table, metrics=registry) as monitor:
+        def boom(*args, **kwargs):
+            raise RuntimeError("kernel exploded")
+
+        monkeypatch.setattr(monitor.judge, "assemble", boom)  # after the model ran
+        with caplog.at_level(logging.WARNING, logger="monitor.runtime.request_path"):
+            outs = [monitor(x) for _ in range(3)]
+        with torch.no_grad():
+            assert all(torch.equal(o, model(x)) for o in outs)
+        assert monitor.failures == {"RuntimeError": 3}
+        assert _value(registry, "surprise_monitor_failures_total", kind="RuntimeError") == 3
+        assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="failed") == 12
+        assert sum("kernel exploded" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_failing_callback_is_counted_not_raised(calibrated):
+    model, table = calibrated
+
+    def broken(report):
+        raise KeyError("callback bug")
+
+    with SurpriseMonitor(model, table, on_flag=broken) as monitor:
+        res = monitor.run(mixed_inputs(4))
+        flagged = int(res.report.flagged.sum())
+        assert flagged > 0 and monitor.failures == {"on_flag:KeyError": flagged}
+
+
+def test_runtime_options_are_checked(calibrated):
+    model, table = calibrated
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SurpriseMonitor(model, table, mode="background")
+    with pytest.raises(ValueError, match="queue_size"):
+        SurpriseMonitor(model, table, mode="async", queue_size=0)
+    with pytest.raises(TypeError, match="on_flag must be callable"):
+        SurpriseMonitor(model, table, on_flag="print")
+    with pytest.raises(ValueError, match="sample_fraction"):
+        SurpriseMonitor(model, table, sample_fraction=1.5)
+    assert all(not m._forward_hooks for m in model.modules())  # nothing left behind

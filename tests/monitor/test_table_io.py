@@ -1,0 +1,183 @@
+"""Saving and loading tables: bit-exact round trips, refusal of damaged files, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from monitor.table import CalibrationTable, TableError
+
+
+def make_table(k: int = 3, n: int = 5, seed: int = 0) -> CalibrationTable:
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([0.0, 0.1, 1.0, 50.0, 99.0, 99.9, 100.0], dtype=torch.float64)
+    quantiles = torch.sort(torch.randn(k, n, len(levels), generator=g), dim=-1).values
+    beta_levels = torch.linspace(0, 100, 11, dtype=torch.float64)
+    return CalibrationTable(
+        layer="features.3",
+        levels=levels,
+        quantiles=quantiles,
+        mean=quantiles[..., 3].clone(),
+        counts=torch.tensor([10, 0, 3000][:k]),
+        beta_levels=beta_levels,
+        beta_quantiles=torch.sort(torch.randn(k, 11, generator=g), dim=-1).values,
+        top_indices=torch.randint(0, 100, (k, n, 6), generator=g),
+        top_alpha=torch.randn(k, n, 6, generator=g),
+        class_names=[f"c{i}" for i in range(k)],
+        input_shape=(3, 8, 8),
+        model_fingerprint="ab" * 32,
+        data_source={"kind": "imagefolder", "root": "/data"},
+    )
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    t = make_table()
+    path = t.save(tmp_path / "t.safetensors")
+    u = CalibrationTable.load(path)
+    for name in (
+        "levels",
+        "quantiles",
+        "mean",
+        "counts",
+        "beta_levels",
+        "beta_quantiles",
+        "top_indices",
+        "top_alpha",
+    ):
+        a, b = getattr(t, name), getattr(u, name)
+        assert a.shape == b.shape
+        assert torch.equal(
+            a.to(b.dtype).view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)
+        ), name
+    for attr in (
+        "layer",
+        "class_names",
+        "score",
+        "input_shape",
+        "model_fingerprint",
+        "created",
+        "data_source",
+    ):
+        assert getattr(t, attr) == getattr(u, attr)
+    assert u.undersampled_classes() == [0, 1]
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_non_contiguous_inputs_are_saved_in_logical_order(tmp_path):
+    t = make_table()
+    t.quantiles = t.quantiles.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided
+    assert not t.quantiles.is_contiguous()
+    u = CalibrationTable.load(t.save(tmp_path / "t.safetensors"))
+    assert torch.equal(u.quantiles, t.quantiles)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = make_table().save(tmp_path / "t.safetensors")
+    data = path.read_bytes()
+    for cut in (4, 100, len(data) - 7):
+        path.write_bytes(data[:cut])
+        with pytest.raises(TableError, match="truncated or corrupt"):
+            CalibrationTable.load(path)
+
+
+def test_edited_tensor_bytes_are_refused(tmp_path):
+    path = make_table().save(tmp_path / "t.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0x01  # flip one bit inside the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(TableError, match="checksum mismatch"):
+        CalibrationTable.load(path)
+
+
+def _rewrite_header(path, edit):
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + size :])
+
+
+def test_edited_metadata_is_refused(tmp_path):
+    path = make_table().save(tmp_path / "t.safetensors")
+
+    def rename_layer(h):
+        meta = json.loads(h["__metadata__"]["meta"])
+        meta["layer"] = "layer4"
+        h["__metadata__"]["meta"] = json.dumps(meta, sort_keys=True)
+
+    _rewrite_header(path, rename_layer)
+    with pytest.raises(TableError, match="checksum mismatch"):
+        CalibrationTable.load(path)
+
+
+def test_other_files_are_refused(tmp_path):
+    with pytest.raises(TableError, match="no such"):
+        CalibrationTable.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(256))
+    with pytest.raises(TableError, match="not a readable"):
+        CalibrationTable.load(junk)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(3)}, str(other))
+    with pytest.raises(TableError, match="not a surprise-monitor"):
+        CalibrationTable.load(other)
+    path = make_table().save(tmp_path / "v.safetensors")
+    _rewrite_header(path, lambda h: h["__metadata__"].update(format_version="99"))
+    with pytest.raises(TableError, match="version 99 is not supported"):
+        CalibrationTable.load(path)
+
+
+def test_inconsistent_tables_are_refused():
+    t = make_table()
+    bad = t.quantiles.clone()
+    bad[0, 0, 2] = bad[0, 0, 1] - 1
+    with pytest.raises(TableError, match="decrease"):
+        CalibrationTable(**{**_fields(t), "quantiles": bad})
+    with pytest.raises(TableError, match="mean has shape"):
+        CalibrationTable(**{**_fields(t), "mean": t.mean[:, :2]})
+    nan = t.mean.clone()
+    nan[1, 1] = float("nan")
+    with pytest.raises(TableError, match="NaN"):
+        CalibrationTable(**{**_fields(t), "mean": nan})
+
+
+def test_failed_write_keeps_the_old_table(tmp_path, monkeypatch):
+    path = make_table(seed=0).save(tmp_path / "t.safetensors")
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        make_table(seed=1).save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+
+def _fields(t: CalibrationTable) -> dict:
+    return {f: getattr(t, f) for f in t.__dataclass_fields__}
+
+
+def test_exemplars_can_stay_on_disk(tmp_path):
+    t = make_table()
+    path = t.save(tmp_path / "t.safetensors")
+    lean = CalibrationTable.load(path, exemplars=False)
+    assert lean.top_indices is None and lean.top_alpha is None
+    assert torch.equal(lean.quantiles, t.quantiles)
+    lean.ensure_exemplars()
+    assert torch.equal(lean.top_indices, t.top_indices.to(torch.int32))
+    assert lean.top_indices.dtype == torch.int32 and lean.top_k == 6
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0x01  # the skipped tensors are still checksummed
+    path.write_bytes(bytes(data))
+    with pytest.raises(TableError, match="checksum mismatch"):
+        CalibrationTable.load(path, exemplars=False)
