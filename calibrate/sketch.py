@@ -11,7 +11,7 @@ The grid (:class:`LogGrid`) is logarithmic in ``|alpha|`` on both signs, like DD
 and ``m = min_magnitude``; its value ``2 m g**i / (g + 1)`` is within relative error ``a`` of
 every magnitude in the bin. Magnitudes below ``m`` fall in one zero bin (absolute error below
 ``m``); magnitudes above ``max_magnitude`` fall in the outermost bin, where only the exact
-minimum and maximum bound them (they are counted in :attr:`SketchAccumulator.overflow`).
+minimum and maximum bound them (they are counted in :attr:`HistogramSketch.overflow`).
 
 Guarantee: each order statistic the table's percentiles interpolate is estimated within
 ``a * |value| + m`` (overflow aside); the 0 and 100 levels are exact (the minimum and maximum),
