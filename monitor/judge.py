@@ -284,24 +284,19 @@ class Judge:
         return DeviceStep(res.output, report)
 
     def assemble(self, step: DeviceStep, labels_given: bool) -> MonitorReport:
-        """Stage 3: the host report of a device step (``ValueError`` for non-finite alpha)."""
+        """Stage 3: the host report of a device step (``ValueError`` for non-finite alpha).
+
+        Every :class:`DeviceReport` field but ``nonfinite_alpha`` becomes the
+        :class:`~monitor.report.MonitorReport` field of the same name."""
         host = step.report.to_host()
         bad = int(host.nonfinite_alpha)
         if bad:
             raise ValueError(f"percentile_lookup: alpha has {bad} non-finite values")
+        per_input = {f.name: getattr(host, f.name) for f in fields(host)}
+        del per_input["nonfinite_alpha"]
         return MonitorReport(
-            logits=host.logits,
-            classes=host.classes,
+            **per_input,
             labels_given=labels_given,
-            alpha=host.alpha,
-            mu=host.mu,
-            percentile=host.percentile,
-            surprise=host.surprise,
-            expectation=host.expectation,
-            beta=host.beta,
-            beta_percentile=host.beta_percentile,
-            low_beta=host.low_beta,
-            calibrated=host.calibrated,
             layer=self.layer,
             class_names=tuple(self.table.class_names),
         )
