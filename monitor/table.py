@@ -289,8 +289,7 @@ def _verified_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
         end = max((e["data_offsets"][1] for e in entries.values()), default=0)
         if path.stat().st_size != 8 + size + end:
             raise ValueError(
-                f"the file has {path.stat().st_size} bytes, its header describes "
-                f"{8 + size + end}"
+                f"the file has {path.stat().st_size} bytes, its header describes {8 + size + end}"
             )
         chunks = iter(lambda: f.read(1 << 20), b"")
         digest = _checksum(header.get("meta", ""), entries, chunks)

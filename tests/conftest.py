@@ -39,11 +39,12 @@ def saved_tiny_model(calibrated, tmp_path_factory):
     model and table options for the weights and table files."""
     model, table = calibrated
     folder = tmp_path_factory.mktemp("model")
-    torch.save(model.state_dict(), folder / "model.pt")
-    table.save(folder / "table.safetensors")
+    weights, saved = folder / "model.pt", folder / "table.safetensors"
+    torch.save(model.state_dict(), weights)
+    table.save(saved)
     args = ["--model", "tests._models:TinyCNN", "--model-kwargs", '{"num_classes": 3}',
-            "--weights", str(folder / "model.pt"), "--table", str(folder / "table.safetensors")]
-    return model, table, args  # fmt: skip
+            "--weights", str(weights), "--table", str(saved)]  # fmt: skip
+    return model, table, args
 
 
 @pytest.fixture(scope="session")

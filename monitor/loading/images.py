@@ -43,9 +43,7 @@ class Preprocessing:
             raise ValueError(f"mean has {len(self.mean)} values, std {len(self.std)}")
 
     @classmethod
-    def from_source(
-        cls, source: Mapping[str, Any] | None, **overrides: Any
-    ) -> Preprocessing:
+    def from_source(cls, source: Mapping[str, Any] | None, **overrides: Any) -> Preprocessing:
         """The preprocessing a ``data_source`` records; ``overrides`` that are not ``None``
         replace its values. ``ValueError`` when no normalisation is known."""
         src = dict(source or {})

@@ -19,9 +19,7 @@ def check_score(score: str) -> str:
     return score
 
 
-def logits_of(
-    output: Any, output_to_logits: Callable[[Any], torch.Tensor] | None
-) -> torch.Tensor:
+def logits_of(output: Any, output_to_logits: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
     """The ``[B, K]`` logits in a model's output (``output_to_logits`` extracts them when the
     output is something else); ``ValueError`` when they are not a 2-D tensor."""
     logits = output_to_logits(output) if output_to_logits else output

@@ -252,9 +252,7 @@ class MonitorMetrics:
         self._queue = self._child("queue_depth")
         self._child("filters").set(table.num_filters)
 
-    def _join_family(
-        self, table: CalibrationTable, buckets: tuple[float, ...] | None
-    ) -> _Family:
+    def _join_family(self, table: CalibrationTable, buckets: tuple[float, ...] | None) -> _Family:
         """This registry's family under this namespace (made on first use), with this monitor
         added as a member; :class:`MetricsConflictError` if it cannot join."""
         namespace = self.namespace
