@@ -21,6 +21,7 @@ from calibrate.checkpoint import CheckpointError
 from calibrate.inference_probe import InferenceModeProbe, InferenceModeUnsupported
 from kernels import grad_amap
 from monitor.probe import GradAMapProbe, ProbeResult, resolve_layer
+from monitor.probe.grad_amap_probe import ModelRaised
 
 log = logging.getLogger(__name__)
 
@@ -138,5 +139,9 @@ class BatchAlpha:
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> ProbeResult:
         """The probe's pass, under autocast when ``amp`` is on."""
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
-            return self.probe.run(x, labels=y)
+        try:
+            with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
+                return self.probe.run(x, labels=y)
+        except ModelRaised as exc:
+            error = exc.error  # the model's own error, as the caller would get it without us
+        raise error

@@ -32,8 +32,9 @@ from calibrate.plan import Batch, BatchPlan, on_device, plan_for, stream, stream
 from calibrate.sketch import LogGrid
 from calibrate.statistics import ClassStatistics
 from kernels._backend import resolve_backend
-from monitor.fingerprint import model_fingerprint
+from monitor.fingerprint import layer_fingerprint, model_fingerprint
 from monitor.loading.models import model_device
+from monitor.probe.hooks import get_module
 from monitor.probe.scores import check_score
 from monitor.table import (
     DEFAULT_BETA_LEVELS,
@@ -342,6 +343,7 @@ def _table(
         score=score,
         input_shape=tuple(meta.input_shape),
         model_fingerprint=model_fingerprint(model),
+        layer_fingerprint=layer_fingerprint(get_module(model, meta.layer)),
         data_source=data_source,
     )
     missing = [names[c] for c in range(k) if int(table.counts[c]) == 0]

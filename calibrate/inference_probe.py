@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from monitor.probe import GradAMapProbe, ProbeResult
+from monitor.probe.grad_amap_probe import ModelRaised
+from monitor.probe.hooks import CopySafeHook
 
 
 class InferenceModeUnsupported(RuntimeError):
@@ -33,7 +35,7 @@ class InferenceModeProbe(GradAMapProbe):
     def __init__(self, model: nn.Module, layer: str, **kwargs: Any) -> None:
         super().__init__(model, layer, **kwargs)
         self._guards = threading.local()  # per thread: entered (bool), guard (or None)
-        self._pre: Any = model.register_forward_pre_hook(self._enter)
+        self._pre: Any = model.register_forward_pre_hook(CopySafeHook(self._enter))
 
     def close(self) -> None:
         """Remove both hooks (idempotent)."""
@@ -77,9 +79,10 @@ class InferenceModeProbe(GradAMapProbe):
         self._guards.entered = False
         try:
             return super().run(x, labels, check_labels=check_labels)
-        except RuntimeError as exc:
-            if "Inference tensors" in str(exc):
-                raise InferenceModeUnsupported(str(exc)) from exc
+        except (RuntimeError, ModelRaised) as exc:
+            error = exc.error if isinstance(exc, ModelRaised) else exc
+            if "Inference tensors" in str(error):
+                raise InferenceModeUnsupported(str(error)) from exc
             raise
         finally:
             self._guards.entered = True

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from kernels import LookupTable, grad_amap, percentile_lookup, percentile_rank, prepare_lookup_table
-from monitor.fingerprint import model_fingerprint
-from monitor.loading.models import model_device
-from monitor.probe.grad_amap_probe import GradAMapProbe
+from monitor.advice import advise
+from monitor.fingerprint import layer_fingerprint, model_fingerprint
+from monitor.loading.models import model_device, model_dtype
+from monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised
 from monitor.probe.hooks import get_module
 from monitor.report import MonitorReport
 from monitor.table import CalibrationTable
@@ -39,6 +40,14 @@ class TableMismatchError(ValueError):
 
 class InvalidInputError(ValueError):
     """An input batch or its labels cannot be monitored (shape, dtype, NaN/Inf, empty, range)."""
+
+
+class TrainingModeError(ValueError):
+    """The model is in training mode (batch statistics would couple the samples)."""
+
+
+class NonFiniteAlphaError(ValueError):
+    """The probe produced NaN or Inf alpha values."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ def _check_pct(name: str, value: float) -> float:
 def require_eval(model: nn.Module) -> None:
     """``ValueError`` when ``model`` is in training mode (batch statistics couple samples)."""
     if model.training:
-        raise ValueError(
+        raise TrainingModeError(
             "the model is in training mode; call model.eval() before monitoring it "
             "(batch statistics would couple the samples of a batch)"
         )
@@ -168,8 +177,7 @@ class Judge:
         )
         if table.input_shape:
             try:  # fail fast on a table for another filter or class count
-                res = self.probe.run(torch.zeros(1, *table.input_shape, device=model_device(model)))
-                self._check_shapes(res.activation, res.logits)
+                self._check_shapes_on(torch.zeros(1, *table.input_shape))
             except BaseException:
                 self.probe.close()
                 raise
@@ -188,12 +196,31 @@ class Judge:
         """Remove the judge's hook from the model (idempotent)."""
         self.probe.close()
 
+    def _check_shapes_on(self, x: torch.Tensor) -> None:
+        """Run the probe once on ``x`` (moved to the model's device and floating dtype: a
+        ``model.half()`` takes float16) and check the filter and class counts."""
+        try:
+            res = self.probe.run(x.to(model_device(self.model), model_dtype(self.model)))
+        except ModelRaised as exc:
+            error = exc.error
+        else:
+            self._check_shapes(res.activation, res.logits)
+            return
+        raise error
+
     # ---------------------------------------------------------------- the stages
     def __call__(self, x: torch.Tensor, labels: Any = None) -> MonitorReport:
         """Judge a batch ``x`` against ``labels`` (else the predictions): all three stages.
-        Raises on bad input (wrong shape, NaN/Inf, labels out of range)."""
+        Raises on bad input (wrong shape, NaN/Inf, labels out of range), and the model's own
+        exception when the model cannot run ``x``."""
         batch = self.validate(x, labels)
-        return self.assemble(self.device_step(batch), batch.labels_given)
+        try:
+            step = self.device_step(batch)
+        except ModelRaised as exc:
+            error = exc.error  # raised below, outside this handler: as without the monitor
+        else:
+            return self.assemble(step, batch.labels_given)
+        raise error
 
     def validate(self, x: Any, labels: Any = None) -> Batch:
         """Stage 1: the model is in eval mode, ``x`` is a finite floating ``[B, C, H, W]``
@@ -228,6 +255,12 @@ class Judge:
         expect = self.table.input_shape
         if not expect:
             return
+        if x.shape[1] != expect[0] and x.shape[3] == expect[0]:
+            raise InvalidInputError(
+                f"input shape {tuple(x.shape)} looks like [B, H, W, C] (channels last); the "
+                f"monitor takes [B, C, H, W] batches of {expect[0]} channels: pass "
+                "x.permute(0, 3, 1, 2)"
+            )
         if x.shape[1] != expect[0]:
             raise InvalidInputError(
                 f"input has {x.shape[1]} channels; the table was calibrated on {expect[0]}"
@@ -243,7 +276,7 @@ class Judge:
         """``labels`` as ``[batch]`` int64 class ids of the table (``None`` stays ``None``)."""
         if labels is None:
             return None
-        labels = torch.as_tensor(labels)
+        labels = labels_tensor(labels, self.table.class_names)
         if labels.ndim == 0:
             labels = labels.view(1)
         if labels.shape != (batch,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -291,7 +324,7 @@ class Judge:
         host = step.report.to_host()
         bad = int(host.nonfinite_alpha)
         if bad:
-            raise ValueError(f"percentile_lookup: alpha has {bad} non-finite values")
+            raise NonFiniteAlphaError(f"percentile_lookup: alpha has {bad} non-finite values")
         per_input = {f.name: getattr(host, f.name) for f in fields(host)}
         del per_input["nonfinite_alpha"]
         return MonitorReport(
@@ -334,6 +367,25 @@ class Judge:
             return self._tables[device]
 
 
+def labels_tensor(labels: Any, class_names: list[str] | tuple[str, ...] = ()) -> torch.Tensor:
+    """``labels`` as a tensor; :class:`InvalidInputError` for class names or anything else that
+    is not a class index (the message says how to get the index of a name)."""
+    if isinstance(labels, torch.Tensor):
+        return labels
+    items = labels if isinstance(labels, list | tuple) else [labels]
+    names = [v for v in items if isinstance(v, str)]
+    if names:
+        shown = ", ".join(repr(n) for n in list(class_names)[:20])
+        raise InvalidInputError(
+            f"labels must be class indices (integers), got the name {names[0]!r}; pass "
+            f"table.class_names.index({names[0]!r}) (class names: {shown or 'none recorded'})"
+        )
+    try:
+        return torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidInputError(f"labels must be a list or tensor of class indices: {exc}") from exc
+
+
 class HasJudge(Protocol):
     """Anything that holds a judge (a :class:`~monitor.SurpriseMonitor`)."""
 
@@ -361,12 +413,24 @@ def _check_table_fits(
             f"the table was calibrated at layer {table.layer!r}, not {layer!r}; "
             "calibrate again at that layer"
         )
-    get_module(model, table.layer)
+    module = get_module(model, table.layer)
     if check_fingerprint and table.model_fingerprint:
         found = model_fingerprint(model)
         if found != table.model_fingerprint:
-            raise TableMismatchError(
+            problem = (
                 "the table was calibrated on a model with other weights (fingerprint "
-                f"{table.model_fingerprint[:12]}, this model {found[:12]}); calibrate again, "
-                "or pass check_fingerprint=False if the change is deliberate"
+                f"{table.model_fingerprint[:12]}, this model {found[:12]}); calibrate again, or "
+            )
+            raise advise(
+                TableMismatchError(
+                    problem + "pass check_fingerprint=False if the change is deliberate"
+                ),
+                cli=problem + "pass --no-fingerprint-check if the change is deliberate",
+            )
+    if check_fingerprint and table.layer_fingerprint:
+        if layer_fingerprint(module) != table.layer_fingerprint:
+            raise TableMismatchError(
+                f"the table's statistics were not calibrated at this model's layer "
+                f"{table.layer!r} (its layer fingerprint {table.layer_fingerprint[:12]} is "
+                "another layer's); calibrate again at that layer"
             )

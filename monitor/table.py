@@ -42,6 +42,10 @@ REQUIRED_LEVELS: tuple[float, ...] = (
 #: Percent levels of the per-class beta grid (0.1 steps), for calibrated low-beta thresholds.
 DEFAULT_BETA_LEVELS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1001))
 
+#: Largest JSON header a table file may have (checked before it is read or parsed): metadata
+#: and 8 tensor entries; 100,000 class names of 100 characters fit.
+MAX_HEADER_BYTES = 16 << 20
+
 _TENSOR_NAMES = (
     "levels", "quantiles", "mean", "counts",
     "beta_levels", "beta_quantiles", "top_indices", "top_alpha",
@@ -76,7 +80,9 @@ class CalibrationTable:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     layer_reason: str = ""
     data_source: dict[str, Any] | None = None
+    layer_fingerprint: str = ""  # the layer's own weights (monitor.fingerprint.layer_fingerprint)
     path: Path | None = None  # the file it was loaded from, if any
+    sha256: str = ""  # that file's checksum when loaded (or saved): exemplars must match it
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,8 +111,11 @@ class CalibrationTable:
         if self.path is None:
             raise TableError("this table has no exemplars and no file to load them from")
         full = type(self).load(self.path)
-        if full.model_fingerprint != self.model_fingerprint or full.layer != self.layer:
-            raise TableError(f"{self.path}: the file changed since this table was loaded")
+        if full.sha256 != self.sha256:  # pinned: exemplars only from the file that was loaded
+            raise TableError(
+                f"{self.path}: the file changed since this table was loaded (checksum "
+                f"{full.sha256[:12]}, loaded {self.sha256[:12]}); load it again"
+            )
         self.top_indices, self.top_alpha = full.top_indices, full.top_alpha
 
     def value_at(self, pct: float) -> torch.Tensor:
@@ -180,6 +189,7 @@ class CalibrationTable:
             "images_per_class": [int(c) for c in self.counts],
             "top_k": self.top_k,
             "data_source": self.data_source,
+            "layer_fingerprint": self.layer_fingerprint,
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -198,9 +208,8 @@ class CalibrationTable:
             for name in _TENSOR_NAMES
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the table to ``path`` (safetensors) atomically; returns the path."""
-        path = Path(path)
+    def _signed(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and the file header, with its checksum, that :meth:`save` writes."""
         tensors = self._tensors()
         header = {
             "format": FORMAT_NAME,
@@ -210,8 +219,22 @@ class CalibrationTable:
         # The data section does not depend on the metadata: serialise once to checksum it.
         entries, data = _split(safetensors_save(tensors, metadata=header))
         header["sha256"] = _checksum(header["meta"], entries, [data])
+        return tensors, header
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table to ``path`` (safetensors) atomically; returns the path."""
+        path = Path(path)
+        tensors, header = self._signed()
         atomic_write_bytes(path, safetensors_save(tensors, metadata=header))
+        self.sha256 = header["sha256"]
         return path
+
+    def fingerprint(self) -> str:
+        """The table's SHA-256: its file's checksum when it was loaded or saved, else the one
+        :meth:`save` would write."""
+        if not self.sha256:
+            self.sha256 = self._signed()[1]["sha256"]
+        return self.sha256
 
     @classmethod
     def load(cls, path: str | Path, *, exemplars: bool = True) -> CalibrationTable:
@@ -239,22 +262,18 @@ class CalibrationTable:
             raise TableError(
                 f"{path}: not a readable calibration table (truncated or corrupt?): {exc}"
             ) from exc
-        meta = json.loads(header["meta"])
+        meta = _parse_meta(path, header.get("meta"))
         try:
-            return cls(
-                layer=meta["layer"],
-                class_names=list(meta["class_names"]),
-                score=meta["score"],
-                input_shape=tuple(meta["input_shape"]),
-                model_fingerprint=meta["model_fingerprint"],
-                created=meta["created"],
-                layer_reason=meta.get("layer_reason", ""),
-                data_source=meta.get("data_source"),
+            table = cls(
                 path=path,
+                sha256=header["sha256"],
+                **meta,
                 **{name: tensors.get(name) for name in _TENSOR_NAMES},
             )
         except TableError as exc:
             raise TableError(f"{path}: {exc}") from exc
+        _check_counts(path, header.get("meta", ""), table)
+        return table
 
     # ------------------------------------------------------------- summaries
     def undersampled_classes(self, pct: float = 99.9) -> list[int]:
@@ -281,12 +300,21 @@ def _verified_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     with open(path, "rb") as f:
         raw = f.read(8)
         size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-        if not 0 < size <= 100 << 20:
+        if size <= 0:
             raise ValueError(f"bad header size {size}")
+        if size > MAX_HEADER_BYTES:  # refused before it is read or parsed
+            raise TableError(
+                f"{path}: not a readable calibration table: a header of {size} bytes (a "
+                f"table's has at most {MAX_HEADER_BYTES})"
+            )
         entries = json.loads(f.read(size))
+        if not isinstance(entries, dict):
+            raise TableError(f"{path}: the safetensors header is not a JSON object")
         header = entries.pop("__metadata__", None) or {}
+        if not isinstance(header, dict) or not isinstance(header.get("meta", ""), str):
+            raise TableError(f"{path}: the header's __metadata__ is not a table's")
         _check_format(path, header)
-        end = max((e["data_offsets"][1] for e in entries.values()), default=0)
+        end = max((_data_end(path, name, e) for name, e in entries.items()), default=0)
         if path.stat().st_size != 8 + size + end:
             raise ValueError(
                 f"the file has {path.stat().st_size} bytes, its header describes {8 + size + end}"
@@ -296,6 +324,76 @@ def _verified_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     if header.get("sha256") != digest:
         raise TableError(f"{path}: checksum mismatch: the file was edited or corrupted")
     return header, entries
+
+
+def _data_end(path: Path, name: str, entry: Any) -> int:
+    """Where tensor ``name``'s bytes end, from its header entry (:class:`TableError` naming the
+    tensor when the entry is malformed)."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(v, int) and v >= 0 for v in offsets)
+    ):
+        raise TableError(f"{path}: tensor {name!r} has no valid data_offsets in the header")
+    return int(offsets[1])
+
+
+#: Metadata fields: name -> (required, check, what it must be).
+_META_FIELDS: dict[str, tuple[bool, Any, str]] = {
+    "layer": (True, lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "class_names": (
+        True, lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+        "a list of strings",
+    ),
+    "score": (True, lambda v: isinstance(v, str), "a string"),
+    "input_shape": (
+        True,
+        lambda v: isinstance(v, list) and len(v) in (0, 3)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v),
+        "[] or [C, H, W] positive integers",
+    ),
+    "model_fingerprint": (True, lambda v: isinstance(v, str), "a string"),
+    "created": (True, lambda v: isinstance(v, str), "a string"),
+    "layer_reason": (False, lambda v: isinstance(v, str), "a string"),
+    "data_source": (False, lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "layer_fingerprint": (False, lambda v: isinstance(v, str), "a string"),
+}  # fmt: skip
+
+
+def _parse_meta(path: Path, text: Any) -> dict[str, Any]:
+    """The table's fields from its JSON metadata; :class:`TableError` naming the field that is
+    missing or of the wrong type (or saying the JSON is malformed)."""
+    if not isinstance(text, str):
+        raise TableError(f"{path}: the header has no 'meta' JSON")
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise TableError(f"{path}: the metadata is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise TableError(f"{path}: the metadata is not a JSON object")
+    out: dict[str, Any] = {}
+    for name, (required, ok, what) in _META_FIELDS.items():
+        if name not in meta:
+            if required:
+                raise TableError(f"{path}: metadata field {name!r} is missing")
+            continue
+        if not ok(meta[name]):
+            raise TableError(f"{path}: metadata field {name!r} must be {what}")
+        out[name] = meta[name]
+    out["input_shape"] = tuple(out["input_shape"])
+    return out
+
+
+def _check_counts(path: Path, text: str, table: CalibrationTable) -> None:
+    """:class:`TableError` when the metadata's class or filter count disagrees with the
+    tensors."""
+    meta = json.loads(text)
+    for name, have in (("num_classes", table.num_classes), ("num_filters", table.num_filters)):
+        if name in meta and meta[name] != have:
+            raise TableError(
+                f"{path}: metadata field {name!r} is {meta[name]!r}, the tensors hold {have}"
+            )
 
 
 def _check_format(path: Path, header: dict[str, str]) -> None:

@@ -43,3 +43,30 @@ def spilled_alpha(folder, c: int, num_filters: int):
 
     rows = AlphaSpill(folder, num_filters).read_alpha(c)
     return rows.read_rows(0, rows.shape[0])
+
+
+def resign(path, edit) -> None:
+    """Rewrite the table file at ``path`` with its metadata changed by ``edit`` (a function
+    that edits the metadata dict in place, or returns new JSON text) and a checksum recomputed
+    the way the loader checks it: SHA-256 over the metadata JSON, the tensor entries as sorted
+    JSON, then the data section. What anyone can do to a file with no secret in it."""
+    import hashlib
+    import json
+    import struct
+    from pathlib import Path
+
+    raw = Path(path).read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    entries = json.loads(raw[8 : 8 + size])
+    data = raw[8 + size :]
+    header = entries.pop("__metadata__")
+    meta = json.loads(header["meta"])
+    edited = edit(meta)
+    header["meta"] = edited if isinstance(edited, str) else json.dumps(meta, sort_keys=True)
+    digest = hashlib.sha256(header["meta"].encode())
+    digest.update(json.dumps(entries, sort_keys=True).encode())
+    digest.update(data)
+    header["sha256"] = digest.hexdigest()
+    text = json.dumps({**entries, "__metadata__": header}).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)

@@ -28,6 +28,28 @@ class TinyCNN(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
+class PickyCNN(TinyCNN):
+    """A :class:`TinyCNN` that counts its forward passes and raises ``ValueError`` for a batch
+    holding a value above 1000 in magnitude (an input the model itself rejects)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if bool((x.abs() > 1000).any()):
+            raise ValueError("PickyCNN rejects inputs above 1000")
+        return super().forward(x)
+
+
+def picky_copy(model: TinyCNN) -> PickyCNN:
+    """A :class:`PickyCNN` with ``model``'s weights (same state_dict, so the same fingerprint)."""
+    picky = PickyCNN(num_classes=model.fc.out_features)
+    picky.load_state_dict(model.state_dict())
+    return picky.eval()
+
+
 class ShortcutBlock(nn.Module):
     """A residual block whose 1x1 projection shortcut runs after the main path."""
 

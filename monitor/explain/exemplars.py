@@ -21,7 +21,7 @@ import torch
 from monitor.explain import superpixels
 from monitor.explain.saliency import input_gradient
 from monitor.loading.images import source_images
-from monitor.loading.models import model_device
+from monitor.loading.models import model_device, model_dtype
 from monitor.table import CalibrationTable
 
 
@@ -107,7 +107,7 @@ def exemplars(
         return []
     device = model_device(model)
     x = load_images([i for i, _ in pairs], data_source=table.data_source, dataset=dataset)
-    x = x.to(device=device, dtype=torch.float32)
+    x = x.to(device=device, dtype=model_dtype(model))
     if table.input_shape and tuple(x.shape[1:]) != tuple(table.input_shape):
         raise ValueError(
             f"exemplar images have shape {tuple(x.shape[1:])}, the table was calibrated on "
@@ -118,9 +118,9 @@ def exemplars(
     )
     out = []
     for rank, ((index, alpha), xi, gi) in enumerate(zip(pairs, x, grads, strict=True)):
-        image = superpixels.unnormalise(xi, mean, std)
+        image = superpixels.unnormalise(xi.float(), mean, std)
         labels, scores, order = superpixels.ranked_superpixels(
-            image, gi, n_segments, reduce=reduce, slic_kwargs=slic_kwargs
+            image, gi.float(), n_segments, reduce=reduce, slic_kwargs=slic_kwargs
         )
         mask = superpixels.region_mask(labels, order[:regions])
         out.append(Exemplar(index, rank, alpha, image, labels, scores, mask))

@@ -195,8 +195,8 @@ def explain(
     grad = input_gradient(
         judge.model, table.layer, x, c, n, score=table.score,
         output_to_logits=judge.output_to_logits,
-    )[0].cpu()  # fmt: skip
-    image = superpixels.unnormalise(x[0], mean_t, std_t)
+    )[0].float().cpu()  # fmt: skip
+    image = superpixels.unnormalise(x[0].float(), mean_t, std_t)
     segs, scores, order = superpixels.ranked_superpixels(
         image, grad, n_segments, reduce=reduce, slic_kwargs=slic_kwargs
     )

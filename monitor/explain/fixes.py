@@ -125,8 +125,8 @@ def fix(
         grad = input_gradient(
             judge.model, judge.layer, x, label, filt, score=judge.table.score,
             output_to_logits=judge.output_to_logits,
-        )[0].cpu()  # fmt: skip
-    image = superpixels.unnormalise(x[0], mean_t, std_t)
+        )[0].float().cpu()  # fmt: skip
+    image = superpixels.unnormalise(x[0].float(), mean_t, std_t)
     candidates = _sweep(image, grad, n_segments, remove, reduce, seed, slic_kwargs)
     result = FixResult(method, label, prediction, False, filt, filter_kind)
     if candidates:

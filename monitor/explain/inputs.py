@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from monitor.judge import Judge
-from monitor.loading.models import model_device
+from monitor.loading.models import model_device, model_dtype
 from monitor.report import MonitorReport
 
 
@@ -28,9 +28,10 @@ def one_image(x: Any, what: str) -> torch.Tensor:
 def judged_on_device(
     judge: Judge, x: torch.Tensor, label: int | None
 ) -> tuple[torch.Tensor, MonitorReport]:
-    """``x`` moved to the model's device, and the judge's report of it against ``label`` (else
-    the prediction). Nothing is recorded anywhere: explaining is not monitoring."""
-    x = x.to(model_device(judge.model))
+    """``x`` moved to the model's device and floating dtype (a ``model.half()`` takes float16),
+    and the judge's report of it against ``label`` (else the prediction). Nothing is recorded
+    anywhere: explaining is not monitoring."""
+    x = x.to(model_device(judge.model), model_dtype(judge.model))
     with torch.inference_mode(False):  # normal label tensors, even in a caller's inference_mode
         labels = None if label is None else torch.tensor([int(label)])
         return x, judge(x, labels)

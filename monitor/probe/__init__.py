@@ -2,7 +2,7 @@
 score's gradient there; plus the layer hooks it is built on, the class scores and the choice of
 the target layer."""
 
-from monitor.probe.grad_amap_probe import GradAMapProbe, ProbeResult
+from monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised, ProbeResult
 from monitor.probe.hooks import LayerTap, get_module, traced_calls
 from monitor.probe.layers import LayerChoice, resolve_layer
 from monitor.probe.scores import SCORES, class_scores
@@ -12,6 +12,7 @@ __all__ = [
     "GradAMapProbe",
     "LayerChoice",
     "LayerTap",
+    "ModelRaised",
     "ProbeResult",
     "class_scores",
     "get_module",

@@ -24,6 +24,16 @@ from monitor.probe.hooks import LayerTap
 from monitor.probe.scores import check_classes, check_score, class_scores, logits_of
 
 
+class ModelRaised(Exception):
+    """The watched model itself raised during a probe's forward pass (not the probe's hook):
+    ``error`` is the model's own exception, for callers to re-raise as it would have been
+    raised without the monitor."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"the model raised {type(error).__name__}: {error}")
+        self.error = error
+
+
 @dataclass
 class ProbeResult:
     """What one probe pass produced (all tensors detached)."""
@@ -85,11 +95,17 @@ class GradAMapProbe:
 
         The class is ``labels[b]`` when given, else the predicted class. ``check_labels=False``
         skips the label range check (a host sync) for callers that checked them already.
+        :class:`ModelRaised` (holding the model's exception) when the model's forward raises.
         """
         with self.tap.armed() as record:
             # normal tensors even inside a caller's inference_mode; no graph before the layer
             with torch.inference_mode(False), torch.no_grad():
-                output = self.model(x)
+                try:
+                    output = self.model(x)
+                except Exception as exc:
+                    if exc is record.error:  # the tap's own check, not the model's
+                        raise
+                    raise ModelRaised(exc) from exc
         leaf = self.tap.activation(record)
         with torch.inference_mode(False), torch.enable_grad():  # whatever the caller's mode
             logits = logits_of(output, self.output_to_logits)

@@ -9,6 +9,9 @@ the layer choice use.
   that requires grad and grad mode is turned on for the head, so autograd records the head only.
 - :func:`traced_calls` records every call of some modules during one forward pass (input
   identity and output shape), for choosing the target layer.
+- :class:`CopySafeHook` wraps the hooks the monitor leaves on a model while it watches it, so
+  the model can still be deep-copied, pickled and ``torch.save``-d: a copy carries an
+  :class:`InertHook` (it does nothing) in place of each one.
 """
 
 from __future__ import annotations
@@ -34,12 +37,39 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     raise ValueError(f"model has no module named {name!r}{hint}")
 
 
+class InertHook:
+    """What a copy of a watched model (``copy.deepcopy``, pickle, ``torch.save``) holds in place
+    of a :class:`CopySafeHook`: a hook (forward or pre-forward) that does nothing."""
+
+    def __call__(self, *args: Any) -> None:
+        """Do nothing: the copy is not watched."""
+        return None
+
+
+class CopySafeHook:
+    """A hook callable on a watched model that copies of the model do not take along: it
+    reduces to an :class:`InertHook`, so copying never touches the monitor's thread-local
+    state (which cannot be copied) and a copy is never watched by the original's monitor."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        """Run the hook."""
+        return self.fn(*args)
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        """Copies and pickles become an :class:`InertHook`."""
+        return (InertHook, ())
+
+
 @dataclass
 class TapRecord:
     """What an armed :class:`LayerTap` saw in one forward pass."""
 
     activation: torch.Tensor | None = None  # the layer's output (a leaf with cut_graph=True)
     calls: int = 0
+    error: BaseException | None = None  # what the hook itself raised, if anything
 
 
 class LayerTap:
@@ -66,7 +96,7 @@ class LayerTap:
         self.cut_graph = cut_graph
         self._on_output = on_output
         self._local = threading.local()
-        self._handle: Any = get_module(model, layer).register_forward_hook(self._hook)
+        self._handle: Any = get_module(model, layer).register_forward_hook(CopySafeHook(self._hook))
 
     @property
     def closed(self) -> bool:
@@ -102,10 +132,19 @@ class LayerTap:
         return record.activation
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
-        """Record the output (once per pass) and return the copy the rest of the network sees."""
+        """Record the output (once per pass) and return the copy the rest of the network sees;
+        an error raised here is kept in the record (it is the tap's, not the model's)."""
         record: TapRecord | None = getattr(self._local, "record", None)
         if record is None:
             return None
+        try:
+            return self._record(record, output)
+        except BaseException as exc:
+            record.error = exc
+            raise
+
+    def _record(self, record: TapRecord, output: Any) -> Any:
+        """Record the layer's output in ``record``; the copy the rest of the network sees."""
         if self._on_output is not None:
             output = self._on_output(output)
         record.calls += 1

@@ -9,23 +9,28 @@ units, low-cardinality labels). With the default namespace ``surprise_monitor``:
 ``surprise_monitor_inputs_flagged_total``    judged inputs flagged, by ``kind``: ``surprise`` (any
                                              surprising filter), ``expectation``, ``low_beta``
 ``surprise_monitor_inputs_skipped_total``    inputs not judged, by ``reason``: ``sampled_out``,
-                                             ``queue_full`` (async mode), ``failed``
-``surprise_monitor_failures_total``          failed monitoring calls, by ``kind`` (exception type)
+                                             ``queue_full`` (async mode), ``failed`` (monitoring
+                                             failed), ``model_error`` (the model itself raised)
+``surprise_monitor_failures_total``          failed monitoring calls, by ``kind``: one of
+                                             :data:`FAILURE_KINDS`
+``surprise_monitor_filters_judged_total``    (input, filter) pairs judged: judged inputs x N
 ``surprise_monitor_beta``                    histogram of beta per judged input (no ``_sum``
                                              when a bucket is negative: prometheus_client's rule)
-``surprise_monitor_beta_percentile``         histogram of beta's percentile in its class (0..100)
+``surprise_monitor_beta_percentile_ratio``   histogram of beta's rank in its class's calibration
+                                             betas, as a ratio (0..1)
 ``surprise_monitor_surprising_filters``      histogram of surprising filters per judged input
 ``surprise_monitor_expected_filters``        histogram of expected filters per judged input
 ``surprise_monitor_added_latency_seconds``   time the monitor added to the request path, per call
 ``surprise_monitor_inspect_duration_seconds`` time to judge one batch (off the path in async mode)
 ``surprise_monitor_queue_depth``             batches waiting for the async worker
-``surprise_monitor_filters``                 filters N at the monitored layer (for filter rates)
+``surprise_monitor_table_info``              1, labelled with the table: ``layer``, ``filters``,
+                                             ``table_fingerprint`` (its SHA-256), ``created``
 ==========================================  ========================================================
 
 Once the async queue is drained, ``inputs_total`` equals ``inputs_monitored_total`` plus the
-sum of ``inputs_skipped_total`` over its reasons. A per-class ``class`` label (the class name)
-is added to the monitored and flagged counters only with ``per_class=True``: it multiplies their
-series by the number of classes.
+sum of ``inputs_skipped_total`` over its reasons, in every mode. A per-class ``class`` label
+(the class name) is added to the monitored and flagged counters only with ``per_class=True``:
+it multiplies their series by the number of classes.
 
 Monitors share metric families per (registry, namespace): two monitors in one registry either
 use different namespaces or the same constant ``labels`` keys with different values (e.g.
@@ -43,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 import torch
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
 if TYPE_CHECKING:
     from monitor.report import MonitorReport
@@ -51,18 +56,51 @@ if TYPE_CHECKING:
 
 DEFAULT_NAMESPACE = "surprise_monitor"
 FLAG_KINDS = ("surprise", "expectation", "low_beta")
-SKIP_REASONS = ("sampled_out", "queue_full", "failed")
+SKIP_REASONS = ("sampled_out", "queue_full", "failed", "model_error")
+#: ``failures_total`` kinds: a bad input (shape, dtype, NaN/Inf, labels), a model in training
+#: mode, a table that does not fit the model, non-finite alpha, out of device memory, an
+#: exception in ``on_flag``, anything else.
+FAILURE_KINDS = (
+    "invalid_input", "training_mode", "table_mismatch", "nonfinite_alpha", "out_of_memory",
+    "callback", "internal",
+)  # fmt: skip
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 )  # fmt: skip
-PERCENTILE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 100.0)
+RATIO_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0,
+)  # fmt: skip
 _BETA_LEVELS = (0.1, 1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
-_RESERVED = ("kind", "reason", "class", "le", "quantile")
+_RESERVED = (
+    "kind", "reason", "class", "le", "quantile", "layer", "filters", "table_fingerprint", "created",
+)  # fmt: skip
 
 
 class MetricsConflictError(ValueError):
     """The registry already holds metrics that this monitor's metrics would collide with."""
+
+
+def failure_kind(exc: BaseException, prefix: str = "") -> str:
+    """The :data:`FAILURE_KINDS` label of a monitoring failure (``prefix`` ``"on_flag:"``: an
+    exception in the callback)."""
+    from monitor.judge import (
+        InvalidInputError,
+        NonFiniteAlphaError,
+        TableMismatchError,
+        TrainingModeError,
+    )
+
+    if prefix:
+        return "callback"
+    kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+        ((InvalidInputError, TypeError), "invalid_input"),
+        (TrainingModeError, "training_mode"),
+        (TableMismatchError, "table_mismatch"),
+        (NonFiniteAlphaError, "nonfinite_alpha"),
+        (torch.OutOfMemoryError, "out_of_memory"),
+    )
+    return next((kind for types, kind in kinds if isinstance(exc, types)), "internal")
 
 
 def count_buckets(num_filters: int) -> tuple[float, ...]:
@@ -90,6 +128,16 @@ def beta_buckets_from(table: CalibrationTable) -> tuple[float, ...]:
     return out if len(out) >= 2 else (-1.0, -0.1, 0.0, 0.1, 1.0)
 
 
+def table_info(table: CalibrationTable) -> dict[str, str]:
+    """The ``table_info`` metric's labels: layer, filters, table_fingerprint, created."""
+    return {
+        "layer": table.layer,
+        "filters": str(table.num_filters),
+        "table_fingerprint": table.fingerprint(),
+        "created": table.created,
+    }
+
+
 @dataclass
 class _Family:
     """The metric objects of one (registry, namespace), shared by its monitors."""
@@ -97,7 +145,7 @@ class _Family:
     label_names: tuple[str, ...]
     per_class: bool
     beta_buckets: tuple[float, ...]
-    metrics: dict[str, Counter | Gauge | Histogram]
+    metrics: dict[str, Counter | Gauge | Histogram | Info]
     members: set[tuple[str, ...]] = field(default_factory=set)
 
 
@@ -131,20 +179,26 @@ def _family_specs(
         ),
         "skipped": (
             Counter, "inputs_skipped",
-            "Inputs not judged, by reason (sampled_out, queue_full, failed).",
+            "Inputs not judged, by reason (sampled_out, queue_full, failed, model_error).",
             ln + ("reason",), {},
         ),
         "failures": (
-            Counter, "failures", "Failed monitoring calls, by exception kind.", ln + ("kind",), {},
+            Counter, "failures",
+            "Failed monitoring calls, by kind (" + ", ".join(FAILURE_KINDS) + ").",
+            ln + ("kind",), {},
+        ),
+        "filters_judged": (
+            Counter, "filters_judged",
+            "(input, filter) pairs judged: judged inputs times the layer's filters.", ln, {},
         ),
         "beta": (
             Histogram, "beta", "beta = mean over filters of (alpha - mu) per judged input.", ln,
             {"buckets": beta_buckets},
         ),
         "beta_percentile": (
-            Histogram, "beta_percentile",
-            "Percentile (0..100) of beta among the class's calibration betas, per judged input.",
-            ln, {"buckets": PERCENTILE_BUCKETS},
+            Histogram, "beta_percentile_ratio",
+            "Rank of beta among the class's calibration betas as a ratio (0..1), per judged "
+            "input.", ln, {"buckets": RATIO_BUCKETS},
         ),
         "surprising": (
             Histogram, "surprising_filters", "Surprising filters per judged input.", ln,
@@ -165,7 +219,10 @@ def _family_specs(
             {"buckets": LATENCY_BUCKETS},
         ),
         "queue_depth": (Gauge, "queue_depth", "Batches waiting for the async worker.", ln, {}),
-        "filters": (Gauge, "filters", "Filters at the monitored layer.", ln, {}),
+        "info": (
+            Info, "table", "The calibration table: layer, filters, table_fingerprint (SHA-256), "
+            "created.", ln, {},
+        ),
     }  # fmt: skip
 
 
@@ -179,7 +236,7 @@ def _build_family(
 ) -> _Family:
     """Register a new family's metrics in ``registry`` (all or none of them)."""
     specs = _family_specs(label_names, per_class, beta_buckets, count_bounds)
-    made: dict[str, Counter | Gauge | Histogram] = {}
+    made: dict[str, Counter | Gauge | Histogram | Info] = {}
     try:
         for key, (kind, name, doc, labels, extra) in specs.items():
             made[key] = kind(
@@ -250,7 +307,9 @@ class MonitorMetrics:
         self._added = self._child("added_latency")
         self._inspect = self._child("inspect_duration")
         self._queue = self._child("queue_depth")
-        self._child("filters").set(table.num_filters)
+        self._filters_judged = self._child("filters_judged")
+        self._failures = {k: self._child("failures", k) for k in FAILURE_KINDS}
+        self._child("info").info(table_info(table))
 
     def _join_family(self, table: CalibrationTable, buckets: tuple[float, ...] | None) -> _Family:
         """This registry's family under this namespace (made on first use), with this monitor
@@ -306,8 +365,8 @@ class MonitorMetrics:
             self._skipped[reason].inc(n)
 
     def failure(self, kind: str) -> None:
-        """One monitoring call failed with an exception of this kind."""
-        self._child("failures", kind).inc()
+        """One monitoring call failed, of this kind (one of :data:`FAILURE_KINDS`)."""
+        self._failures[kind if kind in self._failures else "internal"].inc()
 
     def added_latency(self, seconds: float) -> None:
         """Time the monitor added to one call on the request path."""
@@ -348,12 +407,13 @@ class MonitorMetrics:
                 hits = int(flagged.sum())
                 if hits:
                     self._flagged[kind].inc(hits)
+        self._filters_judged.inc(n * int(report.surprise.shape[1]))
         for beta, pct, s, e in zip(
             report.beta.tolist(), report.beta_percentile.tolist(),
             report.surprise_count.tolist(), report.expectation_count.tolist(), strict=True,
         ):  # fmt: skip
             self._beta.observe(beta)
-            self._beta_pct.observe(pct)
+            self._beta_pct.observe(pct / 100.0)
             self._surprising.observe(s)
             self._expected.observe(e)
 

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from monitor.judge import Judge
+from monitor.probe.grad_amap_probe import ModelRaised
 from monitor.report import MonitorReport
-from monitor.runtime.metrics import MonitorMetrics
+from monitor.runtime.metrics import MonitorMetrics, failure_kind
 from monitor.runtime.sampling import Sampler
 from monitor.runtime.timing import ForwardTime, ForwardTimer
 from monitor.runtime.worker import AsyncWorker
@@ -99,19 +100,43 @@ class RequestPath:
         self.metrics = metrics
         self.failures: Counter[str] = Counter()
         self.dropped = 0  # inputs the async mode dropped because its queue was full
-        self.last_report: MonitorReport | None = None
+        self._local = threading.local()  # the calling thread's last report
+        self._worker_report: MonitorReport | None = None  # async mode: the worker's last one
         self._lock = threading.Lock()
         self._logged_failures: set[str] = set()
         self._metrics_server: Any = None
         self._timer = ForwardTimer(judge.model) if metrics is not None else None
         self._worker: AsyncWorker | None = None
+        self._worker_thread: threading.Thread | None = None
         if mode == "async":
             on_depth = metrics.queue_depth if metrics is not None else None
             self._worker = AsyncWorker(self._handle_queued, queue_size, on_depth=on_depth)
+            self._worker_thread = self._worker.thread
+
+    # ------------------------------------------------------------- last report
+    @property
+    def last_report(self) -> MonitorReport | None:
+        """The last report made for the calling thread (by its own calls and ``inspect``), so
+        ``monitor(x)`` then ``last_report`` is always that call's report, whatever other
+        threads do. In async mode, where calls make no report on the caller's thread, a thread
+        without a report of its own sees the last batch the worker judged (shared)."""
+        mine = getattr(self._local, "report", None)
+        if mine is None and self.mode == "async":
+            return self._worker_report
+        return mine
+
+    @last_report.setter
+    def last_report(self, report: MonitorReport | None) -> None:
+        """Keep ``report`` as the calling thread's last report."""
+        self._local.report = report
 
     # ------------------------------------------------------------------ calls
     def run(self, x: Any, labels: Any = None) -> MonitorResult:
-        """The model's output for ``x`` and the report of the rows judged on this thread."""
+        """The model's output for ``x`` and the report of the rows judged on this thread.
+
+        Every input is counted once as monitored or skipped (``sampled_out``, ``queue_full``,
+        ``failed``, or ``model_error`` when the model itself raises: its exception propagates,
+        from the model's one forward pass)."""
         start = time.perf_counter()
         n = batch_len(x)
         take = self.sampler.select(n)
@@ -121,7 +146,8 @@ class RequestPath:
             self.metrics.skipped("sampled_out", n - k)
         with self._forward_time() as forward:
             if self.mode == "async":
-                result = MonitorResult(self._plain(x), None, torch.zeros(0, dtype=torch.long))
+                output = self._plain(x, k)
+                result = MonitorResult(output, None, torch.zeros(0, dtype=torch.long))
                 if k:
                     self._enqueue(x, labels, take, k)
             elif k == n:
@@ -132,10 +158,15 @@ class RequestPath:
             self.metrics.added_latency(time.perf_counter() - start - forward.seconds)
         return result
 
-    def _plain(self, x: Any) -> Any:
-        """The model's output for ``x``, unmonitored."""
-        with torch.no_grad():
-            return self.judge.model(x)
+    def _plain(self, x: Any, pending: int) -> Any:
+        """The model's output for ``x``, unmonitored; if the model raises, the ``pending``
+        inputs not yet counted are counted as ``model_error`` skips and the error propagates."""
+        try:
+            with torch.no_grad():
+                return self.judge.model(x)
+        except Exception:
+            self._count_model_error(pending)
+            raise
 
     @contextmanager
     def _forward_time(self) -> Iterator[ForwardTime]:
@@ -150,13 +181,13 @@ class RequestPath:
         """Every row sampled: judge the batch from the forward pass that answers it."""
         rows = torch.arange(n)
         output, report = self._judge(x, labels, n)
-        if output is _NOT_RUN:
-            output = self._plain(x)
+        if output is _NOT_RUN:  # monitoring failed before the model ran: answer plainly
+            output = self._plain(x, 0)
         return MonitorResult(output, report, rows if report is not None else rows[:0])
 
     def _judge_some(self, x: Any, labels: Any, take: torch.Tensor, k: int) -> MonitorResult:
         """Some rows sampled: answer the batch, then judge the ``k`` sampled rows."""
-        output = self._plain(x)
+        output = self._plain(x, k)
         rows = torch.nonzero(take).flatten()
         if k == 0:
             return MonitorResult(output, None, rows)
@@ -168,9 +199,12 @@ class RequestPath:
     ) -> tuple[Any, MonitorReport | None]:
         """Judge ``k`` inputs (the ``rows`` of ``x`` when given), failing open: the model's
         output (``_NOT_RUN`` if the model did not get to run) and the report, or ``None``
-        after a counted failure."""
+        after a counted failure. When the model itself raises, the ``k`` inputs are counted as
+        ``model_error`` skips and the model's exception propagates (the model is not run
+        again)."""
         started = time.perf_counter()
         output: Any = _NOT_RUN
+        error: Exception | None = None
         try:
             if rows is not None:
                 x, labels = x[rows], rows_of(labels, rows)
@@ -178,10 +212,18 @@ class RequestPath:
             step = self.judge.device_step(batch)
             output = step.output
             report = self.judge.assemble(step, batch.labels_given)
+        except ModelRaised as exc:
+            self._count_model_error(k)
+            error = exc.error
         except Exception as exc:  # fail open: never break the inference being watched
             self._count_failure(exc, k)
             return output, None
-        self.last_report = report
+        if error is not None:
+            raise error  # outside the handler: the model's error as it was raised
+        if threading.current_thread() is self._worker_thread:
+            self._worker_report = report
+        else:
+            self._local.report = report
         if self.metrics is not None:
             self.metrics.inspect_duration(time.perf_counter() - started)
             self.metrics.observe(report)
@@ -237,12 +279,18 @@ class RequestPath:
             first = kind not in self._logged_failures
             self._logged_failures.add(kind)
         if self.metrics is not None:
-            self.metrics.failure(kind)
+            self.metrics.failure(failure_kind(exc, prefix))
             self.metrics.skipped("failed", rows)
         if first:
             log.warning(
                 "surprise monitor failed (%s: %s); the model's output is returned", kind, exc
             )
+
+    def _count_model_error(self, rows: int) -> None:
+        """Count ``rows`` inputs skipped because the model itself raised on them (not a
+        monitoring failure: the model's exception goes to the caller)."""
+        if self.metrics is not None:
+            self.metrics.skipped("model_error", rows)
 
     # -------------------------------------------------------------- lifecycle
     def serve_metrics(self, port: int = 0, addr: str = "127.0.0.1") -> int:

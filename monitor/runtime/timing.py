@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from monitor.probe.hooks import CopySafeHook
+
 
 @dataclass
 class ForwardTime:
@@ -24,14 +26,14 @@ class ForwardTimer:
     """Times the model's root forward passes made by the current thread inside :meth:`measure`.
 
     Adds a forward pre-hook and a forward hook on the model (removed by :meth:`close`); they do
-    nothing in threads that are not measuring.
+    nothing in threads that are not measuring, and copies of the model carry inert ones.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self._local = threading.local()
         self._handles = [
-            model.register_forward_pre_hook(self._pre),
-            model.register_forward_hook(self._post),
+            model.register_forward_pre_hook(CopySafeHook(self._pre)),
+            model.register_forward_hook(CopySafeHook(self._post)),
         ]
 
     def _pre(self, module: nn.Module, inputs: Any) -> None:

@@ -34,6 +34,11 @@ class AsyncWorker:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def thread(self) -> threading.Thread:
+        """The worker's thread."""
+        return self._thread
+
     def _report_depth(self) -> None:
         """Tell ``on_depth`` how many items wait (called with the lock held)."""
         if self._on_depth is not None:

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from monitor import InvalidInputError, Judge, SurpriseMonitor
+from monitor import InvalidInputError, Judge, SurpriseMonitor, TableMismatchError
 from monitor.judge import DeviceReport
 from tests._models import mixed_inputs
 
@@ -83,3 +83,32 @@ def test_close_removes_the_hook(calibrated):
     j.close()
     j.close()  # idempotent
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_table_moved_to_another_layer_with_as_many_filters_is_refused(calibrated, tmp_path):
+    from monitor.table import CalibrationTable
+    from tests._checks import resign
+
+    model, table = calibrated
+    path = table.save(tmp_path / "t.safetensors")
+    assert model.features[3](torch.zeros(1, 16, 8, 8)).shape[1] == table.num_filters
+    resign(path, lambda meta: meta.update(layer="features.3"))  # the ReLU after the conv
+    moved = CalibrationTable.load(path)
+    with pytest.raises(TableMismatchError, match="not calibrated at this model's layer"):
+        Judge(model, moved)
+    Judge(model, CalibrationTable.load(table.save(path))).close()  # the real one still fits
+
+
+def test_messages_name_the_fix_in_the_api(calibrated):
+    model, table = calibrated
+    judge = Judge(model, table)
+    x = mixed_inputs(2)
+    try:
+        with pytest.raises(InvalidInputError, match=r"looks like \[B, H, W, C\].*permute"):
+            judge(x.permute(0, 2, 3, 1))
+        with pytest.raises(InvalidInputError, match=r"class indices.*class_names.index\('c1'\)"):
+            judge(x, ["c1", "c2"])
+        with pytest.raises(InvalidInputError, match="class indices"):
+            judge(x, [object(), 1])
+    finally:
+        judge.close()

@@ -175,7 +175,7 @@ def test_training_mode_after_wrapping_fails_open(monitor, calibrated):
             monitor.inspect(x)
         out = monitor(x)
         assert out.shape == (3, 3)
-        assert monitor.failures["ValueError"] >= 1
+        assert monitor.failures["TrainingModeError"] >= 1
     finally:
         model.eval()
 
@@ -204,3 +204,87 @@ def test_works_inside_the_callers_no_grad_and_inference_mode(monitor):
         assert torch.equal(out, expected.logits)
         torch.testing.assert_close(report.alpha, expected.alpha)
         assert torch.equal(report.surprise, expected.surprise)
+
+
+def _plain_alpha(model, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Oracle: ``features.2``'s output captured by a hook, the logit of each class
+    differentiated by plain autograd (no library code), ``mean_ij(dO_c/dA * A)``."""
+    store = {}
+
+    def hook(module, inputs, output):
+        store["a"] = output
+        return output.clone()  # the in-place ReLU after it must not overwrite it
+
+    handle = model.features[2].register_forward_hook(hook)
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    (g,) = torch.autograd.grad(logits.gather(1, classes.view(-1, 1)).sum(), store["a"])
+    return (g * store["a"]).mean((2, 3)).detach()
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 0.01), (torch.bfloat16, 0.05)])
+def test_half_precision_models_are_monitored(calibrated, dtype, tol):
+    import copy
+
+    from calibrate import calibrate
+    from tests._models import class_dataset
+
+    model, _ = calibrated
+    half = copy.deepcopy(model).to(dtype)
+    images, labels = class_dataset(300, 3, seed=1).tensors
+    data = torch.utils.data.TensorDataset(images.to(dtype), labels)
+    table = calibrate(half, data, progress=False)  # calibrate() already took half models
+    x = mixed_inputs(6).to(dtype)
+    with SurpriseMonitor(half, table) as monitor:  # its shape check ran the model in dtype
+        out = monitor(x)
+        report = monitor.last_report
+        assert out.dtype == dtype and torch.equal(out, half(x).detach())
+        explanation = monitor.explain(x[2].float(), exemplars_k=0, mean=[0.0], std=[1.0])
+    assert report.alpha.dtype == torch.float32 and torch.isfinite(report.alpha).all()
+    oracle = _plain_alpha(copy.deepcopy(half).float(), x.float(), report.classes)
+    scale = float(oracle.abs().max())
+    torch.testing.assert_close(report.alpha, oracle, rtol=tol, atol=tol * scale)
+    assert explanation.gradient.shape == (3, 8, 8) and np.isfinite(explanation.gradient).all()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_monitored_model_can_be_copied_pickled_and_saved(calibrated, mode, tmp_path):
+    import copy
+    import io
+    import pickle
+
+    from prometheus_client import CollectorRegistry
+
+    from monitor.probe.hooks import InertHook
+
+    model, table = calibrated
+    x = mixed_inputs(4)
+    with torch.no_grad():
+        expected = model(x)
+    monitor = SurpriseMonitor(model, table, mode=mode, metrics=CollectorRegistry())
+    try:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)  # the whole module, hooks and all
+        buffer.seek(0)
+        copies = [
+            copy.deepcopy(model),
+            pickle.loads(pickle.dumps(model)),
+            torch.load(buffer, weights_only=False),  # our own file: a trusted pickle
+        ]
+        for twin in copies:
+            hooks = [
+                h
+                for m in twin.modules()
+                for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+            ]
+            assert hooks and all(isinstance(h, InertHook) for h in hooks)  # copies are unwatched
+            with torch.no_grad():
+                assert torch.equal(twin(x), expected)
+            with SurpriseMonitor(twin, table) as watcher:  # a copy can get its own monitor
+                torch.testing.assert_close(watcher.inspect(x).alpha, monitor.inspect(x).alpha)
+        assert torch.equal(monitor(x), expected)  # the original is still watched
+    finally:
+        monitor.close()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

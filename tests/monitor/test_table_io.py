@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from monitor.table import CalibrationTable, TableError
+from tests._checks import resign
 
 
 def make_table(k: int = 3, n: int = 5, seed: int = 0) -> CalibrationTable:
@@ -181,3 +182,47 @@ def test_exemplars_can_stay_on_disk(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(TableError, match="checksum mismatch"):
         CalibrationTable.load(path, exemplars=False)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.pop("layer") and None, "'layer' is missing"),
+        (lambda m: m.pop("class_names") and None, "'class_names' is missing"),
+        (lambda m: m.update(class_names="c0"), "'class_names' must be a list of strings"),
+        (lambda m: m.update(input_shape=[3, "8", 8]), "'input_shape' must be"),
+        (lambda m: m.update(input_shape=None), "'input_shape' must be"),
+        (lambda m: m.update(data_source="/etc"), "'data_source' must be an object"),
+        (lambda m: m.update(model_fingerprint=7), "'model_fingerprint' must be a string"),
+        (lambda m: m.update(num_filters=6), "'num_filters' is 6, the tensors hold 5"),
+        (lambda m: '{"layer": "x", ', "not valid JSON"),
+        (lambda m: "[1, 2]", "not a JSON object"),
+    ],
+)
+def test_bad_metadata_is_a_table_error_naming_the_field(tmp_path, edit, field):
+    path = make_table().save(tmp_path / "t.safetensors")
+    resign(path, edit)  # the checksum fits: only the metadata is wrong
+    with pytest.raises(TableError, match=field):
+        CalibrationTable.load(path)
+
+
+def test_a_huge_header_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:  # claims a 60 MB header; only its first bytes exist
+        f.write(struct.pack("<Q", 60 << 20) + b'{"a": ' + b" " * 1000)
+    parsed = []
+    monkeypatch.setattr(json, "loads", lambda *a, **k: parsed.append(1))
+    with pytest.raises(TableError, match="a header of 62914560 bytes"):
+        CalibrationTable.load(path)
+    assert parsed == []
+
+
+def test_exemplars_come_only_from_the_file_that_was_loaded(tmp_path):
+    path = make_table(seed=0).save(tmp_path / "t.safetensors")
+    lean = CalibrationTable.load(path, exemplars=False)
+    assert len(lean.sha256) == 64 and lean.fingerprint() == lean.sha256
+    other = make_table(seed=1)  # same layer, fingerprint and shapes: other exemplars
+    other.save(path)  # replaced after the monitor loaded it
+    with pytest.raises(TableError, match="changed since this table was loaded"):
+        lean.ensure_exemplars()
+    assert lean.top_indices is None

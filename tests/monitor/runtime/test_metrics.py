@@ -9,11 +9,12 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
+import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import MetricsConflictError, MonitorMetrics, SurpriseMonitor
-from monitor.runtime.metrics import beta_buckets_from, count_buckets
+from monitor.runtime.metrics import FAILURE_KINDS, beta_buckets_from, count_buckets
 from tests._models import mixed_inputs
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -24,13 +25,14 @@ NAMES = {
     "surprise_monitor_inputs_skipped": "counter",
     "surprise_monitor_failures": "counter",
     "surprise_monitor_beta": "histogram",
-    "surprise_monitor_beta_percentile": "histogram",
+    "surprise_monitor_beta_percentile_ratio": "histogram",
+    "surprise_monitor_filters_judged": "counter",
     "surprise_monitor_surprising_filters": "histogram",
     "surprise_monitor_expected_filters": "histogram",
     "surprise_monitor_added_latency_seconds": "histogram",
     "surprise_monitor_inspect_duration_seconds": "histogram",
     "surprise_monitor_queue_depth": "gauge",
-    "surprise_monitor_filters": "gauge",
+    "surprise_monitor_table_info": "gauge",  # an info metric: a gauge of 1 in the text format
 }
 
 
@@ -71,7 +73,7 @@ def test_names_types_and_values_follow_the_report(calibrated):
                 f.sum()
             )
         assert int(flags["low_beta"].sum()) >= 3 and int(flags["surprise"].sum()) >= 3
-        for reason in ("sampled_out", "queue_full", "failed"):
+        for reason in ("sampled_out", "queue_full", "failed", "model_error"):
             assert _value(registry, "surprise_monitor_inputs_skipped_total", reason=reason) == 0
         for name, counts in (
             ("surprise_monitor_surprising_filters", report.surprise_count),
@@ -85,12 +87,26 @@ def test_names_types_and_values_follow_the_report(calibrated):
         for bound in monitor.metrics.beta_buckets:
             got = _value(registry, "surprise_monitor_beta_bucket", le=str(bound))
             assert got == int((report.beta <= bound).sum())
-        assert _value(registry, "surprise_monitor_beta_percentile_sum") == pytest.approx(
-            float(report.beta_percentile.double().sum()), rel=1e-6
+        ratio = report.beta_percentile.double() / 100.0  # a 0..1 ratio, as Prometheus wants
+        assert _value(registry, "surprise_monitor_beta_percentile_ratio_sum") == pytest.approx(
+            float(ratio.sum()), rel=1e-6
         )
+        assert 0.0 <= float(ratio.min()) and float(ratio.max()) <= 1.0
+        assert _value(registry, "surprise_monitor_beta_percentile_ratio_bucket", le="1.0") == 12
+        for bound in (0.01, 0.5):
+            assert _value(
+                registry, "surprise_monitor_beta_percentile_ratio_bucket", le=str(bound)
+            ) == int((ratio <= bound).sum())
         assert _value(registry, "surprise_monitor_added_latency_seconds_count") == 2
         assert _value(registry, "surprise_monitor_inspect_duration_seconds_count") == 2
-        assert _value(registry, "surprise_monitor_filters") == table.num_filters
+        judged = _value(registry, "surprise_monitor_filters_judged_total")
+        assert judged == 12 * table.num_filters
+        info = {
+            "layer": table.layer, "filters": str(table.num_filters),
+            "table_fingerprint": table.fingerprint(), "created": table.created,
+        }  # fmt: skip
+        assert _value(registry, "surprise_monitor_table_info", **info) == 1.0
+        assert len(table.fingerprint()) == 64
         latency = _value(registry, "surprise_monitor_added_latency_seconds_sum")
         assert 0 < latency < _value(registry, "surprise_monitor_inspect_duration_seconds_sum")
 
@@ -196,3 +212,33 @@ def test_serve_metrics_on_loopback(calibrated):
         urllib.request.urlopen(url, timeout=5)
     with SurpriseMonitor(model, table) as plain, pytest.raises(RuntimeError, match="metrics=True"):
         plain.serve_metrics(0)
+
+
+def test_failure_kinds_are_a_small_fixed_set(calibrated, monkeypatch):
+    model, table = calibrated
+    registry = CollectorRegistry()
+
+    def broken(report):
+        raise KeyError("callback bug")
+
+    def failures() -> dict[str, float]:
+        fam = _families(registry)["surprise_monitor_failures"]
+        return {s.labels["kind"]: s.value for s in fam.samples if s.name.endswith("_total")}
+
+    with SurpriseMonitor(model, table, metrics=registry, on_flag=broken) as monitor:
+        assert failures() == dict.fromkeys(FAILURE_KINDS, 0.0)  # every series from the start
+        monitor(mixed_inputs(2).index_put((torch.tensor([0]),), torch.tensor(float("nan"))))
+        monitor(mixed_inputs(2), [0, 7])  # a label outside the classes: a bad input too
+        flagged = int(monitor.run(mixed_inputs(4)).report.flagged.sum())
+        model.train()
+        try:
+            monitor(mixed_inputs(2))
+        finally:
+            model.eval()
+        monkeypatch.setattr(monitor.judge, "assemble", lambda *a: 1 / 0)
+        monitor(mixed_inputs(2))
+        got = failures()
+    assert set(got) == set(FAILURE_KINDS)  # never an exception class name
+    assert got["invalid_input"] == 2 and got["training_mode"] == 1 and got["internal"] == 1
+    assert got["callback"] == flagged > 0
+    assert monitor.failures["ZeroDivisionError"] == 1  # the Python API keeps the class names

@@ -212,7 +212,7 @@ def test_async_counts_add_up_after_flush(calibrated):
         assert total == 62 and parts == total
         assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="sampled_out") == 31
         assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="failed") == 1
-        assert _value(registry, "surprise_monitor_failures_total", kind="InvalidInputError") == 1
+        assert _value(registry, "surprise_monitor_failures_total", kind="invalid_input") == 1
         dropped = _value(registry, "surprise_monitor_inputs_skipped_total", reason="queue_full")
         assert dropped == monitor.dropped
 
@@ -256,7 +256,7 @@ def test_bad_inputs_are_counted_skips_and_the_output_is_returned(calibrated, mak
         assert torch.equal(res.output.nan_to_num(), expected.nan_to_num())
         assert res.report is None
         assert monitor.failures == {"InvalidInputError": 1}
-        assert _value(registry, "surprise_monitor_failures_total", kind="InvalidInputError") == 1
+        assert _value(registry, "surprise_monitor_failures_total", kind="invalid_input") == 1
         assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="failed") == skipped
         with pytest.raises(InvalidInputError):
             monitor.inspect(x)
@@ -285,7 +285,7 @@ def test_internal_failure_fails_open_and_logs_once(calibrated, monkeypatch, capl
         with torch.no_grad():
             assert all(torch.equal(o, model(x)) for o in outs)
         assert monitor.failures == {"RuntimeError": 3}
-        assert _value(registry, "surprise_monitor_failures_total", kind="RuntimeError") == 3
+        assert _value(registry, "surprise_monitor_failures_total", kind="internal") == 3
         assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="failed") == 12
         assert sum("kernel exploded" in r.getMessage() for r in caplog.records) == 1
 
@@ -313,3 +313,87 @@ def test_runtime_options_are_checked(calibrated):
     with pytest.raises(ValueError, match="sample_fraction"):
         SurpriseMonitor(model, table, sample_fraction=1.5)
     assert all(not m._forward_hooks for m in model.modules())  # nothing left behind
+
+
+def test_last_report_is_each_threads_own(calibrated):
+    """monitor(x) then monitor.last_report gives that call's report, with 40 threads at once."""
+    model, table = calibrated
+    threads, calls = 40, 6
+    inputs = [mixed_inputs(1 + t % 5, seed=t) for t in range(threads)]
+    with SurpriseMonitor(model, table) as plain:
+        expected = [plain.inspect(x) for x in inputs]
+    barrier = threading.Barrier(threads)
+    wrong: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+    with SurpriseMonitor(model, table) as monitor:
+
+        def work(t: int) -> None:
+            try:
+                barrier.wait()
+                for c in range(calls):
+                    monitor(inputs[t])
+                    time.sleep(0.002)  # let the other threads' calls land in between
+                    report = monitor.last_report
+                    if len(report) != len(expected[t]) or not torch.allclose(
+                        report.alpha, expected[t].alpha, rtol=1e-5, atol=1e-7
+                    ):
+                        wrong.append((t, c))
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join(120)
+        assert not errors, errors
+        assert wrong == [], f"{len(wrong)} of {threads * calls} calls saw another thread's report"
+        assert monitor.last_report is None  # this thread made no call
+
+
+def _picky_monitor(calibrated, registry, **kwargs):
+    from tests._models import picky_copy
+
+    model, table = calibrated
+    picky = picky_copy(model)
+    monitor = SurpriseMonitor(picky, table, metrics=registry, **kwargs)
+    picky.calls = 0  # the constructor's shape check ran the model once
+    return picky, monitor
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"sample_every": 2}, {"mode": "async"}, {"mode": "async", "sample_every": 3}],
+    ids=["sync", "sync-sampled", "async", "async-sampled"],
+)
+def test_inputs_the_model_rejects_run_it_once_and_still_add_up(calibrated, options):
+    registry = CollectorRegistry()
+    picky, monitor = _picky_monitor(calibrated, registry, **options)
+    bad = mixed_inputs(2) * 1e4  # PickyCNN raises its own ValueError on these
+    with monitor:
+        for call in range(4):  # 8 inputs the model rejects
+            with pytest.raises(ValueError, match="PickyCNN rejects") as raised:
+                monitor(bad)
+            assert picky.calls == call + 1  # one forward pass per call, not two
+            assert "surprise" not in str(raised.value)  # the model's own exception
+        good = mixed_inputs(3)
+        monitor(good)
+        assert monitor.flush(60)
+        assert monitor.failures == {}  # the model's errors are not monitoring failures
+        total = _value(registry, "surprise_monitor_inputs_total")
+        skipped = {
+            r: _value(registry, "surprise_monitor_inputs_skipped_total", reason=r)
+            for r in ("sampled_out", "queue_full", "failed", "model_error")
+        }
+        monitored = _value(registry, "surprise_monitor_inputs_monitored_total")
+    assert total == 11 and monitored + sum(skipped.values()) == total, (monitored, skipped)
+    every = options.get("sample_every", 1)
+    assert skipped["model_error"] == sum(1 for i in range(8) if i % every == 0)
+    assert skipped["failed"] == 0
+
+
+def test_inspect_raises_the_models_own_error(calibrated):
+    picky, monitor = _picky_monitor(calibrated, None)
+    with monitor, pytest.raises(ValueError, match="PickyCNN rejects"):
+        monitor.inspect(mixed_inputs(2) * 1e4)
+    assert picky.calls == 1
