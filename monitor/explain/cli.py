@@ -14,6 +14,7 @@ resized to the table's input size.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from collections.abc import Sequence
@@ -22,9 +23,11 @@ from typing import Any
 
 import torch
 
+from monitor.advice import cli_message
 from monitor.explain.explanation import Explanation
 from monitor.loading.images import SOURCE_KINDS, Preprocessing
-from monitor.loading.models import build_model, load_weights
+from monitor.loading.model_args import HelpFormatter, add_model_arguments, model_from_args
+from monitor.loading.sources import source_dataset
 from monitor.surprise_monitor import SurpriseMonitor
 from monitor.table import CalibrationTable
 
@@ -35,30 +38,35 @@ def parser() -> argparse.ArgumentParser:
         prog="surprise-explain",
         description="Explain one image with the surprise monitor: the region behind its most "
         "surprising (else most expected) filter, beside that filter's training exemplars.",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--table", required=True, help="calibration table (.safetensors)")
-    p.add_argument("--model", required=True, help="torchvision name or module:factory")
-    p.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
-    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for the factory")
+    add_model_arguments(p)
     p.add_argument("--image", required=True, help="the image file to explain")
     p.add_argument("--label", help="true class (index or class name), if known")
     p.add_argument("--out", required=True, help="where to write the figure (.png)")
     p.add_argument("--input-out", help="also write the input with its region's boundary here")
     p.add_argument("--filter", type=int, help="filter to explain (default: most surprising)")
-    p.add_argument("--n-segments", type=int, default=50, help="SLIC superpixels (default 50)")
+    p.add_argument("--n-segments", type=int, default=50, help="SLIC superpixels")
     p.add_argument("--exemplars", type=int, help="training exemplars to show (default: top-k)")
-    p.add_argument("--data", help="training images root, if moved since calibration")
-    p.add_argument("--resize", type=int, help="shorter side before cropping")
-    p.add_argument("--crop", type=int, help="centre crop size")
+    p.add_argument("--data", help="training images (folder or npz), if moved since calibration")
+    p.add_argument("--resize", type=int, help="shorter side before cropping (default: table's)")
+    p.add_argument("--crop", type=int, help="centre crop size (default: the table's)")
     p.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel")
     p.add_argument("--std", type=float, nargs="+", help="normalisation std per channel")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--no-fingerprint-check", action="store_true",
+        help="use the table with a model whose weights changed since calibration (deliberately)",
+    )  # fmt: skip
+    p.add_argument("--device", default="cpu", help="where the model runs")
     p.add_argument("--json", action="store_true", help="print the explanation as JSON")
     return p
 
 
 def _label(value: str | None, names: Sequence[str]) -> int | None:
-    """The class index ``--label`` names (a class name or an index), or ``None``."""
+    """The class index ``--label`` names (a class name or an index), or ``None``; the error
+    lists the valid names (closest first)."""
     if value is None:
         return None
     if value in names:
@@ -66,9 +74,17 @@ def _label(value: str | None, names: Sequence[str]) -> int | None:
     try:
         c = int(value)
     except ValueError:
-        raise ValueError(f"--label {value!r} is neither a class name nor an index") from None
+        close = difflib.get_close_matches(value, list(names), n=3)
+        hint = f"did you mean {', '.join(repr(n) for n in close)}? " if close else ""
+        shown = ", ".join(names[:30]) + (f" ... ({len(names)} in all)" if len(names) > 30 else "")
+        raise ValueError(
+            f"--label {value!r} is neither a class name nor an index; {hint}"
+            f"the table's classes are: {shown} (or an index 0..{len(names) - 1})"
+        ) from None
     if not 0 <= c < len(names):
-        raise ValueError(f"--label {c} is outside the table's {len(names)} classes")
+        raise ValueError(
+            f"--label {c} is outside the table's {len(names)} classes (0..{len(names) - 1})"
+        )
     return c
 
 
@@ -102,39 +118,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``surprise-explain``; the exit status (2 with a message on stderr for bad input)."""
     args = parser().parse_args(argv)
     try:
-        table = _table(args)
-        model = build_model(args.model, table.num_classes, json.loads(args.model_kwargs))
-        if args.weights:
-            load_weights(model, args.weights)
-        model.eval().to(args.device)
+        table, dataset = _table(args)
+        model = model_from_args(args, table.num_classes, "surprise-explain").to(args.device)
         x = load_image(args.image, table, args).to(args.device)
         label = _label(args.label, table.class_names)
-        with SurpriseMonitor(model, table) as monitor:
+        check = not args.no_fingerprint_check
+        with SurpriseMonitor(model, table, check_fingerprint=check) as monitor:
             expl = monitor.explain(
                 x, filter=args.filter, label=label, n_segments=args.n_segments, mean=args.mean,
-                std=args.std, exemplars_k=args.exemplars,
+                std=args.std, exemplars_k=args.exemplars, dataset=dataset,
             )  # fmt: skip
         out = expl.save_figure(args.out)
         if args.input_out:
             expl.render(args.input_out)
     except (ValueError, TypeError, OSError, IndexError) as exc:
-        print(f"surprise-explain: error: {exc}", file=sys.stderr)
+        print(f"surprise-explain: error: {cli_message(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(expl.to_dict(), indent=1) if args.json else summary(expl, out))
     return 0
 
 
-def _table(args: argparse.Namespace) -> CalibrationTable:
-    """The table of ``--table`` (exemplars left on disk), its training images moved to
-    ``--data`` when given."""
+def _table(args: argparse.Namespace) -> tuple[CalibrationTable, Any]:
+    """The table of ``--table`` (exemplars left on disk), and the training images of ``--data``
+    when given (the caller's folder, trusted, read with the table's preprocessing), else
+    ``None`` (the table's own data_source, read with care)."""
     table = CalibrationTable.load(args.table, exemplars=False)
-    if args.data:
-        source = table.data_source
-        if not source or source.get("kind") not in SOURCE_KINDS:
-            raise ValueError("--data needs a table whose data_source is an imagefolder or npz")
-        key = "root" if source["kind"] == "imagefolder" else "path"
-        table.data_source = {**source, key: str(Path(args.data).resolve())}
-    return table
+    if not args.data:
+        return table, None
+    source = table.data_source
+    if not source or source.get("kind") not in SOURCE_KINDS:
+        raise ValueError("--data needs a table whose data_source is an imagefolder or npz")
+    if source["kind"] == "imagefolder":
+        return table, source_dataset(source, root=Path(args.data).resolve())
+    table.data_source = {**source, "path": str(Path(args.data).resolve())}
+    return table, None
 
 
 if __name__ == "__main__":

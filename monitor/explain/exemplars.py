@@ -20,8 +20,8 @@ import torch
 
 from monitor.explain import superpixels
 from monitor.explain.saliency import input_gradient
-from monitor.loading.images import source_images
 from monitor.loading.models import model_device, model_dtype
+from monitor.loading.sources import source_dataset, source_error, source_images
 from monitor.table import CalibrationTable
 
 
@@ -36,6 +36,7 @@ class Exemplar:
     segments: np.ndarray = field(repr=False)  # [H, W] superpixel labels
     scores: np.ndarray = field(repr=False)  # [S] filter-restricted gradient per superpixel
     mask: np.ndarray = field(repr=False)  # [H, W] bool: the region that most activates the filter
+    path: str | None = None  # its file, when the images come from a folder
 
 
 def load_images(
@@ -61,11 +62,27 @@ def load_images(
             items.append(img)
         return torch.stack(items)
     if data_source is None:
-        raise ValueError(
-            "the table does not record where its training images came from (data_source); "
-            "pass dataset=... (the calibration dataset, same order and preprocessing)"
+        raise source_error(
+            "the table does not record where its training images came from (data_source)"
         )
     return source_images(data_source, indices)
+
+
+def image_paths(
+    indices: Sequence[int],
+    *,
+    data_source: Mapping[str, Any] | None = None,
+    dataset: Any = None,
+) -> list[str | None]:
+    """The file of each training image at ``indices`` when known: ``dataset.path(i)`` when the
+    dataset has one (``monitor.loading.source_dataset``), else the table's ImageFolder."""
+    if dataset is not None:
+        path = getattr(dataset, "path", None)
+        return [str(path(int(i))) if callable(path) else None for i in indices]
+    if data_source is not None and data_source.get("kind") == "imagefolder":
+        images = source_dataset(dict(data_source))
+        return [images.path(int(i)) for i in indices]
+    return [None] * len(indices)
 
 
 def exemplar_indices(
@@ -106,7 +123,9 @@ def exemplars(
     if not pairs:
         return []
     device = model_device(model)
-    x = load_images([i for i, _ in pairs], data_source=table.data_source, dataset=dataset)
+    indices = [i for i, _ in pairs]
+    x = load_images(indices, data_source=table.data_source, dataset=dataset)
+    paths = image_paths(indices, data_source=table.data_source, dataset=dataset)
     x = x.to(device=device, dtype=model_dtype(model))
     if table.input_shape and tuple(x.shape[1:]) != tuple(table.input_shape):
         raise ValueError(
@@ -117,11 +136,11 @@ def exemplars(
         model, table.layer, x, cls, filter, score=table.score, output_to_logits=output_to_logits
     )
     out = []
-    for rank, ((index, alpha), xi, gi) in enumerate(zip(pairs, x, grads, strict=True)):
+    for rank, ((index, alpha), xi, gi, path) in enumerate(zip(pairs, x, grads, paths, strict=True)):
         image = superpixels.unnormalise(xi.float(), mean, std)
         labels, scores, order = superpixels.ranked_superpixels(
             image, gi.float(), n_segments, reduce=reduce, slic_kwargs=slic_kwargs
         )
         mask = superpixels.region_mask(labels, order[:regions])
-        out.append(Exemplar(index, rank, alpha, image, labels, scores, mask))
+        out.append(Exemplar(index, rank, alpha, image, labels, scores, mask, path))
     return out

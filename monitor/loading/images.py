@@ -2,8 +2,8 @@
 
 :class:`Preprocessing` is the one statement of the pipeline: ``surprise-calibrate`` applies it to
 its ImageFolder and records it in ``table.data_source``; ``surprise-explain`` and the exemplars
-read the record back and apply the same steps. :func:`source_images` reads the training images a
-``data_source`` describes:
+read the record back and apply the same steps. :func:`monitor.loading.sources.source_images`
+reads the training images a ``data_source`` describes:
 
 - ``{"kind": "imagefolder", "root", "resize", "crop", "mean", "std", "grayscale"}`` (what
   ``surprise-calibrate`` records): a torchvision ``ImageFolder`` with the same preprocessing,
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -97,55 +96,3 @@ class Preprocessing:
         except (OSError, UnidentifiedImageError) as exc:
             raise ValueError(f"{path}: not a readable image: {exc}") from exc
         return self.transform(size)(img).unsqueeze(0)
-
-
-def source_images(source: Mapping[str, Any], indices: Sequence[int]) -> torch.Tensor:
-    """The normalised training images ``[k, C, H, W]`` at ``indices`` of a ``data_source``."""
-    kind = source.get("kind")
-    if kind == "imagefolder":
-        return _imagefolder_images(source, indices)
-    if kind == "npz":
-        return _npz_images(source, indices)
-    raise ValueError(
-        f"cannot load training images from a data_source of kind {kind!r} "
-        f"(known: {', '.join(repr(k) for k in SOURCE_KINDS)}); pass dataset=..."
-    )
-
-
-def _imagefolder_images(source: Mapping[str, Any], indices: Sequence[int]) -> torch.Tensor:
-    """Images of an ``imagefolder`` source, read with its recorded preprocessing."""
-    from torchvision.datasets import ImageFolder
-
-    root = Path(str(source.get("root", "")))
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"the table's training images {root} are not there; pass dataset=... instead"
-        )
-    transform = Preprocessing.from_source(source).transform()
-    ds = ImageFolder(str(root), transform=transform)
-    return torch.stack([ds[int(i)][0] for i in indices])
-
-
-def _npz_images(source: Mapping[str, Any], indices: Sequence[int]) -> torch.Tensor:
-    """Images of an ``npz`` source: uint8 ``[N, H, W(, C)]`` read without pickle, normalised."""
-    path = Path(str(source.get("path", "")))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the table's training images {path} are not there; pass dataset=... instead"
-        )
-    with np.load(path, allow_pickle=False) as d:
-        arr = d[str(source.get("key", "x"))]
-        limit = source.get("limit")
-        n = len(arr) if limit is None else min(len(arr), int(limit))
-        bad = [int(i) for i in indices if not 0 <= int(i) < n]
-        if bad:
-            raise IndexError(f"exemplar indices {bad} outside the {n} images of {path}")
-        picked = np.asarray(arr[np.asarray(indices, dtype=np.int64)])
-    if picked.ndim == 3:
-        picked = picked[..., None]
-    if picked.dtype != np.uint8 or picked.ndim != 4:
-        raise ValueError(f"{path}: expected uint8 [N, H, W, C] images, got {picked.dtype}")
-    x = torch.from_numpy(picked).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(source["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(source["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - mean) / std

@@ -89,3 +89,23 @@ def test_console_script():
     script = Path(sys.executable).with_name("surprise-explain")  # the venv's, active or not
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     assert "--table" in out.stdout and "exemplars" in out.stdout
+
+
+def test_a_resigned_table_cannot_send_explain_out_of_its_folder(cli_calibrated, tmp_path, capsys):
+    import shutil
+
+    from tests._checks import resign
+
+    root, _, weights, table, probe = cli_calibrated
+    forged = tmp_path / "forged.safetensors"
+    shutil.copy(table, forged)
+    escape = str(root / "train" / ".." / "elsewhere")
+    resign(forged, lambda meta: meta["data_source"].update(root=escape))
+    base = ["--table", str(forged), *MODEL, "--weights", str(weights), "--image", str(probe),
+            "--out", str(tmp_path / "why.png")]  # fmt: skip
+    capsys.readouterr()
+    assert explain_main(base) == 2
+    err = capsys.readouterr().err
+    assert "contains '..'" in err and "--data FOLDER" in err and "dataset=" not in err
+    assert explain_main([*base, "--data", str(root / "train"), "--json"]) == 0  # the caller's
+    assert len(json.loads(capsys.readouterr().out)["exemplars"]) == 6
