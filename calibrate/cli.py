@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,12 +17,21 @@ from torch.utils.data import DataLoader
 
 from calibrate.builder import calibrate
 from calibrate.distributed import DistInfo, init_from_env
+from calibrate.preflight import (
+    accuracy_check,
+    accuracy_warning,
+    check_channels,
+    check_out,
+    checked_collate,
+    image_folder,
+    read_class_order,
+)
 from calibrate.sketch import LogGrid
+from monitor.advice import cli_message
 from monitor.loading.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from monitor.loading.models import build_model, load_weights
-from monitor.loading.onnx_model import load_onnx
+from monitor.loading.model_args import HelpFormatter, add_model_arguments, model_from_args
 from monitor.probe.scores import SCORES
-from monitor.table import CalibrationTable
+from monitor.table import CalibrationTable, images_needed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,31 +40,46 @@ def parser() -> argparse.ArgumentParser:
         prog="surprise-calibrate",
         description="Calibrate a CNN on its training images (ImageFolder layout: one folder per "
         "class) and write the surprise-monitor table.",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument(
-        "model", nargs="?",
-        help="torchvision architecture name (e.g. resnet50) or module:factory (or use --onnx)",
-    )  # fmt: skip
-    p.add_argument("--onnx", help="an ONNX model file instead of MODEL and --weights")
+    p.add_argument("legacy_model", nargs="?", metavar="MODEL", help=argparse.SUPPRESS)
+    add_model_arguments(p)
     p.add_argument("--data", required=True, help="ImageFolder root of the training images")
     p.add_argument("--out", required=True, help="where to write the table (.safetensors)")
-    p.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
-    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for the factory")
     p.add_argument(
-        "--num-classes",
-        type=int,
+        "--num-classes", type=int,
         help="classes of a torchvision model (default: the number of class folders)",
+    )  # fmt: skip
+    p.add_argument(
+        "--class-order",
+        help="the model's label order: a file of class folder names, one per line (class i = "
+        "line i), or name,name,... (default: the folders' alphabetical order)",
     )
     p.add_argument("--layer", help="target module name (default: the final convolution)")
-    p.add_argument("--score", default="logit", choices=list(SCORES))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--score", default="logit", choices=list(SCORES), help="class score")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--resize", type=int, default=256, help="shorter side before cropping (0: no)")
-    p.add_argument("--crop", type=int, default=224, help="centre crop size (0: no crop)")
-    p.add_argument("--mean", type=float, nargs="+", default=list(IMAGENET_MEAN))
-    p.add_argument("--std", type=float, nargs="+", default=list(IMAGENET_STD))
-    p.add_argument("--grayscale", action="store_true", help="load images as one channel")
+    g = p.add_argument_group(
+        "preprocessing (ImageNet's by default: set --resize 0 --crop 0 and the mean/std of "
+        "your data for small images such as CIFAR's)"
+    )
+    g.add_argument("--resize", type=int, default=256, help="shorter side before cropping (0: no)")
+    g.add_argument("--crop", type=int, default=224, help="centre crop size (0: no crop)")
+    g.add_argument("--mean", type=float, nargs="+", default=list(IMAGENET_MEAN), help="per channel")
+    g.add_argument("--std", type=float, nargs="+", default=list(IMAGENET_STD), help="per channel")
+    g.add_argument("--grayscale", action="store_true", help="load images as one channel")
+    c = p.add_argument_group("checks before calibrating")
+    c.add_argument(
+        "--accuracy-images", type=int, default=500,
+        help="calibration images (stratified by class) the model's accuracy is measured on "
+        "before calibrating (0: skip)",
+    )  # fmt: skip
+    c.add_argument(
+        "--min-accuracy", type=float, default=0.5,
+        help="warn loudly when that accuracy is below this fraction",
+    )  # fmt: skip
     p.add_argument("--top-k", type=int, default=6, help="exemplars kept per (class, filter)")
     p.add_argument("--spill-dir", help="keep the streamed alpha values in this folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -111,8 +136,9 @@ def summary(table: CalibrationTable, out: Path, seconds: float) -> str:
         names = ", ".join(table.class_names[c] for c in thin[:20]) + (
             " ..." if len(thin) > 20 else ""
         )
+        need = images_needed(99.9)
         lines.append(
-            f"{len(thin)} classes have fewer than 1000 images, too few to estimate a 99.9th "
+            f"{len(thin)} classes have fewer than {need} images, too few to estimate a 99.9th "
             f"percentile (it sits at the class maximum): {names}"
         )
     lines.append(f"table written to {out}")
@@ -120,12 +146,46 @@ def summary(table: CalibrationTable, out: Path, seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``surprise-calibrate`` (on every rank under ``torchrun``); the exit status."""
+    """Run ``surprise-calibrate`` (on every rank under ``torchrun``); the exit status: 0, 2 with
+    one line on stderr for bad input, 130 on Ctrl-C and 143 on SIGTERM (the temporary spill
+    removed either way; a ``--checkpoint-dir`` run can ``--resume``)."""
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not args.quiet:
         logging.getLogger("calibrate").setLevel(logging.INFO)
-    info, args.device, own_group = init_from_env(args.device)  # torchrun: WORLD_SIZE > 1
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print(_interrupted("interrupted", args), file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(_interrupted("terminated (SIGTERM)", args), file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind (cleaning the temporary spill), then exit."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """The SIGTERM handler: unwind like Ctrl-C, so ``finally`` blocks clean up."""
+    raise _Terminated
+
+
+def _interrupted(what: str, args: argparse.Namespace) -> str:
+    """The one line printed when the run is stopped."""
+    if args.checkpoint_dir:
+        return (f"surprise-calibrate: {what}; run the same command with --resume to continue "
+                f"from the last checkpoint in {args.checkpoint_dir}")  # fmt: skip
+    return f"surprise-calibrate: {what}; nothing was written"
+
+
+def _main(args: argparse.Namespace) -> int:
+    """Calibrate in this process's distributed context (torchrun: WORLD_SIZE > 1)."""
+    info, args.device, own_group = init_from_env(args.device)
     code = 2
     try:
         code = _run(args, info)
@@ -138,58 +198,76 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, info: DistInfo) -> int:
-    """Calibrate as the arguments say; rank 0 writes the table and prints the summary."""
+    """Check the arguments, the data and the model first, then calibrate; rank 0 writes the
+    table and prints the summary."""
     try:
-        if len(args.mean) != len(args.std):
-            raise ValueError("--mean and --std need the same number of values")
-        steps = Preprocessing(args.resize, args.crop, tuple(args.mean), tuple(args.std),
-                              args.grayscale)  # fmt: skip
-        root = Path(args.data)
-        if not root.is_dir():
-            raise ValueError(f"--data {root}: no such folder")
-        from torchvision.datasets import ImageFolder
-
-        dataset = ImageFolder(str(root), transform=steps.transform())
-        num_classes = args.num_classes or len(dataset.classes)
-        model = _model(args, num_classes)
+        out = check_out(args.out)
+        dataset, steps, model = _prepare(args, info)
         loader = DataLoader(
             dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-            pin_memory=args.device.startswith("cuda"),
+            pin_memory=args.device.startswith("cuda"), collate_fn=checked_collate,
         )  # fmt: skip
         started = time.perf_counter()
-        names = dataset.classes if len(dataset.classes) == num_classes else None
+        num_classes = len(dataset.classes)
+        names = dataset.classes if args.num_classes in (None, num_classes) else None
         grid = LogGrid(args.sketch_accuracy, *args.sketch_range) if args.approximate else None
         table = calibrate(
             model, loader, layer=args.layer, score=args.score, top_k=args.top_k,
             class_names=names, device=args.device, spill_dir=args.spill_dir,
-            progress=not args.quiet, data_source=steps.source(root),
+            progress=not args.quiet, data_source=steps.source(args.data),
             checkpoint_dir=args.checkpoint_dir, resume=args.resume,
             checkpoint_every=args.checkpoint_every, amp=args.amp, approximate=grid or False,
         )  # fmt: skip
         seconds = time.perf_counter() - started
         if info.rank != 0:  # every rank holds the same table; rank 0 writes it
             return 0
-        out = table.save(args.out)
+        out = table.save(out)
     except (ValueError, TypeError, OSError) as exc:
-        print(f"surprise-calibrate: error: {exc}", file=sys.stderr)
+        print(f"surprise-calibrate: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(summary(table, out, seconds))
     return 0
 
 
-def _model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """The model ``MODEL`` / ``--onnx`` names, with ``--weights``, in eval mode on the device."""
-    if args.onnx:
-        if args.model or args.weights:
-            raise ValueError("--onnx replaces MODEL and --weights; give one or the other")
-        model = load_onnx(args.onnx)
-    elif not args.model:
-        raise ValueError("give MODEL (a torchvision name or module:factory) or --onnx PATH")
-    else:
-        model = build_model(args.model, num_classes, json.loads(args.model_kwargs))
-    if args.weights:
-        load_weights(model, args.weights)
-    return model.eval().to(args.device)
+def _one_line(exc: BaseException) -> str:
+    """The error's message for the command line (a DataLoader worker's wrapped error: its last
+    line, the original message)."""
+    text = cli_message(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1]
+    return text
+
+
+def _prepare(args: argparse.Namespace, info: DistInfo) -> tuple[Any, Preprocessing, nn.Module]:
+    """The dataset, its preprocessing and the model, checked against each other before the
+    long run: the mean/std fit the channels, the model runs the preprocessed images, and its
+    accuracy on a sample of them (rank 0 prints it, and warns below ``--min-accuracy``)."""
+    if args.legacy_model:
+        if args.model:
+            raise ValueError("give the model once: --model NAME (MODEL as a positional argument "
+                             "is the old spelling)")  # fmt: skip
+        print("surprise-calibrate: MODEL as a positional argument is deprecated; use --model "
+              f"{args.legacy_model}", file=sys.stderr)  # fmt: skip
+        args.model = args.legacy_model
+    if len(args.mean) != len(args.std):
+        raise ValueError("--mean and --std need the same number of values")
+    steps = Preprocessing(args.resize, args.crop, tuple(args.mean), tuple(args.std),
+                          args.grayscale)  # fmt: skip
+    check_channels(steps)
+    root = Path(args.data)
+    if not root.is_dir():
+        raise ValueError(f"--data {root}: no such folder")
+    dataset = image_folder(root, steps, read_class_order(args.class_order))
+    num_classes = args.num_classes or len(dataset.classes)
+    model = model_from_args(args, num_classes, "surprise-calibrate").to(args.device)
+    n = args.accuracy_images if args.accuracy_images > 0 else 1  # one image: does it run?
+    check = accuracy_check(model, dataset, steps, n, args.batch_size, args.device)
+    if info.rank == 0 and args.accuracy_images > 0:
+        print(check.line(), flush=True)
+        warning = accuracy_warning(check, args.min_accuracy, bool(args.weights or args.onnx))
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+    return dataset, steps, model
 
 
 if __name__ == "__main__":

@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
         table_path = work / "digits_table.safetensors"
         code = calibrate_cli([
-            "digits_model:DigitsCNN", "--weights", str(weights), "--data", str(work / "train"),
-            "--out", str(table_path), "--resize", "0", "--crop", "0", "--grayscale",
+            "--model", "digits_model:DigitsCNN", "--weights", str(weights),
+            "--data", str(work / "train"), "--out", str(table_path), "--resize", "0", "--crop", "0",
+            "--grayscale",
             "--mean", "0.5", "--std", "0.5", "--batch-size", "128", "--device", "cpu", "--quiet",
         ])  # fmt: skip
         if code != 0:

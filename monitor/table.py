@@ -15,6 +15,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -282,8 +283,7 @@ class CalibrationTable:
         With linear interpolation, the 99.9th percentile of n samples is an interpolation between
         the two largest values only when n >= 1000; below that it is pinned near the maximum.
         """
-        tail = min(pct, 100.0 - pct)
-        need = math.ceil(100.0 / tail) if tail > 0 else 1
+        need = images_needed(pct)
         return [c for c in range(self.num_classes) if int(self.counts[c]) < need]
 
     def __repr__(self) -> str:
@@ -422,6 +422,14 @@ def _checksum(meta_json: str, entries: dict[str, Any], chunks: Iterable[bytes]) 
     for chunk in chunks:
         h.update(chunk)
     return h.hexdigest()
+
+
+def images_needed(pct: float) -> int:
+    """Images a class needs for its pct-th percentile to be more than an extreme:
+    ``ceil(100 / min(pct, 100 - pct))``, in exact decimal arithmetic (``100 - 99.9`` is
+    0.0999999... in floating point, which would ask for 1001 images instead of 1000)."""
+    tail = min(Fraction(str(pct)), 100 - Fraction(str(pct)))
+    return math.ceil(100 / tail) if tail > 0 else 1
 
 
 def levels_with_required(levels: tuple[float, ...] | list[float] | np.ndarray) -> np.ndarray:

@@ -70,3 +70,17 @@ def resign(path, edit) -> None:
     text = json.dumps({**entries, "__metadata__": header}).encode()
     text += b" " * (-len(text) % 8)
     Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def table_with_counts(counts) -> CalibrationTable:
+    """A small valid table whose classes have ``counts`` calibration images."""
+    k, n = len(counts), 2
+    levels = torch.tensor([0.0, 0.1, 50.0, 99.9, 100.0], dtype=torch.float64)
+    quantiles = torch.linspace(-1, 1, 5).expand(k, n, 5).contiguous()
+    return CalibrationTable(
+        layer="conv", levels=levels, quantiles=quantiles, mean=torch.zeros(k, n),
+        counts=torch.tensor(counts), beta_levels=torch.tensor([0.0, 100.0], dtype=torch.float64),
+        beta_quantiles=torch.tensor([[-1.0, 1.0]]).expand(k, 2).contiguous(),
+        top_indices=torch.zeros(k, n, 1, dtype=torch.int32), top_alpha=torch.zeros(k, n, 1),
+        class_names=[str(c) for c in range(k)],
+    )  # fmt: skip

@@ -191,3 +191,55 @@ def normalise(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(PHOTO_MEAN).view(1, 3, 1, 1)
     return (x - mean) / torch.tensor(PHOTO_STD).view(1, 3, 1, 1)
+
+
+class FlatCNN(nn.Module):
+    """conv -> flatten -> linear: runs on 3 x 32 x 32 inputs only (like many CIFAR nets)."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 32 * 32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+class ColourNet(nn.Module):
+    """Class c = colour channel c (red, green, blue): a 1x1 identity convolution, then each
+    channel's mean is its class logit. Classifies solid-colour images perfectly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x)).mean((2, 3))
+
+
+class SlowCNN(TinyCNN):
+    """A :class:`TinyCNN` that takes 0.2 s per forward pass (a long calibration, for signals)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.2)
+        return super().forward(x)
+
+
+def write_colour_folder(root, per_class: int = 6, size: int = 8, seed: int = 0):
+    """An ImageFolder of noisy solid-colour images: folders ``red``, ``green``, ``blue``
+    (alphabetically: blue, green, red)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(("red", "green", "blue")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, (size, size, 3))
+            img[..., c] = rng.integers(180, 255, (size, size))
+            Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root

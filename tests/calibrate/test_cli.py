@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from calibrate import CalibrationTable
 from calibrate.cli import main
+from monitor import SurpriseMonitor
 from tests._models import TinyCNN, seeded
 
 
@@ -23,7 +25,7 @@ def image_folder(photo_folder):
 
 def _args(image_folder, out, weights, *extra):
     return [
-        "tests._models:TinyCNN", "--model-kwargs", json.dumps({"num_classes": 3}),
+        "--model", "tests._models:TinyCNN", "--model-kwargs", json.dumps({"num_classes": 3}),
         "--weights", str(weights), "--data", str(image_folder), "--out", str(out),
         "--resize", "36", "--crop", "32", "--batch-size", "4", "--quiet", *extra,
     ]  # fmt: skip
@@ -50,7 +52,7 @@ def test_cli_writes_a_table_and_a_summary(image_folder, tiny_weights, tmp_path, 
 def test_cli_named_layer_and_torchvision_arch(image_folder, tmp_path, capsys):
     out = tmp_path / "t.safetensors"
     code = main([
-        "resnet18", "--data", str(image_folder), "--out", str(out), "--resize", "40",
+        "--model", "resnet18", "--data", str(image_folder), "--out", str(out), "--resize", "40",
         "--crop", "32", "--layer", "layer3", "--batch-size", "8", "--quiet",
     ])  # fmt: skip
     assert code == 0
@@ -69,7 +71,10 @@ def test_cli_errors_are_clear(image_folder, tiny_weights, tmp_path, capsys):
     torch.save(seeded(TinyCNN(num_classes=3, width=4)).state_dict(), other)
     assert main(_args(image_folder, tmp_path / "o", other)) == 2
     assert "weights do not fit the model" in capsys.readouterr().err
-    assert main(["nosuchnet", "--data", str(image_folder), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["--model", "nosuchnet", "--data", str(image_folder), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "neither a torchvision model name" in capsys.readouterr().err
 
 
@@ -78,3 +83,207 @@ def test_python_dash_m_and_console_script():
     for cmd in ([sys.executable, "-m", "calibrate", "--help"], [str(script), "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         assert "--layer" in out and "ImageFolder" in out
+
+
+def _last_line_only(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_abbreviations_are_refused_and_the_old_positional_model_still_works(
+    image_folder, tiny_weights, tmp_path, capsys
+):
+    with pytest.raises(SystemExit):  # --model-kw is not read as --model-kwargs
+        main(["--model", "x:y", "--model-kw", "{}", "--data", "d", "--out", "o"])
+    assert "unrecognized arguments: --model-kw" in capsys.readouterr().err
+    args = _args(image_folder, tmp_path / "t.safetensors", tiny_weights)
+    assert main(args[1:]) == 0  # MODEL positional: the old spelling
+    assert "positional argument is deprecated; use --model" in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for default in ("(default: 256)", "(default: 224)", "(default: 0.5)", "(default: 500)"):
+        assert default in text, default
+    assert "ImageNet's by default" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        ([], "(each 3x224x224, from --resize 256 --crop 224)"),  # ImageNet defaults on CIFAR
+        (["--resize", "0", "--crop", "0", "--grayscale", "--mean", "0.5", "--std", "0.2"],
+         "(each 1x40x40, from --resize 0 --crop 0 --grayscale)"),
+        (["--resize", "0", "--crop", "32", "--mean", "0.5", "0.5", "0.5", "0.5",
+          "--std", "0.2", "0.2", "0.2", "0.2"], "--mean has 4 values but the images have 3"),
+    ],
+)  # fmt: skip
+def test_preprocessing_mistakes_are_one_line(image_folder, tmp_path, capsys, extra, expect):
+    code = main(["--model", "tests._models:FlatCNN", "--data", str(image_folder),
+                 "--out", str(tmp_path / "t.safetensors"), "--quiet", *extra])  # fmt: skip
+    assert code == 2
+    line = _last_line_only(capsys.readouterr().err)
+    assert expect in line and line.startswith("surprise-calibrate: error: ")
+
+
+def test_mixed_image_sizes_are_one_line(photo_folder, tmp_path, capsys):
+    from PIL import Image
+
+    folder = photo_folder({"astronaut": 2, "coffee": 2}, seed=5)
+    Image.new("RGB", (32, 32)).save(folder / "coffee" / "small.png")
+    code = main(["--model", "tests._models:TinyCNN", "--data", str(folder), "--out",
+                 str(tmp_path / "t.safetensors"), "--resize", "0", "--crop", "0",
+                 "--accuracy-images", "0", "--quiet"])  # fmt: skip
+    assert code == 2
+    assert "different sizes (3x32x32 and 3x40x40)" in _last_line_only(capsys.readouterr().err)
+
+
+def test_accuracy_is_printed_and_a_wrong_class_order_is_named(tmp_path, capsys):
+    from tests._models import write_colour_folder
+
+    folder = write_colour_folder(tmp_path / "colours")
+    base = ["--model", "tests._models:ColourNet", "--data", str(folder), "--resize", "0",
+            "--crop", "0", "--mean", "0", "--std", "1", "--quiet"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "a.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert "model accuracy on 18 calibration images (3 classes): 33.3%" in captured.out
+    assert "WARNING" in captured.err and "below --min-accuracy 0.5" in captured.err
+    assert "folder 'blue' -> class 2" in captured.err and "--class-order" in captured.err
+    names = tmp_path / "labels.txt"
+    names.write_text("red\ngreen\nblue\n")
+    out = tmp_path / "b.safetensors"
+    assert main([*base, "--out", str(out), "--class-order", str(names)]) == 0
+    captured = capsys.readouterr()
+    assert "18 calibration images (3 classes): 100.0%" in captured.out
+    assert "WARNING" not in captured.err
+    table = CalibrationTable.load(out)
+    assert table.class_names == ["red", "green", "blue"]
+    assert table.counts.tolist() == [6, 6, 6]
+    with SurpriseMonitor(ColourNetOf(), table) as monitor:  # labels are the model's now
+        assert monitor.inspect(torch.tensor([[[[1.0]], [[0.0]], [[0.0]]]]).expand(1, 3, 8, 8)
+                               ).classes.tolist() == [0]  # fmt: skip
+
+
+def ColourNetOf():  # noqa: N802 - a factory named after its class
+    from tests._models import ColourNet
+
+    return ColourNet().eval()
+
+
+def test_out_is_checked_before_calibrating(image_folder, tiny_weights, tmp_path, capsys,
+                                           monkeypatch):  # fmt: skip
+    import calibrate.cli as cli
+
+    ran = []
+    monkeypatch.setattr(cli, "calibrate", lambda *a, **k: ran.append(1))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    cases = [(tmp_path, "is a folder"), (tmp_path / "f.txt" / "t.st", "is not a folder")]
+    if os.geteuid() != 0:  # root may write anywhere
+        cases.append((locked / "t.st", "not writable"))
+    (tmp_path / "f.txt").write_text("a file")
+    for out, says in cases:
+        assert main(_args(image_folder, out, tiny_weights)) == 2
+        assert f"--out {out}: " in (line := _last_line_only(capsys.readouterr().err))
+        assert says in line
+    assert ran == []
+
+
+def test_images_needed_for_the_999th_percentile_is_1000():
+    from monitor.table import images_needed
+    from tests._checks import table_with_counts
+
+    assert images_needed(99.9) == 1000 and images_needed(0.1) == 1000
+    assert images_needed(99.0) == 100 and images_needed(97.5) == 40
+    assert table_with_counts([1000, 999, 5000]).undersampled_classes(99.9) == [1]
+
+
+def test_working_directory_modules_load_under_the_console_script(image_folder, tmp_path):
+    script = Path(sys.executable).with_name("surprise-calibrate")
+    (tmp_path / "mynet.py").write_text(
+        "from torch import nn\n\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(4, 3))\n"
+    )
+    proc = subprocess.run(
+        [str(script), "--model", "mynet:build", "--data", str(image_folder), "--out",
+         "t.safetensors", "--resize", "36", "--crop", "32", "--accuracy-images", "6",
+         "--min-accuracy", "0", "--quiet"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert CalibrationTable.load(tmp_path / "t.safetensors").layer == "0"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start_slow_run(image_folder, tmp_path, *extra):
+    """``python -m calibrate`` on a model that takes 0.2 s per batch of one image."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "calibrate", "--model", "tests._models:SlowCNN",
+           "--model-kwargs", json.dumps({"num_classes": 3}), "--data", str(image_folder),
+           "--out", str(tmp_path / "t.safetensors"), "--resize", "36", "--crop", "32",
+           "--batch-size", "1", "--accuracy-images", "0", "--quiet", *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return proc, tmp
+
+
+def _wait_for(proc, ready, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"),
+    [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")],
+)
+def test_signals_stop_with_one_line_and_leave_no_spill(image_folder, tmp_path, sig, code, word):
+    import signal
+
+    proc, tmp = _start_slow_run(image_folder, tmp_path)
+    _wait_for(proc, lambda: any(tmp.glob("surprise-spill-*")))  # calibrating, spill made
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert _last_line_only(err) == f"surprise-calibrate: {word}; nothing was written"
+    assert list(tmp.glob("surprise-spill-*")) == []  # the temporary spill is gone
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_an_interrupted_checkpointed_run_resumes_to_the_same_table(
+    image_folder, tiny_weights, tmp_path
+):
+    import signal
+
+    from calibrate.checkpoint import read_manifest
+    from tests._checks import assert_same_table
+
+    ckpt = tmp_path / "ckpt"
+    extra = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--weights",
+             str(tiny_weights))  # fmt: skip
+    proc, _ = _start_slow_run(image_folder, tmp_path, *extra)
+    _wait_for(proc, lambda: (read_manifest(ckpt) or {}).get("batches_done", 0) >= 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in _last_line_only(err)
+    resumed = tmp_path / "resumed.safetensors"
+    args = _args(image_folder, resumed, tiny_weights, "--batch-size", "1", "--accuracy-images",
+                 "0", *extra[:4], "--resume")  # fmt: skip
+    args[args.index("--batch-size") + 1] = "1"
+    assert main(args) == 0
+    fresh = tmp_path / "fresh.safetensors"
+    assert main(_args(image_folder, fresh, tiny_weights, "--batch-size", "1")) == 0
+    assert_same_table(CalibrationTable.load(resumed), CalibrationTable.load(fresh))

@@ -29,7 +29,7 @@ def image_folder(photo_folder):
 
 def cli_args(image_folder: Path, weights: Path, *extra: str) -> list[str]:
     return [
-        "tests._models:TinyCNN", "--model-kwargs", json.dumps({"num_classes": 3}),
+        "--model", "tests._models:TinyCNN", "--model-kwargs", json.dumps({"num_classes": 3}),
         "--weights", str(weights), "--data", str(image_folder),
         "--resize", "36", "--crop", "32", "--batch-size", "4", "--top-k", "4", "--quiet",
         "--device", "cpu", *extra,

@@ -35,7 +35,7 @@ def cli_calibrated(tmp_path_factory):
     torch.save(model.state_dict(), weights)
     table = root / "table.safetensors"
     rc = calibrate_main([
-        "tests._models:TinyCNN", "--model-kwargs", '{"num_classes": 4}', "--weights", str(weights),
+        *MODEL, "--weights", str(weights),
         "--data", str(root / "train"), "--out", str(table), "--resize", "0", "--crop", "0",
         "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25", "--quiet",
     ])  # fmt: skip
@@ -109,3 +109,21 @@ def test_a_resigned_table_cannot_send_explain_out_of_its_folder(cli_calibrated, 
     assert "contains '..'" in err and "--data FOLDER" in err and "dataset=" not in err
     assert explain_main([*base, "--data", str(root / "train"), "--json"]) == 0  # the caller's
     assert len(json.loads(capsys.readouterr().out)["exemplars"]) == 6
+
+
+def test_cli_messages_speak_the_command_line(cli_calibrated, tmp_path, capsys):
+    root, _, weights, table, probe = cli_calibrated
+    base = ["--table", str(table), *MODEL, "--image", str(probe), "--out", str(tmp_path / "f.png")]
+    capsys.readouterr()
+    assert explain_main([*base, "--weights", str(weights), "--label", "cofee"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'coffee'?" in err and "astronaut, chelsea, coffee, rocket" in err
+    other = tmp_path / "other.pt"
+    torch.save(seeded(TinyCNN(num_classes=4), seed=9).state_dict(), other)
+    assert explain_main([*base, "--weights", str(other), "--exemplars", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-fingerprint-check" in err and "check_fingerprint" not in err
+    flags = [*base, "--weights", str(other), "--exemplars", "0", "--no-fingerprint-check"]
+    assert explain_main(flags) == 0
+    with pytest.raises(SystemExit):
+        explain_main([*base, "--weights", str(weights), "--no-fingerprint"])  # no abbreviations
