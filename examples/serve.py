@@ -2,64 +2,147 @@
 
 Run (a torch model, or an ONNX file with ``--onnx model.onnx`` instead of --model/--weights):
 
-    python examples/serve.py --model resnet50 --weights resnet50.pt \
+    python examples/serve.py --model resnet50 --weights resnet50.pt \\
         --table resnet50.safetensors --host 127.0.0.1 --port 8000
 
 Endpoints:
 
 - ``POST /predict`` with JSON ``{"inputs": B x C x H x W floats (preprocessed as for
-  calibration), "labels": [B ints] (optional), "surprise": true (optional)}`` answers
-  ``{"predictions": [B], "logits": [B x K], "surprise": [B summaries] or null}``; a summary is
-  ``MonitorReport.sample()`` (beta, low_beta, the most surprising and expected filters), or
-  ``null`` for an input that was not judged on the request path (sampled out, async mode, or a
-  monitoring failure: those are counted in the metrics).
+  calibration), "labels": [B class indices or names] (optional), "surprise": true
+  (optional)}`` answers ``{"predictions": [B], "classes": [B names], "logits": [B x K],
+  "surprise": [B summaries] or null}``; a summary is ``MonitorReport.sample()`` (beta,
+  low_beta, the most surprising and expected filters), or ``null`` for an input that was not
+  judged on the request path (sampled out, async mode, or a monitoring failure: those are
+  counted in the metrics).
+- ``POST /predict/image`` with a PNG or JPEG file as the body (``curl --data-binary @cat.jpg
+  -H 'Content-Type: image/jpeg' 'http://127.0.0.1:8000/predict/image?surprise=true'``;
+  ``?label=cat`` optional): the image gets the table's recorded preprocessing (resize, crop,
+  mean, std, grayscale), and the answer is ``/predict``'s for one input.
 - ``GET /metrics``: Prometheus metrics (the monitor's, plus the process's).
 - ``GET /healthz``: ``{"status": "ok", "monitor": "sync" | "async" | "off"}``.
 
-``--mode async`` answers from the plain model and judges a copy of the inputs on a worker
-thread; ``--sample-every K`` judges one input in K; ``--no-monitor`` serves the bare model (for
-comparison). The monitor never turns a prediction into an error: an input the model itself
-cannot run is answered with HTTP 400 naming the problem.
+Limits: a body over ``--max-body-mb`` is answered 413 before it is read whole; more than
+``--max-batch`` inputs, 413; inputs of another ``C x H x W`` than the table's, 422 (before the
+model runs); an image over ``--max-image-pixels``, 413. ``--mode async`` answers from the plain
+model and judges a copy of the inputs on a worker thread; ``--sample-every K`` judges one input
+in K; ``--no-monitor`` serves the bare model (for comparison); ``--metrics-label model=resnet50``
+adds constant labels to the monitor's series. The monitor never turns a prediction into an
+error: an input the model itself cannot run is answered with HTTP 400 naming the problem.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from pydantic import BaseModel
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibrate import CalibrationTable  # noqa: E402
-from monitor import MonitorReport, SurpriseMonitor, load_onnx  # noqa: E402
-from monitor.loading import build_model, load_weights  # noqa: E402
+from monitor import MonitorReport, SurpriseMonitor  # noqa: E402
+from monitor.advice import cli_message  # noqa: E402
+from monitor.loading.images import Preprocessing  # noqa: E402
+from monitor.loading.model_args import (  # noqa: E402
+    HelpFormatter,
+    add_model_arguments,
+    model_from_args,
+)
 
 log = logging.getLogger("serve")
+IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold."""
+
+    max_body_bytes: int = 16 << 20
+    max_batch: int = 64
+    max_image_pixels: int = 25_000_000
 
 
 class PredictRequest(BaseModel):
     inputs: list
-    labels: list[int] | None = None
+    labels: list[int | str] | None = None
     surprise: bool = False
     max_filters: int = 5
 
 
-def build_app(
-    model: nn.Module, monitor: SurpriseMonitor | None, registry: CollectorRegistry = REGISTRY
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 as soon as its
+    declared length or the bytes received so far exceed it; the app never sees it."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """Answer 413 naming the limit."""
+        mb = self.max_bytes / (1 << 20)
+        detail = f"request body over {self.max_bytes} bytes ({mb:g} MiB, --max-body-mb)"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Callable) -> Callable[[], Awaitable[dict]]:
+    """An ASGI ``receive`` that gives ``body`` once, then defers to ``receive``."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def create_app(
+    model: nn.Module,
+    monitor: SurpriseMonitor | None,
+    *,
+    table: CalibrationTable | None = None,
+    limits: Limits = Limits(),
+    registry: CollectorRegistry = REGISTRY,
 ) -> FastAPI:
-    """The service: ``model`` answers, ``monitor`` (if any) watches; ``close()`` on shutdown."""
+    """The service: ``model`` answers, ``monitor`` (if any) watches, ``table`` (the monitor's by
+    default) gives the input size, the class names and the image preprocessing; ``close()``
+    on shutdown. Routes are added by small functions, so others can be added beside them."""
+    table = table if table is not None else (monitor.table if monitor is not None else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -68,10 +151,19 @@ def build_app(
             monitor.close()
 
     app = FastAPI(title="surprise-monitor example service", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    service = _Service(model, monitor, table, limits)
+    _add_routes(app, service, registry)
+    return app
+
+
+def _add_routes(app: FastAPI, service: _Service, registry: CollectorRegistry) -> None:
+    """``/healthz``, ``/metrics``, ``/predict`` and ``/predict/image``."""
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
-        return {"status": "ok", "monitor": monitor.mode if monitor is not None else "off"}
+        mode = service.monitor.mode if service.monitor is not None else "off"
+        return {"status": "ok", "monitor": mode}
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -79,8 +171,37 @@ def build_app(
 
     @app.post("/predict")
     def predict(req: PredictRequest) -> dict[str, Any]:  # a thread-pool worker per request
+        x = service.tensor(req.inputs)
+        labels = None if req.labels is None else [service.label(v) for v in req.labels]
+        return service.answer(x, labels, req.surprise, req.max_filters)
+
+    @app.post("/predict/image")
+    async def predict_image(
+        request: Request, label: str | None = None, surprise: bool = False, max_filters: int = 5
+    ) -> dict[str, Any]:
+        x = service.image(await request.body(), request.headers.get("content-type", ""))
+        labels = None if label is None else [service.label(label)]
+        return service.answer(x, labels, surprise, max_filters)
+
+
+class _Service:
+    """What the routes do: check inputs against the limits and the table, run the monitored
+    model, shape the answer."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        monitor: SurpriseMonitor | None,
+        table: CalibrationTable | None,
+        limits: Limits,
+    ) -> None:
+        self.model, self.monitor, self.table, self.limits = model, monitor, table, limits
+        self.names = list(table.class_names) if table is not None else []
+
+    def tensor(self, inputs: list) -> torch.Tensor:
+        """The JSON inputs as a float32 batch, checked (422 / 413 otherwise)."""
         try:
-            x = torch.tensor(req.inputs, dtype=torch.float32)
+            x = torch.tensor(inputs, dtype=torch.float32)
         except (ValueError, TypeError) as exc:
             raise HTTPException(
                 422, f"inputs must be a rectangular array of numbers: {exc}"
@@ -88,26 +209,92 @@ def build_app(
         if x.ndim != 4 or x.shape[0] == 0:
             raise HTTPException(422, f"inputs must be a non-empty B x C x H x W array, got "
                                      f"shape {list(x.shape)}")  # fmt: skip
+        self.check_shape(x)
+        return x
+
+    def check_shape(self, x: torch.Tensor) -> None:
+        """413 for too many inputs; 422 for inputs of another size than the table's."""
+        if x.shape[0] > self.limits.max_batch:
+            raise HTTPException(
+                413, f"{x.shape[0]} inputs in one request; at most {self.limits.max_batch} "
+                "(--max-batch)",
+            )  # fmt: skip
+        expect = tuple(self.table.input_shape) if self.table is not None else ()
+        if expect and tuple(x.shape[1:]) != expect:
+            raise HTTPException(
+                422, f"each input must be C x H x W = {list(expect)} (the calibration images' "
+                f"size), got {list(x.shape[1:])}",
+            )  # fmt: skip
+
+    def label(self, value: int | str) -> int:
+        """A label as a class index: an index, or a class name of the table (422 otherwise)."""
+        if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+            return int(value)
+        if value in self.names:
+            return self.names.index(value)
+        raise HTTPException(
+            422, f"label {value!r} is not a class of this model; classes: {', '.join(self.names)}"
+        )
+
+    def image(self, body: bytes, content_type: str) -> torch.Tensor:
+        """A PNG / JPEG body preprocessed as the table records: ``[1, C, H, W]``."""
+        from PIL import Image, UnidentifiedImageError
+
+        if content_type.split(";")[0].strip() not in IMAGE_TYPES:
+            raise HTTPException(
+                415, f"send a PNG or JPEG file as the body ({', '.join(IMAGE_TYPES)})"
+            )
+        if self.table is None or not self.table.input_shape:
+            raise HTTPException(422, "this service has no table to preprocess images with")
         try:
-            if monitor is not None:
-                result = monitor.run(x, req.labels)
+            steps = self._preprocessing()
+            with Image.open(io.BytesIO(body)) as im:
+                if im.width * im.height > self.limits.max_image_pixels:
+                    raise HTTPException(
+                        413, f"image of {im.width}x{im.height} pixels; at most "
+                        f"{self.limits.max_image_pixels} (--max-image-pixels)",
+                    )  # fmt: skip
+                img = im.convert("L" if steps.grayscale else "RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise HTTPException(422, f"not a readable PNG or JPEG image: {exc}") from exc
+        x = steps.transform(self.table.input_shape[1:])(img).unsqueeze(0)
+        self.check_shape(x)
+        return x
+
+    def _preprocessing(self) -> Preprocessing:
+        """The table's recorded preprocessing (422 when it records none)."""
+        one_channel = self.table.input_shape[0] == 1
+        try:
+            return Preprocessing.from_source(
+                self.table.data_source, grayscale=True if one_channel else None
+            )
+        except ValueError as exc:
+            raise HTTPException(422, f"this service cannot preprocess images: {exc}") from exc
+
+    def answer(
+        self, x: torch.Tensor, labels: list[int] | None, surprise: bool, max_filters: int
+    ) -> dict[str, Any]:
+        """Predictions, class names, logits and (when asked) surprise summaries for ``x``."""
+        try:
+            if self.monitor is not None:
+                result = self.monitor.run(x, labels)
                 output, report, rows = result.output, result.report, result.rows.tolist()
             else:
                 with torch.no_grad():
-                    output, report, rows = model(x), None, []
+                    output, report, rows = self.model(x), None, []
         except Exception as exc:  # the model itself cannot run this input
             raise HTTPException(400, f"the model cannot run this input: {exc}") from exc
         logits = output.float()
+        predictions = logits.argmax(dim=1).tolist()
         body: dict[str, Any] = {
-            "predictions": logits.argmax(dim=1).tolist(),
+            "predictions": predictions,
+            "classes": [self.names[p] if p < len(self.names) else str(p) for p in predictions],
             "logits": [[v if math.isfinite(v) else None for v in row] for row in logits.tolist()],
             "surprise": None,
         }
-        if req.surprise:
-            body["surprise"] = _summaries(report, rows, len(x), req.max_filters)
+        if surprise:
+            body["surprise"] = _summaries(report, rows, len(x), max_filters)
         return body
-
-    return app
 
 
 def _summaries(
@@ -120,30 +307,42 @@ def _summaries(
     return out
 
 
-def load_model(args: argparse.Namespace) -> nn.Module:
-    if args.onnx:
-        return load_onnx(args.onnx)
-    if not args.model:
-        raise SystemExit("serve.py: give --model (and --weights) or --onnx")
-    model = build_model(args.model, None, json.loads(args.model_kwargs))
-    if args.weights:
-        load_weights(model, args.weights)
-    return model.eval()
+def metrics_labels(values: Sequence[str]) -> dict[str, str]:
+    """``--metrics-label KEY=VALUE`` options as a dict."""
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"serve.py: --metrics-label takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="torchvision architecture name or module:factory")
-    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for the factory")
-    p.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
-    p.add_argument("--onnx", help="an ONNX model instead of --model/--weights")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=HelpFormatter
+    )
+    add_model_arguments(p)
     p.add_argument("--table", help="calibration table (.safetensors); required with the monitor")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--mode", choices=["sync", "async"], default="sync")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--mode", choices=["sync", "async"], default="sync", help="monitor mode")
     p.add_argument("--sample-every", type=int, default=1, help="judge one input in K")
     p.add_argument("--queue-size", type=int, default=64, help="async mode: batches queued")
     p.add_argument("--no-monitor", action="store_true", help="serve the bare model")
+    p.add_argument(
+        "--no-fingerprint-check", action="store_true",
+        help="use the table with a model whose weights changed since calibration (deliberately)",
+    )  # fmt: skip
+    p.add_argument(
+        "--metrics-label", action="append", default=[], metavar="KEY=VALUE",
+        help="a constant label on the monitor's metrics (repeatable), e.g. model=resnet50",
+    )  # fmt: skip
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (MiB)")
+    p.add_argument("--max-batch", type=int, default=64, help="most inputs in one request")
+    p.add_argument(
+        "--max-image-pixels", type=int, default=25_000_000, help="largest uploaded image"
+    )
     p.add_argument("--log-flags", action="store_true", help="log each flagged input")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     return p
@@ -156,21 +355,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args)
-    monitor = None
-    if not args.no_monitor:
-        if not args.table:
-            raise SystemExit("serve.py: --table is required unless --no-monitor")
+    labels = metrics_labels(args.metrics_label)
+    if not args.no_monitor and not args.table:
+        raise SystemExit("serve.py: --table is required unless --no-monitor")
+    try:
+        model = model_from_args(args, None, "serve.py")
+        table = CalibrationTable.load(args.table, exemplars=False) if args.table else None
+        monitor = None if args.no_monitor else _monitor(model, table, args, labels)
+    except (ValueError, TypeError, OSError) as exc:
+        raise SystemExit(f"serve.py: error: {cli_message(exc)}") from None
+    limits = Limits(int(args.max_body_mb * (1 << 20)), args.max_batch, args.max_image_pixels)
+    app = create_app(model, monitor, table=table, limits=limits)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
-        def on_flag(report: MonitorReport) -> None:
-            log.info("flagged input: %s", report.to_json(max_filters=3))
 
-        monitor = SurpriseMonitor(
-            model, CalibrationTable.load(args.table, exemplars=False), metrics=True,
-            mode=args.mode, sample_every=args.sample_every, queue_size=args.queue_size,
-            on_flag=on_flag if args.log_flags else None,
-        )  # fmt: skip
-    uvicorn.run(build_app(model, monitor), host=args.host, port=args.port, log_level="warning")
+def _monitor(
+    model: nn.Module, table: CalibrationTable, args: argparse.Namespace, labels: dict[str, str]
+) -> SurpriseMonitor:
+    """The service's monitor, with metrics in the global registry."""
+
+    def on_flag(report: MonitorReport) -> None:
+        log.info("flagged input: %s", report.to_json(max_filters=3))
+
+    return SurpriseMonitor(
+        model, table, metrics=True, metrics_labels=labels or None, mode=args.mode,
+        sample_every=args.sample_every, queue_size=args.queue_size,
+        on_flag=on_flag if args.log_flags else None,
+        check_fingerprint=not args.no_fingerprint_check,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def test_predictions_and_surprise_summaries(service):
     with torch.no_grad():
         logits = model(x)
     assert body["predictions"] == logits.argmax(1).tolist()
+    assert body["classes"] == [table.class_names[p] for p in body["predictions"]]
     torch.testing.assert_close(torch.tensor(body["logits"]), logits, rtol=1e-5, atol=1e-5)
     with SurpriseMonitor(model, table) as local:
         expected = local.inspect(x)
@@ -85,7 +86,8 @@ def test_bad_requests_get_clear_errors_and_the_service_survives(service):
     assert flat.status_code == 422 and "B x C x H x W" in flat.text
     one = mixed_inputs(1)
     channels = httpx.post(url + "/predict", json={"inputs": one[:, :1].tolist()}, timeout=30)
-    assert channels.status_code == 400 and "the model cannot run this input" in channels.text
+    assert channels.status_code == 422  # refused before the model runs
+    assert "C x H x W = [3, 8, 8]" in channels.text and "got [1, 8, 8]" in channels.text
     label = httpx.post(
         url + "/predict", json={"inputs": one.tolist(), "labels": [7], "surprise": True},
         timeout=30,
@@ -93,8 +95,8 @@ def test_bad_requests_get_clear_errors_and_the_service_survives(service):
     assert label.status_code == 200 and label.json()["surprise"] == [None]
     assert httpx.get(url + "/healthz", timeout=5).json() == {"status": "ok", "monitor": "sync"}
     after = metric_values(url)
-    key = ("surprise_monitor_failures_total", (("kind", "InvalidInputError"),))
-    assert after[key] - before.get(key, 0.0) == 3  # NaN, wrong channels, label out of range
+    key = ("surprise_monitor_failures_total", (("kind", "invalid_input"),))
+    assert after[key] - before.get(key, 0.0) == 2  # NaN, label out of range
 
 
 def test_concurrent_requests_add_up_in_metrics(service):
@@ -148,5 +150,89 @@ def test_unmonitored_and_async_services(saved_tiny_model, tmp_path):
         with torch.no_grad():
             assert body["predictions"] == model(x).argmax(1).tolist()
         assert "surprise_monitor_inputs_total" not in httpx.get(url + "/metrics").text
+    finally:
+        stop_process(proc)
+
+
+def test_request_limits(service):
+    _, _, url = service
+    big = torch.zeros(1, 3, 1500, 1500)  # 53 MB of JSON, as in the issue: never read whole
+    body = json.dumps({"inputs": big.tolist()}).encode()
+    resp = httpx.post(url + "/predict", content=body, timeout=60,
+                      headers={"content-type": "application/json"})  # fmt: skip
+    assert resp.status_code == 413 and "--max-body-mb" in resp.text
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(40):
+            yield b" " * (1 << 20)
+
+    resp = httpx.post(url + "/predict", content=chunks(), timeout=60)
+    assert resp.status_code == 413
+    wrong = httpx.post(url + "/predict", json={"inputs": mixed_inputs(1)[..., :6].tolist()})
+    assert wrong.status_code == 422 and "[3, 8, 8]" in wrong.text
+    many = httpx.post(url + "/predict", json={"inputs": torch.zeros(65, 3, 8, 8).tolist()},
+                      timeout=30)  # fmt: skip
+    assert many.status_code == 413 and "--max-batch" in many.text
+    assert httpx.get(url + "/healthz", timeout=5).status_code == 200  # still serving
+
+
+def test_image_uploads_use_the_tables_preprocessing(saved_tiny_model, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from calibrate import CalibrationTable
+
+    model, _, args = saved_tiny_model
+    table_path = args[args.index("--table") + 1]
+    table = CalibrationTable.load(table_path)
+    table.data_source = {
+        "kind": "imagefolder",
+        "root": "/nowhere",
+        "resize": 0,
+        "crop": 0,
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3],
+        "grayscale": False,
+    }
+    table.class_names = ["cat", "dog", "bird"]
+    named = table.save(tmp_path / "named.safetensors")
+    served = [*args[: args.index("--table")], "--table", str(named),
+              "--metrics-label", "model=tiny"]  # fmt: skip
+    proc, url = start_service(served, tmp_path / "serve.log")
+    try:
+        pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        png = io.BytesIO()
+        Image.fromarray(pixels).save(png, format="PNG")
+        resp = httpx.post(url + "/predict/image?surprise=true&label=dog", content=png.getvalue(),
+                          headers={"content-type": "image/png"}, timeout=30)  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        x = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0)[None]
+        x = (x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.2, 0.25, 0.3]
+        ).view(1, 3, 1, 1)
+        with torch.no_grad():
+            logits = model(x)
+        torch.testing.assert_close(torch.tensor(body["logits"]), logits, rtol=1e-4, atol=1e-4)
+        assert body["classes"] == [["cat", "dog", "bird"][int(logits.argmax())]]
+        assert body["surprise"][0]["class"] == 1 and body["surprise"][0]["label_given"]
+        jpeg = io.BytesIO()
+        Image.fromarray(np.repeat(np.repeat(pixels, 5, 0), 5, 1)).save(jpeg, format="JPEG")
+        resp = httpx.post(url + "/predict/image", content=jpeg.getvalue(),
+                          headers={"content-type": "image/jpeg"}, timeout=30)  # fmt: skip
+        assert resp.status_code == 200 and len(resp.json()["predictions"]) == 1  # resized
+        bad = httpx.post(url + "/predict/image", content=b"not an image",
+                         headers={"content-type": "image/png"}, timeout=30)  # fmt: skip
+        assert bad.status_code == 422 and "not a readable" in bad.text
+        label = httpx.post(url + "/predict/image?label=birb", content=png.getvalue(),
+                           headers={"content-type": "image/png"}, timeout=30)  # fmt: skip
+        assert label.status_code == 422 and "cat, dog, bird" in label.text
+        named_rows = httpx.post(url + "/predict", json={"inputs": x.tolist(), "labels": ["bird"],
+                                                        "surprise": True}).json()  # fmt: skip
+        assert named_rows["surprise"][0]["class"] == 2
+        values = metric_values(url)
+        assert values[("surprise_monitor_inputs_total", (("model", "tiny"),))] == 3
     finally:
         stop_process(proc)
