@@ -2,7 +2,8 @@
 
 Every file the library writes (calibration tables, checkpoint manifests, sketch states,
 figures) goes through :func:`atomic_write`: a temporary file in the same folder, fsync, rename,
-fsync of the folder.
+fsync of the folder. A new file gets the permissions ``open()`` would give it (``0666`` less the
+umask), a replaced file keeps its own.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, _mode_for(path))  # mkstemp makes 0600; a new file follows the umask
         _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
     except BaseException:
@@ -34,6 +36,29 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     except OSError:
         pass
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions the written file gets: the replaced file's, else ``0666`` less the
+    process's umask (what ``open(path, "w")`` would give)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask (read from ``/proc/self/status`` where there is one, so it is never
+    changed, even for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

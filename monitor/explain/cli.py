@@ -108,7 +108,8 @@ def summary(expl: Explanation, out: Path) -> str:
         f"P{expl.surprise_pct:g} {expl.high:.4g})",
         f"top region: superpixel {expl.top_segment} of {expl.num_segments}, "
         f"{int(expl.mask.sum())} pixels",
-        f"exemplars: {', '.join(str(e.index) for e in expl.exemplars) or 'none'}",
+        f"exemplars of '{expl.class_name(expl.exemplar_class)}': "
+        + (", ".join(e.path or f"#{e.index}" for e in expl.exemplars) or "none"),
         f"figure written to {out}",
     ]
     return "\n".join(lines)

@@ -30,14 +30,20 @@ from PIL import Image
 from monitor.explain import superpixels
 from monitor.explain.choice import choose_filter
 from monitor.explain.exemplars import Exemplar, exemplars
-from monitor.explain.figures import Panel, draw_boundary, panels_figure, save_png
+from monitor.explain.figures import DIMMED, OUTLINE, Panel, draw_boundary, grid_figure, save_png
 from monitor.explain.inputs import judged_on_device, one_image
 from monitor.explain.saliency import input_gradient
 from monitor.judge import HasJudge, Judge, judge_of
 from monitor.loading.images import SOURCE_KINDS
 from monitor.table import CalibrationTable
 
-_VERBS = {"surprise": "surprising", "expectation": "expected", "unflagged": "unflagged"}
+#: How a filter's kind reads in figures and summaries: "expected" alone would read as "normal",
+#: but an expected filter is one the class usually has strongly and this image lacks.
+KIND_WORDS = {
+    "surprise": "SURPRISING (rarely this strong in the class)",
+    "expectation": "MISSING (expected in the class, absent here)",
+    "unflagged": "not flagged (its highest percentile)",
+}
 
 
 @dataclass
@@ -68,6 +74,8 @@ class Explanation:
     reason: str = ""  # how the filter was chosen
     exemplar_class: int = -1
     exemplars: list[Exemplar] = field(default_factory=list, repr=False)
+    # A misclassification (label given, another prediction): the prediction's exemplars too.
+    prediction_exemplars: list[Exemplar] = field(default_factory=list, repr=False)
 
     def class_name(self, c: int | None) -> str:
         """Class ``c``'s name (``"?"`` for ``None``, the number when the table has no name)."""
@@ -82,24 +90,39 @@ class Explanation:
 
     def title(self) -> str:
         """The figure's title: prediction, label, filter and its kind for the judged class."""
+        head = f"predicted '{self.class_name(self.prediction)}'"
+        if self.label is not None:
+            head += f", true '{self.class_name(self.label)}'"
         return (
-            f"predicted '{self.class_name(self.prediction)}'"
-            + (f" (true '{self.class_name(self.label)}')" if self.label is not None else "")
-            + f": filter {self.filter} of {self.layer}, {_VERBS[self.kind]} for "
-            f"'{self.class_name(self.cls)}'"
+            f"{head}: filter {self.filter} of {self.layer} is "
+            f"{KIND_WORDS[self.kind]} for '{self.class_name(self.cls)}'"
         )
 
     def caption(self) -> str:
-        """The input's caption: predicted (true) class, filter, kind, alpha against the class's
-        percentiles."""
-        head = self.class_name(self.prediction)
+        """The input's caption: which class is the prediction and which the label, the filter's
+        kind, and alpha against the judged class's calibration (its percentile and usual range)."""
+        lines = [f"predicted: {self.class_name(self.prediction)}"]
         if self.label is not None:
-            head += f" ({self.class_name(self.label)})"
+            lines.append(f"true: {self.class_name(self.label)}")
+        name = self.class_name(self.cls)
+        lines += [
+            f"filter {self.filter}: {KIND_WORDS[self.kind].split(' (')[0]}",
+            f"alpha {self.alpha:.3g}, percentile {self.percentile:.1f}",
+            f"of '{name}' training images",
+            f"usual P{self.expectation_pct:g}..P{self.surprise_pct:g}: "
+            f"{self.low:.3g}..{self.high:.3g}",
+            f"(mean {self.mu:.3g})",
+        ]
+        return "\n".join(lines)
+
+    def exemplar_caption(self, ex: Exemplar, cls: int) -> str:
+        """An exemplar's caption: its class, its file (or dataset index) and its alpha."""
+        where = f"#{ex.index}"
+        if ex.path is not None:
+            where = "/".join(Path(ex.path).parts[-2:])
         return (
-            f"{head}\nfilter {self.filter}: {self.kind}\n"
-            f"alpha {self.alpha:.3g} (percentile {self.percentile:.1f})\n"
-            f"class mean {self.mu:.3g}\n"
-            f"P{self.expectation_pct:g} {self.low:.3g} | P{self.surprise_pct:g} {self.high:.3g}"
+            f"'{self.class_name(cls)}' training image\n{where}\n"
+            f"alpha {ex.alpha:.3g} (rank {ex.rank + 1})"
         )
 
     def render(
@@ -118,15 +141,28 @@ class Explanation:
 
     def save_figure(self, path: str | Path, **kwargs: Any) -> Path:
         """The input beside its training exemplars, each masked to its own region, captioned,
-        as one PNG (matplotlib, Agg; ``kwargs``: ``panel_inches``, ``dpi``)."""
-        panels = [Panel(draw_boundary(self.image, self.mask), self.caption())]
-        for ex in self.exemplars:
-            caption = (
-                f"training #{ex.index} ({self.class_name(self.exemplar_class)})\n"
-                f"rank {ex.rank + 1}, alpha {ex.alpha:.3g}"
+        with a legend, as one PNG (matplotlib, Agg; ``kwargs``: ``panel_inches``, ``dpi``).
+        For a misclassification a second row shows the predicted class's exemplars."""
+        first = [Panel(draw_boundary(self.image, self.mask), self.caption())]
+        first += [self._exemplar_panel(ex, self.exemplar_class) for ex in self.exemplars]
+        rows: list[list[Panel | None]] = [first]
+        notes = [""]
+        if self.prediction_exemplars:
+            second: list[Panel | None] = [None]
+            second += [self._exemplar_panel(e, self.prediction) for e in self.prediction_exemplars]
+            rows.append(second)
+            notes.append(
+                f"below: filter {self.filter}'s exemplars of the prediction "
+                f"'{self.class_name(self.prediction)}'"
             )
-            panels.append(Panel(draw_boundary(ex.image, ex.mask, dim=0.35), caption))
-        return panels_figure(panels, self.title(), path, **kwargs)
+        legend = [(OUTLINE, f"yellow outline: the region that drives filter {self.filter} most")]
+        if self.exemplars or self.prediction_exemplars:
+            legend.append((DIMMED, "dimmed: the rest of each training image (outside its region)"))
+        return grid_figure(rows, self.title(), path, legend=legend, notes=notes, **kwargs)
+
+    def _exemplar_panel(self, ex: Exemplar, cls: int) -> Panel:
+        """An exemplar's picture, dimmed outside its region, and its caption."""
+        return Panel(draw_boundary(ex.image, ex.mask, dim=0.35), self.exemplar_caption(ex, cls))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary (no arrays)."""
@@ -149,8 +185,14 @@ class Explanation:
             "segments_found": self.num_segments,
             "top_segment": self.top_segment,
             "top_region_pixels": int(self.mask.sum()),
-            "exemplars": [{"index": e.index, "alpha": e.alpha} for e in self.exemplars],
+            "exemplars": [_exemplar_dict(e) for e in self.exemplars],
+            "prediction_exemplars": [_exemplar_dict(e) for e in self.prediction_exemplars],
         }
+
+
+def _exemplar_dict(e: Exemplar) -> dict[str, Any]:
+    """An exemplar's JSON summary."""
+    return {"index": e.index, "alpha": e.alpha, "path": e.path}
 
 
 def explain(
@@ -215,11 +257,19 @@ def explain(
     )  # fmt: skip
     k = _exemplar_count(table, exemplars_k, dataset)
     if k > 0:
-        expl.exemplars = exemplars(
-            judge.model, table, expl.exemplar_class, n, mean=mean_t, std=std_t, k=k,
-            dataset=dataset, n_segments=n_segments, reduce=reduce,
-            output_to_logits=judge.output_to_logits, slic_kwargs=slic_kwargs,
-        )  # fmt: skip
+        classes = [expl.exemplar_class]
+        if exemplar_class is None and label is not None and expl.prediction != int(label):
+            classes.append(expl.prediction)  # a misclassification: the prediction's too
+        found = [
+            exemplars(
+                judge.model, table, cls, n, mean=mean_t, std=std_t, k=k, dataset=dataset,
+                n_segments=n_segments, reduce=reduce, output_to_logits=judge.output_to_logits,
+                slic_kwargs=slic_kwargs,
+            )
+            for cls in classes
+        ]  # fmt: skip
+        expl.exemplars = found[0]
+        expl.prediction_exemplars = found[1] if len(found) > 1 else []
     return expl
 
 

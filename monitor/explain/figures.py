@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -88,38 +88,87 @@ class Panel(NamedTuple):
     caption: str
 
 
+#: Legend entries: what the outline and the dimmed parts of the pictures mean.
+OUTLINE, DIMMED = "outline", "dimmed"
+
+
 def panels_figure(
     panels: Sequence[Panel],
     title: str,
     path: str | Path,
     *,
+    legend: Sequence[tuple[str, str]] = (),
     panel_inches: float = 2.4,
     dpi: int = 100,
 ) -> Path:
     """One PNG: the panels in a row, each captioned below, the first one framed, under
-    ``title``."""
+    ``title``; ``legend``: ``(OUTLINE | DIMMED, text)`` entries drawn below."""
+    return grid_figure([panels], title, path, legend=legend, panel_inches=panel_inches, dpi=dpi)
+
+
+def grid_figure(
+    rows: Sequence[Sequence[Panel | None]],
+    title: str,
+    path: str | Path,
+    *,
+    legend: Sequence[tuple[str, str]] = (),
+    notes: Sequence[str] = (),
+    panel_inches: float = 2.4,
+    dpi: int = 100,
+) -> Path:
+    """One PNG: rows of captioned panels (``None`` leaves a cell empty, or holds
+    ``notes[row]``), the first panel framed, under ``title``, with ``legend`` below."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    n = len(panels)
-    lines = max(p.caption.count("\n") + 1 for p in panels)
+    n = max(len(r) for r in rows)
+    lines = max(p.caption.count("\n") + 1 for r in rows for p in r if p is not None)
     title_in, caption_in = 0.45, 0.16 * lines + 0.12
-    height = panel_inches + title_in + caption_in
+    legend_in = 0.22 * len(legend) + (0.1 if legend else 0.0)
+    row_in = panel_inches + caption_in
+    height = title_in + len(rows) * row_in + legend_in
     fig = Figure(figsize=(panel_inches * n, height), dpi=dpi)
     FigureCanvasAgg(fig)
-    fig.subplots_adjust(
-        left=0.04 / n, right=1 - 0.04 / n, top=1 - title_in / height,
-        bottom=caption_in / height, wspace=0.08,
-    )  # fmt: skip
-    for i, (rgb, caption) in enumerate(panels):
-        ax = fig.add_subplot(1, n, i + 1)
-        ax.imshow(rgb, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel(caption, fontsize=8, linespacing=1.3)
-        if i == 0:
-            for spine in ax.spines.values():
-                spine.set_edgecolor("black")
-                spine.set_linewidth(2)
+    for r, row in enumerate(rows):
+        top = 1 - (title_in + r * row_in) / height
+        for i, panel in enumerate(row):
+            left = (i + 0.04) / n
+            ax = fig.add_axes((left, top - panel_inches / height, 0.92 / n, panel_inches / height))
+            _draw_panel(ax, panel, notes[r] if r < len(notes) else "", framed=(r, i) == (0, 0))
     fig.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
+    if legend:
+        fig.legend(
+            handles=_legend_handles(legend), loc="lower center", fontsize=8, frameon=False,
+            ncol=1, bbox_to_anchor=(0.5, 0.0),
+        )  # fmt: skip
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+
+
+def _draw_panel(ax: Any, panel: Panel | None, note: str, framed: bool) -> None:
+    """One cell: the picture and its caption, or an empty cell with ``note``."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if panel is None:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=8, wrap=True)
+        return
+    ax.imshow(panel.rgb, interpolation="nearest")
+    ax.set_xlabel(panel.caption, fontsize=8, linespacing=1.3)
+    if framed:
+        for spine in ax.spines.values():
+            spine.set_edgecolor("black")
+            spine.set_linewidth(2)
+
+
+def _legend_handles(legend: Sequence[tuple[str, str]]) -> list[Any]:
+    """Matplotlib patches for the legend entries."""
+    from matplotlib.patches import Patch
+
+    yellow = tuple(c / 255 for c in BOUNDARY_RGB)
+    handles = []
+    for kind, text in legend:
+        if kind == OUTLINE:
+            handles.append(Patch(facecolor="none", edgecolor=yellow, linewidth=2, label=text))
+        else:
+            handles.append(Patch(facecolor=(0.25, 0.25, 0.25), edgecolor="none", label=text))
+    return handles

@@ -314,3 +314,43 @@ def test_exemplars_need_a_source_or_a_dataset(photo_setup):
         load_images([len(images)], data_source=table.data_source)
     with pytest.raises(ValueError, match="kind 'hdf5'"):
         load_images([0], data_source={"kind": "hdf5"})
+
+
+def test_a_misclassification_shows_both_classes_exemplars_with_a_key(photo_setup, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    import monitor.explain.explanation as explanation
+
+    model, table, _, probe = photo_setup
+    with SurpriseMonitor(model, table) as monitor:
+        prediction = int(monitor.inspect(probe).predictions[0])
+        label = (prediction + 1) % table.num_classes
+        expl = monitor.explain(probe, label=label)
+    n = expl.filter
+    assert expl.cls == label and expl.prediction == prediction
+    assert [e.index for e in expl.exemplars] == [
+        int(i) for i in table.top_indices[label, n].tolist() if i >= 0
+    ]
+    assert [e.index for e in expl.prediction_exemplars] == [
+        int(i) for i in table.top_indices[prediction, n].tolist() if i >= 0
+    ]
+    caption = expl.caption()
+    assert f"predicted: {PHOTOS[prediction]}" in caption and f"true: {PHOTOS[label]}" in caption
+    assert "percentile" in caption and "usual P0.1..P99.9" in caption
+    if expl.kind == "expectation":
+        assert "MISSING" in caption and "expected" not in caption.split("\n")[2].lower()
+    seen = {}
+    real = explanation.grid_figure
+    monkeypatch.setattr(explanation, "grid_figure",
+                        lambda rows, title, path, **kw: seen.update(rows=rows, **kw)
+                        or real(rows, title, path, **kw))  # fmt: skip
+    path = expl.save_figure(tmp_path / "why.png", panel_inches=2.0, dpi=50)
+    rows = seen["rows"]
+    assert len(rows) == 2 and rows[1][0] is None and len(rows[1]) == 1 + table.top_k
+    assert all(f"'{PHOTOS[prediction]}' training image" in p.caption for p in rows[1][1:])
+    assert all(f"'{PHOTOS[label]}' training image" in p.caption for p in rows[0][1:])
+    kinds = [kind for kind, _ in seen["legend"]]
+    assert kinds == ["outline", "dimmed"] and "outline" in seen["legend"][0][1]
+    png = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    yellow = (png[..., 0] > 200) & (png[..., 1] > 200) & (png[..., 2] < 60)
+    assert yellow[png.shape[0] // 2 :].any()  # the second row's exemplars are outlined too
+    assert expl.to_dict()["prediction_exemplars"][0]["index"] == expl.prediction_exemplars[0].index

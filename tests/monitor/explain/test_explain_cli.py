@@ -58,6 +58,10 @@ def test_cli_writes_the_figure_and_agrees_with_the_api(cli_calibrated, capsys):
     assert result["label"] == 2 and result["class_name"] == "coffee"
     want = [int(i) for i in t.top_indices[2, result["filter"]].tolist() if i >= 0]
     assert [e["index"] for e in result["exemplars"]] == want and len(want) == 6
+    from torchvision.datasets import ImageFolder
+
+    files = ImageFolder(str(root / "train")).samples  # exemplars are named by their file
+    assert [e["path"] for e in result["exemplars"]] == [files[i][0] for i in want]
     fig = np.asarray(Image.open(out).convert("RGB"))
     assert fig.shape[1] == int(2.4 * 7 * 100) and fig.std() > 20
     assert Image.open(single).size == (256, 256)
@@ -76,7 +80,7 @@ def test_cli_explains_without_a_label_and_names_bad_arguments(cli_calibrated, ca
     base = ["--table", str(table), *MODEL, "--weights", str(weights), "--out", str(root / "f.png")]
     assert explain_main([*base, "--image", str(probe), "--exemplars", "2"]) == 0
     text = capsys.readouterr().out
-    assert "figure written to" in text and "exemplars:" in text
+    assert "figure written to" in text and "exemplars of '" in text
     assert explain_main([*base, "--image", str(probe), "--label", "teapot"]) == 2
     assert "neither a class name nor an index" in capsys.readouterr().err
     assert explain_main([*base, "--image", str(root / "missing.png")]) == 2
