@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from monitor.probe import class_scores, get_module
 from monitor.table import CalibrationTable
 
 TABLE_TENSORS = ("quantiles", "mean", "counts", "beta_quantiles", "top_indices", "top_alpha")
@@ -20,19 +19,26 @@ def assert_same_table(a: CalibrationTable, b: CalibrationTable) -> None:
 
 
 def autograd_alpha(model, layer: str, x, classes, score: str = "logit") -> torch.Tensor:
-    """Full-graph oracle: A captured by a hook, dO_c/dA by torch.autograd.grad, no probe code."""
+    """Full-graph oracle with no library code: A captured by a hook on the module found by
+    name, the class score by plain ``torch.softmax`` / ``log_softmax`` / the logit, dO_c/dA by
+    ``torch.autograd.grad``."""
     store = {}
 
     def hook(module, inputs, output):
         store["a"] = output
         return output.clone()  # downstream in-place ops must not overwrite A
 
-    handle = get_module(model, layer).register_forward_hook(hook)
+    handle = dict(model.named_modules())[layer].register_forward_hook(hook)
     try:
         logits = model(x)
     finally:
         handle.remove()
-    s = class_scores(logits, classes, score).sum()
+    scores = {
+        "logit": lambda z: z,
+        "softmax": lambda z: torch.softmax(z, dim=1),
+        "log_softmax": lambda z: torch.log_softmax(z, dim=1),
+    }[score](logits)
+    s = scores.gather(1, torch.as_tensor(classes).view(-1, 1)).sum()
     (g,) = torch.autograd.grad(s, store["a"])
     return (g * store["a"]).mean((2, 3)).detach()
 

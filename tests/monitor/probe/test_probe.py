@@ -8,7 +8,7 @@ import torchvision
 from captum.attr import LayerGradientXActivation
 
 from kernels import grad_amap
-from monitor.probe import GradAMapProbe, get_module, resolve_layer
+from monitor.probe import GradAMapProbe, resolve_layer
 from tests._checks import autograd_alpha as _autograd_alpha
 from tests._models import TinyCNN, seeded
 
@@ -51,7 +51,7 @@ def test_alpha_matches_captum_and_autograd(arch, which):
         probe.close()
     alpha = grad_amap(res.activation, res.gradient)
 
-    captum = LayerGradientXActivation(model, get_module(model, layer))
+    captum = LayerGradientXActivation(model, dict(model.named_modules())[layer])
     oracle = captum.attribute(x, target=labels).mean((2, 3)).detach()
     scale = oracle.abs().max()
     torch.testing.assert_close(alpha, oracle, rtol=1e-5, atol=1e-5 * float(scale))
@@ -69,7 +69,10 @@ def test_scores_match_autograd(score):
     res = probe.run(x, labels)
     probe.close()
     alpha = grad_amap(res.activation, res.gradient)
-    torch.testing.assert_close(alpha, _autograd_alpha(model, "features.2", x, labels, score))
+    oracle = _autograd_alpha(model, "features.2", x, labels, score)
+    scale = float(oracle.abs().max())  # softmax alphas are ~1e-4: no absolute 1e-5 slack
+    assert scale > 0
+    torch.testing.assert_close(alpha, oracle, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_predicted_class_used_without_labels():
@@ -145,5 +148,40 @@ def test_callers_grad_mode_does_not_matter(context):
             assert torch.is_grad_enabled() is False
     finally:
         probe.close()
-    torch.testing.assert_close(grad_amap(*_ag(res)), expected)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(grad_amap(*_ag(res)), expected, rtol=1e-5, atol=1e-6 * scale)
     assert not res.output.requires_grad
+
+
+@pytest.mark.parametrize("score", ["logit", "softmax", "log_softmax"])
+def test_the_oracle_catches_a_wrong_class_score(monkeypatch, score):
+    """The oracle computes its class score itself: a probe whose score is taken from
+    ``1.01 * logits`` (the mutation the issue names) no longer matches it."""
+    from monitor.probe import grad_amap_probe
+
+    real = grad_amap_probe.class_scores
+    monkeypatch.setattr(
+        grad_amap_probe, "class_scores", lambda z, classes, s: real(1.01 * z, classes, s)
+    )
+    model = seeded(TinyCNN(num_classes=5))
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([4, 0, 2, 2])
+    probe = GradAMapProbe(model, "features.2", score=score)
+    try:
+        mutated = grad_amap(*_ag(probe.run(x, labels)))
+    finally:
+        probe.close()
+    oracle = _autograd_alpha(model, "features.2", x, labels, score)
+    assert not torch.allclose(mutated, oracle, rtol=1e-5, atol=1e-7)
+
+
+def test_the_oracle_uses_no_library_code():
+    """The oracle is plain torch: nothing it calls comes from kernels, monitor or calibrate."""
+    code = _autograd_alpha.__code__
+    names = set(code.co_names)
+    for const in code.co_consts:  # the nested hook and score lambdas
+        names |= set(getattr(const, "co_names", ()))
+    used = [_autograd_alpha.__globals__[n] for n in names if n in _autograd_alpha.__globals__]
+    library = [v for v in used if getattr(v, "__module__", "").split(".")[0]
+               in ("kernels", "monitor", "calibrate")]  # fmt: skip
+    assert used and library == []
