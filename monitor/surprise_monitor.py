@@ -31,8 +31,10 @@ class SurpriseMonitor:
     """Watches a CNN at inference time: surprise, expectation and beta per input.
 
     Args:
-        model: the CNN (``nn.Module``) in eval mode; it is not modified, and :meth:`close`
-            removes the one forward hook the monitor adds.
+        model: the CNN (``nn.Module``) in eval mode, float32, float16 or bfloat16 (its inputs
+            are its own dtype); it is not modified, and :meth:`close` removes the one forward
+            hook the monitor adds. While watched it can still be deep-copied, pickled and
+            ``torch.save``-d: a copy carries an inert hook (``InertHook``) and is not watched.
         table: a :class:`~monitor.table.CalibrationTable` or the path of a saved one.
         layer: target layer; ``None`` uses the table's. Another name than the table's is refused.
         surprise_pct: a filter is surprising when ``alpha > P_cn(surprise_pct)``.
@@ -201,12 +203,16 @@ class SurpriseMonitor:
 
     @property
     def last_report(self) -> MonitorReport | None:
-        """The report of the last batch judged by :meth:`inspect`, a call, or the worker."""
+        """The calling thread's last report: from its own last :meth:`inspect` or call, so
+        ``monitor(x)`` then ``monitor.last_report`` is that call's report even while other
+        threads call the monitor. In async mode a call makes no report on the caller's thread:
+        a thread without one of its own sees the last batch the worker judged (shared by all
+        threads; use ``on_flag`` or :meth:`run` to tie reports to calls)."""
         return self.request_path.last_report
 
     @last_report.setter
     def last_report(self, report: MonitorReport | None) -> None:
-        """Replace the kept report."""
+        """Replace the calling thread's kept report."""
         self.request_path.last_report = report
 
     # ------------------------------------------------------------------- calls
@@ -222,8 +228,9 @@ class SurpriseMonitor:
 
     def __call__(self, x: torch.Tensor, labels: Any = None) -> Any:
         """Drop-in for ``model(x)``: returns the model's output (detached); the report is kept
-        in :attr:`last_report`. If monitoring fails, the output is still returned and the
-        failure is counted in :attr:`failures` (logged once per kind)."""
+        in :attr:`last_report` (per thread). If monitoring fails, the output is still returned
+        and the failure is counted in :attr:`failures` (logged once per kind). If the model
+        itself raises, its exception propagates from its one forward pass."""
         return self.run(x, labels).output
 
     def run(self, x: torch.Tensor, labels: Any = None) -> MonitorResult:
@@ -231,7 +238,8 @@ class SurpriseMonitor:
 
         Sampling, ``on_flag``, metrics and the async mode apply; monitoring failures are
         counted, never raised. An exception from the model itself (an input it cannot run)
-        propagates, as it would without the monitor.
+        propagates, as it would without the monitor: the model runs once, and its inputs are
+        counted as skipped with reason ``model_error``.
         """
         return self.request_path.run(x, labels)
 

@@ -59,7 +59,7 @@ def routes(tmp_path_factory):
               "--device", "cpu", "--batch-size", "32"]  # fmt: skip
     torch_table = tmp / "torch.safetensors"
     onnx_table = tmp / "onnx.safetensors"
-    assert cli(["resnet18", "--weights", str(weights), "--num-classes", str(K),
+    assert cli(["--model", "resnet18", "--weights", str(weights), "--num-classes", str(K),
                 "--out", str(torch_table), *common]) == 0  # fmt: skip
     assert cli(["--onnx", str(onnx_path), "--out", str(onnx_table), *common]) == 0
     test, _ = class_images(8, K, size=SIZE, seed=2)
@@ -154,9 +154,9 @@ def test_unreadable_files_are_refused(tmp_path):
 def test_cli_onnx_errors(routes, capsys):
     common = ["--data", str(routes["tmp"] / "train"), "--out", str(routes["tmp"] / "x.st"),
               "--quiet"]  # fmt: skip
-    assert cli(["resnet18", "--onnx", str(routes["onnx"]), *common]) == 2
-    assert "--onnx replaces MODEL and --weights" in capsys.readouterr().err
+    assert cli(["--model", "resnet18", "--onnx", str(routes["onnx"]), *common]) == 2
+    assert "--onnx replaces --model and --weights" in capsys.readouterr().err
     assert cli(common) == 2
-    assert "give MODEL" in capsys.readouterr().err
+    assert "needs --model NAME" in capsys.readouterr().err
     assert cli(["--onnx", str(routes["tmp"] / "none.onnx"), *common]) == 2
     assert "no such ONNX file" in capsys.readouterr().err
