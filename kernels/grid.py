@@ -63,6 +63,7 @@ def check_percentile_grid(
     names: tuple[str, str] = ("levels", "quantiles"),
     axes: tuple[str, ...] = ("class", "filter"),
     where: str = "",
+    values: bool = True,
 ) -> None:
     """Check a percentile grid and raise ``ValueError`` naming the first broken invariant.
 
@@ -70,7 +71,9 @@ def check_percentile_grid(
     ``quantiles [*axes, Q]``: one entry per axis in ``axes`` plus the level axis, every size at
     least 1, finite, non-decreasing along the level axis. ``mean`` (optional): shaped like
     ``quantiles`` without the level axis, finite. ``names`` are the two grid tensors' names in
-    the messages, and ``where`` prefixes every message.
+    the messages, and ``where`` prefixes every message. ``values=False`` checks the levels and
+    the shapes only, without reading ``quantiles`` and ``mean`` (for a grid whose values were
+    checked when it was made or loaded: a memory-mapped table is not paged in).
     """
     levels_name, name = names
     _check_levels(levels_name, levels, where)
@@ -90,6 +93,8 @@ def check_percentile_grid(
             f"{where}mean must be [K, N] = {fmt_shape(quantiles.shape[:-1])}, "
             f"got {fmt_shape(mean.shape)}"
         )
+    if not values:
+        return
     _check_finite(name, quantiles, where)
     if mean is not None:
         _check_finite("mean", mean, where)
@@ -98,19 +103,24 @@ def check_percentile_grid(
 
 def rank_on_grid(values: torch.Tensor, grid: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Percentile rank of contiguous ``values [...]`` on contiguous ``grid [..., Q]`` (same dtype;
-    see :func:`percentile_rank` for the convention). No validation, no host sync."""
+    see :func:`percentile_rank` for the convention, mid-rank on ties). No validation, no host
+    sync."""
     q = grid.shape[-1]
-    count = torch.searchsorted(grid, values.unsqueeze(-1), right=True).squeeze(-1)
-    lo = (count - 1).clamp_(min=0)
-    hi = count.clamp(max=q - 1)
+    v = values.unsqueeze(-1)
+    below = torch.searchsorted(grid, v).squeeze(-1)  # #{G < v}
+    upto = torch.searchsorted(grid, v, right=True).squeeze(-1)  # #{G <= v}
+    lo = (upto - 1).clamp_(min=0)  # the last G <= v
+    hi = upto.clamp(max=q - 1)  # the first G > v
     g_lo = grid.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
     g_hi = grid.gather(-1, hi.unsqueeze(-1)).squeeze(-1)
     l_lo = levels.take(lo)
     l_hi = levels.take(hi)
     frac = (values - g_lo) / (g_hi - g_lo)
     rank = l_lo + (l_hi - l_lo) * frac
-    rank = torch.where(count == 0, 0.0, rank)
-    rank = torch.where(count == q, 100.0, rank)
+    mid = (levels.take(below.clamp(max=q - 1)) + l_lo) * 0.5  # v = G[below] = ... = G[lo]
+    rank = torch.where(upto > below, mid, rank)
+    rank = torch.where(upto == 0, 0.0, rank)
+    rank = torch.where(below == q, 100.0, rank)
     return rank.clamp_(0.0, 100.0)
 
 
@@ -120,15 +130,22 @@ def percentile_rank(
 ) -> torch.Tensor:
     """Percentile rank of ``values [...]`` on the grid ``quantiles [..., Q]`` at ``levels [Q]``.
 
-    ``values`` and ``quantiles[..., 0]`` broadcast against each other. Convention
-    (right-continuous, well defined on ties / flat runs of the grid ``G``, levels ``L``
-    running from 0 to 100): ``v < G[0]`` gives 0; ``v >= G[Q-1]`` gives 100; otherwise,
-    with ``q`` the *last* index such that ``G[q] <= v`` (so ``G[q] < G[q+1]``)::
+    ``values`` and ``quantiles[..., 0]`` broadcast against each other. Convention (grid ``G``
+    non-decreasing, levels ``L`` running from 0 to 100), with ``lo = #{q: G[q] < v}`` and
+    ``hi = #{q: G[q] <= v} - 1``:
 
-        rank = L[q] + (L[q+1] - L[q]) * (v - G[q]) / (G[q+1] - G[q])
+    * ``v < G[0]`` gives 0 and ``v > G[Q-1]`` gives 100;
+    * **mid-rank on ties**: when ``v`` equals grid values (``G[lo] = ... = G[hi] = v``, a flat
+      run of the grid or a single grid point), ``rank = (L[lo] + L[hi]) / 2``. A ReLU'd filter
+      that is 0 for 60% of a class has a flat run of zeros up to its 60th percentile: alpha = 0
+      ranks about 30, not 0 or 60;
+    * otherwise ``G[hi] < v < G[hi+1]`` and the rank is linear between them::
 
-    clamped to ``[0, 100]``. For a strictly increasing grid this is ``numpy.interp(v, G, L)``.
-    Returns float32 (the grid's dtype).
+        rank = L[hi] + (L[hi+1] - L[hi]) * (v - G[hi]) / (G[hi+1] - G[hi])
+
+    clamped to ``[0, 100]``. For a strictly increasing grid this is ``numpy.interp(v, G, L)``;
+    on ties it is the mean of the left- and right-continuous ranks. The Triton lookup kernel
+    follows the same convention. Returns float32 (the grid's dtype).
     """
     shape = torch.broadcast_shapes(values.shape, quantiles.shape[:-1])
     grid = quantiles.expand(*shape, quantiles.shape[-1]).contiguous()

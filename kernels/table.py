@@ -12,43 +12,116 @@ from kernels.grid import check_percentile_grid, quantile_at
 
 __all__ = ["prepare_lookup_table"]
 
+_WHERE = "prepare_lookup_table: "
 
-def _as_f32(x: Any, name: str, device: torch.device | None) -> torch.Tensor:
-    """``x`` (a tensor or array) as a contiguous float32 tensor on ``device``."""
+
+def _as_f32(x: Any, name: str, device: torch.device) -> torch.Tensor:
+    """``x`` (a tensor or array) as a contiguous float32 tensor on ``device`` (no copy when it
+    already is one)."""
     if x is None:
-        raise ValueError(f"prepare_lookup_table: table has no '{name}'")
+        raise ValueError(f"{_WHERE}table has no '{name}'")
     t = torch.as_tensor(x)
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"prepare_lookup_table: {name} must be numeric, got dtype {t.dtype}")
+        raise ValueError(f"{_WHERE}{name} must be numeric, got dtype {t.dtype}")
     return t.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _level_major(quantiles: Any, device: torch.device) -> torch.Tensor:
+    """``quantiles [K, N, Q]`` as the level-major ``[Q, K, N]`` float32 grid on ``device``.
+
+    A tensor that is already a level-major view (what :class:`monitor.CalibrationTable` holds)
+    is used as is, without reading it: a memory-mapped table stays on disk until looked up."""
+    if quantiles is None:
+        raise ValueError(f"{_WHERE}table has no 'quantiles'")
+    t = torch.as_tensor(quantiles)
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{_WHERE}quantiles must be numeric, got dtype {t.dtype}")
+    if t.ndim != 3:  # let the grid check name the problem
+        return t.to(device=device, dtype=torch.float32)
+    return t.permute(2, 0, 1).to(device=device, dtype=torch.float32).contiguous()
 
 
 def _check_pct(name: str, pct: float) -> float:
     """``pct`` as a float, or ``ValueError`` when it is outside [0, 100]."""
     pct = float(pct)
     if not 0.0 <= pct <= 100.0:
-        raise ValueError(f"prepare_lookup_table: {name}={pct} is outside [0, 100]")
+        raise ValueError(f"{_WHERE}{name}={pct} is outside [0, 100]")
     return pct
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pcts:
+    """The three threshold levels a table is prepared for."""
+
+    surprise: float
+    expectation: float
+    low_beta: float
 
 
 def _thresholds(
     levels: torch.Tensor,
-    quantiles: torch.Tensor,
+    grid: torch.Tensor,
     mean: torch.Tensor,
-    surprise_pct: float,
-    expectation_pct: float,
+    calibrated: torch.Tensor,
+    beta: tuple[torch.Tensor, torch.Tensor] | None,
+    pcts: _Pcts,
 ) -> LookupTable:
-    """The :class:`LookupTable` of a validated grid: thresholds and guard precomputed."""
+    """The :class:`LookupTable` of a validated grid: thresholds and guard precomputed (reading
+    only the two threshold levels of the grid)."""
+    quantiles = grid.permute(1, 2, 0)
+    beta_levels, beta_grid = beta if beta is not None else (None, None)
     return LookupTable(
         levels=levels,
-        quantiles=quantiles,
+        grid=grid,
         mean=mean,
-        surprise_value=quantile_at(quantiles, levels, surprise_pct).contiguous(),
-        expectation_value=quantile_at(quantiles, levels, expectation_pct).contiguous(),
+        surprise_value=quantile_at(quantiles, levels, pcts.surprise).contiguous(),
+        expectation_value=quantile_at(quantiles, levels, pcts.expectation).contiguous(),
         expectation_guard=(mean > mean.mean(dim=1, keepdim=True)).contiguous(),
-        surprise_pct=surprise_pct,
-        expectation_pct=expectation_pct,
+        calibrated=calibrated,
+        surprise_pct=pcts.surprise,
+        expectation_pct=pcts.expectation,
+        beta_levels=beta_levels,
+        beta_grid=beta_grid,
+        beta_threshold=(
+            None
+            if beta is None
+            else quantile_at(beta_grid, beta_levels, pcts.low_beta).contiguous()
+        ),
+        low_beta_pct=None if beta is None else pcts.low_beta,
     )
+
+
+def _rederive(table: LookupTable, device: torch.device | None, pcts: _Pcts) -> LookupTable:
+    """A prepared table moved to ``device`` and/or re-derived for other pcts."""
+    if device is not None and torch.device(device) != table.device:
+        moved = {
+            f.name: getattr(table, f.name).to(device)
+            for f in dataclasses.fields(table)
+            if isinstance(getattr(table, f.name), torch.Tensor)
+        }
+        table = dataclasses.replace(table, **moved)
+    low = table.low_beta_pct if table.low_beta_pct is not None else pcts.low_beta
+    same = (table.surprise_pct, table.expectation_pct) == (pcts.surprise, pcts.expectation)
+    if same and (not table.has_beta_grid or low == pcts.low_beta):
+        return table
+    beta = (table.beta_levels, table.beta_grid) if table.has_beta_grid else None
+    return _thresholds(table.levels, table.grid, table.mean, table.calibrated, beta, pcts)
+
+
+def _beta_grid(
+    table: Any, device: torch.device, check_values: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The table's ``beta_levels [Qb]`` and ``beta_quantiles [K, Qb]`` (float32, checked), or
+    ``None`` when it has none."""
+    if getattr(table, "beta_quantiles", None) is None:
+        return None
+    beta_levels = _as_f32(getattr(table, "beta_levels", None), "beta_levels", device)
+    beta_grid = _as_f32(table.beta_quantiles, "beta_quantiles", device)
+    check_percentile_grid(
+        beta_levels, beta_grid, names=("beta_levels", "beta_quantiles"), axes=("class",),
+        where=_WHERE, values=check_values,
+    )  # fmt: skip
+    return beta_levels, beta_grid
 
 
 def prepare_lookup_table(
@@ -56,16 +129,24 @@ def prepare_lookup_table(
     *,
     surprise_pct: float = 99.9,
     expectation_pct: float = 0.1,
+    low_beta_pct: float = 1.0,
     device: torch.device | str | None = None,
 ) -> LookupTable:
     """Validate a calibration table and precompute per-(class, filter) thresholds.
 
     Args:
         table: any object with ``levels [Q]``, ``quantiles [K, N, Q]`` and ``mean [K, N]``
-            (torch tensors or numpy arrays), or an existing :class:`LookupTable` (returned
-            as is when pcts and device already match, else re-derived / moved).
+            (torch tensors or numpy arrays) and optionally ``counts [K]`` (classes with 0
+            images are not flagged) and ``beta_levels [Qb]`` / ``beta_quantiles [K, Qb]`` (the
+            lookup then ranks beta and flags low beta too); or an existing
+            :class:`LookupTable` (returned as is when pcts and device already match, else
+            re-derived / moved). An object with ``grid_checked = True`` (a loaded
+            :class:`monitor.CalibrationTable`) vouches for its grid values: only the levels
+            and shapes are checked, so a memory-mapped table is not read here.
         surprise_pct: percent level of the surprise threshold (default 99.9).
         expectation_pct: percent level of the expectation threshold (default 0.1).
+        low_beta_pct: percent level of the low-beta threshold (default 1; used only with a
+            beta grid).
         device: target device; ``None`` keeps the device of ``table.quantiles``.
 
     The threshold at a pct equal to a grid level is exactly that grid column; between two
@@ -76,26 +157,29 @@ def prepare_lookup_table(
         ValueError: levels not strictly increasing or not spanning 0..100, inconsistent
             shapes, pcts outside [0, 100], non-finite or decreasing quantiles.
     """
-    surprise_pct = _check_pct("surprise_pct", surprise_pct)
-    expectation_pct = _check_pct("expectation_pct", expectation_pct)
+    pcts = _Pcts(
+        _check_pct("surprise_pct", surprise_pct),
+        _check_pct("expectation_pct", expectation_pct),
+        _check_pct("low_beta_pct", low_beta_pct),
+    )
     if isinstance(table, LookupTable):
-        if device is not None and torch.device(device) != table.device:
-            moved = {
-                f.name: getattr(table, f.name).to(device)
-                for f in dataclasses.fields(table)
-                if isinstance(getattr(table, f.name), torch.Tensor)
-            }
-            table = dataclasses.replace(table, **moved)
-        if (table.surprise_pct, table.expectation_pct) == (surprise_pct, expectation_pct):
-            return table
-        return _thresholds(table.levels, table.quantiles, table.mean, surprise_pct, expectation_pct)
-
+        return _rederive(table, device, pcts)
     if device is None:
         q_attr = getattr(table, "quantiles", None)
         device = q_attr.device if isinstance(q_attr, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
+    check_values = not getattr(table, "grid_checked", False)
     levels = _as_f32(getattr(table, "levels", None), "levels", device)
-    quantiles = _as_f32(getattr(table, "quantiles", None), "quantiles", device)
+    grid = _level_major(getattr(table, "quantiles", None), device)
     mean = _as_f32(getattr(table, "mean", None), "mean", device)
-    check_percentile_grid(levels, quantiles, mean, where="prepare_lookup_table: ")
-    return _thresholds(levels, quantiles, mean, surprise_pct, expectation_pct)
+    quantiles = grid.permute(1, 2, 0) if grid.ndim == 3 else grid
+    check_percentile_grid(levels, quantiles, mean, where=_WHERE, values=check_values)
+    counts = getattr(table, "counts", None)
+    if counts is None:
+        calibrated = torch.ones(grid.shape[1], dtype=torch.bool, device=device)
+    else:
+        calibrated = (torch.as_tensor(counts).to(device) > 0).contiguous()
+        if tuple(calibrated.shape) != (grid.shape[1],):
+            raise ValueError(f"{_WHERE}counts must be [K] = ({grid.shape[1]},)")
+    beta = _beta_grid(table, device, check_values)
+    return _thresholds(levels, grid, mean, calibrated, beta, pcts)

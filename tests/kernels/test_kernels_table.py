@@ -30,7 +30,7 @@ def test_numpy_and_torch_inputs_give_the_same_contiguous_float32_table():
     assert isinstance(a, LookupTable)
     assert (a.num_classes, a.num_filters, a.num_levels) == (3, 4, 5)
     assert a.device == torch.device("cpu")
-    for name in ("levels", "quantiles", "mean", "surprise_value", "expectation_value"):
+    for name in ("levels", "grid", "mean", "surprise_value", "expectation_value"):
         ta, tb = getattr(a, name), getattr(b, name)
         assert ta.dtype == torch.float32 and ta.is_contiguous()
         assert torch.equal(ta, tb), name
@@ -38,6 +38,8 @@ def test_numpy_and_torch_inputs_give_the_same_contiguous_float32_table():
     assert torch.equal(a.expectation_guard, b.expectation_guard)
     assert (a.surprise_pct, a.expectation_pct) == (99.9, 0.1)
     q = torch.from_numpy(raw.quantiles).float()
+    assert a.grid.shape == (5, 3, 4) and torch.equal(a.quantiles, q)  # level-major, same values
+    assert a.calibrated.tolist() == [True] * 3 and a.beta_grid is None  # no counts, no beta
     assert torch.equal(a.surprise_value, q[..., 3])
     assert torch.equal(a.expectation_value, q[..., 1])
     m = raw.mean
@@ -49,7 +51,7 @@ def test_prepared_table_passes_through_or_is_rederived():
     assert prepare_lookup_table(table) is table
     assert prepare_lookup_table(table, device="cpu") is table
     other = prepare_lookup_table(table, surprise_pct=50.0, expectation_pct=0.0)
-    assert other is not table and other.quantiles is table.quantiles
+    assert other is not table and other.grid is table.grid
     assert torch.equal(other.surprise_value, table.quantiles[..., 2])
     assert torch.equal(other.expectation_value, table.quantiles[..., 0])
     assert (other.surprise_pct, other.expectation_pct) == (50.0, 0.0)
@@ -59,3 +61,42 @@ def test_table_is_frozen():
     table = prepare_lookup_table(_np_table())
     with pytest.raises(dataclasses.FrozenInstanceError):
         table.surprise_pct = 1.0  # type: ignore[misc]
+
+
+def test_a_level_major_view_is_used_without_a_copy_or_a_scan():
+    """A ``[K, N, Q]`` view of a level-major ``[Q, K, N]`` tensor (what a loaded
+    CalibrationTable holds) is used in place; ``grid_checked`` skips the value checks, so a
+    memory-mapped grid is not read."""
+    raw = _np_table()
+    level_major = torch.from_numpy(raw.quantiles).float().permute(2, 0, 1).contiguous()
+    view = level_major.permute(1, 2, 0)
+    table = prepare_lookup_table(SimpleNamespace(levels=raw.levels, quantiles=view, mean=raw.mean))
+    assert table.grid.data_ptr() == level_major.data_ptr()
+    assert table.surprise_value.data_ptr() == level_major[3].data_ptr()  # a grid level: a view
+    bad = level_major.clone()
+    bad[2, 1, 1] = float("nan")
+    checked = SimpleNamespace(levels=raw.levels, quantiles=bad.permute(1, 2, 0), mean=raw.mean)
+    with pytest.raises(ValueError, match="non-finite"):
+        prepare_lookup_table(checked)
+    checked.grid_checked = True  # vouched for: only levels and shapes are checked
+    assert torch.isnan(prepare_lookup_table(checked).grid).any()
+    checked.levels = raw.levels[::-1].copy()
+    with pytest.raises(ValueError, match="strictly increasing"):
+        prepare_lookup_table(checked)
+
+
+def test_counts_and_the_beta_grid_are_prepared():
+    raw = _np_table()
+    raw.counts = np.array([5, 0, 2])
+    raw.beta_levels = np.array([0.0, 1.0, 50.0, 100.0])
+    raw.beta_quantiles = np.sort(np.random.default_rng(1).normal(size=(3, 4)), axis=-1)
+    table = prepare_lookup_table(raw, low_beta_pct=1.0)
+    assert table.calibrated.tolist() == [True, False, True]
+    assert table.has_beta_grid and table.low_beta_pct == 1.0
+    assert torch.equal(table.beta_threshold, torch.from_numpy(raw.beta_quantiles[:, 1]).float())
+    other = prepare_lookup_table(table, low_beta_pct=50.0)
+    assert torch.equal(other.beta_threshold, torch.from_numpy(raw.beta_quantiles[:, 2]).float())
+    assert prepare_lookup_table(table, low_beta_pct=1.0) is table
+    raw.beta_quantiles[1, 1] = -9.0
+    with pytest.raises(ValueError, match="beta_quantiles must be non-decreasing"):
+        prepare_lookup_table(raw)
