@@ -8,26 +8,41 @@ import torch
 
 
 @dataclass(frozen=True, eq=False)
+class Threshold:
+    """A per-(class, filter) threshold at a percent level of the grid.
+
+    ``column`` is the grid level's index when ``pct`` is a grid level: the lookup then reads the
+    threshold from the class's own grid row (exactly that column; nothing but the classes
+    looked up is read). Otherwise ``values`` holds the ``[K, N]`` thresholds, interpolated once
+    between the two neighbouring columns (see :func:`kernels.quantile_at`).
+    """
+
+    pct: float
+    column: int | None
+    values: torch.Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
 class LookupTable:
     """A calibration table prepared for :func:`kernels.percentile_lookup`.
 
-    All tensors are contiguous and live on one device. Build it with
-    :func:`kernels.prepare_lookup_table`; do not construct it by hand.
+    Build it with :func:`kernels.prepare_lookup_table`; do not construct it by hand. All
+    tensors live on one device; only ``quantiles`` may be non-contiguous.
 
     Attributes:
         levels: ``[Q]`` float32 percent levels, strictly increasing, ``0 .. 100``.
-        grid: ``[Q, K, N]`` float32, level-major: ``grid[q, c, n]`` is the ``levels[q]``-th
-            percentile of alpha for class ``c``, filter ``n`` (non-decreasing along ``q``).
-            Level-major keeps a class's grid in Q runs of N contiguous values (coalesced loads
-            over filters on a GPU; a memory-mapped table pages in only the classes it sees).
+        quantiles: ``[K, N, Q]`` float32, any strides; ``quantiles[c, n, q]`` is the
+            ``levels[q]``-th percentile of alpha for class ``c``, filter ``n`` (non-decreasing
+            along ``q``). On the CPU it is the table's own tensor (class-major: a memory-mapped
+            table pages in only the classes looked up); prepared for CUDA it is a level-major
+            view (``[Q, K, N]`` contiguous: loads coalesce over filters).
         mean: ``[K, N]`` float32 per-class filter means (mu).
-        surprise_value: ``[K, N]`` float32, the ``surprise_pct``-th percentile value.
-        expectation_value: ``[K, N]`` float32, the ``expectation_pct``-th percentile value.
-        expectation_guard: ``[K, N]`` bool, ``mean[c, n] > mean[c, :].mean()``.
+        class_mean: ``[K]`` float32, ``mean[c, :].mean()``: filter n of class c is eligible
+            for expectation when ``mean[c, n] > class_mean[c]``.
         calibrated: ``[K]`` bool, the class had calibration images (all true for a table
             without ``counts``); no filter of an uncalibrated class is flagged.
-        surprise_pct: the percent level behind ``surprise_value``.
-        expectation_pct: the percent level behind ``expectation_value``.
+        surprise: the surprise threshold (a grid column or ``[K, N]`` values).
+        expectation: the expectation threshold.
         beta_levels: ``[Qb]`` float32 percent levels of the beta grid, or ``None``.
         beta_grid: ``[K, Qb]`` float32 percentiles of beta per class, or ``None``.
         beta_threshold: ``[K]`` float32, the ``low_beta_pct``-th percentile of beta, or ``None``.
@@ -35,23 +50,49 @@ class LookupTable:
     """
 
     levels: torch.Tensor
-    grid: torch.Tensor
+    quantiles: torch.Tensor
     mean: torch.Tensor
-    surprise_value: torch.Tensor
-    expectation_value: torch.Tensor
-    expectation_guard: torch.Tensor
+    class_mean: torch.Tensor
     calibrated: torch.Tensor
-    surprise_pct: float
-    expectation_pct: float
+    surprise: Threshold
+    expectation: Threshold
     beta_levels: torch.Tensor | None = None
     beta_grid: torch.Tensor | None = None
     beta_threshold: torch.Tensor | None = None
     low_beta_pct: float | None = None
 
     @property
-    def quantiles(self) -> torch.Tensor:
-        """``[K, N, Q]`` view of :attr:`grid` (no copy): ``quantiles[c, n, q]``."""
-        return self.grid.permute(1, 2, 0)
+    def surprise_pct(self) -> float:
+        """The percent level of the surprise threshold."""
+        return self.surprise.pct
+
+    @property
+    def expectation_pct(self) -> float:
+        """The percent level of the expectation threshold."""
+        return self.expectation.pct
+
+    def threshold_values(self, threshold: Threshold) -> torch.Tensor:
+        """``[K, N]`` values of a threshold (reads a whole grid column: for tests and
+        inspection, not the lookup)."""
+        if threshold.column is not None:
+            return self.quantiles[..., threshold.column].contiguous()
+        assert threshold.values is not None
+        return threshold.values
+
+    @property
+    def surprise_value(self) -> torch.Tensor:
+        """``[K, N]`` the ``surprise_pct``-th percentile values."""
+        return self.threshold_values(self.surprise)
+
+    @property
+    def expectation_value(self) -> torch.Tensor:
+        """``[K, N]`` the ``expectation_pct``-th percentile values."""
+        return self.threshold_values(self.expectation)
+
+    @property
+    def expectation_guard(self) -> torch.Tensor:
+        """``[K, N]`` bool, ``mean[c, n] > mean[c, :].mean()``."""
+        return self.mean > self.class_mean[:, None]
 
     @property
     def has_beta_grid(self) -> bool:
@@ -61,22 +102,22 @@ class LookupTable:
     @property
     def num_classes(self) -> int:
         """K, the number of classes."""
-        return self.grid.shape[1]
+        return self.quantiles.shape[0]
 
     @property
     def num_filters(self) -> int:
         """N, the number of filters."""
-        return self.grid.shape[2]
+        return self.quantiles.shape[1]
 
     @property
     def num_levels(self) -> int:
         """Q, the number of grid levels."""
-        return self.grid.shape[0]
+        return self.quantiles.shape[2]
 
     @property
     def device(self) -> torch.device:
         """The device all tensors live on."""
-        return self.grid.device
+        return self.quantiles.device
 
 
 @dataclass(frozen=True, eq=False)

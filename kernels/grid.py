@@ -9,12 +9,19 @@ invariants, used by :func:`kernels.prepare_lookup_table` and by the table format
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 
 import torch
 
 from kernels._backend import fmt_shape
 
-__all__ = ["check_percentile_grid", "percentile_rank", "quantile_at", "rank_on_grid"]
+__all__ = [
+    "check_percentile_grid",
+    "level_index",
+    "percentile_rank",
+    "quantile_at",
+    "rank_on_grid",
+]
 
 
 _AXIS_LETTERS = {"class": "K", "filter": "N"}
@@ -35,22 +42,62 @@ def _check_levels(name: str, levels: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where}{name} must start at 0 and end at 100, got {lo} .. {hi}")
 
 
-def _check_finite(name: str, values: torch.Tensor, where: str) -> None:
-    """Raise ``ValueError`` counting the NaN / Inf entries of ``values``, if any."""
-    bad = int((~torch.isfinite(values)).sum())
-    if bad:
-        verb = "have" if name.endswith("s") else "has"
-        raise ValueError(f"{where}{name} {verb} {bad} non-finite values (NaN or Inf)")
+def _first(mask: torch.Tensor, offset: int) -> list[int] | None:
+    """The first index where ``mask`` is set (its first axis shifted by ``offset``), if any."""
+    if not bool(mask.any()):
+        return None
+    first = [int(i) for i in mask.nonzero()[0]]
+    first[0] += offset
+    return first
 
 
-def _check_non_decreasing(name: str, grid: torch.Tensor, axes: tuple[str, ...], where: str) -> None:
-    """Raise ``ValueError`` naming the first place where ``grid`` decreases along its last axis."""
-    dec = grid[..., 1:] < grid[..., :-1]
-    if bool(dec.any()):
-        first = [int(i) for i in dec.nonzero()[0]]
+def _all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` has no NaN / Inf (a reduction: no temporary the size of ``t``)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)  # NaN propagates; +-Inf shows in the extremes
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _check_values(
+    names: tuple[str, str],
+    quantiles: torch.Tensor,
+    mean: torch.Tensor | None,
+    axes: tuple[str, ...],
+    where: str,
+    chunk: int | None,
+    after_chunk: Callable[[], None] | None,
+) -> None:
+    """Raise ``ValueError`` for non-finite quantiles or mean, or quantiles decreasing along the
+    level axis (first found, with counts), reading ``chunk`` entries of the first axis at a
+    time and calling ``after_chunk`` after each."""
+    _, name = names
+    rows = quantiles.shape[0]
+    step = rows if chunk is None else max(1, int(chunk))
+    bad_q = bad_m = steps = 0
+    first = None
+    for r0 in range(0, rows, step):
+        part = quantiles[r0 : r0 + step]
+        if not _all_finite(part):
+            bad_q += int((~torch.isfinite(part)).sum())
+        if mean is not None and not _all_finite(mean[r0 : r0 + step]):
+            bad_m += int((~torch.isfinite(mean[r0 : r0 + step])).sum())
+        dec = part[..., 1:] < part[..., :-1]
+        if bool(dec.any()):
+            steps += int(dec.sum())
+            first = first or _first(dec, r0)
+        del part, dec
+        if after_chunk is not None:
+            after_chunk()
+    for what, bad in ((name, bad_q), ("mean", bad_m)):
+        if bad:
+            verb = "have" if what.endswith("s") else "has"
+            raise ValueError(f"{where}{what} {verb} {bad} non-finite values (NaN or Inf)")
+    if steps:
+        assert first is not None
         at = ", ".join(f"{axis} {i}" for axis, i in zip((*axes, "level index"), first, strict=True))
         raise ValueError(
-            f"{where}{name} must be non-decreasing along the level axis; {int(dec.sum())} steps "
+            f"{where}{name} must be non-decreasing along the level axis; {steps} steps "
             f"decrease, first at {at}"
         )
 
@@ -64,6 +111,8 @@ def check_percentile_grid(
     axes: tuple[str, ...] = ("class", "filter"),
     where: str = "",
     values: bool = True,
+    chunk: int | None = None,
+    after_chunk: Callable[[], None] | None = None,
 ) -> None:
     """Check a percentile grid and raise ``ValueError`` naming the first broken invariant.
 
@@ -73,7 +122,9 @@ def check_percentile_grid(
     ``quantiles`` without the level axis, finite. ``names`` are the two grid tensors' names in
     the messages, and ``where`` prefixes every message. ``values=False`` checks the levels and
     the shapes only, without reading ``quantiles`` and ``mean`` (for a grid whose values were
-    checked when it was made or loaded: a memory-mapped table is not paged in).
+    checked when it was made or loaded: a memory-mapped table is not paged in). ``chunk``:
+    read the values ``chunk`` entries of the first axis at a time (bounded working memory),
+    calling ``after_chunk`` after each (a memory-mapped table drops the pages it read).
     """
     levels_name, name = names
     _check_levels(levels_name, levels, where)
@@ -93,12 +144,8 @@ def check_percentile_grid(
             f"{where}mean must be [K, N] = {fmt_shape(quantiles.shape[:-1])}, "
             f"got {fmt_shape(mean.shape)}"
         )
-    if not values:
-        return
-    _check_finite(name, quantiles, where)
-    if mean is not None:
-        _check_finite("mean", mean, where)
-    _check_non_decreasing(name, quantiles, axes, where)
+    if values:
+        _check_values(names, quantiles, mean, axes, where, chunk, after_chunk)
 
 
 def rank_on_grid(values: torch.Tensor, grid: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -153,6 +200,20 @@ def percentile_rank(
     return rank_on_grid(v, grid, levels.to(grid.dtype))
 
 
+def level_index(levels: torch.Tensor, pct: float) -> tuple[int, float]:
+    """Where ``pct`` lies on the grid: ``(j, w)`` with ``L[j] <= pct < L[j+1]`` and
+    ``w = (pct - L[j]) / (L[j+1] - L[j])``; ``w == 0`` exactly when ``pct`` is a grid level
+    (compared in float32). Raises ``ValueError`` if ``pct`` lies outside ``[L[0], L[-1]]``."""
+    lv = levels.detach().to("cpu", torch.float32).tolist()
+    p = float(torch.tensor(float(pct), dtype=torch.float32))
+    if not lv[0] <= p <= lv[-1]:
+        raise ValueError(f"quantile_at: pct={pct} is outside the grid [{lv[0]}, {lv[-1]}]")
+    j = bisect_right(lv, p) - 1
+    if lv[j] == p:
+        return j, 0.0
+    return j, (p - lv[j]) / (lv[j + 1] - lv[j])
+
+
 @torch.no_grad()
 def quantile_at(quantiles: torch.Tensor, levels: torch.Tensor, pct: float) -> torch.Tensor:
     """Value of the ``pct``-th percentile read off the grid ``quantiles [..., Q]``.
@@ -162,13 +223,8 @@ def quantile_at(quantiles: torch.Tensor, levels: torch.Tensor, pct: float) -> to
     level: ``G[j] + (G[j+1] - G[j]) * (pct - L[j]) / (L[j+1] - L[j])``. Raises
     ``ValueError`` if ``pct`` lies outside ``[levels[0], levels[-1]]``.
     """
-    lv = levels.detach().to("cpu", torch.float32).tolist()
-    p = float(torch.tensor(float(pct), dtype=torch.float32))
-    if not lv[0] <= p <= lv[-1]:
-        raise ValueError(f"quantile_at: pct={pct} is outside the grid [{lv[0]}, {lv[-1]}]")
-    j = bisect_right(lv, p) - 1
-    if lv[j] == p:
+    j, w = level_index(levels, pct)
+    if w == 0.0:
         return quantiles[..., j].contiguous()
-    w = (p - lv[j]) / (lv[j + 1] - lv[j])
     lo = quantiles[..., j]
     return lo + (quantiles[..., j + 1] - lo) * w

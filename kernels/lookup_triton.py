@@ -3,13 +3,15 @@
 Two launches, no atomics, no host sync:
 
 1. ``_filter_kernel`` over a ``(B, ceil(N / BLOCK_N))`` grid: program ``(b, j)`` takes sample
-   ``b``'s class ``c`` and filters ``n`` in block ``j``. It reads the level-major grid
-   ``grid[q, c, n]`` in ``[BLOCK_Q, BLOCK_N]`` tiles (Q runs of N contiguous floats: loads
-   coalesce over filters) and keeps ``below = #{G < v}``, ``upto = #{G <= v}``,
-   ``G_lo = max{G <= v}`` and ``G_hi = min{G > v}``, from which :func:`_rank` makes the
-   percentile (mid-rank on ties). The surprise / expectation flags (masked by the class's
-   calibrated flag) come out of the same pass, and the block's share of beta,
-   ``sum_n(v - mu)``, goes to a ``[B, NB]`` buffer of partial sums.
+   ``b``'s class ``c`` and filters ``n`` in block ``j``. It reads the grid
+   ``quantiles[c, n, q]`` through its strides in ``[BLOCK_Q, BLOCK_N]`` tiles (prepared for
+   CUDA the grid is level-major: loads coalesce over filters) and keeps ``below = #{G < v}``,
+   ``upto = #{G <= v}``, ``G_lo = max{G <= v}`` and ``G_hi = min{G > v}``, from which
+   :func:`_rank` makes the percentile (mid-rank on ties). The thresholds are read from the
+   same rows (a grid column) or from precomputed values; the surprise / expectation flags
+   (masked by the class's calibrated flag and, for expectation, ``mu > class_mean``) come out
+   of the same pass, and the block's share of beta, ``sum_n(v - mu)``, goes to a ``[B, NB]``
+   buffer of partial sums.
 2. ``_beta_kernel`` over blocks of ``BLOCK_R`` samples: beta = the sum of the sample's
    partials / N (a fixed order: deterministic, so a CUDA-graph replay equals the eager
    call bit for bit), the calibrated flag, and, with a beta grid, beta's rank on the class's
@@ -50,24 +52,30 @@ def _rank(v, below, upto, g_lo, g_hi, levels_ptr, Q, mask):
 def _filter_kernel(
     alpha_ptr,
     cls_ptr,
-    grid_ptr,
+    q_ptr,
     levels_ptr,
     mean_ptr,
+    cmean_ptr,
     sval_ptr,
     eval_ptr,
-    guard_ptr,
     cal_ptr,
     pct_ptr,
     sur_ptr,
     exp_ptr,
     part_ptr,
     N,
-    KN,
     Q,
     NB,
+    q_sk,
+    q_sn,
+    q_sq,
+    s_col,
+    e_col,
     a_sb,
     a_sn,
     c_s,
+    S_COL: tl.constexpr,
+    E_COL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
@@ -82,9 +90,16 @@ def _filter_kernel(
     cn = c * N + n
     mu = tl.load(mean_ptr + cn, mask=n_mask, other=0.0)
     tl.store(part_ptr + b * NB + j, tl.sum(tl.where(n_mask, v - mu, 0.0), axis=0))
-    s_val = tl.load(sval_ptr + cn, mask=n_mask, other=0.0)
-    e_val = tl.load(eval_ptr + cn, mask=n_mask, other=0.0)
-    guard = tl.load(guard_ptr + cn, mask=n_mask, other=0) != 0
+    row = c * q_sk + n.to(tl.int64) * q_sn  # this sample's grid rows
+    if S_COL:
+        s_val = tl.load(q_ptr + row + s_col * q_sq, mask=n_mask, other=0.0)
+    else:
+        s_val = tl.load(sval_ptr + cn, mask=n_mask, other=0.0)
+    if E_COL:
+        e_val = tl.load(q_ptr + row + e_col * q_sq, mask=n_mask, other=0.0)
+    else:
+        e_val = tl.load(eval_ptr + cn, mask=n_mask, other=0.0)
+    guard = mu > tl.load(cmean_ptr + c)
     surprise = (v > s_val) & cal
     expectation = (v < e_val) & guard & cal
 
@@ -96,7 +111,7 @@ def _filter_kernel(
     for q0 in range(0, Q, BLOCK_Q):
         q = q0 + tl.arange(0, BLOCK_Q)
         m = (q < Q)[:, None] & n_mask[None, :]
-        g = tl.load(grid_ptr + (q.to(tl.int64)[:, None] * KN + cn[None, :]), mask=m, other=0.0)
+        g = tl.load(q_ptr + (row[None, :] + q.to(tl.int64)[:, None] * q_sq), mask=m, other=0.0)
         le = (g <= v2) & m
         gt = (g > v2) & m
         below += tl.sum(((g < v2) & m).to(tl.int32), axis=0)
@@ -211,22 +226,26 @@ def percentile_lookup_triton(
     low = torch.empty((b,), dtype=torch.bool, device=dev) if has_grid else None
     if b == 0:
         return LookupResult(pct, sur, exp, beta, cal, bpct, low)
-    q, k = table.num_levels, table.num_classes
+    q = table.num_levels
     bn, bq = _pick_blocks(b, n, q, cuda)
     bn, bq = block_n or bn, block_q or bq
     nb = triton.cdiv(n, bn)
     part = torch.empty((b, nb), dtype=torch.float32, device=dev)
+    sur_t, exp_t = table.surprise, table.expectation
+    dummy = table.levels  # never read where a constexpr switch says so
     _filter_kernel[(b, nb)](
-        alpha, classes, table.grid, table.levels, table.mean, table.surprise_value,
-        table.expectation_value, table.expectation_guard, table.calibrated,
-        pct, sur, exp, part,
-        n, k * n, q, nb, alpha.stride(0), alpha.stride(1), classes.stride(0),
+        alpha, classes, table.quantiles, table.levels, table.mean, table.class_mean,
+        dummy if sur_t.values is None else sur_t.values,
+        dummy if exp_t.values is None else exp_t.values,
+        table.calibrated, pct, sur, exp, part,
+        n, q, nb, *table.quantiles.stride(), sur_t.column or 0, exp_t.column or 0,
+        alpha.stride(0), alpha.stride(1), classes.stride(0),
+        S_COL=sur_t.column is not None, E_COL=exp_t.column is not None,
         BLOCK_N=bn, BLOCK_Q=bq, num_warps=4,
     )  # fmt: skip
     qb = table.beta_grid.shape[1] if has_grid else 1
     br, bnb, bqb = _beta_blocks(b, nb, qb, cuda)
     br = block_r or br
-    dummy = table.levels  # never read without a beta grid (HAS_GRID=False)
     _beta_kernel[(triton.cdiv(b, br),)](
         part, classes, table.calibrated,
         table.beta_grid if has_grid else dummy, table.beta_levels if has_grid else dummy,

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from kernels._types import LookupTable
-from kernels.grid import check_percentile_grid, quantile_at
+from kernels._types import LookupTable, Threshold
+from kernels.grid import check_percentile_grid, level_index, quantile_at
 
 __all__ = ["prepare_lookup_table"]
 
@@ -26,19 +26,20 @@ def _as_f32(x: Any, name: str, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.float32).contiguous()
 
 
-def _level_major(quantiles: Any, device: torch.device) -> torch.Tensor:
-    """``quantiles [K, N, Q]`` as the level-major ``[Q, K, N]`` float32 grid on ``device``.
-
-    A tensor that is already a level-major view (what :class:`monitor.CalibrationTable` holds)
-    is used as is, without reading it: a memory-mapped table stays on disk until looked up."""
+def _grid_on(quantiles: Any, device: torch.device) -> torch.Tensor:
+    """``quantiles [K, N, Q]`` as float32 on ``device``: on the CPU the tensor itself when it
+    already is one (a memory-mapped table is not read here); on CUDA a level-major copy (a
+    ``[K, N, Q]`` view of a contiguous ``[Q, K, N]`` tensor: the lookup's loads coalesce over
+    filters)."""
     if quantiles is None:
         raise ValueError(f"{_WHERE}table has no 'quantiles'")
     t = torch.as_tensor(quantiles)
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"{_WHERE}quantiles must be numeric, got dtype {t.dtype}")
-    if t.ndim != 3:  # let the grid check name the problem
-        return t.to(device=device, dtype=torch.float32)
-    return t.permute(2, 0, 1).to(device=device, dtype=torch.float32).contiguous()
+    t = t.to(device=device, dtype=torch.float32)
+    if device.type == "cuda" and t.ndim == 3 and not t.permute(2, 0, 1).is_contiguous():
+        t = t.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    return t
 
 
 def _check_pct(name: str, pct: float) -> float:
@@ -58,28 +59,33 @@ class _Pcts:
     low_beta: float
 
 
+def _threshold(quantiles: torch.Tensor, levels: torch.Tensor, pct: float) -> Threshold:
+    """The threshold at ``pct``: a grid column (read per class by the lookup) when ``pct`` is
+    a grid level, else the ``[K, N]`` values interpolated between two columns."""
+    column, weight = level_index(levels, pct)
+    if weight == 0.0:
+        return Threshold(pct, column, None)
+    return Threshold(pct, None, quantile_at(quantiles, levels, pct).contiguous())
+
+
 def _thresholds(
     levels: torch.Tensor,
-    grid: torch.Tensor,
+    quantiles: torch.Tensor,
     mean: torch.Tensor,
     calibrated: torch.Tensor,
     beta: tuple[torch.Tensor, torch.Tensor] | None,
     pcts: _Pcts,
 ) -> LookupTable:
-    """The :class:`LookupTable` of a validated grid: thresholds and guard precomputed (reading
-    only the two threshold levels of the grid)."""
-    quantiles = grid.permute(1, 2, 0)
+    """The :class:`LookupTable` of a validated grid (reading no grid column at a grid level)."""
     beta_levels, beta_grid = beta if beta is not None else (None, None)
     return LookupTable(
         levels=levels,
-        grid=grid,
+        quantiles=quantiles,
         mean=mean,
-        surprise_value=quantile_at(quantiles, levels, pcts.surprise).contiguous(),
-        expectation_value=quantile_at(quantiles, levels, pcts.expectation).contiguous(),
-        expectation_guard=(mean > mean.mean(dim=1, keepdim=True)).contiguous(),
+        class_mean=mean.mean(dim=1).contiguous(),
         calibrated=calibrated,
-        surprise_pct=pcts.surprise,
-        expectation_pct=pcts.expectation,
+        surprise=_threshold(quantiles, levels, pcts.surprise),
+        expectation=_threshold(quantiles, levels, pcts.expectation),
         beta_levels=beta_levels,
         beta_grid=beta_grid,
         beta_threshold=(
@@ -94,18 +100,23 @@ def _thresholds(
 def _rederive(table: LookupTable, device: torch.device | None, pcts: _Pcts) -> LookupTable:
     """A prepared table moved to ``device`` and/or re-derived for other pcts."""
     if device is not None and torch.device(device) != table.device:
+        device = torch.device(device)
         moved = {
             f.name: getattr(table, f.name).to(device)
             for f in dataclasses.fields(table)
-            if isinstance(getattr(table, f.name), torch.Tensor)
+            if isinstance(getattr(table, f.name), torch.Tensor) and f.name != "quantiles"
         }
+        moved["quantiles"] = _grid_on(table.quantiles, device)
+        for name in ("surprise", "expectation"):
+            th = getattr(table, name)
+            values = None if th.values is None else th.values.to(device)
+            moved[name] = dataclasses.replace(th, values=values)
         table = dataclasses.replace(table, **moved)
-    low = table.low_beta_pct if table.low_beta_pct is not None else pcts.low_beta
     same = (table.surprise_pct, table.expectation_pct) == (pcts.surprise, pcts.expectation)
-    if same and (not table.has_beta_grid or low == pcts.low_beta):
+    if same and (not table.has_beta_grid or table.low_beta_pct == pcts.low_beta):
         return table
     beta = (table.beta_levels, table.beta_grid) if table.has_beta_grid else None
-    return _thresholds(table.levels, table.grid, table.mean, table.calibrated, beta, pcts)
+    return _thresholds(table.levels, table.quantiles, table.mean, table.calibrated, beta, pcts)
 
 
 def _beta_grid(
@@ -149,9 +160,12 @@ def prepare_lookup_table(
             beta grid).
         device: target device; ``None`` keeps the device of ``table.quantiles``.
 
-    The threshold at a pct equal to a grid level is exactly that grid column; between two
+    The threshold at a pct equal to a grid level is exactly that grid column, read by the
+    lookup from the rows of the classes it looks up (on the CPU the grid is used in place:
+    nothing is copied, and a memory-mapped table keeps unused classes on disk); between two
     levels it is interpolated linearly in level between the two neighbouring columns (see
-    :func:`kernels.quantile_at`). ``expectation_guard = mean[c, n] > mean[c, :].mean()``.
+    :func:`kernels.quantile_at`), once, here. ``expectation_guard = mean[c, n] >
+    mean[c, :].mean()``. On CUDA the grid is copied level-major (coalesced loads).
 
     Raises:
         ValueError: levels not strictly increasing or not spanning 0..100, inconsistent
@@ -170,16 +184,16 @@ def prepare_lookup_table(
     device = torch.device(device)
     check_values = not getattr(table, "grid_checked", False)
     levels = _as_f32(getattr(table, "levels", None), "levels", device)
-    grid = _level_major(getattr(table, "quantiles", None), device)
+    quantiles = _grid_on(getattr(table, "quantiles", None), device)
     mean = _as_f32(getattr(table, "mean", None), "mean", device)
-    quantiles = grid.permute(1, 2, 0) if grid.ndim == 3 else grid
     check_percentile_grid(levels, quantiles, mean, where=_WHERE, values=check_values)
+    k = quantiles.shape[0]
     counts = getattr(table, "counts", None)
     if counts is None:
-        calibrated = torch.ones(grid.shape[1], dtype=torch.bool, device=device)
+        calibrated = torch.ones(k, dtype=torch.bool, device=device)
     else:
         calibrated = (torch.as_tensor(counts).to(device) > 0).contiguous()
-        if tuple(calibrated.shape) != (grid.shape[1],):
-            raise ValueError(f"{_WHERE}counts must be [K] = ({grid.shape[1]},)")
+        if tuple(calibrated.shape) != (k,):
+            raise ValueError(f"{_WHERE}counts must be [K] = ({k},)")
     beta = _beta_grid(table, device, check_values)
-    return _thresholds(levels, grid, mean, calibrated, beta, pcts)
+    return _thresholds(levels, quantiles, mean, calibrated, beta, pcts)

@@ -114,3 +114,22 @@ def test_quantile_at_on_a_numpy_percentile_grid():
         np.testing.assert_allclose(back.numpy(), pct, atol=1e-3)
     with pytest.raises(ValueError, match="outside the grid"):
         quantile_at(grid, lv, 100.5)
+
+
+def test_the_grid_check_reads_in_chunks_and_names_the_global_index():
+    from kernels import check_percentile_grid
+
+    levels = torch.tensor([0.0, 50.0, 100.0])
+    grid = torch.arange(5 * 4 * 3, dtype=torch.float32).reshape(5, 4, 3)
+    grid[3, 2, 2] = -1.0  # class 3, filter 2: decreases into level index 2
+    grid[4, 0, 1] = -9.0
+    calls = []
+    with pytest.raises(
+        ValueError, match=r"2 steps decrease, first at class 3, filter 2, level index 1"
+    ):
+        check_percentile_grid(levels, grid, chunk=2, after_chunk=lambda: calls.append(1))
+    assert len(calls) == 3  # classes 0-1, 2-3, 4
+    grid[1, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"quantiles have 1 non-finite values"):
+        check_percentile_grid(levels, grid, chunk=1)
+    check_percentile_grid(levels, grid, values=False)  # shapes and levels only

@@ -189,3 +189,18 @@ def test_flat_runs_get_the_mid_rank_in_both_paths(backend, device):
     bexpect = mid_rank(beta, beta_grid, levels.astype(np.float64))
     np.testing.assert_allclose(res.beta_percentile.cpu().numpy(), bexpect, rtol=0, atol=1e-4)
     assert res.beta_percentile[0] == pytest.approx(30.0)  # beta = 0 - 1 = G[0..7]: mid-rank
+
+
+@pytest.mark.parametrize("surprise_pct", [99.9, 97.0])
+def test_triton_on_a_level_major_grid(surprise_pct, device, need_triton, make_table, make_alpha):
+    """The layout prepared for CUDA (a level-major view) and thresholds read from the grid or
+    precomputed between levels give the reference's results."""
+    raw = make_table(5, 300, 29, seed=9)
+    raw.quantiles = raw.quantiles.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    table = prepare_lookup_table(raw, surprise_pct=surprise_pct, device=device)
+    assert table.quantiles.permute(2, 0, 1).is_contiguous()
+    assert (table.surprise.column is None) == (surprise_pct == 97.0)
+    classes = _classes(6, 5, device, seed=4)
+    alpha = make_alpha(table, classes, seed=2)
+    ref = percentile_lookup_torch(alpha, classes, table)
+    _assert_same(percentile_lookup(alpha, classes, table, backend="triton"), ref)
