@@ -217,3 +217,26 @@ def test_real_cuda_graphs_equal_the_eager_step(calibrated, autocast):
             _same(graphed.inspect(x), eager.inspect(x))
         assert graphed.judge.graphs.disabled is None
         assert graphed.judge.graphs.captures == 1 and graphed.judge.graphs.replays == 3
+
+
+def test_a_step_under_autocast_is_captured_under_autocast(judges):
+    """A caller's autocast is part of the signature and holds during the capture (its cast
+    cache off); the replays give the eager results under the same autocast."""
+    eager, graphed = judges
+    fake = _graphed(graphed)
+    seen = []
+    step = graphed.graphs.step
+
+    def spy(x, labels):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+        return step(x, labels)
+
+    graphed.graphs.step = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reports = [graphed(mixed_inputs(3, seed=s)) for s in range(3)]
+        expected = [eager(mixed_inputs(3, seed=s)) for s in range(3)]
+    graphed(mixed_inputs(3))  # outside autocast: another signature, eager
+    assert fake.captured == 1
+    assert seen[0] == (True, False)  # the capture: autocast on, cache off
+    for got, want in zip(reports, expected, strict=True):
+        _same(got, want)
