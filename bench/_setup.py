@@ -18,12 +18,15 @@ def build_model(name: str) -> torch.nn.Module:
     return torchvision.models.get_model(name, weights=None).eval()
 
 
-def table_for(name: str, model: torch.nn.Module, size: int = 224) -> Path:
-    """A table for ``model`` (1000 classes) calibrated on a few random images; cached on disk.
+def table_for(name: str, model: torch.nn.Module, size: int = 224, check: bool = True) -> Path:
+    """A table for ``model`` (1000 classes) calibrated on a few random images; cached on disk
+    (``check=False``: an existing file is returned without loading it).
 
     Timing and memory do not depend on the table's values, only on its shape.
     """
     path = CACHE / f"{name}-{size}.safetensors"
+    if path.exists() and not check:
+        return path
     if path.exists():
         try:
             CalibrationTable.load(path)

@@ -152,7 +152,7 @@ def test_cuda_percentile_lookup(benchmark, b, n, variant):
     nbytes = b * n * (4 + Q * 4 + 3 * 4 + 1 + 4 + 2) + b * 4
     if variant == "triton":
         fn: Callable[[], object] = lambda: percentile_lookup(  # noqa: E731
-            alpha, classes, table, backend="triton"
+            alpha, classes, table, backend="triton", check_values=False
         )
     else:
         fn = lambda: percentile_lookup_torch(alpha, classes, table)  # noqa: E731

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from calibrate import distributed
@@ -97,6 +98,9 @@ class SpillAccumulator:
         merge: ``"auto"`` or ``"send"`` (see :func:`calibrate.distributed.class_sources`).
         budget: working memory of the per-class statistics, in bytes.
         progress: show a progress bar over the classes.
+        device: where the percentiles and exemplars are computed (torch; a GPU when
+            calibrating on one), ``None`` for numpy (see
+            :func:`calibrate.statistics.class_statistics`).
     """
 
     mode = "exact"
@@ -110,9 +114,11 @@ class SpillAccumulator:
         merge: str = "auto",
         budget: int = 256 << 20,
         progress: bool = True,
+        device: torch.device | None = None,
     ) -> None:
         self.work, self.top_k, self.root = work, top_k, root
         self.merge, self.budget, self.progress = merge, budget, progress
+        self.device = device
         self.images: tuple[int, int] | None = None  # (all images, this rank's to come)
         self.spill: AlphaSpill | None = None
 
@@ -167,7 +173,9 @@ class SpillAccumulator:
         mine: dict[int, ClassStatistics] = {}
         for c in tqdm(sorted(sources), desc="statistics", unit="class", disable=off):
             alpha, indices = sources[c]
-            mine[c] = class_statistics(alpha, indices, levels, beta_levels, self.top_k, self.budget)
+            mine[c] = class_statistics(
+                alpha, indices, levels, beta_levels, self.top_k, self.budget, self.device
+            )
         shutil.rmtree(recv, ignore_errors=True)
         return distributed.share_statistics(
             comm, mine, k, nf, len(levels), len(beta_levels), self.top_k

@@ -3,8 +3,10 @@ labels.
 
 :class:`BatchAlpha` chooses the target layer on the first batch (or takes the checkpoint's),
 runs the prefix in ``torch.inference_mode`` where the model allows it (falling back to the plain
-probe), optionally under autocast, and checks what it computes: finite images and alpha, one
-input size, one class count, indices that fit the table's int32.
+probe), optionally under autocast, and checks what it computes: one input size, one class count
+and indices that fit the table's int32 at once (shapes and host data); finite images, labels
+of the model's classes and finite alpha on the host copy of the results (:meth:`BatchAlpha.check`,
+on the writer thread: no host sync in the calibration loop).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from calibrate.checkpoint import CheckpointError
 from calibrate.inference_probe import InferenceModeProbe, InferenceModeUnsupported
+from calibrate.writer import PendingBatch
 from kernels import grad_amap
 from monitor.probe import GradAMapProbe, ProbeResult, resolve_layer
 from monitor.probe.grad_amap_probe import ModelRaised
@@ -85,8 +88,14 @@ class BatchAlpha:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray) -> np.ndarray:
         """Alpha ``[B, N]`` (float32, on the CPU) of a batch on the device, checked."""
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"images {idx[0]}..{idx[-1]} contain NaN or Inf")
+        pending = self.compute(x, y, idx)
+        pending.wait()
+        return self.check(pending)
+
+    def compute(self, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray) -> PendingBatch:
+        """Start a batch: alpha on the device, its copy to the host under way (no host sync;
+        the value checks are :meth:`check`'s)."""
+        images_finite = torch.isfinite(x).all()
         if self.probe is None:
             self._start(x)
         elif list(x.shape[1:]) != self.meta.input_shape:
@@ -100,12 +109,29 @@ class BatchAlpha:
             self.meta.num_classes = k
         elif self.meta.num_classes != k:
             raise ValueError(f"the model gave {k} classes, earlier {self.meta.num_classes}")
-        alpha = grad_amap(res.activation, res.gradient, backend=self.backend)
-        if not bool(torch.isfinite(alpha).all()):
-            raise ValueError(f"alpha is not finite for images {idx[0]}..{idx[-1]}")
         if idx.size and (idx.min() < 0 or idx.max() >= 2**31):
             raise ValueError(f"dataset index {idx.max()} does not fit the table's int32")
-        return alpha.float().cpu().numpy()
+        alpha = grad_amap(res.activation, res.gradient, backend=self.backend)
+        return PendingBatch.start(alpha, y, images_finite, idx)
+
+    def check(self, batch: PendingBatch) -> np.ndarray:
+        """A batch's alpha ``[B, N]`` on the host, once its images, labels and alpha are
+        checked (``ValueError`` naming the images otherwise)."""
+        idx = batch.indices
+        if not bool(batch.images_finite):
+            raise ValueError(f"images {idx[0]}..{idx[-1]} contain NaN or Inf")
+        labels = batch.labels.numpy()
+        k = int(self.meta.num_classes or 0)
+        bad = (labels < 0) | (labels >= k)
+        if bad.any():
+            raise ValueError(
+                f"label {int(labels[bad][0])} is outside the model's {k} classes "
+                f"(classes must lie in [0, {k}))"
+            )
+        alpha = batch.alpha.numpy()
+        if not np.isfinite(alpha).all():
+            raise ValueError(f"alpha is not finite for images {idx[0]}..{idx[-1]}")
+        return alpha
 
     def _start(self, x: torch.Tensor) -> None:
         """Choose the layer on the first batch (the checkpoint's, if resumed) and attach the
@@ -141,7 +167,7 @@ class BatchAlpha:
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         try:
             with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
-                return self.probe.run(x, labels=y)
+                return self.probe.run(x, labels=y, check_labels=False)  # checked by check()
         except ModelRaised as exc:
             error = exc.error  # the model's own error, as the caller would get it without us
         raise error

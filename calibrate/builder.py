@@ -31,6 +31,7 @@ from calibrate.distributed import DistInfo
 from calibrate.plan import Batch, BatchPlan, on_device, plan_for, stream, stream_length
 from calibrate.sketch import LogGrid
 from calibrate.statistics import ClassStatistics
+from calibrate.writer import BatchWriter, PendingBatch
 from kernels._backend import resolve_backend
 from monitor.fingerprint import layer_fingerprint, model_fingerprint
 from monitor.loading.models import model_device
@@ -101,8 +102,8 @@ def calibrate(
 
     Under ``torchrun`` (an initialised default process group), each rank computes its share of
     the batches and every rank returns the same table, identical to a one-process run's. Alpha
-    goes to disk as it is computed and statistics are computed class by class in filter
-    blocks, so peak memory does not grow with the number of images.
+    goes to disk as it is computed (overlapping the next batch) and statistics are computed
+    class by class in filter blocks (on a GPU too), so memory does not grow with the images.
     """
     _check_arguments(model, score, top_k, checkpoint_every, spill_dir, checkpoint_dir, resume)
     dev = torch.device(device) if device is not None else model_device(model)
@@ -113,7 +114,8 @@ def calibrate(
     backend = resolve_backend("grad_amap", backend, dev)
     with _work_folder(root, info) as work:
         acc = make_accumulator(grid, work, top_k=top_k, root=root, merge=merge,
-                               budget=memory_budget_bytes, progress=progress)  # fmt: skip
+                               budget=memory_budget_bytes, progress=progress,
+                               device=statistics_device(dev))  # fmt: skip
         prefix = {"amp": amp, "inference_mode": inference_mode}
         run = _RankPass(BatchAlpha(model, layer, score, dev, backend, **prefix), acc, info, plan)
         if checkpoint_dir is not None:
@@ -125,6 +127,13 @@ def calibrate(
         stats = acc.statistics(distributed.Comm(info), meta, levels_arr, beta_arr)
     names = _class_names(class_names, data, int(meta.num_classes or 0))
     return _table(meta, stats, model, names, data_source, score, levels_arr, beta_arr)
+
+
+def statistics_device(dev: torch.device) -> torch.device | None:
+    """Where the exact percentiles and exemplars are computed: torch on a GPU calibration
+    device (same values as numpy's, see :func:`calibrate.statistics.sorted_block_statistics`),
+    else numpy (``None``)."""
+    return dev if dev.type == "cuda" else None
 
 
 def _plan(
@@ -232,24 +241,36 @@ class _RankPass:
         self, batches: Iterator[Batch], total: int | None, every: int, progress: bool
     ) -> None:
         """Compute and accumulate the alpha of the ``total`` images in ``batches``; commit
-        every ``every`` batches and at the end."""
+        every ``every`` batches and at the end. Each batch's alpha goes to the accumulator on a
+        writer thread (:mod:`calibrate.writer`) while the next batch is computed."""
         bar = tqdm(
             total=total, unit="img", unit_scale=True, desc="calibrate",
             disable=not progress or self.info.rank != 0,
         )  # fmt: skip
-        with bar:
-            for x, y, idx in on_device(batches, self.alpha.device):
-                if len(x):
-                    alpha = self.alpha(x, y, idx)
-                    assert self.alpha.meta is not None
-                    self.accumulator.start(self.alpha.meta)
-                    self.accumulator.add(alpha, y.cpu().numpy(), idx)
-                self.done += 1
-                if self.checkpoint is not None and self.done % every == 0:
-                    self.commit(complete=False)
-                bar.update(len(x))
+        writer = BatchWriter(self._add)
+        try:
+            with bar:
+                for x, y, idx in on_device(batches, self.alpha.device):
+                    if len(x):
+                        pending = self.alpha.compute(x, y, idx)
+                        assert self.alpha.meta is not None
+                        self.accumulator.start(self.alpha.meta)
+                        writer.submit(pending)
+                    self.done += 1
+                    if self.checkpoint is not None and self.done % every == 0:
+                        writer.drain()
+                        self.commit(complete=False)
+                    bar.update(len(x))
+            writer.drain()
+        finally:
+            writer.close()
         if self.checkpoint is not None:
             self.commit(complete=True)
+
+    def _add(self, pending: PendingBatch) -> None:
+        """The writer thread's sink: check a batch on the host, then accumulate it."""
+        alpha = self.alpha.check(pending)
+        self.accumulator.add(alpha, pending.labels.numpy(), pending.indices)
 
     def commit(self, complete: bool) -> None:
         """Make the accumulator durable, then write the manifest that records it."""

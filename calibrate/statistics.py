@@ -1,4 +1,10 @@
-"""Per-class statistics of spilled alpha values, computed in filter blocks under a memory budget."""
+"""Per-class statistics of spilled alpha values, computed in filter blocks under a memory budget.
+
+The percentiles and exemplars of a block come from numpy on the CPU, or from one stable sort
+per block in torch on the calibration device (:func:`sorted_block_statistics`): the same
+linear interpolation as ``numpy.percentile`` (float64, numpy's formula, step for step), so the
+values are numpy's exactly (a ``-0.0`` may come out as ``0.0``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 
 # Bytes of working memory per alpha value while a block is processed: the block itself, the
 # copy numpy.percentile partitions, the negated copy, the int64 argsort (and slack).
@@ -110,6 +117,7 @@ def class_statistics(
     beta_levels: np.ndarray,
     top_k: int,
     memory_budget_bytes: int = 256 << 20,
+    device: torch.device | str | None = None,
 ) -> ClassStatistics:
     """Exact statistics of one class's alpha rows ``[n, N]`` (an array or a :class:`RowSource`).
 
@@ -120,8 +128,10 @@ def class_statistics(
       ``alpha[:, n]``, largest first (ties: smaller dataset index first).
 
     Filters are processed in blocks sized so that the working memory stays under about
-    ``memory_budget_bytes`` whatever the number of rows; each block is gathered from row
-    chunks, so a class larger than the budget is read once per block.
+    ``memory_budget_bytes`` whatever the number of rows (on ``device`` too); each block is
+    gathered from row chunks, so a class larger than the budget is read once per block.
+    ``device``: compute the percentiles and exemplars with torch there (a GPU when calibrating
+    on one; see :func:`sorted_block_statistics`); ``None``: numpy. Means and betas are numpy's.
     """
     source = ArrayRows(alpha) if isinstance(alpha, np.ndarray) else alpha
     n, num_filters = source.shape
@@ -146,8 +156,15 @@ def class_statistics(
         cols = slice(start, min(num_filters, start + cols_per_block))
         block = _gather_block(source, position, cols, row_mean, memory_budget_bytes)
         mean[cols] = block.mean(axis=0, dtype=np.float64)
-        stats.quantiles[cols] = np.percentile(block, levels, axis=0, method="linear").T
-        _top_rows(block, sorted_indices, stats.top_indices[cols], stats.top_alpha[cols])
+        if device is None:
+            stats.quantiles[cols] = np.percentile(block, levels, axis=0, method="linear").T
+            _top_rows(block, sorted_indices, stats.top_indices[cols], stats.top_alpha[cols])
+        else:
+            found = sorted_block_statistics(block, levels, top_k, torch.device(device))
+            stats.quantiles[cols] = found[0].T
+            k = found[1].shape[0]
+            stats.top_indices[cols, :k] = sorted_indices[found[1]].T
+            stats.top_alpha[cols, :k] = found[2].T
         del block
     stats.mean = mean.astype(np.float32)
     betas = row_mean - mean.mean()
@@ -187,3 +204,50 @@ def _top_rows(
     order = np.argsort(-block, axis=0, kind="stable")[:k]  # [k, cols]
     top_indices[:, :k] = sorted_indices[order].T
     top_alpha[:, :k] = np.take_along_axis(block, order, axis=0).T
+
+
+def linear_positions(n: int, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``numpy.percentile``'s linear method on ``n`` sorted values, step for step: the rank
+    below and above each level and the weight of the one above (float64)."""
+    q = np.true_divide(np.asarray(levels, np.float64), 100)
+    virtual = (n - 1) * q  # numpy's "linear" virtual index
+    prev = np.floor(virtual)
+    nxt = prev + 1
+    above = virtual >= n - 1
+    prev[above] = nxt[above] = n - 1  # numpy takes the last value (index -1) there
+    below = virtual < 0
+    prev[below] = nxt[below] = 0
+    gamma = virtual - np.where(above, -1, prev)  # numpy subtracts the index -1 it used
+    return prev.astype(np.int64), nxt.astype(np.int64), gamma
+
+
+@torch.no_grad()
+def sorted_block_statistics(
+    block: np.ndarray, levels: np.ndarray, top_k: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Percentiles ``[Q, cols]`` (float32), and the rows ``[k, cols]`` (int64) and values
+    ``[k, cols]`` of each column's ``k = min(top_k, n)`` largest values of ``block [n, cols]``
+    (rows in dataset-index order; ties: the smaller row first), from one stable sort on
+    ``device``.
+
+    The percentiles are ``numpy.percentile(block, levels, axis=0, method="linear")`` exactly:
+    numpy's positions (:func:`linear_positions`) and its float64 interpolation
+    ``a + (b - a) * g``, or ``b - (b - a) * (1 - g)`` for ``g >= 0.5``, rounded to float32. The
+    sort key is ``block + 0.0``, so ``-0.0`` and ``0.0`` tie (as in numpy's comparisons).
+    """
+    n = block.shape[0]
+    values = torch.from_numpy(np.ascontiguousarray(block)).to(device)
+    desc, order = torch.sort(values + 0.0, dim=0, descending=True, stable=True)
+    prev, nxt, gamma = linear_positions(n, levels)
+    at = torch.from_numpy(np.concatenate([n - 1 - prev, n - 1 - nxt])).to(device)
+    picked = desc.index_select(0, at)
+    a, b = picked[: len(prev)], picked[len(prev) :]
+    g = torch.from_numpy(gamma).to(device)[:, None]
+    diff = (b - a).double()
+    low = a.double() + diff * g
+    high = b.double() - diff * (1 - g)
+    quantiles = torch.where(g >= 0.5, high, low).float()
+    k = min(top_k, n)
+    top = order[:k]
+    top_values = values.gather(0, top)  # the stored values (a -0.0 stays -0.0)
+    return quantiles.cpu().numpy(), top.cpu().numpy(), top_values.cpu().numpy()

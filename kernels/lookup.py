@@ -16,12 +16,14 @@ __all__ = ["percentile_lookup"]
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _DEFAULT_SURPRISE_PCT = 99.9
 _DEFAULT_EXPECTATION_PCT = 0.1
+_DEFAULT_LOW_BETA_PCT = 1.0
 
 
 def _resolve_table(
     table: Any,
     surprise_pct: float | None,
     expectation_pct: float | None,
+    low_beta_pct: float | None,
     device: torch.device,
 ) -> LookupTable:
     """``table`` ready for a lookup on ``device``: a prepared table is checked against the
@@ -31,8 +33,9 @@ def _resolve_table(
         for name, want, have in (
             ("surprise_pct", surprise_pct, table.surprise_pct),
             ("expectation_pct", expectation_pct, table.expectation_pct),
+            ("low_beta_pct", low_beta_pct, table.low_beta_pct),
         ):
-            if want is not None and float(want) != have:
+            if want is not None and have is not None and float(want) != have:
                 raise ValueError(
                     f"{p}: table was prepared with {name}={have} but {name}={want} was "
                     "requested; call prepare_lookup_table again with the new pcts"
@@ -46,6 +49,7 @@ def _resolve_table(
         table,
         surprise_pct=_DEFAULT_SURPRISE_PCT if surprise_pct is None else surprise_pct,
         expectation_pct=_DEFAULT_EXPECTATION_PCT if expectation_pct is None else expectation_pct,
+        low_beta_pct=_DEFAULT_LOW_BETA_PCT if low_beta_pct is None else low_beta_pct,
         device=device,
     )
 
@@ -95,10 +99,12 @@ def percentile_lookup(
     *,
     surprise_pct: float | None = None,
     expectation_pct: float | None = None,
+    low_beta_pct: float | None = None,
     backend: Backend = "auto",
     check_values: bool = True,
 ) -> LookupResult:
-    """Percentile rank, surprise/expectation flags and beta for a batch of alpha scores.
+    """Percentile rank, surprise/expectation flags and beta (with its rank and the low-beta
+    flag when the table has a beta grid) for a batch of alpha scores.
 
     Args:
         alpha: ``[B, N]`` float alpha scores (computed in float32).
@@ -106,9 +112,9 @@ def percentile_lookup(
         table: a :class:`LookupTable` (fast path: used as is, must be on alpha's device) or
             any object with ``levels``, ``quantiles``, ``mean`` (prepared on alpha's device
             on every call; see :func:`prepare_lookup_table`).
-        surprise_pct, expectation_pct: threshold levels. ``None`` means the prepared
-            table's own pcts, or 99.9 / 0.1 for a raw table. Passing a value that differs
-            from a prepared table's raises ``ValueError`` (re-prepare instead).
+        surprise_pct, expectation_pct, low_beta_pct: threshold levels. ``None`` means the
+            prepared table's own pcts, or 99.9 / 0.1 / 1 for a raw table. Passing a value
+            that differs from a prepared table's raises ``ValueError`` (re-prepare instead).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`kernels.grad_amap`).
         check_values: check that class ids are in range and alpha is finite, which reads the
             tensors on the host (one sync). ``False`` leaves those checks to a caller that
@@ -117,13 +123,18 @@ def percentile_lookup(
     Per sample ``b`` (class ``c``) and filter ``n``, with ``v = alpha[b, n]``, grid
     ``G = quantiles[c, n, :]`` and levels ``L``:
 
-    * ``percentile``: 0 if ``v < G[0]``; 100 if ``v >= G[Q-1]``; otherwise, with ``q`` the
-      last index such that ``G[q] <= v`` (right-continuous, so ties / flat runs are fine),
-      ``L[q] + (L[q+1] - L[q]) * (v - G[q]) / (G[q+1] - G[q])``, clamped to [0, 100].
-      Equals ``numpy.interp(v, G, L)`` for strictly increasing G.
-    * ``surprise``: ``v > surprise_value[c, n]`` (strict).
-    * ``expectation``: ``v < expectation_value[c, n]`` (strict) and ``expectation_guard[c, n]``.
-    * ``beta[b]``: ``mean_n(alpha[b, n] - mean[c, n])``.
+    * ``percentile``: 0 if ``v < G[0]``; 100 if ``v > G[Q-1]``; the **mid-rank on ties**:
+      when ``v`` equals ``G[lo] = ... = G[hi]`` (``lo = #{G < v}``, ``hi = #{G <= v} - 1``),
+      ``(L[lo] + L[hi]) / 2``; otherwise linear between the neighbours
+      ``G[hi] < v < G[hi+1]``: ``L[hi] + (L[hi+1] - L[hi]) * (v - G[hi]) / (G[hi+1] - G[hi])``;
+      clamped to [0, 100]. Equals ``numpy.interp(v, G, L)`` for strictly increasing G (see
+      :func:`kernels.percentile_rank`).
+    * ``surprise``: ``v > surprise_value[c, n]`` (strict) and class ``c`` calibrated.
+    * ``expectation``: ``v < expectation_value[c, n]`` (strict), ``expectation_guard[c, n]``
+      and class ``c`` calibrated.
+    * ``beta[b]``: ``mean_n(alpha[b, n] - mean[c, n])``; with a beta grid, ``beta_percentile``
+      its rank on ``beta_grid[c]`` (same convention) and ``low_beta``:
+      ``beta < beta_threshold[c]`` and class ``c`` calibrated.
 
     Raises:
         ValueError: bad shapes/dtypes, class ids out of range, non-finite alpha, device or
@@ -133,7 +144,7 @@ def percentile_lookup(
         raise ValueError(
             f"percentile_lookup: alpha must be a torch.Tensor, got {type(alpha).__name__}"
         )
-    prepared = _resolve_table(table, surprise_pct, expectation_pct, alpha.device)
+    prepared = _resolve_table(table, surprise_pct, expectation_pct, low_beta_pct, alpha.device)
     _validate_shapes(alpha, classes, prepared)
     if check_values:
         _validate_values(alpha, classes, prepared)

@@ -3,15 +3,19 @@
 Pure: it keeps no counters and no last report, samples nothing and never swallows an error (the
 request path, :mod:`monitor.runtime`, does that around it). Three stages:
 
-1. :meth:`Judge.validate` - every check that reads tensor values on the host (NaN / Inf inputs,
-   label range) and the cheap ones (eval mode, shape, dtype, input size). The only stage with
-   host syncs before the report.
+1. :meth:`Judge.validate` - the checks that need no tensor values (eval mode, shape, dtype,
+   input size), and the value checks (NaN / Inf inputs, label range) where they cost no host
+   sync: for tensors already on the host. On a GPU those become device-side counts instead.
 2. :meth:`Judge.device_step` - probe (one forward, one partial backward) -> ``grad_amap`` ->
-   ``percentile_lookup`` -> beta percentile, low beta, calibrated mask. Device tensors in, a
-   :class:`DeviceReport` of device tensors out: no host copy, no sync, no Python branch on
-   tensor values (the one value check it needs, finite alpha, is counted on the device and
-   raised in stage 3).
-3. :meth:`Judge.assemble` - copies the :class:`DeviceReport` to the host and builds the report.
+   ``percentile_lookup`` (percentiles, flags, beta, its rank, low beta, calibrated mask, fused
+   in the kernels). Device tensors in, a :class:`DeviceReport` of device tensors out: no host
+   copy, no sync, no Python branch on tensor values; the value checks it needs (finite input,
+   labels in range, finite alpha) are counted on the device and raised in stage 3.
+   :meth:`Judge.step` replays it from a CUDA graph when the judge has them
+   (:mod:`monitor.cuda_graphs`).
+3. :meth:`Judge.assemble` - copies the :class:`DeviceReport` to the host in one packed copy
+   (:mod:`monitor.host_copy`: the one host sync of a judgement), raises what the checks
+   found, and builds the report.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from kernels import LookupTable, grad_amap, percentile_lookup, percentile_rank, prepare_lookup_table
+from kernels import LookupTable, grad_amap, percentile_lookup, prepare_lookup_table
 from monitor.advice import advise
+from monitor.cuda_graphs import StepGraphs
 from monitor.fingerprint import layer_fingerprint, model_fingerprint
+from monitor.host_copy import to_host
 from monitor.loading.models import model_device, model_dtype
 from monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised
 from monitor.probe.hooks import get_module
@@ -52,11 +58,15 @@ class NonFiniteAlphaError(ValueError):
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated batch: ``x [B, C, H, W]`` floating point and finite, ``labels [B]`` int64 in
-    ``[0, K)`` or ``None`` (judge against the predictions)."""
+    """A validated batch: ``x [B, C, H, W]`` floating point, ``labels [B]`` int64 on x's device
+    or ``None`` (judge against the predictions). ``input_checked`` / ``labels_checked``: the
+    values (finite input, labels in ``[0, K)``) were checked on the host; else the device step
+    counts them and :meth:`Judge.assemble` raises."""
 
     x: torch.Tensor
     labels: torch.Tensor | None
+    input_checked: bool = True
+    labels_checked: bool = True
 
     @property
     def labels_given(self) -> bool:
@@ -68,9 +78,8 @@ class Batch:
 class DeviceReport:
     """The judge's results for a batch of B inputs, still on the model's device.
 
-    Field for field what :class:`~monitor.report.MonitorReport` holds per input, plus
-    ``nonfinite_alpha``, the count of NaN / Inf alpha values that :meth:`Judge.assemble`
-    refuses.
+    Field for field what :class:`~monitor.report.MonitorReport` holds per input, plus the
+    :attr:`CHECKS`: counts that :meth:`Judge.assemble` refuses when they are not zero.
     """
 
     logits: torch.Tensor  # [B, K] float32
@@ -84,31 +93,31 @@ class DeviceReport:
     beta_percentile: torch.Tensor  # [B]
     low_beta: torch.Tensor  # [B] bool (False for uncalibrated classes)
     calibrated: torch.Tensor  # [B] bool: the class had calibration images
+    nonfinite_input: torch.Tensor  # [] int64: input rows with NaN / Inf (device-side check)
+    bad_labels: torch.Tensor  # [] int64: labels outside [0, K) (device-side check)
     nonfinite_alpha: torch.Tensor  # [] int64
 
+    #: Fields that are checks, not results: not part of the MonitorReport.
+    CHECKS: ClassVar[tuple[str, ...]] = ("nonfinite_input", "bad_labels", "nonfinite_alpha")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every field by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def to_host(self) -> DeviceReport:
-        """The same report with every tensor copied to the CPU (the one device-to-host copy
-        of a judgement)."""
-        return DeviceReport(**{f.name: getattr(self, f.name).cpu() for f in fields(self)})
+        """The same report on the CPU, through one device-to-host copy of one packed buffer
+        (the one host sync of a judgement; nothing is copied when it is on the CPU already)."""
+        return DeviceReport(**to_host(self.tensors()))
 
 
 @dataclass(frozen=True)
 class DeviceStep:
-    """What :meth:`Judge.device_step` produced: the model's own output and the device report."""
+    """What :meth:`Judge.device_step` produced: the model's own output, the device report, and
+    the batch it judged (for the messages of failed checks)."""
 
     output: Any
     report: DeviceReport
-
-
-@dataclass(frozen=True)
-class _DeviceTables:
-    """The table's tensors the device step reads, prepared once per device."""
-
-    lookup: LookupTable  # alpha grid, thresholds and guard (see kernels.prepare_lookup_table)
-    beta_quantiles: torch.Tensor  # [K, Qb] float32
-    beta_levels: torch.Tensor  # [Qb] float32
-    beta_threshold: torch.Tensor  # [K] float32: the low_beta_pct-th percentile of beta
-    calibrated: torch.Tensor  # [K] bool: counts > 0
+    batch: Batch | None = None
 
 
 def _check_pct(name: str, value: float) -> float:
@@ -145,6 +154,12 @@ class Judge:
         output_to_logits: maps the model's output to ``[B, K]`` logits (default: identity).
         strict_input_size: refuse inputs whose H x W differ from the calibration images.
         backend: kernel backend, ``"auto"``, ``"triton"`` or ``"torch"``.
+        cuda_graphs: replay the device step from CUDA graphs, one per input signature
+            (:mod:`monitor.cuda_graphs`; CUDA inputs only). Off by default until measured on a GPU.
+        max_graphs: graphs kept at most (least recently used dropped first).
+        host_checks: check input and label values on the host (``True``: a host sync on a
+            GPU), on the device (``False``), or on the host for tensors already there
+            (``None``, the default: no sync either way).
     """
 
     def __init__(
@@ -160,6 +175,9 @@ class Judge:
         output_to_logits: Callable[[Any], torch.Tensor] | None = None,
         strict_input_size: bool = True,
         backend: str = "auto",
+        cuda_graphs: bool = False,
+        max_graphs: int = 8,
+        host_checks: bool | None = None,
     ) -> None:
         _check_table_fits(model, table, layer, check_fingerprint)
         self.model = model
@@ -169,9 +187,10 @@ class Judge:
         self.low_beta_pct = _check_pct("low_beta_pct", low_beta_pct)
         self.strict_input_size = strict_input_size
         self.backend = backend
-        self._beta_threshold = table.beta_value_at(self.low_beta_pct).float()  # [K]
-        self._tables: dict[torch.device, _DeviceTables] = {}
+        self.host_checks = host_checks
+        self._tables: dict[torch.device, LookupTable] = {}
         self._lock = threading.Lock()
+        self.graphs = StepGraphs(self._graph_step, max_graphs=max_graphs) if cuda_graphs else None
         self.probe = GradAMapProbe(
             model, table.layer, score=table.score, output_to_logits=output_to_logits
         )
@@ -193,8 +212,10 @@ class Judge:
         return self.probe.output_to_logits
 
     def close(self) -> None:
-        """Remove the judge's hook from the model (idempotent)."""
+        """Remove the judge's hook from the model and drop its CUDA graphs (idempotent)."""
         self.probe.close()
+        if self.graphs is not None:
+            self.graphs.clear()
 
     def _check_shapes_on(self, x: torch.Tensor) -> None:
         """Run the probe once on ``x`` (moved to the model's device and floating dtype: a
@@ -215,23 +236,38 @@ class Judge:
         exception when the model cannot run ``x``."""
         batch = self.validate(x, labels)
         try:
-            step = self.device_step(batch)
+            step = self.step(batch)
         except ModelRaised as exc:
             error = exc.error  # raised below, outside this handler: as without the monitor
         else:
-            return self.assemble(step, batch.labels_given)
+            return self.assemble(step)
         raise error
 
     def validate(self, x: Any, labels: Any = None) -> Batch:
-        """Stage 1: the model is in eval mode, ``x`` is a finite floating ``[B, C, H, W]``
-        batch of the calibration's channels (and size, when strict), ``labels`` are B class
-        ids of the table. Raises :class:`InvalidInputError` (or ``TypeError``, ``ValueError``)."""
+        """Stage 1: the model is in eval mode, ``x`` is a floating ``[B, C, H, W]`` batch of the
+        calibration's channels (and size, when strict), ``labels`` are B integers. Values
+        (finite input, labels in range) are checked here where that needs no host sync (see
+        ``host_checks``), else by the device step. Raises :class:`InvalidInputError` (or
+        ``TypeError``, ``ValueError``)."""
         require_eval(self.model)
-        x = self.check_input(x)
-        return Batch(x, self.check_labels(labels, int(x.shape[0])))
+        input_on_host = self.checks_on_host(x)
+        x = self.check_input(x, values=input_on_host)
+        labels_on_host = labels is None or self.checks_on_host(labels)
+        found = self.check_labels(labels, int(x.shape[0]), values=labels_on_host)
+        if found is not None and found.device != x.device:
+            pinned = found.pin_memory() if x.device.type == "cuda" else found
+            found = pinned.to(x.device, non_blocking=True)
+        return Batch(x, found, input_on_host, labels_on_host)
 
-    def check_input(self, x: Any) -> torch.Tensor:
-        """``x`` itself once it is a batch this judge can take (see :meth:`validate`)."""
+    def checks_on_host(self, t: Any) -> bool:
+        """Whether the values of ``t`` are checked on the host (see ``host_checks``)."""
+        if self.host_checks is not None:
+            return self.host_checks
+        return not isinstance(t, torch.Tensor) or t.device.type == "cpu"
+
+    def check_input(self, x: Any, *, values: bool = True) -> torch.Tensor:
+        """``x`` itself once it is a batch this judge can take (see :meth:`validate`);
+        ``values=False`` leaves the NaN / Inf check to the device step."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 4:
@@ -243,10 +279,11 @@ class Judge:
         if not x.dtype.is_floating_point:
             raise InvalidInputError(f"input must be floating point, got {x.dtype}")
         self._check_input_size(x)
-        bad = ~torch.isfinite(x)
-        if bool(bad.any()):
-            rows = torch.nonzero(bad.flatten(1).any(dim=1)).flatten().tolist()
-            raise InvalidInputError(f"input has NaN or Inf values (batch rows {rows[:10]})")
+        if values:
+            bad = ~torch.isfinite(x)
+            if bool(bad.any()):
+                rows = torch.nonzero(bad.flatten(1).any(dim=1)).flatten().tolist()
+                raise InvalidInputError(f"input has NaN or Inf values (batch rows {rows[:10]})")
         return x
 
     def _check_input_size(self, x: torch.Tensor) -> None:
@@ -272,8 +309,9 @@ class Judge:
                 "pass strict_input_size=False)"
             )
 
-    def check_labels(self, labels: Any, batch: int) -> torch.Tensor | None:
-        """``labels`` as ``[batch]`` int64 class ids of the table (``None`` stays ``None``)."""
+    def check_labels(self, labels: Any, batch: int, *, values: bool = True) -> torch.Tensor | None:
+        """``labels`` as ``[batch]`` int64 class ids of the table (``None`` stays ``None``);
+        ``values=False`` leaves the range check to the device step."""
         if labels is None:
             return None
         labels = labels_tensor(labels, self.table.class_names)
@@ -284,55 +322,100 @@ class Judge:
                 f"labels must be {batch} integers, got {tuple(labels.shape)} {labels.dtype}"
             )
         k = self.table.num_classes
-        if bool(((labels < 0) | (labels >= k)).any()):
+        if values and bool(((labels < 0) | (labels >= k)).any()):
             raise InvalidInputError(f"labels must lie in [0, {k}), got {labels.tolist()}")
         return labels.long()
 
+    def step(self, batch: Batch) -> DeviceStep:
+        """Stage 2 from a CUDA graph when the judge has one for the batch's signature (its
+        report is then on the host already), else :meth:`device_step`."""
+        if self.graphs is not None:
+            found = self.graphs(batch.x, batch.labels)
+            if found is not None:
+                output, host = found
+                return DeviceStep(output, DeviceReport(**host), batch)
+        return self.device_step(batch)
+
+    def _graph_step(
+        self, x: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The device step as :class:`~monitor.cuda_graphs.StepGraphs` records it: every value
+        check on the device (one graph serves host-checked and unchecked inputs alike)."""
+        step = self.device_step(Batch(x, labels, input_checked=False, labels_checked=False))
+        return step.output, step.report.tensors()
+
     def device_step(self, batch: Batch) -> DeviceStep:
         """Stage 2: the model's output and the :class:`DeviceReport` of a validated batch."""
-        res = self.probe.run(batch.x, batch.labels, check_labels=False)
+        x, labels = batch.x, batch.labels
+        zero = torch.zeros((), dtype=torch.int64, device=x.device)
+        nonfinite_input = zero
+        if not batch.input_checked:
+            nonfinite_input = (~torch.isfinite(x)).flatten(1).any(dim=1).sum()
+        bad_labels = zero
+        if labels is not None and not batch.labels_checked:
+            k = self.table.num_classes
+            bad_labels = ((labels < 0) | (labels >= k)).sum()
+            labels = labels.clamp(0, k - 1)  # never index out of range on the device
+        res = self.probe.run(x, labels, check_labels=False)
         self._check_shapes(res.activation, res.logits)
         alpha = grad_amap(res.activation, res.gradient, backend=self.backend)
         tables = self._tables_for(alpha.device)
         cls = res.classes.to(alpha.device)
-        found = percentile_lookup(
-            alpha, cls, tables.lookup, backend=self.backend, check_values=False
-        )
-        calibrated = tables.calibrated[cls]
-        beta_pct = percentile_rank(found.beta, tables.beta_quantiles[cls], tables.beta_levels)
+        found = percentile_lookup(alpha, cls, tables, backend=self.backend, check_values=False)
         report = DeviceReport(
             logits=res.logits.float(),
             classes=cls,
             alpha=alpha,
-            mu=tables.lookup.mean[cls],
+            mu=tables.mean.index_select(0, cls),
             percentile=found.percentile,
-            surprise=found.surprise & calibrated[:, None],
-            expectation=found.expectation & calibrated[:, None],
+            surprise=found.surprise,
+            expectation=found.expectation,
             beta=found.beta,
-            beta_percentile=beta_pct,
-            low_beta=(found.beta < tables.beta_threshold[cls]) & calibrated,
-            calibrated=calibrated,
+            beta_percentile=found.beta_percentile,
+            low_beta=found.low_beta,
+            calibrated=found.calibrated,
+            nonfinite_input=nonfinite_input,
+            bad_labels=bad_labels,
             nonfinite_alpha=(~torch.isfinite(alpha)).sum(),
         )
-        return DeviceStep(res.output, report)
+        return DeviceStep(res.output, report, batch)
 
-    def assemble(self, step: DeviceStep, labels_given: bool) -> MonitorReport:
-        """Stage 3: the host report of a device step (``ValueError`` for non-finite alpha).
+    def assemble(self, step: DeviceStep, labels_given: bool | None = None) -> MonitorReport:
+        """Stage 3: the host report of a device step. Raises :class:`InvalidInputError` for
+        input or labels the device step found bad, ``ValueError`` for non-finite alpha.
 
-        Every :class:`DeviceReport` field but ``nonfinite_alpha`` becomes the
+        Every :class:`DeviceReport` field but the :attr:`DeviceReport.CHECKS` becomes the
         :class:`~monitor.report.MonitorReport` field of the same name."""
         host = step.report.to_host()
-        bad = int(host.nonfinite_alpha)
-        if bad:
-            raise NonFiniteAlphaError(f"percentile_lookup: alpha has {bad} non-finite values")
+        if labels_given is None:
+            labels_given = step.batch is not None and step.batch.labels_given
+        self._raise_checks(host, step.batch)
         per_input = {f.name: getattr(host, f.name) for f in fields(host)}
-        del per_input["nonfinite_alpha"]
+        for name in DeviceReport.CHECKS:
+            del per_input[name]
         return MonitorReport(
             **per_input,
             labels_given=labels_given,
             layer=self.layer,
             class_names=tuple(self.table.class_names),
         )
+
+    def _raise_checks(self, host: DeviceReport, batch: Batch | None) -> None:
+        """Raise what the device-side checks found, with the host checks' messages (reading
+        the batch again: a host sync, on the error path only)."""
+        if int(host.nonfinite_input):
+            if batch is not None:
+                self.check_input(batch.x)
+            raise InvalidInputError(
+                f"input has NaN or Inf values in {int(host.nonfinite_input)} rows"
+            )
+        if int(host.bad_labels):
+            if batch is not None and batch.labels is not None:
+                self.check_labels(batch.labels.cpu(), int(batch.x.shape[0]))
+            raise InvalidInputError(f"labels must lie in [0, {self.table.num_classes})")
+        bad = int(host.nonfinite_alpha)
+        if bad:
+            raise NonFiniteAlphaError(f"percentile_lookup: alpha has {bad} non-finite values")
 
     # ------------------------------------------------------------------ helpers
     def _check_shapes(self, activation: torch.Tensor, logits: torch.Tensor) -> None:
@@ -348,22 +431,16 @@ class Judge:
                 f"the model has {k} classes but the table has {self.table.num_classes}"
             )
 
-    def _tables_for(self, device: torch.device) -> _DeviceTables:
-        """The table prepared on ``device`` (once per device, thread-safe)."""
+    def _tables_for(self, device: torch.device) -> LookupTable:
+        """The table prepared on ``device`` (once per device, thread-safe): the alpha grid,
+        thresholds, guard, calibrated mask, beta grid and low-beta threshold."""
         with self._lock:
             if device not in self._tables:
-                t = self.table
-                lookup = prepare_lookup_table(
-                    t, surprise_pct=self.surprise_pct,
-                    expectation_pct=self.expectation_pct, device=device,
+                self._tables[device] = prepare_lookup_table(
+                    self.table, surprise_pct=self.surprise_pct,
+                    expectation_pct=self.expectation_pct, low_beta_pct=self.low_beta_pct,
+                    device=device,
                 )  # fmt: skip
-                self._tables[device] = _DeviceTables(
-                    lookup=lookup,
-                    beta_quantiles=t.beta_quantiles.to(device, torch.float32),
-                    beta_levels=t.beta_levels.to(device, torch.float32),
-                    beta_threshold=self._beta_threshold.to(device),
-                    calibrated=(t.counts > 0).to(device),
-                )
             return self._tables[device]
 
 

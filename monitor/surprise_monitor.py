@@ -47,6 +47,13 @@ class SurpriseMonitor:
         output_to_logits: maps the model's output to ``[B, K]`` logits (default: identity).
         strict_input_size: refuse inputs whose H x W differ from the calibration images.
         backend: kernel backend, ``"auto"``, ``"triton"`` or ``"torch"``.
+        cuda_graphs: on CUDA, capture the whole monitoring step (probe, kernels, lookup,
+            flags) into a CUDA graph per input signature (shape, dtype, labels given or not,
+            autocast) and replay it on later calls: the first call of a signature runs
+            eagerly, the second captures. Off by default until it is measured on a GPU; a
+            failed capture turns graphs off and the monitor runs eagerly (see
+            :mod:`monitor.cuda_graphs`).
+        max_graphs: graphs kept at most (least recently used dropped first).
 
     Runtime options (see :mod:`monitor.runtime`):
 
@@ -79,6 +86,8 @@ class SurpriseMonitor:
         output_to_logits: Callable[[Any], torch.Tensor] | None = None,
         strict_input_size: bool = True,
         backend: str = "auto",
+        cuda_graphs: bool = False,
+        max_graphs: int = 8,
         metrics: bool | CollectorRegistry = False,
         metrics_namespace: str = DEFAULT_NAMESPACE,
         metrics_labels: Mapping[str, str] | None = None,
@@ -98,7 +107,8 @@ class SurpriseMonitor:
             model, table, layer=layer, surprise_pct=surprise_pct,
             expectation_pct=expectation_pct, low_beta_pct=low_beta_pct,
             check_fingerprint=check_fingerprint, output_to_logits=output_to_logits,
-            strict_input_size=strict_input_size, backend=backend,
+            strict_input_size=strict_input_size, backend=backend, cuda_graphs=cuda_graphs,
+            max_graphs=max_graphs,
         )  # fmt: skip
         self.queue_size = queue_size
         monitor_metrics = None

@@ -4,6 +4,13 @@ and its file format.
 Stored as safetensors (tensors) plus JSON metadata; loading never unpickles. A SHA-256 over the
 metadata and every tensor's bytes is kept in the header, so a truncated or edited file is refused
 with a clear error instead of being used silently.
+
+The alpha grid is stored class-major (``quantiles [K, N, Q]``): one class's grid is one
+contiguous block of ``N * Q * 4`` bytes. :meth:`CalibrationTable.load` verifies the checksum
+with ordinary reads, then memory-maps the large tensors (copy-on-write, never written back) and
+checks the grid's values a few classes at a time, dropping the pages it read. The lookup reads
+a class's thresholds from that class's block (:mod:`kernels.table`), so a monitor keeps in memory
+only the blocks of the classes it has seen, the means and the beta grid; not the whole grid.
 """
 
 from __future__ import annotations
@@ -11,8 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import struct
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -21,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_save
 
 from kernels import check_percentile_grid, quantile_at
@@ -30,6 +40,15 @@ from monitor.probe.scores import SCORES
 
 FORMAT_NAME = "surprise-monitor-table"
 FORMAT_VERSION = 1
+#: Tensors at least this large are memory-mapped from the file; smaller ones are copied.
+MAP_BYTES = 1 << 20
+#: Bytes of the alpha grid checked at a time when a table is validated.
+CHECK_CHUNK_BYTES = 4 << 20
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 #: Default percent levels of the alpha grid: dense in the tails, where the flags live.
 DEFAULT_LEVELS: tuple[float, ...] = (
@@ -87,6 +106,13 @@ class CalibrationTable:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def grid_checked(self) -> bool:
+        """True while the alpha grid and means are the tensors :meth:`validate` checked (so
+        :func:`kernels.prepare_lookup_table` need not read them again)."""
+        checked = getattr(self, "_checked", None)
+        return checked is not None and checked[0] is self.quantiles and checked[1] is self.mean
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -158,14 +184,20 @@ class CalibrationTable:
                 raise TableError("top_alpha and top_indices shapes differ")
         if len(self.class_names) != k:
             raise TableError(f"{len(self.class_names)} class names for {k} classes")
+        prechecked = _is_prechecked(q, self.mean)
+        per_class = max(1, q.shape[1] * q.shape[2] * q.element_size())
         try:
-            check_percentile_grid(self.levels, q, self.mean)
+            check_percentile_grid(
+                self.levels, q, self.mean, values=not prechecked,
+                chunk=max(1, CHECK_CHUNK_BYTES // per_class),
+            )  # fmt: skip
             check_percentile_grid(
                 self.beta_levels, self.beta_quantiles,
                 names=("beta_levels", "beta_quantiles"), axes=("class",),
             )  # fmt: skip
         except ValueError as exc:
             raise TableError(str(exc)) from exc
+        self._checked = (q, self.mean)
         if bool((self.counts < 0).any()):
             raise TableError("negative class counts")
         if self.score not in SCORES:
@@ -241,22 +273,27 @@ class CalibrationTable:
     def load(cls, path: str | Path, *, exemplars: bool = True) -> CalibrationTable:
         """Read a table written by :meth:`save`; refuse anything corrupt, truncated or edited.
 
-        The checksum is verified with ordinary reads of the file; the tensors are then mapped
-        from it. ``exemplars=False`` leaves the exemplar tensors (``top_indices``,
-        ``top_alpha``: 8 bytes per class, filter and exemplar) out until
-        :meth:`ensure_exemplars` needs them; the monitor's inference path does not.
+        The checksum is verified with ordinary reads of the file; tensors of at least
+        :data:`MAP_BYTES` are then memory-mapped from it (copy-on-write: writing to them never
+        changes the file; the file must not be edited in place while the table is in use,
+        which :meth:`save`'s atomic replacement never does), the others copied. The grid's
+        values are checked a few classes at a time and the pages read are dropped again.
+        ``exemplars=False`` leaves the exemplar tensors (``top_indices``, ``top_alpha``: 8 bytes
+        per class, filter and exemplar) out until :meth:`ensure_exemplars` needs them; the
+        monitor's inference path does not.
         """
         path = Path(path)
         if not path.is_file():
             raise TableError(f"{path}: no such calibration table file")
         try:
-            header, entries = _verified_header(path)
+            header, entries, data_start = _verified_header(path)
             missing = [n for n in _TENSOR_NAMES if n not in entries]
             if missing:
                 raise TableError(f"{path}: table lacks tensors {missing}")
             skip = set() if exemplars else {"top_indices", "top_alpha"}
-            with safe_open(str(path), framework="pt") as f:
-                tensors = {n: f.get_tensor(n) for n in _TENSOR_NAMES if n not in skip}
+            names = [n for n in _TENSOR_NAMES if n not in skip]
+            tensors, releases = _read_tensors(path, entries, data_start, names)
+            _check_mapped_grid(tensors, releases.get("quantiles"))
         except TableError:
             raise
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -265,12 +302,13 @@ class CalibrationTable:
             ) from exc
         meta = _parse_meta(path, header.get("meta"))
         try:
-            table = cls(
-                path=path,
-                sha256=header["sha256"],
-                **meta,
-                **{name: tensors.get(name) for name in _TENSOR_NAMES},
-            )
+            with _prechecked(tensors["quantiles"], tensors["mean"]):
+                table = cls(
+                    path=path,
+                    sha256=header["sha256"],
+                    **meta,
+                    **{name: tensors.get(name) for name in _TENSOR_NAMES},
+                )
         except TableError as exc:
             raise TableError(f"{path}: {exc}") from exc
         _check_counts(path, header.get("meta", ""), table)
@@ -294,9 +332,10 @@ class CalibrationTable:
         )
 
 
-def _verified_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """The file's metadata header and tensor entries, after checking the format, the size and
-    the checksum with ordinary reads (``ValueError`` / :class:`TableError` otherwise)."""
+def _verified_header(path: Path) -> tuple[dict[str, str], dict[str, Any], int]:
+    """The file's metadata header, its tensor entries and where the data starts, after checking
+    the format, the size and the checksum with ordinary reads (``ValueError`` /
+    :class:`TableError` otherwise)."""
     with open(path, "rb") as f:
         raw = f.read(8)
         size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
@@ -323,7 +362,7 @@ def _verified_header(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
         digest = _checksum(header.get("meta", ""), entries, chunks)
     if header.get("sha256") != digest:
         raise TableError(f"{path}: checksum mismatch: the file was edited or corrupted")
-    return header, entries
+    return header, entries, 8 + size
 
 
 def _data_end(path: Path, name: str, entry: Any) -> int:
@@ -405,6 +444,91 @@ def _check_format(path: Path, header: dict[str, str]) -> None:
             f"{path}: table format version {header.get('format_version')} is not supported "
             f"(this library reads version {FORMAT_VERSION})"
         )
+
+
+def _read_tensors(
+    path: Path, entries: dict[str, Any], data_start: int, names: Iterable[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Callable[[], None]]]:
+    """The named tensors of a verified file: large ones mapped (with a function that drops
+    their pages from memory), small ones copied. Any tensor set: the names and the header
+    entries decide."""
+    tensors: dict[str, torch.Tensor] = {}
+    releases: dict[str, Callable[[], None]] = {}
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if data_start else None
+    for name in names:
+        entry = entries[name]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {name!r} has unsupported dtype {entry['dtype']}")
+        start, stop = (data_start + int(o) for o in entry["data_offsets"])
+        shape = tuple(int(d) for d in entry["shape"])
+        count = math.prod(shape)
+        if not data_start <= start <= stop <= file_size or count * dtype.itemsize != stop - start:
+            raise ValueError(f"tensor {name!r}: bytes {start}..{stop} do not hold shape {shape}")
+        if count == 0:
+            tensors[name] = torch.zeros(shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start).view(shape)
+        if stop - start < MAP_BYTES:
+            t = t.clone()
+        else:
+            releases[name] = _page_release(mapped, start, stop - start)
+        tensors[name] = t
+    return tensors, releases
+
+
+def _page_release(mapped: mmap.mmap, start: int, nbytes: int) -> Callable[[], None]:
+    """A function that drops the pages of ``[start, start + nbytes)`` of a private read-only
+    mapping from the process (they are read from the file again when touched)."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or not hasattr(mapped, "madvise"):
+        return lambda: None
+    lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+
+    def release() -> None:
+        """Drop the pages."""
+        mapped.madvise(advice, lo, start + nbytes - lo)
+
+    return release
+
+
+def _check_mapped_grid(
+    tensors: dict[str, torch.Tensor], release: Callable[[], None] | None
+) -> None:
+    """Check a mapped alpha grid and its means a few classes at a time, dropping the pages read
+    after each (:class:`TableError`); a copied grid is checked by the table itself."""
+    if release is None:
+        return
+    q, mean, levels = tensors["quantiles"], tensors["mean"], tensors["levels"]
+    per_class = max(1, q[:1].numel() * q.element_size())
+    try:
+        check_percentile_grid(
+            levels, q, mean, chunk=max(1, CHECK_CHUNK_BYTES // per_class), after_chunk=release
+        )
+    except ValueError as exc:
+        raise TableError(str(exc)) from exc
+
+
+_PRECHECKED = threading.local()
+
+
+@contextmanager
+def _prechecked(*tensors: torch.Tensor) -> Iterator[None]:
+    """While the block runs in this thread, :meth:`CalibrationTable.validate` trusts the values
+    of exactly these tensor objects (:meth:`CalibrationTable.load` checked them in chunks)."""
+    _PRECHECKED.ids = tuple(id(t) for t in tensors)
+    try:
+        yield
+    finally:
+        _PRECHECKED.ids = ()
+
+
+def _is_prechecked(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is one :func:`_prechecked` vouches for."""
+    ids = getattr(_PRECHECKED, "ids", ())
+    return all(id(t) in ids for t in tensors)
 
 
 def _split(body: bytes) -> tuple[dict[str, Any], bytes]:

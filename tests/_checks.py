@@ -14,7 +14,7 @@ def assert_same_table(a: CalibrationTable, b: CalibrationTable) -> None:
     for name in TABLE_TENSORS:
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
-        assert torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8)), name
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), name
     assert (a.layer, a.class_names, a.input_shape) == (b.layer, b.class_names, b.input_shape)
 
 

@@ -94,8 +94,10 @@ class GradAMapProbe:
         """Forward ``x`` once and backpropagate each sample's class score to the target layer.
 
         The class is ``labels[b]`` when given, else the predicted class. ``check_labels=False``
-        skips the label range check (a host sync) for callers that checked them already.
-        :class:`ModelRaised` (holding the model's exception) when the model's forward raises.
+        skips the label range check (a host sync) for callers that check them themselves; the
+        labels are then clamped to the model's classes (never an out-of-range index on the
+        device). :class:`ModelRaised` (holding the model's exception) when the model's forward
+        raises.
         """
         with self.tap.armed() as record:
             # normal tensors even inside a caller's inference_mode; no graph before the layer
@@ -129,8 +131,8 @@ class GradAMapProbe:
     def _classes(
         logits: torch.Tensor, labels: torch.Tensor | None, check_labels: bool
     ) -> torch.Tensor:
-        """The class per sample: ``labels`` on the logits' device (checked against K unless
-        ``check_labels`` is off), else the prediction."""
+        """The class per sample: ``labels`` on the logits' device (checked against K, or clamped
+        to it when ``check_labels`` is off), else the prediction."""
         if labels is None:
             return logits.detach().argmax(dim=1)
         classes = labels.to(device=logits.device, dtype=torch.int64)
@@ -138,4 +140,6 @@ class GradAMapProbe:
             classes = classes.clone()
         if check_labels:
             check_classes(classes, logits.shape[1])
+        else:
+            classes = classes.clamp(0, logits.shape[1] - 1)
         return classes

@@ -209,7 +209,7 @@ class RequestPath:
             if rows is not None:
                 x, labels = x[rows], rows_of(labels, rows)
             batch = self.judge.validate(x, labels)
-            step = self.judge.device_step(batch)
+            step = self.judge.step(batch)
             output = step.output
             report = self.judge.assemble(step, batch.labels_given)
         except ModelRaised as exc:
@@ -245,7 +245,8 @@ class RequestPath:
         """Queue a copy of the ``k`` sampled rows for the worker (counted when dropped)."""
         try:
             rows = torch.nonzero(take).flatten()
-            sub = self.judge.check_input(x if k == batch_len(x) else x[rows])
+            sub = x if k == batch_len(x) else x[rows]
+            sub = self.judge.check_input(sub, values=self.judge.checks_on_host(sub))
             with torch.inference_mode(False):  # a copy the caller cannot change afterwards
                 copy = sub.detach().clone()
                 lab = rows_of(labels, rows)

@@ -61,17 +61,38 @@ def test_triton_small_tiles_loop_over_chunks(shape, blocks, layout, device, need
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl", "nchw+cl"])
-@pytest.mark.parametrize("shape", [(3, 512, 7, 7), (1, 3, 14, 14), (5, 64, 1, 1)])
-def test_triton_with_cuda_tile_config(shape, layout, device, need_triton):
-    """The block sizes chosen for CUDA give the right answer too (run here in the
-    interpreter when there is no GPU)."""
-    from kernels.amap_triton import _pick_blocks, grad_amap_triton
+@pytest.mark.parametrize("shape", [(3, 512, 7, 7), (1, 3, 14, 14), (5, 64, 1, 1), (2, 48, 14, 14)])
+def test_triton_every_cuda_tile_config(shape, layout, device, need_triton):
+    """Every tile the CUDA autotuner may pick for the shape gives the right answer (run here
+    in the interpreter when there is no GPU)."""
+    from kernels.amap_triton import _configs, _prune, grad_amap_triton
 
     a, g = _pair(*shape, torch.float32, layout, device, seed=5)
     b, n, h, w = shape
-    br, bhw, _ = _pick_blocks(a, h * w, b * n, cuda=True)
-    out = grad_amap_triton(a, g, block_r=br, block_hw=bhw)
-    torch.testing.assert_close(out, grad_amap_torch(a, g), **TOL)
+    ref = grad_amap_torch(a, g)
+    cl = a.stride(1) == 1 and h * w > 1 and n > 1
+    kept = _prune(_configs(), {"HW": h * w}, CHANNELS_LAST=cl)
+    assert 1 <= len(kept) <= 6  # tuning stays short
+    for config in kept:
+        br, bhw = config.kwargs["BLOCK_R"], config.kwargs["BLOCK_HW"]
+        out = grad_amap_triton(a, g, block_r=br, block_hw=bhw)
+        torch.testing.assert_close(out, ref, **TOL, msg=f"{config}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl+nchw"])
+def test_triton_64_bit_offsets_and_alignment_hints(layout, device, need_triton):
+    """The 64-bit offset path (inputs of 2**31 elements and more) and the unaligned views
+    (no vectorisation hint) compute the same values."""
+    from kernels.amap_triton import _layout, grad_amap_triton
+
+    a, g = _pair(3, 32, 4, 4, torch.float32, layout, device, seed=6)
+    ref = grad_amap_torch(a, g)
+    assert _layout(a)[2] == 16 if layout == "nchw" else _layout(a)[2] == 1
+    torch.testing.assert_close(grad_amap_triton(a, g, int64=True), ref, **TOL)
+    buf = torch.empty(a.numel() + 1, device=device)
+    a1 = buf[1:].view(a.shape).copy_(a)  # base address 4 bytes past an aligned one
+    assert _layout(a1)[2] == 1
+    torch.testing.assert_close(grad_amap_triton(a1, g), ref, **TOL)
 
 
 def test_triton_general_strides(device, need_triton):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from monitor import InvalidInputError, Judge, SurpriseMonitor, TableMismatchError
+from monitor.host_copy import to_host
 from monitor.judge import DeviceReport
 from tests._models import mixed_inputs
 
@@ -34,7 +35,7 @@ def test_the_stages_make_the_monitors_report(judge, calibrated):
     with SurpriseMonitor(model, table) as monitor:
         expected = monitor.inspect(x, labels)
     for f in dataclasses.fields(DeviceReport):
-        if f.name != "nonfinite_alpha":
+        if f.name not in DeviceReport.CHECKS:
             assert torch.equal(getattr(report, f.name), getattr(dev, f.name).cpu()), f.name
             assert torch.equal(getattr(report, f.name), getattr(expected, f.name)), f.name
     assert report.labels_given and report.layer == table.layer
@@ -112,3 +113,95 @@ def test_messages_name_the_fix_in_the_api(calibrated):
             judge(x, [object(), 1])
     finally:
         judge.close()
+
+
+_SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__")
+
+
+class SyncCounter:
+    """Counts the Tensor methods that read values on the host (a device sync on a GPU)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        for name in _SYNCS:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, real))
+        monkeypatch.setattr(torch, "nonzero", self._wrap("torch.nonzero", torch.nonzero))
+
+    def _wrap(self, name, real):
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return real(*args, **kwargs)
+
+        return counted
+
+
+def test_the_device_step_reads_no_value_and_the_report_is_one_copy(judge, calibrated, monkeypatch):
+    """With the value checks on the device (what a GPU input gets), stages 1 and 2 read no
+    tensor value on the host and stage 3 copies one packed buffer (counted on the CPU by
+    patching every value-reading Tensor method)."""
+    model, table = calibrated
+    x, labels = mixed_inputs(6), torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = judge(x, labels)
+    j = Judge(model, table, host_checks=False)
+    try:
+        j(x[:1])  # once per device: the table is prepared (and its levels read)
+        counter = SyncCounter(monkeypatch)
+        batch = j.validate(x, labels)
+        step = j.device_step(batch)
+        assert counter.calls == [], counter.calls
+        packed = DeviceReport(**to_host(step.report.tensors(), always_pack=True))
+        assert counter.calls == ["cpu"], counter.calls
+        report = j.assemble(dataclasses.replace(step, report=packed))
+    finally:
+        j.close()
+    for name in ("alpha", "percentile", "beta", "beta_percentile", "surprise", "low_beta"):
+        assert torch.equal(getattr(report, name), getattr(expected, name)), name
+    assert report.labels_given
+
+
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_bad_values_are_refused_with_the_same_message_wherever_checked(calibrated, where):
+    """NaN / Inf inputs and labels out of range: checked on the host before the model runs, or
+    counted on the device and raised at assembly (after one forward pass) with the same
+    message; a bad label never indexes out of range on the device."""
+    model, table = calibrated
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    j = Judge(model, table, host_checks=where == "host")
+    try:
+        x = mixed_inputs(3)
+        x[2, 0, 0, 0] = float("inf")
+        with pytest.raises(InvalidInputError, match=r"NaN or Inf values \(batch rows \[2\]\)"):
+            j(x)
+        with pytest.raises(InvalidInputError, match=r"labels must lie in \[0, 3\), got \[0, 3\]"):
+            j(mixed_inputs(2), torch.tensor([0, 3]))
+        with pytest.raises(InvalidInputError, match=r"labels must lie in \[0, 3\)"):
+            j(mixed_inputs(2), torch.tensor([-1, 1]))
+        calls.clear()
+        assert len(j(mixed_inputs(2), [2, 1])) == 2
+    finally:
+        j.close()
+        handle.remove()
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cuda_device_step_never_syncs(calibrated):
+    model, table = calibrated
+    gpu = type(model)(num_classes=3).cuda().eval()
+    gpu.load_state_dict(model.state_dict())
+    j = Judge(gpu, table)
+    try:
+        x, labels = mixed_inputs(4).cuda(), torch.tensor([0, 1, 2, 0])
+        j(x, labels)  # warm: the table on the device, Triton compiled and tuned
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step = j.device_step(j.validate(x, labels))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        report = j.assemble(step)
+    finally:
+        j.close()
+    assert torch.equal(report.classes, labels)

@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from monitor.table import CalibrationTable, TableError
+from monitor.table import DEFAULT_LEVELS, CalibrationTable, TableError
 from tests._checks import resign
 
 
@@ -52,7 +52,7 @@ def test_round_trip_is_bit_exact(tmp_path):
         a, b = getattr(t, name), getattr(u, name)
         assert a.shape == b.shape
         assert torch.equal(
-            a.to(b.dtype).view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)
+            a.to(b.dtype).reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
         ), name
     for attr in (
         "layer",
@@ -226,3 +226,75 @@ def test_exemplars_come_only_from_the_file_that_was_loaded(tmp_path):
     with pytest.raises(TableError, match="changed since this table was loaded"):
         lean.ensure_exemplars()
     assert lean.top_indices is None
+
+
+def test_large_tensors_are_mapped_copy_on_write_and_checked(tmp_path, monkeypatch):
+    from monitor import table as table_module
+
+    monkeypatch.setattr(table_module, "MAP_BYTES", 64)  # map even this small table
+    t = make_table(k=3, n=40)
+    path = t.save(tmp_path / "t.safetensors")
+    before = path.read_bytes()
+    u = CalibrationTable.load(path)
+    assert torch.equal(u.quantiles, t.quantiles) and u.grid_checked and u.quantiles.is_contiguous()
+    u.quantiles[0, 0, 0] = -100.0  # a private page: the file is not written
+    assert path.read_bytes() == before
+    # a re-signed file with a NaN in the (mapped) grid is refused by the chunked check
+    bad = make_table(k=3, n=40)
+    bad.quantiles[2, 5, 3] = float("nan")
+    object.__setattr__(bad, "_checked", (bad.quantiles, bad.mean))  # skip the in-memory check
+    bad.save(tmp_path / "bad.safetensors")
+    with pytest.raises(TableError, match="quantiles have 1 non-finite values"):
+        CalibrationTable.load(tmp_path / "bad.safetensors")
+
+
+_LOAD_AND_LOOK_UP = """
+import json, sys, torch
+from pathlib import Path
+from monitor.table import CalibrationTable
+from kernels import percentile_lookup, prepare_lookup_table
+
+def kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+torch.zeros(1).add_(1)  # torch's own start-up memory before the baseline
+base = kib("VmRSS")
+table = CalibrationTable.load(sys.argv[1], exemplars=False)
+lookup = prepare_lookup_table(table)
+for c in (3, 7):
+    percentile_lookup(torch.zeros(2, table.num_filters), torch.tensor([c, c]), lookup)
+print(json.dumps({"rss": kib("VmRSS") - base, "hwm": kib("VmHWM") - base}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_loading_and_looking_up_keeps_the_grid_on_disk(tmp_path):
+    """A fresh process loads a 58 MB table, prepares it and looks up two classes: its memory
+    grows by a fraction of the grid (the pages of those classes and the means), not by the grid
+    or a copy of it."""
+    import subprocess
+    import sys
+
+    k, n, q = 500, 1000, 29
+    g = torch.Generator().manual_seed(0)
+    levels = torch.tensor(DEFAULT_LEVELS, dtype=torch.float64)
+    grid = torch.randn(k, n, q, generator=g).sort(dim=-1).values
+    t = CalibrationTable(
+        layer="l", levels=levels, quantiles=grid, mean=torch.zeros(k, n),
+        counts=torch.full((k,), 10), beta_levels=torch.linspace(0, 100, 11, dtype=torch.float64),
+        beta_quantiles=torch.zeros(k, 11), top_indices=torch.zeros(k, n, 1, dtype=torch.int32),
+        top_alpha=torch.zeros(k, n, 1), class_names=[str(i) for i in range(k)],
+    )  # fmt: skip
+    path = t.save(tmp_path / "big.safetensors")
+    del t, grid
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_LOOK_UP, str(path)], check=True,
+        capture_output=True, text=True, cwd=root,
+    )  # fmt: skip
+    grown = json.loads(out.stdout)
+    grid_kib = q * k * n * 4 // 1024  # 56,640 KiB
+    assert grown["hwm"] < 0.4 * grid_kib, (grown, grid_kib)  # measured: 24% (2 MB page folios)
+    assert grown["rss"] < 0.4 * grid_kib, (grown, grid_kib)
