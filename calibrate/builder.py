@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from calibrate import checkpoint as ckpt
 from calibrate import distributed
 from calibrate.accumulators import Accumulator, make_accumulator
+from calibrate.alarm import DEFAULT_REFERENCE_IMAGES, alarm_calibration
 from calibrate.alpha import BatchAlpha, RunMeta
 from calibrate.distributed import DistInfo
 from calibrate.plan import Batch, BatchPlan, on_device, plan_for, stream, stream_length
@@ -51,6 +52,7 @@ def calibrate(
     model: nn.Module,
     data: DataLoader | Dataset,
     *,
+    heldout: DataLoader | Dataset | None = None,
     layer: str | None = None,
     score: str = "logit",
     levels: Sequence[float] = DEFAULT_LEVELS,
@@ -72,6 +74,10 @@ def calibrate(
     approximate: bool | LogGrid = False,
     inference_mode: bool = True,
     merge: str = "auto",
+    alarm: bool = True,
+    profile_layers: str | Sequence[str] = "auto",
+    reference_images: int = DEFAULT_REFERENCE_IMAGES,
+    heldout_source: dict[str, Any] | None = None,
 ) -> CalibrationTable:
     """Build the calibration table of ``model`` on training ``data`` with true labels.
 
@@ -79,6 +85,9 @@ def calibrate(
         model: the CNN, in eval mode (it is not modified).
         data: a DataLoader (or a Dataset, wrapped with ``batch_size``) yielding
             ``(images, labels)`` in index order, or ``(images, labels, indices)``.
+        heldout: images of the same classes the network did not train on (a validation
+            split), with labels: the alarm's conformal null (:mod:`calibrate.alarm`). Without
+            it the table has the score but no null, and the monitor raises no alarms.
         layer: target module name; ``None`` picks the final convolution (see
             :func:`monitor.probe.resolve_layer`; the reason is logged and kept in the table).
         score: the class score differentiated: ``"logit"``, ``"softmax"`` or ``"log_softmax"``.
@@ -89,44 +98,104 @@ def calibrate(
         memory_budget_bytes: working memory for the per-class statistics.
         data_source: where the images came from (kept in the table for explanations).
         checkpoint_dir: make the run resumable: alpha is spilled there and progress is
-            committed every ``checkpoint_every`` batches (see :mod:`calibrate.checkpoint`).
-        resume: continue the checkpoint in ``checkpoint_dir`` (refused if it was made with
-            other settings or data); without it an existing checkpoint is an error.
+            committed every ``checkpoint_every`` batches (see :mod:`calibrate.checkpoint`);
+            ``resume`` continues it (refused if it was made with other settings or data).
         amp: run the model under autocast (float16 on CUDA, bfloat16 on CPU); alpha is still
             accumulated in float32.
         approximate: ``True`` or a :class:`~calibrate.sketch.LogGrid`: fixed-grid histograms
             instead of spilled rows (see :mod:`calibrate.sketch`).
-        inference_mode: run the layers before the target layer in ``torch.inference_mode``
-            (falls back to ``no_grad`` where the model does not allow it; same values).
+        inference_mode: run the layers before the target layer in ``torch.inference_mode``.
         merge: how ranks combine their data, ``"auto"`` or ``"send"`` (:mod:`.distributed`).
+        alarm: also calibrate the alarm (profile grids, score reference, null of ``heldout``).
+        profile_layers: the alarm's activation-profile layers: ``"auto"`` (the first stages),
+            ``"none"`` or module names. ``reference_images``: training images behind them.
 
-    Under ``torchrun`` (an initialised default process group), each rank computes its share of
-    the batches and every rank returns the same table, identical to a one-process run's. Alpha
-    goes to disk as it is computed (overlapping the next batch) and statistics are computed
-    class by class in filter blocks (on a GPU too), so memory does not grow with the images.
+    Under ``torchrun`` each rank computes its share of the batches and every rank returns the
+    same table, identical to a one-process run's. Alpha goes to disk as it is computed and
+    statistics are computed class by class in filter blocks: memory does not grow with the data.
     """
-    _check_arguments(model, score, top_k, checkpoint_every, spill_dir, checkpoint_dir, resume)
-    dev = torch.device(device) if device is not None else model_device(model)
-    info = distributed.current()
-    plan = _plan(data, batch_size, num_workers, dev, info, checkpoint_dir is not None)
-    root = next((Path(d) for d in (checkpoint_dir, spill_dir) if d is not None), None)
-    grid = LogGrid() if approximate is True else (approximate or None)
-    backend = resolve_backend("grad_amap", backend, dev)
+    settings = _Settings(**{k: v for k, v in locals().items() if k != "data"})
+    table = _alpha_table(model, data, settings)
+    if alarm:
+        table.alarm = alarm_calibration(
+            model, table, data, heldout, profile_layers=profile_layers,
+            reference_images=reference_images, batch_size=batch_size, num_workers=num_workers,
+            device=settings.dev, backend=settings.resolved_backend, progress=progress,
+            heldout_source=heldout_source, comm=distributed.Comm(distributed.current()),
+        )  # fmt: skip
+        table.validate()
+    return table
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """:func:`calibrate`'s arguments but the data."""
+
+    model: nn.Module
+    heldout: Any
+    layer: str | None
+    score: str
+    levels: Sequence[float]
+    beta_levels: Sequence[float]
+    top_k: int
+    class_names: Sequence[str] | None
+    device: str | torch.device | None
+    batch_size: int
+    num_workers: int
+    spill_dir: str | Path | None
+    memory_budget_bytes: int
+    progress: bool
+    data_source: dict[str, Any] | None
+    backend: str
+    checkpoint_dir: str | Path | None
+    resume: bool
+    checkpoint_every: int
+    amp: bool
+    approximate: bool | LogGrid
+    inference_mode: bool
+    merge: str
+    alarm: bool
+    profile_layers: str | Sequence[str]
+    reference_images: int
+    heldout_source: dict[str, Any] | None
+
+    @property
+    def dev(self) -> torch.device:
+        """The calibration device: the argument, else the model's."""
+        return torch.device(self.device) if self.device is not None else model_device(self.model)
+
+    @property
+    def resolved_backend(self) -> str:
+        """The ``grad_amap`` backend for :attr:`dev`."""
+        return resolve_backend("grad_amap", self.backend, self.dev)
+
+
+def _alpha_table(model: nn.Module, data: DataLoader | Dataset, s: _Settings) -> CalibrationTable:
+    """The alpha table (no alarm part): the training pass, its statistics, the table."""
+    _check_arguments(model, s.score, s.top_k, s.checkpoint_every, s.spill_dir, s.checkpoint_dir,
+                     s.resume)  # fmt: skip
+    dev, info = s.dev, distributed.current()
+    plan = _plan(data, s.batch_size, s.num_workers, dev, info, s.checkpoint_dir is not None)
+    root = next((Path(d) for d in (s.checkpoint_dir, s.spill_dir) if d is not None), None)
+    grid = LogGrid() if s.approximate is True else (s.approximate or None)
+    backend = s.resolved_backend
     with _work_folder(root, info) as work:
-        acc = make_accumulator(grid, work, top_k=top_k, root=root, merge=merge,
-                               budget=memory_budget_bytes, progress=progress,
+        acc = make_accumulator(grid, work, top_k=s.top_k, root=root, merge=s.merge,
+                               budget=s.memory_budget_bytes, progress=s.progress,
                                device=statistics_device(dev))  # fmt: skip
-        prefix = {"amp": amp, "inference_mode": inference_mode}
-        run = _RankPass(BatchAlpha(model, layer, score, dev, backend, **prefix), acc, info, plan)
-        if checkpoint_dir is not None:
-            settings = _settings(model, layer, score, plan, info, dev, amp, backend, acc)
+        prefix = {"amp": s.amp, "inference_mode": s.inference_mode}
+        run = _RankPass(BatchAlpha(model, s.layer, s.score, dev, backend, **prefix), acc, info,
+                        plan)  # fmt: skip
+        if s.checkpoint_dir is not None:
+            settings = _settings(model, s.layer, s.score, plan, info, dev, s.amp, backend, acc)
             run.checkpoint = ckpt.Checkpoint(work, settings, info)
-        run.collect(data, batch_size, num_workers, resume, checkpoint_every, progress)
+        run.collect(data, s.batch_size, s.num_workers, s.resume, s.checkpoint_every, s.progress)
         meta = run.shared_meta()
-        levels_arr, beta_arr = levels_with_required(levels), levels_with_required(beta_levels)
+        levels_arr = levels_with_required(s.levels)
+        beta_arr = levels_with_required(s.beta_levels)
         stats = acc.statistics(distributed.Comm(info), meta, levels_arr, beta_arr)
-    names = _class_names(class_names, data, int(meta.num_classes or 0))
-    return _table(meta, stats, model, names, data_source, score, levels_arr, beta_arr)
+    names = _class_names(s.class_names, data, int(meta.num_classes or 0))
+    return _table(meta, stats, model, names, s.data_source, s.score, levels_arr, beta_arr)
 
 
 def statistics_device(dev: torch.device) -> torch.device | None:

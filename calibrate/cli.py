@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from calibrate.alarm import DEFAULT_REFERENCE_IMAGES
 from calibrate.builder import calibrate
 from calibrate.distributed import DistInfo, init_from_env
 from calibrate.preflight import (
@@ -80,6 +81,22 @@ def parser() -> argparse.ArgumentParser:
         "--min-accuracy", type=float, default=0.5,
         help="warn loudly when that accuracy is below this fraction",
     )  # fmt: skip
+    a = p.add_argument_group("the per-input alarm (a conformal p-value per input)")
+    a.add_argument(
+        "--heldout",
+        help="ImageFolder of held-out images of the same classes (a validation split the model "
+        "did not train on): the alarm's null; without it the table raises no alarms",
+    )
+    a.add_argument(
+        "--profile-layers", default="auto",
+        help="activation-profile layers of the alarm score: 'auto' (the first two stages), "
+        "'none', or comma-separated module names",
+    )  # fmt: skip
+    a.add_argument(
+        "--reference-images", type=int, default=DEFAULT_REFERENCE_IMAGES,
+        help="training images (evenly spaced) behind the profile grids and the score reference",
+    )  # fmt: skip
+    a.add_argument("--no-alarm", action="store_true", help="calibrate the alpha table only")
     p.add_argument("--top-k", type=int, default=6, help="exemplars kept per (class, filter)")
     p.add_argument("--spill-dir", help="keep the streamed alpha values in this folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -97,9 +114,7 @@ def _scale_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true",
         help="continue the checkpoint in --checkpoint-dir (refused if settings or data differ)",
     )  # fmt: skip
-    p.add_argument(
-        "--checkpoint-every", type=int, default=100, help="batches between checkpoints"
-    )
+    p.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints")
     p.add_argument(
         "--amp", action="store_true",
         help="mixed precision (float16 on CUDA, bfloat16 on CPU); alpha accumulated in float32",
@@ -141,8 +156,27 @@ def summary(table: CalibrationTable, out: Path, seconds: float) -> str:
             f"{len(thin)} classes have fewer than {need} images, too few to estimate a 99.9th "
             f"percentile (it sits at the class maximum): {names}"
         )
+    lines.append(_alarm_line(table))
     lines.append(f"table written to {out}")
     return "\n".join(lines)
+
+
+def _alarm_line(table: CalibrationTable) -> str:
+    """What the table's alarm part holds, in one line."""
+    alarm = table.alarm
+    if alarm is None:
+        return "alarm: not calibrated (--no-alarm)"
+    line = (
+        f"alarm: profile layers {list(alarm.profile_layers) or 'none'}, score reference from "
+        f"{alarm.reference_images} training images"
+    )
+    if alarm.null_predicted is None:
+        return line + "; no --heldout images, so no null: the monitor raises no alarms"
+    n, acc = alarm.null_predicted.size, alarm.heldout.get("accuracy", float("nan"))
+    return (
+        line + f"; null of {n} held-out images (model accuracy {acc:.4f} on them): alarms at "
+        f"rates down to {alarm.null_predicted.smallest_rate():.2g}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,8 +245,13 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
         num_classes = len(dataset.classes)
         names = dataset.classes if args.num_classes in (None, num_classes) else None
         grid = LogGrid(args.sketch_accuracy, *args.sketch_range) if args.approximate else None
+        heldout = _heldout(args, steps, dataset)
         table = calibrate(
-            model, loader, layer=args.layer, score=args.score, top_k=args.top_k,
+            model, loader, heldout=heldout, alarm=not args.no_alarm,
+            profile_layers=_profile_layers(args.profile_layers),
+            reference_images=args.reference_images,
+            heldout_source=steps.source(args.heldout) if args.heldout else None,
+            layer=args.layer, score=args.score, top_k=args.top_k,
             class_names=names, device=args.device, spill_dir=args.spill_dir,
             progress=not args.quiet, data_source=steps.source(args.data),
             checkpoint_dir=args.checkpoint_dir, resume=args.resume,
@@ -227,6 +266,38 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
         return 2
     print(summary(table, out, seconds))
     return 0
+
+
+def _profile_layers(value: str) -> str | list[str]:
+    """``--profile-layers``: ``auto``, ``none`` or a list of module names."""
+    value = value.strip()
+    if value in ("auto", "none"):
+        return value
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise ValueError("--profile-layers needs 'auto', 'none' or module names")
+    return names
+
+
+def _heldout(args: argparse.Namespace, steps: Preprocessing, train: Any) -> DataLoader | None:
+    """The ``--heldout`` images (same preprocessing and class folders as ``--data``)."""
+    if not args.heldout:
+        if not args.no_alarm:
+            print("surprise-calibrate: no --heldout: the table will have the alarm score but no "
+                  "null, so the monitor raises no alarms", flush=True)  # fmt: skip
+        return None
+    root = Path(args.heldout)
+    if not root.is_dir():
+        raise ValueError(f"--heldout {root}: no such folder")
+    extra = sorted({d.name for d in root.iterdir() if d.is_dir()} - set(train.classes))
+    if extra:
+        raise ValueError(
+            f"--heldout {root} has class folders that --data has not: {extra[:10]} (the "
+            "held-out images must be of the training classes, in folders of the same names)"
+        )
+    held = image_folder(root, steps, list(train.classes))
+    return DataLoader(held, batch_size=args.batch_size, shuffle=False,
+                      num_workers=args.workers, collate_fn=checked_collate)  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:

@@ -28,14 +28,17 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from kernels import LookupTable, grad_amap, percentile_lookup, prepare_lookup_table
+from kernels import LookupTable, grad_amap, percentile_lookup, percentile_rank, prepare_lookup_table
 from monitor.advice import advise
+from monitor.atypicality import ScoreReference, components, expectation_mass
+from monitor.conformal import ConformalNull, check_alarm_rate
 from monitor.cuda_graphs import StepGraphs
 from monitor.fingerprint import layer_fingerprint, model_fingerprint
 from monitor.host_copy import to_host
 from monitor.loading.models import model_device, model_dtype
-from monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised
+from monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised, ProbeResult
 from monitor.probe.hooks import get_module
+from monitor.probe.profiles import ProfileTap
 from monitor.report import MonitorReport
 from monitor.table import CalibrationTable
 
@@ -93,6 +96,10 @@ class DeviceReport:
     beta_percentile: torch.Tensor  # [B]
     low_beta: torch.Tensor  # [B] bool (False for uncalibrated classes)
     calibrated: torch.Tensor  # [B] bool: the class had calibration images
+    score: torch.Tensor  # [B] float32 atypicality (NaN without the table's score reference)
+    p_value: torch.Tensor  # [B] float32 conformal p-value (NaN without the table's null)
+    alarm: torch.Tensor  # [B] bool: p_value <= alarm_rate
+    components: torch.Tensor  # [B, 1 + L] float32 the score's components
     nonfinite_input: torch.Tensor  # [] int64: input rows with NaN / Inf (device-side check)
     bad_labels: torch.Tensor  # [] int64: labels outside [0, K) (device-side check)
     nonfinite_alpha: torch.Tensor  # [] int64
@@ -108,6 +115,17 @@ class DeviceReport:
         """The same report on the CPU, through one device-to-host copy of one packed buffer
         (the one host sync of a judgement; nothing is copied when it is on the CPU already)."""
         return DeviceReport(**to_host(self.tensors()))
+
+
+@dataclass(frozen=True, eq=False)
+class _AlarmTables:
+    """The table's alarm part prepared on one device."""
+
+    levels: torch.Tensor  # [Q] float32
+    profile_grids: tuple[torch.Tensor, ...]  # per profile layer [C, Q] float32
+    reference: ScoreReference | None
+    null_predicted: ConformalNull | None
+    null_labelled: ConformalNull | None
 
 
 @dataclass(frozen=True)
@@ -142,7 +160,8 @@ class Judge:
 
     Args:
         model: the CNN (``nn.Module``) in eval mode; the judge adds one forward hook at the
-            table's layer (removed by :meth:`close`).
+            table's layer and one at each activation-profile layer of the table's alarm part
+            (removed by :meth:`close`).
         table: the calibration table (made for this model: layer, filters, classes, weights).
         layer: target layer; ``None`` uses the table's. Another name than the table's is refused.
         surprise_pct: a filter is surprising when ``alpha > P_cn(surprise_pct)``.
@@ -160,6 +179,8 @@ class Judge:
         host_checks: check input and label values on the host (``True``: a host sync on a
             GPU), on the device (``False``), or on the host for tensors already there
             (``None``, the default: no sync either way).
+        alarm_rate: an input alarms when its conformal p-value is at most this: on normal
+            traffic (inputs like the held-out images) at most this fraction of inputs alarm.
     """
 
     def __init__(
@@ -178,8 +199,10 @@ class Judge:
         cuda_graphs: bool = False,
         max_graphs: int = 8,
         host_checks: bool | None = None,
+        alarm_rate: float = 0.01,
     ) -> None:
         _check_table_fits(model, table, layer, check_fingerprint)
+        self.alarm_rate = check_alarm_rate(alarm_rate)
         self.model = model
         self.table = table
         self.surprise_pct = _check_pct("surprise_pct", surprise_pct)
@@ -189,16 +212,23 @@ class Judge:
         self.backend = backend
         self.host_checks = host_checks
         self._tables: dict[torch.device, LookupTable] = {}
+        self._alarm_tables: dict[torch.device, _AlarmTables] = {}
         self._lock = threading.Lock()
         self.graphs = StepGraphs(self._graph_step, max_graphs=max_graphs) if cuda_graphs else None
         self.probe = GradAMapProbe(
             model, table.layer, score=table.score, output_to_logits=output_to_logits
         )
+        layers = table.alarm.profile_layers if table.alarm is not None else ()
+        try:
+            self.profiles = ProfileTap(model, layers) if layers else None
+        except BaseException:
+            self.probe.close()
+            raise
         if table.input_shape:
             try:  # fail fast on a table for another filter or class count
                 self._check_shapes_on(torch.zeros(1, *table.input_shape))
             except BaseException:
-                self.probe.close()
+                self.close()
                 raise
 
     @property
@@ -214,6 +244,8 @@ class Judge:
     def close(self) -> None:
         """Remove the judge's hook from the model and drop its CUDA graphs (idempotent)."""
         self.probe.close()
+        if self.profiles is not None:
+            self.profiles.close()
         if self.graphs is not None:
             self.graphs.clear()
 
@@ -221,13 +253,24 @@ class Judge:
         """Run the probe once on ``x`` (moved to the model's device and floating dtype: a
         ``model.half()`` takes float16) and check the filter and class counts."""
         try:
-            res = self.probe.run(x.to(model_device(self.model), model_dtype(self.model)))
+            res, means = self._probe(x.to(model_device(self.model), model_dtype(self.model)))
         except ModelRaised as exc:
             error = exc.error
         else:
-            self._check_shapes(res.activation, res.logits)
+            self._check_shapes(res.activation, res.logits, means)
             return
         raise error
+
+    def _probe(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, check_labels: bool = True
+    ) -> tuple[ProbeResult, list[torch.Tensor]]:
+        """The probe's pass over ``x`` and, when the table has profile layers, their channel
+        means (``[B, C]`` float32 each) from the same forward pass."""
+        if self.profiles is None:
+            return self.probe.run(x, labels, check_labels=check_labels), []
+        with self.profiles.armed() as record:
+            res = self.probe.run(x, labels, check_labels=check_labels)
+        return res, self.profiles.means(record)
 
     # ---------------------------------------------------------------- the stages
     def __call__(self, x: torch.Tensor, labels: Any = None) -> MonitorReport:
@@ -356,12 +399,13 @@ class Judge:
             k = self.table.num_classes
             bad_labels = ((labels < 0) | (labels >= k)).sum()
             labels = labels.clamp(0, k - 1)  # never index out of range on the device
-        res = self.probe.run(x, labels, check_labels=False)
-        self._check_shapes(res.activation, res.logits)
+        res, means = self._probe(x, labels, check_labels=False)
+        self._check_shapes(res.activation, res.logits, means)
         alpha = grad_amap(res.activation, res.gradient, backend=self.backend)
         tables = self._tables_for(alpha.device)
         cls = res.classes.to(alpha.device)
         found = percentile_lookup(alpha, cls, tables, backend=self.backend, check_values=False)
+        alarm = self._alarm(found.percentile, means, labels is not None)
         report = DeviceReport(
             logits=res.logits.float(),
             classes=cls,
@@ -374,6 +418,7 @@ class Judge:
             beta_percentile=found.beta_percentile,
             low_beta=found.low_beta,
             calibrated=found.calibrated,
+            **alarm,
             nonfinite_input=nonfinite_input,
             bad_labels=bad_labels,
             nonfinite_alpha=(~torch.isfinite(alpha)).sum(),
@@ -398,6 +443,7 @@ class Judge:
             labels_given=labels_given,
             layer=self.layer,
             class_names=tuple(self.table.class_names),
+            alarm_rate=self.alarm_rate,
         )
 
     def _raise_checks(self, host: DeviceReport, batch: Batch | None) -> None:
@@ -417,10 +463,38 @@ class Judge:
         if bad:
             raise NonFiniteAlphaError(f"percentile_lookup: alpha has {bad} non-finite values")
 
+    def _alarm(
+        self, alpha_percentile: torch.Tensor, means: list[torch.Tensor], labels_given: bool
+    ) -> dict[str, torch.Tensor]:
+        """The score's components, the score, its p-value and the alarm of a batch (device
+        tensors; NaN / NaN / False where the table lacks the reference or the null)."""
+        b, dev = alpha_percentile.shape[0], alpha_percentile.device
+        nan = torch.full((b,), float("nan"), device=dev)
+        no = torch.zeros(b, dtype=torch.bool, device=dev)
+        if self.table.alarm is None:
+            parts = expectation_mass(alpha_percentile)[:, None]
+            return {"score": nan, "p_value": nan, "alarm": no, "components": parts}
+        alarm = self._alarm_tables_for(dev)
+        stages = [
+            percentile_rank(m, grid, alarm.levels)
+            for m, grid in zip(means, alarm.profile_grids, strict=True)
+        ]
+        parts = components(alpha_percentile, stages)
+        if alarm.reference is None:
+            return {"score": nan, "p_value": nan, "alarm": no, "components": parts}
+        score = alarm.reference.score(parts)
+        null = alarm.null_labelled if labels_given else alarm.null_predicted
+        if null is None:
+            return {"score": score, "p_value": nan, "alarm": no, "components": parts}
+        p = null.p_values(score)
+        return {"score": score, "p_value": p, "alarm": p <= self.alarm_rate, "components": parts}
+
     # ------------------------------------------------------------------ helpers
-    def _check_shapes(self, activation: torch.Tensor, logits: torch.Tensor) -> None:
-        """:class:`TableMismatchError` when the layer's filters or the model's classes are not
-        the table's (shapes only: no sync)."""
+    def _check_shapes(
+        self, activation: torch.Tensor, logits: torch.Tensor, means: list[torch.Tensor]
+    ) -> None:
+        """:class:`TableMismatchError` when the layer's filters, the model's classes or the
+        profile layers' channels are not the table's (shapes only: no sync)."""
         n, k = activation.shape[1], logits.shape[1]
         if n != self.table.num_filters:
             raise TableMismatchError(
@@ -430,6 +504,29 @@ class Judge:
             raise TableMismatchError(
                 f"the model has {k} classes but the table has {self.table.num_classes}"
             )
+        grids = self.table.alarm.profile_quantiles if self.table.alarm is not None else ()
+        for layer, m, grid in zip(self.profiles.layers if self.profiles else (), means, grids,
+                                  strict=True):  # fmt: skip
+            if m.shape[1] != grid.shape[0]:
+                raise TableMismatchError(
+                    f"profile layer {layer!r} has {m.shape[1]} channels but the table's grid "
+                    f"{grid.shape[0]}"
+                )
+
+    def _alarm_tables_for(self, device: torch.device) -> _AlarmTables:
+        """The table's alarm part prepared on ``device`` (once per device, thread-safe)."""
+        with self._lock:
+            if device not in self._alarm_tables:
+                a = self.table.alarm
+                assert a is not None
+                self._alarm_tables[device] = _AlarmTables(
+                    levels=self.table.levels.to(device, torch.float32),
+                    profile_grids=tuple(g.to(device, torch.float32) for g in a.profile_quantiles),
+                    reference=None if a.reference is None else a.reference.to(device),
+                    null_predicted=_on(a.null_predicted, device),
+                    null_labelled=_on(a.null_labelled, device),
+                )
+            return self._alarm_tables[device]
 
     def _tables_for(self, device: torch.device) -> LookupTable:
         """The table prepared on ``device`` (once per device, thread-safe): the alpha grid,
@@ -442,6 +539,11 @@ class Judge:
                     device=device,
                 )  # fmt: skip
             return self._tables[device]
+
+
+def _on(null: ConformalNull | None, device: torch.device) -> ConformalNull | None:
+    """``null`` on ``device`` (``None`` stays ``None``)."""
+    return None if null is None else null.to(device)
 
 
 def labels_tensor(labels: Any, class_names: list[str] | tuple[str, ...] = ()) -> torch.Tensor:

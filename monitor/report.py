@@ -31,6 +31,11 @@ class MonitorReport:
 
     ``classes`` is the class each input was judged against: the caller's label when given
     (``labels_given``), else the prediction.
+
+    The per-input alarm (:mod:`monitor.atypicality`, :mod:`monitor.conformal`): ``score``
+    (higher = less like the training images), its conformal ``p_value`` among held-out images
+    and ``alarm = p_value <= alarm_rate``; NaN / NaN / False when the table has no alarm
+    calibration. The per-filter flags (``surprise``, ``expectation``) explain an alarm.
     """
 
     logits: torch.Tensor  # [B, K]
@@ -45,8 +50,13 @@ class MonitorReport:
     beta_percentile: torch.Tensor  # [B]
     low_beta: torch.Tensor  # [B] bool
     calibrated: torch.Tensor  # [B] bool: the class had calibration images
+    score: torch.Tensor  # [B] float32 atypicality score (NaN: the table has no reference)
+    p_value: torch.Tensor  # [B] float32 conformal p-value (NaN: the table has no null)
+    alarm: torch.Tensor  # [B] bool: p_value <= alarm_rate
+    components: torch.Tensor  # [B, 1 + L] the score's components (monitor.atypicality)
     layer: str
     class_names: tuple[str, ...]
+    alarm_rate: float = float("nan")  # the nominal false-alarm rate the alarms were set at
 
     def __len__(self) -> int:
         return int(self.classes.shape[0])
@@ -134,6 +144,9 @@ class MonitorReport:
             "beta": float(self.beta[i]),
             "beta_percentile": float(self.beta_percentile[i]),
             "low_beta": bool(self.low_beta[i]),
+            "score": _number(self.score[i]),
+            "p_value": _number(self.p_value[i]),
+            "alarm": bool(self.alarm[i]),
             "surprise_count": len(sur),
             "expectation_count": len(exp),
             "surprising_filters": [f.to_dict() for f in sur[:max_filters]],
@@ -144,9 +157,16 @@ class MonitorReport:
         """The whole batch as plain Python: ``{"layer": ..., "samples": [...]}``."""
         return {
             "layer": self.layer,
+            "alarm_rate": _number(self.alarm_rate),
             "samples": [self.sample(i, max_filters) for i in range(len(self))],
         }
 
     def to_json(self, max_filters: int | None = 10, **kwargs: Any) -> str:
         """:meth:`to_dict` as JSON (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(max_filters), **kwargs)
+
+
+def _number(value: Any) -> float | None:
+    """A float for JSON: ``None`` for NaN (JSON has no NaN)."""
+    v = float(value)
+    return None if v != v else v

@@ -5,6 +5,7 @@ around it."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,14 +28,18 @@ if TYPE_CHECKING:
     from monitor.explain.fixes import FixResult
 
 
+log = logging.getLogger(__name__)
+
+
 class SurpriseMonitor:
     """Watches a CNN at inference time: surprise, expectation and beta per input.
 
     Args:
         model: the CNN (``nn.Module``) in eval mode, float32, float16 or bfloat16 (its inputs
-            are its own dtype); it is not modified, and :meth:`close` removes the one forward
-            hook the monitor adds. While watched it can still be deep-copied, pickled and
-            ``torch.save``-d: a copy carries an inert hook (``InertHook``) and is not watched.
+            are its own dtype); it is not modified, and :meth:`close` removes the forward hooks
+            the monitor adds (the monitored layer's and the alarm's profile layers'). While
+            watched it can still be deep-copied, pickled and ``torch.save``-d: a copy carries
+            inert hooks (``InertHook``) and is not watched.
         table: a :class:`~monitor.table.CalibrationTable` or the path of a saved one.
         layer: target layer; ``None`` uses the table's. Another name than the table's is refused.
         surprise_pct: a filter is surprising when ``alpha > P_cn(surprise_pct)``.
@@ -54,6 +59,11 @@ class SurpriseMonitor:
             failed capture turns graphs off and the monitor runs eagerly (see
             :mod:`monitor.cuda_graphs`).
         max_graphs: graphs kept at most (least recently used dropped first).
+        alarm_rate: the per-input alarm's nominal false-alarm rate: an input alarms
+            (``report.alarm``) when its conformal p-value among the table's held-out images is
+            at most this, so at most this fraction of normal inputs alarm. Needs a table
+            calibrated with held-out images (``calibrate(..., heldout=...)``, ``--heldout``);
+            without them the monitor logs a warning once and never alarms.
 
     Runtime options (see :mod:`monitor.runtime`):
 
@@ -88,6 +98,7 @@ class SurpriseMonitor:
         backend: str = "auto",
         cuda_graphs: bool = False,
         max_graphs: int = 8,
+        alarm_rate: float = 0.01,
         metrics: bool | CollectorRegistry = False,
         metrics_namespace: str = DEFAULT_NAMESPACE,
         metrics_labels: Mapping[str, str] | None = None,
@@ -108,8 +119,9 @@ class SurpriseMonitor:
             expectation_pct=expectation_pct, low_beta_pct=low_beta_pct,
             check_fingerprint=check_fingerprint, output_to_logits=output_to_logits,
             strict_input_size=strict_input_size, backend=backend, cuda_graphs=cuda_graphs,
-            max_graphs=max_graphs,
+            max_graphs=max_graphs, alarm_rate=alarm_rate,
         )  # fmt: skip
+        _warn_without_alarms(table)
         self.queue_size = queue_size
         monitor_metrics = None
         try:
@@ -306,3 +318,21 @@ def _check_runtime_options(
         raise TypeError("on_flag must be callable")
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"queue_size must be an integer >= 1, got {queue_size!r}")
+
+
+def _warn_without_alarms(table: CalibrationTable) -> None:
+    """Log once per table when it cannot raise alarms (no held-out null)."""
+    if table.alarm is not None and table.alarm.has_null:
+        return
+    key = id(table)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    log.warning(
+        "surprise monitor: the table has no held-out null, so no input will alarm "
+        "(report.alarm is False, report.p_value NaN); calibrate with held-out images "
+        "(calibrate(..., heldout=...), surprise-calibrate --heldout DIR)"
+    )
+
+
+_WARNED: set[int] = set()

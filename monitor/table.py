@@ -37,6 +37,8 @@ from safetensors.torch import save as safetensors_save
 from kernels import check_percentile_grid, quantile_at
 from monitor.files import atomic_write_bytes
 from monitor.probe.scores import SCORES
+from monitor.table_alarm import PREFIX as ALARM_PREFIX
+from monitor.table_alarm import AlarmCalibration, AlarmTableError
 
 FORMAT_NAME = "surprise-monitor-table"
 FORMAT_VERSION = 1
@@ -103,6 +105,9 @@ class CalibrationTable:
     layer_fingerprint: str = ""  # the layer's own weights (monitor.fingerprint.layer_fingerprint)
     path: Path | None = None  # the file it was loaded from, if any
     sha256: str = ""  # that file's checksum when loaded (or saved): exemplars must match it
+    # The alarm's profile grids, score reference and conformal nulls (monitor.table_alarm);
+    # None for a table made without them (no score, no alarms).
+    alarm: AlarmCalibration | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -202,6 +207,11 @@ class CalibrationTable:
             raise TableError("negative class counts")
         if self.score not in SCORES:
             raise TableError(f"unknown score {self.score!r}; one of {SCORES}")
+        if self.alarm is not None:
+            try:
+                self.alarm.validate(self.levels)
+            except AlarmTableError as exc:
+                raise TableError(str(exc)) from exc
 
     # -------------------------------------------------------------------- I/O
     def _metadata(self) -> dict[str, Any]:
@@ -223,6 +233,7 @@ class CalibrationTable:
             "top_k": self.top_k,
             "data_source": self.data_source,
             "layer_fingerprint": self.layer_fingerprint,
+            "alarm": None if self.alarm is None else self.alarm.metadata(),
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -232,7 +243,7 @@ class CalibrationTable:
             "counts": torch.int64, "top_indices": torch.int32,
         }  # fmt: skip
         self.ensure_exemplars()
-        return {
+        tensors = {
             name: getattr(self, name)
             .detach()
             .cpu()
@@ -240,6 +251,9 @@ class CalibrationTable:
             .contiguous()
             for name in _TENSOR_NAMES
         }
+        if self.alarm is not None:
+            tensors.update(self.alarm.tensors())
+        return tensors
 
     def _signed(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and the file header, with its checksum, that :meth:`save` writes."""
@@ -292,6 +306,7 @@ class CalibrationTable:
                 raise TableError(f"{path}: table lacks tensors {missing}")
             skip = set() if exemplars else {"top_indices", "top_alpha"}
             names = [n for n in _TENSOR_NAMES if n not in skip]
+            names += [n for n in entries if n.startswith(ALARM_PREFIX)]
             tensors, releases = _read_tensors(path, entries, data_start, names)
             _check_mapped_grid(tensors, releases.get("quantiles"))
         except TableError:
@@ -302,6 +317,9 @@ class CalibrationTable:
             ) from exc
         meta = _parse_meta(path, header.get("meta"))
         try:
+            alarm_meta = meta.pop("alarm", None)
+            if alarm_meta is not None:
+                meta["alarm"] = AlarmCalibration.from_file(alarm_meta, tensors)
             with _prechecked(tensors["quantiles"], tensors["mean"]):
                 table = cls(
                     path=path,
@@ -309,7 +327,7 @@ class CalibrationTable:
                     **meta,
                     **{name: tensors.get(name) for name in _TENSOR_NAMES},
                 )
-        except TableError as exc:
+        except (TableError, AlarmTableError) as exc:
             raise TableError(f"{path}: {exc}") from exc
         _check_counts(path, header.get("meta", ""), table)
         return table
@@ -397,6 +415,7 @@ _META_FIELDS: dict[str, tuple[bool, Any, str]] = {
     "layer_reason": (False, lambda v: isinstance(v, str), "a string"),
     "data_source": (False, lambda v: v is None or isinstance(v, dict), "an object or null"),
     "layer_fingerprint": (False, lambda v: isinstance(v, str), "a string"),
+    "alarm": (False, lambda v: v is None or isinstance(v, dict), "an object or null"),
 }  # fmt: skip
 
 

@@ -90,3 +90,9 @@ def table_with_counts(counts) -> CalibrationTable:
         top_indices=torch.zeros(k, n, 1, dtype=torch.int32), top_alpha=torch.zeros(k, n, 1),
         class_names=[str(c) for c in range(k)],
     )  # fmt: skip
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, name: str = "") -> None:
+    """Bit-for-bit equal tensors, NaN equal to NaN (fields the table may leave NaN)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (name, got, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)

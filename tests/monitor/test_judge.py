@@ -11,6 +11,7 @@ import torch
 from monitor import InvalidInputError, Judge, SurpriseMonitor, TableMismatchError
 from monitor.host_copy import to_host
 from monitor.judge import DeviceReport
+from tests._checks import assert_same
 from tests._models import mixed_inputs
 
 
@@ -36,8 +37,9 @@ def test_the_stages_make_the_monitors_report(judge, calibrated):
         expected = monitor.inspect(x, labels)
     for f in dataclasses.fields(DeviceReport):
         if f.name not in DeviceReport.CHECKS:
-            assert torch.equal(getattr(report, f.name), getattr(dev, f.name).cpu()), f.name
-            assert torch.equal(getattr(report, f.name), getattr(expected, f.name)), f.name
+            got = getattr(report, f.name)
+            assert_same(got, getattr(dev, f.name).cpu(), f.name)
+            assert_same(got, getattr(expected, f.name), f.name)
     assert report.labels_given and report.layer == table.layer
     assert torch.equal(report.classes, labels)
     assert report.surprise.any() and report.low_beta.any()  # a real signal in these inputs

@@ -1,0 +1,298 @@
+"""The alarm's calibration, after the alpha table: profile grids, score reference, conformal nulls.
+
+Three passes, each small next to the training pass (see :mod:`monitor.atypicality` for the
+score and :mod:`monitor.conformal` for the p-values):
+
+1. *Profile grids*: the channel means of the activation-profile layers
+   (:func:`monitor.probe.profiles.stage_layers` unless named) over the even positions of an
+   evenly spaced subset of the training images (``reference_images`` of them at most), turned
+   into percentile grids at the table's levels (``numpy.percentile``, linear), any class.
+2. *Score reference*: the judge's components for the odd positions of that subset, judged
+   against their true labels, as the table was made: they weight the components in the score.
+   (Two halves, so no image is ranked against a grid it helped make.)
+3. *Conformal nulls* (with ``heldout``): the score of every held-out image judged as deployed,
+   against its predicted class, and against its true label.
+
+Under ``torchrun`` rank 0 makes all three and sends the result to the other ranks (JSON).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from tqdm.auto import tqdm
+
+from calibrate.distributed import Comm
+from calibrate.plan import split_batch, stream, stream_length
+from monitor.atypicality import SCORE_NAME, ScoreReference
+from monitor.judge import Judge
+from monitor.probe.hooks import get_module
+from monitor.probe.profiles import DEFAULT_STAGES, ProfileTap, stage_layers
+from monitor.table import CalibrationTable
+from monitor.table_alarm import AlarmCalibration
+
+log = logging.getLogger(__name__)
+
+#: Training images (at most) behind the profile grids and the score reference.
+DEFAULT_REFERENCE_IMAGES = 20_000
+#: ``profile_layers`` values: pick the first stages, or monitor the final layer alone.
+AUTO, NONE = "auto", "none"
+
+
+def alarm_calibration(
+    model: nn.Module,
+    table: CalibrationTable,
+    data: DataLoader | Dataset,
+    heldout: DataLoader | Dataset | None,
+    *,
+    profile_layers: str | Sequence[str] = AUTO,
+    reference_images: int = DEFAULT_REFERENCE_IMAGES,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device,
+    backend: str = "auto",
+    progress: bool = True,
+    heldout_source: dict[str, Any] | None = None,
+    comm: Comm | None = None,
+) -> AlarmCalibration:
+    """The alarm part of ``table`` (see the module docstring); the same on every rank."""
+    if comm is not None and comm.info.distributed:
+        mine = None
+        if comm.info.rank == 0:
+            mine = _to_json(
+                alarm_calibration(
+                    model,
+                    table,
+                    data,
+                    heldout,
+                    profile_layers=profile_layers,
+                    reference_images=reference_images,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    device=device,
+                    backend=backend,
+                    progress=progress,
+                    heldout_source=heldout_source,
+                )  # fmt: skip
+            )
+        return _from_json(comm.broadcast_json(mine, 0))
+    images = _ReferenceImages(data, reference_images, batch_size, num_workers)
+    layers = _profile_layers(model, table, profile_layers, images, device)
+    run = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
+    grids = _profile_grids(model, layers, images.half(0), table.levels, progress, **run)
+    alarm = AlarmCalibration(SCORE_NAME, tuple(layers), grids, None, images.count)
+    with_grids = replace(table, alarm=alarm, path=None, sha256="")
+    parts = _components(model, with_grids, images.half(1), backend, progress, **run)
+    alarm = replace(alarm, reference=ScoreReference.of(parts))
+    if heldout is None:
+        log.info("calibrate: no held-out images: the table has no conformal null (no alarms)")
+        return alarm
+    with_reference = replace(table, alarm=alarm, path=None, sha256="")
+    predicted, labelled, accuracy = _heldout_scores(
+        model, with_reference, heldout, backend, progress, **run
+    )
+    found = {"images": int(predicted.numel()), "accuracy": accuracy, "source": heldout_source}
+    log.info(
+        "calibrate: conformal null from %d held-out images (accuracy %.4f)",
+        predicted.numel(), accuracy,
+    )  # fmt: skip
+    return alarm.with_nulls(predicted, labelled, found)
+
+
+# ----------------------------------------------------------------------- the images
+class _ReferenceImages:
+    """An evenly spaced subset of the training data (the first images of an iterable one)."""
+
+    def __init__(
+        self, data: DataLoader | Dataset, limit: int, batch_size: int, num_workers: int
+    ) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
+            raise ValueError(f"reference_images must be an integer >= 2, got {limit!r}")
+        self.dataset = data.dataset if isinstance(data, DataLoader) else data
+        self.batch_size = data.batch_size if isinstance(data, DataLoader) else batch_size
+        self.batch_size = int(self.batch_size or batch_size)
+        self.num_workers = num_workers
+        self.collate = data.collate_fn if isinstance(data, DataLoader) else None
+        total = stream_length(data)
+        if isinstance(self.dataset, IterableDataset) or total is None:
+            self.indices = None
+            self.count = limit
+        else:
+            picked = np.unique(np.linspace(0, total - 1, min(limit, total)).round().astype(int))
+            self.indices = picked
+            self.count = int(picked.size)
+
+    def half(self, part: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The images at even (``part=0``) or odd (``1``) positions of the subset, batched."""
+        if self.indices is None:  # iterable: the first images, alternating
+            seen = 0
+            for x, y, _ in stream(self.dataset, self.batch_size, self.num_workers):
+                keep = (torch.arange(seen, seen + len(x)) % 2) == part
+                keep &= torch.arange(seen, seen + len(x)) < self.count
+                seen += len(x)
+                if keep.any():
+                    yield x[keep], torch.as_tensor(y)[keep]
+                if seen >= self.count:
+                    return
+            return
+        subset = Subset(self.dataset, self.indices[part::2].tolist())
+        kwargs: dict[str, Any] = {"batch_size": self.batch_size, "num_workers": self.num_workers}
+        if self.collate is not None:
+            kwargs["collate_fn"] = self.collate
+        for x, y, _ in stream(DataLoader(subset, shuffle=False, **kwargs), 0, 0):
+            yield x, torch.as_tensor(y)
+
+
+def _heldout_batches(
+    heldout: DataLoader | Dataset, batch_size: int, num_workers: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The held-out images with their labels, batched (in any order)."""
+    if isinstance(heldout, Dataset) and not isinstance(heldout, DataLoader):
+        heldout = DataLoader(heldout, batch_size=batch_size, num_workers=num_workers)
+    if not isinstance(heldout, DataLoader):
+        raise TypeError(
+            f"heldout must be a torch DataLoader or Dataset, got {type(heldout).__name__}"
+        )
+    for batch in heldout:
+        x, y, _ = split_batch(batch, None)
+        yield x, torch.as_tensor(y)
+
+
+# ------------------------------------------------------------------------ the passes
+def _profile_layers(
+    model: nn.Module,
+    table: CalibrationTable,
+    wanted: str | Sequence[str],
+    images: _ReferenceImages,
+    device: torch.device,
+) -> list[str]:
+    """The profile layers: the first stages (``"auto"``), none (``"none"``) or the names."""
+    if isinstance(wanted, str) and wanted not in (AUTO, NONE):
+        raise ValueError(
+            f"profile_layers must be 'auto', 'none' or a list of module names, got {wanted!r}"
+        )
+    if wanted == NONE:
+        return []
+    if wanted != AUTO:
+        layers = [str(n) for n in wanted]
+        for name in layers:
+            get_module(model, name)
+        return layers
+    x, _ = next(iter(images.half(0)))
+    layers = stage_layers(model, x[:1].to(device), DEFAULT_STAGES, before=table.layer)
+    log.info("calibrate: activation-profile layers %s (the first %d stages)", layers,
+             DEFAULT_STAGES)  # fmt: skip
+    return layers
+
+
+@torch.no_grad()
+def _profile_grids(
+    model: nn.Module,
+    layers: list[str],
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    levels: torch.Tensor,
+    progress: bool,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """Each layer's ``[C, Q]`` percentile grid of channel means over ``batches``."""
+    if not layers:
+        return ()
+    tap = ProfileTap(model, layers)
+    rows: list[list[np.ndarray]] = [[] for _ in layers]
+    try:
+        for x, _ in tqdm(batches, desc="profile grids", unit="batch", disable=not progress):
+            with tap.armed() as record:
+                model(x.to(device))
+            for j, m in enumerate(tap.means(record)):
+                rows[j].append(m.cpu().numpy())
+    finally:
+        tap.close()
+    lv = levels.double().cpu().numpy()
+    grids = []
+    for name, parts in zip(layers, rows, strict=True):
+        means = np.concatenate(parts)
+        if not np.isfinite(means).all():
+            raise ValueError(f"profile layer {name!r} gave NaN or Inf channel means")
+        grids.append(torch.from_numpy(np.percentile(means, lv, axis=0).T.astype(np.float32)))
+    return tuple(g.contiguous() for g in grids)
+
+
+def _components(
+    model: nn.Module,
+    table: CalibrationTable,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    backend: str,
+    progress: bool,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The judge's components ``[m, 1 + L]`` of training images judged against their labels."""
+    judge = Judge(model, table, backend=backend, check_fingerprint=False)
+    parts = []
+    try:
+        for x, y in tqdm(batches, desc="score reference", unit="batch", disable=not progress):
+            parts.append(judge(x.to(device), y.to(device)).components)
+    finally:
+        judge.close()
+    return torch.cat(parts)
+
+
+def _heldout_scores(
+    model: nn.Module,
+    table: CalibrationTable,
+    heldout: DataLoader | Dataset,
+    backend: str,
+    progress: bool,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Held-out scores judged against the predictions and against the labels, and the model's
+    accuracy on them (a second judgement only for the misclassified images)."""
+    judge = Judge(model, table, backend=backend, check_fingerprint=False)
+    predicted, labelled, hits = [], [], 0
+    try:
+        batches = _heldout_batches(heldout, batch_size, num_workers)
+        for x, y in tqdm(batches, desc="held-out null", unit="batch", disable=not progress):
+            x, y = x.to(device), y.to(device)
+            report = judge(x)
+            wrong = torch.nonzero(report.classes != y.cpu()).flatten()
+            with_labels = report.score.clone()
+            if wrong.numel():
+                rows = wrong.to(device)
+                with_labels[wrong] = judge(x[rows], y[rows]).score
+            predicted.append(report.score)
+            labelled.append(with_labels)
+            hits += len(y) - int(wrong.numel())
+    finally:
+        judge.close()
+    if not predicted:
+        raise ValueError("the held-out data is empty")
+    scores = torch.cat(predicted)
+    return scores, torch.cat(labelled), hits / scores.numel()
+
+
+# ---------------------------------------------------------------- across ranks (JSON)
+def _to_json(alarm: AlarmCalibration) -> dict[str, Any]:
+    """The alarm part as JSON (metadata and tensors as lists)."""
+    tensors = {k: v.tolist() for k, v in alarm.tensors().items()}
+    return {"meta": alarm.metadata(), "tensors": tensors}
+
+
+def _from_json(obj: Any) -> AlarmCalibration:
+    """The alarm part :func:`_to_json` made."""
+    tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in obj["tensors"].items()}
+    return AlarmCalibration.from_file(obj["meta"], tensors)

@@ -1,0 +1,111 @@
+"""The per-input atypicality score behind the alarm (higher = less like the training images).
+
+An input's *percentile profile* is the rank of each of its values among the calibration images'
+(mid-rank on ties), turned into a normal score ``z = Phi^-1(percentile / 100)`` (clipped to
+``[0.05, 99.95]`` percent, ``|z| <= 3.29``). Two kinds of component summarise it:
+
+- ``expectation_mass`` at the monitored (final) layer: ``mean_n max(0, -z_n)^2`` over the
+  Grad-AMap alphas judged against the input's class, the paper's *expectation* made continuous:
+  how far the filters sit below their usual range for that class, all filters counted.
+- ``stage_energy`` at each activation-profile layer (:mod:`monitor.probe.profiles`):
+  ``mean_c z_c^2`` over the channel means, both tails: low-level statistics unlike the
+  training images' (any class).
+
+The score combines the components' tail probabilities among training images (Fisher):
+``score = -2 sum_j log r_j`` with ``r_j = (1 + #{reference_j >= component_j}) / (m_j + 1)``, the
+references being the components of an evenly spaced subset of the training images. The
+references fix only the weighting: the alarm's calibration comes from the conformal null of the
+score on held-out images (:mod:`monitor.conformal`). How this score was chosen, and what it was
+compared with, is in ``bench/alarms/PROTOCOL.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Name of the score defined here (recorded in tables, so a future change of formula is refused).
+SCORE_NAME = "fisher-profile-v1"
+#: Percent clip before the normal score: ranks of 0 or 100 (beyond the grid) become +-3.29.
+CLIP_PCT = 0.05
+#: The component at the monitored layer, and the name prefix of those at profile layers.
+ALPHA_COMPONENT = "expectation_mass"
+STAGE_COMPONENT = "stage_energy"
+
+
+def component_names(profile_layers: tuple[str, ...] | list[str]) -> list[str]:
+    """The components' names, in the order :func:`components` returns them."""
+    return [ALPHA_COMPONENT] + [f"{STAGE_COMPONENT}:{layer}" for layer in profile_layers]
+
+
+def normal_scores(percentile: torch.Tensor) -> torch.Tensor:
+    """``Phi^-1(clip(percentile, 0.05, 99.95) / 100)`` (float32)."""
+    p = percentile.float().clamp(CLIP_PCT, 100.0 - CLIP_PCT) / 100.0
+    return torch.special.ndtri(p)
+
+
+def expectation_mass(percentile: torch.Tensor) -> torch.Tensor:
+    """``mean_n max(0, -z_n)^2`` of a ``[B, N]`` percentile profile: ``[B]``."""
+    return normal_scores(percentile).neg().clamp(min=0.0).square().mean(dim=1)
+
+
+def stage_energy(percentile: torch.Tensor) -> torch.Tensor:
+    """``mean_c z_c^2`` of a ``[B, C]`` percentile profile: ``[B]``."""
+    return normal_scores(percentile).square().mean(dim=1)
+
+
+def components(
+    alpha_percentile: torch.Tensor, stage_percentiles: list[torch.Tensor]
+) -> torch.Tensor:
+    """``[B, 1 + L]``: the expectation mass of the alpha profile, then each profile layer's
+    stage energy."""
+    parts = [expectation_mass(alpha_percentile)] + [stage_energy(p) for p in stage_percentiles]
+    return torch.stack(parts, dim=1)
+
+
+def tail_ranks(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``(1 + #{reference >= v}) / (m + 1)`` for ``values [B]`` against a sorted ``reference
+    [m]`` (float32, on ``values``' device)."""
+    ref = reference.to(values.device)
+    below = torch.searchsorted(ref, values.float().contiguous(), right=False)
+    m = ref.numel()
+    return (1.0 + (m - below).float()) / float(m + 1)
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreReference:
+    """The components of training images (each ``[m_j]`` float32, sorted ascending), one per
+    component in :func:`component_names` order, that weight the components in the score."""
+
+    sorted_components: tuple[torch.Tensor, ...]
+
+    def __post_init__(self) -> None:
+        for j, ref in enumerate(self.sorted_components):
+            if ref.ndim != 1 or ref.numel() == 0:
+                raise ValueError(f"score reference {j} must be a non-empty 1-D tensor")
+            if not bool(torch.isfinite(ref).all()) or bool((ref[1:] < ref[:-1]).any()):
+                raise ValueError(f"score reference {j} must be finite and sorted ascending")
+
+    @classmethod
+    def of(cls, component_rows: torch.Tensor) -> ScoreReference:
+        """The reference of the components ``[m, 1 + L]`` of training images."""
+        cols = component_rows.detach().float().cpu()
+        return cls(tuple(torch.sort(cols[:, j]).values.contiguous() for j in range(cols.shape[1])))
+
+    def to(self, device: torch.device | str) -> ScoreReference:
+        """The same reference on ``device``."""
+        return ScoreReference(tuple(r.to(device) for r in self.sorted_components))
+
+    def score(self, component_values: torch.Tensor) -> torch.Tensor:
+        """Fisher's combination ``-2 sum_j log r_j`` of ``[B, 1 + L]`` components: ``[B]``."""
+        if component_values.shape[1] != len(self.sorted_components):
+            raise ValueError(
+                f"{component_values.shape[1]} components for a reference of "
+                f"{len(self.sorted_components)}"
+            )
+        logs = [
+            torch.log(tail_ranks(ref, component_values[:, j]))
+            for j, ref in enumerate(self.sorted_components)
+        ]
+        return -2.0 * torch.stack(logs, dim=1).sum(dim=1)

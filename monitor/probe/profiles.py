@@ -1,0 +1,121 @@
+"""Activation profiles: each channel's spatial mean at a few early layers, for the alarm score.
+
+The paper's quantities live at the final convolution. Inputs unlike the training images in their
+low-level statistics (greyscale digits on a black background, noise, heavy blur or low contrast)
+are seen most clearly by the first stages of the network. :class:`ProfileTap` records, during
+the same forward pass the probe makes, the mean over H x W of every channel at those layers
+(``[B, C]`` float32 per layer): a forward hook that reads the output and changes nothing, so the
+cost is one reduction per layer. :func:`stage_layers` picks the layers: the output of the last
+module run at each of the first ``count`` spatial resolutions (for a torchvision ResNet at
+224 x 224: ``relu`` at 112 x 112 and ``layer1`` at 56 x 56; for a CIFAR ResNet: ``layer1`` and
+``layer2``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from monitor.probe.hooks import CopySafeHook, get_module, traced_calls
+
+#: How many of the first spatial stages :func:`stage_layers` picks by default.
+DEFAULT_STAGES = 2
+
+
+class ProfileTap:
+    """Forward hooks on ``layers`` of ``model`` that record each channel's spatial mean while
+    armed in the calling thread (other threads and the plain model are unaffected).
+
+    Args:
+        model: the network (not modified; :meth:`close` removes the hooks).
+        layers: module names whose outputs are ``[B, C, H, W]`` tensors run once per pass.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        self.layers = tuple(layers)
+        self._local = threading.local()
+        self._handles: list[Any] = []
+        try:
+            for name in self.layers:
+                hook = CopySafeHook(self._make_hook(name))
+                self._handles.append(get_module(model, name).register_forward_hook(hook))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Remove the hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @contextmanager
+    def armed(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Record the layers' channel means (``{layer: [B, C] float32}``) in this thread for the
+        duration of the block."""
+        record: dict[str, torch.Tensor] = {}
+        self._local.record = record
+        try:
+            yield record
+        finally:
+            self._local.record = None
+
+    def means(self, record: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The recorded means in the order of :attr:`layers` (``RuntimeError`` naming a layer
+        that did not run)."""
+        missing = [name for name in self.layers if name not in record]
+        if missing:
+            raise RuntimeError(f"profile layer(s) {missing} did not run in the forward pass")
+        return [record[name] for name in self.layers]
+
+    def _make_hook(self, name: str) -> Any:
+        """The hook that records layer ``name``'s channel means."""
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            record = getattr(self._local, "record", None)
+            if record is None:
+                return
+            if name in record:
+                raise RuntimeError(
+                    f"profile layer {name!r} ran more than once in one forward pass; pick a "
+                    "module that runs exactly once"
+                )
+            if not isinstance(output, torch.Tensor) or output.ndim != 4:
+                raise ValueError(f"profile layer {name!r} output is not a [B, C, H, W] tensor")
+            record[name] = output.detach().float().mean(dim=(2, 3))
+
+        return hook
+
+
+def stage_layers(
+    model: nn.Module, example: torch.Tensor, count: int = DEFAULT_STAGES, *, before: str = ""
+) -> list[str]:
+    """The output of the last module run at each of the first ``count`` spatial resolutions of a
+    forward pass of ``example`` (``[1, C, H, W]``), in the order they run.
+
+    Modules that run more than once, and any that run after ``before`` (the monitored layer)
+    starts, are left out; a resolution of 1 x 1 is not a stage.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    calls = traced_calls(model, example, names)
+    runs: dict[str, int] = {}
+    for call in calls:
+        runs[call.name] = runs.get(call.name, 0) + 1
+    order: list[tuple[int, int]] = []  # resolutions in the order they first appear
+    last: dict[tuple[int, int], str] = {}
+    for call in calls:
+        if before and call.name == before:
+            break
+        shape = call.out_shape
+        if len(shape) != 4 or runs[call.name] != 1 or shape[2] * shape[3] <= 1:
+            continue
+        res = (int(shape[2]), int(shape[3]))
+        if res not in last:
+            order.append(res)
+        last[res] = call.name
+    return [last[res] for res in order[:count]]

@@ -1,0 +1,175 @@
+"""The alarm's part of a calibration table: activation-profile grids, the score's reference and
+the conformal nulls (see :mod:`monitor.atypicality` and :mod:`monitor.conformal`).
+
+Made by ``calibrate`` after the alpha table: the profile grids and the reference from an evenly
+spaced subset of the training images, the nulls from held-out images (``heldout=``). Stored in
+the table's file as tensors named ``alarm.*`` and a metadata object ``"alarm"``; a table without
+them loads with ``alarm = None`` (no score, no alarms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from kernels import check_percentile_grid
+from monitor.atypicality import SCORE_NAME, ScoreReference, component_names
+from monitor.conformal import ConformalNull
+
+#: Tensor name prefix in the file.
+PREFIX = "alarm."
+
+
+class AlarmTableError(ValueError):
+    """The alarm part of a table is inconsistent (the table wraps it in a ``TableError``)."""
+
+
+@dataclass(eq=False)
+class AlarmCalibration:
+    """What the alarm needs beyond the alpha table.
+
+    Attributes:
+        score: the score's formula (:data:`monitor.atypicality.SCORE_NAME` when made here).
+        profile_layers: the activation-profile layers, in forward order.
+        profile_quantiles: per layer ``[C, Q]`` float32 percentiles of each channel's spatial
+            mean over training images (any class), at the table's alpha levels.
+        reference: the score's reference (training images' components).
+        reference_images: how many training images the grids and the reference came from.
+        null_predicted: the conformal null of the score judged against the predicted class
+            (what inference does without labels), or ``None`` without held-out images.
+        null_labelled: the null judged against the held-out images' true labels.
+        heldout: what is known of the held-out images (``images``, ``accuracy``, ``source``).
+    """
+
+    score: str
+    profile_layers: tuple[str, ...]
+    profile_quantiles: tuple[torch.Tensor, ...]
+    reference: ScoreReference | None
+    reference_images: int = 0
+    null_predicted: ConformalNull | None = None
+    null_labelled: ConformalNull | None = None
+    heldout: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_null(self) -> bool:
+        """True when alarms can fire: a reference and both nulls are there."""
+        return (
+            self.reference is not None
+            and self.null_predicted is not None
+            and self.null_labelled is not None
+        )
+
+    def null(self, labels_given: bool) -> ConformalNull | None:
+        """The null for inputs judged against labels (``True``) or predictions."""
+        return self.null_labelled if labels_given else self.null_predicted
+
+    def with_nulls(
+        self, predicted: torch.Tensor, labelled: torch.Tensor, heldout: dict[str, Any]
+    ) -> AlarmCalibration:
+        """A copy with the nulls of held-out scores (unsorted) and their description."""
+        return replace(
+            self, null_predicted=ConformalNull.of(predicted),
+            null_labelled=ConformalNull.of(labelled), heldout=dict(heldout),
+        )  # fmt: skip
+
+    def validate(self, levels: torch.Tensor) -> None:
+        """:class:`AlarmTableError` naming what does not fit (levels: the table's)."""
+        if self.score != SCORE_NAME:
+            raise AlarmTableError(
+                f"alarm score {self.score!r} is not one this library computes ({SCORE_NAME!r}); "
+                "calibrate again"
+            )
+        if len(self.profile_quantiles) != len(self.profile_layers):
+            raise AlarmTableError(
+                f"{len(self.profile_quantiles)} profile grids for "
+                f"{len(self.profile_layers)} profile layers"
+            )
+        for name, grid in zip(self.profile_layers, self.profile_quantiles, strict=True):
+            try:
+                check_percentile_grid(
+                    levels, grid, names=("levels", f"profile grid of {name!r}"),
+                    axes=("channel",),
+                )  # fmt: skip
+            except ValueError as exc:
+                raise AlarmTableError(str(exc)) from exc
+        want = len(component_names(self.profile_layers))
+        if self.reference is not None and len(self.reference.sorted_components) != want:
+            raise AlarmTableError(
+                f"the score reference has {len(self.reference.sorted_components)} components, "
+                f"the profile layers need {want}"
+            )
+        if (self.null_predicted is None) != (self.null_labelled is None):
+            raise AlarmTableError("null_predicted and null_labelled must be given together")
+
+    # ------------------------------------------------------------------ the file
+    def metadata(self) -> dict[str, Any]:
+        """The JSON object stored as the table metadata's ``"alarm"``."""
+        return {
+            "score": self.score,
+            "profile_layers": list(self.profile_layers),
+            "reference_images": int(self.reference_images),
+            "reference": self.reference is not None,
+            "null": self.null_predicted is not None,
+            "heldout": self.heldout,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors stored in the file (float32, contiguous, on the CPU)."""
+        out: dict[str, torch.Tensor] = {}
+        for i, grid in enumerate(self.profile_quantiles):
+            out[f"{PREFIX}profile.{i}"] = grid
+        if self.reference is not None:
+            for j, ref in enumerate(self.reference.sorted_components):
+                out[f"{PREFIX}reference.{j}"] = ref
+        if self.null_predicted is not None and self.null_labelled is not None:
+            out[f"{PREFIX}null_predicted"] = self.null_predicted.scores
+            out[f"{PREFIX}null_labelled"] = self.null_labelled.scores
+        return {k: v.detach().cpu().float().contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_file(cls, meta: Any, tensors: dict[str, torch.Tensor]) -> AlarmCalibration:
+        """The alarm part of a table file: its metadata object and its ``alarm.*`` tensors
+        (:class:`AlarmTableError` naming a missing or mistyped field or tensor)."""
+        if not isinstance(meta, dict):
+            raise AlarmTableError("metadata field 'alarm' must be an object")
+        layers = _field(meta, "profile_layers", list)
+        if not all(isinstance(x, str) for x in layers):
+            raise AlarmTableError("metadata field 'alarm.profile_layers' must be strings")
+        grids = tuple(_tensor(tensors, f"profile.{i}") for i in range(len(layers)))
+        reference = None
+        if _field(meta, "reference", bool):
+            count = len(component_names(layers))
+            reference = ScoreReference(
+                tuple(_tensor(tensors, f"reference.{j}") for j in range(count))
+            )
+        predicted = labelled = None
+        if _field(meta, "null", bool):
+            predicted = ConformalNull(_tensor(tensors, "null_predicted"))
+            labelled = ConformalNull(_tensor(tensors, "null_labelled"))
+        return cls(
+            score=_field(meta, "score", str), profile_layers=tuple(layers),
+            profile_quantiles=grids, reference=reference,
+            reference_images=_field(meta, "reference_images", int),
+            null_predicted=predicted, null_labelled=labelled,
+            heldout=_field(meta, "heldout", dict),
+        )  # fmt: skip
+
+
+def _field(meta: dict[str, Any], name: str, kind: type) -> Any:
+    """``meta[name]`` when it is a ``kind`` (:class:`AlarmTableError` naming it otherwise)."""
+    if name not in meta:
+        raise AlarmTableError(f"metadata field 'alarm.{name}' is missing")
+    value = meta[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise AlarmTableError(f"metadata field 'alarm.{name}' must be a {kind.__name__}")
+    return value
+
+
+def _tensor(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The file's tensor ``alarm.<name>`` as float32 (:class:`AlarmTableError` when absent)."""
+    key = PREFIX + name
+    if key not in tensors:
+        raise AlarmTableError(f"the table lacks tensor {key!r}")
+    return tensors[key].float()

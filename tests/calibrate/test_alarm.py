@@ -1,0 +1,158 @@
+"""The alarm's calibration passes against independent computations, and the false-alarm rate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from calibrate import calibrate
+from monitor import SurpriseMonitor
+from monitor.atypicality import SCORE_NAME, components
+from monitor.table import CalibrationTable, TableError
+from tests._checks import resign
+from tests._models import TinyCNN, class_dataset, class_images, seeded, trained_tiny_cnn
+
+
+def _split(start: int, stop: int) -> TensorDataset:
+    """Images ``start..stop`` of one stream of the tiny CNN's training distribution (the class
+    patterns of seed 1, fresh noise per image): any two slices are exchangeable."""
+    x, y = class_images(4000, 3, seed=1)
+    return TensorDataset(x[start:stop], y[start:stop])
+
+
+@pytest.fixture(scope="module")
+def alarmed(tmp_path_factory):
+    """A trained tiny CNN calibrated on 600 images, with a null of 400 held-out ones."""
+    model = trained_tiny_cnn(steps=12)  # under-trained: some held-out images misclassified
+    train = _split(0, 600)
+    heldout = _split(600, 1000)
+    table = calibrate(model, train, heldout=heldout, batch_size=50, progress=False,
+                      reference_images=300)  # fmt: skip
+    return model, table, train, heldout
+
+
+def test_the_profile_grid_is_numpys_percentiles_of_the_even_half(alarmed):
+    model, table, train, _ = alarmed
+    alarm = table.alarm
+    assert alarm.score == SCORE_NAME and alarm.profile_layers == ("features.1",)
+    picked = np.unique(np.linspace(0, 599, 300).round().astype(int))
+    x = train.tensors[0][picked[0::2]]
+    with torch.no_grad():
+        means = model.features[1](model.features[0](x)).mean(dim=(2, 3)).numpy()
+    want = np.percentile(means, table.levels.numpy(), axis=0).T
+    np.testing.assert_allclose(alarm.profile_quantiles[0].numpy(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_the_reference_is_the_odd_halfs_components_judged_with_labels(alarmed):
+    model, table, train, _ = alarmed
+    picked = np.unique(np.linspace(0, 599, 300).round().astype(int))[1::2]
+    x, y = train.tensors[0][picked], train.tensors[1][picked]
+    lean = dataclasses.replace(table, alarm=None)
+    with SurpriseMonitor(model, lean) as plain:
+        alpha_pct = plain.inspect(x, y).percentile
+    with torch.no_grad():
+        means = model.features[1](model.features[0](x)).mean(dim=(2, 3))
+    from kernels import percentile_rank
+
+    stage = percentile_rank(means, table.alarm.profile_quantiles[0], table.levels.float())
+    want = components(alpha_pct, [stage])
+    for j, ref in enumerate(table.alarm.reference.sorted_components):
+        torch.testing.assert_close(ref, torch.sort(want[:, j]).values, rtol=1e-6, atol=1e-7)
+
+
+def test_the_nulls_are_the_held_out_scores_as_deployed(alarmed):
+    model, table, _, heldout = alarmed
+    x, y = heldout.tensors
+    with SurpriseMonitor(model, table) as monitor:
+        predicted = monitor.inspect(x)
+        labelled = monitor.inspect(x, y)
+    alarm = table.alarm
+    torch.testing.assert_close(alarm.null_predicted.scores, torch.sort(predicted.score).values)
+    torch.testing.assert_close(alarm.null_labelled.scores, torch.sort(labelled.score).values)
+    accuracy = float((predicted.predictions == y).float().mean())
+    assert alarm.heldout["images"] == 400 and alarm.heldout["accuracy"] == pytest.approx(accuracy)
+    assert 0.5 < accuracy < 1.0  # some misclassified: the two nulls differ
+    assert not torch.equal(alarm.null_predicted.scores, alarm.null_labelled.scores)
+    # each held-out image's p-value is its rank among the null (itself included)
+    p = predicted.p_value.numpy()
+    s = predicted.score.numpy()
+    np.testing.assert_allclose(p, [(1 + np.sum(s >= v)) / 401 for v in s], rtol=1e-6)
+
+
+def test_fresh_in_distribution_inputs_alarm_at_most_at_the_nominal_rate(alarmed):
+    """Exchangeable fresh images (same generator, other seeds): the alarm rate stays within
+    the binomial interval of its nominal value; atypical inputs alarm far more often."""
+    model, table, _, _ = alarmed
+    fresh = _split(1000, 4000).tensors[0]
+    with SurpriseMonitor(model, table, alarm_rate=0.05) as monitor:
+        rate = float(monitor.inspect(fresh).alarm.float().mean())
+        noise = float(monitor.inspect(3 * torch.randn(300, 3, 8, 8)).alarm.float().mean())
+    nominal = int(0.05 * 401) / 401
+    assert abs(rate - nominal) < 3 * np.sqrt(nominal * (1 - nominal) / 3000) + 3 / 400
+    assert noise > 0.9
+
+
+def test_the_alarm_part_survives_save_and_load(alarmed, tmp_path):
+    model, table, _, _ = alarmed
+    loaded = CalibrationTable.load(table.save(tmp_path / "t.safetensors"))
+    a, b = table.alarm, loaded.alarm
+    assert b.metadata() == a.metadata()
+    for name, t in a.tensors().items():
+        assert torch.equal(b.tensors()[name], t), name
+    x = class_dataset(20, 3, seed=3).tensors[0]
+    with SurpriseMonitor(model, table) as m1, SurpriseMonitor(model, loaded) as m2:
+        assert torch.equal(m1.inspect(x).p_value, m2.inspect(x).p_value)
+
+
+def test_a_table_without_held_out_images_scores_but_never_alarms(tmp_path):
+    model = seeded(TinyCNN(num_classes=3)).eval()
+    table = calibrate(model, class_dataset(60, 3), progress=False)
+    assert table.alarm is not None and table.alarm.null_predicted is None
+    with SurpriseMonitor(model, table) as monitor:
+        report = monitor.inspect(3 * torch.randn(4, 3, 8, 8))
+    assert torch.isfinite(report.score).all() and torch.isnan(report.p_value).all()
+    assert not report.alarm.any() and report.to_dict()["samples"][0]["p_value"] is None
+    bare = calibrate(model, class_dataset(60, 3), progress=False, alarm=False)
+    assert bare.alarm is None
+    loaded = CalibrationTable.load(bare.save(tmp_path / "bare.safetensors"))
+    assert loaded.alarm is None
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["alarm"].update(score="other-v9"), "alarm score 'other-v9' is not one"),
+        (lambda m: m["alarm"].pop("profile_layers") and None, "'alarm.profile_layers' is missing"),
+        (lambda m: m["alarm"].update(reference="yes"), "'alarm.reference' must be a bool"),
+        (lambda m: m.update(alarm=[1]), "'alarm' must be an object or null"),
+    ],
+)
+def test_a_bad_alarm_part_is_a_table_error(alarmed, tmp_path, edit, message):
+    _, table, _, _ = alarmed
+    path = table.save(tmp_path / "t.safetensors")
+    resign(path, edit)
+    with pytest.raises(TableError, match=message):
+        CalibrationTable.load(path)
+
+
+def test_profile_layers_can_be_named_or_switched_off():
+    model = seeded(TinyCNN(num_classes=3)).eval()
+    data = DataLoader(class_dataset(60, 3), batch_size=20)
+    named = calibrate(model, data, progress=False, profile_layers=["features.0", "features.1"])
+    assert named.alarm.profile_layers == ("features.0", "features.1")
+    assert len(named.alarm.reference.sorted_components) == 3
+    none = calibrate(model, data, progress=False, profile_layers="none")
+    assert none.alarm.profile_layers == () and len(none.alarm.reference.sorted_components) == 1
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        calibrate(model, data, progress=False, profile_layers=["nope"])
+    with pytest.raises(ValueError, match="profile_layers must be 'auto', 'none'"):
+        calibrate(model, data, progress=False, profile_layers="all")
+    with pytest.raises(TypeError, match="heldout must be a torch DataLoader or Dataset"):
+        calibrate(model, data, progress=False, heldout=[1, 2])
+    held = TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="held-out data is empty"):
+        calibrate(model, data, progress=False, heldout=held)

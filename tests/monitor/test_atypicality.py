@@ -1,0 +1,77 @@
+"""The atypicality score's pieces against numpy / scipy oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import ndtri
+
+from monitor.atypicality import (
+    ScoreReference,
+    component_names,
+    components,
+    expectation_mass,
+    normal_scores,
+    stage_energy,
+    tail_ranks,
+)
+
+
+def oracle_z(pct: np.ndarray) -> np.ndarray:
+    return ndtri(np.clip(pct, 0.05, 99.95) / 100.0)
+
+
+def test_normal_scores_clip_the_tails_and_match_scipy():
+    pct = torch.tensor([0.0, 0.01, 0.05, 2.5, 50.0, 97.5, 99.99, 100.0])
+    np.testing.assert_allclose(normal_scores(pct).numpy(), oracle_z(pct.numpy()), atol=1e-5)
+    assert normal_scores(torch.tensor([100.0])).item() == pytest.approx(3.2905, abs=1e-3)
+
+
+def test_components_are_the_lower_tail_mass_and_the_two_sided_energy():
+    g = np.random.default_rng(0)
+    alpha_pct = g.uniform(0, 100, size=(5, 40)).astype(np.float32)
+    stage = [g.uniform(0, 100, size=(5, c)).astype(np.float32) for c in (7, 3)]
+    z = oracle_z(alpha_pct)
+    want_mass = (np.clip(-z, 0, None) ** 2).mean(1)
+    want_energy = [(oracle_z(s) ** 2).mean(1) for s in stage]
+    got = components(torch.from_numpy(alpha_pct), [torch.from_numpy(s) for s in stage]).numpy()
+    np.testing.assert_allclose(got[:, 0], want_mass, rtol=1e-5)
+    np.testing.assert_allclose(got[:, 1], want_energy[0], rtol=1e-5)
+    np.testing.assert_allclose(got[:, 2], want_energy[1], rtol=1e-5)
+    assert got.shape == (5, 3)
+    np.testing.assert_allclose(expectation_mass(torch.from_numpy(alpha_pct)), want_mass, 1e-5)
+    np.testing.assert_allclose(stage_energy(torch.from_numpy(stage[0])), want_energy[0], 1e-5)
+    assert component_names(["a", "b"]) == ["expectation_mass", "stage_energy:a",
+                                           "stage_energy:b"]  # fmt: skip
+
+
+def test_above_the_median_the_expectation_mass_is_zero():
+    assert expectation_mass(torch.full((2, 4), 50.0)).tolist() == [0.0, 0.0]
+    assert expectation_mass(torch.full((1, 4), 99.0)).item() == 0.0
+    assert expectation_mass(torch.full((1, 4), 1.0)).item() > 5.0
+
+
+def test_the_score_is_fishers_combination_of_tail_ranks():
+    g = np.random.default_rng(1)
+    ref = g.normal(size=(300, 3)).astype(np.float32)
+    q = g.normal(size=(20, 3)).astype(np.float32)
+    reference = ScoreReference.of(torch.from_numpy(ref))
+    tails = np.stack(
+        [[(1 + np.sum(ref[:, j] >= q[i, j])) / 301 for j in range(3)] for i in range(20)]
+    )
+    np.testing.assert_allclose(
+        tail_ranks(reference.sorted_components[1], torch.from_numpy(q[:, 1])).numpy(),
+        tails[:, 1], rtol=1e-6,
+    )  # fmt: skip
+    want = -2 * np.log(tails).sum(1)
+    np.testing.assert_allclose(reference.score(torch.from_numpy(q)).numpy(), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="2 components for a reference of 3"):
+        reference.score(torch.zeros(4, 2))
+
+
+def test_a_bad_reference_is_refused():
+    with pytest.raises(ValueError, match="sorted ascending"):
+        ScoreReference((torch.tensor([2.0, 1.0]),))
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        ScoreReference((torch.zeros(0),))

@@ -1,0 +1,71 @@
+"""Conformal p-values against a numpy oracle, and the finite-sample false-alarm guarantee."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.conformal import ConformalNull, check_alarm_rate
+
+
+def oracle_p(null: np.ndarray, s: float) -> float:
+    """(1 + #{null >= s}) / (n + 1), counted by numpy."""
+    return (1 + int(np.sum(null >= s))) / (len(null) + 1)
+
+
+def test_p_values_match_the_counting_oracle_with_ties():
+    rng = np.random.default_rng(0)
+    null = np.round(rng.normal(size=200), 1).astype(np.float32)  # many ties
+    queries = np.concatenate([null[:30], np.round(rng.normal(size=50), 1), [-9, 9]]).astype(
+        np.float32
+    )
+    found = ConformalNull.of(torch.from_numpy(null)).p_values(torch.from_numpy(queries))
+    want = np.array([oracle_p(null, q) for q in queries], np.float32)
+    np.testing.assert_allclose(found.numpy(), want, rtol=0, atol=1e-7)
+    assert found[-2] == 1.0 and found[-1] == pytest.approx(1 / 201)
+
+
+def test_a_nan_score_is_the_most_atypical():
+    null = ConformalNull.of(torch.arange(9.0))
+    assert null.p_values(torch.tensor([float("nan")])).item() == pytest.approx(0.1)
+
+
+def test_threshold_agrees_with_the_p_values():
+    rng = np.random.default_rng(1)
+    null = ConformalNull.of(torch.from_numpy(rng.normal(size=999).astype(np.float32)))
+    for rate in (0.001, 0.01, 0.05, 0.5):
+        t = null.threshold(rate)
+        s = torch.tensor([t, np.nextafter(np.float32(t), np.float32(np.inf))])
+        p = null.p_values(s)
+        assert p[0] > rate and p[1] <= rate, (rate, t, p)
+    assert null.threshold(0.0005) == float("inf")  # (n + 1) * rate < 1: no score alarms
+    assert null.smallest_rate() == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.1])
+def test_alarm_rate_never_exceeds_the_nominal_one_on_exchangeable_data(rate):
+    """Over many independent nulls and test sets drawn from one distribution, the average alarm
+    rate is floor(rate * (n + 1)) / (n + 1) <= rate (the finite-sample guarantee)."""
+    g = torch.Generator().manual_seed(0)
+    n, trials, per = 149, 400, 200
+    rates = []
+    for _ in range(trials):
+        null = ConformalNull.of(torch.randn(n, generator=g))
+        rates.append(float((null.p_values(torch.randn(per, generator=g)) <= rate).float().mean()))
+    expected = int(rate * (n + 1) + 1e-9) / (n + 1)
+    se = np.std(rates) / np.sqrt(trials)
+    assert abs(np.mean(rates) - expected) < 4 * se
+    assert expected <= rate
+
+
+def test_bad_nulls_and_rates_are_refused():
+    with pytest.raises(ValueError, match="sorted ascending"):
+        ConformalNull(torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ConformalNull(torch.tensor([0.0, float("inf")]))
+    with pytest.raises(ValueError, match="1-D tensor"):
+        ConformalNull(torch.zeros(0))
+    for bad in (0.0, 1.0, -0.1, 2):
+        with pytest.raises(ValueError, match="alarm_rate must be a fraction in \\(0, 1\\)"):
+            check_alarm_rate(bad)
