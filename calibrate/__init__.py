@@ -7,7 +7,16 @@ re-exported here for ``from calibrate import ...``.
 """
 
 from calibrate.builder import calibrate
+from calibrate.detector import NotFittedError, SurpriseDetector
 from monitor.fingerprint import model_fingerprint
 from monitor.table import DEFAULT_LEVELS, CalibrationTable, TableError
 
-__all__ = ["DEFAULT_LEVELS", "CalibrationTable", "TableError", "calibrate", "model_fingerprint"]
+__all__ = [
+    "DEFAULT_LEVELS",
+    "CalibrationTable",
+    "NotFittedError",
+    "SurpriseDetector",
+    "TableError",
+    "calibrate",
+    "model_fingerprint",
+]

@@ -1,0 +1,136 @@
+"""Run the product on a strong model: calibrate (with the held-out null), then judge every set.
+
+Everything is cached under ``bench.cifar.cache_dir() / "alarms" / MODEL``: the table, the
+training images' penultimate features (for the Mahalanobis and k-NN baselines) and one ``.npz``
+per (set, part) with what the benchmark reads of each input. Delete the folder to start over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bench.alarms.sets import ImageSet
+from bench.cifar import cache_dir, data_source, load_cifar10, to_tensor
+from bench.strong_models import HELDOUT, load_strong
+from calibrate import calibrate
+from monitor import SurpriseMonitor
+from monitor.atypicality import normal_scores
+from monitor.table import CalibrationTable
+
+BATCH = 250
+
+
+def folder(model_name: str) -> Path:
+    """The model's cache folder (created)."""
+    path = cache_dir() / "alarms" / model_name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The model's last ``nn.Linear``: its input is the penultimate feature vector."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no nn.Linear head")
+    return linears[-1]
+
+
+def table_of(model_name: str, model: nn.Module, log: Callable[[str], None]) -> CalibrationTable:
+    """The model's table: all 50,000 training images, the held-out null of test 0..4,999."""
+    path = folder(model_name) / "table.safetensors"
+    if path.is_file():
+        return CalibrationTable.load(path)
+    train, test = load_cifar10("train"), load_cifar10("test")
+    held = slice(HELDOUT.start, HELDOUT.stop)
+    started = time.perf_counter()
+    table = calibrate(
+        model, TensorDataset(to_tensor(train.images), torch.from_numpy(train.labels)),
+        heldout=TensorDataset(to_tensor(test.images[held]), torch.from_numpy(test.labels[held])),
+        class_names=train.class_names, batch_size=BATCH, data_source=data_source("train"),
+    )  # fmt: skip
+    table.save(path)
+    log(f"{model_name}: calibrated in {time.perf_counter() - started:.0f} s: {table!r}")
+    return table
+
+
+@torch.no_grad()
+def train_features(model_name: str, model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate features ``[50000, D]`` and labels of the training images (cached)."""
+    path = folder(model_name) / "train_features.npz"
+    if path.is_file():
+        with np.load(path) as d:
+            return d["feats"], d["labels"]
+    train = load_cifar10("train")
+    captured: list[torch.Tensor] = []
+    hook = head_of(model).register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+    try:
+        for s in range(0, len(train.images), BATCH):
+            model(to_tensor(train.images[s : s + BATCH]))
+    finally:
+        hook.remove()
+    feats = torch.cat(captured).float().numpy()
+    _save(path, feats=feats, labels=train.labels)
+    return feats, train.labels
+
+
+def judged(model_name: str, monitor: SurpriseMonitor, images: ImageSet) -> dict[str, np.ndarray]:
+    """What the monitor says of every image of a set (cached): see :func:`_judge`."""
+    path = folder(model_name) / "sets" / f"{images.part}__{images.name.replace(' ', '_')}.npz"
+    if path.is_file():
+        with np.load(path) as d:
+            return {k: d[k] for k in d.files}
+    found = _judge(monitor, images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(path, **found)
+    return found
+
+
+def _judge(monitor: SurpriseMonitor, images: ImageSet) -> dict[str, np.ndarray]:
+    """Per input, judged against its predicted class: score, p-value (and against the true
+    label where there is one), components, beta, the final layer's mean ``z^2``, logits and
+    penultimate features."""
+    captured: list[torch.Tensor] = []
+    head = head_of(monitor.judge.model)
+    hook = head.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach().float()))
+    rows: dict[str, list[np.ndarray]] = {}
+    try:
+        for s in range(0, len(images.images), BATCH):
+            x = to_tensor(images.images[s : s + BATCH])
+            r = monitor.inspect(x)
+            part = {
+                "score": r.score, "p_value": r.p_value, "components": r.components,
+                "beta": r.beta, "beta_percentile": r.beta_percentile, "logits": r.logits,
+                "classes": r.classes, "final_z2": normal_scores(r.percentile).square().mean(1),
+                "surprise_count": r.surprise_count, "expectation_count": r.expectation_count,
+                "features": captured[-1],
+            }  # fmt: skip
+            labels = images.labels[s : s + BATCH]
+            if (labels >= 0).all():
+                part["p_value_labelled"] = monitor.inspect(x, torch.from_numpy(labels)).p_value
+            for k, v in part.items():
+                rows.setdefault(k, []).append(v.numpy())
+            captured.clear()
+    finally:
+        hook.remove()
+    out = {k: np.concatenate(v) for k, v in rows.items()}
+    out["labels"] = images.labels
+    return out
+
+
+def load_model(model_name: str) -> nn.Module:
+    """A strong model in eval mode."""
+    return load_strong(model_name).eval()
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` to ``path`` atomically."""
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)

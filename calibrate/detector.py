@@ -1,0 +1,135 @@
+"""A fit / score / predict face for people who know pytorch-ood or alibi-detect.
+
+    det = SurpriseDetector(model, alarm_rate=0.01).fit(train_loader, heldout_loader)
+    det.score(x)     # [B] atypicality, higher = less like the training images
+    det.p_value(x)   # [B] conformal p-value among the held-out images
+    det.predict(x)   # [B] bool: p_value <= alarm_rate (at most that share of normal inputs)
+    det.save("table.safetensors"); SurpriseDetector.load(model, "table.safetensors")
+
+Thin over :func:`calibrate.calibrate` (``fit``) and :class:`monitor.SurpriseMonitor` (the rest);
+``det.report(x)`` gives the whole :class:`monitor.MonitorReport` (the per-filter flags that
+explain an alarm). ``det(x)`` is ``det.score(x)``, as pytorch-ood's detectors are called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from calibrate.builder import calibrate
+from monitor import MonitorReport, SurpriseMonitor
+from monitor.conformal import check_alarm_rate
+from monitor.table import CalibrationTable
+
+
+class NotFittedError(RuntimeError):
+    """The detector has no calibration table yet: call :meth:`SurpriseDetector.fit`."""
+
+
+class SurpriseDetector:
+    """Per-input alarms for ``model`` with a false-alarm rate of at most ``alarm_rate``.
+
+    Args:
+        model: the CNN, in eval mode.
+        alarm_rate: the nominal false-alarm rate of :meth:`predict`.
+        monitor_kwargs: passed to :class:`~monitor.SurpriseMonitor` (e.g. ``backend``).
+        calibrate_kwargs: passed to :func:`~calibrate.calibrate` by :meth:`fit` (e.g.
+            ``batch_size``, ``device``, ``layer``, ``profile_layers``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        alarm_rate: float = 0.01,
+        monitor_kwargs: dict[str, Any] | None = None,
+        **calibrate_kwargs: Any,
+    ) -> None:
+        self.model = model
+        self.alarm_rate = check_alarm_rate(alarm_rate)
+        self.monitor_kwargs = dict(monitor_kwargs or {})
+        self.calibrate_kwargs = calibrate_kwargs
+        self.monitor: SurpriseMonitor | None = None
+
+    def fit(self, train: DataLoader | Dataset, heldout: DataLoader | Dataset) -> SurpriseDetector:
+        """Calibrate on training images with their labels; ``heldout``: labelled images of the
+        same classes the model did not train on (they set the alarm threshold)."""
+        if heldout is None:
+            raise ValueError(
+                "fit needs heldout images (a validation split the model did not train on): "
+                "they set the false-alarm rate"
+            )
+        table = calibrate(self.model, train, heldout=heldout, **self.calibrate_kwargs)
+        return self._use(table)
+
+    @classmethod
+    def load(
+        cls, model: nn.Module, path: str | Path, *, alarm_rate: float = 0.01, **monitor_kwargs: Any
+    ) -> SurpriseDetector:
+        """A detector from a saved table (made by :meth:`save` or ``surprise-calibrate
+        --heldout``)."""
+        det = cls(model, alarm_rate=alarm_rate, monitor_kwargs=monitor_kwargs)
+        return det._use(CalibrationTable.load(path, exemplars=False))
+
+    def _use(self, table: CalibrationTable) -> SurpriseDetector:
+        """Watch the model with ``table`` (replacing any earlier monitor)."""
+        if table.alarm is None or not table.alarm.has_null:
+            raise ValueError(
+                "the table has no held-out null: calibrate with heldout images to use it as a "
+                "detector"
+            )
+        self.close()
+        self.monitor = SurpriseMonitor(
+            self.model, table, alarm_rate=self.alarm_rate, **self.monitor_kwargs
+        )
+        return self
+
+    @property
+    def table(self) -> CalibrationTable:
+        """The calibration table (:class:`NotFittedError` before :meth:`fit`)."""
+        return self._monitor().judge.table
+
+    def report(self, x: torch.Tensor, labels: Any = None) -> MonitorReport:
+        """The monitor's whole report for a batch (judged against ``labels`` when given, else
+        the predictions)."""
+        return self._monitor().inspect(x, labels)
+
+    def score(self, x: torch.Tensor, labels: Any = None) -> torch.Tensor:
+        """``[B]`` atypicality scores (higher = more atypical)."""
+        return self.report(x, labels).score
+
+    __call__ = score
+
+    def p_value(self, x: torch.Tensor, labels: Any = None) -> torch.Tensor:
+        """``[B]`` conformal p-values among the held-out images (small = atypical)."""
+        return self.report(x, labels).p_value
+
+    def predict(self, x: torch.Tensor, labels: Any = None) -> torch.Tensor:
+        """``[B]`` bool alarms: ``p_value <= alarm_rate``."""
+        return self.report(x, labels).alarm
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table (atomically); :meth:`load` reads it back."""
+        return self.table.save(path)
+
+    def close(self) -> None:
+        """Remove the monitor's hooks from the model (idempotent)."""
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+
+    def _monitor(self) -> SurpriseMonitor:
+        """The fitted monitor (:class:`NotFittedError` before :meth:`fit` / :meth:`load`)."""
+        if self.monitor is None:
+            raise NotFittedError("the detector is not fitted: call fit(train, heldout) or load()")
+        return self.monitor
+
+    def __enter__(self) -> SurpriseDetector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
