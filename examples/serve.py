@@ -10,10 +10,13 @@ Endpoints:
 - ``POST /predict`` with JSON ``{"inputs": B x C x H x W floats (preprocessed as for
   calibration), "labels": [B class indices or names] (optional), "surprise": true
   (optional)}`` answers ``{"predictions": [B], "classes": [B names], "logits": [B x K],
-  "surprise": [B summaries] or null}``; a summary is ``MonitorReport.sample()`` (beta,
-  low_beta, the most surprising and expected filters), or ``null`` for an input that was not
-  judged on the request path (sampled out, async mode, or a monitoring failure: those are
-  counted in the metrics).
+  "score": [B], "p_value": [B], "alarm": [B], "surprise": [B summaries] or null}``. ``score``
+  is the input's atypicality (higher: more atypical), ``p_value`` its conformal p-value among
+  the table's held-out images and ``alarm`` whether ``p_value <= --alarm-rate``; each is
+  ``null`` for an input that was not judged on the request path (sampled out, async mode, or a
+  monitoring failure: those are counted in the metrics), and ``p_value`` / ``alarm`` are also
+  ``null`` with a table without held-out images. A summary is ``MonitorReport.sample()`` (the
+  same three, beta, the most surprising and expected filters that explain an alarm).
 - ``POST /predict/image`` with a PNG or JPEG file as the body (``curl --data-binary @cat.jpg
   -H 'Content-Type: image/jpeg' 'http://127.0.0.1:8000/predict/image?surprise=true'``;
   ``?label=cat`` optional): the image gets the table's recorded preprocessing (resize, crop,
@@ -26,8 +29,11 @@ Limits: a body over ``--max-body-mb`` is answered 413 before it is read whole; m
 model runs); an image over ``--max-image-pixels``, 413. ``--mode async`` answers from the plain
 model and judges a copy of the inputs on a worker thread; ``--sample-every K`` judges one input
 in K; ``--no-monitor`` serves the bare model (for comparison); ``--metrics-label model=resnet50``
-adds constant labels to the monitor's series. The monitor never turns a prediction into an
-error: an input the model itself cannot run is answered with HTTP 400 naming the problem.
+adds constant labels to the monitor's series; ``--alarm-rate`` is the nominal false-alarm rate
+(exported as ``surprise_monitor_alarm_rate_nominal``, which the alert rules read) and
+``--metrics-window`` the inputs in the windowed alarm rate and drift gauges. The monitor never
+turns a prediction into an error: an input the model itself cannot run is answered with HTTP
+400 naming the problem.
 """
 
 from __future__ import annotations
@@ -290,6 +296,7 @@ class _Service:
             "predictions": predictions,
             "classes": [self.names[p] if p < len(self.names) else str(p) for p in predictions],
             "logits": [[v if math.isfinite(v) else None for v in row] for row in logits.tolist()],
+            **_alarm_fields(report, rows, len(x)),
             "surprise": None,
         }
         if surprise:
@@ -297,9 +304,25 @@ class _Service:
         return body
 
 
+def _alarm_fields(report: MonitorReport | None, rows: list[int], n: int) -> dict[str, list]:
+    """``score``, ``p_value`` and ``alarm`` per input (``None`` where not judged, and p-value
+    and alarm ``None`` without a held-out null: NaN p-value)."""
+    out: dict[str, list] = {"score": [None] * n, "p_value": [None] * n, "alarm": [None] * n}
+    if report is not None:
+        scores, p_values = report.score.tolist(), report.p_value.tolist()
+        alarms = report.alarm.tolist()
+        for j, row in enumerate(rows):
+            known = math.isfinite(p_values[j])
+            out["score"][row] = scores[j] if math.isfinite(scores[j]) else None
+            out["p_value"][row] = p_values[j] if known else None
+            out["alarm"][row] = bool(alarms[j]) if known else None
+    return out
+
+
 def _summaries(
     report: MonitorReport | None, rows: list[int], n: int, max_filters: int
 ) -> list[dict[str, Any] | None]:
+    """``MonitorReport.sample`` per judged input, ``None`` for the others."""
     out: list[dict[str, Any] | None] = [None] * n
     if report is not None:
         for j, row in enumerate(rows):
@@ -343,7 +366,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-image-pixels", type=int, default=25_000_000, help="largest uploaded image"
     )
-    p.add_argument("--log-flags", action="store_true", help="log each flagged input")
+    p.add_argument(
+        "--alarm-rate", type=float, default=0.01,
+        help="nominal false-alarm rate: an input alarms when its p-value is at most this",
+    )  # fmt: skip
+    p.add_argument(
+        "--metrics-window", type=int, default=1000,
+        help="judged inputs in the windowed alarm rate and the KS drift gauge",
+    )  # fmt: skip
+    p.add_argument("--per-class-metrics", action="store_true",
+                   help="a class label on the monitored / flagged / alarmed counters")  # fmt: skip
+    p.add_argument("--log-flags", action="store_true", help="log each input that alarms")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     return p
 
@@ -358,6 +391,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     labels = metrics_labels(args.metrics_label)
     if not args.no_monitor and not args.table:
         raise SystemExit("serve.py: --table is required unless --no-monitor")
+    if not 0.0 < args.alarm_rate < 1.0:
+        raise SystemExit(
+            f"serve.py: --alarm-rate must be in (0, 1), e.g. 0.01; got {args.alarm_rate}"
+        )
+    if args.metrics_window < 1:
+        raise SystemExit(f"serve.py: --metrics-window must be >= 1; got {args.metrics_window}")
     try:
         model = model_from_args(args, None, "serve.py")
         table = CalibrationTable.load(args.table, exemplars=False) if args.table else None
@@ -375,10 +414,12 @@ def _monitor(
     """The service's monitor, with metrics in the global registry."""
 
     def on_flag(report: MonitorReport) -> None:
-        log.info("flagged input: %s", report.to_json(max_filters=3))
+        log.info("alarm: %s", report.to_json(max_filters=3))
 
     return SurpriseMonitor(
         model, table, metrics=True, metrics_labels=labels or None, mode=args.mode,
+        alarm_rate=args.alarm_rate, metrics_window=args.metrics_window,
+        per_class_metrics=args.per_class_metrics,
         sample_every=args.sample_every, queue_size=args.queue_size,
         on_flag=on_flag if args.log_flags else None,
         check_fingerprint=not args.no_fingerprint_check,
