@@ -21,6 +21,12 @@ Endpoints:
   -H 'Content-Type: image/jpeg' 'http://127.0.0.1:8000/predict/image?surprise=true'``;
   ``?label=cat`` optional): the image gets the table's recorded preprocessing (resize, crop,
   mean, std, grayscale), and the answer is ``/predict``'s for one input.
+- ``GET /alarms/``: the operator's page of recent alarms (newest first: thumbnail, class,
+  score, p-value, the filters that explain each; filters by class and flag; a click opens the
+  explanation figure), ``GET /alarms/alarms.json`` the same as JSON (:mod:`monitor.web`).
+  ``--alarm-log N`` alarms are kept (0: no page), ``--alarm-audit FILE`` appends each to a
+  JSONL audit file rotated at ``--alarm-audit-max-mb``. A request's ``X-Request-ID`` header
+  (else a new id, returned as ``request_id``) is kept with its alarms.
 - ``GET /metrics``: Prometheus metrics (the monitor's, plus the process's).
 - ``GET /healthz``: ``{"status": "ok", "monitor": "sync" | "async" | "off"}``.
 
@@ -43,6 +49,7 @@ import io
 import logging
 import math
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -58,7 +65,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibrate import CalibrationTable  # noqa: E402
-from monitor import MonitorReport, SurpriseMonitor  # noqa: E402
+from monitor import AlarmLog, MonitorReport, SurpriseMonitor  # noqa: E402
 from monitor.advice import cli_message  # noqa: E402
 from monitor.loading.images import Preprocessing  # noqa: E402
 from monitor.loading.model_args import (  # noqa: E402
@@ -147,7 +154,8 @@ def create_app(
 ) -> FastAPI:
     """The service: ``model`` answers, ``monitor`` (if any) watches, ``table`` (the monitor's by
     default) gives the input size, the class names and the image preprocessing; ``close()``
-    on shutdown. Routes are added by small functions, so others can be added beside them."""
+    on shutdown. With the monitor's ``alarm_log`` the operator's page is mounted at
+    ``/alarms``. Routes are added by small functions, so others can be added beside them."""
     table = table if table is not None else (monitor.table if monitor is not None else None)
 
     @asynccontextmanager
@@ -155,11 +163,17 @@ def create_app(
         yield
         if monitor is not None:
             monitor.close()
+            if isinstance(monitor.alarm_log, AlarmLog):
+                monitor.alarm_log.close()
 
     app = FastAPI(title="surprise-monitor example service", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     service = _Service(model, monitor, table, limits)
     _add_routes(app, service, registry)
+    if monitor is not None and isinstance(monitor.alarm_log, AlarmLog):
+        from monitor.web.app import alarm_app
+
+        app.mount("/alarms", alarm_app(monitor.alarm_log, monitor))
     return app
 
 
@@ -176,10 +190,10 @@ def _add_routes(app: FastAPI, service: _Service, registry: CollectorRegistry) ->
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/predict")
-    def predict(req: PredictRequest) -> dict[str, Any]:  # a thread-pool worker per request
+    def predict(req: PredictRequest, request: Request) -> dict[str, Any]:  # a worker thread
         x = service.tensor(req.inputs)
         labels = None if req.labels is None else [service.label(v) for v in req.labels]
-        return service.answer(x, labels, req.surprise, req.max_filters)
+        return service.answer(x, labels, req.surprise, req.max_filters, _request_id(request))
 
     @app.post("/predict/image")
     async def predict_image(
@@ -187,7 +201,13 @@ def _add_routes(app: FastAPI, service: _Service, registry: CollectorRegistry) ->
     ) -> dict[str, Any]:
         x = service.image(await request.body(), request.headers.get("content-type", ""))
         labels = None if label is None else [service.label(label)]
-        return service.answer(x, labels, surprise, max_filters)
+        return service.answer(x, labels, surprise, max_filters, _request_id(request))
+
+
+def _request_id(request: Request) -> str:
+    """The request's ``X-Request-ID`` header (at most 128 characters), else a new id."""
+    given = request.headers.get("x-request-id", "")[:128]
+    return given or uuid.uuid4().hex
 
 
 class _Service:
@@ -278,12 +298,13 @@ class _Service:
             raise HTTPException(422, f"this service cannot preprocess images: {exc}") from exc
 
     def answer(
-        self, x: torch.Tensor, labels: list[int] | None, surprise: bool, max_filters: int
-    ) -> dict[str, Any]:
+        self, x: torch.Tensor, labels: list[int] | None, surprise: bool, max_filters: int,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         """Predictions, class names, logits and (when asked) surprise summaries for ``x``."""
         try:
             if self.monitor is not None:
-                result = self.monitor.run(x, labels)
+                result = self.monitor.run(x, labels, request_id=request_id)
                 output, report, rows = result.output, result.report, result.rows.tolist()
             else:
                 with torch.no_grad():
@@ -297,6 +318,7 @@ class _Service:
             "classes": [self.names[p] if p < len(self.names) else str(p) for p in predictions],
             "logits": [[v if math.isfinite(v) else None for v in row] for row in logits.tolist()],
             **_alarm_fields(report, rows, len(x)),
+            "request_id": request_id,
             "surprise": None,
         }
         if surprise:
@@ -377,6 +399,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class-metrics", action="store_true",
                    help="a class label on the monitored / flagged / alarmed counters")  # fmt: skip
     p.add_argument("--log-flags", action="store_true", help="log each input that alarms")
+    p.add_argument(
+        "--alarm-log", type=int, default=500, metavar="N",
+        help="recent alarms kept for the operator's page at /alarms/ (0: no page)",
+    )  # fmt: skip
+    p.add_argument("--alarm-audit", metavar="FILE",
+                   help="append each alarm to this JSONL audit file (rotated by size)")  # fmt: skip
+    p.add_argument("--alarm-audit-max-mb", type=float, default=16.0,
+                   help="rotate the audit file at this size (MiB; 5 older files kept)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     return p
 
@@ -394,6 +424,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not 0.0 < args.alarm_rate < 1.0:
         raise SystemExit(
             f"serve.py: --alarm-rate must be in (0, 1), e.g. 0.01; got {args.alarm_rate}"
+        )
+    if args.alarm_log < 0 or (args.alarm_audit and args.alarm_log == 0):
+        raise SystemExit("serve.py: --alarm-log must be >= 1 with --alarm-audit (0: no log)")
+    if args.alarm_audit_max_mb <= 0:
+        raise SystemExit(
+            f"serve.py: --alarm-audit-max-mb must be > 0; got {args.alarm_audit_max_mb}"
         )
     if args.metrics_window < 1:
         raise SystemExit(f"serve.py: --metrics-window must be >= 1; got {args.metrics_window}")
@@ -416,8 +452,15 @@ def _monitor(
     def on_flag(report: MonitorReport) -> None:
         log.info("alarm: %s", report.to_json(max_filters=3))
 
+    alarm_log = None
+    if args.alarm_log:
+        alarm_log = AlarmLog(
+            args.alarm_log, sink=args.alarm_audit,
+            sink_max_bytes=max(1, int(args.alarm_audit_max_mb * (1 << 20))),
+        )  # fmt: skip
     return SurpriseMonitor(
         model, table, metrics=True, metrics_labels=labels or None, mode=args.mode,
+        alarm_log=alarm_log,
         alarm_rate=args.alarm_rate, metrics_window=args.metrics_window,
         per_class_metrics=args.per_class_metrics,
         sample_every=args.sample_every, queue_size=args.queue_size,
