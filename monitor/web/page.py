@@ -25,6 +25,7 @@ img.thumb{width:64px;height:64px;image-rendering:pixelated;border:1px solid #999
 .kind.surprise{background:#fed}.kind.expectation{background:#def}.kind.low_beta{background:#efe}
 td.filters{font-family:monospace;font-size:.85em}
 #figure{max-width:100%;border:1px solid #999}
+dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px}dd{margin:0}
 pre{background:#f6f6f6;padding:.8em;overflow:auto;max-height:30em}
 """
 
@@ -102,7 +103,8 @@ def _row(rec: AlarmRecord, base: str) -> str:
         f'<tr class="alarm" id="alarm-{rec.id}" data-id="{rec.id}" '
         f'data-class="{escape(rec.class_name)}" data-kinds="{escape(" ".join(rec.kinds))}" '
         f'data-href="{escape(href)}">'
-        f"<td>{rec.id}</td><td>{escape(_when(rec.time))}</td>"
+        f'<td>{rec.id}</td><td title="{escape(_when(rec.time))}">'
+        f"{escape(_when(rec.time)[11:19])}</td>"
         f'<td><img class="thumb" alt="input {rec.id}" src="{escape(href)}/thumbnail.png"></td>'
         f'<td class="class">{escape(rec.class_name)}</td>'
         f'<td class="score">{_number(r.get("score"), ".3f")}</td>'
@@ -138,9 +140,9 @@ def list_page(
         "<noscript><button>filter</button></noscript></form>"
     )
     head = (
-        "<tr><th>#</th><th>time</th><th>input</th><th>class</th><th>score</th><th>p-value</th>"
-        "<th>flags</th><th>most surprising filters</th><th>most expected (missing)</th>"
-        "<th>request</th><th></th></tr>"
+        "<tr><th>#</th><th>time (UTC)</th><th>input</th><th>class</th><th>score</th>"
+        "<th>p-value</th><th>flags</th><th>most surprising filters</th>"
+        "<th>most expected (missing)</th><th>request</th><th></th></tr>"
     )
     rows = "".join(_row(r, base) for r in records)
     empty = "" if records else '<p id="empty">No alarms recorded (for this filter).</p>'
