@@ -7,13 +7,15 @@ service serves a table with a conformal null of 2,000 held-out images (nominal a
 both alerts stay inactive and the measured alarm rate is within its binomial interval of 1%.
 (b) 10% of the inputs are uniform noise: the alarm-rate alert turns pending, then firing.
 (c) A sustained shift (30% noise): the drift alert (KS distance of the window's p-values from
-uniform over its critical value) turns pending, then firing. Needs the ``prometheus`` and
-``promtool`` binaries (Debian's ``prometheus`` package; ``.ci/run`` installs it). Bounded:
-about a minute of traffic, loopback only.
+uniform over its critical value) turns pending, then firing. (d) Every query of every panel of
+examples/grafana/dashboard.json (template variables substituted) returns data. Needs the
+``prometheus`` and ``promtool`` binaries (Debian's ``prometheus`` package; ``.ci/run``
+installs it). Bounded: about a minute of traffic, loopback only.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -179,32 +181,57 @@ def _start_prometheus(url: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(0.3)
 
 
-def _wait_firing(api: str, name: str, budget: float) -> list[str]:
-    """The alert's states, polled every 0.5 s until it fires (fails after ``budget`` s)."""
-    seen: list[str] = []
+def _wait_firing(api: str, name: str, budget: float, seen: dict[str, list[str]]) -> None:
+    """Poll every alert in ``seen`` every 0.5 s, appending its state, until ``name`` fires
+    (fails after ``budget`` s); then ``name`` must have been pending before firing."""
     deadline = time.monotonic() + budget
-    while "firing" not in seen:
-        assert time.monotonic() < deadline, f"{name}: states seen: {seen}"
-        seen.append(_alert_state(api, name))
+    while "firing" not in seen[name]:
+        assert time.monotonic() < deadline, f"{name}: states seen: {seen[name]}"
+        for alert, states in seen.items():
+            states.append(_alert_state(api, alert))
         time.sleep(0.5)
-    assert "pending" in seen and seen.index("pending") < seen.index("firing"), seen
-    return seen
+    states = seen[name]
+    assert "pending" in states and states.index("pending") < states.index("firing"), states
 
 
 def _totals(url: str) -> tuple[float, float]:
-    """The service's alarmed and p-valued input counts now."""
+    """The service's alarmed (summed over classes) and p-valued input counts now."""
     text = httpx.get(url + "/metrics", timeout=10).text
-    alarmed = re.search(r"^surprise_monitor_inputs_alarmed_total (\S+)$", text, re.M)
+    alarmed = re.findall(r"^surprise_monitor_inputs_alarmed_total(?:\{[^}]*\})? (\S+)$", text, re.M)
     judged = re.search(r"^surprise_monitor_p_value_count (\S+)$", text, re.M)
-    assert alarmed and judged, text[-2000:]
-    return float(alarmed.group(1)), float(judged.group(1))
+    assert judged, text[-2000:]
+    return sum(float(v) for v in alarmed), float(judged.group(1))
+
+
+def dashboard_queries(rate_interval: str, job: str) -> list[tuple[str, str]]:
+    """``(panel title, PromQL)`` of every target of examples/grafana/dashboard.json, with the
+    template variables substituted."""
+    board = json.loads((ROOT / "examples" / "grafana" / "dashboard.json").read_text())
+    out = []
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", rate_interval)
+            out.append((panel["title"], expr.replace("$job", job)))
+    return out
+
+
+def _check_dashboard(api: str) -> None:
+    """Every panel's every query returns data from the real Prometheus (the heatmap: several
+    buckets)."""
+    for title, expr in dashboard_queries("10s", "model"):
+        answer = httpx.get(api + "/api/v1/query", params={"query": expr}, timeout=5).json()
+        assert answer["status"] == "success", (title, expr, answer)
+        result = answer["data"]["result"]
+        assert result, f"panel {title!r}: no data for {expr}"
+        if "p_value_bucket" in expr:
+            assert len({r["metric"]["le"] for r in result}) == 17, result  # 16 bounds + Inf
 
 
 @needs_prometheus
 def test_alarm_alerts_quiet_at_nominal_fire_on_noise_and_drift(saved_tiny_model, tmp_path):
     _, table, args = saved_tiny_model
     assert table.alarm is not None and table.alarm.null_predicted.size == 2000
-    service, url = start_service(args, tmp_path / "serve.log")
+    service, url = start_service([*args, "--per-class-metrics"], tmp_path / "serve.log")
     prometheus = None
     try:
         prometheus, api = _start_prometheus(url, tmp_path)
@@ -230,15 +257,18 @@ def test_alarm_alerts_quiet_at_nominal_fire_on_noise_and_drift(saved_tiny_model,
 
             # (b) 10% of the inputs are noise: the alarm-rate alert goes pending, then firing
             traffic.noise = 1
-            _wait_firing(api, RATE_ALERT, 60)
+            seen: dict[str, list[str]] = {RATE_ALERT: [], DRIFT_ALERT: []}
+            _wait_firing(api, RATE_ALERT, 60, seen)
             assert _query(api, RATIO) > 0.05
 
-            # (c) a sustained shift: the drift alert goes pending, then firing
+            # (c) a sustained shift: the drift alert goes pending, then firing (it may have
+            # started on the 10% already: D is then about 0.1, over its critical value 0.076)
             traffic.noise = 3
-            _wait_firing(api, DRIFT_ALERT, 90)
+            _wait_firing(api, DRIFT_ALERT, 90, seen)
             ks = _query(api, "surprise_monitor_window_ks_distance")
             m = _query(api, "surprise_monitor_window_size")
             assert m >= 100 and ks > 1.95 * math.sqrt(1 / m + 1 / n), (ks, m)
+            _check_dashboard(api)  # (d) every Grafana panel's query returns data
             print(f"normal: {alarmed:.0f}/{judged:.0f} alarmed; drift: D={ks:.3f}, m={m:.0f}")
         assert not traffic.errors, traffic.errors[:3]
         up = httpx.get(api + "/api/v1/query", params={"query": "up"}, timeout=5).json()
