@@ -83,7 +83,8 @@ class SurpriseMonitor:
             counted and logged, never raised.
         alarm_log: keeps each alarm with its input (:class:`monitor.alarms.AlarmLog`: recent
             alarms, thumbnails, an audit file, explanations on demand); the monitor binds its
-            judge to it for the explanations. Errors in it are counted, never raised.
+            judge to it for the explanations. Errors in it are counted, never raised. The
+            caller owns it: ``alarm_log.close()`` after :meth:`close`.
         sample_every: monitor one input in K (counted over calls and threads).
         sample_fraction: monitor a random fraction of the inputs (seeded by ``sample_seed``).
         mode: ``"sync"`` judges inputs on the request path; ``"async"`` returns the plain
