@@ -158,8 +158,8 @@ class AlarmLog:
             while len(self._inputs) > self.keep_inputs:
                 self._inputs.popitem(last=False)
             self.recorded += 1
-        if self.sink is not None:
-            self.sink.write(rec.to_json())
+            if self.sink is not None:  # under the lock: the file keeps the records' order
+                self.sink.write(rec.to_json())
         return rec
 
     # ------------------------------------------------------------------ reading

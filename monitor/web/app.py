@@ -118,5 +118,6 @@ async def _timed_out(request: Request, exc: Exception) -> Response:
 
 
 async def _failed(request: Request, exc: Exception) -> Response:
-    """500 naming the failure (plain text: nothing from it is rendered as HTML)."""
-    return PlainTextResponse(f"the explanation failed: {type(exc).__name__}: {exc}", 500)
+    """500 naming the failure (plain text: nothing from it is rendered as HTML), e.g. an
+    explanation that cannot be computed."""
+    return PlainTextResponse(f"the alarm page failed: {type(exc).__name__}: {exc}", 500)

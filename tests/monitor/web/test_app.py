@@ -119,3 +119,16 @@ def test_thumbnails_json_and_explanations(served):
     gone = client.get(f"/{oldest.id}/explanation.png")
     assert gone.status_code == 404 and "no longer kept" in gone.text
     assert client.get("/99999").status_code == 404
+
+
+def test_an_explanation_that_cannot_be_made_is_named(calibrated):
+    model, table = calibrated  # its data_source records no normalisation
+    log = AlarmLog()
+    g = torch.Generator().manual_seed(2)
+    with SurpriseMonitor(model, table, alarm_log=log) as monitor:
+        monitor(-5.0 + 9.4 * torch.rand(2, 3, 8, 8, generator=g))
+        with TestClient(alarm_app(log, monitor), raise_server_exceptions=False) as client:
+            answer = client.get(f"/{log.recent()[0].id}/explanation.png")
+    log.close()
+    assert answer.status_code == 500 and "normalisation is unknown" in answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
