@@ -123,7 +123,7 @@ class SurpriseMonitor:
     ) -> None:
         if not isinstance(table, CalibrationTable):  # exemplars stay on disk until explained
             table = CalibrationTable.load(table, exemplars=False)
-        _check_runtime_options(mode, on_flag, queue_size)
+        _check_runtime_options(mode, on_flag, queue_size, metrics_window, alarm_log)
         sampler = Sampler(sample_every, sample_fraction, sample_seed)
         self.judge = Judge(
             model, table, layer=layer, surprise_pct=surprise_pct,
@@ -337,15 +337,19 @@ class SurpriseMonitor:
 
 
 def _check_runtime_options(
-    mode: str, on_flag: Callable[[MonitorReport], Any] | None, queue_size: int
-) -> None:
-    """``ValueError`` / ``TypeError`` for a bad mode, callback or queue size (checked before
-    anything is attached to the model)."""
+    mode: str, on_flag: Callable[[MonitorReport], Any] | None, queue_size: int,
+    metrics_window: int = 1000, alarm_log: Any = None,
+) -> None:  # fmt: skip
+    """``ValueError`` / ``TypeError`` for a bad mode, callback, queue size, metrics window or
+    alarm log (checked before anything is attached to the model)."""
     check_mode(mode)
     if on_flag is not None and not callable(on_flag):
         raise TypeError("on_flag must be callable")
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-        raise ValueError(f"queue_size must be an integer >= 1, got {queue_size!r}")
+    for name, value in (("queue_size", queue_size), ("metrics_window", metrics_window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if alarm_log is not None and not callable(getattr(alarm_log, "record", None)):
+        raise TypeError("alarm_log must have a record(report, x, request_id) method (AlarmLog)")
 
 
 def _warn_without_alarms(table: CalibrationTable) -> None:

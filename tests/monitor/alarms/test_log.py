@@ -145,11 +145,16 @@ def test_thumbnail_unnormalises_with_the_tables_preprocessing():
     assert arr.min() == 0 and arr.max() == 255
 
 
-def test_bad_arguments_are_named():
+def test_bad_arguments_are_named(calibrated):
     with pytest.raises(ValueError, match="capacity"):
         AlarmLog(capacity=0)
     with pytest.raises(ValueError, match="keep_inputs"):
         AlarmLog(keep_inputs=-1)
+    model, table = calibrated
+    with pytest.raises(ValueError, match="metrics_window must be an integer >= 1"):
+        SurpriseMonitor(model, table, metrics=True, metrics_window=0)
+    with pytest.raises(TypeError, match="alarm_log must have a record"):
+        SurpriseMonitor(model, table, alarm_log=object())
 
 
 def test_a_failing_recorder_is_counted_not_raised(calibrated):
