@@ -74,14 +74,21 @@ class Dom(html.parser.HTMLParser):
 
 @pytest.fixture
 def page_service(saved_tiny_model, tmp_path):
-    """The example service over a table with hostile class names and a recorded
-    normalisation; a run of normal and noise inputs sent to it. Yields (url, alarms JSON)."""
+    """The example service over a table with hostile class names whose data_source records the
+    normalisation and the training images (an npz of the calibration images, un-normalised),
+    so explanations show exemplars; a run of normal and noise inputs sent to it. Yields (url,
+    alarms JSON, a folder)."""
     from calibrate import CalibrationTable
+    from tests._models import class_images
 
     _, _, args = saved_tiny_model
     table = CalibrationTable.load(args[args.index("--table") + 1])
     table.class_names = list(HOSTILE)
-    table.data_source = {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}
+    images = class_images(600, 3, seed=1)[0]  # the calibration images, in index order
+    raw = (images * 0.2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    np.savez(tmp_path / "train.npz", x=raw.permute(0, 2, 3, 1).numpy())
+    table.data_source = {"kind": "npz", "path": str(tmp_path / "train.npz"), "key": "x",
+                         "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}  # fmt: skip
     saved = table.save(tmp_path / "hostile.safetensors")
     args = [*args[: args.index("--table")], "--table", str(saved), "--alarm-log", "100",
             "--alarm-audit", str(tmp_path / "audit" / "alarms.jsonl")]  # fmt: skip
@@ -134,6 +141,9 @@ def test_the_explanation_figure_loads(page_service):
     assert (body.get("data-figure") or "").startswith("loaded:"), body
     assert int(body["data-figure"].split(":")[1]) > 100  # the figure's natural width
     assert newest["request_id"] == "run-1"
+    summary = httpx.get(f"{url}/alarms/{newest['id']}/explanation.json", timeout=60).json()
+    assert summary["class"] == newest["report"]["class"]
+    assert len(summary["exemplars"]) >= 1  # the filter's training exemplars are in the figure
 
 
 @needs_chromium
