@@ -10,14 +10,23 @@ Endpoints:
 - ``POST /predict`` with JSON ``{"inputs": B x C x H x W floats (preprocessed as for
   calibration), "labels": [B class indices or names] (optional), "surprise": true
   (optional)}`` answers ``{"predictions": [B], "classes": [B names], "logits": [B x K],
-  "surprise": [B summaries] or null}``; a summary is ``MonitorReport.sample()`` (beta,
-  low_beta, the most surprising and expected filters), or ``null`` for an input that was not
-  judged on the request path (sampled out, async mode, or a monitoring failure: those are
-  counted in the metrics).
+  "score": [B], "p_value": [B], "alarm": [B], "surprise": [B summaries] or null}``. ``score``
+  is the input's atypicality (higher: more atypical), ``p_value`` its conformal p-value among
+  the table's held-out images and ``alarm`` whether ``p_value <= --alarm-rate``; each is
+  ``null`` for an input that was not judged on the request path (sampled out, async mode, or a
+  monitoring failure: those are counted in the metrics), and ``p_value`` / ``alarm`` are also
+  ``null`` with a table without held-out images. A summary is ``MonitorReport.sample()`` (the
+  same three, beta, the most surprising and expected filters that explain an alarm).
 - ``POST /predict/image`` with a PNG or JPEG file as the body (``curl --data-binary @cat.jpg
   -H 'Content-Type: image/jpeg' 'http://127.0.0.1:8000/predict/image?surprise=true'``;
   ``?label=cat`` optional): the image gets the table's recorded preprocessing (resize, crop,
   mean, std, grayscale), and the answer is ``/predict``'s for one input.
+- ``GET /alarms/``: the operator's page of recent alarms (newest first: thumbnail, class,
+  score, p-value, the filters that explain each; filters by class and flag; a click opens the
+  explanation figure), ``GET /alarms/alarms.json`` the same as JSON (:mod:`monitor.web`).
+  ``--alarm-log N`` alarms are kept (0: no page), ``--alarm-audit FILE`` appends each to a
+  JSONL audit file rotated at ``--alarm-audit-max-mb``. A request's ``X-Request-ID`` header
+  (else a new id, returned as ``request_id``) is kept with its alarms.
 - ``GET /metrics``: Prometheus metrics (the monitor's, plus the process's).
 - ``GET /healthz``: ``{"status": "ok", "monitor": "sync" | "async" | "off"}``.
 
@@ -26,8 +35,11 @@ Limits: a body over ``--max-body-mb`` is answered 413 before it is read whole; m
 model runs); an image over ``--max-image-pixels``, 413. ``--mode async`` answers from the plain
 model and judges a copy of the inputs on a worker thread; ``--sample-every K`` judges one input
 in K; ``--no-monitor`` serves the bare model (for comparison); ``--metrics-label model=resnet50``
-adds constant labels to the monitor's series. The monitor never turns a prediction into an
-error: an input the model itself cannot run is answered with HTTP 400 naming the problem.
+adds constant labels to the monitor's series; ``--alarm-rate`` is the nominal false-alarm rate
+(exported as ``surprise_monitor_alarm_rate_nominal``, which the alert rules read) and
+``--metrics-window`` the inputs in the windowed alarm rate and drift gauges. The monitor never
+turns a prediction into an error: an input the model itself cannot run is answered with HTTP
+400 naming the problem.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import io
 import logging
 import math
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -52,7 +65,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibrate import CalibrationTable  # noqa: E402
-from monitor import MonitorReport, SurpriseMonitor  # noqa: E402
+from monitor import AlarmLog, MonitorReport, SurpriseMonitor  # noqa: E402
 from monitor.advice import cli_message  # noqa: E402
 from monitor.loading.images import Preprocessing  # noqa: E402
 from monitor.loading.model_args import (  # noqa: E402
@@ -141,7 +154,8 @@ def create_app(
 ) -> FastAPI:
     """The service: ``model`` answers, ``monitor`` (if any) watches, ``table`` (the monitor's by
     default) gives the input size, the class names and the image preprocessing; ``close()``
-    on shutdown. Routes are added by small functions, so others can be added beside them."""
+    on shutdown. With the monitor's ``alarm_log`` the operator's page is mounted at
+    ``/alarms``. Routes are added by small functions, so others can be added beside them."""
     table = table if table is not None else (monitor.table if monitor is not None else None)
 
     @asynccontextmanager
@@ -149,11 +163,17 @@ def create_app(
         yield
         if monitor is not None:
             monitor.close()
+            if isinstance(monitor.alarm_log, AlarmLog):
+                monitor.alarm_log.close()
 
     app = FastAPI(title="surprise-monitor example service", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     service = _Service(model, monitor, table, limits)
     _add_routes(app, service, registry)
+    if monitor is not None and isinstance(monitor.alarm_log, AlarmLog):
+        from monitor.web.app import alarm_app
+
+        app.mount("/alarms", alarm_app(monitor.alarm_log, monitor))
     return app
 
 
@@ -170,10 +190,10 @@ def _add_routes(app: FastAPI, service: _Service, registry: CollectorRegistry) ->
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/predict")
-    def predict(req: PredictRequest) -> dict[str, Any]:  # a thread-pool worker per request
+    def predict(req: PredictRequest, request: Request) -> dict[str, Any]:  # a worker thread
         x = service.tensor(req.inputs)
         labels = None if req.labels is None else [service.label(v) for v in req.labels]
-        return service.answer(x, labels, req.surprise, req.max_filters)
+        return service.answer(x, labels, req.surprise, req.max_filters, _request_id(request))
 
     @app.post("/predict/image")
     async def predict_image(
@@ -181,7 +201,13 @@ def _add_routes(app: FastAPI, service: _Service, registry: CollectorRegistry) ->
     ) -> dict[str, Any]:
         x = service.image(await request.body(), request.headers.get("content-type", ""))
         labels = None if label is None else [service.label(label)]
-        return service.answer(x, labels, surprise, max_filters)
+        return service.answer(x, labels, surprise, max_filters, _request_id(request))
+
+
+def _request_id(request: Request) -> str:
+    """The request's ``X-Request-ID`` header (at most 128 characters), else a new id."""
+    given = request.headers.get("x-request-id", "")[:128]
+    return given or uuid.uuid4().hex
 
 
 class _Service:
@@ -272,12 +298,13 @@ class _Service:
             raise HTTPException(422, f"this service cannot preprocess images: {exc}") from exc
 
     def answer(
-        self, x: torch.Tensor, labels: list[int] | None, surprise: bool, max_filters: int
-    ) -> dict[str, Any]:
+        self, x: torch.Tensor, labels: list[int] | None, surprise: bool, max_filters: int,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         """Predictions, class names, logits and (when asked) surprise summaries for ``x``."""
         try:
             if self.monitor is not None:
-                result = self.monitor.run(x, labels)
+                result = self.monitor.run(x, labels, request_id=request_id)
                 output, report, rows = result.output, result.report, result.rows.tolist()
             else:
                 with torch.no_grad():
@@ -290,6 +317,8 @@ class _Service:
             "predictions": predictions,
             "classes": [self.names[p] if p < len(self.names) else str(p) for p in predictions],
             "logits": [[v if math.isfinite(v) else None for v in row] for row in logits.tolist()],
+            **_alarm_fields(report, rows, len(x)),
+            "request_id": request_id,
             "surprise": None,
         }
         if surprise:
@@ -297,9 +326,25 @@ class _Service:
         return body
 
 
+def _alarm_fields(report: MonitorReport | None, rows: list[int], n: int) -> dict[str, list]:
+    """``score``, ``p_value`` and ``alarm`` per input (``None`` where not judged, and p-value
+    and alarm ``None`` without a held-out null: NaN p-value)."""
+    out: dict[str, list] = {"score": [None] * n, "p_value": [None] * n, "alarm": [None] * n}
+    if report is not None:
+        scores, p_values = report.score.tolist(), report.p_value.tolist()
+        alarms = report.alarm.tolist()
+        for j, row in enumerate(rows):
+            known = math.isfinite(p_values[j])
+            out["score"][row] = scores[j] if math.isfinite(scores[j]) else None
+            out["p_value"][row] = p_values[j] if known else None
+            out["alarm"][row] = bool(alarms[j]) if known else None
+    return out
+
+
 def _summaries(
     report: MonitorReport | None, rows: list[int], n: int, max_filters: int
 ) -> list[dict[str, Any] | None]:
+    """``MonitorReport.sample`` per judged input, ``None`` for the others."""
     out: list[dict[str, Any] | None] = [None] * n
     if report is not None:
         for j, row in enumerate(rows):
@@ -343,7 +388,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-image-pixels", type=int, default=25_000_000, help="largest uploaded image"
     )
-    p.add_argument("--log-flags", action="store_true", help="log each flagged input")
+    p.add_argument(
+        "--alarm-rate", type=float, default=0.01,
+        help="nominal false-alarm rate: an input alarms when its p-value is at most this",
+    )  # fmt: skip
+    p.add_argument(
+        "--metrics-window", type=int, default=1000,
+        help="judged inputs in the windowed alarm rate and the KS drift gauge",
+    )  # fmt: skip
+    p.add_argument("--per-class-metrics", action="store_true",
+                   help="a class label on the monitored / flagged / alarmed counters")  # fmt: skip
+    p.add_argument("--log-flags", action="store_true", help="log each input that alarms")
+    p.add_argument(
+        "--alarm-log", type=int, default=500, metavar="N",
+        help="recent alarms kept for the operator's page at /alarms/ (0: no page)",
+    )  # fmt: skip
+    p.add_argument("--alarm-audit", metavar="FILE",
+                   help="append each alarm to this JSONL audit file (rotated by size)")  # fmt: skip
+    p.add_argument("--alarm-audit-max-mb", type=float, default=16.0,
+                   help="rotate the audit file at this size (MiB; 5 older files kept)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     return p
 
@@ -358,6 +421,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     labels = metrics_labels(args.metrics_label)
     if not args.no_monitor and not args.table:
         raise SystemExit("serve.py: --table is required unless --no-monitor")
+    if not 0.0 < args.alarm_rate < 1.0:
+        raise SystemExit(
+            f"serve.py: --alarm-rate must be in (0, 1), e.g. 0.01; got {args.alarm_rate}"
+        )
+    if args.alarm_log < 0 or (args.alarm_audit and args.alarm_log == 0):
+        raise SystemExit("serve.py: --alarm-log must be >= 1 with --alarm-audit (0: no log)")
+    if args.alarm_audit_max_mb <= 0:
+        raise SystemExit(
+            f"serve.py: --alarm-audit-max-mb must be > 0; got {args.alarm_audit_max_mb}"
+        )
+    if args.metrics_window < 1:
+        raise SystemExit(f"serve.py: --metrics-window must be >= 1; got {args.metrics_window}")
     try:
         model = model_from_args(args, None, "serve.py")
         table = CalibrationTable.load(args.table, exemplars=False) if args.table else None
@@ -375,10 +450,19 @@ def _monitor(
     """The service's monitor, with metrics in the global registry."""
 
     def on_flag(report: MonitorReport) -> None:
-        log.info("flagged input: %s", report.to_json(max_filters=3))
+        log.info("alarm: %s", report.to_json(max_filters=3))
 
+    alarm_log = None
+    if args.alarm_log:
+        alarm_log = AlarmLog(
+            args.alarm_log, sink=args.alarm_audit,
+            sink_max_bytes=max(1, int(args.alarm_audit_max_mb * (1 << 20))),
+        )  # fmt: skip
     return SurpriseMonitor(
         model, table, metrics=True, metrics_labels=labels or None, mode=args.mode,
+        alarm_log=alarm_log,
+        alarm_rate=args.alarm_rate, metrics_window=args.metrics_window,
+        per_class_metrics=args.per_class_metrics,
         sample_every=args.sample_every, queue_size=args.queue_size,
         on_flag=on_flag if args.log_flags else None,
         check_fingerprint=not args.no_fingerprint_check,

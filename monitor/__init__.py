@@ -11,10 +11,12 @@ The layout, bottom to top (each part imports only from the parts listed before i
 - ``judge``: a batch in, a report out (probe -> kernels -> report).
 - ``runtime/``: the request path around the judge (sampling, async, fail-open, metrics).
 - ``explain/``: explanations, exemplars, figures and fixes, on the judge.
+- ``alarms/``: the record of recent alarms (thumbnails, an audit file, explanations on demand).
 - ``surprise_monitor``: the facade, :class:`SurpriseMonitor`.
 - ``explain/cli.py``: the ``surprise-explain`` command line, on the facade.
 """
 
+from monitor.alarms import AlarmLog, AlarmRecord
 from monitor.explain import Explanation, FixAttempt, FixResult, input_gradient
 from monitor.judge import InvalidInputError, Judge, TableMismatchError
 from monitor.loading import OnnxConversionError, load_onnx
@@ -24,6 +26,8 @@ from monitor.runtime import MetricsConflictError, MonitorMetrics, MonitorResult
 from monitor.surprise_monitor import SurpriseMonitor
 
 __all__ = [
+    "AlarmLog",
+    "AlarmRecord",
     "Explanation",
     "FixAttempt",
     "FixResult",

@@ -19,7 +19,7 @@ from monitor.judge import Judge
 from monitor.probe.grad_amap_probe import GradAMapProbe
 from monitor.report import MonitorReport
 from monitor.runtime.metrics import DEFAULT_NAMESPACE, MonitorMetrics
-from monitor.runtime.request_path import MonitorResult, RequestPath, check_mode
+from monitor.runtime.request_path import AlarmRecorder, MonitorResult, RequestPath, check_mode
 from monitor.runtime.sampling import Sampler
 from monitor.table import CalibrationTable
 
@@ -73,9 +73,18 @@ class SurpriseMonitor:
         metrics_namespace: metric name prefix (default ``surprise_monitor``).
         metrics_labels: constant labels of this monitor's series, e.g. ``{"model": "resnet50"}``
             (needed to put two monitors in one registry under one namespace).
-        per_class_metrics: add a ``class`` label to the monitored / flagged counters.
-        on_flag: called with a one-input :class:`MonitorReport` for each flagged input
-            (exceptions in it are counted and logged, never raised).
+        per_class_metrics: add a ``class`` label to the monitored / flagged / alarmed counters.
+        metrics_window: p-values in the sliding window of the windowed alarm rate and the KS
+            drift gauge (``surprise_monitor_window_*``).
+        on_flag: called with a one-input :class:`MonitorReport` for each input that alarms
+            (``report.alarm``); its per-filter flags (``surprising_filters(0)``,
+            ``expected_filters(0)``) and beta explain the alarm. A table without a held-out
+            null never alarms, so ``on_flag`` is then never called. Exceptions in it are
+            counted and logged, never raised.
+        alarm_log: keeps each alarm with its input (:class:`monitor.alarms.AlarmLog`: recent
+            alarms, thumbnails, an audit file, explanations on demand); the monitor binds its
+            judge to it for the explanations. Errors in it are counted, never raised. The
+            caller owns it: ``alarm_log.close()`` after :meth:`close`.
         sample_every: monitor one input in K (counted over calls and threads).
         sample_fraction: monitor a random fraction of the inputs (seeded by ``sample_seed``).
         mode: ``"sync"`` judges inputs on the request path; ``"async"`` returns the plain
@@ -103,7 +112,9 @@ class SurpriseMonitor:
         metrics_namespace: str = DEFAULT_NAMESPACE,
         metrics_labels: Mapping[str, str] | None = None,
         per_class_metrics: bool = False,
+        metrics_window: int = 1000,
         on_flag: Callable[[MonitorReport], Any] | None = None,
+        alarm_log: AlarmRecorder | None = None,
         sample_every: int = 1,
         sample_fraction: float = 1.0,
         sample_seed: int | None = 0,
@@ -112,7 +123,7 @@ class SurpriseMonitor:
     ) -> None:
         if not isinstance(table, CalibrationTable):  # exemplars stay on disk until explained
             table = CalibrationTable.load(table, exemplars=False)
-        _check_runtime_options(mode, on_flag, queue_size)
+        _check_runtime_options(mode, on_flag, queue_size, metrics_window, alarm_log)
         sampler = Sampler(sample_every, sample_fraction, sample_seed)
         self.judge = Judge(
             model, table, layer=layer, surprise_pct=surprise_pct,
@@ -130,11 +141,15 @@ class SurpriseMonitor:
                 monitor_metrics = MonitorMetrics(
                     table, registry=registry, namespace=metrics_namespace,
                     labels=metrics_labels, per_class=per_class_metrics,
+                    alarm_rate=self.judge.alarm_rate, window=metrics_window,
                 )  # fmt: skip
             self.request_path = RequestPath(
                 self.judge, sampler=sampler, mode=mode, queue_size=queue_size,
-                on_flag=on_flag, metrics=monitor_metrics,
+                on_flag=on_flag, metrics=monitor_metrics, recorder=alarm_log,
             )  # fmt: skip
+            bind = getattr(alarm_log, "bind", None)
+            if bind is not None:
+                bind(self.judge)
         except BaseException:
             if monitor_metrics is not None:
                 monitor_metrics.close()
@@ -205,8 +220,18 @@ class SurpriseMonitor:
 
     @property
     def on_flag(self) -> Callable[[MonitorReport], Any] | None:
-        """The callback for flagged inputs, if any."""
+        """The callback for inputs that alarm, if any."""
         return self.request_path.on_flag
+
+    @property
+    def alarm_rate(self) -> float:
+        """The nominal false-alarm rate: an input alarms when its p-value is at most this."""
+        return self.judge.alarm_rate
+
+    @property
+    def alarm_log(self) -> AlarmRecorder | None:
+        """What each alarm and its input are handed to, if anything."""
+        return self.request_path.recorder
 
     @property
     def metrics(self) -> MonitorMetrics | None:
@@ -255,15 +280,18 @@ class SurpriseMonitor:
         itself raises, its exception propagates from its one forward pass."""
         return self.run(x, labels).output
 
-    def run(self, x: torch.Tensor, labels: Any = None) -> MonitorResult:
+    def run(
+        self, x: torch.Tensor, labels: Any = None, request_id: str | None = None
+    ) -> MonitorResult:
         """Like ``monitor(x)``, with the report of the rows judged on the request path.
+        ``request_id`` (e.g. the HTTP request's) is kept with the call's alarms.
 
         Sampling, ``on_flag``, metrics and the async mode apply; monitoring failures are
         counted, never raised. An exception from the model itself (an input it cannot run)
         propagates, as it would without the monitor: the model runs once, and its inputs are
         counted as skipped with reason ``model_error``.
         """
-        return self.request_path.run(x, labels)
+        return self.request_path.run(x, labels, request_id)
 
     # ------------------------------------------------------------ explanations
     def explain(
@@ -309,15 +337,19 @@ class SurpriseMonitor:
 
 
 def _check_runtime_options(
-    mode: str, on_flag: Callable[[MonitorReport], Any] | None, queue_size: int
-) -> None:
-    """``ValueError`` / ``TypeError`` for a bad mode, callback or queue size (checked before
-    anything is attached to the model)."""
+    mode: str, on_flag: Callable[[MonitorReport], Any] | None, queue_size: int,
+    metrics_window: int = 1000, alarm_log: Any = None,
+) -> None:  # fmt: skip
+    """``ValueError`` / ``TypeError`` for a bad mode, callback, queue size, metrics window or
+    alarm log (checked before anything is attached to the model)."""
     check_mode(mode)
     if on_flag is not None and not callable(on_flag):
         raise TypeError("on_flag must be callable")
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-        raise ValueError(f"queue_size must be an integer >= 1, got {queue_size!r}")
+    for name, value in (("queue_size", queue_size), ("metrics_window", metrics_window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if alarm_log is not None and not callable(getattr(alarm_log, "record", None)):
+        raise TypeError("alarm_log must have a record(report, x, request_id) method (AlarmLog)")
 
 
 def _warn_without_alarms(table: CalibrationTable) -> None:

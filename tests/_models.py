@@ -93,6 +93,14 @@ def class_dataset(n: int, num_classes: int, **kwargs) -> TensorDataset:
     return TensorDataset(images, labels)
 
 
+def heldout_dataset(n: int, start: int = 600) -> TensorDataset:
+    """``n`` new images of :func:`trained_tiny_cnn`'s distribution (3 classes, seed 1): rows
+    ``start .. start+n`` of one long :func:`class_images` stream, whose first 600 rows are the
+    training images. Any two slices past 600 are exchangeable with each other."""
+    images, labels = class_images(start + n, 3, seed=1)
+    return TensorDataset(images[start:], labels[start:])
+
+
 def mixed_inputs(n: int = 12, seed: int = 7) -> torch.Tensor:
     """New images of the training classes of :func:`trained_tiny_cnn` (3 classes, seed 1): the
     training patterns with new noise; inputs 0, 4, 8.. scaled up, 1, 5, 9.. blanked."""

@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 
 from tests._models import (  # noqa: E402
     class_dataset,
+    heldout_dataset,
     trained_tiny_cnn,
     write_photo_folder,
     write_tiny_weights,
@@ -23,13 +24,17 @@ from tests._models import (  # noqa: E402
 
 @pytest.fixture(scope="session")
 def calibrated():
-    """A trained 3-class TinyCNN and its table on 600 images of its training classes.
+    """A trained 3-class TinyCNN and its table on 600 images of its training classes, with a
+    conformal null of 2,000 held-out images of the same distribution (:func:`heldout_dataset`),
+    so its reports carry p-values and alarms.
 
     Shared by the whole session: a test that changes the table must restore it."""
     from calibrate import calibrate
 
     model = trained_tiny_cnn(num_classes=3, seed=1)
-    table = calibrate(model, class_dataset(600, 3, seed=1), progress=False)
+    table = calibrate(
+        model, class_dataset(600, 3, seed=1), heldout=heldout_dataset(2000), progress=False
+    )
     return model, table
 
 

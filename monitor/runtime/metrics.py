@@ -25,12 +25,30 @@ units, low-cardinality labels). With the default namespace ``surprise_monitor``:
 ``surprise_monitor_queue_depth``             batches waiting for the async worker
 ``surprise_monitor_table_info``              1, labelled with the table: ``layer``, ``filters``,
                                              ``table_fingerprint`` (its SHA-256), ``created``
+``surprise_monitor_inputs_alarmed_total``    judged inputs that alarmed (``report.alarm``: conformal
+                                             p-value <= the nominal alarm rate)
+``surprise_monitor_p_value``                 histogram of the judged inputs' conformal p-values
+                                             (uniform under normal traffic; buckets dense near 0)
+``surprise_monitor_alarm_rate_nominal``      the monitor's ``alarm_rate`` (the nominal false-alarm
+                                             rate; rules compare with it)
+``surprise_monitor_null_size``               held-out images in the table's conformal null (n; 0
+                                             without one: then nothing alarms)
+``surprise_monitor_window_size``             p-values in the sliding window now (m <= ``window``)
+``surprise_monitor_window_alarm_rate``       fraction of the window's p-values <= ``alarm_rate``
+``surprise_monitor_window_ks_distance``      Kolmogorov-Smirnov distance of the window's p-values
+                                             from Uniform(0, 1) (drift; compare with
+                                             ``c(a) * sqrt(1/m + 1/n)``)
 ==========================================  ========================================================
+
+The alarm series count only inputs with a p-value (a table with a held-out null): the p-value
+histogram's ``_count`` is the denominator of the alarm rate. The window holds the last
+``window`` (default 1000) judged p-values of this monitor; its gauges are computed when
+scraped (:mod:`monitor.runtime.window`), never on the request path.
 
 Once the async queue is drained, ``inputs_total`` equals ``inputs_monitored_total`` plus the
 sum of ``inputs_skipped_total`` over its reasons, in every mode. A per-class ``class`` label
-(the class name) is added to the monitored and flagged counters only with ``per_class=True``:
-it multiplies their series by the number of classes.
+(the class name) is added to the monitored, flagged and alarmed counters only with
+``per_class=True``: it multiplies their series by the number of classes.
 
 Monitors share metric families per (registry, namespace): two monitors in one registry either
 use different namespaces or the same constant ``labels`` keys with different values (e.g.
@@ -50,6 +68,8 @@ from weakref import WeakKeyDictionary
 import torch
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from monitor.runtime.window import DEFAULT_WINDOW, PValueWindow
+
 if TYPE_CHECKING:
     from monitor.report import MonitorReport
     from monitor.table import CalibrationTable
@@ -59,7 +79,7 @@ FLAG_KINDS = ("surprise", "expectation", "low_beta")
 SKIP_REASONS = ("sampled_out", "queue_full", "failed", "model_error")
 #: ``failures_total`` kinds: a bad input (shape, dtype, NaN/Inf, labels), a model in training
 #: mode, a table that does not fit the model, non-finite alpha, out of device memory, an
-#: exception in ``on_flag``, anything else.
+#: exception in ``on_flag`` or the alarm recorder, anything else.
 FAILURE_KINDS = (
     "invalid_input", "training_mode", "table_mismatch", "nonfinite_alpha", "out_of_memory",
     "callback", "internal",
@@ -67,6 +87,11 @@ FAILURE_KINDS = (
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
+)  # fmt: skip
+#: p-value buckets: dense near 0, where alarms are (a nominal rate of 0.1% .. 5% reads off a
+#: bucket), then every 0.1: under normal traffic each bucket's share is its width.
+P_VALUE_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
 )  # fmt: skip
 RATIO_BUCKETS = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0,
@@ -82,8 +107,8 @@ class MetricsConflictError(ValueError):
 
 
 def failure_kind(exc: BaseException, prefix: str = "") -> str:
-    """The :data:`FAILURE_KINDS` label of a monitoring failure (``prefix`` ``"on_flag:"``: an
-    exception in the callback)."""
+    """The :data:`FAILURE_KINDS` label of a monitoring failure (a ``prefix``, ``"on_flag:"`` or
+    ``"recorder:"``: an exception in the callback or the alarm recorder)."""
     from monitor.judge import (
         InvalidInputError,
         NonFiniteAlphaError,
@@ -156,6 +181,41 @@ _FAMILIES_LOCK = threading.Lock()
 _MetricSpec = tuple[type, str, str, tuple[str, ...], dict]
 
 
+def _alarm_specs(ln: tuple[str, ...], cls: tuple[str, ...]) -> dict[str, _MetricSpec]:
+    """The alarm's metrics in :func:`_family_specs`' form (``cls``: the per-class label)."""
+    return {
+        "alarmed": (
+            Counter, "inputs_alarmed",
+            "Judged inputs that alarmed: conformal p-value at most the nominal alarm rate.",
+            ln + cls, {},
+        ),
+        "p_value": (
+            Histogram, "p_value",
+            "Conformal p-value of each judged input among the table's held-out images (uniform "
+            "under normal traffic).", ln, {"buckets": P_VALUE_BUCKETS},
+        ),
+        "alarm_nominal": (
+            Gauge, "alarm_rate_nominal", "The nominal false-alarm rate (the monitor's "
+            "alarm_rate).", ln, {},
+        ),
+        "null_size": (
+            Gauge, "null_size", "Held-out images in the table's conformal null (0: no alarms).",
+            ln, {},
+        ),
+        "window_size": (
+            Gauge, "window_size", "p-values in the sliding window now.", ln, {},
+        ),
+        "window_alarm_rate": (
+            Gauge, "window_alarm_rate",
+            "Fraction of the sliding window's p-values at most the nominal alarm rate.", ln, {},
+        ),
+        "window_ks": (
+            Gauge, "window_ks_distance", "Kolmogorov-Smirnov distance of the sliding window's "
+            "p-values from Uniform(0,1).", ln, {},
+        ),
+    }  # fmt: skip
+
+
 def _family_specs(
     label_names: tuple[str, ...],
     per_class: bool,
@@ -219,6 +279,7 @@ def _family_specs(
             {"buckets": LATENCY_BUCKETS},
         ),
         "queue_depth": (Gauge, "queue_depth", "Batches waiting for the async worker.", ln, {}),
+        **_alarm_specs(ln, cls),
         "info": (
             Info, "table", "The calibration table: layer, filters, table_fingerprint (SHA-256), "
             "created.", ln, {},
@@ -263,6 +324,8 @@ class MonitorMetrics:
         per_class: add a ``class`` label to the monitored and flagged counters (cardinality:
             one series per class and kind).
         beta_buckets: the beta histogram's buckets (default: from the table's calibration betas).
+        alarm_rate: the monitor's nominal alarm rate (exported, and the window's threshold).
+        window: p-values in the sliding window of the windowed alarm rate and KS distance.
     """
 
     def __init__(
@@ -274,7 +337,10 @@ class MonitorMetrics:
         labels: Mapping[str, str] | None = None,
         per_class: bool = False,
         beta_buckets: Sequence[float] | None = None,
+        alarm_rate: float = 0.01,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
+        self.window = PValueWindow(window, alarm_rate)
         self.registry = REGISTRY if registry is None else registry
         self.namespace = namespace
         labels = {str(k): str(v) for k, v in (labels or {}).items()}
@@ -310,6 +376,22 @@ class MonitorMetrics:
         self._filters_judged = self._child("filters_judged")
         self._failures = {k: self._child("failures", k) for k in FAILURE_KINDS}
         self._child("info").info(table_info(table))
+        self._init_alarm_series(table)
+
+    def _init_alarm_series(self, table: CalibrationTable) -> None:
+        """The alarm's series: counter (without ``class``), p-value histogram, the nominal rate
+        and null size, and the window's gauges (computed when scraped)."""
+        if not self.per_class:
+            self._alarmed = self._child("alarmed")
+        self._p_value = self._child("p_value")
+        self._child("alarm_nominal").set(self.window.alarm_rate)
+        alarm = table.alarm
+        null = alarm.null_predicted if alarm is not None and alarm.has_null else None
+        self._child("null_size").set(0 if null is None else null.size)
+        window = self.window
+        self._child("window_size").set_function(lambda: float(window.stats()[0]))
+        self._child("window_alarm_rate").set_function(lambda: window.stats()[1])
+        self._child("window_ks").set_function(lambda: window.stats()[2])
 
     def _join_family(self, table: CalibrationTable, buckets: tuple[float, ...] | None) -> _Family:
         """This registry's family under this namespace (made on first use), with this monitor
@@ -407,6 +489,7 @@ class MonitorMetrics:
                 hits = int(flagged.sum())
                 if hits:
                     self._flagged[kind].inc(hits)
+        self._observe_alarms(report)
         self._filters_judged.inc(n * int(report.surprise.shape[1]))
         for beta, pct, s, e in zip(
             report.beta.tolist(), report.beta_percentile.tolist(),
@@ -416,6 +499,28 @@ class MonitorMetrics:
             self._beta_pct.observe(pct / 100.0)
             self._surprising.observe(s)
             self._expected.observe(e)
+
+    def _observe_alarms(self, report: MonitorReport) -> None:
+        """Count the batch's alarms (by class with ``per_class``), its p-values in the
+        histogram and the window (inputs without a p-value are left out of both)."""
+        p_values = report.p_value.tolist()
+        alarms = report.alarm
+        if self.per_class:
+            classes = report.classes
+            for c in torch.unique(classes).tolist():
+                name = self.class_names[c] if c < len(self.class_names) else str(c)
+                hits = int((alarms & (classes == c)).sum())
+                child = self._child("alarmed", name)  # exists at 0 for every class seen
+                if hits:
+                    child.inc(hits)
+        else:
+            hits = int(alarms.sum())
+            if hits:
+                self._alarmed.inc(hits)
+        for p in p_values:
+            if p == p:  # NaN: the table has no null
+                self._p_value.observe(p)
+        self.window.add(p_values)
 
     # ------------------------------------------------------------- lifecycle
     def close(self) -> None:

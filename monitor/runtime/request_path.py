@@ -5,8 +5,10 @@ judge the inputs it samples: on the calling thread (``mode="sync"``, from the sa
 when every input is sampled) or on a worker thread (``mode="async"``, a copy of the inputs,
 dropped and counted when the queue is full). It never lets monitoring break the call (fail-open):
 a failure is counted (``failures``, the metrics) and logged once per kind, and the model's
-output is still returned. It calls ``on_flag`` for each flagged input, feeds the Prometheus
-metrics and keeps the last report.
+output is still returned. It calls ``on_flag`` for each input that alarms (``report.alarm``;
+the per-filter flags that explain it stay in the report), hands each alarm and its input to the
+alarm recorder (e.g. :class:`monitor.alarms.AlarmLog`), feeds the Prometheus metrics and keeps
+the last report.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -50,6 +52,14 @@ class MonitorResult:
     rows: torch.Tensor  # [R] int64 batch indices the report covers (empty when report is None)
 
 
+class AlarmRecorder(Protocol):
+    """What the request path hands each alarm to (:class:`monitor.alarms.AlarmLog` is one)."""
+
+    def record(self, report: MonitorReport, x: torch.Tensor, request_id: str | None) -> Any:
+        """Keep one alarm: its one-input ``report``, its input ``x`` ``[C, H, W]`` (the
+        normalised tensor the model saw) and the request it came with."""
+
+
 def check_mode(mode: str) -> str:
     """``mode`` itself, or ``ValueError`` when it is not one of :data:`MODES`."""
     if mode not in MODES:
@@ -78,7 +88,9 @@ class RequestPath:
         sampler: which inputs to judge.
         mode: ``"sync"`` or ``"async"``.
         queue_size: batches the async queue holds.
-        on_flag: called with a one-input report per flagged input (errors counted, not raised).
+        on_flag: called with a one-input report per input that alarms (errors counted, not
+            raised). A table without a held-out null never alarms, so it is never called.
+        recorder: given each alarm with its input (errors counted as ``callback`` failures).
         metrics: the monitor's metrics, or ``None``; closed by :meth:`close`. With metrics,
             two timing hooks are added on the model's root module.
     """
@@ -92,12 +104,14 @@ class RequestPath:
         queue_size: int = 64,
         on_flag: Callable[[MonitorReport], Any] | None = None,
         metrics: MonitorMetrics | None = None,
+        recorder: AlarmRecorder | None = None,
     ) -> None:
         self.judge = judge
         self.sampler = sampler
         self.mode = check_mode(mode)
         self.on_flag = on_flag
         self.metrics = metrics
+        self.recorder = recorder
         self.failures: Counter[str] = Counter()
         self.dropped = 0  # inputs the async mode dropped because its queue was full
         self._local = threading.local()  # the calling thread's last report
@@ -131,12 +145,13 @@ class RequestPath:
         self._local.report = report
 
     # ------------------------------------------------------------------ calls
-    def run(self, x: Any, labels: Any = None) -> MonitorResult:
+    def run(self, x: Any, labels: Any = None, request_id: str | None = None) -> MonitorResult:
         """The model's output for ``x`` and the report of the rows judged on this thread.
 
         Every input is counted once as monitored or skipped (``sampled_out``, ``queue_full``,
         ``failed``, or ``model_error`` when the model itself raises: its exception propagates,
-        from the model's one forward pass)."""
+        from the model's one forward pass). ``request_id`` goes with the call's alarms to the
+        recorder."""
         start = time.perf_counter()
         n = batch_len(x)
         take = self.sampler.select(n)
@@ -149,11 +164,11 @@ class RequestPath:
                 output = self._plain(x, k)
                 result = MonitorResult(output, None, torch.zeros(0, dtype=torch.long))
                 if k:
-                    self._enqueue(x, labels, take, k)
+                    self._enqueue(x, labels, take, k, request_id)
             elif k == n:
-                result = self._judge_all(x, labels, n)
+                result = self._judge_all(x, labels, n, request_id)
             else:
-                result = self._judge_some(x, labels, take, k)
+                result = self._judge_some(x, labels, take, k, request_id)
         if self.metrics is not None:
             self.metrics.added_latency(time.perf_counter() - start - forward.seconds)
         return result
@@ -177,26 +192,29 @@ class RequestPath:
             with self._timer.measure() as spent:
                 yield spent
 
-    def _judge_all(self, x: Any, labels: Any, n: int) -> MonitorResult:
+    def _judge_all(self, x: Any, labels: Any, n: int, request_id: str | None) -> MonitorResult:
         """Every row sampled: judge the batch from the forward pass that answers it."""
         rows = torch.arange(n)
-        output, report = self._judge(x, labels, n)
+        output, report = self._judge(x, labels, n, request_id=request_id)
         if output is _NOT_RUN:  # monitoring failed before the model ran: answer plainly
             output = self._plain(x, 0)
         return MonitorResult(output, report, rows if report is not None else rows[:0])
 
-    def _judge_some(self, x: Any, labels: Any, take: torch.Tensor, k: int) -> MonitorResult:
+    def _judge_some(
+        self, x: Any, labels: Any, take: torch.Tensor, k: int, request_id: str | None
+    ) -> MonitorResult:
         """Some rows sampled: answer the batch, then judge the ``k`` sampled rows."""
         output = self._plain(x, k)
         rows = torch.nonzero(take).flatten()
         if k == 0:
             return MonitorResult(output, None, rows)
-        _, report = self._judge(x, labels, k, rows=rows)
+        _, report = self._judge(x, labels, k, rows=rows, request_id=request_id)
         return MonitorResult(output, report, rows if report is not None else rows[:0])
 
     def _judge(
-        self, x: Any, labels: Any, k: int, rows: torch.Tensor | None = None
-    ) -> tuple[Any, MonitorReport | None]:
+        self, x: Any, labels: Any, k: int, rows: torch.Tensor | None = None,
+        request_id: str | None = None,
+    ) -> tuple[Any, MonitorReport | None]:  # fmt: skip
         """Judge ``k`` inputs (the ``rows`` of ``x`` when given), failing open: the model's
         output (``_NOT_RUN`` if the model did not get to run) and the report, or ``None``
         after a counted failure. When the model itself raises, the ``k`` inputs are counted as
@@ -227,21 +245,31 @@ class RequestPath:
         if self.metrics is not None:
             self.metrics.inspect_duration(time.perf_counter() - started)
             self.metrics.observe(report)
-        self._notify(report)
+        self._notify(report, x, request_id)
         return output, report
 
-    def _notify(self, report: MonitorReport) -> None:
-        """Call ``on_flag`` with each flagged input's one-input report."""
-        if self.on_flag is None:
+    def _notify(self, report: MonitorReport, x: Any, request_id: str | None) -> None:
+        """Call ``on_flag`` with each alarming input's one-input report, and hand it with its
+        input to the recorder (failures of either are counted, never raised)."""
+        if self.on_flag is None and self.recorder is None:
             return
-        for j in torch.nonzero(report.flagged).flatten().tolist():
-            try:
-                self.on_flag(report.select([j]))
-            except Exception as exc:  # a broken callback must not break inference either
-                self._count_failure(exc, 0, prefix="on_flag:")
+        for j in torch.nonzero(report.alarm).flatten().tolist():
+            one = report.select([j])
+            if self.on_flag is not None:
+                try:
+                    self.on_flag(one)
+                except Exception as exc:  # a broken callback must not break inference either
+                    self._count_failure(exc, 0, prefix="on_flag:")
+            if self.recorder is not None:
+                try:
+                    self.recorder.record(one, x[j], request_id)
+                except Exception as exc:
+                    self._count_failure(exc, 0, prefix="recorder:")
 
     # ------------------------------------------------------------- async mode
-    def _enqueue(self, x: Any, labels: Any, take: torch.Tensor, k: int) -> None:
+    def _enqueue(
+        self, x: Any, labels: Any, take: torch.Tensor, k: int, request_id: str | None
+    ) -> None:
         """Queue a copy of the ``k`` sampled rows for the worker (counted when dropped)."""
         try:
             rows = torch.nonzero(take).flatten()
@@ -255,16 +283,16 @@ class RequestPath:
             self._count_failure(exc, k)
             return
         assert self._worker is not None
-        if not self._worker.submit((copy, lab, rows)):
+        if not self._worker.submit((copy, lab, rows, request_id)):
             if self.metrics is not None:
                 self.metrics.skipped("queue_full", k)
             with self._lock:
                 self.dropped += k
 
-    def _handle_queued(self, item: tuple[torch.Tensor, Any, torch.Tensor]) -> None:
+    def _handle_queued(self, item: tuple[torch.Tensor, Any, torch.Tensor, str | None]) -> None:
         """The worker's handler: judge one queued copy."""
-        x, labels, _ = item
-        self._judge(x, labels, int(x.shape[0]))
+        x, labels, _, request_id = item
+        self._judge(x, labels, int(x.shape[0]), request_id=request_id)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the async worker has judged every queued input (True), or ``timeout``

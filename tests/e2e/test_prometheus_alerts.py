@@ -1,14 +1,22 @@
-"""End to end: a real Prometheus scrapes the example service and raises the low-beta alert.
+"""End to end: a real Prometheus scrapes the example service and raises the alarm's alerts.
 
-The rules are examples/alerts.yml with the same expressions and shorter windows (rate over 10s
-instead of 5m, ``for: 3s`` instead of 5m), scraped and evaluated every second. Normal traffic
-(the calibration images: 1% low beta) leaves the alert inactive; atypical traffic (near-blank
-images) makes it pending, then firing. Needs the ``prometheus`` and ``promtool`` binaries
-(Debian's ``prometheus`` package; ``.ci/run`` installs it). Bounded: about 40 s of traffic.
+The rules are examples/alerts.yml with the same expressions and shorter windows (rates over
+10s instead of 5m, ``for: 3s`` instead of minutes), scraped and evaluated every second. The
+service serves a table with a conformal null of 2,000 held-out images (nominal alarm rate 1%).
+(a) Normal traffic (new images of the training distribution, exchangeable with the null):
+both alerts stay inactive and the measured alarm rate is within its binomial interval of 1%.
+(b) 10% of the inputs are uniform noise: the alarm-rate alert turns pending, then firing.
+(c) A sustained shift (30% noise): the drift alert (KS distance of the window's p-values from
+uniform over its critical value) turns pending, then firing. (d) Every query of every panel of
+examples/grafana/dashboard.json (template variables substituted) returns data. Needs the
+``prometheus`` and ``promtool`` binaries (Debian's ``prometheus`` package; ``.ci/run``
+installs it). Bounded: about a minute of traffic, loopback only.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import shutil
 import subprocess
@@ -21,11 +29,12 @@ import pytest
 import torch
 
 from bench._serve_process import free_port, start_service, stop_process
-from tests._models import class_images
+from tests._models import heldout_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-ALERT = "SurpriseMonitorLowBetaRateHigh"
-RATIO = "surprise_monitor:low_beta_inputs:ratio_rate5m"
+RATE_ALERT = "SurpriseMonitorAlarmRateHigh"
+DRIFT_ALERT = "SurpriseMonitorPValueDrift"
+RATIO = "surprise_monitor:alarmed_inputs:ratio_rate5m"
 
 pytestmark = pytest.mark.prometheus
 needs_prometheus = pytest.mark.skipif(
@@ -38,8 +47,8 @@ needs_prometheus = pytest.mark.skipif(
 def short_rules(text: str) -> str:
     """examples/alerts.yml with 10s rate windows and ``for: 3s``; expressions unchanged."""
     text, windows = re.subn(r"\[5m\]", "[10s]", text)
-    text, holds = re.subn(r"for: 5m", "for: 3s", text)
-    assert windows >= 4 and holds >= 3, "examples/alerts.yml changed shape; update this test"
+    text, holds = re.subn(r"for: \d+m", "for: 3s", text)
+    assert windows >= 7 and holds >= 4, "examples/alerts.yml changed shape; update this test"
     return text
 
 
@@ -71,39 +80,48 @@ def test_rules_name_only_exported_metrics():
     rules = (ROOT / "examples" / "alerts.yml").read_text()
     exprs = re.findall(r"expr: (.*?)\n\s*(?:for:|-|\n)", rules, re.S)  # expressions only
     used = set(re.findall(r"\b(surprise_monitor_\w+)", "\n".join(exprs)))
-    assert len(exprs) == 7
-    assert used and used <= exported, used - exported
+    assert len(exprs) == 13
+    assert {
+        "surprise_monitor_inputs_alarmed_total", "surprise_monitor_p_value_count",
+        "surprise_monitor_window_ks_distance", "surprise_monitor_null_size",
+    } <= used  # fmt: skip
+    assert used <= exported, used - exported
 
 
 class Traffic:
-    """Posts batches to /predict from a background thread until stopped (bounded)."""
+    """Posts batches of 10 to /predict from a background thread until stopped (bounded): new
+    images of the training distribution, the first ``noise`` tenths of each batch replaced by
+    uniform noise over the images' range."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.inputs = class_images(600, 3, seed=1)[0]  # the calibration images
-        self.atypical = False
+        self.inputs = heldout_dataset(4000, start=6000).tensors[0]  # no part of calibration
+        self.low, self.high = float(self.inputs.min()), float(self.inputs.max())
+        self.noise = 0  # inputs of each batch of 10 that are noise
         self.sent = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _batch(self, i: int) -> torch.Tensor:
-        if self.atypical:
-            g = torch.Generator().manual_seed(i)
-            return 0.05 * torch.randn(8, 3, 8, 8, generator=g)
-        start = (8 * i) % 600
-        return self.inputs[start : start + 8]
+        start = (10 * i) % len(self.inputs)
+        x = self.inputs[start : start + 10].clone()
+        g = torch.Generator().manual_seed(i)
+        x[: self.noise] = self.low + (self.high - self.low) * torch.rand(
+            self.noise, *x.shape[1:], generator=g
+        )
+        return x
 
     def _run(self) -> None:
         with httpx.Client(timeout=10) as client:
-            for i in range(2000):  # 2000 x 0.05 s at most: bounded even if never stopped
+            for i in range(3000):  # 3000 x 0.04 s at most: bounded even if never stopped
                 if self._stop.is_set():
                     return
                 resp = client.post(self.url + "/predict", json={"inputs": self._batch(i).tolist()})
                 if resp.status_code != 200:
                     self.errors.append(resp.text)
                 self.sent += 1
-                time.sleep(0.05)
+                time.sleep(0.04)
 
     def __enter__(self) -> Traffic:
         self._thread.start()
@@ -114,80 +132,144 @@ class Traffic:
         self._thread.join(15)
 
 
-def _alert_state(api: str) -> str:
+def _alert_state(api: str, name: str) -> str:
     alerts = httpx.get(api + "/api/v1/alerts", timeout=5).json()["data"]["alerts"]
-    states = {a["state"] for a in alerts if a["labels"].get("alertname") == ALERT}
+    states = {a["state"] for a in alerts if a["labels"].get("alertname") == name}
     return "firing" if "firing" in states else "pending" if "pending" in states else "inactive"
 
 
-def _ratio(api: str) -> float | None:
-    result = httpx.get(api + "/api/v1/query", params={"query": RATIO}, timeout=5).json()
+def _query(api: str, query: str) -> float | None:
+    result = httpx.get(api + "/api/v1/query", params={"query": query}, timeout=5).json()
     values = result["data"]["result"]
     return float(values[0]["value"][1]) if values else None
 
 
+def _start_prometheus(url: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """Prometheus scraping ``url`` every second with the short rules; its API's URL once
+    ready."""
+    rules = tmp_path / "rules.yml"
+    rules.write_text(short_rules((ROOT / "examples" / "alerts.yml").read_text()))
+    check = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files:\n  - {rules}\n"
+        "scrape_configs:\n  - job_name: model\n"
+        f"    static_configs:\n      - targets: ['{url.removeprefix('http://')}']\n"
+    )
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    prometheus = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=(tmp_path / "prometheus.log").open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        if prometheus.poll() is not None:
+            raise AssertionError((tmp_path / "prometheus.log").read_text()[-3000:])
+        try:
+            if httpx.get(api + "/-/ready", timeout=2).status_code == 200:
+                return prometheus, api
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop_process(prometheus)
+            raise AssertionError("prometheus did not get ready in 30 s")
+        time.sleep(0.3)
+
+
+def _wait_firing(api: str, name: str, budget: float, seen: dict[str, list[str]]) -> None:
+    """Poll every alert in ``seen`` every 0.5 s, appending its state, until ``name`` fires
+    (fails after ``budget`` s); then ``name`` must have been pending before firing."""
+    deadline = time.monotonic() + budget
+    while "firing" not in seen[name]:
+        assert time.monotonic() < deadline, f"{name}: states seen: {seen[name]}"
+        for alert, states in seen.items():
+            states.append(_alert_state(api, alert))
+        time.sleep(0.5)
+    states = seen[name]
+    assert "pending" in states and states.index("pending") < states.index("firing"), states
+
+
+def _totals(url: str) -> tuple[float, float]:
+    """The service's alarmed (summed over classes) and p-valued input counts now."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    alarmed = re.findall(r"^surprise_monitor_inputs_alarmed_total(?:\{[^}]*\})? (\S+)$", text, re.M)
+    judged = re.search(r"^surprise_monitor_p_value_count (\S+)$", text, re.M)
+    assert judged, text[-2000:]
+    return sum(float(v) for v in alarmed), float(judged.group(1))
+
+
+def dashboard_queries(rate_interval: str, job: str) -> list[tuple[str, str]]:
+    """``(panel title, PromQL)`` of every target of examples/grafana/dashboard.json, with the
+    template variables substituted."""
+    board = json.loads((ROOT / "examples" / "grafana" / "dashboard.json").read_text())
+    out = []
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", rate_interval)
+            out.append((panel["title"], expr.replace("$job", job)))
+    return out
+
+
+def _check_dashboard(api: str) -> None:
+    """Every panel's every query returns data from the real Prometheus (the heatmap: several
+    buckets)."""
+    for title, expr in dashboard_queries("10s", "model"):
+        answer = httpx.get(api + "/api/v1/query", params={"query": expr}, timeout=5).json()
+        assert answer["status"] == "success", (title, expr, answer)
+        result = answer["data"]["result"]
+        assert result, f"panel {title!r}: no data for {expr}"
+        if "p_value_bucket" in expr:
+            assert len({r["metric"]["le"] for r in result}) == 17, result  # 16 bounds + Inf
+
+
 @needs_prometheus
-def test_low_beta_alert_goes_pending_then_firing(saved_tiny_model, tmp_path):
-    model, table, args = saved_tiny_model
-    service, url = start_service(args, tmp_path / "serve.log")
+def test_alarm_alerts_quiet_at_nominal_fire_on_noise_and_drift(saved_tiny_model, tmp_path):
+    _, table, args = saved_tiny_model
+    assert table.alarm is not None and table.alarm.null_predicted.size == 2000
+    service, url = start_service([*args, "--per-class-metrics"], tmp_path / "serve.log")
     prometheus = None
     try:
-        rules = tmp_path / "rules.yml"
-        rules.write_text(short_rules((ROOT / "examples" / "alerts.yml").read_text()))
-        check = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True,
-                               text=True, timeout=60)  # fmt: skip
-        assert check.returncode == 0, check.stdout + check.stderr
-        target = url.removeprefix("http://")
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            f"rule_files:\n  - {rules}\n"
-            "scrape_configs:\n  - job_name: model\n"
-            f"    static_configs:\n      - targets: ['{target}']\n"
-        )
-        port = free_port()
-        api = f"http://127.0.0.1:{port}"
-        prometheus = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=(tmp_path / "prometheus.log").open("w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while True:
-            assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
-            try:
-                if httpx.get(api + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "prometheus did not get ready in 30 s"
-            time.sleep(0.3)
-
+        prometheus, api = _start_prometheus(url, tmp_path)
         with Traffic(url) as traffic:
-            # Normal traffic: wait for 12 s of ratios (a full 10 s window), alert inactive.
-            normal: list[float] = []
-            deadline = time.monotonic() + 60
-            first = None
-            while first is None or time.monotonic() - first < 12:
-                assert time.monotonic() < deadline, "no low-beta ratio from prometheus in 60 s"
-                value = _ratio(api)
+            # (a) normal traffic: 15 s of ratios (a full 10 s window), both alerts inactive
+            ratios: list[float] = []
+            deadline, first = time.monotonic() + 60, None
+            start_counts = None
+            while first is None or time.monotonic() - first < 15:
+                assert time.monotonic() < deadline, "no alarm ratio from prometheus in 60 s"
+                value = _query(api, RATIO)
                 if value is not None:
-                    first = first or time.monotonic()
-                    normal.append(value)
-                    assert _alert_state(api) == "inactive", (value, normal)
+                    if first is None:
+                        first, start_counts = time.monotonic(), _totals(url)
+                    ratios.append(value)
+                    for name in (RATE_ALERT, DRIFT_ALERT):
+                        assert _alert_state(api, name) == "inactive", (name, ratios)
                 time.sleep(1)
-            assert max(normal) < 0.05, normal
+            alarmed, judged = (b - a for a, b in zip(start_counts, _totals(url), strict=True))
+            rate, n = alarmed / judged, 2000
+            margin = 3 * math.sqrt(0.01 * 0.99 * (1 / judged + 1 / n))
+            assert judged >= 300 and abs(rate - 0.01) <= margin, (alarmed, judged, ratios)
 
-            # Atypical traffic: the alert must turn pending, then firing.
-            traffic.atypical = True
-            seen: list[str] = []
-            deadline = time.monotonic() + 60
-            while "firing" not in seen:
-                assert time.monotonic() < deadline, f"alert states seen: {seen}"
-                seen.append(_alert_state(api))
-                time.sleep(0.5)
-            assert "pending" in seen and seen.index("pending") < seen.index("firing"), seen
-            assert _ratio(api) > 0.05
+            # (b) 10% of the inputs are noise: the alarm-rate alert goes pending, then firing
+            traffic.noise = 1
+            seen: dict[str, list[str]] = {RATE_ALERT: [], DRIFT_ALERT: []}
+            _wait_firing(api, RATE_ALERT, 60, seen)
+            assert _query(api, RATIO) > 0.05
+
+            # (c) a sustained shift: the drift alert goes pending, then firing (it may have
+            # started on the 10% already: D is then about 0.1, over its critical value 0.076)
+            traffic.noise = 3
+            _wait_firing(api, DRIFT_ALERT, 90, seen)
+            ks = _query(api, "surprise_monitor_window_ks_distance")
+            m = _query(api, "surprise_monitor_window_size")
+            assert m >= 100 and ks > 1.95 * math.sqrt(1 / m + 1 / n), (ks, m)
+            _check_dashboard(api)  # (d) every Grafana panel's query returns data
+            print(f"normal: {alarmed:.0f}/{judged:.0f} alarmed; drift: D={ks:.3f}, m={m:.0f}")
         assert not traffic.errors, traffic.errors[:3]
         up = httpx.get(api + "/api/v1/query", params={"query": "up"}, timeout=5).json()
         assert up["data"]["result"][0]["value"][1] == "1"

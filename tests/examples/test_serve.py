@@ -59,6 +59,11 @@ def test_predictions_and_surprise_summaries(service):
             f["filter"] for f in want["surprising_filters"]
         ]
     assert any(s["low_beta"] for s in body["surprise"])  # the blanked rows
+    for key in ("score", "p_value", "alarm"):  # per input, as the report has them
+        want = getattr(expected, key).tolist()
+        assert [s[key] for s in body["surprise"]] == pytest.approx(want, rel=1e-5)
+        assert body[key] == pytest.approx(want, rel=1e-5)
+    assert any(body["alarm"]) and not all(body["alarm"])
     plain = httpx.post(url + "/predict", json={"inputs": x[:2].tolist()}, timeout=30).json()
     assert plain["surprise"] is None
     labelled = httpx.post(
@@ -79,6 +84,7 @@ def test_bad_requests_get_clear_errors_and_the_service_survives(service):
         headers={"content-type": "application/json"}, timeout=30,
     )  # fmt: skip
     assert resp.status_code == 200 and resp.json()["surprise"] == [None, None]
+    assert resp.json()["p_value"] == resp.json()["alarm"] == [None, None]  # not judged
     assert resp.json()["logits"][0] == [None, None, None]  # non-finite logits -> null
     ragged = httpx.post(url + "/predict", json={"inputs": [[1.0, 2.0], [3.0]]}, timeout=30)
     assert ragged.status_code == 422 and "rectangular" in ragged.text
@@ -236,3 +242,27 @@ def test_image_uploads_use_the_tables_preprocessing(saved_tiny_model, tmp_path):
         assert values[("surprise_monitor_inputs_total", (("model", "tiny"),))] == 3
     finally:
         stop_process(proc)
+
+
+def test_alarm_rate_option(saved_tiny_model, tmp_path):
+    """--alarm-rate sets the alarm threshold and the nominal-rate gauge; bad values are named."""
+    model, table, args = saved_tiny_model
+    x = mixed_inputs(12)
+    proc, url = start_service([*args, "--alarm-rate", "0.2", "--metrics-window", "5"],
+                              tmp_path / "rate.log")  # fmt: skip
+    try:
+        body = httpx.post(url + "/predict", json={"inputs": x.tolist()}, timeout=30).json()
+        with SurpriseMonitor(model, table, alarm_rate=0.2) as local:
+            expected = local.inspect(x)
+        assert body["alarm"] == expected.alarm.tolist()
+        assert body["alarm"] == [p <= 0.2 for p in body["p_value"]]
+        values = metric_values(url)
+        assert values[("surprise_monitor_alarm_rate_nominal", ())] == 0.2
+        assert values[("surprise_monitor_window_size", ())] == 5
+        alarmed = values[("surprise_monitor_inputs_alarmed_total", ())]
+        assert alarmed == sum(body["alarm"]) > 0
+    finally:
+        stop_process(proc)
+    for flag, value in (("--alarm-rate", "1.5"), ("--metrics-window", "0")):
+        with pytest.raises(RuntimeError, match=flag):
+            start_service([*args, flag, value], tmp_path / "bad.log", timeout=30)

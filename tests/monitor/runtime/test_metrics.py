@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import prometheus_client
 import pytest
 import torch
@@ -15,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import MetricsConflictError, MonitorMetrics, SurpriseMonitor
 from monitor.runtime.metrics import FAILURE_KINDS, beta_buckets_from, count_buckets
-from tests._models import mixed_inputs
+from tests._models import heldout_dataset, mixed_inputs
 
 ROOT = Path(__file__).resolve().parents[3]
 NAMES = {
@@ -33,6 +36,13 @@ NAMES = {
     "surprise_monitor_inspect_duration_seconds": "histogram",
     "surprise_monitor_queue_depth": "gauge",
     "surprise_monitor_table_info": "gauge",  # an info metric: a gauge of 1 in the text format
+    "surprise_monitor_inputs_alarmed": "counter",
+    "surprise_monitor_p_value": "histogram",
+    "surprise_monitor_alarm_rate_nominal": "gauge",
+    "surprise_monitor_null_size": "gauge",
+    "surprise_monitor_window_size": "gauge",
+    "surprise_monitor_window_alarm_rate": "gauge",
+    "surprise_monitor_window_ks_distance": "gauge",
 }
 
 
@@ -139,8 +149,14 @@ def test_per_class_labels_only_when_asked(calibrated):
         fams = _families(registry).values()
         labelled = [s for f in fams for s in f.samples if "class" in s.labels]
         assert {s.name.rsplit("_", 1)[0] for s in labelled} == {
-            "surprise_monitor_inputs_monitored", "surprise_monitor_inputs_flagged"
+            "surprise_monitor_inputs_monitored", "surprise_monitor_inputs_flagged",
+            "surprise_monitor_inputs_alarmed",
         }  # fmt: skip
+        for c, name in enumerate(table.class_names):
+            rows = report.classes == c
+            got = _value(registry, "surprise_monitor_inputs_alarmed_total", **{"class": name})
+            assert (got or 0) == int((report.alarm & rows).sum())
+        assert int(report.alarm.sum()) > 0
 
 
 def test_two_monitors_in_one_registry(calibrated):
@@ -229,7 +245,7 @@ def test_failure_kinds_are_a_small_fixed_set(calibrated, monkeypatch):
         assert failures() == dict.fromkeys(FAILURE_KINDS, 0.0)  # every series from the start
         monitor(mixed_inputs(2).index_put((torch.tensor([0]),), torch.tensor(float("nan"))))
         monitor(mixed_inputs(2), [0, 7])  # a label outside the classes: a bad input too
-        flagged = int(monitor.run(mixed_inputs(4)).report.flagged.sum())
+        flagged = int(monitor.run(mixed_inputs(4)).report.alarm.sum())
         model.train()
         try:
             monitor(mixed_inputs(2))
@@ -242,3 +258,83 @@ def test_failure_kinds_are_a_small_fixed_set(calibrated, monkeypatch):
     assert got["invalid_input"] == 2 and got["training_mode"] == 1 and got["internal"] == 1
     assert got["callback"] == flagged > 0
     assert monitor.failures["ZeroDivisionError"] == 1  # the Python API keeps the class names
+
+
+def test_alarm_metrics_follow_the_reports_and_scipy(calibrated):
+    """The alarm counter, the p-value histogram and the window gauges against the reports'
+    values (numpy counts, scipy's KS statistic over the window's last p-values)."""
+    model, table = calibrated
+    registry = CollectorRegistry()
+    normal = heldout_dataset(300, start=4000).tensors[0]  # no part of calibration saw them
+    batches = [normal[i : i + 25] for i in range(0, 300, 25)] + [mixed_inputs(12)]
+    with SurpriseMonitor(model, table, metrics=registry, metrics_window=100,
+                         alarm_rate=0.05) as monitor:  # fmt: skip
+        reports = [monitor.run(x).report for x in batches]
+        p = torch.cat([r.p_value for r in reports]).double().numpy()
+        alarms = torch.cat([r.alarm for r in reports]).numpy()
+        assert np.array_equal(alarms, p <= 0.05) and alarms[-12:].sum() >= 3
+        assert _value(registry, "surprise_monitor_inputs_alarmed_total") == alarms.sum()
+        assert _value(registry, "surprise_monitor_p_value_count") == len(p) == 312
+        assert _value(registry, "surprise_monitor_p_value_sum") == pytest.approx(p.sum())
+        for bound in (0.001, 0.01, 0.05, 0.1, 0.5, 1.0):
+            got = _value(registry, "surprise_monitor_p_value_bucket", le=str(bound))
+            assert got == np.count_nonzero(p <= bound), bound
+        assert _value(registry, "surprise_monitor_alarm_rate_nominal") == 0.05
+        assert _value(registry, "surprise_monitor_null_size") == 2000
+        last = p[-100:]
+        assert _value(registry, "surprise_monitor_window_size") == 100
+        assert _value(registry, "surprise_monitor_window_alarm_rate") == pytest.approx(
+            np.mean(last <= 0.05)
+        )
+        from scipy import stats
+
+        assert _value(registry, "surprise_monitor_window_ks_distance") == pytest.approx(
+            stats.kstest(last, "uniform").statistic, abs=1e-12
+        )
+        # normal traffic alone: p-values close to uniform (every bucket within 4 sigma)
+        first = p[:300]
+        for lo, hi in ((0.0, 0.1), (0.1, 0.5), (0.5, 1.0)):
+            share = np.mean((first > lo) & (first <= hi))
+            assert abs(share - (hi - lo)) < 4 * np.sqrt((hi - lo) * (1 - hi + lo) / 300)
+
+
+def test_alarm_series_without_a_null(calibrated):
+    import dataclasses
+
+    model, table = calibrated
+    registry = CollectorRegistry()
+    lean = dataclasses.replace(
+        table, alarm=dataclasses.replace(table.alarm, null_predicted=None, null_labelled=None)
+    )
+    with SurpriseMonitor(model, lean, metrics=registry) as monitor:
+        monitor(mixed_inputs(8))
+        assert _value(registry, "surprise_monitor_inputs_monitored_total") == 8
+        assert _value(registry, "surprise_monitor_inputs_alarmed_total") == 0
+        assert _value(registry, "surprise_monitor_p_value_count") == 0
+        assert _value(registry, "surprise_monitor_null_size") == 0
+        assert _value(registry, "surprise_monitor_window_size") == 0
+        assert math.isnan(_value(registry, "surprise_monitor_window_ks_distance"))
+
+
+def test_the_window_adds_up_under_threads(calibrated):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    batches = [heldout_dataset(40, start=5000 + 40 * t).tensors[0] for t in range(6)]
+    with SurpriseMonitor(model, table, metrics=registry) as monitor:
+        results: dict[int, torch.Tensor] = {}
+
+        def work(t: int) -> None:
+            for chunk in batches[t].split(8):
+                results.setdefault(t, [])
+                results[t].append(monitor.run(chunk).report.p_value)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        every = torch.cat([torch.cat(v) for v in results.values()]).double().numpy()
+        assert every.size == 240
+        np.testing.assert_array_equal(np.sort(monitor.metrics.window.snapshot()), np.sort(every))
+        assert _value(registry, "surprise_monitor_window_size") == 240
+        assert _value(registry, "surprise_monitor_p_value_count") == 240

@@ -44,7 +44,7 @@ def test_threads_match_serial_results_and_counters_add_up(calibrated):
     lock = threading.Lock()
 
     def on_flag(report):
-        assert len(report) == 1 and bool(report.flagged[0])
+        assert len(report) == 1 and bool(report.alarm[0])
         with lock:
             flagged_seen.append(1)
 
@@ -86,7 +86,10 @@ def test_threads_match_serial_results_and_counters_add_up(calibrated):
         assert expected["low_beta"] > 0 and expected["surprise"] > 0
         for kind, count in expected.items():
             assert _value(registry, "surprise_monitor_inputs_flagged_total", kind=kind) == count
-        assert len(flagged_seen) == sum(int(r.flagged.sum()) for r in reports)
+        alarms = sum(int(r.alarm.sum()) for r in reports)
+        assert len(flagged_seen) == alarms > 0
+        assert _value(registry, "surprise_monitor_inputs_alarmed_total") == alarms
+        assert alarms < sum(int(r.flagged.sum()) for r in reports)  # on alarms, not on flags
         assert _value(registry, "surprise_monitor_beta_count") == n
         betas = torch.cat([r.beta for r in reports])
         for bound in monitor.metrics.beta_buckets:  # cumulative counts per bucket
@@ -156,7 +159,7 @@ def test_async_mode_judges_a_copy_off_the_request_path(calibrated):
         assert _value(registry, "surprise_monitor_inputs_monitored_total") == 8
         assert monitor.last_report is not None
         _assert_same_rows(monitor.last_report, range(8), reference)
-    flagged = torch.nonzero(reference.flagged).flatten().tolist()
+    flagged = torch.nonzero(reference.alarm).flatten().tolist()
     assert len(got) == len(flagged) > 0
     for (thread, one), row in zip(got, flagged, strict=True):
         assert thread == "surprise-monitor-worker"
@@ -172,7 +175,7 @@ def test_async_full_queue_drops_and_counts_without_blocking(calibrated):
         entered.set()
         release.wait(30)
 
-    x = torch.zeros(1, 3, 8, 8)  # a blank image: flagged, so the callback runs
+    x = torch.zeros(1, 3, 8, 8)  # a blank image: it alarms, so the callback runs
     monitor = SurpriseMonitor(
         model, table, metrics=registry, mode="async", queue_size=2, on_flag=slow
     )
@@ -298,7 +301,7 @@ def test_a_failing_callback_is_counted_not_raised(calibrated):
 
     with SurpriseMonitor(model, table, on_flag=broken) as monitor:
         res = monitor.run(mixed_inputs(4))
-        flagged = int(res.report.flagged.sum())
+        flagged = int(res.report.alarm.sum())
         assert flagged > 0 and monitor.failures == {"on_flag:KeyError": flagged}
 
 

@@ -1,0 +1,123 @@
+"""The operator's page as an ASGI app (Starlette): mount it in any ASGI application.
+
+    from monitor.web import alarm_app
+    app.mount("/alarms", alarm_app(alarm_log, monitor))   # FastAPI / Starlette
+
+Routes, under the mount point: ``/`` the recent alarms (``?class=NAME&kind=surprise``),
+``/alarms.json`` the same as JSON, ``/{id}`` one alarm with its explanation,
+``/{id}/thumbnail.png``, ``/{id}/explanation.png`` (computed on the log's worker thread on
+first request, then cached; 404 when the alarm's input is no longer kept) and
+``/{id}/explanation.json``. Needs ``starlette`` (``pip install surprise-monitor[web]``; FastAPI
+brings it); the rest of the library does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from monitor.alarms.log import KINDS, AlarmLog, AlarmRecord
+from monitor.web.page import detail_page, list_page
+
+
+def status_of(log: AlarmLog, monitor: Any | None) -> dict[str, Any]:
+    """The header's figures: the nominal alarm rate, the metrics window's alarm rate, size and
+    KS distance (``None`` without metrics), and the alarms recorded."""
+    out: dict[str, Any] = {"alarm_rate": None, "window_alarm_rate": None, "window_size": None,
+                           "ks_distance": None, "recorded": log.recorded}  # fmt: skip
+    if monitor is not None:
+        out["alarm_rate"] = monitor.alarm_rate
+        metrics = getattr(monitor, "metrics", None)
+        if metrics is not None:
+            m, rate, ks = metrics.window.stats()
+            out["window_size"] = m
+            out["window_alarm_rate"] = None if math.isnan(rate) else rate
+            out["ks_distance"] = None if math.isnan(ks) else ks
+    return out
+
+
+def alarm_app(
+    log: AlarmLog, monitor: Any | None = None, explain_timeout: float = 300.0
+) -> Starlette:
+    """The page's ASGI app over ``log``; ``monitor`` (a ``SurpriseMonitor``) gives the header
+    its alarm rate; an explanation taking longer than ``explain_timeout`` s is answered 504."""
+
+    def record_of(request: Request) -> AlarmRecord:
+        rec = log.get(int(request.path_params["alarm_id"]))
+        if rec is None:
+            raise _NotFound("no such alarm (or it left the log: it keeps the newest "
+                            f"{log.capacity})")  # fmt: skip
+        return rec
+
+    def base(request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    async def index(request: Request) -> Response:
+        cls = request.query_params.get("class") or None
+        kind = request.query_params.get("kind") or None
+        if kind is not None and kind not in KINDS:
+            return PlainTextResponse(f"kind must be one of {', '.join(KINDS)}", status_code=400)
+        page = list_page(log.recent(cls, kind), status_of(log, monitor), base(request),
+                         log.class_names(), cls, kind)  # fmt: skip
+        return HTMLResponse(page)
+
+    async def as_json(request: Request) -> Response:
+        records = [r.summary() for r in log.recent()]
+        return JSONResponse({"status": status_of(log, monitor), "alarms": records})
+
+    async def detail(request: Request) -> Response:
+        return HTMLResponse(detail_page(record_of(request), base(request)))
+
+    async def thumbnail(request: Request) -> Response:
+        return Response(record_of(request).thumbnail, media_type="image/png")
+
+    async def explained(request: Request) -> tuple[bytes, dict[str, Any]]:
+        rec = record_of(request)
+        future = log.explanation(rec.id)
+        if future is None:
+            raise _NotFound(f"the input of alarm {rec.id} is no longer kept (the log keeps the "
+                            f"newest {log.keep_inputs} inputs)")  # fmt: skip
+        return await asyncio.wait_for(asyncio.wrap_future(future), explain_timeout)
+
+    async def figure(request: Request) -> Response:
+        png, _ = await explained(request)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    async def summary(request: Request) -> Response:
+        _, data = await explained(request)
+        return JSONResponse(data)
+
+    routes = [
+        Route("/", index), Route("/alarms.json", as_json),
+        Route("/{alarm_id:int}", detail), Route("/{alarm_id:int}/thumbnail.png", thumbnail),
+        Route("/{alarm_id:int}/explanation.png", figure),
+        Route("/{alarm_id:int}/explanation.json", summary),
+    ]  # fmt: skip
+    handlers = {_NotFound: _not_found, TimeoutError: _timed_out, Exception: _failed}
+    return Starlette(routes=routes, exception_handlers=handlers)
+
+
+class _NotFound(LookupError):
+    """An alarm or its input that the log no longer holds (404)."""
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    """404 naming what is missing."""
+    return PlainTextResponse(str(exc), status_code=404)
+
+
+async def _timed_out(request: Request, exc: Exception) -> Response:
+    """504: the explanation is still being computed."""
+    return PlainTextResponse("the explanation is still being computed; try again", 504)
+
+
+async def _failed(request: Request, exc: Exception) -> Response:
+    """500 naming the failure (plain text: nothing from it is rendered as HTML), e.g. an
+    explanation that cannot be computed."""
+    return PlainTextResponse(f"the alarm page failed: {type(exc).__name__}: {exc}", 500)
