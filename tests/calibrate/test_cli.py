@@ -232,8 +232,17 @@ def _start_slow_run(image_folder, tmp_path, *extra):
            "--out", str(tmp_path / "t.safetensors"), "--resize", "36", "--crop", "32",
            "--batch-size", "1", "--accuracy-images", "0", "--quiet", *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # fmt: skip
     return proc, tmp
+
+
+def _default_sigint() -> None:
+    """The child gets Python's usual Ctrl-C handling even when the test run itself was started
+    in the background by a shell (which starts background jobs with SIGINT ignored)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(proc, ready, timeout: float = 120.0) -> None:
