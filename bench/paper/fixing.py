@@ -48,6 +48,7 @@ from torch import nn
 
 from bench.cifar import cache_dir
 from bench.fix_rate import fix_row, proportion, summarise
+from bench.paper import fix_effects
 from bench.paper.common import (
     Setup,
     arg_parser,
@@ -151,18 +152,19 @@ def compute_rows(
     path: Path,
     logits: torch.Tensor,
     log: Callable[[str], None] | None = None,
+    methods: Sequence[str] = METHODS,
 ) -> list[dict[str, Any]]:
     """Rows of :func:`bench.fix_rate.fix_row` for the test images ``indices`` (``x``, ``y``:
     the images as the monitor takes them, in the order of ``indices``), read from ``path`` or
-    computed and appended to it. An image the model gets right (possible after resampling) is
-    recorded as ``skipped``."""
+    computed and appended to it (``methods``: those of :func:`bench.fix_rate.fix_row`). An image
+    the model gets right (possible after resampling) is recorded as ``skipped``."""
     done = read_rows(path)
     rows: list[dict[str, Any]] = []
     for j, i in enumerate(indices):
         if i not in done:
             row: dict[str, Any] = {"test_index": int(i), **label_rank(logits[i], int(y[j]))}
             try:
-                row.update(fix_row(monitor, x[j], int(y[j]), seed=int(i)))
+                row.update(fix_row(monitor, x[j], int(y[j]), methods=methods, seed=int(i)))
             except ValueError as exc:  # already classified as its label
                 row["skipped"] = str(exc)
             append_row(path, row)
@@ -233,6 +235,12 @@ def analyse(rows: Sequence[dict[str, Any]], methods: Sequence[str] = METHODS) ->
         "lower": [r for r in used if r["label_rank"] > 2],
     }
     out["subsets"] = {k: summarise(v, methods) for k, v in subsets.items() if v}
+    out["changed"] = {
+        m: proportion(
+            sum(any(a[4] != r["prediction"] for a in r[m]["attempts"]) for r in used), len(used)
+        )  # fmt: skip
+        for m in methods
+    }
     out["seconds"] = sum(out["methods"][m]["seconds"] for m in methods)
     return out
 
@@ -268,6 +276,8 @@ def run_model(
         rows = compute_rows(mon, x[idx], y[idx], idx, rows_path(setup, NATIVE), logits, log)
     out["native"] = analyse(rows)
     sub = idx[:upsample_images]
+    out["effects"] = fix_effects.run_effects(setup, x[sub], y[sub], sub)
+    out["heldout_table"] = heldout_surprise(setup, n, idx, rows, x, y, logits)
     out["resolution"] = {NATIVE: analyse(rows[: len(sub)])}
     out["direct_accuracy"] = {}
     for size in sizes:
@@ -280,6 +290,37 @@ def run_model(
     out["direct_images"] = min(n, 1000)
     out["seconds"] = time.perf_counter() - started
     return out
+
+
+def heldout_surprise(
+    setup: Setup,
+    n_test: int,
+    idx: Sequence[int],
+    rows: Sequence[dict[str, Any]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    logits: torch.Tensor,
+) -> dict[str, Any]:
+    """The surprise fix with the held-out table instead of the training table, on the failures
+    no held-out table saw (vanilla and random do not use the table: their rows are reused)."""
+    a, b = setup.heldout_range(n_test)
+    held = [i for i in idx if a <= i < b]
+    if not held:
+        return {}
+    with setup.monitor("heldout") as mon:
+        new = compute_rows(mon, x[held], y[held], held, rows_path(setup, "heldout_table"),
+                           logits, log, methods=("surprise",))  # fmt: skip
+    native = {r["test_index"]: r for r in rows}
+    swapped = [
+        {**native[r["test_index"]], **{k: r[k] for k in ("surprise", "filter", "filter_kind")}}
+        for r in new
+        if "skipped" not in r
+    ]
+    return {
+        "test_range": [a, b],
+        "train": analyse([native[i] for i in held]),
+        "heldout": analyse(swapped),
+    }
 
 
 def run(
@@ -339,6 +380,48 @@ def markdown(results: dict[str, Any], figure: str | None = "fix-rate.png") -> st
         for key, name in names.items():
             if key in r["native"]["subsets"]:
                 lines.append(_rate_row(r["title"], name, r["native"]["subsets"][key]))
+    lines += [
+        "",
+        "How often some point of the sweep changes the prediction at all (to any class), and "
+        "how often that change is a fix:",
+        "",
+        "| model | method | prediction changed | fixed | fixed when changed |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in results.values():
+        for m in METHODS:
+            ch, fx = r["native"]["changed"][m], r["native"]["methods"][m]
+            lines.append(
+                f"| {r['title']} | {m} | {_cell(ch)} | {_cell(fx)} | "
+                f"{100 * fx['fixed'] / max(ch['fixed'], 1):.0f}% |"
+            )
+    lines += [
+        "",
+        "The surprising filter chosen with the training table or with the held-out table (the "
+        "failures among the test images the held-out table did not see; vanilla and random "
+        "do not depend on the table):",
+        "",
+        "| model | table | tried | a filter above P99.9 | surprise | vanilla | random "
+        "| surprise - vanilla (pp) | surprise - random (pp) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results.values():
+        for table, s in (r.get("heldout_table") or {}).items():
+            if table == "test_range":
+                continue
+            rates = " | ".join(_cell(s["methods"][m]) for m in METHODS)
+            lines.append(
+                f"| {r['title']} | {table} | {s['images']} | "
+                f"{100 * s['flagged_surprise'] / max(s['images'], 1):.0f}% | {rates} | "
+                f"{_diff(s['surprise_minus_vanilla'])} | {_diff(s['surprise_minus_random'])} |"
+            )
+    lines += [
+        "",
+        f"What blanking does to the logits (the first failures; SLIC at "
+        f"{fix_effects.EFFECT_SEGMENTS} superpixels; mean change +- standard error):",
+        "",
+        *fix_effects.markdown(results),
+    ]
     lines += ["", "Fix rate by SLIC superpixel target (all removal counts of that target):", ""]
     lines += ["| model | SLIC target | surprise | vanilla | random |", "|---|---:|---:|---:|---:|"]
     for r in results.values():

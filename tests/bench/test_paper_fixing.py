@@ -48,10 +48,11 @@ def test_area_downsampled_model_is_the_model_at_32_pixels():
         fixing.AreaDownsampled(model, 0)
 
 
-def _row(label, kind, rank, attempts):
+def _row(label, pred, kind, rank, attempts):
     """A row as fix_row writes it: ``attempts[method]`` = [n_segments, found, removed,
     removed_pixels, prediction] rows; pixels = 100."""
-    row = {"label": label, "pixels": 100, "filter_kind": kind, "label_rank": rank}
+    row = {"label": label, "prediction": pred, "pixels": 100, "filter_kind": kind,
+           "label_rank": rank}  # fmt: skip
     for m, att in attempts.items():
         fixed = [a for a in att if a[4] == label]
         row[m] = {"fixed": bool(fixed), "removed_pixels": min((a[3] for a in fixed), default=None),
@@ -60,13 +61,13 @@ def _row(label, kind, rank, attempts):
 
 
 ROWS = [
-    _row(3, "surprise", 2, {"surprise": [[10, 10, 1, 30, 3], [25, 24, 1, 5, 2]],
+    _row(3, 2, "surprise", 2, {"surprise": [[10, 10, 1, 30, 3], [25, 24, 1, 5, 2]],
                             "vanilla": [[10, 10, 1, 30, 2], [25, 24, 1, 5, 3]],
                             "random": [[10, 10, 1, 30, 2], [25, 24, 1, 5, 2]]}),
-    _row(1, "unflagged", 4, {"surprise": [[10, 9, 1, 40, 0], [25, 25, 1, 4, 0]],
+    _row(1, 0, "unflagged", 4, {"surprise": [[10, 9, 1, 40, 0], [25, 25, 1, 4, 0]],
                              "vanilla": [[10, 9, 1, 40, 1], [25, 25, 1, 4, 0]],
                              "random": [[10, 9, 1, 40, 1], [25, 25, 1, 4, 0]]}),
-    _row(0, "surprise", 2, {"surprise": [[10, 10, 1, 20, 0], [25, 26, 1, 2, 0]],
+    _row(0, 5, "surprise", 2, {"surprise": [[10, 10, 1, 20, 0], [25, 26, 1, 2, 0]],
                             "vanilla": [[10, 10, 1, 20, 5], [25, 26, 1, 2, 5]],
                             "random": [[10, 10, 1, 20, 5], [25, 26, 1, 2, 5]]}),
 ]  # fmt: skip
@@ -85,6 +86,7 @@ def test_breakdowns_by_hand():
     assert [out["methods"][m]["fixed"] for m in fixing.METHODS] == [2, 2, 1]
     assert out["subsets"]["flagged"]["images"] == 2 and out["subsets"]["lower"]["images"] == 1
     assert out["subsets"]["runner_up"]["methods"]["surprise"]["fixed"] == 2
+    assert [out["changed"][m]["fixed"] for m in fixing.METHODS] == [2, 2, 1]
     diff = out["surprise_minus_random"]  # surprise fixed rows 0 and 2, random row 1
     assert (diff["only_first"], diff["only_second"]) == (2, 1) and out["seconds"] == 9.0
 
@@ -98,7 +100,7 @@ def test_rows_are_resumed_and_torn_lines_dropped(tmp_path, monkeypatch):
     path = tmp_path / "rows.jsonl"
     calls = []
 
-    def fake_fix_row(monitor, x, label, seed):
+    def fake_fix_row(monitor, x, label, methods, seed):
         calls.append(seed)
         if seed == 7:
             raise ValueError("the image is already classified as its label")
@@ -114,3 +116,31 @@ def test_rows_are_resumed_and_torn_lines_dropped(tmp_path, monkeypatch):
     assert sorted(fixing.read_rows(path)) == [5, 7]
     again = fixing.compute_rows(None, x, y, [5, 7], path, logits)
     assert calls == [5, 7] and again == rows
+
+
+def test_effects_blank_what_the_fix_blanks(tiny_strong):
+    from bench.paper import fix_effects
+    from bench.paper.common import test_images
+    from monitor.explain import fix, superpixels
+
+    s = tiny_strong
+    x, y = test_images(s.data_dir, 0, 40)
+    with torch.no_grad():
+        wrong = (s.model(x).argmax(1) != y).nonzero().flatten().tolist()
+    i = wrong[0]
+    with s.monitor("train") as mon:
+        effects = fix_effects.image_effects(mon, x[i], int(y[i]), seed=i)
+        for m in fix_effects.METHODS:
+            segs, order = fix_effects.ranked_regions(mon, x[i : i + 1], int(y[i]), m, seed=i)
+            res = fix(mon, x[i], int(y[i]), method=m, n_segments=[50], remove=[1, 2, 3], seed=i)
+            want = [a.removed_pixels for a in res.attempts]
+            got = [int(superpixels.region_mask(segs, order[:r]).sum()) for r in (1, 2, 3)]
+            assert got == want, m
+            edited = x[i : i + 1].masked_fill(
+                torch.from_numpy(superpixels.region_mask(segs, order[:2])), 0.0
+            )
+            with torch.no_grad():
+                z, base = s.model(edited)[0].double(), s.model(x[i : i + 1])[0].double()
+            p, c = int(base.argmax()), int(y[i])
+            want_d = [z[c] - base[c], z[p] - base[p], z[c] - base[c] - z[p] + base[p]]
+            assert effects[m][1] == pytest.approx([float(v) for v in want_d], abs=1e-5)
