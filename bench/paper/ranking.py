@@ -25,6 +25,7 @@ Run: ``python -m bench.paper.ranking [--data-dir DIR] [--n-test 5000]``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from bench.cifar import _VGG, _ResNet
+from bench.cifar import _VGG, _ResNet, cache_dir
 from bench.paper.common import (
     Setup,
     arg_parser,
@@ -44,11 +45,13 @@ from bench.paper.common import (
     new_figure,
     parse,
     save_figure,
+    save_json,
     store,
     test_images,
 )
 from bench.paper.metrics import curve_auc
 from bench.strong_models import VGGBN
+from calibrate import model_fingerprint
 from kernels import grad_amap
 from monitor.probe import get_module
 
@@ -83,6 +86,10 @@ PAPER_AUC = {
     "grad_amap": (0.042, 0.146),
 }
 INCREMENTS = 32
+#: Where the strong models' final convolution has gone through its batch norm (and, for the VGG,
+#: the ReLU): zeroing a channel there removes the filter's whole contribution, where zeroing
+#: the convolution's own output leaves the batch norm's shift ``beta - gamma * mean / std``.
+AFTER_BN = {"resnet18": "layer4.1.bn2", "vgg_bn": "features.26"}
 
 
 # ------------------------------------------------------------------------------ model split
@@ -145,8 +152,8 @@ def split_model(model: nn.Module, layer: str) -> Split:
 
 def _strong_split(model: nn.Module, layer: str) -> Split | None:
     """The fast cut of a :class:`VGGBN` at a ``features.i`` layer, or of a torchvision ResNet
-    at ``layer4.{last}.conv2`` (the shared CIFAR-10 ResNet-18's final convolution); ``None``
-    for anything else."""
+    at ``layer4.{last}.conv2`` (the shared CIFAR-10 ResNet-18's final convolution) or at the
+    batch norm after it, ``layer4.{last}.bn2``; ``None`` for anything else."""
     if isinstance(model, VGGBN) and layer.startswith("features."):
         i = int(layer.split(".")[1])
         front, rest = model.features[: i + 1], model.features[i + 1 :]
@@ -155,20 +162,23 @@ def _strong_split(model: nn.Module, layer: str) -> Split | None:
             return model.classifier(rest(a.clone()).mean(dim=(2, 3)))  # clone: inplace ReLU
 
         return Split(lambda x: (front(x), None), vgg_head)
-    if not isinstance(model, ResNet) or layer != f"layer4.{len(model.layer4) - 1}.conv2":
+    if not isinstance(model, ResNet) or not isinstance(model.layer4[-1], BasicBlock):
+        return None
+    last = f"layer4.{len(model.layer4) - 1}"
+    if layer not in (f"{last}.conv2", f"{last}.bn2"):
         return None
     blk = model.layer4[-1]
-    if not isinstance(blk, BasicBlock):
-        return None
+    after_bn = layer.endswith("bn2")
 
     def res_prefix(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
         h = model.layer4[:-1](model.layer3(model.layer2(model.layer1(h))))
         identity = h if blk.downsample is None else blk.downsample(h)
-        return blk.conv2(blk.relu(blk.bn1(blk.conv1(h)))), identity
+        a = blk.conv2(blk.relu(blk.bn1(blk.conv1(h))))
+        return (blk.bn2(a) if after_bn else a), identity
 
     def res_head(a: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
-        out = blk.relu(blk.bn2(a) + identity)
+        out = blk.relu((a if after_bn else blk.bn2(a)) + identity)
         return model.fc(torch.flatten(model.avgpool(out), 1))
 
     return Split(res_prefix, res_head)
@@ -311,12 +321,18 @@ def taylor_total(split: Split, x: torch.Tensor, y: torch.Tensor, batch: int = 25
 
 
 def run_ranking(
-    setup: Setup, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, batch: int = 250
+    setup: Setup,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int = 0,
+    batch: int = 250,
+    layer: str | None = None,
 ) -> dict[str, Any]:
     """The removal curves and AUCs (with bootstrap standard errors) of every method on
-    ``(x, y)``."""
+    ``(x, y)``, at ``layer`` (default: the table's, the final convolution)."""
     started = time.perf_counter()
-    layer = setup.table("train").layer
+    layer = layer or setup.table("train").layer
     split = split_model(setup.model, layer)
     taylor = taylor_total(split, x, y, batch)
     n_filters = int(taylor.shape[0])
@@ -407,9 +423,39 @@ def markdown(results: dict[str, Any], figure: str | None = "ranking.png") -> str
             f"{len(r['fraction_removed']) - 1} increments of "
             f"{r['filters'] // INCREMENTS} filters; {r.get('seconds', float('nan')):.0f} s."
         )
+    lines += _after_bn_lines(results)
     if figure:
         lines += ["", f"![filter removal curves](figures/{figure})"]
     return "\n".join(lines)
+
+
+def _after_bn_lines(results: dict[str, Any]) -> list[str]:
+    """The table at the batch norm's output (:data:`AFTER_BN`), when the results have it."""
+    archs = [a for a in results if "after_bn" in results[a]]
+    if not archs:
+        return []
+    lines = [
+        "",
+        "The same experiment with the activation taken after the final convolution's batch "
+        "norm (" + ", ".join(f"{results[a]['title']}: `{results[a]['after_bn']['layer']}`, "
+        f"{results[a]['after_bn']['images']} test images" for a in archs) + "), where zeroing "
+        "a channel removes the filter's contribution:",
+        "",
+        "| method | " + " | ".join(results[a]["title"] for a in archs)
+        + " | paper VGG16 | paper ResNet18 |",
+        "|---|" + "---:|" * (len(archs) + 2),
+    ]  # fmt: skip
+    for m in METHODS:
+        ours = [_auc_cell(results[a]["after_bn"]["methods"][m]) for a in archs]
+        ref = [f"{v:.3f}" for v in PAPER_AUC[m]] if m in PAPER_AUC else ["-", "-"]
+        lines.append(f"| {TITLES[m]} | " + " | ".join(ours + ref) + " |")
+    for a in archs:
+        r = results[a]["after_bn"]
+        lines.append(
+            f"- {results[a]['title']}: unpruned accuracy {r['accuracy']:.3f}, all filters "
+            f"removed {r['accuracy_all_removed']:.3f}; {r['seconds']:.0f} s."
+        )
+    return lines
 
 
 def _auc_cell(res: dict[str, Any]) -> str:
@@ -420,14 +466,36 @@ def _auc_cell(res: dict[str, Any]) -> str:
 
 def run(setups: Sequence[Setup], n_test: int | None, seed: int = 0) -> dict[str, Any]:
     """Table 1 for each model on its first ``n_test`` test images (default: see
-    :meth:`Setup.n_test`)."""
+    :meth:`Setup.n_test`); for the strong models also at the output of the final
+    convolution's batch norm (:data:`AFTER_BN`), on the first half of those images."""
     results = {}
     for s in setups:
         n = s.n_test(n_test)
         x, y = test_images(s.data_dir, 0, n)
         log(f"ranking: {s.arch} on {n} test images")
-        results[s.arch] = {"title": s.title, **run_ranking(s, x, y, seed=seed)}
+        results[s.arch] = {"title": s.title, **cached_ranking(s, x, y, seed=seed)}
+        if s.arch in AFTER_BN:
+            half = max(n // 2, 1)
+            log(f"ranking: {s.arch} at {AFTER_BN[s.arch]} on {half} test images")
+            results[s.arch]["after_bn"] = cached_ranking(
+                s, x[:half], y[:half], seed=seed, layer=AFTER_BN[s.arch]
+            )
     return results
+
+
+def cached_ranking(
+    setup: Setup, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, layer: str | None = None
+) -> dict[str, Any]:
+    """:func:`run_ranking`, its result cached by model weights, layer, image count and seed
+    (the first ``len(x)`` test images)."""
+    layer = layer or setup.table("train").layer
+    fp = model_fingerprint(setup.model)[:12]
+    path = cache_dir() / "paper" / "ranking" / f"{setup.arch}-{fp}-{layer}-{len(x)}-{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = run_ranking(setup, x, y, seed=seed, layer=layer)
+    save_json(path, out)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

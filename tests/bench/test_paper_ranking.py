@@ -33,6 +33,8 @@ def _model(arch: str) -> tuple[torch.nn.Module, str]:
         "resnet": (small_resnet(width=4), "layer3.conv2"),
         "vgg_bn": (VGGBN(width=4), "features.24"),
         "tv_resnet": (cifar_resnet18(), "layer4.1.conv2"),
+        "tv_resnet_bn": (cifar_resnet18(), "layer4.1.bn2"),  # after the batch norm
+        "vgg_bn_relu": (VGGBN(width=4), "features.26"),
     }
     if arch in models:
         m, layer = models[arch]
@@ -57,7 +59,9 @@ def _data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-@pytest.mark.parametrize("arch", ["vgg", "resnet", "vgg_bn", "tv_resnet", "generic"])
+@pytest.mark.parametrize(
+    "arch", ["vgg", "resnet", "vgg_bn", "vgg_bn_relu", "tv_resnet", "tv_resnet_bn", "generic"]
+)
 def test_split_model_reproduces_the_model(arch):
     model, layer = _model(arch)
     x, _ = _data()
@@ -147,7 +151,7 @@ def test_removal_counts_by_hand():
 
 
 def test_fast_paths_are_taken_for_the_strong_models():
-    for arch in ("vgg_bn", "tv_resnet"):
+    for arch in ("vgg_bn", "vgg_bn_relu", "tv_resnet", "tv_resnet_bn"):
         model, layer = _model(arch)
         assert _strong_split(model, layer) is not None, arch
     model, _ = _model("tv_resnet")
