@@ -7,9 +7,12 @@ Splits:
   were trained on (the paper's protocol: "a pre-trained model and all of the training data");
 - ``"heldout"``: test images :data:`bench.strong_models.HELDOUT` (0..4,999), never trained on,
   with their true labels;
-- ``"heldout_pred"``: the same images labelled with the model's own predictions.
+- ``"heldout_pred"``: the same images labelled with the model's own predictions;
+- ``"train10k"``: training images 0..9,999 with their true labels (for tables at another layer
+  than the final convolution, which the benchmarks build only to compare).
 
-Tables are cached as ``{cache_dir}/strong/{model}-{fingerprint[:12]}-{split}.safetensors``. A
+Tables are cached as ``{cache_dir}/strong/{model}-{fingerprint[:12]}-{split}.safetensors``
+(``...-{split}-{layer}.safetensors`` for a table at a layer other than the default). A
 build is resumable: alpha is spilled to a checkpoint folder beside the table and a killed run
 continues where it stopped (``calibrate(..., checkpoint_dir=..., resume=True)``).
 
@@ -37,12 +40,16 @@ SPLITS: dict[str, tuple[str, int, int, str]] = {
     "train": ("train", 0, 50000, "true"),
     "heldout": ("test", HELDOUT.start, HELDOUT.stop, "true"),
     "heldout_pred": ("test", HELDOUT.start, HELDOUT.stop, "pred"),
+    "train10k": ("train", 0, 10000, "true"),
 }
 
 
-def table_path(name: str, model: nn.Module, split: str) -> Path:
-    """Where the table of ``model`` (strong model ``name``) on ``split`` is cached."""
-    return cache_dir() / "strong" / f"{name}-{model_fingerprint(model)[:12]}-{split}.safetensors"
+def table_path(name: str, model: nn.Module, split: str, layer: str | None = None) -> Path:
+    """Where the table of ``model`` (strong model ``name``) on ``split`` is cached (``layer``:
+    a layer other than the default final convolution)."""
+    tail = f"-{layer}" if layer else ""
+    fp = model_fingerprint(model)[:12]
+    return cache_dir() / "strong" / f"{name}-{fp}-{split}{tail}.safetensors"
 
 
 def split_dataset(
@@ -73,12 +80,14 @@ def strong_table(
     *,
     model: nn.Module | None = None,
     data_dir: str | Path | None = None,
+    layer: str | None = None,
     log: Callable[[str], None] | None = print,
 ) -> CalibrationTable:
     """The calibration table of strong model ``name`` on ``split``: loaded from the cache, else
-    built (resuming an interrupted build) and cached. ``model`` saves loading it again."""
+    built (resuming an interrupted build) and cached. ``model`` saves loading it again;
+    ``layer``: another layer than the final convolution (calibrate's default)."""
     model = load_strong(name) if model is None else model
-    path = table_path(name, model, split)
+    path = table_path(name, model, split, layer)
     if path.is_file():
         return CalibrationTable.load(path)
     ckpt = path.with_suffix(".ckpt")
@@ -87,7 +96,7 @@ def strong_table(
     if log:
         log(f"{name}: calibrating on {split} ({len(ds)} images); checkpoints in {ckpt}")
     table = calibrate(
-        model, ds, batch_size=250, progress=False, checkpoint_dir=ckpt,
+        model, ds, layer=layer, batch_size=250, progress=False, checkpoint_dir=ckpt,
         resume=(ckpt / "manifest.json").is_file(), checkpoint_every=20,
         data_source=data_source(SPLITS[split][0], data_dir),
     )  # fmt: skip

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,6 +361,20 @@ def save_json(path: Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=1, default=float))
     os.replace(tmp, path)
     return path
+
+
+def cached_part(setup: Setup, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One part of an experiment's results for one model, computed once and cached (JSON) by
+    the model's weights and ``name`` (which must say everything else the part depends on)."""
+    fp = model_fingerprint(setup.model)[:12]
+    path = cache_dir() / "paper" / "parts" / f"{setup.arch}-{fp}-{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    out = compute()
+    out["seconds"] = time.perf_counter() - started
+    save_json(path, out)
+    return out
 
 
 def strip(results: dict[str, Any]) -> dict[str, Any]:

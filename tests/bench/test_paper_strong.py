@@ -27,6 +27,7 @@ def test_the_paper_report_is_written_for_a_strong_model(tiny_strong, capsys):
            for n in ("ranking", "beta", "failures", "fixing")}  # fmt: skip
     rank = res["ranking"]
     assert rank["images"] == 40 and rank["filters"] == 32
+    assert rank["after_bn"]["layer"] == "features.26" and rank["after_bn"]["images"] == 20
     for m in rank["methods"].values():
         assert 0.0 <= m["auc"] <= 1.5 and m["auc_se"] >= 0.0
         assert m["normalised_accuracy"][0] == pytest.approx(1.0)
@@ -34,6 +35,9 @@ def test_the_paper_report_is_written_for_a_strong_model(tiny_strong, capsys):
     assert b["true"]["images"] == 40 and b["tables"]["test_range"] == [20, 40]
     for who in ("true", "pred"):  # beta is an increasing function of the logit minus r
         assert b[who]["spearman_seen_logit"] == pytest.approx(1.0, abs=1e-3)
+        head = b["head_input"][who]  # at the head's input the head is affine: r = the bias
+        assert head["residual_std_ratio"] == pytest.approx(0.0, abs=1e-4)
+    assert b["head_input"]["layer"] == "features.26" and b["head_input"]["table_images"] == 160
     f = res["failures"]
     assert f["misclassified"] + f["correct"] == 40
     wrong = round((1 - s.test_accuracy) * 40)
