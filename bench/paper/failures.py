@@ -1,8 +1,9 @@
 """Paper Sections 4.3-4.4 (Figures 7 and 8): surprise and expectation for misclassified images.
 
 Among the misclassified test images (judged against their true class, with the table calibrated
-on training images), the ones with the lowest beta that have a surprising filter and the ones
-that have an expected filter are explained with :func:`monitor.explain.explain`: the region of
+on training images), the ones with the lowest beta that have a surprising filter that fires
+(``alpha > 0``: a silent filter has no region to show, see :func:`flags_of`) and the ones that
+have an expected filter are explained with :func:`monitor.explain.explain`: the region of
 the image behind the filter (filter-restricted input gradient over 50 SLIC superpixels) beside
 the training images that engage the filter most, each with its own region. The table keeps the
 top training images per class and filter:
@@ -13,7 +14,8 @@ top training images per class and filter:
   class's images that engage it most: what the network expected to see.
 
 The filter is judged against the true class in both cases (the paper's protocol). Also reported:
-how often failures and correct images have a surprising or an expected filter.
+how often failures and correct images have a surprising or an expected filter, and how often the
+most surprising one is silent.
 
 Run: ``python -m bench.paper.failures [--data-dir DIR] [--n-test N] [--per-kind 2]``.
 """
@@ -50,24 +52,46 @@ def pick_failures(
     count: int,
     exclude: Collection[int] = (),
 ) -> list[int]:
-    """Indices of misclassified images that have a ``kind`` filter, lowest beta first."""
+    """Indices of misclassified images that have a ``kind`` filter, lowest beta first (for
+    ``surprise``: a surprising filter that fires, see :func:`flags_of`)."""
     wrong = rep["logits"].argmax(1) != labels
-    has = rep[kind].any(dim=1)
+    has = flags_of(rep, kind).any(dim=1)
     idx = torch.nonzero(wrong & has).flatten()
     order = torch.argsort(rep["beta"][idx], stable=True)
     return [i for i in idx[order].tolist() if i not in exclude][:count]
 
 
+def flags_of(rep: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """``[B, N]`` filters to picture: the expected ones; the surprising ones that *fire*
+    (``alpha > 0``). A filter whose class distribution lies below 0 (it usually lowers the
+    class's logit) is "surprising" when it stays silent (``alpha = 0``): the gradient through it
+    is then zero and there is no region to show."""
+    return rep[kind] & (rep["alpha"] > 0) if kind == "surprise" else rep[kind]
+
+
+def silent_most_surprising(rep: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B]`` bool: the most surprising filter (largest ``alpha - mu`` among the flagged ones,
+    the one :func:`monitor.explain.fix` uses) has ``alpha = 0``."""
+    dev = (rep["alpha"] - rep["mu"]).masked_fill(~rep["surprise"], float("-inf"))
+    best = dev.argmax(dim=1)
+    alpha = rep["alpha"].gather(1, best.view(-1, 1)).squeeze(1)
+    return rep["surprise"].any(dim=1) & (alpha == 0)
+
+
 def flag_counts(rep: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, Any]:
     """How often misclassified and correct images have a surprising / an expected filter
-    (rates with binomial standard errors) and how many filters they have flagged on average."""
+    (rates with binomial standard errors), how many filters they have flagged on average, and
+    how often their most surprising filter is a silent one (see :func:`flags_of`)."""
     wrong = (rep["logits"].argmax(1) != labels).numpy()
     out: dict[str, Any] = {"misclassified": int(wrong.sum()), "correct": int((~wrong).sum())}
+    silent = silent_most_surprising(rep).numpy()
     for kind in KINDS:
         count = rep[kind].sum(1).numpy()
         for group, mask in (("wrong", wrong), ("correct", ~wrong)):
             out[f"{kind}_{group}"] = rate(count[mask] > 0)
             out[f"{kind}_{group}_mean_filters"] = float(count[mask].mean()) if mask.any() else 0.0
+            if kind == "surprise":
+                out[f"silent_{group}"] = rate(silent[mask & (count > 0)])
     return out
 
 
@@ -87,7 +111,7 @@ def explain_cases(
     for kind in KINDS:
         used = {c["test_index"] for c in cases}
         for i in pick_failures(rep, y, kind, per_kind, used):
-            filt = rep[kind][i].nonzero().flatten()
+            filt = flags_of(rep, kind)[i].nonzero().flatten()
             dev = (rep["alpha"][i] - rep["mu"][i])[filt]
             best = int(filt[dev.argmax() if kind == "surprise" else dev.argmin()])
             shown = int(rep["logits"][i].argmax()) if kind == "surprise" else int(y[i])
@@ -157,13 +181,27 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['title']} | {r['misclassified']} of {r['images']} | " + " | ".join(cells) + " |"
         )
+    lines += [
+        "",
+        "The most surprising filter (largest alpha - mu, the one the fix uses) is often a "
+        "*silent* one, alpha = 0: a filter whose class distribution lies below 0 (it usually "
+        "lowers the class's logit) is above its P99.9 when it does not fire at all, and the "
+        "gradient through it is zero.",
+        "",
+    ]
+    for r in results.values():
+        if "silent_wrong" in r:
+            lines.append(
+                f"- {r['title']}: most surprising filter silent for {_pct(r['silent_wrong'])} of "
+                f"the failures with a surprising filter, {_pct(r['silent_correct'])} of the "
+                "correct images with one."
+            )
     lines.append("")
     for r in results.values():
         lines += [
             f"**{r['title']}**: the misclassified test images with the lowest beta that have a "
-            "surprising filter, then those with an expected one ({:.0f} s).".format(
-                r.get("seconds", float("nan"))
-            ),
+            "surprising filter that fires (alpha > 0), then those with an expected one "
+            "({:.0f} s).".format(r.get("seconds", float("nan"))),
             "",
             "| test image | predicted (true) | beta | kind | filter | alpha (percentile)"
             " | mu | flagged filters | exemplars (class: training indices) |",

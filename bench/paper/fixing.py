@@ -52,6 +52,7 @@ from bench.paper import fix_effects
 from bench.paper.common import (
     Setup,
     arg_parser,
+    inspect_all,
     load_setup,
     log,
     logits_of,
@@ -175,6 +176,17 @@ def compute_rows(
     return rows
 
 
+def add_filter_alpha(
+    monitor: SurpriseMonitor, x: torch.Tensor, y: torch.Tensor, rows: list[dict[str, Any]]
+) -> None:
+    """Add ``filter_alpha`` to each row (in memory): the alpha, for the true class, of the
+    filter the surprise fix used (0 for a silent filter: no gradient flows through it)."""
+    rep = inspect_all(monitor, x, y)
+    for j, r in enumerate(rows):
+        if "skipped" not in r and r.get("filter") is not None:
+            r["filter_alpha"] = float(rep["alpha"][j, r["filter"]])
+
+
 def label_rank(logits: torch.Tensor, label: int) -> dict[str, Any]:
     """The true class's rank among the logits (1 = predicted) and its logit gap to the top."""
     z = logits.double()
@@ -234,6 +246,10 @@ def analyse(rows: Sequence[dict[str, Any]], methods: Sequence[str] = METHODS) ->
         "runner_up": [r for r in used if r["label_rank"] == 2],
         "lower": [r for r in used if r["label_rank"] > 2],
     }
+    if used and "filter_alpha" in used[0]:  # see add_filter_alpha
+        subsets["filter_fires"] = [r for r in used if r["filter_alpha"] > 0]
+        subsets["filter_silent"] = [r for r in used if r["filter_alpha"] == 0]
+        subsets["filter_negative"] = [r for r in used if r["filter_alpha"] < 0]
     out["subsets"] = {k: summarise(v, methods) for k, v in subsets.items() if v}
     out["changed"] = {
         m: proportion(
@@ -274,6 +290,7 @@ def run_model(
     out: dict[str, Any] = {"title": setup.title, "test_images": n, "misclassified": len(idx)}
     with setup.monitor("train") as mon:
         rows = compute_rows(mon, x[idx], y[idx], idx, rows_path(setup, NATIVE), logits, log)
+        add_filter_alpha(mon, x[idx], y[idx], rows)
     out["native"] = analyse(rows)
     sub = idx[:upsample_images]
     out["effects"] = fix_effects.run_effects(setup, x[sub], y[sub], sub)
@@ -310,9 +327,13 @@ def heldout_surprise(
     with setup.monitor("heldout") as mon:
         new = compute_rows(mon, x[held], y[held], held, rows_path(setup, "heldout_table"),
                            logits, log, methods=("surprise",))  # fmt: skip
+        add_filter_alpha(mon, x[held], y[held], new)
     native = {r["test_index"]: r for r in rows}
     swapped = [
-        {**native[r["test_index"]], **{k: r[k] for k in ("surprise", "filter", "filter_kind")}}
+        {
+            **native[r["test_index"]],
+            **{k: r[k] for k in ("surprise", "filter", "filter_kind", "filter_alpha")},
+        }
         for r in new
         if "skipped" not in r
     ]
@@ -374,6 +395,9 @@ def markdown(results: dict[str, Any], figure: str | None = "fix-rate.png") -> st
         "unflagged": "no filter above P99.9",
         "runner_up": "true class 2nd before the fix",
         "lower": "true class 3rd or lower",
+        "filter_fires": "surprise filter fires (alpha > 0)",
+        "filter_silent": "surprise filter silent (alpha = 0)",
+        "filter_negative": "surprise filter alpha < 0",
     }
     for r in results.values():
         lines.append(_rate_row(r["title"], "all misclassified", r["native"]))

@@ -1,0 +1,25 @@
+"""bench.paper.failures: flag counts and the silent most-surprising filter, by hand."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.paper.failures import flag_counts, flags_of, silent_most_surprising
+
+
+def test_silent_surprise_by_hand():
+    rep = {  # three images, three filters
+        "alpha": torch.tensor([[0.0, 2.0, 1.0], [0.5, 0.0, 3.0], [1.0, 1.0, 1.0]]),
+        "mu": torch.tensor([[-5.0, 1.0, 0.0], [0.0, -1.0, 4.0], [0.0, 0.0, 0.0]]),
+        "surprise": torch.tensor([[True, True, False], [True, True, False], [False] * 3]),
+        "expectation": torch.tensor([[False] * 3, [False, False, True], [False] * 3]),
+        "logits": torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]),
+    }
+    # image 0: deviations 5 (silent filter 0) and 1 -> silent; image 1: 0.5 and 1 (silent
+    # filter 1) -> silent; image 2: nothing flagged
+    assert silent_most_surprising(rep).tolist() == [True, True, False]
+    assert flags_of(rep, "surprise").tolist() == [[False, True, False], [True, False, False],
+                                                  [False] * 3]  # fmt: skip
+    counts = flag_counts(rep, torch.tensor([0, 1, 0]))  # image 0 and 1 wrong, 2 right
+    assert counts["silent_wrong"]["rate"] == 1.0 and counts["silent_wrong"]["n"] == 2
+    assert counts["silent_correct"]["n"] == 0 and counts["expectation_wrong"]["rate"] == 0.5
