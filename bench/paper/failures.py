@@ -8,8 +8,9 @@ the image behind the filter (filter-restricted input gradient over 50 SLIC super
 the training images that engage the filter most, each with its own region. The table keeps the
 top training images per class and filter:
 
-- for a surprising filter (Figure 7), the *predicted* class's training images that engage the
-  filter most: what the filter responds to in the class the image was taken for;
+- for a surprising filter (Figure 7, "the images from the training data that most activate the
+  surprising filter"), the training images of the class in which the filter contributes most
+  (the class holding the largest exemplar alpha for the filter): what the filter responds to;
 - for an expected filter (Figure 8, "from the training data within the same class"), the *true*
   class's images that engage it most: what the network expected to see.
 
@@ -41,6 +42,7 @@ from bench.paper.common import (
     test_images,
 )
 from monitor import SurpriseMonitor
+from monitor.table import CalibrationTable
 
 KINDS = ("surprise", "expectation")
 
@@ -95,6 +97,13 @@ def flag_counts(rep: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str,
     return out
 
 
+def strongest_class(table: CalibrationTable, filt: int) -> int:
+    """The class whose top training exemplar has the largest alpha for filter ``filt``: where
+    in the training data the filter contributes most."""
+    top = table.top_alpha[:, filt, 0].nan_to_num(float("-inf"))
+    return int(top.argmax())
+
+
 def explain_cases(
     setup: Setup,
     mon: SurpriseMonitor,
@@ -114,7 +123,7 @@ def explain_cases(
             filt = flags_of(rep, kind)[i].nonzero().flatten()
             dev = (rep["alpha"][i] - rep["mu"][i])[filt]
             best = int(filt[dev.argmax() if kind == "surprise" else dev.argmin()])
-            shown = int(rep["logits"][i].argmax()) if kind == "surprise" else int(y[i])
+            shown = strongest_class(mon.table, best) if kind == "surprise" else int(y[i])
             expl = explain(mon, x[i], filter=best, label=int(y[i]), exemplar_class=shown)
             name = f"failure-{setup.arch}-{kind}-{i}.png"
             expl.save_figure(FIGURES / name)
@@ -125,6 +134,7 @@ def explain_cases(
                     "beta": float(rep["beta"][i]),
                     "flagged_filters": [int(f) for f in filt],
                     "exemplar_class": shown,
+                    "exemplar_class_name": mon.table.class_names[shown],
                     "figure": name,
                     **expl.to_dict(),
                 }
@@ -156,8 +166,7 @@ def _pct(r: dict[str, float]) -> str:
 
 def _shown(case: dict[str, Any]) -> str:
     """The name of the class whose exemplars a case shows."""
-    same = case["exemplar_class"] == case["prediction"]
-    return case["prediction_name"] if same else case["class_name"]
+    return case.get("exemplar_class_name", case["class_name"])
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -23,3 +23,16 @@ def test_silent_surprise_by_hand():
     counts = flag_counts(rep, torch.tensor([0, 1, 0]))  # image 0 and 1 wrong, 2 right
     assert counts["silent_wrong"]["rate"] == 1.0 and counts["silent_wrong"]["n"] == 2
     assert counts["silent_correct"]["n"] == 0 and counts["expectation_wrong"]["rate"] == 0.5
+
+
+def test_strongest_class_is_where_the_filter_contributes_most():
+    from types import SimpleNamespace
+
+    from bench.paper.failures import strongest_class
+
+    nan = float("nan")
+    top = torch.tensor(
+        [[[0.1, 0.0], [nan, nan]], [[0.3, 0.2], [0.5, 0.1]], [[0.2, 0.1], [nan, nan]]]
+    )
+    table = SimpleNamespace(top_alpha=top)  # [3 classes, 2 filters, 2 exemplars]
+    assert strongest_class(table, 0) == 1 and strongest_class(table, 1) == 1
