@@ -93,7 +93,10 @@ def times_section(res: dict[str, Any], archs: Sequence[str]) -> list[str]:
             continue
         cells = []
         for a in archs:
-            sec = (r.get(a) or {}).get("seconds")
+            res = r.get(a) or {}
+            sec = res.get("seconds")
+            if sec is not None and "after_bn" in res:  # Table 1's second layer
+                sec += res["after_bn"].get("seconds", 0.0)
             cells.append("-" if sec is None else f"{sec / 60:.1f} min")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines

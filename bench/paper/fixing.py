@@ -512,7 +512,9 @@ def markdown(results: dict[str, Any], figure: str | None = "fix-rate.png") -> st
             f"images (no area downsampling) has accuracy {direct} on {r['direct_images']:,} "
             "test images."
             + (
-                f" Classified right after resampling (left out): {skipped} images."
+                " Classified right after resampling (left out): "
+                + ", ".join(f"{v} at {k} x {k}" for k, v in skipped.items())
+                + "."
                 if skipped
                 else ""
             )

@@ -406,7 +406,7 @@ def markdown(results: dict[str, Any], figure: str | None = "ranking.png") -> str
         paper = PAPER_AUC.get(m)
         ref = [f"{v:.3f}" for v in paper] if paper else ["-", "-"]
         lines.append(f"| {TITLES[m]} | " + " | ".join(ours + ref) + " |")
-    lines.append("")
+    lines += [""]
     lines.append(
         "AUC of the normalised accuracy (accuracy / unpruned accuracy) against the fraction "
         "of filters removed, most important first (lower is better); +- one bootstrap "
@@ -415,6 +415,7 @@ def markdown(results: dict[str, Any], figure: str | None = "ranking.png") -> str
         "ImageNet), which lifts the tail of poor rankings' curves; a good ranking drives the "
         "accuracy below that level, towards 0, as on ImageNet."
     )
+    lines.append("")
     for a in archs:
         r = results[a]
         lines.append(
@@ -449,6 +450,7 @@ def _after_bn_lines(results: dict[str, Any]) -> list[str]:
         ours = [_auc_cell(results[a]["after_bn"]["methods"][m]) for a in archs]
         ref = [f"{v:.3f}" for v in PAPER_AUC[m]] if m in PAPER_AUC else ["-", "-"]
         lines.append(f"| {TITLES[m]} | " + " | ".join(ours + ref) + " |")
+    lines.append("")
     for a in archs:
         r = results[a]["after_bn"]
         lines.append(
