@@ -3,10 +3,10 @@
 Among the misclassified test images (judged against their true class, with the table calibrated
 on training images), the ones with the lowest beta that have a surprising filter that fires
 (``alpha > 0``: a silent filter has no region to show, see :func:`flags_of`) and the ones that
-have an expected filter are explained with :func:`monitor.explain.explain`: the region of
-the image behind the filter (filter-restricted input gradient over 50 SLIC superpixels) beside
-the training images that engage the filter most, each with its own region. The table keeps the
-top training images per class and filter:
+have an expected filter the class fires (``mu > 0``) are explained with
+:func:`monitor.explain.explain`: the region of the image behind the filter (filter-restricted
+input gradient over 50 SLIC superpixels) beside the training images that engage the filter
+most, each with its own region. The table keeps the top training images per class and filter:
 
 - for a surprising filter (Figure 7, "the images from the training data that most activate the
   surprising filter"), the training images of the class in which the filter contributes most
@@ -16,7 +16,7 @@ top training images per class and filter:
 
 The filter is judged against the true class in both cases (the paper's protocol). Also reported:
 how often failures and correct images have a surprising or an expected filter, and how often the
-most surprising one is silent.
+most surprising one is silent (and how many silent filters are flagged).
 
 Run: ``python -m bench.paper.failures [--data-dir DIR] [--n-test N] [--per-kind 2]``.
 """
@@ -54,8 +54,8 @@ def pick_failures(
     count: int,
     exclude: Collection[int] = (),
 ) -> list[int]:
-    """Indices of misclassified images that have a ``kind`` filter, lowest beta first (for
-    ``surprise``: a surprising filter that fires, see :func:`flags_of`)."""
+    """Indices of misclassified images that have a ``kind`` filter to picture, lowest beta
+    first (see :func:`flags_of`)."""
     wrong = rep["logits"].argmax(1) != labels
     has = flags_of(rep, kind).any(dim=1)
     idx = torch.nonzero(wrong & has).flatten()
@@ -64,11 +64,15 @@ def pick_failures(
 
 
 def flags_of(rep: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """``[B, N]`` filters to picture: the expected ones; the surprising ones that *fire*
-    (``alpha > 0``). A filter whose class distribution lies below 0 (it usually lowers the
-    class's logit) is "surprising" when it stays silent (``alpha = 0``): the gradient through it
-    is then zero and there is no region to show."""
-    return rep[kind] & (rep["alpha"] > 0) if kind == "surprise" else rep[kind]
+    """``[B, N]`` filters to picture: the surprising ones that *fire* (``alpha > 0``); the
+    expected ones the class's training images fire (``mu > 0``). A filter whose class
+    distribution lies below 0 (it usually lowers the class's logit) is "surprising" when it
+    stays silent (``alpha = 0``): the gradient through it is then zero and there is no region to
+    show; and "expected" when it is merely above the class's (negative) mean of mu: its
+    training exemplars then have ``alpha <= 0`` and no region either."""
+    if kind == "surprise":
+        return rep[kind] & (rep["alpha"] > 0)
+    return rep[kind] & (rep["mu"] > 0)
 
 
 def silent_most_surprising(rep: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -94,7 +98,17 @@ def flag_counts(rep: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str,
             out[f"{kind}_{group}_mean_filters"] = float(count[mask].mean()) if mask.any() else 0.0
             if kind == "surprise":
                 out[f"silent_{group}"] = rate(silent[mask & (count > 0)])
+                quiet = (rep["surprise"] & (rep["alpha"] == 0)).sum(1).numpy()
+                out[f"silent_{group}_mean_filters"] = (
+                    float(quiet[mask].mean()) if mask.any() else 0.0
+                )
     return out
+
+
+def p999_below_zero(table: CalibrationTable) -> float:
+    """Share of the table's (class, filter) pairs whose P99.9 lies below 0: the pairs for which
+    a silent filter (``alpha = 0``) counts as surprising."""
+    return float((table.value_at(99.9) < 0).double().mean())
 
 
 def strongest_class(table: CalibrationTable, filt: int) -> int:
@@ -153,6 +167,7 @@ def run(setups: Sequence[Setup], n_test: int | None, per_kind: int = 2) -> dict[
         with s.monitor("train") as mon:
             rep = inspect_all(mon, x, y)
             r: dict[str, Any] = {"title": s.title, "images": n, **flag_counts(rep, y)}
+            r["p999_below_zero"] = p999_below_zero(mon.table)
             r["cases"] = explain_cases(s, mon, x, y, rep, per_kind)
         r["seconds"] = time.perf_counter() - started
         results[s.arch] = r
@@ -203,14 +218,24 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"- {r['title']}: most surprising filter silent for {_pct(r['silent_wrong'])} of "
                 f"the failures with a surprising filter, {_pct(r['silent_correct'])} of the "
-                "correct images with one."
+                "correct images with one"
+                + (
+                    f"; silent flagged filters per image {r['silent_wrong_mean_filters']:.2f} "
+                    f"(failures) and {r['silent_correct_mean_filters']:.2f} (correct); P99.9 "
+                    f"below 0 for {100 * r['p999_below_zero']:.1f}% of the table's (class, "
+                    "filter) pairs."
+                    if "p999_below_zero" in r
+                    else "."
+                )
             )
     lines.append("")
     for r in results.values():
         lines += [
             f"**{r['title']}**: the misclassified test images with the lowest beta that have a "
-            "surprising filter that fires (alpha > 0), then those with an expected one "
-            "({:.0f} s).".format(r.get("seconds", float("nan"))),
+            "surprising filter that fires (alpha > 0), then those with an expected one that "
+            "the class's training images fire (mu > 0) ({:.0f} s).".format(
+                r.get("seconds", float("nan"))
+            ),
             "",
             "| test image | predicted (true) | beta | kind | filter | alpha (percentile)"
             " | mu | flagged filters | exemplars (class: training indices) |",
