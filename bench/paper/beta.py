@@ -168,6 +168,7 @@ def at_head_input(setup: Setup, x: torch.Tensor, y: torch.Tensor) -> dict[str, A
     return {
         "layer": layer,
         "table_images": int(table.counts.sum()),
+        "_beta": rep["beta"].tolist(),  # against the true class, for the figure
         "true": beta_statistics(rep["beta"], rep["logits"], y, y, residual_of(rep, y, hw)),
         "pred": beta_statistics(
             rep_pred["beta"], rep_pred["logits"], pred, y, residual_of(rep_pred, pred, hw)
@@ -192,8 +193,9 @@ def run(setups: Sequence[Setup], n_test: int | None) -> dict[str, Any]:
         }
         if s.arch in HEAD_INPUT:
             r["head_input"] = cached_part(
-                s, f"beta-head-input-{n}", lambda s=s, x=x, y=y: at_head_input(s, x, y)
+                s, f"beta-head-input-v2-{n}", lambda s=s, x=x, y=y: at_head_input(s, x, y)
             )
+            r["_arrays"]["head_beta"] = r["head_input"].pop("_beta")
         parts = [r, r["tables"], r.get("head_input", {})]  # compute time of each (cached) part
         r["seconds"] = sum(p.get("seconds", 0.0) for p in parts) or time.perf_counter() - started
         results[s.arch] = r
@@ -201,14 +203,25 @@ def run(setups: Sequence[Setup], n_test: int | None) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any]) -> str:
-    """Figure 4's layout: beta against the score before (top) and after (bottom) softmax, for
-    all classes (left) and one class (right: the class with the most images both right and
-    wrong), per model."""
+    """Figure 4 (``beta.png``, alpha at the final convolution) and, when every model has it,
+    the same with alpha at the head's input (``beta-head-input.png``); returns the first's
+    file name."""
+    name = scatter(results, "beta", "beta")
+    if all("head_beta" in r["_arrays"] for r in results.values()):
+        scatter(results, "head_beta", "beta-head-input")
+    return name
+
+
+def scatter(results: dict[str, Any], key: str, stem: str) -> str:
+    """Figure 4's layout: beta (``_arrays[key]``) against the score before (top) and after
+    (bottom) softmax, for all classes (left) and one class (right: the class with the most
+    images both right and wrong), per model; saved as ``figures/{stem}.png``."""
     archs = list(results)
     fig = new_figure(4.0 * 2 * len(archs), 6.4)
     for j, a in enumerate(archs):
         arr = results[a]["_arrays"]
-        beta = np.asarray(arr["beta"])
+        beta = np.asarray(arr[key])
+        where = f", alpha at {results[a]['head_input']['layer']}" if key == "head_beta" else ""
         y = np.asarray(arr["labels"])
         logits = torch.tensor(arr["logits"], dtype=torch.float64)
         pre = logits.gather(1, torch.from_numpy(y).view(-1, 1)).squeeze(1).numpy()
@@ -239,14 +252,14 @@ def plot(results: dict[str, Any]) -> str:
                 )
                 ax.axvline(0, color="k", lw=0.5)
                 which = "all classes" if col == 0 else f"class {one_class} only"
-                ax.set_title(f"{results[a]['title']}\n{which}", fontsize=8)
+                ax.set_title(f"{results[a]['title']}{where}\n{which}", fontsize=8)
                 ax.set_xlabel("beta", fontsize=8)
                 ax.set_ylabel(name, fontsize=8)
                 ax.tick_params(labelsize=7)
                 if row == 0 and col == 0:
                     ax.legend(fontsize=7, markerscale=4)
     fig.tight_layout()
-    return save_figure(fig, "beta").name
+    return save_figure(fig, stem).name
 
 
 def _pct(r: dict[str, float]) -> str:
@@ -329,6 +342,14 @@ def markdown(results: dict[str, Any], figure: str | None = "beta.png") -> str:
     lines += [f"- {r['title']}: {r['seconds']:.0f} s." for r in results.values()]
     if figure:
         lines += ["", f"![beta against the class score](figures/{figure})"]
+        if all("head_input" in r for r in results.values()):
+            head = figure.replace("beta", "beta-head-input")
+            lines += [
+                "",
+                "The same with alpha at the head's input (beta judged against the true class):",
+                "",
+                f"![beta at the head's input against the class score](figures/{head})",
+            ]
     return "\n".join(lines)
 
 

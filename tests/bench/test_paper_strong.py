@@ -21,7 +21,7 @@ def test_the_paper_report_is_written_for_a_strong_model(tiny_strong, capsys):
     report = (out / "REPORT.md").read_text()
     for heading in ("1. Filter ranking", "2. Beta", "3. Surprise", "4. Fixing", "Wall time"):
         assert heading in report
-    for fig in ("ranking.png", "beta.png", "fix-rate.png"):
+    for fig in ("ranking.png", "beta.png", "beta-head-input.png", "fix-rate.png"):
         assert (common.FIGURES / fig).stat().st_size > 1000
     res = {n: json.loads((common.RESULTS / f"{n}.json").read_text())["vgg_bn"]
            for n in ("ranking", "beta", "failures", "fixing")}  # fmt: skip
@@ -38,6 +38,8 @@ def test_the_paper_report_is_written_for_a_strong_model(tiny_strong, capsys):
         head = b["head_input"][who]  # at the head's input the head is affine: r = the bias
         assert head["residual_std_ratio"] == pytest.approx(0.0, abs=1e-4)
     assert b["head_input"]["layer"] == "features.26" and b["head_input"]["table_images"] == 160
+    assert "_beta" not in b["head_input"]  # the per-image array stays out of results/*.json
+    assert "figures/beta-head-input.png" in report
     f = res["failures"]
     assert f["misclassified"] + f["correct"] == 40
     wrong = round((1 - s.test_accuracy) * 40)
