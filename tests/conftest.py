@@ -16,10 +16,14 @@ import pytest  # noqa: E402
 from tests._models import (  # noqa: E402
     class_dataset,
     heldout_dataset,
+    photo_crops,
     trained_tiny_cnn,
     write_photo_folder,
     write_tiny_weights,
 )
+
+CIFAR_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +70,57 @@ def photo_folder(tmp_path_factory):
         return write_photo_folder(tmp_path_factory.mktemp("images"), counts, seed=seed)
 
     return make
+
+
+@pytest.fixture()
+def fake_cifar(tmp_path):
+    """A folder with ``cifar10_train.npz`` (160 images) and ``cifar10_test.npz`` (40) of
+    CIFAR-shaped real-photo crops (classes 0, 2, 4, 6 of the ten; not the shared data)."""
+    import numpy as np
+
+    images, labels = photo_crops(size=32, side=96, stride=16)  # 200 crops of 4 photos
+    order = np.random.default_rng(0).permutation(len(images))
+    images, labels = images[order], labels[order] * 2
+    names = np.array(CIFAR_NAMES)
+    np.savez(tmp_path / "cifar10_train.npz", x=images[:160], y=labels[:160], class_names=names)
+    np.savez(tmp_path / "cifar10_test.npz", x=images[160:], y=labels[160:], class_names=names)
+    return tmp_path
+
+
+@pytest.fixture()
+def tiny_strong(fake_cifar, tmp_path, monkeypatch):
+    """The ``vgg_bn`` set-up of the paper scripts played by a tiny
+    :class:`bench.strong_models.VGGBN` (width 4, 40 Adam steps on the fake CIFAR-10), with the
+    data, the cache and the scripts' outputs (results, figures, report) in temporary folders;
+    held-out tables on test images 0..19, reported on 20..39."""
+    from bench import strong_tables
+    from bench.cifar import cifar10_dataset
+    from bench.paper import __main__ as paper_main
+    from bench.paper import common, failures
+    from bench.strong_models import VGGBN
+
+    monkeypatch.setenv("SURPRISE_DATA_DIR", str(fake_cifar))
+    monkeypatch.setenv("SURPRISE_MONITOR_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = VGGBN(width=4)
+    x, y = cifar10_dataset("train", fake_cifar).tensors
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(40):
+        batch = slice(32 * (step % 5), 32 * (step % 5) + 32)
+        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    monkeypatch.setattr(common, "load_strong", lambda name: model)
+    monkeypatch.setitem(strong_tables.SPLITS, "heldout", ("test", 0, 20, "true"))
+    monkeypatch.setitem(strong_tables.SPLITS, "heldout_pred", ("test", 0, 20, "pred"))
+    monkeypatch.setattr(common, "HELDOUT_EVALUATION", (20, 40))
+    out = tmp_path / "paper"
+    for module, name, value in (
+        (common, "RESULTS", out / "results"), (common, "FIGURES", out / "figures"),
+        (failures, "FIGURES", out / "figures"), (paper_main, "HERE", out),
+        (paper_main, "RESULTS", out / "results"),
+    ):  # fmt: skip
+        monkeypatch.setattr(module, name, value)
+    return common.load_setup("vgg_bn", fake_cifar)

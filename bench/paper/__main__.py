@@ -1,7 +1,8 @@
 """Run the paper's experiments on the CIFAR-10 models and write ``bench/paper/REPORT.md``.
 
-``python -m bench.paper [--data-dir DIR] [--n-test 5000] [--n-ood 2000] [--only ranking,beta]``
-(``--only`` reruns some experiments and takes the others from ``bench/paper/results/``).
+``python -m bench.paper [--archs resnet18,vgg_bn] [--n-test N] [--only ranking,beta]``
+(``--only`` reruns some experiments and takes the others from ``bench/paper/results/``; by
+default the paper's four, Sections 4.1-4.5; ``atypical`` runs when named).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import numpy as np
 import torch
 
 from bench.cifar import cache_dir
-from bench.paper import atypical, beta, failures, ranking
+from bench.paper import atypical, beta, failures, fixing, ranking
 from bench.paper.common import (
+    ARCH_TITLES,
     ARCHS,
     CALIBRATION_SPLITS,
     HERE,
     OOD_FILES,
     RESULTS,
+    STRONG_ARCHS,
     TRAIN_SETTINGS,
     Setup,
     arg_parser,
@@ -33,30 +36,74 @@ from bench.paper.common import (
     store,
 )
 from bench.paper.scores import BASELINE_SCORES, MONITOR_SCORES
+from bench.strong_models import training_record
 
-EXPERIMENTS = ("ranking", "beta", "failures", "atypical")
+EXPERIMENTS = ("ranking", "beta", "failures", "fixing", "atypical")
+#: What ``python -m bench.paper`` runs by default: the paper's experiments (Sections 4.1-4.5).
+PAPER_EXPERIMENTS = ("ranking", "beta", "failures", "fixing")
 
 
 def _load(name: str) -> dict[str, Any] | None:
+    """An experiment's committed results (``results/{name}.json``), if any."""
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def trained(setup: Setup) -> str:
+    """How a model was trained, in a few words."""
+    if setup.arch == "resnet18":
+        return "shared weights: all 50,000 training images, SGD, label smoothing (README)"
+    if setup.arch == "vgg_bn":
+        rec = training_record("vgg_bn")
+        return (
+            f"here: all 50,000 training images, {rec.get('epochs_done', '?')} epochs, "
+            f"{rec.get('minutes', '?')} min on the CPU (`bench/train_vgg_bn.py`)"
+        )
+    return (
+        f"here: the first {TRAIN_SETTINGS['n_train']:,} training images, "
+        f"{TRAIN_SETTINGS['epochs']} epochs (`bench.cifar.train_or_load`)"
+    )
+
+
 def models_section(setups: Sequence[Setup]) -> str:
+    """The models: final convolution, size, test accuracy, training."""
     lines = [
-        "| model | final conv (filters) | parameters | CIFAR-10 test accuracy (10,000) |",
-        "|---|---|---:|---:|",
+        "| model | final conv (filters) | parameters | CIFAR-10 test accuracy (10,000) | trained |",
+        "|---|---|---:|---:|---|",
     ]
     for s in setups:
         t = s.table("train")
         params = sum(p.numel() for p in s.model.parameters())
         lines.append(
-            f"| {s.title} | `{t.layer}` ({t.num_filters}) | {params:,} | {s.test_accuracy:.3f} |"
+            f"| {s.title} | `{t.layer}` ({t.num_filters}) | {params:,} | {s.test_accuracy:.3f} "
+            f"| {trained(s)} |"
         )
     return "\n".join(lines)
 
 
+def times_section(res: dict[str, Any], archs: Sequence[str]) -> list[str]:
+    """Wall time of each experiment and model (seconds, as recorded in the results)."""
+    titles = {a: ARCH_TITLES[a] for a in archs}
+    lines = [
+        "| experiment | " + " | ".join(titles.values()) + " |",
+        "|---|" + "---:|" * len(archs),
+    ]
+    for name, r in res.items():
+        if not r:
+            continue
+        cells = []
+        for a in archs:
+            res = r.get(a) or {}
+            sec = res.get("seconds")
+            if sec is not None and "after_bn" in res:  # Table 1's second layer
+                sec += res["after_bn"].get("seconds", 0.0)
+            cells.append("-" if sec is None else f"{sec / 60:.1f} min")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def ranking_notes(r: dict[str, Any]) -> list[str]:
+    """One line per model: where Grad-AMap ranks in Table 1."""
     out = []
     for a in r.values():
         aucs = {m: v["auc"] for m, v in a["methods"].items()}
@@ -73,6 +120,7 @@ def ranking_notes(r: dict[str, Any]) -> list[str]:
 
 
 def atypical_notes(r: dict[str, Any]) -> list[str]:
+    """Per model and group of sets: the best monitor score against the best baseline."""
     out = []
     far = list(OOD_FILES)
     for a in r.values():
@@ -95,68 +143,79 @@ def atypical_notes(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def setup_lines(args: Any, archs: Sequence[str]) -> list[str]:
+    """The report's set-up section: data, tables, evaluation, machine."""
+    lines = [
+        f"- Data: `{args.data_dir}`: CIFAR-10 train/test (32x32 RGB, JPEG q75 re-encodings of "
+        "the originals).",
+    ]
+    if any(a in STRONG_ARCHS for a in archs):
+        lines.append(
+            "- Calibration (the strong models, `bench.strong_tables`): `train` on all 50,000 "
+            "training images with their true labels (the paper's protocol: the model's own "
+            "training data; every section uses it unless it says otherwise); `heldout` on test "
+            "images 0..4,999 (never trained on), true labels. A figure judged with `heldout` "
+            "is reported on test images 5,000..9,999 only."
+        )
+        lines.append(
+            "- Evaluation: all 10,000 CIFAR-10 test images unless a section says otherwise."
+        )
+    if any(a not in STRONG_ARCHS for a in archs):
+        tr, ho = CALIBRATION_SPLITS["train"], CALIBRATION_SPLITS["heldout"]
+        lines.append(
+            f"- Calibration (the weak models): `train` on training images {tr[0]:,}..{tr[1] - 1:,}"
+            f", `heldout` on training images {ho[0]:,}..{ho[1] - 1:,}; evaluation on the first "
+            "5,000 test images."
+        )
+    lines.append(
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, torch "
+        f"{torch.__version__}, one thread per experiment process."
+    )
+    return lines
+
+
+SECTIONS = (
+    ("ranking", "1. Filter ranking (Section 4.1, Table 1)"),
+    ("beta", "2. Beta against the class score (Section 4.2)"),
+    ("failures", "3. Surprise and expectation for misclassified images (Sections 4.3-4.4)"),
+    ("fixing", "4. Fixing failures by suppressing surprise (Section 4.5, Figure 9)"),
+    ("atypical", "5. Atypical inputs (not in the paper)"),
+)
+
+
 def write_report(setups: Sequence[Setup], args: Any) -> str:
+    """Write ``REPORT.md`` from the committed results; returns its path."""
     res = {name: _load(name) for name in EXPERIMENTS}
-    tr, ho = CALIBRATION_SPLITS["train"], CALIBRATION_SPLITS["heldout"]
+    archs = [s.arch for s in setups]
     lines = [
         "# The paper's experiments on CIFAR-10",
         "",
-        "Generated by `python -m bench.paper` (see `README.md` beside this file for how to run it "
-        "and for the discussion). Paper: Hartley et al., *Explaining Failure: Investigation of "
-        "Surprise and Expectation in CNNs* (ImageNet, VGG16 / ResNet18 / ResNet50).",
+        "Generated by `python -m bench.paper` (see `README.md` beside this file for how to run "
+        "it); the discussion at the end is written by hand (`discussion.md`). Paper: Hartley "
+        "et al., *Explaining Failure: Investigation of Surprise and Expectation in CNNs* "
+        "(ImageNet, VGG16 / ResNet18 / ResNet50).",
         "",
         "## Set-up",
         "",
-        f"- Data: `{args.data_dir}`: CIFAR-10 train/test (32x32 RGB, JPEG q75 re-encodings of "
-        f"the originals), MNIST / Fashion-MNIST / notMNIST test (28x28 grey, lossless).",
-        f"- Training: the first {TRAIN_SETTINGS['n_train']:,} CIFAR-10 training images, "
-        f"{TRAIN_SETTINGS['epochs']} epochs, Adam with a one-cycle rate, random crops and "
-        "flips, on the CPU (`bench.cifar.train_or_load`; weights cached outside the repository).",
-        f"- Calibration tables (about 1,000 images per class each): `train` on training images "
-        f"{tr[0]:,}..{tr[1] - 1:,} (seen in training; the paper calibrates on its training "
-        f"data) and `heldout` on training images {ho[0]:,}..{ho[1] - 1:,} (never used in "
-        "training), both with their true labels; `heldout_pred` on the held-out images labelled "
-        "with the model's own predictions (section 4 only). Sections 1-3 use `train`.",
-        f"- Evaluation: the first {args.n_test:,} CIFAR-10 test images (the file is shuffled); "
-        f"atypical sets of {args.n_ood:,} images each.",
-        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__} ({torch.get_num_threads()} threads).",
+        *setup_lines(args, archs),
         "",
         models_section(setups),
         "",
     ]
-    if res["ranking"]:
-        lines += [
-            "## 1. Filter ranking (Section 4.1, Table 1)",
-            "",
-            ranking.markdown(res["ranking"]),
-            "",
-            *ranking_notes(res["ranking"]),
-            "",
-        ]
-    if res["beta"]:
-        lines += [
-            "## 2. Beta against the class score (Section 4.2)",
-            "",
-            beta.markdown(res["beta"]),
-            "",
-        ]
-    if res["failures"]:
-        lines += [
-            "## 3. Surprise and expectation for misclassified images (Sections 4.3-4.4)",
-            "",
-            failures.markdown(res["failures"]),
-            "",
-        ]
-    if res["atypical"]:
-        lines += [
-            "## 4. Atypical inputs",
-            "",
-            atypical.markdown(res["atypical"]),
-            "",
-            *atypical_notes(res["atypical"]),
-            "",
-        ]
+    sections = {
+        "ranking": lambda r: [ranking.markdown(r), "", *ranking_notes(r)],
+        "beta": lambda r: [beta.markdown(r)],
+        "failures": lambda r: [failures.markdown(r)],
+        "fixing": lambda r: [fixing.markdown(r)],
+        "atypical": lambda r: [atypical.markdown(r), "", *atypical_notes(r)],
+    }
+    for name, heading in SECTIONS:
+        if res[name]:
+            lines += [f"## {heading}", "", *sections[name](res[name]), ""]
+    lines += ["## Wall time", "", *times_section(res, archs), ""]
+    discussion = HERE / "discussion.md"
+    if discussion.is_file():
+        lines += [discussion.read_text().rstrip(), ""]
     text = "\n".join(lines)
     path = HERE / "REPORT.md"
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -166,13 +225,18 @@ def write_report(setups: Sequence[Setup], args: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: run the experiments asked for, then the figures and ``REPORT.md``."""
     p = arg_parser(__doc__.splitlines()[0])
     p.add_argument("--n-ood", type=int, default=2000, help="images per atypical set")
     p.add_argument("--per-kind", type=int, default=2, help="failure pictures per kind and model")
     p.add_argument(
+        "--upsample-images", type=int, default=200, help="failures also fixed at 64 and 128 px"
+    )
+    p.add_argument(
         "--only",
-        default=",".join(EXPERIMENTS),
-        help="experiments to (re)run; 'report' only rewrites REPORT.md from the saved results",
+        default=",".join(PAPER_EXPERIMENTS),
+        help=f"experiments to (re)run, from {','.join(EXPERIMENTS)}; 'report' only rewrites "
+        "REPORT.md from the saved results",
     )
     args = parse(p, argv)
     only = [e for e in args.only.split(",") if e and e != "report"]
@@ -194,9 +258,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         store("beta", beta.run(setups, args.n_test))
     if "failures" in only:
         store("failures", failures.run(setups, args.n_test, args.per_kind))
+    if "fixing" in only:
+        store("fixing", fixing.run(setups, args.n_test, args.upsample_images))
     if "atypical" in only:
         store("atypical", atypical.run(setups, args.n_test, args.n_ood))
-    for name, plot in (("ranking", ranking.plot), ("beta", beta.plot), ("atypical", atypical.plot)):
+    plots = (("ranking", ranking.plot), ("beta", beta.plot), ("fixing", fixing.plot),
+             ("atypical", atypical.plot))  # fmt: skip
+    for name, plot in plots:
         full = cache_dir() / "paper" / "results" / f"{name}.json"
         if full.is_file():  # every model's results, with the arrays the figures need
             plot(json.loads(full.read_text()))

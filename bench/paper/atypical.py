@@ -1,11 +1,14 @@
 """Atypical inputs: do the monitor's signals separate CIFAR-10 from far-OOD and shifted images?
 
-In-distribution: the first ``--n-test`` CIFAR-10 test images. Atypical sets (``--n-ood`` each):
+In-distribution: ``--n-test`` CIFAR-10 test images that no table saw: the first ones for the weak
+models (their held-out tables come from the training file), images 5,000.. for the strong models
+(their held-out tables are calibrated on test images 0..4,999); by default 5,000 (weak) or 2,000
+(strong). Atypical sets (``--n-ood`` each):
 
 - far OOD: MNIST, Fashion-MNIST and notMNIST test images, zero-padded 28 -> 32 and copied to
   three channels (caveat from the data README: those are lossless, the CIFAR-10 files JPEG);
-- shifted CIFAR-10: *other* test images (from index ``--n-test`` on), with Gaussian noise,
-  Gaussian blur, reduced contrast or JPEG re-compression at three strengths each.
+- shifted CIFAR-10: *other* test images (the ones after the in-distribution images), with
+  Gaussian noise, Gaussian blur, reduced contrast or JPEG re-compression at three strengths.
 
 Every input is judged against its predicted class (as deployed). Scores: see
 :mod:`bench.paper.scores`. Reported: AUROC and the false-positive rate at 95% true positives
@@ -14,7 +17,9 @@ Every input is judged against its predicted class (as deployed). Scores: see
 It also checks the low-beta alert's rate on in-distribution test images at the configured
 ``low_beta_pct=1``: a table calibrated on images the model was trained on sees higher betas than
 new images give, so the alert fires more often than 1%; a table calibrated on held-out images
-(training images 40,000..49,999, never used in training) restores the rate.
+(never used in training) restores the rate. The baselines (Mahalanobis, KNN) are fitted on the
+penultimate features of 10,000 training images (the weak models' ``train`` table images; the
+first 10,000 of the strong models' 50,000).
 
 Run: ``python -m bench.paper.atypical [--data-dir DIR] [--n-test 5000] [--n-ood 2000]``.
 """
@@ -23,14 +28,17 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import TensorDataset
 
-from bench.cifar import to_tensor
+from bench import strong_tables
+from bench.cifar import load_cifar10, to_tensor
 from bench.paper.common import (
     CALIBRATION_SPLITS,
     OOD_FILES,
@@ -91,16 +99,42 @@ def shift_images(images: np.ndarray, kind: str, level: float, seed: int = 0) -> 
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def atypical_sets(data_dir: Any, n_test: int, n_ood: int) -> dict[str, torch.Tensor]:
-    """Name -> normalised images of every atypical set."""
+def atypical_sets(data_dir: Any, start: int, n_ood: int) -> dict[str, torch.Tensor]:
+    """Name -> normalised images of every atypical set; the shifted ones are made from test
+    images ``start .. start + n_ood - 1``."""
     sets: dict[str, torch.Tensor] = {}
     for name, file in OOD_FILES.items():
         sets[name] = to_tensor(gray_to_cifar(load_gray_npz(file, data_dir, n_ood)))
-    raw, _ = test_uint8(data_dir, n_test, n_test + n_ood)
+    raw, _ = test_uint8(data_dir, start, start + n_ood)
     for kind, levels in SHIFTS.items():
         for level in levels:
             sets[f"{kind} {level:g}"] = to_tensor(shift_images(raw, kind, level))
     return sets
+
+
+def image_ranges(setup: Setup, n_test: int | None, n_ood: int) -> tuple[int, int, int]:
+    """``(start, stop, shifted_stop)``: the in-distribution test images ``start..stop-1`` and the
+    images the shifted sets are made from, ``stop..shifted_stop-1``; none seen by a table."""
+    start = setup.heldout_range(0)[0]
+    n = n_test if n_test is not None else (2000 if setup.strong else 5000)
+    if start + n + n_ood > 10000:
+        raise ValueError(
+            f"--n-test + --n-ood must be at most {10000 - start} for {setup.arch}, got {n + n_ood}"
+        )
+    return start, start + n, start + n + n_ood
+
+
+def fit_images(setup: Setup, split: str) -> TensorDataset:
+    """The images the baselines are fitted on (``train``) or the model's accuracy on its held-out
+    calibration images is measured on (``heldout``)."""
+    if setup.strong:
+        if split == "train":
+            n = min(10000, len(load_cifar10("train", setup.data_dir)))  # all of a small file
+            return cifar_range("train", 0, n, setup.data_dir)
+        file, start, stop, _ = strong_tables.SPLITS["heldout"]  # the held-out table's images
+        return cifar_range(file, start, stop, setup.data_dir)
+    start, stop = CALIBRATION_SPLITS[split]
+    return cifar_range("train", start, stop, setup.data_dir)
 
 
 def evaluate(
@@ -130,19 +164,20 @@ def alert_rates(rep: dict[str, torch.Tensor]) -> dict[str, float]:
 TABLES = ("train", "heldout", "heldout_pred")
 
 
-def run(setups: Sequence[Setup], n_test: int, n_ood: int) -> dict[str, Any]:
-    if n_test + n_ood > 10000:
-        raise ValueError(f"--n-test + --n-ood must be at most 10000, got {n_test + n_ood}")
+def run(setups: Sequence[Setup], n_test: int | None, n_ood: int) -> dict[str, Any]:
+    """The atypical-input evaluation of each model (see the module docstring)."""
     results: dict[str, Any] = {}
-    sets = atypical_sets(setups[0].data_dir, n_test, n_ood) if setups else {}
     for s in setups:
-        x_id = cifar_range("test", 0, n_test, s.data_dir)
+        started = time.perf_counter()
+        a, b, c = image_ranges(s, n_test, n_ood)
+        sets = atypical_sets(s.data_dir, b, n_ood)
+        x_id = cifar_range("test", a, b, s.data_dir)
         x, y = x_id.tensors[0], x_id.tensors[1]
-        log(f"atypical: {s.arch}: {n_test} test images, {len(sets)} atypical sets of {n_ood}")
-        r: dict[str, Any] = {"title": s.title, "n_test": n_test, "n_ood": n_ood}
+        log(f"atypical: {s.arch}: test images {a}..{b - 1}, {len(sets)} atypical sets of {n_ood}")
+        r: dict[str, Any] = {"title": s.title, "n_test": b - a, "n_ood": n_ood,
+                             "test_range": [a, b]}  # fmt: skip
         for split in ("train", "heldout"):  # how well the model fits its calibration images
-            start, stop = CALIBRATION_SPLITS[split]
-            calib = cifar_range("train", start, stop, s.data_dir)
+            calib = fit_images(s, split)
             feats, logits = features_of(s.model, calib.tensors[0])
             r[f"accuracy_{split}_images"] = float(
                 (logits.argmax(1) == calib.tensors[1]).float().mean()
@@ -173,6 +208,7 @@ def run(setups: Sequence[Setup], n_test: int, n_ood: int) -> dict[str, Any]:
                     "noise 0.08": {k: v.tolist() for k, v in outs["noise 0.08"].items()},
                 }
             r[f"metrics_{split}"] = evaluate(ids, outs)
+        r["seconds"] = time.perf_counter() - started
         results[s.arch] = r
     return results
 
@@ -279,9 +315,10 @@ def _table(m: dict, key: str, scores: Sequence[str], fmt: str) -> list[str]:
 def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = []
     for r in results.values():
+        a, b = r.get("test_range", (0, r["n_test"]))
         lines += [
             f"**{r['title']}** (accuracy {r['accuracy']:.3f} on the {r['n_test']} "
-            f"in-distribution test images; {r['n_ood']} images per atypical set)",
+            f"in-distribution test images {a:,}..{b - 1:,}; {r['n_ood']} images per atypical set)",
             "",
             "AUROC, table calibrated on training images:",
             "",
@@ -300,16 +337,17 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "Alert rates on the in-distribution test images (configured: low beta below the "
         "class's 1st percentile, so 1% is expected; surprise above P99.9 and expectation below "
-        "P0.1 per filter). Tables: `train` (training images 0..9,999, true labels), `heldout` "
-        "(images 40,000..49,999, never trained on, true labels), `heldout_pred` (the same "
-        "images labelled with the model's predictions).",
+        "P0.1 per filter). Tables: `train` (training images, true labels), `heldout` (images "
+        "never trained on, true labels), `heldout_pred` (the same images labelled with the "
+        "model's predictions); see the set-up for which images each model's tables hold.",
         "",
     ]
     for r in results.values():
         lines.append(
-            f"- {r['title']}: accuracy on the `train` calibration images "
+            f"- {r['title']}: accuracy on (10,000 of) the `train` calibration images "
             f"{r['accuracy_train_images']:.3f}, on the `heldout` ones "
-            f"{r['accuracy_heldout_images']:.3f}, on the test images {r['accuracy']:.3f}."
+            f"{r['accuracy_heldout_images']:.3f}, on the test images {r['accuracy']:.3f} "
+            f"({r.get('seconds', float('nan')) / 60:.0f} min)."
         )
     lines += [
         "",

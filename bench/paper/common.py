@@ -1,16 +1,20 @@
-"""Shared set-up of the paper experiments: data, the trained models, their calibration tables.
+"""Shared set-up of the paper experiments: data, the models, their calibration tables.
 
 - Data: CIFAR-10 and the MNIST-family files from ``--data-dir``, else ``$SURPRISE_DATA_DIR``,
   else ``../shared/data`` (:func:`bench.cifar.find_data_dir`); a missing folder or file stops the
   script with a message naming what it looked for.
-- Models: :func:`bench.cifar.train_or_load` with :data:`TRAIN_SETTINGS` (3 epochs on the first
-  20,000 CIFAR-10 training images, the settings the other benchmarks use, so one cached copy of
-  the weights serves them all; cached outside the repository).
-- Calibration tables (cached beside the weights): ``"train"`` on training images 0..9,999 (seen in
-  training, as the paper calibrates on its training data) and ``"heldout"`` on training images
-  40,000..49,999 (never seen in training), about 1,000 images per class each, with their true
-  labels; ``"heldout_pred"`` on the held-out images labelled with the model's own predictions
-  (the class a deployed monitor judges an input against).
+- Models: the two strong CIFAR-10 models of :mod:`bench.strong_models` (``resnet18``: the shared
+  ResNet-18, 91% test accuracy; ``vgg_bn``: a VGG with batch norm trained here), the default;
+  and the two weak small models of the first run (``small_vgg``, ``small_resnet``:
+  :func:`bench.cifar.train_or_load` with :data:`TRAIN_SETTINGS`, 3 epochs on the first 20,000
+  training images, 49% / 62.5%), still selectable with ``--archs``.
+- Calibration tables, cached outside the repository. Strong models
+  (:mod:`bench.strong_tables`): ``"train"`` on all 50,000 training images (the paper's
+  protocol), ``"heldout"`` on test images 0..4,999 (never trained on), both with true labels,
+  ``"heldout_pred"`` on the same test images labelled with the model's predictions; anything
+  judged with a held-out table is reported on test images 5,000..9,999 only. Weak models:
+  ``"train"`` on training images 0..9,999, ``"heldout"`` / ``"heldout_pred"`` on training images
+  40,000..49,999 (never used in their training).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +42,24 @@ from bench.cifar import (
     to_tensor,
     train_or_load,
 )
+from bench.strong_models import EVALUATION, STRONG_MODELS, load_strong
+from bench.strong_tables import strong_table
 from calibrate import CalibrationTable, calibrate, model_fingerprint
 from monitor import SurpriseMonitor
+from monitor.probe import get_module
 
-ARCHS = ("small_vgg", "small_resnet")
+STRONG_ARCHS = STRONG_MODELS  # ("resnet18", "vgg_bn")
+WEAK_ARCHS = ("small_vgg", "small_resnet")
+ARCHS = STRONG_ARCHS + WEAK_ARCHS
 ARCH_TITLES = {
+    "resnet18": "ResNet-18",
+    "vgg_bn": "VGG-BN",
     "small_vgg": "small VGG (no batch norm)",
     "small_resnet": "small ResNet (batch norm)",
 }
+#: Test images a figure may be reported on, per family, when the table is held-out: the strong
+#: models' held-out tables are calibrated on test images 0..4,999.
+HELDOUT_EVALUATION = (EVALUATION.start, EVALUATION.stop)
 #: How the two CIFAR-10 models are trained (see :func:`bench.cifar.train_or_load`).
 TRAIN_SETTINGS: dict[str, Any] = {"epochs": 3, "n_train": 20000}
 #: Calibration splits: ranges of CIFAR-10 training-image indices.
@@ -74,13 +89,16 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
         "(default: $SURPRISE_DATA_DIR, else ../shared/data)",
     )
     p.add_argument(
-        "--archs", default=",".join(ARCHS), help="comma-separated: small_vgg,small_resnet"
+        "--archs",
+        default=",".join(STRONG_ARCHS),
+        help=f"comma-separated, from {','.join(ARCHS)} (default: the two strong models)",
     )
     p.add_argument(
         "--n-test",
         type=int,
-        default=5000,
-        help="CIFAR-10 test images used (the first ones; the files are shuffled)",
+        default=None,
+        help="CIFAR-10 test images used (the first ones; the files are shuffled); default: "
+        "all 10,000 for the strong models, 5,000 for the weak ones",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -101,8 +119,8 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
     bad = [a for a in args.archs if a not in ARCHS]
     if bad:
         p.error(f"unknown arch {bad[0]!r}; choose from {', '.join(ARCHS)}")
-    if args.n_test < 100:
-        p.error("--n-test must be at least 100")
+    if args.n_test is not None and args.n_test < 20:
+        p.error("--n-test must be at least 20")
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
@@ -175,29 +193,70 @@ class Setup:
 
     @property
     def title(self) -> str:
+        """The model's name in reports."""
         return ARCH_TITLES[self.arch]
 
+    @property
+    def strong(self) -> bool:
+        """One of the strong models (tables from :mod:`bench.strong_tables`)."""
+        return self.arch in STRONG_ARCHS
+
+    def n_test(self, requested: int | None = None) -> int:
+        """Test images to use: ``requested``, else all 10,000 (strong) or 5,000 (weak)."""
+        return requested if requested is not None else (10000 if self.strong else 5000)
+
     def table(self, split: str = "train") -> CalibrationTable:
+        """The calibration table on ``split`` (``train``, ``heldout``, ``heldout_pred``)."""
         if split not in self._tables:
-            self._tables[split] = calibration_table(self.model, self.arch, split, self.data_dir)
+            if self.strong:
+                self._tables[split] = strong_table(
+                    self.arch, split, model=self.model, data_dir=self.data_dir, log=log
+                )
+            else:
+                self._tables[split] = calibration_table(self.model, self.arch, split, self.data_dir)
         return self._tables[split]
 
     def monitor(self, split: str = "train", **kwargs: Any) -> SurpriseMonitor:
+        """A monitor of the model with the ``split`` table."""
         return SurpriseMonitor(self.model, self.table(split), **kwargs)
+
+    def heldout_range(self, n_test: int) -> tuple[int, int]:
+        """Test images on which a figure judged with a held-out table may be reported: the
+        strong models' held-out tables are calibrated on test images 0..4,999, so 5,000..9,999;
+        the weak models' on training images, so the first ``n_test``."""
+        return HELDOUT_EVALUATION if self.strong else (0, n_test)
 
 
 def load_setup(arch: str, data_dir: Path) -> Setup:
-    """The trained ``arch`` (training it on the first call, a few minutes on the CPU)."""
-    model = train_or_load(arch, data_dir=data_dir, log=log, **TRAIN_SETTINGS)
+    """The trained ``arch``: a strong model (loaded), or a weak one (trained on the first call,
+    a few minutes on the CPU)."""
+    if arch in STRONG_ARCHS:
+        model = load_strong(arch)
+    else:
+        model = train_or_load(arch, data_dir=data_dir, log=log, **TRAIN_SETTINGS)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)  # no experiment here needs parameter gradients
-    acc = float("nan")  # the test accuracy train_or_load stored beside the weights
-    for meta in cache_dir().glob(f"cifar10-{arch}-*.json"):
-        info = json.loads(meta.read_text())
-        if all(info.get(k) == v for k, v in TRAIN_SETTINGS.items()):
-            acc = float(info.get("test_accuracy", acc))
-    return Setup(arch, model, data_dir, acc)
+    setup = Setup(arch, model, data_dir)
+    logits, labels = test_logits(setup)
+    setup.test_accuracy = float((logits.argmax(1) == labels).float().mean())
+    return setup
+
+
+def test_logits(setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits on every CIFAR-10 test image and the labels (cached by weights)."""
+    s = load_cifar10("test", setup.data_dir)
+    fp = model_fingerprint(setup.model)[:12]
+    path = cache_dir() / "paper" / f"{setup.arch}-{fp}-test{len(s)}-logits.npy"
+    if path.is_file():
+        logits = torch.from_numpy(np.load(path, allow_pickle=False))
+    else:
+        logits = logits_of(setup.model, to_tensor(s.images))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, logits.numpy())
+        os.replace(tmp, path)
+    return logits, torch.from_numpy(s.labels)
 
 
 def calibration_table(model: nn.Module, arch: str, split: str, data_dir: Path) -> CalibrationTable:
@@ -247,6 +306,20 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(batched(run, x))
 
 
+def layer_hw(model: nn.Module, layer: str, x: torch.Tensor) -> int:
+    """``H * W`` of ``layer``'s output for the input batch ``x`` (one image is enough)."""
+    shapes: list[torch.Size] = []
+    handle = get_module(model, layer).register_forward_hook(
+        lambda m, inp, out: shapes.append(out.shape)
+    )
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        handle.remove()
+    return int(shapes[0][2] * shapes[0][3])
+
+
 def features_of(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(penultimate features, logits)``: the input of the model's last ``nn.Linear``."""
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
@@ -288,6 +361,20 @@ def save_json(path: Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=1, default=float))
     os.replace(tmp, path)
     return path
+
+
+def cached_part(setup: Setup, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One part of an experiment's results for one model, computed once and cached (JSON) by
+    the model's weights and ``name`` (which must say everything else the part depends on)."""
+    fp = model_fingerprint(setup.model)[:12]
+    path = cache_dir() / "paper" / "parts" / f"{setup.arch}-{fp}-{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    out = compute()
+    out["seconds"] = time.perf_counter() - started
+    save_json(path, out)
+    return out
 
 
 def strip(results: dict[str, Any]) -> dict[str, Any]:

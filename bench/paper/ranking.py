@@ -25,6 +25,8 @@ Run: ``python -m bench.paper.ranking [--data-dir DIR] [--n-test 5000]``.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
 
-from bench.cifar import _VGG, _ResNet
+from bench.cifar import _VGG, _ResNet, cache_dir
 from bench.paper.common import (
     Setup,
     arg_parser,
@@ -42,10 +45,13 @@ from bench.paper.common import (
     new_figure,
     parse,
     save_figure,
+    save_json,
     store,
     test_images,
 )
 from bench.paper.metrics import curve_auc
+from bench.strong_models import VGGBN
+from calibrate import model_fingerprint
 from kernels import grad_amap
 from monitor.probe import get_module
 
@@ -80,6 +86,10 @@ PAPER_AUC = {
     "grad_amap": (0.042, 0.146),
 }
 INCREMENTS = 32
+#: Where the strong models' final convolution has gone through its batch norm (and, for the VGG,
+#: the ReLU): zeroing a channel there removes the filter's whole contribution, where zeroing
+#: the convolution's own output leaves the batch norm's shift ``beta - gamma * mean / std``.
+AFTER_BN = {"resnet18": "layer4.1.bn2", "vgg_bn": "features.26"}
 
 
 # ------------------------------------------------------------------------------ model split
@@ -94,9 +104,14 @@ class Split:
 def split_model(model: nn.Module, layer: str) -> Split:
     """Cut ``model`` at ``layer`` so the head can be run alone on edited activations.
 
-    Fast paths for the small VGG / ResNet of :mod:`bench.cifar`; any other model runs whole,
-    with a forward hook that swaps the layer's output for the given activation.
+    Fast paths for the small VGG / ResNet of :mod:`bench.cifar`, the strong models of
+    :mod:`bench.strong_models` (:class:`~bench.strong_models.VGGBN`, and a torchvision ResNet cut
+    at the second convolution of its last basic block); any other model runs whole, with a
+    forward hook that swaps the layer's output for the given activation.
     """
+    fast = _strong_split(model, layer)
+    if fast is not None:
+        return fast
     if isinstance(model, _VGG) and layer.startswith("features."):
         i = int(layer.split(".")[1])
         front, rest = model.features[: i + 1], model.features[i + 1 :]
@@ -133,6 +148,40 @@ def split_model(model: nn.Module, layer: str) -> Split:
         return box[0], logits
 
     return Split(lambda x: (hooked(x, None)[0], x), lambda a, x: hooked(x, a)[1])
+
+
+def _strong_split(model: nn.Module, layer: str) -> Split | None:
+    """The fast cut of a :class:`VGGBN` at a ``features.i`` layer, or of a torchvision ResNet
+    at ``layer4.{last}.conv2`` (the shared CIFAR-10 ResNet-18's final convolution) or at the
+    batch norm after it, ``layer4.{last}.bn2``; ``None`` for anything else."""
+    if isinstance(model, VGGBN) and layer.startswith("features."):
+        i = int(layer.split(".")[1])
+        front, rest = model.features[: i + 1], model.features[i + 1 :]
+
+        def vgg_head(a: torch.Tensor, ctx: Any) -> torch.Tensor:
+            return model.classifier(rest(a.clone()).mean(dim=(2, 3)))  # clone: inplace ReLU
+
+        return Split(lambda x: (front(x), None), vgg_head)
+    if not isinstance(model, ResNet) or not isinstance(model.layer4[-1], BasicBlock):
+        return None
+    last = f"layer4.{len(model.layer4) - 1}"
+    if layer not in (f"{last}.conv2", f"{last}.bn2"):
+        return None
+    blk = model.layer4[-1]
+    after_bn = layer.endswith("bn2")
+
+    def res_prefix(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        h = model.layer4[:-1](model.layer3(model.layer2(model.layer1(h))))
+        identity = h if blk.downsample is None else blk.downsample(h)
+        a = blk.conv2(blk.relu(blk.bn1(blk.conv1(h))))
+        return (blk.bn2(a) if after_bn else a), identity
+
+    def res_head(a: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        out = blk.relu((a if after_bn else blk.bn2(a)) + identity)
+        return model.fc(torch.flatten(model.avgpool(out), 1))
+
+    return Split(res_prefix, res_head)
 
 
 # ------------------------------------------------------------------------------ capture
@@ -213,10 +262,11 @@ def filter_scores(
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def removal_counts(
+def removal_correct(
     split: Split, cap: Capture, labels: torch.Tensor, scores: torch.Tensor, ks: Sequence[int]
 ) -> np.ndarray:
-    """Correct predictions after zeroing each image's ``k`` top-scored channels, for each k."""
+    """Bool ``[len(ks), B]``: is each image still classified right after zeroing its ``k``
+    top-scored channels, for each k."""
     order = scores.argsort(dim=1, descending=True, stable=True)
     out = []
     with torch.no_grad():
@@ -224,8 +274,32 @@ def removal_counts(
             keep = torch.ones_like(scores)
             keep.scatter_(1, order[:, :k], 0.0)
             logits = split.head(cap.activation * keep[:, :, None, None], cap.ctx)
-            out.append(int((logits.argmax(dim=1) == labels).sum()))
-    return np.asarray(out)
+            out.append((logits.argmax(dim=1) == labels).numpy())
+    return np.stack(out)
+
+
+def removal_counts(
+    split: Split, cap: Capture, labels: torch.Tensor, scores: torch.Tensor, ks: Sequence[int]
+) -> np.ndarray:
+    """Correct predictions after zeroing each image's ``k`` top-scored channels, for each k."""
+    return removal_correct(split, cap, labels, scores, ks).sum(axis=1)
+
+
+def bootstrap_auc_se(
+    frac: Sequence[float], correct: np.ndarray, n_boot: int = 500, seed: int = 0
+) -> np.ndarray:
+    """Bootstrap standard error (over images) of each method's removal-curve AUC.
+
+    ``correct``: bool ``[M, K, N]`` (method, removal step, image); step 0 is the unpruned model,
+    the normaliser of every curve. Returns ``[M]``."""
+    m, k, n = correct.shape
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).T.astype(np.float32)
+    counts = (correct.reshape(m * k, n).astype(np.float32) @ weights).reshape(m, k, n_boot)
+    norm = counts / np.maximum(counts[:, :1, :], 1.0)
+    x = np.asarray(frac, np.float64)[None, :, None]
+    aucs = np.sum((x[:, 1:] - x[:, :-1]) * (norm[:, 1:] + norm[:, :-1]) / 2.0, axis=1)
+    return aucs.std(axis=1, ddof=1)
 
 
 def removal_steps(n_filters: int, increments: int = INCREMENTS) -> list[int]:
@@ -247,44 +321,57 @@ def taylor_total(split: Split, x: torch.Tensor, y: torch.Tensor, batch: int = 25
 
 
 def run_ranking(
-    setup: Setup, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, batch: int = 250
+    setup: Setup,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int = 0,
+    batch: int = 250,
+    layer: str | None = None,
 ) -> dict[str, Any]:
-    """The removal curves and AUCs of every method on ``(x, y)``."""
-    layer = setup.table("train").layer
+    """The removal curves and AUCs (with bootstrap standard errors) of every method on
+    ``(x, y)``, at ``layer`` (default: the table's, the final convolution)."""
+    started = time.perf_counter()
+    layer = layer or setup.table("train").layer
     split = split_model(setup.model, layer)
     taylor = taylor_total(split, x, y, batch)
     n_filters = int(taylor.shape[0])
     ks = removal_steps(n_filters)
-    counts: dict[str, np.ndarray] = {}
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, len(x), batch):
         xb, yb = x[i : i + batch], y[i : i + batch]
         cap = capture(split, xb, yb)
         for m in METHODS:
             scores = filter_scores(cap, m, gen, taylor)
-            counts[m] = counts.get(m, 0) + removal_counts(split, cap, yb, scores, ks)
+            parts[m].append(removal_correct(split, cap, yb, scores, ks))
+    correct = np.stack([np.concatenate(parts[m], axis=1) for m in METHODS])  # [M, K, N]
+    counts = correct.sum(axis=2)
     frac = [k / n_filters for k in ks]
-    base = counts["random"][0]  # k = 0: the unpruned model, the same for every method
-    floor = counts["random"][-1]  # every filter removed: the same for every method
+    base = counts[0, 0]  # k = 0: the unpruned model, the same for every method
+    se = bootstrap_auc_se(frac, correct, seed=seed)
     out: dict[str, Any] = {
         "layer": layer,
         "filters": n_filters,
         "images": len(x),
         "fraction_removed": frac,
         "accuracy": float(base / len(x)),
-        "accuracy_all_removed": float(floor / len(x)),
+        "accuracy_all_removed": float(counts[0, -1] / len(x)),  # the same for every method
         "methods": {},
     }
-    for m in METHODS:
-        norm = counts[m] / base
+    for j, m in enumerate(METHODS):
+        norm = counts[j] / base
         out["methods"][m] = {
             "normalised_accuracy": norm.tolist(),
             "auc": curve_auc(frac, norm),
+            "auc_se": float(se[j]),
         }
+    out["seconds"] = time.perf_counter() - started
     return out
 
 
 def plot(results: dict[str, Any]) -> str:
+    """Figure 3's layout: normalised accuracy against filters removed, one panel per model."""
     fig = new_figure(5.2 * len(results), 4.0)
     for j, r in enumerate(results.values()):
         ax = fig.add_subplot(1, len(results), j + 1)
@@ -315,41 +402,106 @@ def markdown(results: dict[str, Any], figure: str | None = "ranking.png") -> str
         "|---|" + "---:|" * (len(archs) + 2),
     ]
     for m in METHODS:
-        ours = [f"{results[a]['methods'][m]['auc']:.3f}" for a in archs]
+        ours = [_auc_cell(results[a]["methods"][m]) for a in archs]
         paper = PAPER_AUC.get(m)
         ref = [f"{v:.3f}" for v in paper] if paper else ["-", "-"]
         lines.append(f"| {TITLES[m]} | " + " | ".join(ours + ref) + " |")
-    lines.append("")
+    lines += [""]
     lines.append(
         "AUC of the normalised accuracy (accuracy / unpruned accuracy) against the fraction "
-        "of filters removed, most important first (lower is better). With every filter "
+        "of filters removed, most important first (lower is better); +- one bootstrap "
+        "standard error over the test images (500 resamples). With every filter "
         "removed the model predicts one class (about 10% right on CIFAR-10, against 0.1% on "
         "ImageNet), which lifts the tail of poor rankings' curves; a good ranking drives the "
         "accuracy below that level, towards 0, as on ImageNet."
     )
+    lines.append("")
     for a in archs:
         r = results[a]
         lines.append(
             f"- {r['title']}: {r['images']} test images, unpruned accuracy "
             f"{r['accuracy']:.3f}, all filters removed {r['accuracy_all_removed']:.3f}, "
             f"{len(r['fraction_removed']) - 1} increments of "
-            f"{r['filters'] // INCREMENTS} filters."
+            f"{r['filters'] // INCREMENTS} filters; {r.get('seconds', float('nan')):.0f} s."
         )
+    lines += _after_bn_lines(results)
     if figure:
         lines += ["", f"![filter removal curves](figures/{figure})"]
     return "\n".join(lines)
 
 
-def run(setups: Sequence[Setup], n_test: int, seed: int = 0) -> dict[str, Any]:
+def _after_bn_lines(results: dict[str, Any]) -> list[str]:
+    """The table at the batch norm's output (:data:`AFTER_BN`), when the results have it."""
+    archs = [a for a in results if "after_bn" in results[a]]
+    if not archs:
+        return []
+    lines = [
+        "",
+        "The same experiment with the activation taken after the final convolution's batch "
+        "norm (" + ", ".join(f"{results[a]['title']}: `{results[a]['after_bn']['layer']}`, "
+        f"{results[a]['after_bn']['images']} test images" for a in archs) + "), where zeroing "
+        "a channel removes the filter's contribution:",
+        "",
+        "| method | " + " | ".join(results[a]["title"] for a in archs)
+        + " | paper VGG16 | paper ResNet18 |",
+        "|---|" + "---:|" * (len(archs) + 2),
+    ]  # fmt: skip
+    for m in METHODS:
+        ours = [_auc_cell(results[a]["after_bn"]["methods"][m]) for a in archs]
+        ref = [f"{v:.3f}" for v in PAPER_AUC[m]] if m in PAPER_AUC else ["-", "-"]
+        lines.append(f"| {TITLES[m]} | " + " | ".join(ours + ref) + " |")
+    lines.append("")
+    for a in archs:
+        r = results[a]["after_bn"]
+        lines.append(
+            f"- {results[a]['title']}: unpruned accuracy {r['accuracy']:.3f}, all filters "
+            f"removed {r['accuracy_all_removed']:.3f}; {r['seconds']:.0f} s."
+        )
+    return lines
+
+
+def _auc_cell(res: dict[str, Any]) -> str:
+    """``0.123 +- 0.004`` (the standard error when the results have one)."""
+    se = res.get("auc_se")
+    return f"{res['auc']:.3f}" + (f" +- {se:.3f}" if se is not None else "")
+
+
+def run(setups: Sequence[Setup], n_test: int | None, seed: int = 0) -> dict[str, Any]:
+    """Table 1 for each model on its first ``n_test`` test images (default: see
+    :meth:`Setup.n_test`); for the strong models also at the output of the final
+    convolution's batch norm (:data:`AFTER_BN`), on the first half of those images."""
     results = {}
     for s in setups:
-        x, y = test_images(s.data_dir, 0, n_test)
-        log(f"ranking: {s.arch} on {n_test} test images")
-        results[s.arch] = {"title": s.title, **run_ranking(s, x, y, seed=seed)}
+        n = s.n_test(n_test)
+        x, y = test_images(s.data_dir, 0, n)
+        log(f"ranking: {s.arch} on {n} test images")
+        results[s.arch] = {"title": s.title, **cached_ranking(s, x, y, seed=seed)}
+        if s.arch in AFTER_BN:
+            half = max(n // 2, 1)
+            log(f"ranking: {s.arch} at {AFTER_BN[s.arch]} on {half} test images")
+            results[s.arch]["after_bn"] = cached_ranking(
+                s, x[:half], y[:half], seed=seed, layer=AFTER_BN[s.arch]
+            )
     return results
 
 
+def cached_ranking(
+    setup: Setup, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, layer: str | None = None
+) -> dict[str, Any]:
+    """:func:`run_ranking`, its result cached by model weights, layer, image count and seed
+    (the first ``len(x)`` test images)."""
+    layer = layer or setup.table("train").layer
+    fp = model_fingerprint(setup.model)[:12]
+    path = cache_dir() / "paper" / "ranking" / f"{setup.arch}-{fp}-{layer}-{len(x)}-{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = run_ranking(setup, x, y, seed=seed, layer=layer)
+    save_json(path, out)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: run Table 1, save the results and the figure, print the section."""
     args = parse(arg_parser(__doc__.splitlines()[0]), argv)
     setups = [load_setup(a, args.data_dir) for a in args.archs]
     results = store("ranking", run(setups, args.n_test, args.seed))

@@ -11,21 +11,6 @@ import torch
 
 from bench import cifar
 from bench.fix_rate import main as fix_rate_main
-from tests._models import photo_crops
-
-NAMES = np.array(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                  "ship", "truck"])  # fmt: skip
-
-
-@pytest.fixture()
-def fake_cifar(tmp_path):
-    images, labels = photo_crops(size=32, side=96, stride=16)  # 200 crops of 4 photos
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(images))
-    images, labels = images[order], labels[order] * 2  # classes 0, 2, 4, 6 of 10
-    np.savez(tmp_path / "cifar10_train.npz", x=images[:160], y=labels[:160], class_names=NAMES)
-    np.savez(tmp_path / "cifar10_test.npz", x=images[160:], y=labels[160:], class_names=NAMES)
-    return tmp_path
 
 
 def test_data_folder_is_found_or_named(fake_cifar, tmp_path, monkeypatch):
@@ -70,3 +55,36 @@ def test_fix_rate_pipeline_on_a_few_images(fake_cifar, capsys):
     assert weights[0].stat().st_mtime_ns == mtime
     state = torch.load(weights[0], weights_only=True)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in state.items())
+
+
+def test_rates_and_paired_difference_by_hand():
+    from scipy.stats import binomtest
+
+    from bench.fix_rate import paired_difference, proportion
+
+    p = proportion(3, 12)
+    assert p["percent"] == 25.0 and p["se"] == pytest.approx(100 * np.sqrt(0.25 * 0.75 / 12))
+    a = [True, True, True, False, False, True, False, False, False, False]
+    b = [True, False, False, True, False, False, False, False, False, False]
+    d = paired_difference(a, b)  # only a: images 1, 2, 5; only b: image 3
+    assert (d["only_first"], d["only_second"]) == (3, 1)
+    assert d["difference"] == pytest.approx(20.0)
+    assert d["se"] == pytest.approx(100 * np.sqrt((0.4 - 0.04) / 10))
+    assert d["p_value"] == pytest.approx(binomtest(3, 4, 0.5).pvalue) == pytest.approx(0.625)
+    assert paired_difference([True], [True])["p_value"] == 1.0
+
+
+def test_a_strong_model_uses_its_training_table(fake_cifar, tmp_path, monkeypatch):
+    import bench.fix_rate as fr
+    from bench.strong_models import VGGBN
+
+    monkeypatch.setenv(cifar.CACHE_ENV, str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = VGGBN(width=4).eval()
+    monkeypatch.setattr(fr, "load_strong", lambda name: model)
+    summary = fr.main(["--model", "vgg_bn", "--images", "2", "--n-segments", "10",
+                       "--remove", "1", "--data-dir", str(fake_cifar)])  # fmt: skip
+    assert summary["arch"] == "vgg_bn" and summary["images"] == 2
+    assert len(list((tmp_path / "cache" / "strong").glob("vgg_bn-*-train.safetensors"))) == 1
+    for row in summary["rows"]:
+        assert len(row["surprise"]["attempts"]) == 1 and row["pixels"] == 32 * 32

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
 from pytorch_grad_cam import GradCAMPlusPlus
 
 from bench.cifar import small_resnet, small_vgg
 from bench.paper.ranking import (
     METHODS,
+    _strong_split,
+    bootstrap_auc_se,
     capture,
     filter_scores,
     removal_counts,
@@ -17,6 +20,7 @@ from bench.paper.ranking import (
     split_model,
     taylor_total,
 )
+from bench.strong_models import VGGBN
 from monitor import GradAMapProbe
 from tests._models import TinyCNN
 
@@ -25,14 +29,29 @@ def _model(arch: str) -> tuple[torch.nn.Module, str]:
     torch.manual_seed(0)
     if arch == "vgg":
         return small_vgg(width=4).eval(), "features.12"
-    if arch == "resnet":
-        m = small_resnet(width=4)
+    models = {
+        "resnet": (small_resnet(width=4), "layer3.conv2"),
+        "vgg_bn": (VGGBN(width=4), "features.24"),
+        "tv_resnet": (cifar_resnet18(), "layer4.1.conv2"),
+        "tv_resnet_bn": (cifar_resnet18(), "layer4.1.bn2"),  # after the batch norm
+        "vgg_bn_relu": (VGGBN(width=4), "features.26"),
+    }
+    if arch in models:
+        m, layer = models[arch]
         for mod in m.modules():  # non-trivial batch-norm statistics
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 2.0)
-        return m.eval(), "layer3.conv2"
+        return m.eval(), layer
     return TinyCNN(num_classes=10, width=4).eval(), "features.2"
+
+
+def cifar_resnet18() -> torch.nn.Module:
+    """torchvision's resnet18 as the shared CIFAR-10 model builds it (3x3 stem, no max-pool)."""
+    m = torchvision.models.resnet18(num_classes=10)
+    m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    m.maxpool = torch.nn.Identity()
+    return m
 
 
 def _data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +59,9 @@ def _data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-@pytest.mark.parametrize("arch", ["vgg", "resnet", "generic"])
+@pytest.mark.parametrize(
+    "arch", ["vgg", "resnet", "vgg_bn", "vgg_bn_relu", "tv_resnet", "tv_resnet_bn", "generic"]
+)
 def test_split_model_reproduces_the_model(arch):
     model, layer = _model(arch)
     x, _ = _data()
@@ -55,7 +76,7 @@ def test_split_model_reproduces_the_model(arch):
         assert torch.allclose(split.head(edited, ctx), generic.head(edited, ctx2), atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+@pytest.mark.parametrize("arch", ["vgg", "resnet", "vgg_bn", "tv_resnet"])
 def test_capture_gradients_match_the_monitor_probe(arch):
     model, layer = _model(arch)
     x, y = _data()
@@ -127,6 +148,30 @@ def test_removal_counts_by_hand():
     finally:
         handle.remove()
     assert removal_counts(split, cap, y, scores, [5])[0] == want
+
+
+def test_fast_paths_are_taken_for_the_strong_models():
+    for arch in ("vgg_bn", "vgg_bn_relu", "tv_resnet", "tv_resnet_bn"):
+        model, layer = _model(arch)
+        assert _strong_split(model, layer) is not None, arch
+    model, _ = _model("tv_resnet")
+    assert _strong_split(model, "layer4.0.conv2") is None  # not the last block: hooks
+
+
+def test_bootstrap_standard_error_matches_a_plain_loop():
+    rng = np.random.default_rng(3)
+    correct = rng.random((2, 5, 60)) < np.linspace(0.9, 0.2, 5)[None, :, None]
+    correct[:, 0] |= rng.random(60) < 0.5  # step 0: the unpruned model
+    correct[1, 0] = correct[0, 0]
+    frac = [0.0, 0.25, 0.5, 0.75, 1.0]
+    got = bootstrap_auc_se(frac, correct, n_boot=200, seed=7)
+    weights = np.random.default_rng(7).multinomial(60, np.full(60, 1 / 60), size=200)
+    for m in range(2):
+        aucs = []
+        for w in weights:  # resample images with these multiplicities
+            counts = (correct[m] * w[None, :]).sum(axis=1)
+            aucs.append(np.trapezoid(counts / counts[0], frac))
+        assert got[m] == pytest.approx(np.std(aucs, ddof=1), rel=1e-5)
 
 
 def test_removal_steps():
