@@ -110,12 +110,15 @@ def markdown(results: dict[str, Any]) -> list[str]:
         for m in METHODS:
             v = e["methods"][m]
             for j, k in enumerate(e["remove"]):
-                cells = [
-                    f"{v[q]['mean'][j]:+.2f} +- {v[q]['se'][j]:.2f}"
-                    for q in ("true_logit", "predicted_logit", "margin")
-                ]
+                cells = [_mean_se(v[q], j) for q in ("true_logit", "predicted_logit", "margin")]
                 lines.append(
                     f"| {r['title']} | {m} | {k} | " + " | ".join(cells)
                     + f" | {100 * v['true_logit_up'][j]:.0f}% |"
                 )  # fmt: skip
     return lines
+
+
+def _mean_se(stat: dict[str, Any], j: int) -> str:
+    """``mean +- se`` of one cell; the standard error is absent (None) for a single image."""
+    se = stat["se"]
+    return f"{stat['mean'][j]:+.2f}" + (f" +- {se[j]:.2f}" if se is not None else " (one image)")

@@ -144,3 +144,17 @@ def test_effects_blank_what_the_fix_blanks(tiny_strong):
             p, c = int(base.argmax()), int(y[i])
             want_d = [z[c] - base[c], z[p] - base[p], z[c] - base[c] - z[p] + base[p]]
             assert effects[m][1] == pytest.approx([float(v) for v in want_d], abs=1e-5)
+
+
+def test_effects_table_with_one_image_has_no_standard_error():
+    from bench.paper import fix_effects
+
+    one = {"mean": [0.5, -1.25], "se": None}
+    two = {"mean": [0.5, -1.25], "se": [0.1, 0.2]}
+    methods = {m: {"true_logit": one, "predicted_logit": two, "margin": one,
+                   "true_logit_up": [1.0, 0.0]} for m in fix_effects.METHODS}  # fmt: skip
+    results = {"m": {"title": "tiny", "effects": {"methods": methods, "remove": [1, 2]}}}
+    lines = fix_effects.markdown(results)
+    assert len(lines) == 2 + 2 * len(fix_effects.METHODS)
+    assert "| +0.50 (one image) | +0.50 +- 0.10 | +0.50 (one image) | 100% |" in lines[2]
+    assert "-1.25 +- 0.20" in lines[3]
