@@ -1,0 +1,77 @@
+"""bench.alarms: alarm rates with exact intervals, detection metrics, the tables, the image sets'
+split (checked with scipy / sklearn / by hand)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import beta as beta_dist
+from sklearn.metrics import roc_auc_score
+
+from bench.alarms import report, scores, sets
+from bench.cifar import load_cifar10
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 200), (3, 400), (45, 5000), (200, 200)])
+def test_alarm_rate_counts_and_clopper_pearson_interval(k, n):
+    rng = np.random.default_rng(k + n)
+    p = np.concatenate([rng.uniform(0.0, 0.01, k), rng.uniform(0.0101, 1.0, n - k)])
+    got = scores.alarm_rate(rng.permutation(p), 0.01)
+    assert (got["alarms"], got["inputs"]) == (k, n) and got["rate"] == pytest.approx(k / n)
+    low = 0.0 if k == 0 else beta_dist.ppf(0.025, k, n - k + 1)
+    high = 1.0 if k == n else beta_dist.ppf(0.975, k + 1, n - k)
+    assert got["ci_low"] == pytest.approx(low, abs=1e-9)
+    assert got["ci_high"] == pytest.approx(high, abs=1e-9)
+
+
+def test_alarm_rate_refuses_missing_p_values():
+    with pytest.raises(ValueError, match="finite"):
+        scores.alarm_rate(np.array([0.5, np.nan]), 0.01)
+
+
+def test_detection_auroc_and_fpr95_against_sklearn_and_by_hand():
+    rng = np.random.default_rng(0)
+    inlier = {"a": rng.normal(0, 1, 400), "b": np.arange(100.0)}
+    outlier = {"a": rng.normal(1, 1, 300), "b": np.arange(50.0, 150.0)}
+    got = scores.detection(inlier, outlier)
+    truth = np.r_[np.zeros(400), np.ones(300)]
+    assert got["a"]["auroc"] == pytest.approx(roc_auc_score(truth, np.r_[inlier["a"], outlier["a"]]))
+    # b: the threshold that keeps 95 of 100 outliers (>= 55) passes inliers 55..99: 45%.
+    assert got["b"]["fpr95"] == pytest.approx(0.45, abs=0.011)
+
+
+def _results() -> dict:
+    shown = (*scores.CANDIDATES, *scores.BASELINES)
+    s = {k: {"auroc": 0.5, "fpr95": 0.9} for k in shown}
+    s[report.DEFAULT] = {"auroc": 0.97, "fpr95": 0.1}
+    s["KNN"] = {"auroc": 0.99, "fpr95": 0.05}
+    rate = {"nominal": 0.01, "alarms": 9, "inputs": 1000, "rate": 0.009, "ci_low": 0.004,
+            "ci_high": 0.017}  # fmt: skip
+    return {
+        "model": "tiny",
+        "parts": {"report": {"sets": {"mnist": {"scores": s}}}},
+        "alarm_rates": {"predicted": [rate], "labelled": [rate]},
+    }
+
+
+def test_markdown_shows_the_margin_to_the_best_baseline_and_the_rates():
+    text = report.markdown(_results())
+    row = next(line for line in text.splitlines() if line.startswith("| mnist |"))
+    assert row.endswith("| -0.020 (KNN) |") and "0.970 / 0.100" in row
+    assert "nominal 1.0%: 0.90% (9/1000; 0.40% - 1.70%)" in text
+
+
+def test_the_selection_and_report_parts_share_no_image():
+    pytest.importorskip("skimage")
+    try:
+        load_cifar10("test")
+    except (FileNotFoundError, OSError) as e:  # pragma: no cover - data ships with the machine
+        pytest.skip(f"CIFAR-10 not found: {e}")
+    sel, rep = sets.cifar_part("selection"), sets.cifar_part("report")
+    assert len(sel.images) == len(rep.images) == 5000
+    flat = {img.tobytes() for img in sel.images}
+    assert sum(img.tobytes() in flat for img in rep.images) <= 2  # CIFAR has a few duplicates
+    a, b = sets.photo_crops("selection", 12), sets.photo_crops("report", 12)
+    assert a.shape == b.shape == (12, 32, 32, 3) and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="part must be one of"):
+        sets.atypical_sets("train")
