@@ -40,9 +40,7 @@ def prepare(folder: Path, name: str, size: int, classes: int) -> list[str]:
     model = torchvision.models.get_model(name, weights=None, num_classes=classes).eval()
     torch.save(model.state_dict(), folder / "model.pt")
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(
-        torch.randn(64, 3, size, size, generator=g), torch.arange(64) % classes
-    )
+    data = TensorDataset(torch.randn(64, 3, size, size, generator=g), torch.arange(64) % classes)
     calibrate(model, data, batch_size=16, progress=False).save(folder / "table.safetensors")
     kwargs = json.dumps({"num_classes": classes})
     return ["--model", name, "--model-kwargs", kwargs, "--weights", str(folder / "model.pt"),
@@ -97,9 +95,10 @@ def main() -> None:
     body = json.dumps({"inputs": x.tolist()})
     modes = args.modes.split(",")
     found: dict[str, list[dict]] = {m: [] for m in modes}
-    with tempfile.TemporaryDirectory() as tmp, httpx.Client(
-        timeout=60, headers={"content-type": "application/json"}
-    ) as client:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        httpx.Client(timeout=60, headers={"content-type": "application/json"}) as client,
+    ):
         folder = Path(tmp)
         model_args = prepare(folder, args.model, args.size, args.classes)
         procs, urls = [], {}

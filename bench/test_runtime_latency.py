@@ -38,9 +38,7 @@ def _monitor(model, table, **kwargs) -> SurpriseMonitor:
     )
 
 
-@pytest.mark.parametrize(
-    "variant", ["plain", "sync", "sync_sample10", "async", "async_saturated"]
-)
+@pytest.mark.parametrize("variant", ["plain", "sync", "sync_sample10", "async", "async_saturated"])
 def test_latency(benchmark, setup, variant):
     model, table, x = setup
     benchmark.group = f"per-input latency {NAME} 224x224 b1"

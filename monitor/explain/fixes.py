@@ -1,4 +1,4 @@
-""""Fixing" a misclassified image by suppressing surprise (the paper's Section 4.5, Figure 9).
+""" "Fixing" a misclassified image by suppressing surprise (the paper's Section 4.5, Figure 9).
 
 For a misclassified image and its true label c:
 

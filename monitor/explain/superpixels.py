@@ -41,9 +41,7 @@ def normalisation(
     return mean_t, std_t
 
 
-def unnormalise(
-    x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-) -> np.ndarray:
+def unnormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """One normalised image ``[C, H, W]`` (or ``[1, C, H, W]``) -> float ``[H, W, C]`` in [0, 1]."""
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]

@@ -245,8 +245,10 @@ def test_explain_with_a_label_and_a_chosen_filter(photo_setup):
         with pytest.raises(ValueError, match="outside the layer"):
             monitor.explain(probe, filter=99)
     assert (expl.filter, expl.cls, expl.label) == (3, 1, 1)
-    want = "surprise" if report.surprise[0, 3] else (
-        "expectation" if report.expectation[0, 3] else "unflagged"
+    want = (
+        "surprise"
+        if report.surprise[0, 3]
+        else ("expectation" if report.expectation[0, 3] else "unflagged")
     )
     assert expl.kind == want
     assert expl.alpha == pytest.approx(float(report.alpha[0, 3]))

@@ -70,7 +70,9 @@ def test_cli_writes_the_figure_and_agrees_with_the_api(cli_calibrated, capsys):
     with SurpriseMonitor(model, t) as monitor:
         expl = monitor.explain(x, label=2, exemplars_k=0)
     assert (expl.filter, expl.kind, expl.top_segment) == (
-        result["filter"], result["kind"], result["top_segment"]
+        result["filter"],
+        result["kind"],
+        result["top_segment"],
     )
     assert expl.alpha == pytest.approx(result["alpha"], rel=1e-5)
 

@@ -112,9 +112,7 @@ def test_converted_model_matches_onnxruntime(routes):
 
 def _tiny_graph(tmp_path, op: str, opset: int, **attrs) -> str:
     """input [1, 3, 4, 4] -> Conv -> ``op`` -> output, as an ONNX file."""
-    w = helper.make_tensor(
-        "w", TensorProto.FLOAT, [2, 3, 1, 1], np.ones(6, np.float32).tolist()
-    )
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 3, 1, 1], np.ones(6, np.float32).tolist())
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
         helper.make_node(op, ["a"], ["y"], name="the_op", **attrs),

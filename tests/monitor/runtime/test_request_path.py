@@ -279,6 +279,7 @@ def test_internal_failure_fails_open_and_logs_once(calibrated, monkeypatch, capl
     registry = CollectorRegistry()
     x = mixed_inputs(4)
     with SurpriseMonitor(model, table, metrics=registry) as monitor:
+
         def boom(*args, **kwargs):
             raise RuntimeError("kernel exploded")
 
