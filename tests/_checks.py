@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 
 from monitor.table import CalibrationTable
@@ -96,3 +99,24 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, name: str = "") -> None:
     """Bit-for-bit equal tensors, NaN equal to NaN (fields the table may leave NaN)."""
     assert got.dtype == want.dtype and got.shape == want.shape, (name, got, want)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def run_in_threads(work: Callable[[int], None], count: int, timeout: float = 120.0) -> None:
+    """Run ``work(0) .. work(count - 1)`` on ``count`` threads at once and wait for them; fail
+    with the first exception a thread raised, or when a thread is still running at ``timeout``."""
+    errors: list[BaseException] = []
+
+    def guarded(t: int) -> None:
+        try:
+            work(t)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=guarded, args=(t,)) for t in range(count)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join(timeout)
+    assert not any(th.is_alive() for th in pool), f"a thread still runs after {timeout} s"
+    if errors:
+        raise errors[0]

@@ -5,13 +5,12 @@ in place); and the real thing where there is a GPU."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from monitor import Judge, SurpriseMonitor
 from monitor.cuda_graphs import StepGraphs, signature
+from tests._checks import run_in_threads
 from tests._models import mixed_inputs
 
 FIELDS = ("logits", "classes", "alpha", "mu", "percentile", "surprise", "expectation", "beta",
@@ -161,21 +160,12 @@ def test_threads_get_their_own_results(judges):
     inputs = [mixed_inputs(4, seed=s) for s in range(8)]
     expected = [eager(x) for x in inputs]
     got: dict[int, list] = {i: [] for i in range(8)}
-    errors = []
 
     def work(i: int) -> None:
-        try:
-            for _ in range(3):
-                got[i].append(graphed(inputs[i]))
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for _ in range(3):
+            got[i].append(graphed(inputs[i]))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_in_threads(work, 8)
     for i in range(8):
         for report in got[i]:
             _same(report, expected[i])

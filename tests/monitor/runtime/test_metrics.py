@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import MetricsConflictError, MonitorMetrics, SurpriseMonitor
 from monitor.runtime.metrics import FAILURE_KINDS, beta_buckets_from, count_buckets
+from tests._checks import run_in_threads
 from tests._models import heldout_dataset, mixed_inputs
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -328,11 +328,7 @@ def test_the_window_adds_up_under_threads(calibrated):
                 results.setdefault(t, [])
                 results[t].append(monitor.run(chunk).report.p_value)
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(60)
+        run_in_threads(work, 6, timeout=60)
         every = torch.cat([torch.cat(v) for v in results.values()]).double().numpy()
         assert every.size == 240
         np.testing.assert_array_equal(np.sort(monitor.metrics.window.snapshot()), np.sort(every))

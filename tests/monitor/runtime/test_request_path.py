@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor import InvalidInputError, SurpriseMonitor
 from monitor.runtime import AsyncWorker, Sampler
+from tests._checks import run_in_threads
 from tests._models import mixed_inputs
 
 
@@ -50,23 +51,14 @@ def test_threads_match_serial_results_and_counters_add_up(calibrated):
 
     results: dict[tuple[int, int], object] = {}
     barrier = threading.Barrier(threads)
-    errors: list[BaseException] = []
     with SurpriseMonitor(model, table, metrics=registry, on_flag=on_flag) as monitor:
 
         def work(t: int) -> None:
-            try:
-                barrier.wait()
-                for c, x in enumerate(batches[t]):
-                    results[(t, c)] = monitor.run(x)
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
+            barrier.wait()
+            for c, x in enumerate(batches[t]):
+                results[(t, c)] = monitor.run(x)
 
-        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-        for th in pool:
-            th.start()
-        for th in pool:
-            th.join(60)
-        assert not errors, errors
+        run_in_threads(work, threads, timeout=60)
         for t in range(threads):
             for c in range(calls):
                 res, ref = results[(t, c)], serial[t][c]
@@ -328,29 +320,20 @@ def test_last_report_is_each_threads_own(calibrated):
         expected = [plain.inspect(x) for x in inputs]
     barrier = threading.Barrier(threads)
     wrong: list[tuple[int, int]] = []
-    errors: list[BaseException] = []
     with SurpriseMonitor(model, table) as monitor:
 
         def work(t: int) -> None:
-            try:
-                barrier.wait()
-                for c in range(calls):
-                    monitor(inputs[t])
-                    time.sleep(0.002)  # let the other threads' calls land in between
-                    report = monitor.last_report
-                    if len(report) != len(expected[t]) or not torch.allclose(
-                        report.alpha, expected[t].alpha, rtol=1e-5, atol=1e-7
-                    ):
-                        wrong.append((t, c))
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
+            barrier.wait()
+            for c in range(calls):
+                monitor(inputs[t])
+                time.sleep(0.002)  # let the other threads' calls land in between
+                report = monitor.last_report
+                if len(report) != len(expected[t]) or not torch.allclose(
+                    report.alpha, expected[t].alpha, rtol=1e-5, atol=1e-7
+                ):
+                    wrong.append((t, c))
 
-        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-        for th in pool:
-            th.start()
-        for th in pool:
-            th.join(120)
-        assert not errors, errors
+        run_in_threads(work, threads, timeout=120)
         assert wrong == [], f"{len(wrong)} of {threads * calls} calls saw another thread's report"
         assert monitor.last_report is None  # this thread made no call
 
