@@ -49,6 +49,19 @@ def _rank(v, below, upto, g_lo, g_hi, levels_ptr, Q, mask):
 
 
 @triton.jit
+def _count_tile(g, v2, m, below, upto, g_lo, g_hi, AXIS: tl.constexpr):
+    """One grid tile ``g`` (masked by ``m``) against the values ``v2`` (broadcast over the
+    levels' axis ``AXIS``): the running ``below``, ``upto``, ``G_lo`` and ``G_hi`` updated."""
+    le = (g <= v2) & m
+    gt = (g > v2) & m
+    below += tl.sum(((g < v2) & m).to(tl.int32), axis=AXIS)
+    upto += tl.sum(le.to(tl.int32), axis=AXIS)
+    g_lo = tl.maximum(g_lo, tl.max(tl.where(le, g, float("-inf")), axis=AXIS))
+    g_hi = tl.minimum(g_hi, tl.min(tl.where(gt, g, float("inf")), axis=AXIS))
+    return below, upto, g_lo, g_hi
+
+
+@triton.jit
 def _filter_kernel(
     alpha_ptr,
     cls_ptr,
@@ -112,12 +125,7 @@ def _filter_kernel(
         q = q0 + tl.arange(0, BLOCK_Q)
         m = (q < Q)[:, None] & n_mask[None, :]
         g = tl.load(q_ptr + (row[None, :] + q.to(tl.int64)[:, None] * q_sq), mask=m, other=0.0)
-        le = (g <= v2) & m
-        gt = (g > v2) & m
-        below += tl.sum(((g < v2) & m).to(tl.int32), axis=0)
-        upto += tl.sum(le.to(tl.int32), axis=0)
-        g_lo = tl.maximum(g_lo, tl.max(tl.where(le, g, float("-inf")), axis=0))
-        g_hi = tl.minimum(g_hi, tl.min(tl.where(gt, g, float("inf")), axis=0))
+        below, upto, g_lo, g_hi = _count_tile(g, v2, m, below, upto, g_lo, g_hi, 0)
     rank = _rank(v, below, upto, g_lo, g_hi, levels_ptr, Q, n_mask)
     out = b * N + n
     tl.store(pct_ptr + out, rank, mask=n_mask)
@@ -170,12 +178,7 @@ def _beta_kernel(
             q = q0 + tl.arange(0, BLOCK_QB)
             m = r_mask[:, None] & (q < QB)[None, :]
             g = tl.load(bgrid_ptr + (c[:, None] * QB + q[None, :]), mask=m, other=0.0)
-            le = (g <= v2) & m
-            gt = (g > v2) & m
-            below += tl.sum(((g < v2) & m).to(tl.int32), axis=1)
-            upto += tl.sum(le.to(tl.int32), axis=1)
-            g_lo = tl.maximum(g_lo, tl.max(tl.where(le, g, float("-inf")), axis=1))
-            g_hi = tl.minimum(g_hi, tl.min(tl.where(gt, g, float("inf")), axis=1))
+            below, upto, g_lo, g_hi = _count_tile(g, v2, m, below, upto, g_lo, g_hi, 1)
         rank = _rank(beta, below, upto, g_lo, g_hi, blevels_ptr, QB, r_mask)
         thr = tl.load(bthr_ptr + c, mask=r_mask, other=0.0)
         tl.store(bpct_ptr + rows64, rank, mask=r_mask)
