@@ -73,9 +73,10 @@ def test_the_first_error_stops_the_writer_and_is_raised_in_the_caller():
 
     writer = BatchWriter(sink, depth=4)
     try:
-        for i in range(5):
-            writer.submit(_batch(i))
+        # Raised by the next submit once the writer has failed, else by drain (a race).
         with pytest.raises(ValueError, match="alpha is not finite for images 2..2"):
+            for i in range(5):
+                writer.submit(_batch(i))
             writer.drain()
         assert seen == [0, 1]  # nothing after the failed batch
         with pytest.raises(ValueError, match="not finite"):
