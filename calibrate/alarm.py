@@ -3,10 +3,13 @@
 Three passes, each small next to the training pass (see :mod:`monitor.atypicality` for the
 score and :mod:`monitor.conformal` for the p-values):
 
-1. *Profile grids*: the channel means of the activation-profile layers
+1. *Profile grids and head statistics*: the channel means of the activation-profile layers
    (:func:`monitor.probe.profiles.stage_layers` unless named) over the even positions of an
    evenly spaced subset of the training images (``reference_images`` of them at most), turned
-   into percentile grids at the table's levels (``numpy.percentile``, linear), any class.
+   into percentile grids at the table's levels (``numpy.percentile``, linear), any class; and
+   the channel means of the head layer (:func:`monitor.probe.profiles.head_layer` unless named)
+   of the same images, turned into class means and the pseudo-inverse of their shared
+   covariance (float64, with the images' true labels).
 2. *Score reference*: the judge's components for the odd positions of that subset, judged
    against their true labels, as the table was made: they weight the components in the score.
    (Two halves, so no image is ranked against a grid it helped make.)
@@ -35,6 +38,7 @@ from monitor.atypicality import SCORE_NAME, ScoreReference
 from monitor.judge import Judge
 from monitor.probe.hooks import get_module
 from monitor.probe.profiles import DEFAULT_STAGES, ProfileTap, stage_layers
+from monitor.probe.profiles import head_layer as head_layer_of
 from monitor.table import CalibrationTable
 from monitor.table_alarm import AlarmCalibration
 
@@ -53,6 +57,7 @@ def alarm_calibration(
     heldout: DataLoader | Dataset | None,
     *,
     profile_layers: str | Sequence[str] = AUTO,
+    head_layer: str = AUTO,
     reference_images: int = DEFAULT_REFERENCE_IMAGES,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -73,6 +78,7 @@ def alarm_calibration(
                     data,
                     heldout,
                     profile_layers=profile_layers,
+                    head_layer=head_layer,
                     reference_images=reference_images,
                     batch_size=batch_size,
                     num_workers=num_workers,
@@ -85,9 +91,15 @@ def alarm_calibration(
         return _from_json(comm.broadcast_json(mine, 0))
     images = _ReferenceImages(data, reference_images, batch_size, num_workers)
     layers = _profile_layers(model, table, profile_layers, images, device)
+    head = _head_layer(model, head_layer, layers, images, device)
     run = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
-    grids = _profile_grids(model, layers, images.half(0), table.levels, progress, **run)
-    alarm = AlarmCalibration(SCORE_NAME, tuple(layers), grids, None, images.count)
+    grids, head_means, head_precision = _profile_grids(
+        model, layers, head, images.half(0), table.levels, progress, **run
+    )
+    alarm = AlarmCalibration(
+        SCORE_NAME, tuple(layers), grids, None, images.count, head_layer=head,
+        head_means=head_means, head_precision=head_precision,
+    )  # fmt: skip
     with_grids = replace(table, alarm=alarm, path=None, sha256="")
     parts = _components(model, with_grids, images.half(1), backend, progress, **run)
     alarm = replace(alarm, reference=ScoreReference.of(parts))
@@ -192,10 +204,36 @@ def _profile_layers(
     return layers
 
 
+def _head_layer(
+    model: nn.Module,
+    wanted: str,
+    profile_layers: list[str],
+    images: _ReferenceImages,
+    device: torch.device,
+) -> str:
+    """The head layer: the last feature map (``"auto"``), none (``"none"``, ``""``) or the
+    named module."""
+    if not isinstance(wanted, str):
+        raise ValueError(f"head_layer must be 'auto', 'none' or a module name, got {wanted!r}")
+    if wanted in (NONE, ""):
+        return ""
+    if wanted != AUTO:
+        get_module(model, wanted)
+        name = wanted
+    else:
+        x, _ = next(iter(images.half(0)))
+        name = head_layer_of(model, x[:1].to(device))
+        log.info("calibrate: head layer %r (the last feature map before the classifier)", name)
+    if name in profile_layers:
+        raise ValueError(f"head layer {name!r} is also a profile layer; name another")
+    return name
+
+
 @torch.no_grad()
 def _profile_grids(
     model: nn.Module,
     layers: list[str],
+    head: str,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     levels: torch.Tensor,
     progress: bool,
@@ -203,28 +241,54 @@ def _profile_grids(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-) -> tuple[torch.Tensor, ...]:
-    """Each layer's ``[C, Q]`` percentile grid of channel means over ``batches``."""
-    if not layers:
-        return ()
-    tap = ProfileTap(model, layers)
-    rows: list[list[np.ndarray]] = [[] for _ in layers]
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None]:
+    """Each profile layer's ``[C, Q]`` percentile grid of channel means over ``batches``, and
+    the head layer's class means and shared precision (``None`` without a head)."""
+    tapped = layers + ([head] if head else [])
+    if not tapped:
+        return (), None, None
+    tap = ProfileTap(model, tapped)
+    rows: list[list[np.ndarray]] = [[] for _ in tapped]
+    labels: list[np.ndarray] = []
     try:
-        for x, _ in tqdm(batches, desc="profile grids", unit="batch", disable=not progress):
+        for x, y in tqdm(batches, desc="profile grids", unit="batch", disable=not progress):
             with tap.armed() as record:
                 model(x.to(device))
             for j, m in enumerate(tap.means(record)):
                 rows[j].append(m.cpu().numpy())
+            labels.append(y.cpu().numpy())
     finally:
         tap.close()
+    means = []
+    for name, parts in zip(tapped, rows, strict=True):
+        means.append(np.concatenate(parts))
+        if not np.isfinite(means[-1]).all():
+            raise ValueError(f"layer {name!r} gave NaN or Inf channel means")
     lv = levels.double().cpu().numpy()
-    grids = []
-    for name, parts in zip(layers, rows, strict=True):
-        means = np.concatenate(parts)
-        if not np.isfinite(means).all():
-            raise ValueError(f"profile layer {name!r} gave NaN or Inf channel means")
-        grids.append(torch.from_numpy(np.percentile(means, lv, axis=0).T.astype(np.float32)))
-    return tuple(g.contiguous() for g in grids)
+    grids = tuple(
+        torch.from_numpy(np.percentile(m, lv, axis=0).T.astype(np.float32)).contiguous()
+        for m in means[: len(layers)]
+    )
+    if not head:
+        return grids, None, None
+    head_means, precision = fit_head(means[-1], np.concatenate(labels))
+    return grids, head_means, precision
+
+
+def fit_head(features: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means ``[K', C]`` of ``features [n, C]`` (the ``K'`` classes in ``labels``) and the
+    pseudo-inverse ``[C, C]`` of their shared covariance ``sum_i (f_i - m_y_i)(f_i - m_y_i)^T / n``
+    (float64 arithmetic, float32 results)."""
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    classes = np.unique(y)
+    means = np.stack([f[y == k].mean(axis=0) for k in classes])
+    centred = f - means[np.searchsorted(classes, y)]
+    precision = np.linalg.pinv(centred.T @ centred / len(f), hermitian=True)
+    return (
+        torch.from_numpy(means.astype(np.float32)).contiguous(),
+        torch.from_numpy(precision.astype(np.float32)).contiguous(),
+    )
 
 
 def _components(

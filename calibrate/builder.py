@@ -76,6 +76,7 @@ def calibrate(
     merge: str = "auto",
     alarm: bool = True,
     profile_layers: str | Sequence[str] = "auto",
+    head_layer: str = "auto",
     reference_images: int = DEFAULT_REFERENCE_IMAGES,
     heldout_source: dict[str, Any] | None = None,
 ) -> CalibrationTable:
@@ -108,7 +109,9 @@ def calibrate(
         merge: how ranks combine their data, ``"auto"`` or ``"send"`` (:mod:`.distributed`).
         alarm: also calibrate the alarm (profile grids, score reference, null of ``heldout``).
         profile_layers: the alarm's activation-profile layers: ``"auto"`` (the first stages),
-            ``"none"`` or module names. ``reference_images``: training images behind them.
+            ``"none"`` or module names. ``head_layer``: the layer of the score's Mahalanobis
+            component: ``"auto"`` (the last feature map), ``"none"`` or a module name.
+            ``reference_images``: training images behind them.
 
     Under ``torchrun`` each rank computes its share of the batches and every rank returns the
     same table, identical to a one-process run's. Alpha goes to disk as it is computed and
@@ -118,7 +121,7 @@ def calibrate(
     table = _alpha_table(model, data, settings)
     if alarm:
         table.alarm = alarm_calibration(
-            model, table, data, heldout, profile_layers=profile_layers,
+            model, table, data, heldout, profile_layers=profile_layers, head_layer=head_layer,
             reference_images=reference_images, batch_size=batch_size, num_workers=num_workers,
             device=settings.dev, backend=settings.resolved_backend, progress=progress,
             heldout_source=heldout_source, comm=distributed.Comm(distributed.current()),
@@ -156,6 +159,7 @@ class _Settings:
     merge: str
     alarm: bool
     profile_layers: str | Sequence[str]
+    head_layer: str
     reference_images: int
     heldout_source: dict[str, Any] | None
 

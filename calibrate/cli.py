@@ -93,6 +93,11 @@ def parser() -> argparse.ArgumentParser:
         "'none', or comma-separated module names",
     )  # fmt: skip
     a.add_argument(
+        "--head-layer", default="auto",
+        help="layer of the alarm score's Mahalanobis component: 'auto' (the last feature map "
+        "before the classifier), 'none', or a module name",
+    )  # fmt: skip
+    a.add_argument(
         "--reference-images", type=int, default=DEFAULT_REFERENCE_IMAGES,
         help="training images (evenly spaced) behind the profile grids and the score reference",
     )  # fmt: skip
@@ -167,8 +172,9 @@ def _alarm_line(table: CalibrationTable) -> str:
     if alarm is None:
         return "alarm: not calibrated (--no-alarm)"
     line = (
-        f"alarm: profile layers {list(alarm.profile_layers) or 'none'}, score reference from "
-        f"{alarm.reference_images} training images"
+        f"alarm: profile layers {list(alarm.profile_layers) or 'none'}, head layer "
+        f"{alarm.head_layer or 'none'}, score reference from {alarm.reference_images} training "
+        "images"
     )
     if alarm.null_predicted is None:
         return line + "; no --heldout images, so no null: the monitor raises no alarms"
@@ -249,6 +255,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
         table = calibrate(
             model, loader, heldout=heldout, alarm=not args.no_alarm,
             profile_layers=_profile_layers(args.profile_layers),
+            head_layer=_head_layer(args.head_layer, model),
             reference_images=args.reference_images,
             heldout_source=steps.source(args.heldout) if args.heldout else None,
             layer=args.layer, score=args.score, top_k=args.top_k,
@@ -277,6 +284,17 @@ def _profile_layers(value: str) -> str | list[str]:
     if not names:
         raise ValueError("--profile-layers needs 'auto', 'none' or module names")
     return names
+
+
+def _head_layer(value: str, model: Any) -> str:
+    """``--head-layer``: ``auto``, ``none`` or the name of one of the model's modules."""
+    value = value.strip()
+    if value in ("auto", "none"):
+        return value
+    names = [n for n, _ in model.named_modules() if n] if hasattr(model, "named_modules") else []
+    if value not in names:
+        raise ValueError(f"--head-layer {value!r}: the model has no module of that name")
+    return value
 
 
 def _heldout(args: argparse.Namespace, steps: Preprocessing, train: Any) -> DataLoader | None:

@@ -38,7 +38,7 @@ class SurpriseDetector:
         alarm_rate: the nominal false-alarm rate of :meth:`predict`.
         monitor_kwargs: passed to :class:`~monitor.SurpriseMonitor` (e.g. ``backend``).
         calibrate_kwargs: passed to :func:`~calibrate.calibrate` by :meth:`fit` (e.g.
-            ``batch_size``, ``device``, ``layer``, ``profile_layers``).
+            ``batch_size``, ``device``, ``layer``, ``profile_layers``, ``head_layer``).
     """
 
     def __init__(

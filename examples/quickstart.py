@@ -33,7 +33,7 @@ from digits_model import DigitsCNN  # noqa: E402
 from calibrate import CalibrationTable  # noqa: E402
 from calibrate.cli import main as calibrate_cli  # noqa: E402
 from monitor import SurpriseMonitor  # noqa: E402
-from monitor.conformal import ConformalNull  # noqa: E402
+from monitor.conformal import resampled_alarm_rate  # noqa: E402
 
 
 def load_digits_uint8(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -157,25 +157,6 @@ def print_table(results: dict[str, dict], nominal: float) -> None:
     )
 
 
-def resampled_alarm_rate(
-    null_scores: np.ndarray, evaluation_scores: np.ndarray, nominal: float, draws: int = 2000
-) -> dict[str, float]:
-    """The alarm rate over random re-splits of the held-out + evaluation images into a null
-    and an evaluation part of the same sizes (the conformal guarantee is on average over the
-    draw of the null; one draw of a few hundred images moves its rate by about 0.5 points)."""
-    pooled = np.concatenate([null_scores, evaluation_scores])
-    n = len(null_scores)
-    rng = np.random.default_rng(0)
-    rates = np.empty(draws)
-    for d in range(draws):
-        order = rng.permutation(len(pooled))
-        null = ConformalNull.of(torch.from_numpy(pooled[order[:n]]))
-        p = null.p_values(torch.from_numpy(pooled[order[n:]]))
-        rates[d] = float((p <= nominal).float().mean())
-    return {"mean": float(rates.mean()), "p5": float(np.quantile(rates, 0.05)),
-            "p95": float(np.quantile(rates, 0.95)), "draws": draws}  # fmt: skip
-
-
 def print_resampled(found: dict[str, float], nominal: float) -> None:
     """One line: the re-split alarm rate against the nominal one."""
     print(
@@ -234,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             results = {"evaluation": summarise(monitor, x_ev, y_ev)}
             for name, xs in atypical_sets(x_ev).items():
                 results[name] = summarise(monitor, xs, None if name == "noise" else y_ev)
-        null_scores = table.alarm.null_predicted.scores.numpy()  # the held-out digits' scores
+        null_scores = table.alarm.null_predicted.scores  # the held-out digits' scores
         resampled = resampled_alarm_rate(
-            null_scores, results["evaluation"]["report"].score.numpy(), nominal
+            null_scores, results["evaluation"]["report"].score, nominal
         )
         print()
         print_table(results, nominal)

@@ -10,6 +10,11 @@ An input's *percentile profile* is the rank of each of its values among the cali
 - ``stage_energy`` at each activation-profile layer (:mod:`monitor.probe.profiles`):
   ``mean_c z_c^2`` over the channel means, both tails: low-level statistics unlike the
   training images' (any class).
+- ``head_distance`` at the head layer (the last feature map, whose channel means feed the
+  classifier): the Mahalanobis distance ``min_k (f - m_k)^T P (f - m_k)`` of the channel means
+  ``f`` from the nearest class mean ``m_k``, ``P`` the pseudo-inverse of the classes' shared
+  covariance (Lee et al. 2018, as pytorch-ood's ``Mahalanobis``): high-level features unlike
+  any class's.
 
 The score combines the components' tail probabilities among training images (Fisher):
 ``score = -2 sum_j log r_j`` with ``r_j = (1 + #{reference_j >= component_j}) / (m_j + 1)``, the
@@ -21,22 +26,25 @@ compared with, is in ``bench/alarms/PROTOCOL.md``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 #: Name of the score defined here (recorded in tables, so a future change of formula is refused).
-SCORE_NAME = "fisher-profile-v1"
+SCORE_NAME = "fisher-profile-v2"
 #: Percent clip before the normal score: ranks of 0 or 100 (beyond the grid) become +-3.29.
 CLIP_PCT = 0.05
 #: The component at the monitored layer, and the name prefix of those at profile layers.
 ALPHA_COMPONENT = "expectation_mass"
 STAGE_COMPONENT = "stage_energy"
+HEAD_COMPONENT = "head_distance"
 
 
-def component_names(profile_layers: tuple[str, ...] | list[str]) -> list[str]:
+def component_names(profile_layers: Sequence[str], head_layer: str | None = None) -> list[str]:
     """The components' names, in the order :func:`components` returns them."""
-    return [ALPHA_COMPONENT] + [f"{STAGE_COMPONENT}:{layer}" for layer in profile_layers]
+    names = [ALPHA_COMPONENT] + [f"{STAGE_COMPONENT}:{layer}" for layer in profile_layers]
+    return names + ([f"{HEAD_COMPONENT}:{head_layer}"] if head_layer else [])
 
 
 def normal_scores(percentile: torch.Tensor) -> torch.Tensor:
@@ -55,12 +63,32 @@ def stage_energy(percentile: torch.Tensor) -> torch.Tensor:
     return normal_scores(percentile).square().mean(dim=1)
 
 
-def components(
-    alpha_percentile: torch.Tensor, stage_percentiles: list[torch.Tensor]
+def head_distance(
+    features: torch.Tensor, class_means: torch.Tensor, precision: torch.Tensor
 ) -> torch.Tensor:
-    """``[B, 1 + L]``: the expectation mass of the alpha profile, then each profile layer's
-    stage energy."""
+    """``min_k (f - m_k)^T P (f - m_k)`` of ``features [B, C]`` against ``class_means [K, C]``
+    with ``precision [C, C]`` (symmetric): ``[B]`` float32, computed without a ``[B, K, C]``
+    intermediate (expanded around the means' centre, which keeps float32's cancellation small)."""
+    centre = class_means.mean(dim=0)
+    f = features.float() - centre
+    class_means = class_means - centre
+    fp = f @ precision
+    mp = class_means @ precision
+    quad = (fp * f).sum(dim=1, keepdim=True) - 2.0 * fp @ class_means.T
+    quad = quad + (mp * class_means).sum(dim=1)[None, :]
+    return quad.min(dim=1).values.clamp(min=0.0)
+
+
+def components(
+    alpha_percentile: torch.Tensor,
+    stage_percentiles: list[torch.Tensor],
+    head_distances: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, 1 + L (+ 1)]``: the expectation mass of the alpha profile, then each profile
+    layer's stage energy, then the head distance when there is one."""
     parts = [expectation_mass(alpha_percentile)] + [stage_energy(p) for p in stage_percentiles]
+    if head_distances is not None:
+        parts.append(head_distances.float())
     return torch.stack(parts, dim=1)
 
 

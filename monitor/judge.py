@@ -30,7 +30,7 @@ from torch import nn
 
 from kernels import LookupTable, grad_amap, percentile_lookup, percentile_rank, prepare_lookup_table
 from monitor.advice import advise
-from monitor.atypicality import ScoreReference, components, expectation_mass
+from monitor.atypicality import ScoreReference, components, expectation_mass, head_distance
 from monitor.conformal import ConformalNull, check_alarm_rate
 from monitor.cuda_graphs import StepGraphs
 from monitor.fingerprint import layer_fingerprint, model_fingerprint
@@ -99,7 +99,7 @@ class DeviceReport:
     score: torch.Tensor  # [B] float32 atypicality (NaN without the table's score reference)
     p_value: torch.Tensor  # [B] float32 conformal p-value (NaN without the table's null)
     alarm: torch.Tensor  # [B] bool: p_value <= alarm_rate
-    components: torch.Tensor  # [B, 1 + L] float32 the score's components
+    components: torch.Tensor  # [B, 1 + L (+ 1)] float32 the score's components
     nonfinite_input: torch.Tensor  # [] int64: input rows with NaN / Inf (device-side check)
     bad_labels: torch.Tensor  # [] int64: labels outside [0, K) (device-side check)
     nonfinite_alpha: torch.Tensor  # [] int64
@@ -123,6 +123,8 @@ class _AlarmTables:
 
     levels: torch.Tensor  # [Q] float32
     profile_grids: tuple[torch.Tensor, ...]  # per profile layer [C, Q] float32
+    head_means: torch.Tensor | None  # [K', C] float32 class means at the head layer
+    head_precision: torch.Tensor | None  # [C, C] float32 their shared precision
     reference: ScoreReference | None
     null_predicted: ConformalNull | None
     null_labelled: ConformalNull | None
@@ -160,8 +162,8 @@ class Judge:
 
     Args:
         model: the CNN (``nn.Module``) in eval mode; the judge adds one forward hook at the
-            table's layer and one at each activation-profile layer of the table's alarm part
-            (removed by :meth:`close`).
+            table's layer and one at each activation-profile layer and at the head layer of the
+            table's alarm part (removed by :meth:`close`).
         table: the calibration table (made for this model: layer, filters, classes, weights).
         layer: target layer; ``None`` uses the table's. Another name than the table's is refused.
         surprise_pct: a filter is surprising when ``alpha > P_cn(surprise_pct)``.
@@ -218,7 +220,7 @@ class Judge:
         self.probe = GradAMapProbe(
             model, table.layer, score=table.score, output_to_logits=output_to_logits
         )
-        layers = table.alarm.profile_layers if table.alarm is not None else ()
+        layers = table.alarm.tap_layers if table.alarm is not None else ()
         try:
             self.profiles = ProfileTap(model, layers) if layers else None
         except BaseException:
@@ -264,8 +266,8 @@ class Judge:
     def _probe(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, check_labels: bool = True
     ) -> tuple[ProbeResult, list[torch.Tensor]]:
-        """The probe's pass over ``x`` and, when the table has profile layers, their channel
-        means (``[B, C]`` float32 each) from the same forward pass."""
+        """The probe's pass over ``x`` and, when the table has profile or head layers, their
+        channel means (``[B, C]`` float32 each, profile layers then head) from the same pass."""
         if self.profiles is None:
             return self.probe.run(x, labels, check_labels=check_labels), []
         with self.profiles.armed() as record:
@@ -477,9 +479,12 @@ class Judge:
         alarm = self._alarm_tables_for(dev)
         stages = [
             percentile_rank(m, grid, alarm.levels)
-            for m, grid in zip(means, alarm.profile_grids, strict=True)
+            for m, grid in zip(means[: len(alarm.profile_grids)], alarm.profile_grids, strict=True)
         ]
-        parts = components(alpha_percentile, stages)
+        head = None
+        if alarm.head_means is not None and alarm.head_precision is not None:
+            head = head_distance(means[-1], alarm.head_means, alarm.head_precision)
+        parts = components(alpha_percentile, stages, head)
         if alarm.reference is None:
             return {"score": nan, "p_value": nan, "alarm": no, "components": parts}
         score = alarm.reference.score(parts)
@@ -494,7 +499,7 @@ class Judge:
         self, activation: torch.Tensor, logits: torch.Tensor, means: list[torch.Tensor]
     ) -> None:
         """:class:`TableMismatchError` when the layer's filters, the model's classes or the
-        profile layers' channels are not the table's (shapes only: no sync)."""
+        profile and head layers' channels are not the table's (shapes only: no sync)."""
         n, k = activation.shape[1], logits.shape[1]
         if n != self.table.num_filters:
             raise TableMismatchError(
@@ -504,13 +509,17 @@ class Judge:
             raise TableMismatchError(
                 f"the model has {k} classes but the table has {self.table.num_classes}"
             )
-        grids = self.table.alarm.profile_quantiles if self.table.alarm is not None else ()
-        for layer, m, grid in zip(self.profiles.layers if self.profiles else (), means, grids,
-                                  strict=True):  # fmt: skip
-            if m.shape[1] != grid.shape[0]:
+        alarm = self.table.alarm
+        if alarm is None:
+            return
+        wanted = [g.shape[0] for g in alarm.profile_quantiles]
+        if alarm.head_means is not None:
+            wanted.append(alarm.head_means.shape[1])
+        for layer, m, channels in zip(alarm.tap_layers, means, wanted, strict=True):
+            if m.shape[1] != channels:
+                kind = "head" if layer == alarm.head_layer else "profile"
                 raise TableMismatchError(
-                    f"profile layer {layer!r} has {m.shape[1]} channels but the table's grid "
-                    f"{grid.shape[0]}"
+                    f"{kind} layer {layer!r} has {m.shape[1]} channels but the table {channels}"
                 )
 
     def _alarm_tables_for(self, device: torch.device) -> _AlarmTables:
@@ -522,6 +531,8 @@ class Judge:
                 self._alarm_tables[device] = _AlarmTables(
                     levels=self.table.levels.to(device, torch.float32),
                     profile_grids=tuple(g.to(device, torch.float32) for g in a.profile_quantiles),
+                    head_means=_tensor_on(a.head_means, device),
+                    head_precision=_tensor_on(a.head_precision, device),
                     reference=None if a.reference is None else a.reference.to(device),
                     null_predicted=_on(a.null_predicted, device),
                     null_labelled=_on(a.null_labelled, device),
@@ -539,6 +550,11 @@ class Judge:
                     device=device,
                 )  # fmt: skip
             return self._tables[device]
+
+
+def _tensor_on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``t`` as float32 on ``device`` (``None`` stays ``None``)."""
+    return None if t is None else t.to(device, torch.float32)
 
 
 def _on(null: ConformalNull | None, device: torch.device) -> ConformalNull | None:

@@ -53,7 +53,7 @@ class MonitorReport:
     score: torch.Tensor  # [B] float32 atypicality score (NaN: the table has no reference)
     p_value: torch.Tensor  # [B] float32 conformal p-value (NaN: the table has no null)
     alarm: torch.Tensor  # [B] bool: p_value <= alarm_rate
-    components: torch.Tensor  # [B, 1 + L] the score's components (monitor.atypicality)
+    components: torch.Tensor  # [B, 1 + L (+ 1)] the score's components (monitor.atypicality)
     layer: str
     class_names: tuple[str, ...]
     alarm_rate: float = float("nan")  # the nominal false-alarm rate the alarms were set at

@@ -1,10 +1,11 @@
-"""The alarm's part of a calibration table: activation-profile grids, the score's reference and
-the conformal nulls (see :mod:`monitor.atypicality` and :mod:`monitor.conformal`).
+"""The alarm's part of a calibration table: activation-profile grids, the head layer's class
+means and shared precision, the score's reference and the conformal nulls (see
+:mod:`monitor.atypicality` and :mod:`monitor.conformal`).
 
-Made by ``calibrate`` after the alpha table: the profile grids and the reference from an evenly
-spaced subset of the training images, the nulls from held-out images (``heldout=``). Stored in
-the table's file as tensors named ``alarm.*`` and a metadata object ``"alarm"``; a table without
-them loads with ``alarm = None`` (no score, no alarms).
+Made by ``calibrate`` after the alpha table: the profile grids, the head statistics and the
+reference from an evenly spaced subset of the training images, the nulls from held-out images
+(``heldout=``). Stored in the table's file as tensors named ``alarm.*`` and a metadata object
+``"alarm"``; a table without them loads with ``alarm = None`` (no score, no alarms).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class AlarmCalibration:
             (what inference does without labels), or ``None`` without held-out images.
         null_labelled: the null judged against the held-out images' true labels.
         heldout: what is known of the held-out images (``images``, ``accuracy``, ``source``).
+        head_layer: the head layer (the feature map the classifier pools), ``""`` for none.
+        head_means: ``[K', C]`` float32 class means of its channel means over training images
+            (the classes that had images).
+        head_precision: ``[C, C]`` float32 pseudo-inverse of their shared (within-class)
+            covariance.
     """
 
     score: str
@@ -51,6 +57,18 @@ class AlarmCalibration:
     null_predicted: ConformalNull | None = None
     null_labelled: ConformalNull | None = None
     heldout: dict[str, Any] = field(default_factory=dict)
+    head_layer: str = ""
+    head_means: torch.Tensor | None = None
+    head_precision: torch.Tensor | None = None
+
+    @property
+    def tap_layers(self) -> tuple[str, ...]:
+        """The layers whose channel means the judge records: the profile layers, then the head."""
+        return self.profile_layers + ((self.head_layer,) if self.head_layer else ())
+
+    def component_names(self) -> list[str]:
+        """The score's components, in the order of ``report.components``' columns."""
+        return component_names(self.profile_layers, self.head_layer)
 
     @property
     def has_null(self) -> bool:
@@ -94,7 +112,8 @@ class AlarmCalibration:
                 )  # fmt: skip
             except ValueError as exc:
                 raise AlarmTableError(str(exc)) from exc
-        want = len(component_names(self.profile_layers))
+        self._validate_head()
+        want = len(self.component_names())
         if self.reference is not None and len(self.reference.sorted_components) != want:
             raise AlarmTableError(
                 f"the score reference has {len(self.reference.sorted_components)} components, "
@@ -102,6 +121,30 @@ class AlarmCalibration:
             )
         if (self.null_predicted is None) != (self.null_labelled is None):
             raise AlarmTableError("null_predicted and null_labelled must be given together")
+
+    def _validate_head(self) -> None:
+        """:class:`AlarmTableError` when the head layer and its statistics do not fit."""
+        given = (self.head_means is not None, self.head_precision is not None)
+        if given != (bool(self.head_layer),) * 2:
+            raise AlarmTableError(
+                "head_layer, head_means and head_precision must be given together"
+            )
+        if not self.head_layer:
+            return
+        if self.head_layer in self.profile_layers:
+            raise AlarmTableError(f"head layer {self.head_layer!r} is also a profile layer")
+        means, precision = self.head_means, self.head_precision
+        assert means is not None and precision is not None
+        if means.ndim != 2 or means.shape[0] < 1:
+            raise AlarmTableError(f"head_means must be [classes, C], got {list(means.shape)}")
+        c = means.shape[1]
+        if tuple(precision.shape) != (c, c):
+            raise AlarmTableError(
+                f"head_precision must be [{c}, {c}] for {c} head channels, got "
+                f"{list(precision.shape)}"
+            )
+        if not bool(torch.isfinite(means).all()) or not bool(torch.isfinite(precision).all()):
+            raise AlarmTableError("head_means and head_precision must be finite")
 
     # ------------------------------------------------------------------ the file
     def metadata(self) -> dict[str, Any]:
@@ -113,6 +156,7 @@ class AlarmCalibration:
             "reference": self.reference is not None,
             "null": self.null_predicted is not None,
             "heldout": self.heldout,
+            "head_layer": self.head_layer,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -123,6 +167,9 @@ class AlarmCalibration:
         if self.reference is not None:
             for j, ref in enumerate(self.reference.sorted_components):
                 out[f"{PREFIX}reference.{j}"] = ref
+        if self.head_means is not None and self.head_precision is not None:
+            out[f"{PREFIX}head_means"] = self.head_means
+            out[f"{PREFIX}head_precision"] = self.head_precision
         if self.null_predicted is not None and self.null_labelled is not None:
             out[f"{PREFIX}null_predicted"] = self.null_predicted.scores
             out[f"{PREFIX}null_labelled"] = self.null_labelled.scores
@@ -138,9 +185,17 @@ class AlarmCalibration:
         if not all(isinstance(x, str) for x in layers):
             raise AlarmTableError("metadata field 'alarm.profile_layers' must be strings")
         grids = tuple(_tensor(tensors, f"profile.{i}") for i in range(len(layers)))
+        head = _field(meta, "head_layer", str) if "head_layer" in meta else ""
+        if not head and PREFIX + "head_means" in tensors:
+            raise AlarmTableError(
+                "the table has head statistics (head_means) but no head_layer: they must be "
+                "given together"
+            )
+        head_means = _tensor(tensors, "head_means") if head else None
+        head_precision = _tensor(tensors, "head_precision") if head else None
         reference = None
         if _field(meta, "reference", bool):
-            count = len(component_names(layers))
+            count = len(component_names(layers, head))
             reference = ScoreReference(
                 tuple(_tensor(tensors, f"reference.{j}") for j in range(count))
             )
@@ -153,7 +208,8 @@ class AlarmCalibration:
             profile_quantiles=grids, reference=reference,
             reference_images=_field(meta, "reference_images", int),
             null_predicted=predicted, null_labelled=labelled,
-            heldout=_field(meta, "heldout", dict),
+            heldout=_field(meta, "heldout", dict), head_layer=head, head_means=head_means,
+            head_precision=head_precision,
         )  # fmt: skip
 
 

@@ -29,6 +29,7 @@ from bench.alarms.scores import Baselines, alarm_rate, all_scores, detection
 from bench.alarms.sets import PARTS, atypical_sets, cifar_part
 from bench.strong_models import STRONG_MODELS, training_record
 from monitor import SurpriseMonitor
+from monitor.conformal import resampled_alarm_rate
 
 HERE = Path(__file__).resolve().parent
 RATES = (0.01, 0.001)
@@ -49,11 +50,11 @@ def run_model(name: str, n: int) -> dict:
     with SurpriseMonitor(model, table, alarm_rate=0.01) as monitor:
         for part in PARTS:
             log(f"{name}: judging the {part} part")
-            inlier = collect.judged(name, monitor, cifar_part(part))
+            inlier = collect.with_ablations(collect.judged(name, monitor, cifar_part(part)), table)
             scores_in = all_scores(inlier, baselines)
             sets, shown = {}, {"cifar10": {"scores": scores_in, "p_value": inlier["p_value"]}}
             for images in atypical_sets(part, n):
-                judged = collect.judged(name, monitor, images)
+                judged = collect.with_ablations(collect.judged(name, monitor, images), table)
                 scores = all_scores(judged, baselines)
                 sets[images.name] = {
                     "images": len(images.images),
@@ -67,9 +68,18 @@ def run_model(name: str, n: int) -> dict:
                     "predicted": [alarm_rate(inlier["p_value"], r) for r in RATES],
                     "labelled": [alarm_rate(inlier["p_value_labelled"], r) for r in RATES],
                 }
+                null = table.alarm.null_predicted.scores
+                out["resampled_alarm_rates"] = [
+                    {
+                        "nominal": r,
+                        **resampled_alarm_rate(null, torch.from_numpy(inlier["score"]), r),
+                    }
+                    for r in RATES
+                ]
                 out["_plots"] = shown
     alarm = table.alarm
-    out["table"] = {"profile_layers": list(alarm.profile_layers), "null": alarm.heldout,
+    out["table"] = {"profile_layers": list(alarm.profile_layers), "head_layer": alarm.head_layer,
+                    "null": alarm.heldout,
                     "reference_images": alarm.reference_images}  # fmt: skip
     return out
 

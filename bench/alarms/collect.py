@@ -1,14 +1,18 @@
 """Run the product on a strong model: calibrate (with the held-out null), then judge every set.
 
-Everything is cached under ``bench.cifar.cache_dir() / "alarms" / MODEL``: the table, the
-training images' penultimate features (for the Mahalanobis and k-NN baselines) and one ``.npz``
-per (set, part) with what the benchmark reads of each input. Delete the folder to start over.
+Everything is cached under ``bench.cifar.cache_dir() / "alarms" / MODEL``: the alpha table (the
+long part: 50,000 training images), the table with its alarm part for the current score
+(``table-SCORE.safetensors``: made again from the alpha table when the score's formula changes),
+the training images' penultimate features (for the Mahalanobis and k-NN baselines) and, under
+``sets/SCORE/``, one ``.npz`` per (set, part) with what the benchmark reads of each input.
+Delete the folder to start over.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +24,9 @@ from bench.alarms.sets import ImageSet
 from bench.cifar import cache_dir, data_source, load_cifar10, to_tensor
 from bench.strong_models import HELDOUT, load_strong
 from calibrate import calibrate
+from calibrate.alarm import alarm_calibration
 from monitor import SurpriseMonitor
-from monitor.atypicality import normal_scores
+from monitor.atypicality import SCORE_NAME, ScoreReference, normal_scores
 from monitor.table import CalibrationTable
 
 BATCH = 250
@@ -44,17 +49,28 @@ def head_of(model: nn.Module) -> nn.Linear:
 
 def table_of(model_name: str, model: nn.Module, log: Callable[[str], None]) -> CalibrationTable:
     """The model's table: all 50,000 training images, the held-out null of test 0..4,999."""
-    path = folder(model_name) / "table.safetensors"
+    path = folder(model_name) / f"table-{SCORE_NAME}.safetensors"
+    alpha_path = folder(model_name) / "alpha_table.safetensors"
     if path.is_file():
         return CalibrationTable.load(path)
     train, test = load_cifar10("train"), load_cifar10("test")
     held = slice(HELDOUT.start, HELDOUT.stop)
+    data = TensorDataset(to_tensor(train.images), torch.from_numpy(train.labels))
+    heldout = TensorDataset(to_tensor(test.images[held]), torch.from_numpy(test.labels[held]))
     started = time.perf_counter()
-    table = calibrate(
-        model, TensorDataset(to_tensor(train.images), torch.from_numpy(train.labels)),
-        heldout=TensorDataset(to_tensor(test.images[held]), torch.from_numpy(test.labels[held])),
-        class_names=train.class_names, batch_size=BATCH, data_source=data_source("train"),
-    )  # fmt: skip
+    if alpha_path.is_file():
+        table = CalibrationTable.load(alpha_path)
+        table.alarm = alarm_calibration(
+            model, table, data, heldout, batch_size=BATCH, device=torch.device("cpu")
+        )
+        table.validate()
+    else:
+        table = calibrate(
+            model, data, heldout=heldout, class_names=train.class_names, batch_size=BATCH,
+            data_source=data_source("train"),
+        )  # fmt: skip
+        replace(table, alarm=None, path=None, sha256="").save(alpha_path)
+    table = replace(table, path=None, sha256="")
     table.save(path)
     log(f"{model_name}: calibrated in {time.perf_counter() - started:.0f} s: {table!r}")
     return table
@@ -82,7 +98,8 @@ def train_features(model_name: str, model: nn.Module) -> tuple[np.ndarray, np.nd
 
 def judged(model_name: str, monitor: SurpriseMonitor, images: ImageSet) -> dict[str, np.ndarray]:
     """What the monitor says of every image of a set (cached): see :func:`_judge`."""
-    path = folder(model_name) / "sets" / f"{images.part}__{images.name.replace(' ', '_')}.npz"
+    name = f"{images.part}__{images.name.replace(' ', '_')}.npz"
+    path = folder(model_name) / "sets" / SCORE_NAME / name
     if path.is_file():
         with np.load(path) as d:
             return {k: d[k] for k in d.files}
@@ -90,6 +107,18 @@ def judged(model_name: str, monitor: SurpriseMonitor, images: ImageSet) -> dict[
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(path, **found)
     return found
+
+
+def with_ablations(found: dict[str, np.ndarray], table: CalibrationTable) -> dict[str, np.ndarray]:
+    """``found`` with ``score_without_head``: the Fisher combination of every component but the
+    head distance, against the same reference (the previous default, ``fisher-profile-v1``);
+    computed from the stored components, so it needs no second pass."""
+    alarm = table.alarm
+    if alarm is None or alarm.reference is None or not alarm.head_layer:
+        return found
+    reference = ScoreReference(alarm.reference.sorted_components[:-1])
+    parts = torch.from_numpy(found["components"][:, :-1]).float()
+    return {**found, "score_without_head": reference.score(parts).numpy()}
 
 
 def _judge(monitor: SurpriseMonitor, images: ImageSet) -> dict[str, np.ndarray]:

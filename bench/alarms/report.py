@@ -10,7 +10,7 @@ import numpy as np
 from bench.alarms.scores import BASELINES, CANDIDATES, margin
 
 DEFAULT = next(iter(CANDIDATES))
-SHOWN = (DEFAULT, "final layer: expectation mass", *BASELINES)
+SHOWN = (DEFAULT, "without the head (v1)", "final layer: expectation mass", *BASELINES)
 ROC_SETS = ("mnist", "fashion_mnist", "notmnist", "photos", "blur 1", "jpeg 15")
 PVALUE_SETS = ("cifar10", "mnist", "photos", "contrast 0.25", "jpeg 15", "uniform")
 
@@ -34,6 +34,12 @@ def markdown(results: dict[str, Any], part: str = "report") -> str:
                 f"{r['rate']:.2%} ({r['alarms']}/{r['inputs']}; {r['ci_low']:.2%} - "
                 f"{r['ci_high']:.2%})"
             )
+    for r in results.get("resampled_alarm_rates", []):
+        lines.append(
+            f"- spread of one split: over {r['draws']} random re-splits of the null and "
+            f"evaluation images, nominal {r['nominal']:.1%}: mean {r['mean']:.2%} (5-95%: "
+            f"{r['p5']:.2%} - {r['p95']:.2%}; ranks only: the same for any score without ties)"
+        )
     return "\n".join(lines) + "\n"
 
 

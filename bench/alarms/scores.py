@@ -20,6 +20,8 @@ from bench.paper.metrics import auroc, fpr_at_tpr
 #: The monitor's candidates (name -> function of a judged set), the default first.
 CANDIDATES: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {
     "default (Fisher)": lambda j: j["score"],
+    "without the head (v1)": lambda j: j["score_without_head"],
+    "head distance alone": lambda j: j["components"][:, -1],
     "sum of components": lambda j: j["components"].sum(1),
     "final layer: expectation mass": lambda j: j["components"][:, 0],
     "final layer: mean z^2": lambda j: j["final_z2"],

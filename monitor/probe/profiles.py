@@ -8,7 +8,8 @@ the same forward pass the probe makes, the mean over H x W of every channel at t
 cost is one reduction per layer. :func:`stage_layers` picks the layers: the output of the last
 module run at each of the first ``count`` spatial resolutions (for a torchvision ResNet at
 224 x 224: ``relu`` at 112 x 112 and ``layer1`` at 56 x 56; for a CIFAR ResNet: ``layer1`` and
-``layer2``).
+``layer2``). :func:`head_layer` picks the alarm's head layer: the last feature map before the
+classifier (``layer4`` of a ResNet), whose channel means the Mahalanobis component reads.
 """
 
 from __future__ import annotations
@@ -92,6 +93,32 @@ class ProfileTap:
         return hook
 
 
+def _runs(calls: Sequence[Any]) -> dict[str, int]:
+    """How many times each traced module ran."""
+    runs: dict[str, int] = {}
+    for call in calls:
+        runs[call.name] = runs.get(call.name, 0) + 1
+    return runs
+
+
+def head_layer(model: nn.Module, example: torch.Tensor) -> str:
+    """The last module to finish in a forward pass of ``example`` (``[1, C, H, W]``) whose output
+    is a ``[1, C, H, W]`` feature map with ``H * W > 1`` and that runs once: the feature map the
+    classifier pools (``layer4`` of a torchvision ResNet, ``features`` of a VGG). ``ValueError``
+    when there is none."""
+    names = [n for n, _ in model.named_modules() if n]
+    calls = traced_calls(model, example, names)
+    runs = _runs(calls)
+    for call in reversed(calls):
+        shape = call.out_shape
+        if len(shape) == 4 and runs[call.name] == 1 and shape[2] * shape[3] > 1:
+            return call.name
+    raise ValueError(
+        "no module of the model outputs a [B, C, H, W] feature map once per pass; pass "
+        "head_layer='none' (or --head-layer none) or name one"
+    )
+
+
 def stage_layers(
     model: nn.Module, example: torch.Tensor, count: int = DEFAULT_STAGES, *, before: str = ""
 ) -> list[str]:
@@ -103,9 +130,7 @@ def stage_layers(
     """
     names = [n for n, _ in model.named_modules() if n]
     calls = traced_calls(model, example, names)
-    runs: dict[str, int] = {}
-    for call in calls:
-        runs[call.name] = runs.get(call.name, 0) + 1
+    runs = _runs(calls)
     order: list[tuple[int, int]] = []  # resolutions in the order they first appear
     last: dict[tuple[int, int], str] = {}
     for call in calls:

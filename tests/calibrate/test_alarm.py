@@ -7,12 +7,15 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from pytorch_ood.detector import Mahalanobis
 from torch.utils.data import DataLoader, TensorDataset
 
 from calibrate import calibrate
+from calibrate.alarm import fit_head
 from monitor import SurpriseMonitor
-from monitor.atypicality import SCORE_NAME, components
+from monitor.atypicality import SCORE_NAME, components, head_distance
 from monitor.table import CalibrationTable, TableError
+from monitor.table_alarm import AlarmTableError
 from tests._checks import resign
 from tests._models import TinyCNN, class_dataset, class_images, seeded, trained_tiny_cnn
 
@@ -47,10 +50,44 @@ def test_the_profile_grid_is_numpys_percentiles_of_the_even_half(alarmed):
     np.testing.assert_allclose(alarm.profile_quantiles[0].numpy(), want, rtol=1e-6, atol=1e-7)
 
 
+def _head_features(model, x: torch.Tensor) -> torch.Tensor:
+    """The tiny CNN's head-layer channel means (its pooled features), computed directly."""
+    with torch.no_grad():
+        return model.features(x).mean(dim=(2, 3))
+
+
+def test_the_head_fit_is_pytorch_oods_mahalanobis():
+    """On full-rank features: class means equal pytorch-ood's, and the distance is pytorch-ood's
+    score up to its constant factor (it sums the outer products without dividing by n, adds a
+    1e-6 ridge and halves the quadratic form)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(600) % 4
+    centres = 3 * torch.randn(4, 10, generator=g)
+    mix = torch.randn(10, 10, generator=g) / 3 + torch.eye(10)
+    f = centres[y] + torch.randn(600, 10, generator=g) @ mix
+    means, precision = fit_head(f.numpy(), y.numpy())
+    oracle = Mahalanobis(None).fit_features(f, y)
+    torch.testing.assert_close(means, oracle.mu.float(), rtol=1e-5, atol=1e-5)
+    q = centres[torch.arange(40) % 4] + 2 * torch.randn(40, 10, generator=g)
+    got = head_distance(q, means, precision)
+    want = 2 * 600 * oracle.predict_features(q).double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_head_statistics_come_from_the_even_half_with_labels(alarmed):
+    model, table, train, _ = alarmed
+    alarm = table.alarm
+    assert alarm.head_layer == "features" and alarm.head_means.shape == (3, 16)
+    picked = np.unique(np.linspace(0, 599, 300).round().astype(int))[0::2]
+    x, y = train.tensors[0][picked], train.tensors[1][picked]
+    oracle = Mahalanobis(None).fit_features(_head_features(model, x), y)
+    torch.testing.assert_close(alarm.head_means, oracle.mu.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_the_reference_is_the_odd_halfs_components_judged_with_labels(alarmed):
     model, table, train, _ = alarmed
-    picked = np.unique(np.linspace(0, 599, 300).round().astype(int))[1::2]
-    x, y = train.tensors[0][picked], train.tensors[1][picked]
+    picked = np.unique(np.linspace(0, 599, 300).round().astype(int))
+    x, y = train.tensors[0][picked[1::2]], train.tensors[1][picked[1::2]]
     lean = dataclasses.replace(table, alarm=None)
     with SurpriseMonitor(model, lean) as plain:
         alpha_pct = plain.inspect(x, y).percentile
@@ -59,9 +96,20 @@ def test_the_reference_is_the_odd_halfs_components_judged_with_labels(alarmed):
     from kernels import percentile_rank
 
     stage = percentile_rank(means, table.alarm.profile_quantiles[0], table.levels.float())
-    want = components(alpha_pct, [stage])
-    for j, ref in enumerate(table.alarm.reference.sorted_components):
-        torch.testing.assert_close(ref, torch.sort(want[:, j]).values, rtol=1e-6, atol=1e-7)
+    # the head distance from numpy: class means and covariance of the even half, explicit loop
+    fe = _head_features(model, train.tensors[0][picked[0::2]]).double().numpy()
+    ye = train.tensors[1][picked[0::2]].numpy()
+    centres = np.stack([fe[ye == k].mean(0) for k in range(3)])
+    cov = sum((fe[ye == k] - centres[k]).T @ (fe[ye == k] - centres[k]) for k in range(3))
+    prec = np.linalg.pinv(cov / len(fe))
+    fo = _head_features(model, x).double().numpy()
+    head = [min((f - m) @ prec @ (f - m) for m in centres) for f in fo]
+    want = components(alpha_pct, [stage], torch.tensor(head, dtype=torch.float32))
+    refs = table.alarm.reference.sorted_components
+    assert len(refs) == 3
+    for j, ref in enumerate(refs):  # the head's quadratic form in float32: 1e-3
+        tol = 1e-6 if j < 2 else 1e-3
+        torch.testing.assert_close(ref, torch.sort(want[:, j]).values, rtol=tol, atol=tol)
 
 
 def test_the_nulls_are_the_held_out_scores_as_deployed(alarmed):
@@ -129,6 +177,9 @@ def test_a_table_without_held_out_images_scores_but_never_alarms(tmp_path):
         (lambda m: m["alarm"].pop("profile_layers") and None, "'alarm.profile_layers' is missing"),
         (lambda m: m["alarm"].update(reference="yes"), "'alarm.reference' must be a bool"),
         (lambda m: m.update(alarm=[1]), "'alarm' must be an object or null"),
+        (lambda m: m["alarm"].update(head_layer=3), "'alarm.head_layer' must be a str"),
+        (lambda m: m["alarm"].update(head_layer=""), "must be given together"),
+        (lambda m: m["alarm"].update(head_layer="features.1"), "is also a profile layer"),
     ],
 )
 def test_a_bad_alarm_part_is_a_table_error(alarmed, tmp_path, edit, message):
@@ -139,14 +190,45 @@ def test_a_bad_alarm_part_is_a_table_error(alarmed, tmp_path, edit, message):
         CalibrationTable.load(path)
 
 
+def test_bad_head_statistics_are_refused(alarmed):
+    _, table, _, _ = alarmed
+    a = table.alarm
+    c = a.head_means.shape[1]
+    for change, message in [
+        ({"head_precision": torch.eye(c + 1)}, rf"head_precision must be \[{c}, {c}\]"),
+        ({"head_means": torch.zeros(c)}, "head_means must be"),
+        ({"head_means": torch.full_like(a.head_means, float("nan"))}, "must be finite"),
+        ({"head_precision": None}, "must be given together"),
+    ]:
+        with pytest.raises(AlarmTableError, match=message):
+            dataclasses.replace(a, **change).validate(table.levels)
+
+
+def test_the_head_layer_can_be_named_or_switched_off():
+    model = seeded(TinyCNN(num_classes=3)).eval()
+    data = DataLoader(class_dataset(60, 3), batch_size=20)
+    none = calibrate(model, data, progress=False, head_layer="none")
+    assert none.alarm.head_layer == "" and none.alarm.head_means is None
+    assert len(none.alarm.reference.sorted_components) == 2
+    with SurpriseMonitor(model, none) as monitor:
+        assert monitor.inspect(torch.randn(4, 3, 8, 8)).components.shape == (4, 2)
+    named = calibrate(model, data, progress=False, head_layer="features.3")
+    assert named.alarm.head_layer == "features.3"
+    assert named.alarm.component_names()[-1] == "head_distance:features.3"
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        calibrate(model, data, progress=False, head_layer="nope")
+    with pytest.raises(ValueError, match="'features.1' is also a profile layer"):
+        calibrate(model, data, progress=False, head_layer="features.1")
+
+
 def test_profile_layers_can_be_named_or_switched_off():
     model = seeded(TinyCNN(num_classes=3)).eval()
     data = DataLoader(class_dataset(60, 3), batch_size=20)
     named = calibrate(model, data, progress=False, profile_layers=["features.0", "features.1"])
     assert named.alarm.profile_layers == ("features.0", "features.1")
-    assert len(named.alarm.reference.sorted_components) == 3
+    assert len(named.alarm.reference.sorted_components) == 4  # + expectation mass, head
     none = calibrate(model, data, progress=False, profile_layers="none")
-    assert none.alarm.profile_layers == () and len(none.alarm.reference.sorted_components) == 1
+    assert none.alarm.profile_layers == () and len(none.alarm.reference.sorted_components) == 2
     with pytest.raises(ValueError, match="no module named 'nope'"):
         calibrate(model, data, progress=False, profile_layers=["nope"])
     with pytest.raises(ValueError, match="profile_layers must be 'auto', 'none'"):

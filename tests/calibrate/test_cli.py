@@ -38,6 +38,7 @@ def test_cli_writes_a_table_and_a_summary(image_folder, tiny_weights, tmp_path, 
     assert "layer: features.2 (last nn.Conv2d executed" in text
     assert "images per class: astronaut=5, chelsea=5, coffee=5" in text
     assert "3 classes have fewer than 1000 images" in text
+    assert "profile layers ['features.1'], head layer features, score reference" in text
     assert f"table written to {out}" in text and "images/s" in text
     table = CalibrationTable.load(out)
     assert table.class_names == ["astronaut", "chelsea", "coffee"]
@@ -76,6 +77,8 @@ def test_cli_errors_are_clear(image_folder, tiny_weights, tmp_path, capsys):
         == 2
     )
     assert "neither a torchvision model name" in capsys.readouterr().err
+    assert main(_args(image_folder, tmp_path / "o", tiny_weights, "--head-layer", "nope")) == 2
+    assert "--head-layer 'nope': the model has no module of that name" in capsys.readouterr().err
 
 
 def test_python_dash_m_and_console_script():

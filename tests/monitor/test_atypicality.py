@@ -12,6 +12,7 @@ from monitor.atypicality import (
     component_names,
     components,
     expectation_mass,
+    head_distance,
     normal_scores,
     stage_energy,
     tail_ranks,
@@ -44,6 +45,24 @@ def test_components_are_the_lower_tail_mass_and_the_two_sided_energy():
     np.testing.assert_allclose(stage_energy(torch.from_numpy(stage[0])), want_energy[0], 1e-5)
     assert component_names(["a", "b"]) == ["expectation_mass", "stage_energy:a",
                                            "stage_energy:b"]  # fmt: skip
+
+
+def test_the_head_distance_is_the_mahalanobis_distance_to_the_nearest_class_mean():
+    """Against an explicit float64 loop over classes, with features far from the origin (the
+    float32 expansion must not lose them to cancellation)."""
+    g = np.random.default_rng(2)
+    c, k = 12, 4
+    a = g.normal(size=(c, c))
+    precision = a @ a.T / c + np.eye(c)
+    means = g.normal(size=(k, c)) + 50.0
+    feats = means[g.integers(0, k, size=30)] + g.normal(size=(30, c))
+    want = np.min([[(f - m) @ precision @ (f - m) for m in means] for f in feats], axis=1)
+    got = head_distance(*(torch.from_numpy(v).float() for v in (feats, means, precision)))
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-4, atol=2e-3)
+    parts = components(torch.full((30, 5), 50.0), [], got)
+    assert parts.shape == (30, 2) and torch.equal(parts[:, 1], got)
+    assert component_names(["a"], "h") == ["expectation_mass", "stage_energy:a",
+                                           "head_distance:h"]  # fmt: skip
 
 
 def test_above_the_median_the_expectation_mass_is_zero():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.conformal import ConformalNull, check_alarm_rate
+from monitor.conformal import ConformalNull, check_alarm_rate, resampled_alarm_rate
 
 
 def oracle_p(null: np.ndarray, s: float) -> float:
@@ -69,3 +69,25 @@ def test_bad_nulls_and_rates_are_refused():
     for bad in (0.0, 1.0, -0.1, 2):
         with pytest.raises(ValueError, match="alarm_rate must be a fraction in \\(0, 1\\)"):
             check_alarm_rate(bad)
+
+
+def test_resampled_alarm_rate_counts_each_re_split_like_numpy():
+    """Five re-splits recomputed with numpy counting on the same permutations; and over many
+    re-splits of exchangeable scores the mean is the exact conformal rate."""
+    rng = np.random.default_rng(4)
+    null, fresh = rng.normal(size=199), rng.normal(size=300)
+    got = resampled_alarm_rate(torch.from_numpy(null), torch.from_numpy(fresh), 0.05, draws=5)
+    pooled = np.concatenate([null, fresh]).astype(np.float32)
+    g = torch.Generator().manual_seed(0)
+    rates = []
+    for _ in range(5):
+        order = torch.randperm(len(pooled), generator=g).numpy()
+        n_, ev = pooled[order[:199]], pooled[order[199:]]
+        rates.append(np.mean([oracle_p(n_, s) <= 0.05 for s in ev]))
+    assert got["draws"] == 5 and got["mean"] == pytest.approx(np.mean(rates), abs=1e-12)
+    assert got["p5"] == pytest.approx(np.quantile(rates, 0.05), abs=1e-12)
+    many = resampled_alarm_rate(torch.from_numpy(null), torch.from_numpy(fresh), 0.05, 1000)
+    assert many["mean"] == pytest.approx(10 / 200, abs=0.002)  # floor(0.05 * 200) / 200
+    assert many["p5"] < many["mean"] < many["p95"]
+    with pytest.raises(ValueError, match="alarm_rate must be a fraction"):
+        resampled_alarm_rate(torch.zeros(3), torch.zeros(3), 1.5)

@@ -105,9 +105,10 @@ def test_model_is_left_as_it_was(calibrated):
     flags = [p.requires_grad for p in model.parameters()]
     with SurpriseMonitor(model, table) as m:
         m(mixed_inputs(3))
-        # the probe's hook on the monitored layer, and one per activation-profile layer
-        hooks = 1 + len(table.alarm.profile_layers)
-        assert sum(len(mod._forward_hooks) for mod in model.modules()) == hooks == 2
+        # the probe's hook on the monitored layer, one per activation-profile layer and one
+        # on the head layer
+        hooks = 1 + len(table.alarm.profile_layers) + 1
+        assert sum(len(mod._forward_hooks) for mod in model.modules()) == hooks == 3
     assert all(not mod._forward_hooks for mod in model.modules())
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
