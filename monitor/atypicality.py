@@ -125,15 +125,24 @@ class ScoreReference:
         """The same reference on ``device``."""
         return ScoreReference(tuple(r.to(device) for r in self.sorted_components))
 
-    def score(self, component_values: torch.Tensor) -> torch.Tensor:
-        """Fisher's combination ``-2 sum_j log r_j`` of ``[B, 1 + L]`` components: ``[B]``."""
+    def ranks(self, component_values: torch.Tensor) -> torch.Tensor:
+        """Each component's tail rank ``r_j`` among the reference's (``[B, J]`` float32): small
+        when the input is more atypical in that component than most training images."""
         if component_values.shape[1] != len(self.sorted_components):
             raise ValueError(
                 f"{component_values.shape[1]} components for a reference of "
                 f"{len(self.sorted_components)}"
             )
-        logs = [
-            torch.log(tail_ranks(ref, component_values[:, j]))
-            for j, ref in enumerate(self.sorted_components)
+        cols = [
+            tail_ranks(ref, component_values[:, j]) for j, ref in enumerate(self.sorted_components)
         ]
-        return -2.0 * torch.stack(logs, dim=1).sum(dim=1)
+        return torch.stack(cols, dim=1)
+
+    def score(self, component_values: torch.Tensor) -> torch.Tensor:
+        """Fisher's combination ``-2 sum_j log r_j`` of ``[B, J]`` components: ``[B]``."""
+        return fisher(self.ranks(component_values))
+
+
+def fisher(ranks: torch.Tensor) -> torch.Tensor:
+    """``-2 sum_j log r_j`` of ``[B, J]`` tail ranks: ``[B]``."""
+    return -2.0 * torch.log(ranks).sum(dim=1)

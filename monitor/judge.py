@@ -30,7 +30,14 @@ from torch import nn
 
 from kernels import LookupTable, grad_amap, percentile_lookup, percentile_rank, prepare_lookup_table
 from monitor.advice import advise
-from monitor.atypicality import ScoreReference, components, expectation_mass, head_distance
+from monitor.atypicality import (
+    ALPHA_COMPONENT,
+    ScoreReference,
+    components,
+    expectation_mass,
+    fisher,
+    head_distance,
+)
 from monitor.conformal import ConformalNull, check_alarm_rate
 from monitor.cuda_graphs import StepGraphs
 from monitor.fingerprint import layer_fingerprint, model_fingerprint
@@ -100,6 +107,7 @@ class DeviceReport:
     p_value: torch.Tensor  # [B] float32 conformal p-value (NaN without the table's null)
     alarm: torch.Tensor  # [B] bool: p_value <= alarm_rate
     components: torch.Tensor  # [B, 1 + L (+ 1)] float32 the score's components
+    component_ranks: torch.Tensor  # [B, 1 + L (+ 1)] float32 their tail ranks (NaN: no reference)
     nonfinite_input: torch.Tensor  # [] int64: input rows with NaN / Inf (device-side check)
     bad_labels: torch.Tensor  # [] int64: labels outside [0, K) (device-side check)
     nonfinite_alpha: torch.Tensor  # [] int64
@@ -237,6 +245,12 @@ class Judge:
     def layer(self) -> str:
         """The monitored layer (the table's)."""
         return self.table.layer
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        """The names of ``report.components``' columns."""
+        alarm = self.table.alarm
+        return (ALPHA_COMPONENT,) if alarm is None else tuple(alarm.component_names())
 
     @property
     def output_to_logits(self) -> Callable[[Any], torch.Tensor] | None:
@@ -446,6 +460,7 @@ class Judge:
             layer=self.layer,
             class_names=tuple(self.table.class_names),
             alarm_rate=self.alarm_rate,
+            component_names=self.component_names,
         )
 
     def _raise_checks(self, host: DeviceReport, batch: Batch | None) -> None:
@@ -475,7 +490,7 @@ class Judge:
         no = torch.zeros(b, dtype=torch.bool, device=dev)
         if self.table.alarm is None:
             parts = expectation_mass(alpha_percentile)[:, None]
-            return {"score": nan, "p_value": nan, "alarm": no, "components": parts}
+            return _alarm_fields(nan, nan, no, parts, torch.full_like(parts, float("nan")))
         alarm = self._alarm_tables_for(dev)
         stages = [
             percentile_rank(m, grid, alarm.levels)
@@ -486,13 +501,14 @@ class Judge:
             head = head_distance(means[-1], alarm.head_means, alarm.head_precision)
         parts = components(alpha_percentile, stages, head)
         if alarm.reference is None:
-            return {"score": nan, "p_value": nan, "alarm": no, "components": parts}
-        score = alarm.reference.score(parts)
+            return _alarm_fields(nan, nan, no, parts, torch.full_like(parts, float("nan")))
+        ranks = alarm.reference.ranks(parts)
+        score = fisher(ranks)
         null = alarm.null_labelled if labels_given else alarm.null_predicted
         if null is None:
-            return {"score": score, "p_value": nan, "alarm": no, "components": parts}
+            return _alarm_fields(score, nan, no, parts, ranks)
         p = null.p_values(score)
-        return {"score": score, "p_value": p, "alarm": p <= self.alarm_rate, "components": parts}
+        return _alarm_fields(score, p, p <= self.alarm_rate, parts, ranks)
 
     # ------------------------------------------------------------------ helpers
     def _check_shapes(
@@ -550,6 +566,18 @@ class Judge:
                     device=device,
                 )  # fmt: skip
             return self._tables[device]
+
+
+def _alarm_fields(
+    score: torch.Tensor,
+    p_value: torch.Tensor,
+    alarm: torch.Tensor,
+    parts: torch.Tensor,
+    ranks: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The :class:`DeviceReport` fields of the alarm, by name."""
+    return {"score": score, "p_value": p_value, "alarm": alarm, "components": parts,
+            "component_ranks": ranks}  # fmt: skip
 
 
 def _tensor_on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

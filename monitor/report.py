@@ -35,7 +35,9 @@ class MonitorReport:
     The per-input alarm (:mod:`monitor.atypicality`, :mod:`monitor.conformal`): ``score``
     (higher = less like the training images), its conformal ``p_value`` among held-out images
     and ``alarm = p_value <= alarm_rate``; NaN / NaN / False when the table has no alarm
-    calibration. The per-filter flags (``surprise``, ``expectation``) explain an alarm.
+    calibration. ``components`` and their ``component_ranks`` (named by ``component_names``)
+    say which part of the network found the input atypical. The per-filter flags
+    (``surprise``, ``expectation``) explain an alarm.
     """
 
     logits: torch.Tensor  # [B, K]
@@ -54,9 +56,11 @@ class MonitorReport:
     p_value: torch.Tensor  # [B] float32 conformal p-value (NaN: the table has no null)
     alarm: torch.Tensor  # [B] bool: p_value <= alarm_rate
     components: torch.Tensor  # [B, 1 + L (+ 1)] the score's components (monitor.atypicality)
+    component_ranks: torch.Tensor  # [B, 1 + L (+ 1)] each one's tail rank among training images
     layer: str
     class_names: tuple[str, ...]
     alarm_rate: float = float("nan")  # the nominal false-alarm rate the alarms were set at
+    component_names: tuple[str, ...] = ()  # the components' names, in column order
 
     def __len__(self) -> int:
         return int(self.classes.shape[0])
@@ -147,10 +151,26 @@ class MonitorReport:
             "score": _number(self.score[i]),
             "p_value": _number(self.p_value[i]),
             "alarm": bool(self.alarm[i]),
+            "components": self.component_parts(i),
             "surprise_count": len(sur),
             "expectation_count": len(exp),
             "surprising_filters": [f.to_dict() for f in sur[:max_filters]],
             "expected_filters": [f.to_dict() for f in exp[:max_filters]],
+        }
+
+    def component_parts(self, i: int) -> dict[str, dict[str, float | None]]:
+        """Input i's score components by name: ``{"value", "tail_rank"}`` each; the smallest
+        tail rank is the part of the network that found the input most unlike the training
+        images (``None`` for NaN)."""
+        names = self.component_names or tuple(
+            f"component_{j}" for j in range(int(self.components.shape[1]))
+        )
+        return {
+            name: {
+                "value": _number(self.components[i, j]),
+                "tail_rank": _number(self.component_ranks[i, j]),
+            }
+            for j, name in enumerate(names)
         }
 
     def to_dict(self, max_filters: int | None = 10) -> dict[str, Any]:

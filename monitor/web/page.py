@@ -56,6 +56,20 @@ def _number(value: Any, fmt: str) -> str:
     return "\u2014" if value is None else format(float(value), fmt)
 
 
+def _parts(components: Any) -> str:
+    """The score's components by tail rank, smallest (most atypical) first, escaped."""
+    if not isinstance(components, dict) or not components:
+        return "\u2014"
+    ranked = sorted(
+        components.items(),
+        key=lambda kv: (kv[1] or {}).get("tail_rank") or 2.0,
+    )
+    return ", ".join(
+        f"{escape(str(name))} {_number((part or {}).get('tail_rank'), '.4f')}"
+        for name, part in ranked
+    )
+
+
 def _when(seconds: float) -> str:
     """A UTC time stamp."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
@@ -163,6 +177,7 @@ def detail_page(rec: AlarmRecord, base: str) -> str:
         f'<dl><dt>class</dt><dd id="class">{escape(rec.class_name)}</dd>'
         f"<dt>score</dt><dd>{_number(r.get('score'), '.4f')}</dd>"
         f"<dt>p-value</dt><dd>{_number(r.get('p_value'), '.5f')}</dd>"
+        f'<dt>score parts (tail rank)</dt><dd id="parts">{_parts(r.get("components"))}</dd>'
         f"<dt>time</dt><dd>{escape(_when(rec.time))}</dd>"
         f"<dt>request</dt><dd>{escape(rec.request_id or '')}</dd>"
         f"<dt>table</dt><dd><code>{escape(rec.table_fingerprint[:16])}</code></dd></dl>"

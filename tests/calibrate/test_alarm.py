@@ -131,6 +131,33 @@ def test_the_nulls_are_the_held_out_scores_as_deployed(alarmed):
     np.testing.assert_allclose(p, [(1 + np.sum(s >= v)) / 401 for v in s], rtol=1e-6)
 
 
+def test_reports_name_the_components_and_their_tail_ranks(alarmed):
+    """``component_ranks`` are each component's tail rank among the table's reference (numpy
+    counting), their Fisher combination is the score, and the JSON names them."""
+    model, table, _, heldout = alarmed
+    x = heldout.tensors[0][:30]
+    with SurpriseMonitor(model, table) as monitor:
+        r = monitor.inspect(x)
+    names = table.alarm.component_names()
+    assert r.component_names == tuple(names) and names[0] == "expectation_mass"
+    refs = [ref.numpy() for ref in table.alarm.reference.sorted_components]
+    parts = r.components.numpy()
+    want = np.stack(
+        [[(1 + np.sum(ref >= v)) / (len(ref) + 1) for v in parts[:, j]] for j, ref in
+         enumerate(refs)], axis=1,
+    )  # fmt: skip
+    np.testing.assert_allclose(r.component_ranks.numpy(), want, rtol=1e-6)
+    np.testing.assert_allclose(r.score.numpy(), -2 * np.log(want).sum(1), rtol=1e-5)
+    sample = r.sample(0)["components"]
+    assert list(sample) == names
+    assert sample[names[-1]] == {"value": pytest.approx(float(parts[0, -1])),
+                                 "tail_rank": pytest.approx(float(want[0, -1]))}  # fmt: skip
+    bare = dataclasses.replace(table, alarm=None)
+    with SurpriseMonitor(model, bare) as monitor:
+        plain = monitor.inspect(x[:2]).sample(0)["components"]
+    assert list(plain) == ["expectation_mass"] and plain["expectation_mass"]["tail_rank"] is None
+
+
 def test_fresh_in_distribution_inputs_alarm_at_most_at_the_nominal_rate(alarmed):
     """Exchangeable fresh images (same generator, other seeds): the alarm rate stays within
     the binomial interval of its nominal value; atypical inputs alarm far more often."""

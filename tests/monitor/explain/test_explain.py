@@ -191,7 +191,8 @@ def _report(surprise, expectation, percentile, deviation) -> MonitorReport:
         surprise=torch.tensor([surprise]), expectation=torch.tensor([expectation]),
         beta=torch.zeros(1), beta_percentile=torch.zeros(1), low_beta=torch.zeros(1, dtype=bool),
         calibrated=torch.ones(1, dtype=bool), score=torch.zeros(1), p_value=torch.ones(1),
-        alarm=torch.zeros(1, dtype=bool), components=torch.zeros(1, 1), layer="l",
+        alarm=torch.zeros(1, dtype=bool), components=torch.zeros(1, 1),
+        component_ranks=torch.ones(1, 1), layer="l",
         class_names=("a", "b"),
     )  # fmt: skip
 

@@ -100,7 +100,7 @@ def test_filters_by_class_and_kind(served):
 
 
 def test_thumbnails_json_and_explanations(served):
-    client, log, _, _ = served
+    client, log, report, _ = served
     newest = log.recent()[0]
     thumb = client.get(f"/{newest.id}/thumbnail.png")
     assert thumb.headers["content-type"] == "image/png" and thumb.content == newest.thumbnail
@@ -113,6 +113,11 @@ def test_thumbnails_json_and_explanations(served):
     assert figure["src"] == f"/alarms/{newest.id}/explanation.png"
     png = client.get(f"/{newest.id}/explanation.png")
     assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).width > 100
+    parts = newest.report["components"]  # the score's parts, most atypical (lowest rank) first
+    shown = "".join(dom.text[dom.text.index("score parts (tail rank)") + 1 :][:1])
+    ranked = sorted(parts, key=lambda name: parts[name]["tail_rank"])
+    assert shown == ", ".join(f"{n} {parts[n]['tail_rank']:.4f}" for n in ranked)
+    assert sorted(ranked) == sorted(report.component_names) and len(ranked) == 3
     summary = client.get(f"/{newest.id}/explanation.json").json()
     assert summary["class"] == newest.report["class"]
     oldest = log.recent()[-1]  # its input left the log (keep_inputs=5)
