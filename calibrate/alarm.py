@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Training images (at most) behind the profile grids and the score reference.
 DEFAULT_REFERENCE_IMAGES = 20_000
+#: Fewer images than this behind a class's head mean draw a warning.
+THIN_CLASS = 10
 #: ``profile_layers`` values: pick the first stages, or monitor the final layer alone.
 AUTO, NONE = "auto", "none"
 
@@ -94,8 +96,9 @@ def alarm_calibration(
     head = _head_layer(model, head_layer, layers, images, device)
     run = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
     grids, head_means, head_precision = _profile_grids(
-        model, layers, head, images.half(0), table.levels, progress, **run
-    )
+        model, layers, head, images.half(0), table.levels, progress,
+        num_classes=table.num_classes, **run,
+    )  # fmt: skip
     alarm = AlarmCalibration(
         SCORE_NAME, tuple(layers), grids, None, images.count, head_layer=head,
         head_means=head_means, head_precision=head_precision,
@@ -238,6 +241,7 @@ def _profile_grids(
     levels: torch.Tensor,
     progress: bool,
     *,
+    num_classes: int,
     batch_size: int,
     num_workers: int,
     device: torch.device,
@@ -271,16 +275,20 @@ def _profile_grids(
     )
     if not head:
         return grids, None, None
-    head_means, precision = fit_head(means[-1], np.concatenate(labels))
+    head_means, precision = fit_head(means[-1], np.concatenate(labels), num_classes)
     return grids, head_means, precision
 
 
-def fit_head(features: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_head(
+    features: np.ndarray, labels: np.ndarray, num_classes: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class means ``[K', C]`` of ``features [n, C]`` (the ``K'`` classes in ``labels``) and the
     pseudo-inverse ``[C, C]`` of their shared covariance ``sum_i (f_i - m_y_i)(f_i - m_y_i)^T / n``
-    (float64 arithmetic, float32 results)."""
+    (float64 arithmetic, float32 results). Warns about classes of ``range(num_classes)`` with
+    no image (left out of the distance's minimum) or fewer than :data:`THIN_CLASS` images."""
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
+    _warn_thin_classes(np.bincount(y, minlength=num_classes))
     classes = np.unique(y)
     means = np.stack([f[y == k].mean(axis=0) for k in classes])
     centred = f - means[np.searchsorted(classes, y)]
@@ -347,6 +355,30 @@ def _heldout_scores(
         raise ValueError("the held-out data is empty")
     scores = torch.cat(predicted)
     return scores, torch.cat(labelled), hits / scores.numel()
+
+
+def _warn_thin_classes(counts: np.ndarray) -> None:
+    """Log which classes the head's class means lack or rest on few images."""
+    missing = [int(k) for k in np.flatnonzero(counts == 0)]
+    thin = [int(k) for k in np.flatnonzero((counts > 0) & (counts < THIN_CLASS))]
+    if missing:
+        log.warning(
+            "calibrate: the head distance has no mean for class(es) %s (no reference image of "
+            "theirs in the even half); raise --reference-images / reference_images",
+            _shorten(missing),
+        )  # fmt: skip
+    if thin:
+        log.warning(
+            "calibrate: the head distance's mean of class(es) %s rests on fewer than %d images; "
+            "raise --reference-images / reference_images",
+            _shorten(thin), THIN_CLASS,
+        )  # fmt: skip
+
+
+def _shorten(items: list[int], shown: int = 10) -> str:
+    """The first ``shown`` items, and how many more."""
+    head = ", ".join(str(i) for i in items[:shown])
+    return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 # ---------------------------------------------------------------- across ranks (JSON)

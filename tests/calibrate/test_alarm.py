@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -72,6 +73,22 @@ def test_the_head_fit_is_pytorch_oods_mahalanobis():
     got = head_distance(q, means, precision)
     want = 2 * 600 * oracle.predict_features(q).double()
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_thin_or_missing_classes_behind_the_head_are_named(caplog):
+    f = np.random.default_rng(0).normal(size=(40, 4))
+    y = np.array([0] * 30 + [1] * 8 + [3] * 2)
+    with caplog.at_level(logging.WARNING, logger="calibrate.alarm"):
+        means, _ = fit_head(f, y, num_classes=5)
+    assert means.shape == (3, 4)  # classes 0, 1 and 3
+    assert "no mean for class(es) 2, 4 " in caplog.text
+    assert "class(es) 1, 3 rests on fewer than 10 images" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="calibrate.alarm"):
+        fit_head(f[:30], y[:30], num_classes=1)
+        assert caplog.text == ""
+        fit_head(f[:30], y[:30], num_classes=25)
+    assert "class(es) 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 14 more" in caplog.text
 
 
 def test_the_head_statistics_come_from_the_even_half_with_labels(alarmed):
