@@ -63,20 +63,41 @@ def stage_energy(percentile: torch.Tensor) -> torch.Tensor:
     return normal_scores(percentile).square().mean(dim=1)
 
 
+@dataclass(frozen=True, eq=False)
+class HeadDistance:
+    """``min_k (f - m_k)^T P (f - m_k)`` for class means ``m_k`` and a symmetric precision
+    ``P``, with the parts that depend only on them computed once (:meth:`of`), so a batch costs
+    ``[B, C] x [C, C]`` and ``[B, C] x [C, K]`` products and no ``[B, K, C]`` intermediate. The
+    form is expanded around the means' centre, which keeps float32's cancellation small."""
+
+    centre: torch.Tensor  # [C] the class means' mean
+    centred_means: torch.Tensor  # [K, C] class means minus the centre
+    precision: torch.Tensor  # [C, C]
+    means_quad: torch.Tensor  # [K] m_k^T P m_k of the centred means
+
+    @classmethod
+    def of(cls, class_means: torch.Tensor, precision: torch.Tensor) -> HeadDistance:
+        """The distance to ``class_means [K, C]`` under ``precision [C, C]``."""
+        centre = class_means.mean(dim=0)
+        centred = class_means - centre
+        quad = ((centred @ precision) * centred).sum(dim=1)
+        return cls(centre, centred, precision, quad)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """The distance of ``features [B, C]`` to the nearest class mean: ``[B]`` float32."""
+        f = features.float() - self.centre
+        fp = f @ self.precision
+        quad = (fp * f).sum(dim=1, keepdim=True) - 2.0 * fp @ self.centred_means.T
+        quad = quad + self.means_quad[None, :]
+        return quad.min(dim=1).values.clamp(min=0.0)
+
+
 def head_distance(
     features: torch.Tensor, class_means: torch.Tensor, precision: torch.Tensor
 ) -> torch.Tensor:
     """``min_k (f - m_k)^T P (f - m_k)`` of ``features [B, C]`` against ``class_means [K, C]``
-    with ``precision [C, C]`` (symmetric): ``[B]`` float32, computed without a ``[B, K, C]``
-    intermediate (expanded around the means' centre, which keeps float32's cancellation small)."""
-    centre = class_means.mean(dim=0)
-    f = features.float() - centre
-    class_means = class_means - centre
-    fp = f @ precision
-    mp = class_means @ precision
-    quad = (fp * f).sum(dim=1, keepdim=True) - 2.0 * fp @ class_means.T
-    quad = quad + (mp * class_means).sum(dim=1)[None, :]
-    return quad.min(dim=1).values.clamp(min=0.0)
+    with ``precision [C, C]`` (symmetric): ``[B]`` float32 (see :class:`HeadDistance`)."""
+    return HeadDistance.of(class_means, precision)(features)
 
 
 def components(

@@ -32,11 +32,11 @@ from kernels import LookupTable, grad_amap, percentile_lookup, percentile_rank, 
 from monitor.advice import advise
 from monitor.atypicality import (
     ALPHA_COMPONENT,
+    HeadDistance,
     ScoreReference,
     components,
     expectation_mass,
     fisher,
-    head_distance,
 )
 from monitor.conformal import ConformalNull, check_alarm_rate
 from monitor.cuda_graphs import StepGraphs
@@ -48,6 +48,7 @@ from monitor.probe.hooks import get_module
 from monitor.probe.profiles import ProfileTap
 from monitor.report import MonitorReport
 from monitor.table import CalibrationTable
+from monitor.table_alarm import AlarmCalibration
 
 
 class TableMismatchError(ValueError):
@@ -131,8 +132,7 @@ class _AlarmTables:
 
     levels: torch.Tensor  # [Q] float32
     profile_grids: tuple[torch.Tensor, ...]  # per profile layer [C, Q] float32
-    head_means: torch.Tensor | None  # [K', C] float32 class means at the head layer
-    head_precision: torch.Tensor | None  # [C, C] float32 their shared precision
+    head: HeadDistance | None  # the head layer's distance to the class means
     reference: ScoreReference | None
     null_predicted: ConformalNull | None
     null_labelled: ConformalNull | None
@@ -497,8 +497,8 @@ class Judge:
             for m, grid in zip(means[: len(alarm.profile_grids)], alarm.profile_grids, strict=True)
         ]
         head = None
-        if alarm.head_means is not None and alarm.head_precision is not None:
-            head = head_distance(means[-1], alarm.head_means, alarm.head_precision)
+        if alarm.head is not None:
+            head = alarm.head(means[-1])
         parts = components(alpha_percentile, stages, head)
         if alarm.reference is None:
             return _alarm_fields(nan, nan, no, parts, torch.full_like(parts, float("nan")))
@@ -547,8 +547,7 @@ class Judge:
                 self._alarm_tables[device] = _AlarmTables(
                     levels=self.table.levels.to(device, torch.float32),
                     profile_grids=tuple(g.to(device, torch.float32) for g in a.profile_quantiles),
-                    head_means=_tensor_on(a.head_means, device),
-                    head_precision=_tensor_on(a.head_precision, device),
+                    head=_head_on(a, device),
                     reference=None if a.reference is None else a.reference.to(device),
                     null_predicted=_on(a.null_predicted, device),
                     null_labelled=_on(a.null_labelled, device),
@@ -580,9 +579,13 @@ def _alarm_fields(
             "component_ranks": ranks}  # fmt: skip
 
 
-def _tensor_on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """``t`` as float32 on ``device`` (``None`` stays ``None``)."""
-    return None if t is None else t.to(device, torch.float32)
+def _head_on(alarm: AlarmCalibration, device: torch.device) -> HeadDistance | None:
+    """The alarm part's head distance on ``device`` (``None`` without a head)."""
+    if alarm.head_means is None or alarm.head_precision is None:
+        return None
+    return HeadDistance.of(
+        alarm.head_means.to(device, torch.float32), alarm.head_precision.to(device, torch.float32)
+    )
 
 
 def _on(null: ConformalNull | None, device: torch.device) -> ConformalNull | None:
