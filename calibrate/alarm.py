@@ -365,18 +365,18 @@ def _warn_thin_classes(counts: np.ndarray) -> None:
         log.warning(
             "calibrate: the head distance has no mean for class(es) %s (no reference image of "
             "theirs in the even half); raise --reference-images / reference_images",
-            _shorten(missing),
+            shortened(missing),
         )  # fmt: skip
     if thin:
         log.warning(
             "calibrate: the head distance's mean of class(es) %s rests on fewer than %d images; "
             "raise --reference-images / reference_images",
-            _shorten(thin), THIN_CLASS,
+            shortened(thin), THIN_CLASS,
         )  # fmt: skip
 
 
-def _shorten(items: list[int], shown: int = 10) -> str:
-    """The first ``shown`` items, and how many more."""
+def shortened(items: Sequence[object], shown: int = 10) -> str:
+    """The first ``shown`` items joined by commas, and how many more (for log messages)."""
     head = ", ".join(str(i) for i in items[:shown])
     return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from calibrate import checkpoint as ckpt
 from calibrate import distributed
 from calibrate.accumulators import Accumulator, make_accumulator
-from calibrate.alarm import DEFAULT_REFERENCE_IMAGES, alarm_calibration
+from calibrate.alarm import DEFAULT_REFERENCE_IMAGES, alarm_calibration, shortened
 from calibrate.alpha import BatchAlpha, RunMeta
 from calibrate.distributed import DistInfo
 from calibrate.plan import Batch, BatchPlan, on_device, plan_for, stream, stream_length
@@ -442,13 +442,10 @@ def _table(
     )
     missing = [names[c] for c in range(k) if int(table.counts[c]) == 0]
     if missing:
-        shown = ", ".join(missing[:10]) + (
-            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        )
         log.warning(
             "calibrate: no images for %d classes (%s); they will not be flagged",
             len(missing),
-            shown,
+            shortened(missing),
         )
     return table
 

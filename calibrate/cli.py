@@ -31,6 +31,7 @@ from calibrate.sketch import LogGrid
 from monitor.advice import cli_message
 from monitor.loading.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from monitor.loading.model_args import HelpFormatter, add_model_arguments, model_from_args
+from monitor.probe.hooks import get_module
 from monitor.probe.scores import SCORES
 from monitor.table import CalibrationTable, images_needed
 
@@ -291,9 +292,10 @@ def _head_layer(value: str, model: Any) -> str:
     value = value.strip()
     if value in ("auto", "none"):
         return value
-    names = [n for n, _ in model.named_modules() if n] if hasattr(model, "named_modules") else []
-    if value not in names:
-        raise ValueError(f"--head-layer {value!r}: the model has no module of that name")
+    try:
+        get_module(model, value)
+    except ValueError:
+        raise ValueError(f"--head-layer {value!r}: the model has no module of that name") from None
     return value
 
 
