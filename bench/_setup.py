@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch.utils.data import TensorDataset
 
-from calibrate import CalibrationTable, calibrate
+from surprise_monitor.calibrate import CalibrationTable, calibrate
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -62,7 +62,7 @@ def peer_runner(mode: str, name: str, model: torch.nn.Module):
 
     ``gradcam`` leaves hooks on ``model`` that record every later forward: give it its own copy.
     """
-    from monitor.probe import get_module
+    from surprise_monitor.monitor.probe import get_module
 
     if mode not in PEER_MODES:
         raise ValueError(f"mode must be one of {PEER_MODES}, got {mode!r}")
@@ -75,7 +75,7 @@ def peer_runner(mode: str, name: str, model: torch.nn.Module):
         return plain
     path = table_for(name, model)
     if mode == "monitor":
-        from monitor import SurpriseMonitor
+        from surprise_monitor.monitor import SurpriseMonitor
 
         return SurpriseMonitor(model, path).inspect
     layer = get_module(model, CalibrationTable.load(path, exemplars=False).layer)

@@ -1,7 +1,7 @@
 """How many misclassified CIFAR-10 test images does "suppressing surprise" fix? (paper, Sec. 4.5)
 
-Pipeline: a model and its calibration table on training images, then for the first
-``--images`` misclassified test images (the file is in random order) :func:`monitor.explain.fix`
+Pipeline: a model and its calibration table on training images, then for the first ``--images``
+misclassified test images (the file is in random order) :func:`surprise_monitor.monitor.explain.fix`
 with
 
 - ``surprise``: superpixels ranked by the gradient through the most surprising filter relative
@@ -54,9 +54,9 @@ from bench.cifar import (  # noqa: E402
 )
 from bench.strong_models import STRONG_MODELS, load_strong  # noqa: E402
 from bench.strong_tables import strong_table  # noqa: E402
-from calibrate import CalibrationTable, calibrate, model_fingerprint  # noqa: E402
-from monitor import SurpriseMonitor  # noqa: E402
-from monitor.explain import DEFAULT_N_SEGMENTS, DEFAULT_REMOVE, METHODS, fix  # noqa: E402
+from surprise_monitor.calibrate import CalibrationTable, calibrate, model_fingerprint  # noqa: E402
+from surprise_monitor.monitor import SurpriseMonitor  # noqa: E402
+from surprise_monitor.monitor.explain import DEFAULT_N_SEGMENTS, DEFAULT_REMOVE, METHODS, fix  # noqa: E402
 
 
 def table_for(

@@ -32,7 +32,7 @@ from torch.utils.data import TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._serve_process import start_service, stop_process  # noqa: E402
-from calibrate import calibrate  # noqa: E402
+from surprise_monitor.calibrate import calibrate  # noqa: E402
 
 
 def prepare(folder: Path, name: str, size: int, classes: int) -> list[str]:

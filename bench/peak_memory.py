@@ -55,7 +55,7 @@ def main() -> None:
             with torch.inference_mode():
                 return model(inputs)
     elif mode == "monitor":
-        from monitor import SurpriseMonitor
+        from surprise_monitor.monitor import SurpriseMonitor
 
         run = SurpriseMonitor(model, table_for(name, model, check=False)).inspect
     elif mode in ("captum", "gradcam"):

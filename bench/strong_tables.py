@@ -1,5 +1,5 @@
-"""Calibration tables of the two strong CIFAR-10 models (:mod:`bench.strong_models`), built
-through the library (:func:`calibrate.calibrate`) and cached outside the repository.
+"""Calibration tables of the two strong CIFAR-10 models (:mod:`bench.strong_models`), built through
+the library (:func:`surprise_monitor.calibrate.calibrate`) and cached outside the repository.
 
 Splits:
 
@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 
 from bench.cifar import cache_dir, data_source, load_cifar10, to_tensor
 from bench.strong_models import HELDOUT, STRONG_MODELS, load_strong
-from calibrate import CalibrationTable, calibrate, model_fingerprint
+from surprise_monitor.calibrate import CalibrationTable, calibrate, model_fingerprint
 
 #: Split -> (CIFAR-10 file, first index, stop index, labels: "true" or "pred").
 SPLITS: dict[str, tuple[str, int, int, str]] = {

@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
-from calibrate import calibrate
+from surprise_monitor.calibrate import calibrate
 
 IMAGES, SIZE, BATCH, PAIRS = 64, 96, 32, 3
 VARIANTS = {"calibrate": {}, "no_grad_prefix": {"inference_mode": False}, "amp": {"amp": True}}

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import grad_amap, percentile_lookup, prepare_lookup_table
-from kernels.lookup_torch import percentile_lookup_torch
+from surprise_monitor.kernels import grad_amap, percentile_lookup, prepare_lookup_table
+from surprise_monitor.kernels.lookup_torch import percentile_lookup_torch
 
 AMAP_SHAPES = [(b, n, hw) for b in (8, 32) for n in (512, 2048) for hw in (49, 196)]
 LOOKUP_SHAPES = [(b, n) for b in (8, 32) for n in (512, 2048)]

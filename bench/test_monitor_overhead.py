@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bench._setup import batch, build_model, table_for
-from monitor import GradAMapProbe, SurpriseMonitor
+from surprise_monitor.monitor import GradAMapProbe, SurpriseMonitor
 
 MODELS = ["resnet50", "vgg16"]
 ROUNDS = 5

@@ -20,7 +20,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from bench._setup import batch, build_model, table_for
-from monitor import SurpriseMonitor
+from surprise_monitor.monitor import SurpriseMonitor
 
 NAME = "resnet18"
 ROUNDS = 30

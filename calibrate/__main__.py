@@ -1,7 +1,7 @@
-"""``python -m calibrate`` runs the ``surprise-calibrate`` command line."""
+"""``python -m surprise_monitor.calibrate`` runs the ``surprise-calibrate`` command line."""
 
 import sys
 
-from calibrate.cli import main
+from surprise_monitor.calibrate.cli import main
 
 sys.exit(main())

@@ -1,10 +1,12 @@
 """Where a calibration run puts each batch's alpha, behind one protocol.
 
 - :class:`SpillAccumulator` (exact mode): rows spilled to per-class files
-  (:mod:`calibrate.spill`), merged across ranks (:func:`calibrate.distributed.class_sources`)
-  and turned into exact statistics class by class (:mod:`calibrate.statistics`).
+  (:mod:`surprise_monitor.calibrate.spill`), merged across ranks
+  (:func:`surprise_monitor.calibrate.distributed.class_sources`) and turned into exact statistics
+  class by class (:mod:`surprise_monitor.calibrate.statistics`).
 - :class:`SketchAccumulator` (``approximate``): fixed-grid histograms in memory
-  (:mod:`calibrate.sketch`), summed across ranks, percentiles within the grid's accuracy.
+  (:mod:`surprise_monitor.calibrate.sketch`), summed across ranks, percentiles within the grid's
+  accuracy.
 
 The builder and the checkpoints only speak :class:`Accumulator`; the choice between the two is
 made once, by :func:`make_accumulator`.
@@ -21,12 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from calibrate import distributed
-from calibrate.alpha import RunMeta
-from calibrate.distributed import Comm
-from calibrate.sketch import HistogramSketch, LogGrid
-from calibrate.spill import AlphaSpill
-from calibrate.statistics import ClassStatistics, class_statistics
+from surprise_monitor.calibrate import distributed
+from surprise_monitor.calibrate.alpha import RunMeta
+from surprise_monitor.calibrate.distributed import Comm
+from surprise_monitor.calibrate.sketch import HistogramSketch, LogGrid
+from surprise_monitor.calibrate.spill import AlphaSpill
+from surprise_monitor.calibrate.statistics import ClassStatistics, class_statistics
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +97,13 @@ class SpillAccumulator:
         top_k: exemplars kept per (class, filter).
         root: the folder all ranks' shards live under (``None``: a private temporary one), for
             the distributed merge through a shared folder.
-        merge: ``"auto"`` or ``"send"`` (see :func:`calibrate.distributed.class_sources`).
+        merge: ``"auto"`` or ``"send"`` (see
+        :func:`surprise_monitor.calibrate.distributed.class_sources`).
         budget: working memory of the per-class statistics, in bytes.
         progress: show a progress bar over the classes.
         device: where the percentiles and exemplars are computed (torch; a GPU when
             calibrating on one), ``None`` for numpy (see
-            :func:`calibrate.statistics.class_statistics`).
+            :func:`surprise_monitor.calibrate.statistics.class_statistics`).
     """
 
     mode = "exact"
@@ -183,7 +186,8 @@ class SpillAccumulator:
 
 
 class SketchAccumulator:
-    """Approximate mode: a :class:`~calibrate.sketch.HistogramSketch` in memory; checkpoints
+    """Approximate mode: a :class:`~surprise_monitor.calibrate.sketch.HistogramSketch` in memory;
+    checkpoints
     save it as ``sketch-<batches done>.safetensors`` in ``work``."""
 
     mode = "approximate"

@@ -1,15 +1,16 @@
 """The alarm's calibration, after the alpha table: profile grids, score reference, conformal nulls.
 
-Three passes, each small next to the training pass (see :mod:`monitor.atypicality` for the
-score and :mod:`monitor.conformal` for the p-values):
+Three passes, each small next to the training pass (see :mod:`surprise_monitor.monitor.atypicality`
+for the score and :mod:`surprise_monitor.monitor.conformal` for the p-values):
 
 1. *Profile grids and head statistics*: the channel means of the activation-profile layers
-   (:func:`monitor.probe.profiles.stage_layers` unless named) over the even positions of an
-   evenly spaced subset of the training images (``reference_images`` of them at most), turned
-   into percentile grids at the table's levels (``numpy.percentile``, linear), any class; and
-   the channel means of the head layer (:func:`monitor.probe.profiles.head_layer` unless named)
-   of the same images, turned into class means and the pseudo-inverse of their shared
-   covariance (float64, with the images' true labels).
+   (:func:`surprise_monitor.monitor.probe.profiles.stage_layers` unless named) over the even
+   positions of an evenly spaced subset of the training images (``reference_images`` of them at
+   most), turned into percentile grids at the table's levels (``numpy.percentile``, linear), any
+   class; and the channel means of the head layer
+   (:func:`surprise_monitor.monitor.probe.profiles.head_layer` unless named) of the same images,
+   turned into class means and the pseudo-inverse of their shared covariance (float64, with the
+   images' true labels).
 2. *Score reference*: the judge's components for the odd positions of that subset, judged
    against their true labels, as the table was made: they weight the components in the score.
    (Two halves, so no image is ranked against a grid it helped make.)
@@ -32,15 +33,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
-from calibrate.distributed import Comm
-from calibrate.plan import split_batch, stream, stream_length
-from monitor.atypicality import SCORE_NAME, ScoreReference
-from monitor.judge import Judge
-from monitor.probe.hooks import get_module
-from monitor.probe.profiles import DEFAULT_STAGES, ProfileTap, stage_layers
-from monitor.probe.profiles import head_layer as head_layer_of
-from monitor.table import CalibrationTable
-from monitor.table_alarm import AlarmCalibration
+from surprise_monitor.calibrate.distributed import Comm
+from surprise_monitor.calibrate.plan import split_batch, stream, stream_length
+from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference
+from surprise_monitor.monitor.judge import Judge
+from surprise_monitor.monitor.probe.hooks import get_module
+from surprise_monitor.monitor.probe.profiles import DEFAULT_STAGES, ProfileTap, stage_layers
+from surprise_monitor.monitor.probe.profiles import head_layer as head_layer_of
+from surprise_monitor.monitor.table import CalibrationTable
+from surprise_monitor.monitor.table_alarm import AlarmCalibration
 
 log = logging.getLogger(__name__)
 

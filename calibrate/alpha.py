@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibrate.checkpoint import CheckpointError
-from calibrate.inference_probe import InferenceModeProbe, InferenceModeUnsupported
-from calibrate.writer import PendingBatch
-from kernels import grad_amap
-from monitor.probe import GradAMapProbe, ProbeResult, resolve_layer
-from monitor.probe.grad_amap_probe import ModelRaised
+from surprise_monitor.calibrate.checkpoint import CheckpointError
+from surprise_monitor.calibrate.inference_probe import InferenceModeProbe, InferenceModeUnsupported
+from surprise_monitor.calibrate.writer import PendingBatch
+from surprise_monitor.kernels import grad_amap
+from surprise_monitor.monitor.probe import GradAMapProbe, ProbeResult, resolve_layer
+from surprise_monitor.monitor.probe.grad_amap_probe import ModelRaised
 
 log = logging.getLogger(__name__)
 

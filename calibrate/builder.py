@@ -1,10 +1,11 @@
 """``calibrate()``: run a model over its training data and build the :class:`CalibrationTable`.
 
-One process or many (``torchrun``; see :mod:`calibrate.distributed`), resumable from a
-checkpoint (:mod:`calibrate.checkpoint`), exact (alpha spilled to disk) or approximate
-(fixed-grid histograms): see :mod:`calibrate.accumulators`. The steps: plan the batches
-(:mod:`calibrate.plan`), compute each batch's alpha (:mod:`calibrate.alpha`), accumulate it,
-then turn every rank's rows into per-class statistics and the table.
+One process or many (``torchrun``; see :mod:`surprise_monitor.calibrate.distributed`), resumable
+from a checkpoint (:mod:`surprise_monitor.calibrate.checkpoint`), exact (alpha spilled to disk) or
+approximate (fixed-grid histograms): see :mod:`surprise_monitor.calibrate.accumulators`. The steps:
+plan the batches (:mod:`surprise_monitor.calibrate.plan`), compute each batch's alpha
+(:mod:`surprise_monitor.calibrate.alpha`), accumulate it, then turn every rank's rows into per-class
+statistics and the table.
 """
 
 from __future__ import annotations
@@ -23,22 +24,29 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from calibrate import checkpoint as ckpt
-from calibrate import distributed
-from calibrate.accumulators import Accumulator, make_accumulator
-from calibrate.alarm import DEFAULT_REFERENCE_IMAGES, alarm_calibration, shortened
-from calibrate.alpha import BatchAlpha, RunMeta
-from calibrate.distributed import DistInfo
-from calibrate.plan import Batch, BatchPlan, on_device, plan_for, stream, stream_length
-from calibrate.sketch import LogGrid
-from calibrate.statistics import ClassStatistics
-from calibrate.writer import BatchWriter, PendingBatch
-from kernels._backend import resolve_backend
-from monitor.fingerprint import layer_fingerprint, model_fingerprint
-from monitor.loading.models import model_device
-from monitor.probe.hooks import get_module
-from monitor.probe.scores import check_score
-from monitor.table import (
+from surprise_monitor.calibrate import checkpoint as ckpt
+from surprise_monitor.calibrate import distributed
+from surprise_monitor.calibrate.accumulators import Accumulator, make_accumulator
+from surprise_monitor.calibrate.alarm import DEFAULT_REFERENCE_IMAGES, alarm_calibration, shortened
+from surprise_monitor.calibrate.alpha import BatchAlpha, RunMeta
+from surprise_monitor.calibrate.distributed import DistInfo
+from surprise_monitor.calibrate.plan import (
+    Batch,
+    BatchPlan,
+    on_device,
+    plan_for,
+    stream,
+    stream_length,
+)
+from surprise_monitor.calibrate.sketch import LogGrid
+from surprise_monitor.calibrate.statistics import ClassStatistics
+from surprise_monitor.calibrate.writer import BatchWriter, PendingBatch
+from surprise_monitor.kernels._backend import resolve_backend
+from surprise_monitor.monitor.fingerprint import layer_fingerprint, model_fingerprint
+from surprise_monitor.monitor.loading.models import model_device
+from surprise_monitor.monitor.probe.hooks import get_module
+from surprise_monitor.monitor.probe.scores import check_score
+from surprise_monitor.monitor.table import (
     DEFAULT_BETA_LEVELS,
     DEFAULT_LEVELS,
     CalibrationTable,
@@ -86,11 +94,11 @@ def calibrate(
         model: the CNN, in eval mode (it is not modified).
         data: a DataLoader (or a Dataset, wrapped with ``batch_size``) yielding
             ``(images, labels)`` in index order, or ``(images, labels, indices)``.
-        heldout: images of the same classes the network did not train on (a validation
-            split), with labels: the alarm's conformal null (:mod:`calibrate.alarm`). Without
-            it the table has the score but no null, and the monitor raises no alarms.
+        heldout: images of the same classes the network did not train on (a validation split), with
+            labels: the alarm's conformal null (:mod:`surprise_monitor.calibrate.alarm`). Without it
+            the table has the score but no null, and the monitor raises no alarms.
         layer: target module name; ``None`` picks the final convolution (see
-            :func:`monitor.probe.resolve_layer`; the reason is logged and kept in the table).
+            :func:`~surprise_monitor.monitor.probe.resolve_layer`; the reason is kept).
         score: the class score differentiated: ``"logit"``, ``"softmax"`` or ``"log_softmax"``.
         levels: percent levels of the alpha grid (the required tail levels are always added).
         top_k: exemplar images kept per (class, filter).
@@ -98,13 +106,13 @@ def calibrate(
             folder removed at the end.
         memory_budget_bytes: working memory for the per-class statistics.
         data_source: where the images came from (kept in the table for explanations).
-        checkpoint_dir: make the run resumable: alpha is spilled there and progress is
-            committed every ``checkpoint_every`` batches (see :mod:`calibrate.checkpoint`);
+        checkpoint_dir: make the run resumable: alpha is spilled there and progress is committed
+            every ``checkpoint_every`` batches (see :mod:`surprise_monitor.calibrate.checkpoint`);
             ``resume`` continues it (refused if it was made with other settings or data).
         amp: run the model under autocast (float16 on CUDA, bfloat16 on CPU); alpha is still
             accumulated in float32.
-        approximate: ``True`` or a :class:`~calibrate.sketch.LogGrid`: fixed-grid histograms
-            instead of spilled rows (see :mod:`calibrate.sketch`).
+        approximate: ``True`` or a :class:`~surprise_monitor.calibrate.sketch.LogGrid`:
+            fixed-grid histograms instead of spilled rows (:mod:`.sketch`).
         inference_mode: run the layers before the target layer in ``torch.inference_mode``.
         merge: how ranks combine their data, ``"auto"`` or ``"send"`` (:mod:`.distributed`).
         alarm: also calibrate the alarm (profile grids, score reference, null of ``heldout``).
@@ -132,7 +140,7 @@ def calibrate(
 
 @dataclass(frozen=True)
 class _Settings:
-    """:func:`calibrate`'s arguments but the data."""
+    """:func:`surprise_monitor.calibrate`'s arguments but the data."""
 
     model: nn.Module
     heldout: Any
@@ -203,9 +211,10 @@ def _alpha_table(model: nn.Module, data: DataLoader | Dataset, s: _Settings) -> 
 
 
 def statistics_device(dev: torch.device) -> torch.device | None:
-    """Where the exact percentiles and exemplars are computed: torch on a GPU calibration
-    device (same values as numpy's, see :func:`calibrate.statistics.sorted_block_statistics`),
-    else numpy (``None``)."""
+    """Where the exact percentiles and exemplars are computed: torch on a GPU calibration device
+    (same values as numpy's, see
+    :func:`surprise_monitor.calibrate.statistics.sorted_block_statistics`), else numpy
+    (``None``)."""
     return dev if dev.type == "cuda" else None
 
 
@@ -315,7 +324,8 @@ class _RankPass:
     ) -> None:
         """Compute and accumulate the alpha of the ``total`` images in ``batches``; commit
         every ``every`` batches and at the end. Each batch's alpha goes to the accumulator on a
-        writer thread (:mod:`calibrate.writer`) while the next batch is computed."""
+        writer thread (:mod:`surprise_monitor.calibrate.writer`) while the next batch is
+        computed."""
         bar = tqdm(
             total=total, unit="img", unit_scale=True, desc="calibrate",
             disable=not progress or self.info.rank != 0,

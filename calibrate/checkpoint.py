@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.distributed import DistInfo
-from monitor.files import atomic_write_bytes
+from surprise_monitor.calibrate.distributed import DistInfo
+from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SurpriseMonitorError, ValueError):
     """A checkpoint cannot be used: made with other settings or data, or damaged."""
 
 

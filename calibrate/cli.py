@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from calibrate.alarm import DEFAULT_REFERENCE_IMAGES
-from calibrate.builder import calibrate
-from calibrate.distributed import DistInfo, init_from_env
-from calibrate.preflight import (
+from surprise_monitor.calibrate.alarm import DEFAULT_REFERENCE_IMAGES
+from surprise_monitor.calibrate.builder import calibrate
+from surprise_monitor.calibrate.distributed import DistInfo, init_from_env
+from surprise_monitor.calibrate.preflight import (
     accuracy_check,
     accuracy_warning,
     check_channels,
@@ -27,13 +27,17 @@ from calibrate.preflight import (
     image_folder,
     read_class_order,
 )
-from calibrate.sketch import LogGrid
-from monitor.advice import cli_message
-from monitor.loading.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from monitor.loading.model_args import HelpFormatter, add_model_arguments, model_from_args
-from monitor.probe.hooks import get_module
-from monitor.probe.scores import SCORES
-from monitor.table import CalibrationTable, images_needed
+from surprise_monitor.calibrate.sketch import LogGrid
+from surprise_monitor.monitor.advice import cli_message
+from surprise_monitor.monitor.loading.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from surprise_monitor.monitor.loading.model_args import (
+    HelpFormatter,
+    add_model_arguments,
+    model_from_args,
+)
+from surprise_monitor.monitor.probe.hooks import get_module
+from surprise_monitor.monitor.probe.scores import SCORES
+from surprise_monitor.monitor.table import CalibrationTable, images_needed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -193,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not args.quiet:
-        logging.getLogger("calibrate").setLevel(logging.INFO)
+        logging.getLogger("surprise_monitor.calibrate").setLevel(logging.INFO)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _main(args)

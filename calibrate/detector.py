@@ -6,9 +6,10 @@
     det.predict(x)   # [B] bool: p_value <= alarm_rate (at most that share of normal inputs)
     det.save("table.safetensors"); SurpriseDetector.load(model, "table.safetensors")
 
-Thin over :func:`calibrate.calibrate` (``fit``) and :class:`monitor.SurpriseMonitor` (the rest);
-``det.report(x)`` gives the whole :class:`monitor.MonitorReport` (the per-filter flags that
-explain an alarm). ``det(x)`` is ``det.score(x)``, as pytorch-ood's detectors are called.
+Thin over :func:`surprise_monitor.calibrate.calibrate` (``fit``) and
+:class:`surprise_monitor.monitor.SurpriseMonitor` (the rest); ``det.report(x)`` gives the whole
+:class:`surprise_monitor.monitor.MonitorReport` (the per-filter flags that explain an alarm).
+``det(x)`` is ``det.score(x)``, as pytorch-ood's detectors are called.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from calibrate.builder import calibrate
-from monitor import MonitorReport, SurpriseMonitor
-from monitor.conformal import check_alarm_rate
-from monitor.table import CalibrationTable
+from surprise_monitor.calibrate.builder import calibrate
+from surprise_monitor.monitor import MonitorReport, SurpriseMonitor
+from surprise_monitor.monitor.conformal import check_alarm_rate
+from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.table import CalibrationTable
 
 
-class NotFittedError(RuntimeError):
+class NotFittedError(SurpriseMonitorError, RuntimeError):
     """The detector has no calibration table yet: call :meth:`SurpriseDetector.fit`."""
 
 
@@ -36,9 +38,10 @@ class SurpriseDetector:
     Args:
         model: the CNN, in eval mode.
         alarm_rate: the nominal false-alarm rate of :meth:`predict`.
-        monitor_kwargs: passed to :class:`~monitor.SurpriseMonitor` (e.g. ``backend``).
-        calibrate_kwargs: passed to :func:`~calibrate.calibrate` by :meth:`fit` (e.g.
-            ``batch_size``, ``device``, ``layer``, ``profile_layers``, ``head_layer``).
+        monitor_kwargs: passed to :class:`~surprise_monitor.monitor.SurpriseMonitor` (e.g.
+            ``backend``).
+        calibrate_kwargs: passed to :func:`~surprise_monitor.calibrate.calibrate` by :meth:`fit`
+            (e.g. ``batch_size``, ``device``, ``layer``, ``profile_layers``, ``head_layer``).
     """
 
     def __init__(

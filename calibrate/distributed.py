@@ -16,7 +16,7 @@ rank sent what. Each owner then broadcasts its classes' statistics, so every ran
 same table.
 
 Approximate mode: the ranks' sketches are summed class by class with ``all_reduce``
-(:meth:`calibrate.sketch.HistogramSketch.reduce`).
+(:meth:`surprise_monitor.calibrate.sketch.HistogramSketch.reduce`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from calibrate.spill import AlphaSpill
-from calibrate.statistics import ClassStatistics, ConcatRows, FileRows, RowSource
+from surprise_monitor.calibrate.spill import AlphaSpill
+from surprise_monitor.calibrate.statistics import ClassStatistics, ConcatRows, FileRows, RowSource
 
 
 @dataclass(frozen=True)

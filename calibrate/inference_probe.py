@@ -1,4 +1,5 @@
-"""A :class:`~monitor.probe.GradAMapProbe` that runs the prefix in ``torch.inference_mode``.
+"""A :class:`~surprise_monitor.monitor.probe.GradAMapProbe` that runs the prefix in
+``torch.inference_mode``.
 
 ``inference_mode`` skips the version-counter and view bookkeeping that ``no_grad`` still does,
 so the layers before the target layer run a little cheaper. A pre-hook on the model enters
@@ -20,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor.probe import GradAMapProbe, ProbeResult
-from monitor.probe.grad_amap_probe import ModelRaised
-from monitor.probe.hooks import CopySafeHook
+from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.probe import GradAMapProbe, ProbeResult
+from surprise_monitor.monitor.probe.grad_amap_probe import ModelRaised
+from surprise_monitor.monitor.probe.hooks import CopySafeHook
 
 
-class InferenceModeUnsupported(RuntimeError):
+class InferenceModeUnsupported(SurpriseMonitorError, RuntimeError):
     """The model's head needs a tensor from before the target layer for its backward pass."""
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from calibrate.distributed import DistInfo
+from surprise_monitor.calibrate.distributed import DistInfo
 
 #: One batch: images ``[B, C, H, W]``, labels ``[B]``, dataset indices ``[B]`` (int64).
 Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray]

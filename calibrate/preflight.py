@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from monitor.loading.images import Preprocessing
+from surprise_monitor.monitor.loading.images import Preprocessing
 
 
 def check_out(out: str | Path) -> Path:

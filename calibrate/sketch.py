@@ -29,9 +29,9 @@ import numpy as np
 from safetensors.numpy import load_file
 from safetensors.numpy import save as safetensors_save
 
-from calibrate.distributed import Comm
-from calibrate.statistics import ClassStatistics
-from monitor.files import atomic_write_bytes
+from surprise_monitor.calibrate.distributed import Comm
+from surprise_monitor.calibrate.statistics import ClassStatistics
+from surprise_monitor.monitor.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrate.statistics import FileRows
+from surprise_monitor.calibrate.statistics import FileRows
 
 _CLASS_FILE = re.compile(r"class_(\d+)\.(alpha|index)")
 

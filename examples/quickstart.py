@@ -30,10 +30,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_model import DigitsCNN  # noqa: E402
 
-from calibrate import CalibrationTable  # noqa: E402
-from calibrate.cli import main as calibrate_cli  # noqa: E402
-from monitor import SurpriseMonitor  # noqa: E402
-from monitor.conformal import resampled_alarm_rate  # noqa: E402
+from surprise_monitor.calibrate import CalibrationTable  # noqa: E402
+from surprise_monitor.calibrate.cli import main as calibrate_cli  # noqa: E402
+from surprise_monitor.monitor import SurpriseMonitor  # noqa: E402
+from surprise_monitor.monitor.conformal import resampled_alarm_rate  # noqa: E402
 
 
 def load_digits_uint8(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -21,12 +21,12 @@ Endpoints:
   -H 'Content-Type: image/jpeg' 'http://127.0.0.1:8000/predict/image?surprise=true'``;
   ``?label=cat`` optional): the image gets the table's recorded preprocessing (resize, crop,
   mean, std, grayscale), and the answer is ``/predict``'s for one input.
-- ``GET /alarms/``: the operator's page of recent alarms (newest first: thumbnail, class,
-  score, p-value, the filters that explain each; filters by class and flag; a click opens the
-  explanation figure), ``GET /alarms/alarms.json`` the same as JSON (:mod:`monitor.web`).
-  ``--alarm-log N`` alarms are kept (0: no page), ``--alarm-audit FILE`` appends each to a
-  JSONL audit file rotated at ``--alarm-audit-max-mb``. A request's ``X-Request-ID`` header
-  (else a new id, returned as ``request_id``) is kept with its alarms.
+- ``GET /alarms/``: the operator's page of recent alarms (newest first: thumbnail, class, score,
+  p-value, the filters that explain each; filters by class and flag; a click opens the explanation
+  figure), ``GET /alarms/alarms.json`` the same as JSON (:mod:`surprise_monitor.monitor.web`).
+  ``--alarm-log N`` alarms are kept (0: no page), ``--alarm-audit FILE`` appends each to a JSONL
+  audit file rotated at ``--alarm-audit-max-mb``. A request's ``X-Request-ID`` header (else a new
+  id, returned as ``request_id``) is kept with its alarms.
 - ``GET /metrics``: Prometheus metrics (the monitor's, plus the process's).
 - ``GET /healthz``: ``{"status": "ok", "monitor": "sync" | "async" | "off"}``.
 
@@ -64,11 +64,11 @@ from starlette.responses import JSONResponse, Response
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calibrate import CalibrationTable  # noqa: E402
-from monitor import AlarmLog, MonitorReport, SurpriseMonitor  # noqa: E402
-from monitor.advice import cli_message  # noqa: E402
-from monitor.loading.images import Preprocessing  # noqa: E402
-from monitor.loading.model_args import (  # noqa: E402
+from surprise_monitor.calibrate import CalibrationTable  # noqa: E402
+from surprise_monitor.monitor import AlarmLog, MonitorReport, SurpriseMonitor  # noqa: E402
+from surprise_monitor.monitor.advice import cli_message  # noqa: E402
+from surprise_monitor.monitor.loading.images import Preprocessing  # noqa: E402
+from surprise_monitor.monitor.loading.model_args import (  # noqa: E402
     HelpFormatter,
     add_model_arguments,
     model_from_args,
@@ -171,7 +171,7 @@ def create_app(
     service = _Service(model, monitor, table, limits)
     _add_routes(app, service, registry)
     if monitor is not None and isinstance(monitor.alarm_log, AlarmLog):
-        from monitor.web.app import alarm_app
+        from surprise_monitor.monitor.web.app import alarm_app
 
         app.mount("/alarms", alarm_app(monitor.alarm_log, monitor))
     return app

@@ -9,11 +9,11 @@ CUDA tensors (``*_triton.py``, imported lazily, only when the Triton backend run
 ``grid.py`` holds the percentile-grid math both the ops and the table format use.
 """
 
-from kernels._types import LookupResult, LookupTable
-from kernels.amap import grad_amap
-from kernels.grid import check_percentile_grid, percentile_rank, quantile_at
-from kernels.lookup import percentile_lookup
-from kernels.table import prepare_lookup_table
+from surprise_monitor.kernels._types import LookupResult, LookupTable
+from surprise_monitor.kernels.amap import grad_amap
+from surprise_monitor.kernels.grid import check_percentile_grid, percentile_rank, quantile_at
+from surprise_monitor.kernels.lookup import percentile_lookup
+from surprise_monitor.kernels.table import prepare_lookup_table
 
 __all__ = [
     "LookupResult",

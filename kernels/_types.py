@@ -1,4 +1,4 @@
-"""The prepared table and the result of :func:`kernels.percentile_lookup`."""
+"""The prepared table and the result of :func:`surprise_monitor.kernels.percentile_lookup`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class Threshold:
     ``column`` is the grid level's index when ``pct`` is a grid level: the lookup then reads the
     threshold from the class's own grid row (exactly that column; nothing but the classes
     looked up is read). Otherwise ``values`` holds the ``[K, N]`` thresholds, interpolated once
-    between the two neighbouring columns (see :func:`kernels.quantile_at`).
+    between the two neighbouring columns (see :func:`surprise_monitor.kernels.quantile_at`).
     """
 
     pct: float
@@ -24,10 +24,10 @@ class Threshold:
 
 @dataclass(frozen=True, eq=False)
 class LookupTable:
-    """A calibration table prepared for :func:`kernels.percentile_lookup`.
+    """A calibration table prepared for :func:`surprise_monitor.kernels.percentile_lookup`.
 
-    Build it with :func:`kernels.prepare_lookup_table`; do not construct it by hand. All
-    tensors live on one device; only ``quantiles`` may be non-contiguous.
+    Build it with :func:`surprise_monitor.kernels.prepare_lookup_table`; do not construct it by
+    hand. All tensors live on one device; only ``quantiles`` may be non-contiguous.
 
     Attributes:
         levels: ``[Q]`` float32 percent levels, strictly increasing, ``0 .. 100``.
@@ -122,11 +122,11 @@ class LookupTable:
 
 @dataclass(frozen=True, eq=False)
 class LookupResult:
-    """Per-sample outputs of :func:`kernels.percentile_lookup`.
+    """Per-sample outputs of :func:`surprise_monitor.kernels.percentile_lookup`.
 
     Attributes:
         percentile: ``[B, N]`` float32 percentile rank of each alpha, in ``[0, 100]``
-            (mid-rank on ties, see :func:`kernels.percentile_rank`).
+            (mid-rank on ties, see :func:`surprise_monitor.kernels.percentile_rank`).
         surprise: ``[B, N]`` bool, alpha strictly above the class's surprise value (and the
             class calibrated).
         expectation: ``[B, N]`` bool, alpha strictly below the expectation value, the

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._backend import Backend, fmt_shape, resolve_backend
-from kernels.amap_torch import grad_amap_torch
+from surprise_monitor.kernels._backend import Backend, fmt_shape, resolve_backend
+from surprise_monitor.kernels.amap_torch import grad_amap_torch
 
 __all__ = ["grad_amap"]
 
@@ -62,6 +62,6 @@ def grad_amap(
     _validate(activation, gradient)
     if resolve_backend("grad_amap", backend, activation.device) == "torch":
         return grad_amap_torch(activation, gradient)
-    from kernels.amap_triton import grad_amap_triton
+    from surprise_monitor.kernels.amap_triton import grad_amap_triton
 
     return grad_amap_triton(activation, gradient)

@@ -20,7 +20,7 @@ def grad_amap_torch(activation: torch.Tensor, gradient: torch.Tensor) -> torch.T
     Inputs are ``[B, N, H, W]`` of any float dtype and layout; half-precision inputs are
     upcast to float32 before the product, so accumulation is float32. On CPU, inputs larger
     than ``_CHUNK_ELEMS`` are processed in batch chunks reusing one temporary buffer. No
-    validation is done here (see :func:`kernels.grad_amap`).
+    validation is done here (see :func:`surprise_monitor.kernels.grad_amap`).
     """
     b, n, h, w = activation.shape
     hw = h * w

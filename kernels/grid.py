@@ -3,7 +3,7 @@
 A grid is ``quantiles [..., Q]`` (non-decreasing along the last axis) at percent ``levels [Q]``
 (strictly increasing, from 0 to 100). The calibration table holds two of them (alpha per
 (class, filter), beta per class); :func:`check_percentile_grid` is the one statement of their
-invariants, used by :func:`kernels.prepare_lookup_table` and by the table format.
+invariants, used by :func:`surprise_monitor.kernels.prepare_lookup_table` and by the table format.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels._backend import fmt_shape
+from surprise_monitor.kernels._backend import fmt_shape
 
 __all__ = [
     "check_percentile_grid",

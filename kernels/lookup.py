@@ -6,17 +6,19 @@ from typing import Any
 
 import torch
 
-from kernels._backend import Backend, fmt_shape, resolve_backend
-from kernels._types import LookupResult, LookupTable
-from kernels.lookup_torch import percentile_lookup_torch
-from kernels.table import prepare_lookup_table
+from surprise_monitor.kernels._backend import Backend, fmt_shape, resolve_backend
+from surprise_monitor.kernels._types import LookupResult, LookupTable
+from surprise_monitor.kernels.defaults import (
+    DEFAULT_EXPECTATION_PCT,
+    DEFAULT_LOW_BETA_PCT,
+    DEFAULT_SURPRISE_PCT,
+)
+from surprise_monitor.kernels.lookup_torch import percentile_lookup_torch
+from surprise_monitor.kernels.table import prepare_lookup_table
 
 __all__ = ["percentile_lookup"]
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_DEFAULT_SURPRISE_PCT = 99.9
-_DEFAULT_EXPECTATION_PCT = 0.1
-_DEFAULT_LOW_BETA_PCT = 1.0
 
 
 def _resolve_table(
@@ -47,9 +49,9 @@ def _resolve_table(
         return table
     return prepare_lookup_table(
         table,
-        surprise_pct=_DEFAULT_SURPRISE_PCT if surprise_pct is None else surprise_pct,
-        expectation_pct=_DEFAULT_EXPECTATION_PCT if expectation_pct is None else expectation_pct,
-        low_beta_pct=_DEFAULT_LOW_BETA_PCT if low_beta_pct is None else low_beta_pct,
+        surprise_pct=DEFAULT_SURPRISE_PCT if surprise_pct is None else surprise_pct,
+        expectation_pct=DEFAULT_EXPECTATION_PCT if expectation_pct is None else expectation_pct,
+        low_beta_pct=DEFAULT_LOW_BETA_PCT if low_beta_pct is None else low_beta_pct,
         device=device,
     )
 
@@ -113,9 +115,10 @@ def percentile_lookup(
             any object with ``levels``, ``quantiles``, ``mean`` (prepared on alpha's device
             on every call; see :func:`prepare_lookup_table`).
         surprise_pct, expectation_pct, low_beta_pct: threshold levels. ``None`` means the
-            prepared table's own pcts, or 99.9 / 0.1 / 1 for a raw table. Passing a value
+            prepared table's own pcts, or :mod:`.defaults`' for a raw table. Passing a value
             that differs from a prepared table's raises ``ValueError`` (re-prepare instead).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`kernels.grad_amap`).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see
+        :func:`surprise_monitor.kernels.grad_amap`).
         check_values: check that class ids are in range and alpha is finite, which reads the
             tensors on the host (one sync). ``False`` leaves those checks to a caller that
             guarantees them; shapes, dtypes and devices are always checked.
@@ -128,7 +131,7 @@ def percentile_lookup(
       ``(L[lo] + L[hi]) / 2``; otherwise linear between the neighbours
       ``G[hi] < v < G[hi+1]``: ``L[hi] + (L[hi+1] - L[hi]) * (v - G[hi]) / (G[hi+1] - G[hi])``;
       clamped to [0, 100]. Equals ``numpy.interp(v, G, L)`` for strictly increasing G (see
-      :func:`kernels.percentile_rank`).
+      :func:`surprise_monitor.kernels.percentile_rank`).
     * ``surprise``: ``v > surprise_value[c, n]`` (strict) and class ``c`` calibrated.
     * ``expectation``: ``v < expectation_value[c, n]`` (strict), ``expectation_guard[c, n]``
       and class ``c`` calibrated.
@@ -150,6 +153,6 @@ def percentile_lookup(
         _validate_values(alpha, classes, prepared)
     if resolve_backend("percentile_lookup", backend, alpha.device) == "torch":
         return percentile_lookup_torch(alpha, classes, prepared)
-    from kernels.lookup_triton import percentile_lookup_triton
+    from surprise_monitor.kernels.lookup_triton import percentile_lookup_triton
 
     return percentile_lookup_triton(alpha, classes, prepared)

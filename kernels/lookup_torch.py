@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._types import LookupResult, LookupTable, Threshold
-from kernels.grid import rank_on_grid
+from surprise_monitor.kernels._types import LookupResult, LookupTable, Threshold
+from surprise_monitor.kernels.grid import rank_on_grid
 
 __all__ = ["percentile_lookup_torch"]
 
@@ -24,7 +24,8 @@ def _per_sample(threshold: Threshold, rows: torch.Tensor, cls: torch.Tensor) -> 
 def percentile_lookup_torch(
     alpha: torch.Tensor, classes: torch.Tensor, table: LookupTable
 ) -> LookupResult:
-    """:func:`kernels.percentile_lookup` on a prepared ``table``, without validation.
+    """:func:`surprise_monitor.kernels.percentile_lookup` on a prepared ``table``, without
+    validation.
 
     ``alpha [B, N]`` (any float dtype, computed in float32), ``classes [B]`` integer class
     ids in ``[0, K)``. Runs on any device and never syncs with the host. Reads the grid rows

@@ -24,14 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._types import LookupResult, LookupTable
+from surprise_monitor.kernels._types import LookupResult, LookupTable
 
 __all__ = ["percentile_lookup_triton"]
 
 
 @triton.jit
 def _rank(v, below, upto, g_lo, g_hi, levels_ptr, Q, mask):
-    """Percentile rank from the counts (see :func:`kernels.percentile_rank`)."""
+    """Percentile rank from the counts (see :func:`surprise_monitor.kernels.percentile_rank`)."""
     lo = tl.maximum(upto - 1, 0)
     hi = tl.minimum(upto, Q - 1)
     l_lo = tl.load(levels_ptr + lo, mask=mask, other=0.0)

@@ -1,4 +1,5 @@
-"""Validation and preparation of calibration tables for :func:`kernels.percentile_lookup`."""
+"""Validation and preparation of calibration tables for
+:func:`surprise_monitor.kernels.percentile_lookup`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from typing import Any
 
 import torch
 
-from kernels._types import LookupTable, Threshold
-from kernels.grid import check_percentile_grid, level_index, quantile_at
+from surprise_monitor.kernels._types import LookupTable, Threshold
+from surprise_monitor.kernels.defaults import (
+    DEFAULT_EXPECTATION_PCT,
+    DEFAULT_LOW_BETA_PCT,
+    DEFAULT_SURPRISE_PCT,
+)
+from surprise_monitor.kernels.grid import check_percentile_grid, level_index, quantile_at
 
 __all__ = ["prepare_lookup_table"]
 
@@ -138,24 +144,24 @@ def _beta_grid(
 def prepare_lookup_table(
     table: Any,
     *,
-    surprise_pct: float = 99.9,
-    expectation_pct: float = 0.1,
-    low_beta_pct: float = 1.0,
+    surprise_pct: float = DEFAULT_SURPRISE_PCT,
+    expectation_pct: float = DEFAULT_EXPECTATION_PCT,
+    low_beta_pct: float = DEFAULT_LOW_BETA_PCT,
     device: torch.device | str | None = None,
 ) -> LookupTable:
     """Validate a calibration table and precompute per-(class, filter) thresholds.
 
     Args:
-        table: any object with ``levels [Q]``, ``quantiles [K, N, Q]`` and ``mean [K, N]``
-            (torch tensors or numpy arrays) and optionally ``counts [K]`` (classes with 0
-            images are not flagged) and ``beta_levels [Qb]`` / ``beta_quantiles [K, Qb]`` (the
-            lookup then ranks beta and flags low beta too); or an existing
-            :class:`LookupTable` (returned as is when pcts and device already match, else
-            re-derived / moved). An object with ``grid_checked = True`` (a loaded
-            :class:`monitor.CalibrationTable`) vouches for its grid values: only the levels
-            and shapes are checked, so a memory-mapped table is not read here.
-        surprise_pct: percent level of the surprise threshold (default 99.9).
-        expectation_pct: percent level of the expectation threshold (default 0.1).
+        table: any object with ``levels [Q]``, ``quantiles [K, N, Q]`` and ``mean [K, N]`` (torch
+            tensors or numpy arrays) and optionally ``counts [K]`` (classes with 0 images are not
+            flagged) and ``beta_levels [Qb]`` / ``beta_quantiles [K, Qb]`` (the lookup then ranks
+            beta and flags low beta too); or an existing :class:`LookupTable` (returned as is when
+            pcts and device already match, else re-derived / moved). An object with ``grid_checked =
+            True`` (a loaded :class:`surprise_monitor.monitor.CalibrationTable`) vouches for its
+            grid values: only the levels and shapes are checked, so a memory-mapped table is not
+            read here.
+        surprise_pct: percent level of the surprise threshold (:mod:`.defaults`).
+        expectation_pct: percent level of the expectation threshold.
         low_beta_pct: percent level of the low-beta threshold (default 1; used only with a
             beta grid).
         device: target device; ``None`` keeps the device of ``table.quantiles``.
@@ -164,7 +170,7 @@ def prepare_lookup_table(
     lookup from the rows of the classes it looks up (on the CPU the grid is used in place:
     nothing is copied, and a memory-mapped table keeps unused classes on disk); between two
     levels it is interpolated linearly in level between the two neighbouring columns (see
-    :func:`kernels.quantile_at`), once, here. ``expectation_guard = mean[c, n] >
+    :func:`surprise_monitor.kernels.quantile_at`), once, here. ``expectation_guard = mean[c, n] >
     mean[c, :].mean()``. On CUDA the grid is copied level-major (coalesced loads).
 
     Raises:

@@ -16,14 +16,14 @@ The layout, bottom to top (each part imports only from the parts listed before i
 - ``explain/cli.py``: the ``surprise-explain`` command line, on the facade.
 """
 
-from monitor.alarms import AlarmLog, AlarmRecord
-from monitor.explain import Explanation, FixAttempt, FixResult, input_gradient
-from monitor.judge import InvalidInputError, Judge, TableMismatchError
-from monitor.loading import OnnxConversionError, load_onnx
-from monitor.probe import GradAMapProbe, LayerChoice, ProbeResult, resolve_layer
-from monitor.report import FlaggedFilter, MonitorReport
-from monitor.runtime import MetricsConflictError, MonitorMetrics, MonitorResult
-from monitor.surprise_monitor import SurpriseMonitor
+from surprise_monitor.monitor.alarms import AlarmLog, AlarmRecord
+from surprise_monitor.monitor.explain import Explanation, FixAttempt, FixResult, input_gradient
+from surprise_monitor.monitor.judge import InvalidInputError, Judge, TableMismatchError
+from surprise_monitor.monitor.loading import OnnxConversionError, load_onnx
+from surprise_monitor.monitor.probe import GradAMapProbe, LayerChoice, ProbeResult, resolve_layer
+from surprise_monitor.monitor.report import FlaggedFilter, MonitorReport
+from surprise_monitor.monitor.runtime import MetricsConflictError, MonitorMetrics, MonitorResult
+from surprise_monitor.monitor.surprise_monitor import SurpriseMonitor
 
 __all__ = [
     "AlarmLog",

@@ -7,7 +7,8 @@ An input's *percentile profile* is the rank of each of its values among the cali
 - ``expectation_mass`` at the monitored (final) layer: ``mean_n max(0, -z_n)^2`` over the
   Grad-AMap alphas judged against the input's class, the paper's *expectation* made continuous:
   how far the filters sit below their usual range for that class, all filters counted.
-- ``stage_energy`` at each activation-profile layer (:mod:`monitor.probe.profiles`):
+- ``stage_energy`` at each activation-profile layer
+(:mod:`surprise_monitor.monitor.probe.profiles`):
   ``mean_c z_c^2`` over the channel means, both tails: low-level statistics unlike the
   training images' (any class).
 - ``head_distance`` at the head layer (the last feature map, whose channel means feed the
@@ -16,12 +17,12 @@ An input's *percentile profile* is the rank of each of its values among the cali
   covariance (Lee et al. 2018, as pytorch-ood's ``Mahalanobis``): high-level features unlike
   any class's.
 
-The score combines the components' tail probabilities among training images (Fisher):
-``score = -2 sum_j log r_j`` with ``r_j = (1 + #{reference_j >= component_j}) / (m_j + 1)``, the
-references being the components of an evenly spaced subset of the training images. The
-references fix only the weighting: the alarm's calibration comes from the conformal null of the
-score on held-out images (:mod:`monitor.conformal`). How this score was chosen, and what it was
-compared with, is in ``bench/alarms/PROTOCOL.md``.
+The score combines the components' tail probabilities among training images (Fisher): ``score = -2
+sum_j log r_j`` with ``r_j = (1 + #{reference_j >= component_j}) / (m_j + 1)``, the references being
+the components of an evenly spaced subset of the training images. The references fix only the
+weighting: the alarm's calibration comes from the conformal null of the score on held-out images
+(:mod:`surprise_monitor.monitor.conformal`). How this score was chosen, and what it was compared
+with, is in ``bench/alarms/PROTOCOL.md``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """CUDA graphs of the judge's device step: capture once per input signature, replay after.
 
-An eager judgement on a GPU is launch- and sync-bound: hundreds of small kernel launches for a
-few milliseconds of GPU work. :class:`StepGraphs` captures the whole device step (the probe's
-forward and partial backward, ``grad_amap``, the lookup, the beta rank, the flags and the
-packing of the results into one buffer, see :mod:`monitor.host_copy`) into a CUDA graph per
+An eager judgement on a GPU is launch- and sync-bound: hundreds of small kernel launches for a few
+milliseconds of GPU work. :class:`StepGraphs` captures the whole device step (the probe's forward
+and partial backward, ``grad_amap``, the lookup, the beta rank, the flags and the packing of the
+results into one buffer, see :mod:`surprise_monitor.monitor.host_copy`) into a CUDA graph per
 *signature* (input shape, strides, dtype and device, labels given or not, autocast state), and
 replays it on later calls with the same signature:
 
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
-from monitor.host_copy import Layout, layout_of, pack, unpack
+from surprise_monitor.monitor.host_copy import Layout, layout_of, pack, unpack
 
 log = logging.getLogger(__name__)
 

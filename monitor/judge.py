@@ -1,7 +1,8 @@
-"""The judge: a batch (and optional labels) in, a :class:`~monitor.report.MonitorReport` out.
+"""The judge: a batch (and optional labels) in, a
+:class:`~surprise_monitor.monitor.report.MonitorReport` out.
 
 Pure: it keeps no counters and no last report, samples nothing and never swallows an error (the
-request path, :mod:`monitor.runtime`, does that around it). Three stages:
+request path, :mod:`surprise_monitor.monitor.runtime`, does that around it). Three stages:
 
 1. :meth:`Judge.validate` - the checks that need no tensor values (eval mode, shape, dtype,
    input size), and the value checks (NaN / Inf inputs, label range) where they cost no host
@@ -12,10 +13,10 @@ request path, :mod:`monitor.runtime`, does that around it). Three stages:
    copy, no sync, no Python branch on tensor values; the value checks it needs (finite input,
    labels in range, finite alpha) are counted on the device and raised in stage 3.
    :meth:`Judge.step` replays it from a CUDA graph when the judge has them
-   (:mod:`monitor.cuda_graphs`).
+   (:mod:`surprise_monitor.monitor.cuda_graphs`).
 3. :meth:`Judge.assemble` - copies the :class:`DeviceReport` to the host in one packed copy
-   (:mod:`monitor.host_copy`: the one host sync of a judgement), raises what the checks
-   found, and builds the report.
+   (:mod:`surprise_monitor.monitor.host_copy`: the one host sync of a judgement), raises what the
+   checks found, and builds the report.
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from kernels import LookupTable, grad_amap, percentile_lookup, percentile_rank, prepare_lookup_table
-from monitor.advice import advise
-from monitor.atypicality import (
+from surprise_monitor.kernels import (
+    LookupTable,
+    grad_amap,
+    percentile_lookup,
+    percentile_rank,
+    prepare_lookup_table,
+)
+from surprise_monitor.monitor.advice import advise
+from surprise_monitor.monitor.atypicality import (
     ALPHA_COMPONENT,
     HeadDistance,
     ScoreReference,
@@ -38,32 +45,33 @@ from monitor.atypicality import (
     expectation_mass,
     fisher,
 )
-from monitor.conformal import ConformalNull, check_alarm_rate
-from monitor.cuda_graphs import StepGraphs
-from monitor.fingerprint import layer_fingerprint, model_fingerprint
-from monitor.host_copy import to_host
-from monitor.loading.models import model_device, model_dtype
-from monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised, ProbeResult
-from monitor.probe.hooks import get_module
-from monitor.probe.profiles import ProfileTap
-from monitor.report import MonitorReport
-from monitor.table import CalibrationTable
-from monitor.table_alarm import AlarmCalibration
+from surprise_monitor.monitor.conformal import ConformalNull, check_alarm_rate
+from surprise_monitor.monitor.cuda_graphs import StepGraphs
+from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.fingerprint import layer_fingerprint, model_fingerprint
+from surprise_monitor.monitor.host_copy import to_host
+from surprise_monitor.monitor.loading.models import model_device, model_dtype
+from surprise_monitor.monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised, ProbeResult
+from surprise_monitor.monitor.probe.hooks import get_module
+from surprise_monitor.monitor.probe.profiles import ProfileTap
+from surprise_monitor.monitor.report import MonitorReport
+from surprise_monitor.monitor.table import CalibrationTable
+from surprise_monitor.monitor.table_alarm import AlarmCalibration
 
 
-class TableMismatchError(ValueError):
+class TableMismatchError(SurpriseMonitorError, ValueError):
     """The calibration table was not made for this model / layer."""
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(SurpriseMonitorError, ValueError):
     """An input batch or its labels cannot be monitored (shape, dtype, NaN/Inf, empty, range)."""
 
 
-class TrainingModeError(ValueError):
+class TrainingModeError(SurpriseMonitorError, ValueError):
     """The model is in training mode (batch statistics would couple the samples)."""
 
 
-class NonFiniteAlphaError(ValueError):
+class NonFiniteAlphaError(SurpriseMonitorError, ValueError):
     """The probe produced NaN or Inf alpha values."""
 
 
@@ -89,8 +97,8 @@ class Batch:
 class DeviceReport:
     """The judge's results for a batch of B inputs, still on the model's device.
 
-    Field for field what :class:`~monitor.report.MonitorReport` holds per input, plus the
-    :attr:`CHECKS`: counts that :meth:`Judge.assemble` refuses when they are not zero.
+    Field for field what :class:`~surprise_monitor.monitor.report.MonitorReport` holds per input,
+    plus the :attr:`CHECKS`: counts that :meth:`Judge.assemble` refuses when they are not zero.
     """
 
     logits: torch.Tensor  # [B, K] float32
@@ -184,7 +192,8 @@ class Judge:
         strict_input_size: refuse inputs whose H x W differ from the calibration images.
         backend: kernel backend, ``"auto"``, ``"triton"`` or ``"torch"``.
         cuda_graphs: replay the device step from CUDA graphs, one per input signature
-            (:mod:`monitor.cuda_graphs`; CUDA inputs only). Off by default until measured on a GPU.
+            (:mod:`surprise_monitor.monitor.cuda_graphs`; CUDA inputs only). Off by default until
+            measured on a GPU.
         max_graphs: graphs kept at most (least recently used dropped first).
         host_checks: check input and label values on the host (``True``: a host sync on a
             GPU), on the device (``False``), or on the host for tensors already there
@@ -398,7 +407,8 @@ class Judge:
     def _graph_step(
         self, x: torch.Tensor, labels: torch.Tensor | None
     ) -> tuple[Any, dict[str, torch.Tensor]]:
-        """The device step as :class:`~monitor.cuda_graphs.StepGraphs` records it: every value
+        """The device step as :class:`~surprise_monitor.monitor.cuda_graphs.StepGraphs` records it:
+        every value
         check on the device (one graph serves host-checked and unchecked inputs alike)."""
         step = self.device_step(Batch(x, labels, input_checked=False, labels_checked=False))
         return step.output, step.report.tensors()
@@ -446,7 +456,7 @@ class Judge:
         input or labels the device step found bad, ``ValueError`` for non-finite alpha.
 
         Every :class:`DeviceReport` field but the :attr:`DeviceReport.CHECKS` becomes the
-        :class:`~monitor.report.MonitorReport` field of the same name."""
+        :class:`~surprise_monitor.monitor.report.MonitorReport` field of the same name."""
         host = step.report.to_host()
         if labels_given is None:
             labels_given = step.batch is not None and step.batch.labels_given
@@ -613,7 +623,7 @@ def labels_tensor(labels: Any, class_names: list[str] | tuple[str, ...] = ()) ->
 
 
 class HasJudge(Protocol):
-    """Anything that holds a judge (a :class:`~monitor.SurpriseMonitor`)."""
+    """Anything that holds a judge (a :class:`~surprise_monitor.monitor.SurpriseMonitor`)."""
 
     @property
     def judge(self) -> Judge:

@@ -32,12 +32,12 @@ class MonitorReport:
     ``classes`` is the class each input was judged against: the caller's label when given
     (``labels_given``), else the prediction.
 
-    The per-input alarm (:mod:`monitor.atypicality`, :mod:`monitor.conformal`): ``score``
-    (higher = less like the training images), its conformal ``p_value`` among held-out images
-    and ``alarm = p_value <= alarm_rate``; NaN / NaN / False when the table has no alarm
-    calibration. ``components`` and their ``component_ranks`` (named by ``component_names``)
-    say which part of the network found the input atypical. The per-filter flags
-    (``surprise``, ``expectation``) explain an alarm.
+    The per-input alarm (:mod:`surprise_monitor.monitor.atypicality`,
+    :mod:`surprise_monitor.monitor.conformal`): ``score`` (higher = less like the training images),
+    its conformal ``p_value`` among held-out images and ``alarm = p_value <= alarm_rate``; NaN / NaN
+    / False when the table has no alarm calibration. ``components`` and their ``component_ranks``
+    (named by ``component_names``) say which part of the network found the input atypical. The
+    per-filter flags (``surprise``, ``expectation``) explain an alarm.
     """
 
     logits: torch.Tensor  # [B, K]

@@ -1,7 +1,7 @@
-"""``SurpriseMonitor``: the public facade. It wraps a CNN, has a :class:`~monitor.judge.Judge`
-judge its inputs against the calibration table, and puts the request path
-(:class:`~monitor.runtime.RequestPath`: sampling, async mode, fail-open, callbacks, metrics)
-around it."""
+"""``SurpriseMonitor``: the public facade. It wraps a CNN, has a
+:class:`~surprise_monitor.monitor.judge.Judge` judge its inputs against the calibration table, and
+puts the request path (:class:`~surprise_monitor.monitor.runtime.RequestPath`: sampling, async mode,
+fail-open, callbacks, metrics) around it."""
 
 from __future__ import annotations
 
@@ -15,17 +15,23 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from monitor.judge import Judge
-from monitor.probe.grad_amap_probe import GradAMapProbe
-from monitor.report import MonitorReport
-from monitor.runtime.metrics import DEFAULT_NAMESPACE, MonitorMetrics
-from monitor.runtime.request_path import AlarmRecorder, MonitorResult, RequestPath, check_mode
-from monitor.runtime.sampling import Sampler
-from monitor.table import CalibrationTable
+from surprise_monitor.monitor.judge import Judge
+from surprise_monitor.monitor.options import DEFAULT_NAMESPACE, MetricsOptions
+from surprise_monitor.monitor.probe.grad_amap_probe import GradAMapProbe
+from surprise_monitor.monitor.report import MonitorReport
+from surprise_monitor.monitor.runtime.metrics import MonitorMetrics
+from surprise_monitor.monitor.runtime.request_path import (
+    AlarmRecorder,
+    MonitorResult,
+    RequestPath,
+    check_mode,
+)
+from surprise_monitor.monitor.runtime.sampling import Sampler
+from surprise_monitor.monitor.table import CalibrationTable
 
 if TYPE_CHECKING:
-    from monitor.explain.explanation import Explanation
-    from monitor.explain.fixes import FixResult
+    from surprise_monitor.monitor.explain.explanation import Explanation
+    from surprise_monitor.monitor.explain.fixes import FixResult
 
 
 log = logging.getLogger(__name__)
@@ -40,7 +46,8 @@ class SurpriseMonitor:
             the monitor adds (the monitored layer's and the alarm's profile layers'). While
             watched it can still be deep-copied, pickled and ``torch.save``-d: a copy carries
             inert hooks (``InertHook``) and is not watched.
-        table: a :class:`~monitor.table.CalibrationTable` or the path of a saved one.
+        table: a :class:`~surprise_monitor.monitor.table.CalibrationTable` or the path of a saved
+        one.
         layer: target layer; ``None`` uses the table's. Another name than the table's is refused.
         surprise_pct: a filter is surprising when ``alpha > P_cn(surprise_pct)``.
         expectation_pct: a filter is expected when ``alpha < P_cn(expectation_pct)`` and
@@ -57,7 +64,7 @@ class SurpriseMonitor:
             autocast) and replay it on later calls: the first call of a signature runs
             eagerly, the second captures. Off by default until it is measured on a GPU; a
             failed capture turns graphs off and the monitor runs eagerly (see
-            :mod:`monitor.cuda_graphs`).
+            :mod:`surprise_monitor.monitor.cuda_graphs`).
         max_graphs: graphs kept at most (least recently used dropped first).
         alarm_rate: the per-input alarm's nominal false-alarm rate: an input alarms
             (``report.alarm``) when its conformal p-value among the table's held-out images is
@@ -65,7 +72,7 @@ class SurpriseMonitor:
             calibrated with held-out images (``calibrate(..., heldout=...)``, ``--heldout``);
             without them the monitor logs a warning once and never alarms.
 
-    Runtime options (see :mod:`monitor.runtime`):
+    Runtime options (see :mod:`surprise_monitor.monitor.runtime`):
 
         metrics: export Prometheus metrics: ``True`` into the global registry, or a
             ``CollectorRegistry``; ``False`` (default) exports none. With metrics on, two timing
@@ -81,7 +88,7 @@ class SurpriseMonitor:
             ``expected_filters(0)``) and beta explain the alarm. A table without a held-out
             null never alarms, so ``on_flag`` is then never called. Exceptions in it are
             counted and logged, never raised.
-        alarm_log: keeps each alarm with its input (:class:`monitor.alarms.AlarmLog`: recent
+        alarm_log: keeps each alarm with its input (:class:`~.alarms.AlarmLog`: recent
             alarms, thumbnails, an audit file, explanations on demand); the monitor binds its
             judge to it for the explanations. Errors in it are counted, never raised. The
             caller owns it: ``alarm_log.close()`` after :meth:`close`.
@@ -138,11 +145,12 @@ class SurpriseMonitor:
         try:
             if metrics is not False and metrics is not None:
                 registry = metrics if isinstance(metrics, CollectorRegistry) else None
-                monitor_metrics = MonitorMetrics(
-                    table, registry=registry, namespace=metrics_namespace,
-                    labels=metrics_labels, per_class=per_class_metrics,
-                    alarm_rate=self.judge.alarm_rate, window=metrics_window,
+                options = MetricsOptions(
+                    registry=registry, namespace=metrics_namespace,
+                    labels=metrics_labels or {}, per_class=per_class_metrics,
+                    window=metrics_window,
                 )  # fmt: skip
+                monitor_metrics = MonitorMetrics(table, options, alarm_rate=self.judge.alarm_rate)
             self.request_path = RequestPath(
                 self.judge, sampler=sampler, mode=mode, queue_size=queue_size,
                 on_flag=on_flag, metrics=monitor_metrics, recorder=alarm_log,
@@ -160,10 +168,11 @@ class SurpriseMonitor:
     def from_onnx(
         cls, path: str | Path, table: CalibrationTable | str | Path, **kwargs: Any
     ) -> SurpriseMonitor:
-        """Monitor an ONNX model: converted to a torch module (:func:`monitor.load_onnx`), then
+        """Monitor an ONNX model: converted to a torch module
+        (:func:`surprise_monitor.monitor.load_onnx`), then
         monitored exactly like one. The table must come from the same conversion
         (``surprise-calibrate --onnx``); ``kwargs`` are the constructor's."""
-        from monitor.loading.onnx_model import load_onnx
+        from surprise_monitor.monitor.loading.onnx_model import load_onnx
 
         return cls(load_onnx(path), table, **kwargs)
 
@@ -299,15 +308,16 @@ class SurpriseMonitor:
         n_segments: int = 50, **kw: Any,
     ) -> Explanation:  # fmt: skip
         """Why was ``x`` flagged: the region behind one filter and its training exemplars
-        (:func:`monitor.explain.explain`); the monitor's :attr:`last_report` is left alone."""
-        from monitor.explain.explanation import explain
+        (:func:`surprise_monitor.monitor.explain.explain`); the monitor's :attr:`last_report` is
+        left alone."""
+        from surprise_monitor.monitor.explain.explanation import explain
 
         return explain(self.judge, x, filter=filter, label=label, n_segments=n_segments, **kw)
 
     def fix(self, x: torch.Tensor, label: int, **kw: Any) -> FixResult:
-        """Try to fix a misclassified ``x`` by zeroing the superpixels behind its most
-        surprising filter (:func:`monitor.explain.fix`); :attr:`last_report` is left alone."""
-        from monitor.explain.fixes import fix
+        """Try to fix a misclassified ``x`` by zeroing the superpixels behind its most surprising
+        filter (:func:`surprise_monitor.monitor.explain.fix`); :attr:`last_report` is left alone."""
+        from surprise_monitor.monitor.explain.fixes import fix
 
         return fix(self.judge, x, label, **kw)
 

@@ -5,12 +5,12 @@ Stored as safetensors (tensors) plus JSON metadata; loading never unpickles. A S
 metadata and every tensor's bytes is kept in the header, so a truncated or edited file is refused
 with a clear error instead of being used silently.
 
-The alpha grid is stored class-major (``quantiles [K, N, Q]``): one class's grid is one
-contiguous block of ``N * Q * 4`` bytes. :meth:`CalibrationTable.load` verifies the checksum
-with ordinary reads, then memory-maps the large tensors (copy-on-write, never written back) and
-checks the grid's values a few classes at a time, dropping the pages it read. The lookup reads
-a class's thresholds from that class's block (:mod:`kernels.table`), so a monitor keeps in memory
-only the blocks of the classes it has seen, the means and the beta grid; not the whole grid.
+The alpha grid is stored class-major (``quantiles [K, N, Q]``): one class's grid is one contiguous
+block of ``N * Q * 4`` bytes. :meth:`CalibrationTable.load` verifies the checksum with ordinary
+reads, then memory-maps the large tensors (copy-on-write, never written back) and checks the grid's
+values a few classes at a time, dropping the pages it read. The lookup reads a class's thresholds
+from that class's block (:mod:`surprise_monitor.kernels.table`), so a monitor keeps in memory only
+the blocks of the classes it has seen, the means and the beta grid; not the whole grid.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_save
 
-from kernels import check_percentile_grid, quantile_at
-from monitor.files import atomic_write_bytes
-from monitor.probe.scores import SCORES
-from monitor.table_alarm import PREFIX as ALARM_PREFIX
-from monitor.table_alarm import AlarmCalibration, AlarmTableError
+from surprise_monitor.kernels import check_percentile_grid, quantile_at
+from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.files import atomic_write_bytes
+from surprise_monitor.monitor.probe.scores import SCORES
+from surprise_monitor.monitor.table_alarm import PREFIX as ALARM_PREFIX
+from surprise_monitor.monitor.table_alarm import AlarmCalibration, AlarmTableError
 
 FORMAT_NAME = "surprise-monitor-table"
 FORMAT_VERSION = 1
@@ -74,7 +75,7 @@ _TENSOR_NAMES = (
 )  # fmt: skip
 
 
-class TableError(ValueError):
+class TableError(SurpriseMonitorError, ValueError):
     """A calibration table file or object is invalid (corrupt, truncated, edited, inconsistent)."""
 
 
@@ -115,7 +116,7 @@ class CalibrationTable:
     @property
     def grid_checked(self) -> bool:
         """True while the alpha grid and means are the tensors :meth:`validate` checked (so
-        :func:`kernels.prepare_lookup_table` need not read them again)."""
+        :func:`surprise_monitor.kernels.prepare_lookup_table` need not read them again)."""
         checked = getattr(self, "_checked", None)
         return checked is not None and checked[0] is self.quantiles and checked[1] is self.mean
 

@@ -1,6 +1,6 @@
 """The alarm's part of a calibration table: activation-profile grids, the head layer's class
 means and shared precision, the score's reference and the conformal nulls (see
-:mod:`monitor.atypicality` and :mod:`monitor.conformal`).
+:mod:`surprise_monitor.monitor.atypicality` and :mod:`surprise_monitor.monitor.conformal`).
 
 Made by ``calibrate`` after the alpha table: the profile grids, the head statistics and the
 reference from an evenly spaced subset of the training images, the nulls from held-out images
@@ -15,15 +15,16 @@ from typing import Any
 
 import torch
 
-from kernels import check_percentile_grid
-from monitor.atypicality import SCORE_NAME, ScoreReference, component_names
-from monitor.conformal import ConformalNull
+from surprise_monitor.kernels import check_percentile_grid
+from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference, component_names
+from surprise_monitor.monitor.conformal import ConformalNull
+from surprise_monitor.monitor.errors import SurpriseMonitorError
 
 #: Tensor name prefix in the file.
 PREFIX = "alarm."
 
 
-class AlarmTableError(ValueError):
+class AlarmTableError(SurpriseMonitorError, ValueError):
     """The alarm part of a table is inconsistent (the table wraps it in a ``TableError``)."""
 
 
@@ -32,7 +33,8 @@ class AlarmCalibration:
     """What the alarm needs beyond the alpha table.
 
     Attributes:
-        score: the score's formula (:data:`monitor.atypicality.SCORE_NAME` when made here).
+        score: the score's formula (:data:`surprise_monitor.monitor.atypicality.SCORE_NAME` when
+        made here).
         profile_layers: the activation-profile layers, in forward order.
         profile_quantiles: per layer ``[C, Q]`` float32 percentiles of each channel's spatial
             mean over training images (any class), at the table's alpha levels.

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from monitor.table import CalibrationTable
+from surprise_monitor.monitor.table import CalibrationTable
 
 TABLE_TENSORS = ("quantiles", "mean", "counts", "beta_quantiles", "top_indices", "top_alpha")
 
@@ -48,7 +48,7 @@ def autograd_alpha(model, layer: str, x, classes, score: str = "logit") -> torch
 
 def spilled_alpha(folder, c: int, num_filters: int):
     """All alpha rows a calibration spilled for class ``c`` in ``folder``, ``[n_c, N]``."""
-    from calibrate.spill import AlphaSpill
+    from surprise_monitor.calibrate.spill import AlphaSpill
 
     rows = AlphaSpill(folder, num_filters).read_alpha(c)
     return rows.read_rows(0, rows.shape[0])

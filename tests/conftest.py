@@ -33,7 +33,7 @@ def calibrated():
     so its reports carry p-values and alarms.
 
     Shared by the whole session: a test that changes the table must restore it."""
-    from calibrate import calibrate
+    from surprise_monitor.calibrate import calibrate
 
     model = trained_tiny_cnn(num_classes=3, seed=1)
     table = calibrate(

@@ -1,12 +1,13 @@
 """The floor plan holds: one direction of imports, no cycle, no library module importing a
 command line, no function too long to read at once.
 
-The three packages are ranked ``kernels`` < ``monitor`` < ``calibrate``: a module may import
-modules of its own package or of a package below it, never above. Every import counts: at module
-level, inside functions (lazy imports) and under ``TYPE_CHECKING``. ``from p import name``
+The layers of the one import package ``surprise_monitor`` are ranked ``kernels`` < ``monitor`` <
+``calibrate`` < the package's own top (``surprise_monitor/``: its ``__init__`` and the service): a
+module may import modules of its own layer or of a layer below it, never above. Every import counts:
+at module level, inside functions (lazy imports) and under ``TYPE_CHECKING``. ``from p import name``
 counts as an edge to ``p.name`` when that is a module, else to the package ``p`` itself (its
-``__init__``), so a cycle through a package's re-exports is caught too. Command-line modules are
-the ones named ``cli.py`` or ``__main__.py``; only they may import one another.
+``__init__``), so a cycle through a package's re-exports is caught too. Command-line modules are the
+ones named ``cli.py`` or ``__main__.py``; only they may import one another.
 """
 
 from __future__ import annotations
@@ -17,22 +18,37 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "monitor", "calibrate")  # bottom to top
-RANK = {name: i for i, name in enumerate(PACKAGES)}
+TOP = "surprise_monitor"
+# (dotted package, its folder under the repository root), bottom to top
+LAYERS = (
+    (f"{TOP}.kernels", "kernels"),
+    (f"{TOP}.monitor", "monitor"),
+    (f"{TOP}.calibrate", "calibrate"),
+    (TOP, TOP),
+)
+PACKAGES = tuple(package for package, _ in LAYERS)
 CLI_NAMES = ("cli", "__main__")
 MAX_FUNCTION_LINES = 80
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
-    """``{dotted module name: file}`` of every module in the three packages under ``root``."""
+    """``{dotted module name: file}`` of every module of the layers' folders under ``root``."""
     found = {}
-    for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = path.relative_to(root).with_suffix("").parts
+    for package, folder in LAYERS:
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root / folder).with_suffix("").parts
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            found[".".join(parts)] = path
+            found[".".join((package, *parts))] = path
     return found
+
+
+def layer_of(module: str) -> int:
+    """The rank of the layer ``module`` belongs to (its longest layer prefix)."""
+    for rank, (package, _) in enumerate(LAYERS):
+        if module == package or module.startswith(package + "."):
+            return rank
+    raise ValueError(f"{module} is in no layer")
 
 
 def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
@@ -110,7 +126,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def upward_edges(graph: dict[str, set[str]]) -> list[str]:
     """``a -> b`` for every import of a higher-ranked package."""
-    rank = {m: RANK[m.split(".")[0]] for m in graph}
+    rank = {m: layer_of(m) for m in graph}
     return sorted(f"{a} -> {b}" for a, bs in graph.items() for b in bs if rank[b] > rank[a])
 
 
@@ -139,7 +155,7 @@ def long_functions(root: Path = ROOT, limit: int = MAX_FUNCTION_LINES) -> list[s
     """``file:line name (n lines)`` of every function longer than ``limit`` lines (from ``def``
     to its last line, docstring included), Triton kernels aside."""
     out = []
-    for path in module_files(root).values():
+    for path in sorted(module_files(root).values()):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 n = node.end_lineno - node.lineno + 1
@@ -196,11 +212,13 @@ def graph() -> dict[str, set[str]]:
 def test_the_graph_sees_every_module_and_real_edges(graph):
     """The walk itself works: every package found, and edges of each kind it must see (a lazy
     import, a TYPE_CHECKING import, an import of a package's re-export)."""
-    assert {m.split(".")[0] for m in graph} == set(PACKAGES) and len(graph) > 40
-    assert "kernels.amap_triton" in graph["kernels.amap"]  # imported inside grad_amap()
-    assert "monitor.explain.explanation" in graph["monitor.surprise_monitor"]  # TYPE_CHECKING
-    assert "monitor.probe" in graph["calibrate.inference_probe"]  # from monitor.probe import ..
-    assert "monitor.table" in graph["calibrate"]  # a re-export downward is fine
+    assert set(PACKAGES) <= set(graph) and len(graph) > 40
+    k, m, c = (f"{TOP}.{name}" for name in ("kernels", "monitor", "calibrate"))
+    assert f"{k}.amap_triton" in graph[f"{k}.amap"]  # imported inside grad_amap()
+    assert f"{m}.explain.explanation" in graph[f"{m}.surprise_monitor"]  # TYPE_CHECKING
+    assert f"{m}.probe" in graph[f"{c}.inference_probe"]  # from ...monitor.probe import ..
+    assert f"{m}.table" in graph[c]  # a re-export downward is fine
+    assert f"{c}.builder" in graph[TOP]  # the top re-exports every layer
 
 
 def test_no_import_cycle(graph):
@@ -212,10 +230,10 @@ def test_imports_point_down_only(graph):
 
 
 def test_library_modules_do_not_import_command_lines(graph):
-    assert {m for m in graph if is_cli(m)} == {
-        "calibrate.__main__",
-        "calibrate.cli",
-        "monitor.explain.cli",
+    assert {m for m in graph if is_cli(m)} >= {
+        f"{TOP}.calibrate.__main__",
+        f"{TOP}.calibrate.cli",
+        f"{TOP}.monitor.explain.cli",
     }
     assert library_to_cli_edges(graph) == []
 
@@ -234,11 +252,12 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     import, a library module importing a CLI, a long function; a long Triton kernel is fine."""
     files = {
         "kernels/__init__.py": "",
-        "kernels/ops.py": "def f():\n    from monitor import thing\n",
-        "monitor/__init__.py": "from monitor.a import thing\n",
-        "monitor/a.py": "from monitor import other\nthing = 1\n",
+        "kernels/ops.py": "def f():\n    from surprise_monitor.monitor import thing\n",
+        "monitor/__init__.py": "from surprise_monitor.monitor.a import thing\n",
+        "monitor/a.py": "from surprise_monitor.monitor import other\nthing = 1\n",
         "monitor/cli.py": "",
-        "monitor/b.py": "import monitor.cli\n",
+        "monitor/b.py": "import surprise_monitor.monitor.cli\n",
+        "surprise_monitor/__init__.py": '"""Top."""\nfrom surprise_monitor import kernels\n',
         "calibrate/__init__.py": "",
         "calibrate/long.py": '"""A module."""\ndef g():\n' + "    x = 1\n" * 81,
         "calibrate/typed.py": 'def h(a: int) -> int:\n    """Doc."""\n    def inner(b):\n'
@@ -249,12 +268,37 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     g = import_graph(tmp_path)
-    assert cycles(g) == [["monitor", "monitor.a"]]
-    assert upward_edges(g) == ["kernels.ops -> monitor"]
-    assert library_to_cli_edges(g) == ["monitor.b -> monitor.cli"]
+    m = f"{TOP}.monitor"
+    assert cycles(g) == [[m, f"{m}.a"]]
+    assert upward_edges(g) == [f"{TOP}.kernels.ops -> {m}"]
+    assert library_to_cli_edges(g) == [f"{m}.b -> {m}.cli"]
+    assert g[TOP] == {f"{TOP}.kernels"}
     assert long_functions(tmp_path) == ["calibrate/long.py:2 g (82 lines)"]
     assert untyped_or_undocumented(tmp_path) == [
         "calibrate/long.py:2 g: return, docstring",
         "calibrate/typed.py:3 inner: b, return",
         "kernels/ops.py:1 f: return, docstring",
     ]
+
+
+def generic_imports(root: Path = ROOT) -> list[str]:
+    """``file:line`` of every import of ``kernels``, ``monitor`` or ``calibrate`` as a top-level
+    name, in any Python file of the repository (they are ``surprise_monitor``'s layers only)."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n.split(".")[0] in ("kernels", "monitor", "calibrate") for n in names):
+                out.append(f"{path.relative_to(root)}:{node.lineno}")
+    return out
+
+
+def test_nothing_imports_the_layers_as_top_level_names():
+    assert generic_imports() == []

@@ -28,8 +28,8 @@ from bench.alarms.report import markdown, plot_pvalues, plot_roc
 from bench.alarms.scores import Baselines, alarm_rate, all_scores, detection
 from bench.alarms.sets import PARTS, atypical_sets, cifar_part
 from bench.strong_models import STRONG_MODELS, training_record
-from monitor import SurpriseMonitor
-from monitor.conformal import resampled_alarm_rate
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.conformal import resampled_alarm_rate
 
 HERE = Path(__file__).resolve().parent
 RATES = (0.01, 0.001)

@@ -23,11 +23,11 @@ from torch.utils.data import TensorDataset
 from bench.alarms.sets import ImageSet
 from bench.cifar import cache_dir, data_source, load_cifar10, to_tensor
 from bench.strong_models import HELDOUT, load_strong
-from calibrate import calibrate
-from calibrate.alarm import alarm_calibration
-from monitor import SurpriseMonitor
-from monitor.atypicality import SCORE_NAME, ScoreReference, normal_scores
-from monitor.table import CalibrationTable
+from surprise_monitor.calibrate import calibrate
+from surprise_monitor.calibrate.alarm import alarm_calibration
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference, normal_scores
+from surprise_monitor.monitor.table import CalibrationTable
 
 BATCH = 250
 

@@ -52,7 +52,7 @@ def build(arch: str, cfg: Config) -> torch.nn.Module:
 
 def make_table(model: torch.nn.Module, cfg: Config, n: int = 64) -> Any:
     """A table for ``model`` from ``n`` random images (timing does not depend on its values)."""
-    from calibrate import calibrate
+    from surprise_monitor.calibrate import calibrate
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, cfg.size, cfg.size, generator=g)
@@ -63,7 +63,7 @@ def make_table(model: torch.nn.Module, cfg: Config, n: int = 64) -> Any:
 # ---------------------------------------------------------------------------- overhead
 def _peers(model: torch.nn.Module, layer: str) -> dict[str, Callable[[torch.Tensor], Any]]:
     """Captum's LayerGradientXActivation and pytorch-grad-cam's capture, where installed."""
-    from monitor.probe import get_module
+    from surprise_monitor.monitor.probe import get_module
 
     out: dict[str, Callable[[torch.Tensor], Any]] = {}
     try:
@@ -120,8 +120,8 @@ def overhead_case(
     peers: dict[str, Callable[[torch.Tensor], Any]],
 ) -> dict[str, Any]:
     """One (model, batch, precision) cell: every variant's median ms and ratios."""
-    from monitor import SurpriseMonitor
-    from monitor.probe import GradAMapProbe
+    from surprise_monitor.monitor import SurpriseMonitor
+    from surprise_monitor.monitor.probe import GradAMapProbe
 
     bf16 = precision == "bf16"
     x = torch.randn(b, 3, cfg.size, cfg.size, device=cfg.device)
@@ -214,7 +214,7 @@ def overhead(cfg: Config) -> dict[str, Any]:
 
 def half_models(cfg: Config) -> dict[str, Any]:
     """``SurpriseMonitor`` on fp16 / bf16 models (the model itself in half precision)."""
-    from monitor import SurpriseMonitor
+    from surprise_monitor.monitor import SurpriseMonitor
 
     out: dict[str, Any] = {}
     arch = "resnet18"
@@ -243,7 +243,7 @@ def half_models(cfg: Config) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- kernels
 def kernels(cfg: Config) -> dict[str, Any]:
     """grad_amap (Triton vs eager, GB/s) and percentile_lookup (Triton vs torch, us)."""
-    from kernels import grad_amap
+    from surprise_monitor.kernels import grad_amap
 
     shapes = [(8, 512, 7), (8, 2048, 7), (32, 512, 14), (32, 2048, 14), (1, 2048, 7)]
     if not cfg.cuda:
@@ -274,8 +274,8 @@ def kernels(cfg: Config) -> dict[str, Any]:
 
 def _lookup_table(n: int, k: int, device: torch.device) -> Any:
     """A prepared K x N x Q table with counts and a 1001-level beta grid."""
-    from kernels import prepare_lookup_table
-    from monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
+    from surprise_monitor.kernels import prepare_lookup_table
+    from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
 
     gen = torch.Generator().manual_seed(0)
     levels = torch.tensor(DEFAULT_LEVELS)  # Q = 29
@@ -291,7 +291,7 @@ def _lookup_table(n: int, k: int, device: torch.device) -> Any:
 
 def _lookup_kernel(cfg: Config) -> dict[str, Any]:
     """Microseconds per lookup (fused: percentiles, flags, beta, its rank, low beta)."""
-    from kernels.lookup_torch import percentile_lookup_torch
+    from surprise_monitor.kernels.lookup_torch import percentile_lookup_torch
 
     out: dict[str, Any] = {}
     k, q = (1000, 29) if cfg.cuda else (10, 29)
@@ -304,7 +304,7 @@ def _lookup_kernel(cfg: Config) -> dict[str, Any]:
             args = (alpha, cls, table)
             row = {"torch_us": per_call_us(lambda a=args: percentile_lookup_torch(*a), cfg.device)}
             if cfg.cuda:
-                from kernels.lookup_triton import percentile_lookup_triton
+                from surprise_monitor.kernels.lookup_triton import percentile_lookup_triton
 
                 row["triton_us"] = per_call_us(
                     lambda a=args: percentile_lookup_triton(*a), cfg.device
@@ -317,7 +317,7 @@ def _lookup_kernel(cfg: Config) -> dict[str, Any]:
 # ------------------------------------------------------------------------- calibration
 def calibration(cfg: Config) -> dict[str, Any]:
     """calibrate() images/s against plain inference (statistics included), after warm-up."""
-    from calibrate import accumulators, calibrate
+    from surprise_monitor.calibrate import accumulators, calibrate
 
     arch = "resnet50" if cfg.cuda else "resnet18"
     n, bs = (4096, 128) if cfg.cuda else (48, 16)
@@ -369,7 +369,7 @@ def profile(cfg: Config) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from monitor import SurpriseMonitor
+    from surprise_monitor.monitor import SurpriseMonitor
 
     model = build("resnet50" if cfg.cuda else "resnet18", cfg)
     table = make_table(model, cfg)

@@ -51,7 +51,7 @@ from bench.paper.common import (
 )
 from bench.paper.metrics import per_class_spearman
 from bench.strong_tables import strong_table
-from monitor import SurpriseMonitor
+from surprise_monitor.monitor import SurpriseMonitor
 
 #: The input of each strong model's pooling-and-linear head: the last block's output (after
 #: the residual sum and its ReLU) for the ResNet, the final ReLU for the VGG. With alpha taken

@@ -44,9 +44,9 @@ from bench.cifar import (
 )
 from bench.strong_models import EVALUATION, STRONG_MODELS, load_strong
 from bench.strong_tables import strong_table
-from calibrate import CalibrationTable, calibrate, model_fingerprint
-from monitor import SurpriseMonitor
-from monitor.probe import get_module
+from surprise_monitor.calibrate import CalibrationTable, calibrate, model_fingerprint
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.probe import get_module
 
 STRONG_ARCHS = STRONG_MODELS  # ("resnet18", "vgg_bn")
 WEAK_ARCHS = ("small_vgg", "small_resnet")

@@ -1,12 +1,13 @@
 """Paper Sections 4.3-4.4 (Figures 7 and 8): surprise and expectation for misclassified images.
 
-Among the misclassified test images (judged against their true class, with the table calibrated
-on training images), the ones with the lowest beta that have a surprising filter that fires
-(``alpha > 0``: a silent filter has no region to show, see :func:`flags_of`) and the ones that
-have an expected filter the class fires (``mu > 0``) are explained with
-:func:`monitor.explain.explain`: the region of the image behind the filter (filter-restricted
-input gradient over 50 SLIC superpixels) beside the training images that engage the filter
-most, each with its own region. The table keeps the top training images per class and filter:
+Among the misclassified test images (judged against their true class, with the table calibrated on
+training images), the ones with the lowest beta that have a surprising filter that fires (``alpha >
+0``: a silent filter has no region to show, see :func:`flags_of`) and the ones that have an expected
+filter the class fires (``mu > 0``) are explained with
+:func:`surprise_monitor.monitor.explain.explain`: the region of the image behind the filter
+(filter-restricted input gradient over 50 SLIC superpixels) beside the training images that engage
+the filter most, each with its own region. The table keeps the top training images per class and
+filter:
 
 - for a surprising filter (Figure 7, "the images from the training data that most activate the
   surprising filter"), the training images of the class in which the filter contributes most
@@ -41,8 +42,8 @@ from bench.paper.common import (
     store,
     test_images,
 )
-from monitor import SurpriseMonitor
-from monitor.table import CalibrationTable
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.table import CalibrationTable
 
 KINDS = ("surprise", "expectation")
 
@@ -77,7 +78,7 @@ def flags_of(rep: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
 
 def silent_most_surprising(rep: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[B]`` bool: the most surprising filter (largest ``alpha - mu`` among the flagged ones,
-    the one :func:`monitor.explain.fix` uses) has ``alpha = 0``."""
+    the one :func:`surprise_monitor.monitor.explain.fix` uses) has ``alpha = 0``."""
     dev = (rep["alpha"] - rep["mu"]).masked_fill(~rep["surprise"], float("-inf"))
     best = dev.argmax(dim=1)
     alpha = rep["alpha"].gather(1, best.view(-1, 1)).squeeze(1)
@@ -128,7 +129,7 @@ def explain_cases(
 ) -> list[dict[str, Any]]:
     """The lowest-beta failures with a surprising / an expected filter, explained (figures
     written to ``figures/``)."""
-    from monitor.explain import explain
+    from surprise_monitor.monitor.explain import explain
 
     cases: list[dict[str, Any]] = []
     for kind in KINDS:

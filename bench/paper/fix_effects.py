@@ -1,9 +1,9 @@
 """Why a fix works or not: what blanking the chosen superpixels does to the logits.
 
-The fix-rate experiment (:mod:`bench.paper.fixing`) only sees the prediction after each edit.
-This one measures, for the first ``--effect-images`` misclassified test images, SLIC at the
-paper's 50 superpixels, and the top ``r`` = 1, 2, 3 superpixels of each ranking (surprise,
-vanilla, random, chosen exactly as :func:`monitor.explain.fix` chooses them), the change of
+The fix-rate experiment (:mod:`bench.paper.fixing`) only sees the prediction after each edit. This
+one measures, for the first ``--effect-images`` misclassified test images, SLIC at the paper's 50
+superpixels, and the top ``r`` = 1, 2, 3 superpixels of each ranking (surprise, vanilla, random,
+chosen exactly as :func:`surprise_monitor.monitor.explain.fix` chooses them), the change of
 
 - the true class's logit ``O_c`` (a fix needs it to rise, relative to the others),
 - the predicted class's logit ``O_p`` (or to fall),
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from bench.paper.common import Setup
-from monitor import SurpriseMonitor
-from monitor.explain import input_gradient, most_surprising_filter, superpixels
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.explain import input_gradient, most_surprising_filter, superpixels
 
 EFFECT_SEGMENTS = 50
 EFFECT_REMOVE = (1, 2, 3)

@@ -63,9 +63,9 @@ from bench.paper.common import (
     test_images,
     test_logits,
 )
-from calibrate import model_fingerprint
-from monitor import SurpriseMonitor
-from monitor.explain import DEFAULT_N_SEGMENTS, DEFAULT_REMOVE, METHODS
+from surprise_monitor.calibrate import model_fingerprint
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.explain import DEFAULT_N_SEGMENTS, DEFAULT_REMOVE, METHODS
 
 #: Removed-pixel budgets (fraction of the image) at which the fix rates are also reported.
 BUDGETS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)

@@ -51,9 +51,9 @@ from bench.paper.common import (
 )
 from bench.paper.metrics import curve_auc
 from bench.strong_models import VGGBN
-from calibrate import model_fingerprint
-from kernels import grad_amap
-from monitor.probe import get_module
+from surprise_monitor.calibrate import model_fingerprint
+from surprise_monitor.kernels import grad_amap
+from surprise_monitor.monitor.probe import get_module
 
 METHODS = (
     "random",

@@ -1,7 +1,7 @@
 """The record of alarms: a bounded log of recent alarms with thumbnails, an append-only JSONL
 audit file rotated by size, and explanations computed on demand off the request path."""
 
-from monitor.alarms.log import KINDS, AlarmLog, AlarmRecord
-from monitor.alarms.sink import JsonlSink, read_records
+from surprise_monitor.monitor.alarms.log import KINDS, AlarmLog, AlarmRecord
+from surprise_monitor.monitor.alarms.sink import JsonlSink, read_records
 
 __all__ = ["KINDS", "AlarmLog", "AlarmRecord", "JsonlSink", "read_records"]

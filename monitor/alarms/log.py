@@ -1,16 +1,16 @@
 """The record of recent alarms: what an operator looks at when an alert fires.
 
-:class:`AlarmLog` is the request path's alarm recorder (``SurpriseMonitor(alarm_log=...)``).
-For each input that alarms it keeps an :class:`AlarmRecord`: the one-input report as JSON, a
-thumbnail of the un-normalised input, the time, the request id and the table's fingerprint.
-Memory is bounded under any traffic: at most ``capacity`` records (the oldest leave first),
-the inputs of the newest ``keep_inputs`` of them (what an explanation needs), and at most
-``explanations`` cached explanation figures. With ``sink=`` every record also goes, before
-:meth:`AlarmLog.record` returns, to an append-only JSONL audit file rotated by size
-(:class:`monitor.alarms.sink.JsonlSink`). Explanations (:func:`monitor.explain.explain`: the
-input with the region behind its most surprising / expected filter, that filter's training
-exemplars) are computed only when asked for, on one worker thread, never on the request path,
-and cached.
+:class:`AlarmLog` is the request path's alarm recorder (``SurpriseMonitor(alarm_log=...)``). For
+each input that alarms it keeps an :class:`AlarmRecord`: the one-input report as JSON, a thumbnail
+of the un-normalised input, the time, the request id and the table's fingerprint. Memory is bounded
+under any traffic: at most ``capacity`` records (the oldest leave first), the inputs of the newest
+``keep_inputs`` of them (what an explanation needs), and at most ``explanations`` cached explanation
+figures. With ``sink=`` every record also goes, before :meth:`AlarmLog.record` returns, to an
+append-only JSONL audit file rotated by size
+(:class:`surprise_monitor.monitor.alarms.sink.JsonlSink`). Explanations
+(:func:`surprise_monitor.monitor.explain.explain`: the input with the region behind its most
+surprising / expected filter, that filter's training exemplars) are computed only when asked for, on
+one worker thread, never on the request path, and cached.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from monitor.alarms.sink import JsonlSink
-from monitor.alarms.thumbnails import thumbnail_png
+from surprise_monitor.monitor.alarms.sink import JsonlSink
+from surprise_monitor.monitor.alarms.thumbnails import thumbnail_png
 
 if TYPE_CHECKING:
-    from monitor.judge import Judge
-    from monitor.report import MonitorReport
-    from monitor.table import CalibrationTable
+    from surprise_monitor.monitor.judge import Judge
+    from surprise_monitor.monitor.report import MonitorReport
+    from surprise_monitor.monitor.table import CalibrationTable
 
 #: The kinds an alarm can be filtered by: which per-filter flags explain it.
 KINDS = ("surprise", "expectation", "low_beta")
@@ -89,9 +89,9 @@ class AlarmLog:
         explanations: explanation figures cached.
         thumbnail_size: the thumbnails' longer side in pixels.
         max_filters: surprising / expected filters kept in each record's report.
-        explain_kwargs: passed to :func:`monitor.explain.explain` (e.g. ``exemplars_k=3``;
-            ``mean=`` / ``std=`` when the table records no normalisation: the thumbnails use
-            them too).
+        explain_kwargs: passed to :func:`~surprise_monitor.monitor.explain.explain` (e.g.
+            ``exemplars_k=3``; ``mean=`` / ``std=`` when the table records no normalisation: the
+            thumbnails use them too).
     """
 
     def __init__(
@@ -225,7 +225,7 @@ class AlarmLog:
 
     def _explain(self, x: torch.Tensor, label: int | None) -> tuple[bytes, dict[str, Any]]:
         """The explanation figure of ``x`` as PNG bytes and its summary (worker thread)."""
-        from monitor.explain.explanation import explain
+        from surprise_monitor.monitor.explain.explanation import explain
 
         assert self._judge is not None
         expl = explain(self._judge, x, label=label, **self.explain_kwargs)

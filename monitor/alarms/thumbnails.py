@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from monitor.explain.superpixels import normalisation, unnormalise
+from surprise_monitor.monitor.explain.superpixels import normalisation, unnormalise
 
 
 def thumbnail_png(

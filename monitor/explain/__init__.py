@@ -1,10 +1,10 @@
 """Explanations and fixes on top of the judge: why an input was flagged (the region behind one
 filter, the filter's training exemplars, figures) and the paper's "suppressing surprise" fix."""
 
-from monitor.explain.choice import choose_filter, most_surprising_filter
-from monitor.explain.exemplars import Exemplar, exemplars, load_images
-from monitor.explain.explanation import Explanation, explain
-from monitor.explain.fixes import (
+from surprise_monitor.monitor.explain.choice import choose_filter, most_surprising_filter
+from surprise_monitor.monitor.explain.exemplars import Exemplar, exemplars, load_images
+from surprise_monitor.monitor.explain.explanation import Explanation, explain
+from surprise_monitor.monitor.explain.fixes import (
     DEFAULT_N_SEGMENTS,
     DEFAULT_REMOVE,
     METHODS,
@@ -12,7 +12,7 @@ from monitor.explain.fixes import (
     FixResult,
     fix,
 )
-from monitor.explain.saliency import input_gradient
+from surprise_monitor.monitor.explain.saliency import input_gradient
 
 __all__ = [
     "DEFAULT_N_SEGMENTS",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monitor.report import MonitorReport
+from surprise_monitor.monitor.report import MonitorReport
 
 
 def choose_filter(report: MonitorReport, filter: int | None) -> tuple[int, str, str]:

@@ -23,13 +23,17 @@ from typing import Any
 
 import torch
 
-from monitor.advice import cli_message
-from monitor.explain.explanation import Explanation
-from monitor.loading.images import SOURCE_KINDS, Preprocessing
-from monitor.loading.model_args import HelpFormatter, add_model_arguments, model_from_args
-from monitor.loading.sources import source_dataset
-from monitor.surprise_monitor import SurpriseMonitor
-from monitor.table import CalibrationTable
+from surprise_monitor.monitor.advice import cli_message
+from surprise_monitor.monitor.explain.explanation import Explanation
+from surprise_monitor.monitor.loading.images import SOURCE_KINDS, Preprocessing
+from surprise_monitor.monitor.loading.model_args import (
+    HelpFormatter,
+    add_model_arguments,
+    model_from_args,
+)
+from surprise_monitor.monitor.loading.sources import source_dataset
+from surprise_monitor.monitor.surprise_monitor import SurpriseMonitor
+from surprise_monitor.monitor.table import CalibrationTable
 
 
 def parser() -> argparse.ArgumentParser:

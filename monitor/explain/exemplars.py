@@ -1,9 +1,9 @@
 """Training exemplars of a (class, filter): the calibration images with the largest alpha.
 
-``table.top_indices[c, n]`` holds their dataset indices (``-1`` = none). The images are read
-back from ``table.data_source`` (an ImageFolder recorded by ``surprise-calibrate`` or an npz
-file; see :mod:`monitor.loading.images`) or from a dataset the caller passes: ``dataset[i]`` is
-``(image, label, ...)`` with the normalised ``[C, H, W]`` tensor the model was calibrated on.
+``table.top_indices[c, n]`` holds their dataset indices (``-1`` = none). The images are read back
+from ``table.data_source`` (an ImageFolder recorded by ``surprise-calibrate`` or an npz file; see
+:mod:`surprise_monitor.monitor.loading.images`) or from a dataset the caller passes: ``dataset[i]``
+is ``(image, label, ...)`` with the normalised ``[C, H, W]`` tensor the model was calibrated on.
 
 Each exemplar carries the region that most activates the filter, found as for the input
 (filter-restricted gradient, SLIC, the highest-scored superpixel).
@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.explain import superpixels
-from monitor.explain.saliency import input_gradient
-from monitor.loading.models import model_device, model_dtype
-from monitor.loading.sources import source_dataset, source_error, source_images
-from monitor.table import CalibrationTable
+from surprise_monitor.monitor.explain import superpixels
+from surprise_monitor.monitor.explain.saliency import input_gradient
+from surprise_monitor.monitor.loading.models import model_device, model_dtype
+from surprise_monitor.monitor.loading.sources import source_dataset, source_error, source_images
+from surprise_monitor.monitor.table import CalibrationTable
 
 
 @dataclass

@@ -7,13 +7,13 @@ For one image ``x`` judged against class ``c`` (the caller's label, else the pre
    with ``alpha > P_cn(surprise_pct)``), else the most expected one, else (nothing flagged) the
    filter with the highest percentile rank, ``kind="unflagged"``;
 2. the gradient of class c's score with respect to the input pixels that flows only through that
-   filter (:func:`monitor.explain.saliency.input_gradient`);
-3. SLIC superpixels of the un-normalised image (:mod:`monitor.explain.superpixels`; the
+   filter (:func:`surprise_monitor.monitor.explain.saliency.input_gradient`);
+3. SLIC superpixels of the un-normalised image (:mod:`.superpixels`; the
    normalisation comes from ``table.data_source["mean"/"std"]`` or the ``mean=`` / ``std=``
    arguments), each scored by the gradient it holds (the sum over its pixels of ``max_c |g|``);
    the top superpixel is the region most important to the filter;
 4. optionally the training exemplars of ``(c, filter)`` from the calibration table, each with
-   its own region (:mod:`monitor.explain.exemplars`).
+   its own region (:mod:`surprise_monitor.monitor.explain.exemplars`).
 """
 
 from __future__ import annotations
@@ -27,15 +27,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from monitor.explain import superpixels
-from monitor.explain.choice import choose_filter
-from monitor.explain.exemplars import Exemplar, exemplars
-from monitor.explain.figures import DIMMED, OUTLINE, Panel, draw_boundary, grid_figure, save_png
-from monitor.explain.inputs import judged_on_device, one_image
-from monitor.explain.saliency import input_gradient
-from monitor.judge import HasJudge, Judge, judge_of
-from monitor.loading.images import SOURCE_KINDS
-from monitor.table import CalibrationTable
+from surprise_monitor.monitor.explain import superpixels
+from surprise_monitor.monitor.explain.choice import choose_filter
+from surprise_monitor.monitor.explain.exemplars import Exemplar, exemplars
+from surprise_monitor.monitor.explain.figures import (
+    DIMMED,
+    OUTLINE,
+    Panel,
+    draw_boundary,
+    grid_figure,
+    save_png,
+)
+from surprise_monitor.monitor.explain.inputs import judged_on_device, one_image
+from surprise_monitor.monitor.explain.saliency import input_gradient
+from surprise_monitor.monitor.judge import HasJudge, Judge, judge_of
+from surprise_monitor.monitor.loading.images import SOURCE_KINDS
+from surprise_monitor.monitor.table import CalibrationTable
 
 #: How a filter's kind reads in figures and summaries: "expected" alone would read as "normal",
 #: but an expected filter is one the class usually has strongly and this image lacks.
@@ -213,8 +220,8 @@ def explain(
     """Explain one image ``x`` (normalised, ``[C, H, W]`` or ``[1, C, H, W]``) for one filter.
 
     Args:
-        target: the judge, or a :class:`~monitor.SurpriseMonitor` (its judge is used; its
-            ``last_report`` is left alone).
+        target: the judge, or a :class:`~surprise_monitor.monitor.SurpriseMonitor` (its
+            judge is used; its ``last_report`` is left alone).
         filter: the filter to explain; default: the most surprising, else the most expected one.
         label: the true class if known (the filter is judged against it); else the prediction.
         n_segments: SLIC's target superpixel count (the paper uses 50).

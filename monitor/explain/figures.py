@@ -1,7 +1,7 @@
 """Pictures of explanations: a region's boundary drawn on an image, and captioned pictures side
 by side (the paper's Figures 7 and 8: the input beside its training exemplars). PIL for single
 images, matplotlib (Agg, no global pyplot state) for the composite figure; files are written
-atomically (:mod:`monitor.files`)."""
+atomically (:mod:`surprise_monitor.monitor.files`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from monitor.files import atomic_write
+from surprise_monitor.monitor.files import atomic_write
 
 BOUNDARY_RGB: tuple[int, int, int] = (255, 255, 0)  # yellow, as in the paper's figures
 MIN_SIDE = 256

@@ -13,9 +13,9 @@ For a misclassified image and its true label c:
 3. the image counts as fixed when any of those images is classified as c; the fix reported is
    the one that removes the fewest pixels (then the fewest superpixels).
 
-Superpixels are scored as in :func:`monitor.explain.superpixels.superpixel_scores` (sum over the
-region of ``max_c |g|``); the image is un-normalised for SLIC as in
-:mod:`monitor.explain.explanation`.
+Superpixels are scored as in :func:`surprise_monitor.monitor.explain.superpixels.superpixel_scores`
+(sum over the region of ``max_c |g|``); the image is un-normalised for SLIC as in
+:mod:`surprise_monitor.monitor.explain.explanation`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.explain import superpixels
-from monitor.explain.choice import most_surprising_filter
-from monitor.explain.inputs import judged_on_device, one_image
-from monitor.explain.saliency import input_gradient
-from monitor.judge import HasJudge, Judge, judge_of
+from surprise_monitor.monitor.explain import superpixels
+from surprise_monitor.monitor.explain.choice import most_surprising_filter
+from surprise_monitor.monitor.explain.inputs import judged_on_device, one_image
+from surprise_monitor.monitor.explain.saliency import input_gradient
+from surprise_monitor.monitor.judge import HasJudge, Judge, judge_of
 
 METHODS = ("surprise", "vanilla", "random")
 DEFAULT_N_SEGMENTS: tuple[int, ...] = (10, 25, 50, 100)
@@ -107,8 +107,8 @@ def fix(
 ) -> FixResult:
     """Try to make a misclassified image ``x`` (normalised, ``[C, H, W]`` or ``[1, C, H, W]``)
     classify as its true ``label`` by zeroing its top superpixels; see the module docstring.
-    ``target`` is the judge, or a :class:`~monitor.SurpriseMonitor` (its ``last_report`` is left
-    alone).
+    ``target`` is the judge, or a :class:`~surprise_monitor.monitor.SurpriseMonitor` (its
+    ``last_report`` is left alone).
 
     Raises ``ValueError`` when ``x`` is already classified as ``label``.
     """

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from monitor.judge import Judge
-from monitor.loading.models import model_device, model_dtype
-from monitor.report import MonitorReport
+from surprise_monitor.monitor.judge import Judge
+from surprise_monitor.monitor.loading.models import model_device, model_dtype
+from surprise_monitor.monitor.report import MonitorReport
 
 
 def one_image(x: Any, what: str) -> torch.Tensor:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor.probe.hooks import LayerTap
-from monitor.probe.scores import check_classes, class_scores, logits_of
+from surprise_monitor.monitor.probe.hooks import LayerTap
+from surprise_monitor.monitor.probe.scores import check_classes, class_scores, logits_of
 
 
 def input_gradient(

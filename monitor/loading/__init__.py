@@ -1,10 +1,10 @@
 """Getting models and images in: torchvision names and ``module:factory`` specs, weights files,
 ONNX files, and the image preprocessing a calibration records."""
 
-from monitor.loading.images import Preprocessing
-from monitor.loading.models import build_model, load_weights, model_device
-from monitor.loading.onnx_model import OnnxConversionError, load_onnx
-from monitor.loading.sources import SourceError, source_dataset, source_images
+from surprise_monitor.monitor.loading.images import Preprocessing
+from surprise_monitor.monitor.loading.models import build_model, load_weights, model_device
+from surprise_monitor.monitor.loading.onnx_model import OnnxConversionError, load_onnx
+from surprise_monitor.monitor.loading.sources import SourceError, source_dataset, source_images
 
 __all__ = [
     "OnnxConversionError",

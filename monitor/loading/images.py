@@ -1,9 +1,10 @@
 """Images in, tensors out: the preprocessing of a calibration, and reading training images back.
 
 :class:`Preprocessing` is the one statement of the pipeline: ``surprise-calibrate`` applies it to
-its ImageFolder and records it in ``table.data_source``; ``surprise-explain`` and the exemplars
-read the record back and apply the same steps. :func:`monitor.loading.sources.source_images`
-reads the training images a ``data_source`` describes:
+its ImageFolder and records it in ``table.data_source``; ``surprise-explain`` and the exemplars read
+the record back and apply the same steps.
+:func:`surprise_monitor.monitor.loading.sources.source_images` reads the training images a
+``data_source`` describes:
 
 - ``{"kind": "imagefolder", "root", "resize", "crop", "mean", "std", "grayscale"}`` (what
   ``surprise-calibrate`` records): a torchvision ``ImageFolder`` with the same preprocessing,

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from monitor.loading.models import build_model, load_weights
-from monitor.loading.onnx_model import load_onnx
+from surprise_monitor.monitor.loading.models import build_model, load_weights
+from surprise_monitor.monitor.loading.onnx_model import load_onnx
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

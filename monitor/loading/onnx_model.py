@@ -16,8 +16,10 @@ from typing import Any
 
 from torch import nn
 
+from surprise_monitor.monitor.errors import SurpriseMonitorError
 
-class OnnxConversionError(ValueError):
+
+class OnnxConversionError(SurpriseMonitorError, ValueError):
     """The ONNX file cannot be read or converted to a torch module."""
 
 

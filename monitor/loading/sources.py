@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.advice import advise
-from monitor.loading.images import SOURCE_KINDS, Preprocessing
+from surprise_monitor.monitor.advice import advise
+from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.loading.images import SOURCE_KINDS, Preprocessing
 
 #: Directory entries a scan may visit (ImageNet's training set has 1.3 million files).
 MAX_ENTRIES = 20_000_000
@@ -51,7 +52,7 @@ _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 8
 
 
-class SourceError(ValueError):
+class SourceError(SurpriseMonitorError, ValueError):
     """The training images a data source names cannot be read safely (or at all)."""
 
 

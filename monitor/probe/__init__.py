@@ -2,10 +2,10 @@
 score's gradient there; plus the layer hooks it is built on, the class scores and the choice of
 the target layer."""
 
-from monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised, ProbeResult
-from monitor.probe.hooks import LayerTap, get_module, traced_calls
-from monitor.probe.layers import LayerChoice, resolve_layer
-from monitor.probe.scores import SCORES, class_scores
+from surprise_monitor.monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised, ProbeResult
+from surprise_monitor.monitor.probe.hooks import LayerTap, get_module, traced_calls
+from surprise_monitor.monitor.probe.layers import LayerChoice, resolve_layer
+from surprise_monitor.monitor.probe.scores import SCORES, class_scores
 
 __all__ = [
     "SCORES",

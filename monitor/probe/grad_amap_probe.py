@@ -1,11 +1,11 @@
 """One forward pass and one partial backward pass that yield a batch's activations and gradients.
 
 The network runs under ``torch.no_grad()`` up to the target layer, so the prefix keeps no autograd
-state. A :class:`~monitor.probe.hooks.LayerTap` on the target layer swaps its output for a
-detached leaf that requires grad and turns grad mode on for the rest of the forward pass (the
-head). One ``torch.autograd.grad`` call from the sum of the per-sample class scores to that leaf
-then gives every sample's ``dO_c/dA`` at once: in eval mode samples do not interact, so the
-gradient of the sum with respect to sample b's activation is sample b's own gradient. No
+state. A :class:`~surprise_monitor.monitor.probe.hooks.LayerTap` on the target layer swaps its
+output for a detached leaf that requires grad and turns grad mode on for the rest of the forward
+pass (the head). One ``torch.autograd.grad`` call from the sum of the per-sample class scores to
+that leaf then gives every sample's ``dO_c/dA`` at once: in eval mode samples do not interact, so
+the gradient of the sum with respect to sample b's activation is sample b's own gradient. No
 parameter gradient is computed or stored, no ``requires_grad`` flag is changed, and the hook does
 nothing unless a probe call is active in the calling thread, so the plain model and other threads
 are unaffected.
@@ -20,8 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor.probe.hooks import LayerTap
-from monitor.probe.scores import check_classes, check_score, class_scores, logits_of
+from surprise_monitor.monitor.probe.hooks import LayerTap
+from surprise_monitor.monitor.probe.scores import (
+    check_classes,
+    check_score,
+    class_scores,
+    logits_of,
+)
 
 
 class ModelRaised(Exception):
@@ -61,7 +66,7 @@ class GradAMapProbe:
 
     Args:
         model: the CNN, in eval mode.
-        layer: name of the target module (see :func:`monitor.probe.resolve_layer`).
+        layer: name of the target module (see :func:`surprise_monitor.monitor.probe.resolve_layer`).
         score: ``"logit"`` (default), ``"softmax"`` or ``"log_softmax"``.
         output_to_logits: maps the model's output to ``[B, K]`` logits (default: identity).
     """

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from monitor.probe.hooks import LayerCall, get_module, traced_calls
+from surprise_monitor.monitor.probe.hooks import LayerCall, get_module, traced_calls
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor.probe.hooks import CopySafeHook, get_module, traced_calls
+from surprise_monitor.monitor.probe.hooks import CopySafeHook, get_module, traced_calls
 
 #: How many of the first spatial stages :func:`stage_layers` picks by default.
 DEFAULT_STAGES = 2

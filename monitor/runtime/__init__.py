@@ -1,11 +1,11 @@
 """The request path around the judge: sampling, the async worker, fail-open counting,
 ``on_flag`` callbacks, timing and Prometheus metrics."""
 
-from monitor.runtime.metrics import MetricsConflictError, MonitorMetrics
-from monitor.runtime.request_path import MODES, MonitorResult, RequestPath
-from monitor.runtime.sampling import Sampler
-from monitor.runtime.timing import ForwardTimer
-from monitor.runtime.worker import AsyncWorker
+from surprise_monitor.monitor.runtime.metrics import MetricsConflictError, MonitorMetrics
+from surprise_monitor.monitor.runtime.request_path import MODES, MonitorResult, RequestPath
+from surprise_monitor.monitor.runtime.sampling import Sampler
+from surprise_monitor.monitor.runtime.timing import ForwardTimer
+from surprise_monitor.monitor.runtime.worker import AsyncWorker
 
 __all__ = [
     "MODES",

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a :class:`~monitor.SurpriseMonitor`, in a registry the caller chooses.
+"""Prometheus metrics of a :class:`~surprise_monitor.monitor.SurpriseMonitor`, in a registry the
+caller chooses.
 
 Names follow the Prometheus conventions (``_total`` counters, ``_seconds`` durations, base
 units, low-cardinality labels). With the default namespace ``surprise_monitor``:
@@ -43,7 +44,7 @@ units, low-cardinality labels). With the default namespace ``surprise_monitor``:
 The alarm series count only inputs with a p-value (a table with a held-out null): the p-value
 histogram's ``_count`` is the denominator of the alarm rate. The window holds the last
 ``window`` (default 1000) judged p-values of this monitor; its gauges are computed when
-scraped (:mod:`monitor.runtime.window`), never on the request path.
+scraped (:mod:`surprise_monitor.monitor.runtime.window`), never on the request path.
 
 Once the async queue is drained, ``inputs_total`` equals ``inputs_monitored_total`` plus the
 sum of ``inputs_skipped_total`` over its reasons, in every mode. A per-class ``class`` label
@@ -60,7 +61,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
@@ -68,13 +68,14 @@ from weakref import WeakKeyDictionary
 import torch
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from monitor.runtime.window import DEFAULT_WINDOW, PValueWindow
+from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.options import MetricsOptions
+from surprise_monitor.monitor.runtime.window import PValueWindow
 
 if TYPE_CHECKING:
-    from monitor.report import MonitorReport
-    from monitor.table import CalibrationTable
+    from surprise_monitor.monitor.report import MonitorReport
+    from surprise_monitor.monitor.table import CalibrationTable
 
-DEFAULT_NAMESPACE = "surprise_monitor"
 FLAG_KINDS = ("surprise", "expectation", "low_beta")
 SKIP_REASONS = ("sampled_out", "queue_full", "failed", "model_error")
 #: ``failures_total`` kinds: a bad input (shape, dtype, NaN/Inf, labels), a model in training
@@ -102,14 +103,14 @@ _RESERVED = (
 )  # fmt: skip
 
 
-class MetricsConflictError(ValueError):
+class MetricsConflictError(SurpriseMonitorError, ValueError):
     """The registry already holds metrics that this monitor's metrics would collide with."""
 
 
 def failure_kind(exc: BaseException, prefix: str = "") -> str:
     """The :data:`FAILURE_KINDS` label of a monitoring failure (a ``prefix``, ``"on_flag:"`` or
     ``"recorder:"``: an exception in the callback or the alarm recorder)."""
-    from monitor.judge import (
+    from surprise_monitor.monitor.judge import (
         InvalidInputError,
         NonFiniteAlphaError,
         TableMismatchError,
@@ -314,36 +315,29 @@ def _build_family(
 
 
 class MonitorMetrics:
-    """One monitor's metrics, registered in ``registry`` (default: the global registry).
+    """One monitor's metrics, registered in ``options.registry`` (default: the global one).
 
     Args:
         table: the monitor's calibration table (class names, filter count, beta scale).
-        registry: a :class:`prometheus_client.CollectorRegistry`; ``None`` is the global one.
-        namespace: the metric name prefix.
-        labels: constant labels for this monitor's series (e.g. ``{"model": "resnet50"}``).
-        per_class: add a ``class`` label to the monitored and flagged counters (cardinality:
+        options: registry, namespace, constant labels, per-class counters, window, beta buckets
+            (:class:`~surprise_monitor.monitor.options.MetricsOptions`; per-class counters add
             one series per class and kind).
-        beta_buckets: the beta histogram's buckets (default: from the table's calibration betas).
         alarm_rate: the monitor's nominal alarm rate (exported, and the window's threshold).
-        window: p-values in the sliding window of the windowed alarm rate and KS distance.
     """
 
     def __init__(
         self,
         table: CalibrationTable,
+        options: MetricsOptions,
         *,
-        registry: CollectorRegistry | None = None,
-        namespace: str = DEFAULT_NAMESPACE,
-        labels: Mapping[str, str] | None = None,
-        per_class: bool = False,
-        beta_buckets: Sequence[float] | None = None,
-        alarm_rate: float = 0.01,
-        window: int = DEFAULT_WINDOW,
+        alarm_rate: float,
     ) -> None:
-        self.window = PValueWindow(window, alarm_rate)
-        self.registry = REGISTRY if registry is None else registry
-        self.namespace = namespace
-        labels = {str(k): str(v) for k, v in (labels or {}).items()}
+        self.options = options
+        self.window = PValueWindow(options.window, alarm_rate)
+        self.registry = REGISTRY if options.registry is None else options.registry
+        self.namespace = options.namespace
+        labels = dict(options.labels)
+        per_class, beta_buckets = options.per_class, options.beta_buckets
         clash = sorted(set(labels) & set(_RESERVED))
         if clash:
             raise ValueError(f"constant label names {clash} are used by the monitor's metrics")

@@ -1,14 +1,14 @@
 """The request path: what happens around the judge when a served model is called.
 
-:class:`RequestPath` runs the model for every call and has the :class:`~monitor.judge.Judge`
-judge the inputs it samples: on the calling thread (``mode="sync"``, from the same forward pass
-when every input is sampled) or on a worker thread (``mode="async"``, a copy of the inputs,
-dropped and counted when the queue is full). It never lets monitoring break the call (fail-open):
-a failure is counted (``failures``, the metrics) and logged once per kind, and the model's
-output is still returned. It calls ``on_flag`` for each input that alarms (``report.alarm``;
-the per-filter flags that explain it stay in the report), hands each alarm and its input to the
-alarm recorder (e.g. :class:`monitor.alarms.AlarmLog`), feeds the Prometheus metrics and keeps
-the last report.
+:class:`RequestPath` runs the model for every call and has the
+:class:`~surprise_monitor.monitor.judge.Judge` judge the inputs it samples: on the calling thread
+(``mode="sync"``, from the same forward pass when every input is sampled) or on a worker thread
+(``mode="async"``, a copy of the inputs, dropped and counted when the queue is full). It never lets
+monitoring break the call (fail-open): a failure is counted (``failures``, the metrics) and logged
+once per kind, and the model's output is still returned. It calls ``on_flag`` for each input that
+alarms (``report.alarm``; the per-filter flags that explain it stay in the report), hands each alarm
+and its input to the alarm recorder (e.g. :class:`surprise_monitor.monitor.alarms.AlarmLog`), feeds
+the Prometheus metrics and keeps the last report.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import Any, Protocol
 
 import torch
 
-from monitor.judge import Judge
-from monitor.probe.grad_amap_probe import ModelRaised
-from monitor.report import MonitorReport
-from monitor.runtime.metrics import MonitorMetrics, failure_kind
-from monitor.runtime.sampling import Sampler
-from monitor.runtime.timing import ForwardTime, ForwardTimer
-from monitor.runtime.worker import AsyncWorker
+from surprise_monitor.monitor.judge import Judge
+from surprise_monitor.monitor.probe.grad_amap_probe import ModelRaised
+from surprise_monitor.monitor.report import MonitorReport
+from surprise_monitor.monitor.runtime.metrics import MonitorMetrics, failure_kind
+from surprise_monitor.monitor.runtime.sampling import Sampler
+from surprise_monitor.monitor.runtime.timing import ForwardTime, ForwardTimer
+from surprise_monitor.monitor.runtime.worker import AsyncWorker
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class MonitorResult:
 
 
 class AlarmRecorder(Protocol):
-    """What the request path hands each alarm to (:class:`monitor.alarms.AlarmLog` is one)."""
+    """What the request path hands each alarm to (:class:`surprise_monitor.monitor.alarms.AlarmLog`
+    is one)."""
 
     def record(self, report: MonitorReport, x: torch.Tensor, request_id: str | None) -> Any:
         """Keep one alarm: its one-input ``report``, its input ``x`` ``[C, H, W]`` (the

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from monitor.probe.hooks import CopySafeHook
+from surprise_monitor.monitor.probe.hooks import CopySafeHook
 
 
 @dataclass

@@ -17,8 +17,6 @@ from collections import deque
 
 import numpy as np
 
-DEFAULT_WINDOW = 1000
-
 
 def ks_distance_from_uniform(p_values: np.ndarray) -> float:
     """``sup_t |F_m(t) - t|`` of the empirical CDF of ``p_values`` (in [0, 1]) against
@@ -49,7 +47,7 @@ class PValueWindow:
         alarm_rate: the nominal alarm rate: a p-value at most this is an alarm.
     """
 
-    def __init__(self, size: int = DEFAULT_WINDOW, alarm_rate: float = 0.01) -> None:
+    def __init__(self, size: int, alarm_rate: float) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"window size must be an integer >= 1, got {size!r}")
         self.size = size

@@ -1,6 +1,6 @@
 """The operator's page as an ASGI app (Starlette): mount it in any ASGI application.
 
-    from monitor.web import alarm_app
+    from surprise_monitor.monitor.web import alarm_app
     app.mount("/alarms", alarm_app(alarm_log, monitor))   # FastAPI / Starlette
 
 Routes, under the mount point: ``/`` the recent alarms (``?class=NAME&kind=surprise``),
@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from monitor.alarms.log import KINDS, AlarmLog, AlarmRecord
-from monitor.web.page import detail_page, list_page
+from surprise_monitor.monitor.alarms.log import KINDS, AlarmLog, AlarmRecord
+from surprise_monitor.monitor.web.page import detail_page, list_page
 
 
 def status_of(log: AlarmLog, monitor: Any | None) -> dict[str, Any]:

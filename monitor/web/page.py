@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from monitor.alarms.log import KINDS, AlarmRecord
+from surprise_monitor.monitor.alarms.log import KINDS, AlarmRecord
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;background:#fff}

@@ -88,7 +88,7 @@ def test_the_ablation_without_the_head_is_fishers_combination_of_the_other_compo
     import torch
 
     from bench.alarms.collect import with_ablations
-    from monitor.atypicality import ScoreReference
+    from surprise_monitor.monitor.atypicality import ScoreReference
 
     rng = np.random.default_rng(3)
     ref = rng.gamma(2.0, size=(200, 3))

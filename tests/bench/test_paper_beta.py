@@ -11,8 +11,8 @@ import torchvision
 from bench.paper.beta import beta_statistics, rate, residual_of
 from bench.paper.common import inspect_all, layer_hw
 from bench.strong_models import VGGBN
-from calibrate import calibrate
-from monitor import SurpriseMonitor
+from surprise_monitor.calibrate import calibrate
+from surprise_monitor.monitor import SurpriseMonitor
 
 
 def test_rate_and_shares_by_hand():

@@ -8,9 +8,9 @@ import torch
 
 from bench.paper import fixing
 from bench.strong_models import VGGBN
-from calibrate import calibrate, model_fingerprint
-from monitor import SurpriseMonitor
-from monitor.probe import get_module
+from surprise_monitor.calibrate import calibrate, model_fingerprint
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.probe import get_module
 
 
 def _vgg() -> VGGBN:
@@ -121,7 +121,7 @@ def test_rows_are_resumed_and_torn_lines_dropped(tmp_path, monkeypatch):
 def test_effects_blank_what_the_fix_blanks(tiny_strong):
     from bench.paper import fix_effects
     from bench.paper.common import test_images
-    from monitor.explain import fix, superpixels
+    from surprise_monitor.monitor.explain import fix, superpixels
 
     s = tiny_strong
     x, y = test_images(s.data_dir, 0, 40)

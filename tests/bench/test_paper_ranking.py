@@ -21,7 +21,7 @@ from bench.paper.ranking import (
     taylor_total,
 )
 from bench.strong_models import VGGBN
-from monitor import GradAMapProbe
+from surprise_monitor.monitor import GradAMapProbe
 from tests._models import TinyCNN
 
 

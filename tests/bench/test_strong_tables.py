@@ -8,7 +8,7 @@ import torch
 
 from bench import strong_tables
 from bench.strong_models import VGGBN
-from calibrate import calibrate
+from surprise_monitor.calibrate import calibrate
 
 
 @pytest.fixture()

@@ -11,12 +11,12 @@ import torch
 from pytorch_ood.detector import Mahalanobis
 from torch.utils.data import DataLoader, TensorDataset
 
-from calibrate import calibrate
-from calibrate.alarm import fit_head
-from monitor import SurpriseMonitor
-from monitor.atypicality import SCORE_NAME, components, head_distance
-from monitor.table import CalibrationTable, TableError
-from monitor.table_alarm import AlarmTableError
+from surprise_monitor.calibrate import calibrate
+from surprise_monitor.calibrate.alarm import fit_head
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.atypicality import SCORE_NAME, components, head_distance
+from surprise_monitor.monitor.table import CalibrationTable, TableError
+from surprise_monitor.monitor.table_alarm import AlarmTableError
 from tests._checks import resign
 from tests._models import TinyCNN, class_dataset, class_images, seeded, trained_tiny_cnn
 
@@ -78,13 +78,13 @@ def test_the_head_fit_is_pytorch_oods_mahalanobis():
 def test_thin_or_missing_classes_behind_the_head_are_named(caplog):
     f = np.random.default_rng(0).normal(size=(40, 4))
     y = np.array([0] * 30 + [1] * 8 + [3] * 2)
-    with caplog.at_level(logging.WARNING, logger="calibrate.alarm"):
+    with caplog.at_level(logging.WARNING, logger="surprise_monitor.calibrate.alarm"):
         means, _ = fit_head(f, y, num_classes=5)
     assert means.shape == (3, 4)  # classes 0, 1 and 3
     assert "no mean for class(es) 2, 4 " in caplog.text
     assert "class(es) 1, 3 rests on fewer than 10 images" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="calibrate.alarm"):
+    with caplog.at_level(logging.WARNING, logger="surprise_monitor.calibrate.alarm"):
         fit_head(f[:30], y[:30], num_classes=1)
         assert caplog.text == ""
         fit_head(f[:30], y[:30], num_classes=25)
@@ -110,7 +110,7 @@ def test_the_reference_is_the_odd_halfs_components_judged_with_labels(alarmed):
         alpha_pct = plain.inspect(x, y).percentile
     with torch.no_grad():
         means = model.features[1](model.features[0](x)).mean(dim=(2, 3))
-    from kernels import percentile_rank
+    from surprise_monitor.kernels import percentile_rank
 
     stage = percentile_rank(means, table.alarm.profile_quantiles[0], table.levels.float())
     # the head distance from numpy: class means and covariance of the even half, explicit loop

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from calibrate import DEFAULT_LEVELS, calibrate, model_fingerprint
+from surprise_monitor.calibrate import DEFAULT_LEVELS, calibrate, model_fingerprint
 from tests._checks import autograd_alpha, spilled_alpha
 from tests._models import TinyCNN, class_dataset, seeded
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibrate import CalibrationTable
-from calibrate.cli import main
-from monitor import SurpriseMonitor
+from surprise_monitor.calibrate import CalibrationTable
+from surprise_monitor.calibrate.cli import main
+from surprise_monitor.monitor import SurpriseMonitor
 from tests._models import TinyCNN, seeded
 
 
@@ -45,7 +45,7 @@ def test_cli_writes_a_table_and_a_summary(image_folder, tiny_weights, tmp_path, 
     assert table.input_shape == (3, 32, 32) and table.top_k == 3
     assert table.data_source["kind"] == "imagefolder" and table.data_source["crop"] == 32
     model = seeded(TinyCNN(num_classes=3))
-    from calibrate import model_fingerprint
+    from surprise_monitor.calibrate import model_fingerprint
 
     assert table.model_fingerprint == model_fingerprint(model)
 
@@ -83,7 +83,10 @@ def test_cli_errors_are_clear(image_folder, tiny_weights, tmp_path, capsys):
 
 def test_python_dash_m_and_console_script():
     script = Path(sys.executable).with_name("surprise-calibrate")  # the venv's, active or not
-    for cmd in ([sys.executable, "-m", "calibrate", "--help"], [str(script), "--help"]):
+    for cmd in (
+        [sys.executable, "-m", "surprise_monitor.calibrate", "--help"],
+        [str(script), "--help"],
+    ):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         assert "--layer" in out and "ImageFolder" in out
 
@@ -178,7 +181,7 @@ def ColourNetOf():  # noqa: N802 - a factory named after its class
 
 def test_out_is_checked_before_calibrating(image_folder, tiny_weights, tmp_path, capsys,
                                            monkeypatch):  # fmt: skip
-    import calibrate.cli as cli
+    from surprise_monitor.calibrate import cli
 
     ran = []
     monkeypatch.setattr(cli, "calibrate", lambda *a, **k: ran.append(1))
@@ -196,7 +199,7 @@ def test_out_is_checked_before_calibrating(image_folder, tiny_weights, tmp_path,
 
 
 def test_images_needed_for_the_999th_percentile_is_1000():
-    from monitor.table import images_needed
+    from surprise_monitor.monitor.table import images_needed
     from tests._checks import table_with_counts
 
     assert images_needed(99.9) == 1000 and images_needed(0.1) == 1000
@@ -226,11 +229,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start_slow_run(image_folder, tmp_path, *extra):
-    """``python -m calibrate`` on a model that takes 0.2 s per batch of one image."""
+    """``python -m surprise_monitor.calibrate`` on a model that takes 0.2 s per batch of one
+    image."""
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "calibrate", "--model", "tests._models:SlowCNN",
+    cmd = [sys.executable, "-m", "surprise_monitor.calibrate", "--model", "tests._models:SlowCNN",
            "--model-kwargs", json.dumps({"num_classes": 3}), "--data", str(image_folder),
            "--out", str(tmp_path / "t.safetensors"), "--resize", "36", "--crop", "32",
            "--batch-size", "1", "--accuracy-images", "0", "--quiet", *extra]  # fmt: skip
@@ -280,7 +284,7 @@ def test_an_interrupted_checkpointed_run_resumes_to_the_same_table(
 ):
     import signal
 
-    from calibrate.checkpoint import read_manifest
+    from surprise_monitor.calibrate.checkpoint import read_manifest
     from tests._checks import assert_same_table
 
     ckpt = tmp_path / "ckpt"

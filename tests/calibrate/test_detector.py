@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from calibrate import NotFittedError, SurpriseDetector, calibrate
-from monitor import SurpriseMonitor
+from surprise_monitor.calibrate import NotFittedError, SurpriseDetector, calibrate
+from surprise_monitor.monitor import SurpriseMonitor
 from tests._models import class_images, trained_tiny_cnn
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate import CalibrationTable
-from calibrate.distributed import DistInfo, shard_dir
-from calibrate.spill import AlphaSpill
+from surprise_monitor.calibrate import CalibrationTable
+from surprise_monitor.calibrate.distributed import DistInfo, shard_dir
+from surprise_monitor.calibrate.spill import AlphaSpill
 from tests._checks import assert_same_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,10 +43,10 @@ SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import torch
-    from calibrate import calibrate
-    from calibrate.cli import main
-    from calibrate.distributed import init_from_env
-    from calibrate.sketch import LogGrid
+    from surprise_monitor.calibrate import calibrate
+    from surprise_monitor.calibrate.cli import main
+    from surprise_monitor.calibrate.distributed import init_from_env
+    from surprise_monitor.calibrate.sketch import LogGrid
     from tests._models import TinyCNN, class_dataset, seeded
 
     info, _, own = init_from_env("cpu")
@@ -99,7 +99,16 @@ def test_torchrun_two_ranks_equal_one_process(image_folder, tiny_weights, tmp_pa
     # The reference: one plain process.
     _run([sys.executable, str(script), str(single), json.dumps(args)])
     # The command unchanged under torchrun; no shared folder, so rows are sent over gloo.
-    _run([*TORCHRUN, "-m", "calibrate", *args, "--out", str(two / "cli-send.safetensors")])
+    _run(
+        [
+            *TORCHRUN,
+            "-m",
+            "surprise_monitor.calibrate",
+            *args,
+            "--out",
+            str(two / "cli-send.safetensors"),
+        ]
+    )
     # The script under torchrun: a shared spill folder, approximate mode, an idle rank.
     _run([*TORCHRUN, str(script), str(two), json.dumps(args)])
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calibrate import calibrate
-from calibrate.inference_probe import InferenceModeProbe, InferenceModeUnsupported
-from monitor.probe import GradAMapProbe
+from surprise_monitor.calibrate import calibrate
+from surprise_monitor.calibrate.inference_probe import InferenceModeProbe, InferenceModeUnsupported
+from surprise_monitor.monitor.probe import GradAMapProbe
 from tests._models import ShortcutNet, TinyCNN, class_dataset, seeded
 
 

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-    from calibrate import calibrate
+    from surprise_monitor.calibrate import calibrate
 
     n_images = int(sys.argv[1])
     torch.manual_seed(0)

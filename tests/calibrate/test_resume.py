@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from calibrate import CalibrationTable, calibrate
-from calibrate.checkpoint import CheckpointError, read_manifest
-from calibrate.sketch import LogGrid
+from surprise_monitor.calibrate import CalibrationTable, calibrate
+from surprise_monitor.calibrate.checkpoint import CheckpointError, read_manifest
+from surprise_monitor.calibrate.sketch import LogGrid
 from tests._checks import assert_same_table
 from tests._models import TinyCNN, class_dataset, seeded
 
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     import sys, time
     import torch
     from torch.utils.data import Dataset
-    from calibrate import calibrate
+    from surprise_monitor.calibrate import calibrate
     from tests._models import TinyCNN, class_dataset, seeded
 
     torch.set_num_threads(1)

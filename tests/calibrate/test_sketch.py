@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate import calibrate
-from calibrate.distributed import DistInfo
-from calibrate.sketch import HistogramSketch, LogGrid, histogram_quantiles
-from monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS, levels_with_required
+from surprise_monitor.calibrate import calibrate
+from surprise_monitor.calibrate.distributed import DistInfo
+from surprise_monitor.calibrate.sketch import HistogramSketch, LogGrid, histogram_quantiles
+from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS, levels_with_required
 from tests._checks import spilled_alpha
 from tests._models import TinyCNN, class_dataset, seeded
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate.statistics import class_statistics, sorted_block_statistics
-from monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
+from surprise_monitor.calibrate.statistics import class_statistics, sorted_block_statistics
+from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
 
 DEVICES = [None, "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate import builder, calibrate
-from calibrate.writer import BatchWriter, PendingBatch
+from surprise_monitor.calibrate import builder, calibrate
+from surprise_monitor.calibrate.writer import BatchWriter, PendingBatch
 from tests._checks import assert_same_table
 from tests._models import TinyCNN, class_dataset
 
@@ -100,7 +100,7 @@ def test_statistics_on_the_device_give_numpys_table(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_calibration_batch_never_syncs():
-    from calibrate.alpha import BatchAlpha
+    from surprise_monitor.calibrate.alpha import BatchAlpha
 
     model = TinyCNN(num_classes=3).cuda().eval()
     x, y = (t.cuda() for t in class_dataset(8, 3).tensors)

@@ -78,7 +78,7 @@ def page_service(saved_tiny_model, tmp_path):
     normalisation and the training images (an npz of the calibration images, un-normalised),
     so explanations show exemplars; a run of normal and noise inputs sent to it. Yields (url,
     alarms JSON, a folder)."""
-    from calibrate import CalibrationTable
+    from surprise_monitor.calibrate import CalibrationTable
     from tests._models import class_images
 
     _, _, args = saved_tiny_model

@@ -67,8 +67,8 @@ def test_rules_name_only_exported_metrics():
     """Every surprise_monitor_* series the rules read is one the monitor exports."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from calibrate import calibrate
-    from monitor import SurpriseMonitor
+    from surprise_monitor.calibrate import calibrate
+    from surprise_monitor.monitor import SurpriseMonitor
     from tests._models import TinyCNN, class_dataset, seeded
 
     model = seeded(TinyCNN(num_classes=2))

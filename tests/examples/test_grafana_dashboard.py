@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor import SurpriseMonitor
+from surprise_monitor.monitor import SurpriseMonitor
 
 ROOT = Path(__file__).resolve().parents[2]
 BOARD = ROOT / "examples" / "grafana" / "dashboard.json"

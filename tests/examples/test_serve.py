@@ -13,7 +13,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench._serve_process import start_service, stop_process
-from monitor import SurpriseMonitor
+from surprise_monitor.monitor import SurpriseMonitor
 from tests._models import mixed_inputs
 
 
@@ -188,7 +188,7 @@ def test_image_uploads_use_the_tables_preprocessing(saved_tiny_model, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from calibrate import CalibrationTable
+    from surprise_monitor.calibrate import CalibrationTable
 
     model, _, args = saved_tiny_model
     table_path = args[args.index("--table") + 1]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels._backend import interpret_enabled, triton_available
+from surprise_monitor import kernels
+from surprise_monitor.kernels._backend import interpret_enabled, triton_available
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

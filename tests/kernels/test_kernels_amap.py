@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import grad_amap
-from kernels.amap_torch import grad_amap_torch
+from surprise_monitor.kernels import grad_amap
+from surprise_monitor.kernels.amap_torch import grad_amap_torch
 
 CL = torch.channels_last
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -53,7 +53,7 @@ def test_triton_dtypes_and_layouts(shape, dtype, layout, device, need_triton):
 )
 @pytest.mark.parametrize("layout", ["nchw", "cl", "cl+nchw"])
 def test_triton_small_tiles_loop_over_chunks(shape, blocks, layout, device, need_triton):
-    from kernels.amap_triton import grad_amap_triton
+    from surprise_monitor.kernels.amap_triton import grad_amap_triton
 
     a, g = _pair(*shape, torch.float32, layout, device, seed=11)
     out = grad_amap_triton(a, g, block_r=blocks[0], block_hw=blocks[1])
@@ -65,7 +65,7 @@ def test_triton_small_tiles_loop_over_chunks(shape, blocks, layout, device, need
 def test_triton_every_cuda_tile_config(shape, layout, device, need_triton):
     """Every tile the CUDA autotuner may pick for the shape gives the right answer (run here
     in the interpreter when there is no GPU)."""
-    from kernels.amap_triton import _configs, _prune, grad_amap_triton
+    from surprise_monitor.kernels.amap_triton import _configs, _prune, grad_amap_triton
 
     a, g = _pair(*shape, torch.float32, layout, device, seed=5)
     b, n, h, w = shape
@@ -83,7 +83,7 @@ def test_triton_every_cuda_tile_config(shape, layout, device, need_triton):
 def test_triton_64_bit_offsets_and_alignment_hints(layout, device, need_triton):
     """The 64-bit offset path (inputs of 2**31 elements and more) and the unaligned views
     (no vectorisation hint) compute the same values."""
-    from kernels.amap_triton import _layout, grad_amap_triton
+    from surprise_monitor.kernels.amap_triton import _layout, grad_amap_triton
 
     a, g = _pair(3, 32, 4, 4, torch.float32, layout, device, seed=6)
     ref = grad_amap_torch(a, g)

@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import check_percentile_grid, grad_amap, percentile_lookup, prepare_lookup_table
-from kernels._backend import resolve_backend
+from surprise_monitor.kernels import (
+    check_percentile_grid,
+    grad_amap,
+    percentile_lookup,
+    prepare_lookup_table,
+)
+from surprise_monitor.kernels._backend import resolve_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 

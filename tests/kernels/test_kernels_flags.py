@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import percentile_lookup, prepare_lookup_table
+from surprise_monitor.kernels import percentile_lookup, prepare_lookup_table
 
 INF = torch.tensor(float("inf"))
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import percentile_rank, quantile_at
+from surprise_monitor.kernels import percentile_rank, quantile_at
 
 
 def test_percentile_rank_matches_numpy_interp_on_strict_grids(strict_grid):
@@ -117,7 +117,7 @@ def test_quantile_at_on_a_numpy_percentile_grid():
 
 
 def test_the_grid_check_reads_in_chunks_and_names_the_global_index():
-    from kernels import check_percentile_grid
+    from surprise_monitor.kernels import check_percentile_grid
 
     levels = torch.tensor([0.0, 50.0, 100.0])
     grid = torch.arange(5 * 4 * 3, dtype=torch.float32).reshape(5, 4, 3)

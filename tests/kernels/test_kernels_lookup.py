@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels import percentile_lookup, prepare_lookup_table
-from kernels.lookup_torch import percentile_lookup_torch
+from surprise_monitor import kernels
+from surprise_monitor.kernels import percentile_lookup, prepare_lookup_table
+from surprise_monitor.kernels.lookup_torch import percentile_lookup_torch
 
 
 def _classes(b: int, k: int, device, seed: int = 0, dtype=torch.int64) -> torch.Tensor:
@@ -53,7 +53,7 @@ def test_triton_matches_reference(b, n, q, device, need_triton, make_table, make
     [(16, 8, 1), (64, 4, 2), (32, 32, 4), (128, 16, 8)],
 )
 def test_triton_small_tiles_loop_over_chunks(blocks, device, need_triton, make_table, make_alpha):
-    from kernels.lookup_triton import percentile_lookup_triton
+    from surprise_monitor.kernels.lookup_triton import percentile_lookup_triton
 
     table = prepare_lookup_table(make_table(5, 300, 25, seed=4), device=device)
     classes = _classes(7, 5, device, seed=3)
@@ -66,7 +66,11 @@ def test_triton_small_tiles_loop_over_chunks(blocks, device, need_triton, make_t
 
 @pytest.mark.parametrize("b,n,q", [(3, 512, 25), (1, 3, 40), (5, 2048, 5), (40, 64, 29)])
 def test_triton_with_cuda_tile_config(b, n, q, device, need_triton, make_table, make_alpha):
-    from kernels.lookup_triton import _beta_blocks, _pick_blocks, percentile_lookup_triton
+    from surprise_monitor.kernels.lookup_triton import (
+        _beta_blocks,
+        _pick_blocks,
+        percentile_lookup_triton,
+    )
 
     table = prepare_lookup_table(make_table(4, n, q, seed=1), device=device)
     classes = _classes(b, 4, device, seed=2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import LookupTable, prepare_lookup_table
+from surprise_monitor.kernels import LookupTable, prepare_lookup_table
 
 
 def _np_table():

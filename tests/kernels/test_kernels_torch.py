@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import amap_torch, prepare_lookup_table
-from kernels.amap_torch import grad_amap_torch
-from kernels.lookup_torch import percentile_lookup_torch
+from surprise_monitor.kernels import amap_torch, prepare_lookup_table
+from surprise_monitor.kernels.amap_torch import grad_amap_torch
+from surprise_monitor.kernels.lookup_torch import percentile_lookup_torch
 
 CL = torch.channels_last
 

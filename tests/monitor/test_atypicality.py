@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.special import ndtri
 
-from monitor.atypicality import (
+from surprise_monitor.monitor.atypicality import (
     ScoreReference,
     component_names,
     components,

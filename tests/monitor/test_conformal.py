@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.conformal import ConformalNull, check_alarm_rate, resampled_alarm_rate
+from surprise_monitor.monitor.conformal import ConformalNull, check_alarm_rate, resampled_alarm_rate
 
 
 def oracle_p(null: np.ndarray, s: float) -> float:

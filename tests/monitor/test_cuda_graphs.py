@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monitor import Judge, SurpriseMonitor
-from monitor.cuda_graphs import StepGraphs, signature
+from surprise_monitor.monitor import Judge, SurpriseMonitor
+from surprise_monitor.monitor.cuda_graphs import StepGraphs, signature
 from tests._checks import run_in_threads
 from tests._models import mixed_inputs
 
@@ -135,7 +135,7 @@ def test_a_failed_capture_turns_graphs_off_and_the_monitor_runs_eagerly(calibrat
 
 
 def test_bad_inputs_are_refused_from_a_replay_too(judges):
-    from monitor import InvalidInputError
+    from surprise_monitor.monitor import InvalidInputError
 
     _, graphed = judges
     _graphed(graphed)

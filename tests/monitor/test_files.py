@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from monitor.files import atomic_write_bytes, current_umask
+from surprise_monitor.monitor.files import atomic_write_bytes, current_umask
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])

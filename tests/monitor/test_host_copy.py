@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monitor.host_copy import layout_of, pack, to_host, unpack
+from surprise_monitor.monitor.host_copy import layout_of, pack, to_host, unpack
 
 
 def _tensors(device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from monitor import InvalidInputError, Judge, SurpriseMonitor, TableMismatchError
-from monitor.host_copy import to_host
-from monitor.judge import DeviceReport
+from surprise_monitor.monitor import InvalidInputError, Judge, SurpriseMonitor, TableMismatchError
+from surprise_monitor.monitor.host_copy import to_host
+from surprise_monitor.monitor.judge import DeviceReport
 from tests._checks import assert_same
 from tests._models import mixed_inputs
 
@@ -89,7 +89,7 @@ def test_close_removes_the_hook(calibrated):
 
 
 def test_a_table_moved_to_another_layer_with_as_many_filters_is_refused(calibrated, tmp_path):
-    from monitor.table import CalibrationTable
+    from surprise_monitor.monitor.table import CalibrationTable
     from tests._checks import resign
 
     model, table = calibrated

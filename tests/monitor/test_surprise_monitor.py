@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from monitor import SurpriseMonitor, TableMismatchError
+from surprise_monitor.monitor import SurpriseMonitor, TableMismatchError
 from tests._models import TinyCNN, mixed_inputs, seeded
 
 
@@ -231,7 +231,7 @@ def _plain_alpha(model, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 def test_half_precision_models_are_monitored(calibrated, dtype, tol):
     import copy
 
-    from calibrate import calibrate
+    from surprise_monitor.calibrate import calibrate
     from tests._models import class_dataset
 
     model, _ = calibrated
@@ -260,7 +260,7 @@ def test_a_monitored_model_can_be_copied_pickled_and_saved(calibrated, mode, tmp
 
     from prometheus_client import CollectorRegistry
 
-    from monitor.probe.hooks import InertHook
+    from surprise_monitor.monitor.probe.hooks import InertHook
 
     model, table = calibrated
     x = mixed_inputs(4)

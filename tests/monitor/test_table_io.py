@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from monitor.table import DEFAULT_LEVELS, CalibrationTable, TableError
+from surprise_monitor.monitor.table import DEFAULT_LEVELS, CalibrationTable, TableError
 from tests._checks import resign
 
 
@@ -229,7 +229,7 @@ def test_exemplars_come_only_from_the_file_that_was_loaded(tmp_path):
 
 
 def test_large_tensors_are_mapped_copy_on_write_and_checked(tmp_path, monkeypatch):
-    from monitor import table as table_module
+    from surprise_monitor.monitor import table as table_module
 
     monkeypatch.setattr(table_module, "MAP_BYTES", 64)  # map even this small table
     t = make_table(k=3, n=40)
@@ -251,8 +251,8 @@ def test_large_tensors_are_mapped_copy_on_write_and_checked(tmp_path, monkeypatc
 _LOAD_AND_LOOK_UP = """
 import json, sys, torch
 from pathlib import Path
-from monitor.table import CalibrationTable
-from kernels import percentile_lookup, prepare_lookup_table
+from surprise_monitor.monitor.table import CalibrationTable
+from surprise_monitor.kernels import percentile_lookup, prepare_lookup_table
 
 def kib(field):
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from monitor import SurpriseMonitor
-from monitor.alarms import AlarmLog, read_records
-from monitor.alarms.thumbnails import thumbnail_png
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.alarms import AlarmLog, read_records
+from surprise_monitor.monitor.alarms.thumbnails import thumbnail_png
 from tests._models import heldout_dataset, mixed_inputs
 
 PLAIN = {"mean": [0.0] * 3, "std": [1.0] * 3}  # the test table records no normalisation
@@ -96,7 +96,7 @@ def test_bounded_memory_under_a_burst(calibrated):
 
 
 def test_explanations_are_lazy_cached_and_off_the_request_path(calibrated, monkeypatch):
-    import monitor.explain.explanation as explanation
+    from surprise_monitor.monitor.explain import explanation
 
     model, table = calibrated
     calls: list[str] = []

@@ -9,11 +9,16 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from calibrate import calibrate
-from monitor import SurpriseMonitor
-from monitor.explain import choose_filter, explain, input_gradient, load_images
-from monitor.explain.figures import BOUNDARY_RGB, boundary_pixels, default_scale, to_rgb8
-from monitor.explain.superpixels import (
+from surprise_monitor.calibrate import calibrate
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.explain import choose_filter, explain, input_gradient, load_images
+from surprise_monitor.monitor.explain.figures import (
+    BOUNDARY_RGB,
+    boundary_pixels,
+    default_scale,
+    to_rgb8,
+)
+from surprise_monitor.monitor.explain.superpixels import (
     normalisation,
     ranked_segments,
     region_mask,
@@ -21,7 +26,7 @@ from monitor.explain.superpixels import (
     superpixel_scores,
     unnormalise,
 )
-from monitor.report import MonitorReport
+from surprise_monitor.monitor.report import MonitorReport
 from tests._models import (
     PHOTO_MEAN,
     PHOTO_STD,
@@ -326,7 +331,7 @@ def test_exemplars_need_a_source_or_a_dataset(photo_setup):
 
 def test_a_misclassification_shows_both_classes_exemplars_with_a_key(photo_setup, tmp_path,
                                                                       monkeypatch):  # fmt: skip
-    import monitor.explain.explanation as explanation
+    from surprise_monitor.monitor.explain import explanation
 
     model, table, _, probe = photo_setup
     with SurpriseMonitor(model, table) as monitor:

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from calibrate import CalibrationTable
-from calibrate.cli import main as calibrate_main
-from monitor import SurpriseMonitor
-from monitor.explain.cli import main as explain_main
+from surprise_monitor.calibrate import CalibrationTable
+from surprise_monitor.calibrate.cli import main as calibrate_main
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.explain.cli import main as explain_main
 from tests._models import PHOTOS, TinyCNN, normalise, photo, photo_crops, seeded
 
 MODEL = ["--model", "tests._models:TinyCNN", "--model-kwargs", '{"num_classes": 4}']

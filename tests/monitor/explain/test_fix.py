@@ -9,9 +9,9 @@ from skimage.morphology import dilation
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from calibrate import calibrate
-from monitor import SurpriseMonitor
-from monitor.explain import fix, most_surprising_filter
+from surprise_monitor.calibrate import calibrate
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.explain import fix, most_surprising_filter
 
 SIZE = 40
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

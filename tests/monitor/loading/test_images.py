@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from monitor.loading import Preprocessing, source_images
+from surprise_monitor.monitor.loading import Preprocessing, source_images
 
 
 def test_the_record_round_trips_and_overrides_win(tmp_path):

@@ -12,9 +12,9 @@ import torchvision
 from onnx import TensorProto, helper
 from PIL import Image
 
-from calibrate import CalibrationTable
-from calibrate.cli import main as cli
-from monitor import OnnxConversionError, SurpriseMonitor, load_onnx
+from surprise_monitor.calibrate import CalibrationTable
+from surprise_monitor.calibrate.cli import main as cli
+from surprise_monitor.monitor import OnnxConversionError, SurpriseMonitor, load_onnx
 from tests._models import class_images
 
 K, SIZE, N_TRAIN = 4, 32, 96

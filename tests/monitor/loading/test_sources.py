@@ -10,8 +10,14 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from monitor.loading import Preprocessing, SourceError, source_dataset, source_images, sources
-from monitor.loading.sources import folder_index
+from surprise_monitor.monitor.loading import (
+    Preprocessing,
+    SourceError,
+    source_dataset,
+    source_images,
+    sources,
+)
+from surprise_monitor.monitor.loading.sources import folder_index
 
 STEPS = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from monitor.probe import resolve_layer
+from surprise_monitor.monitor.probe import resolve_layer
 from tests._models import ShortcutNet, TinyCNN, seeded
 
 

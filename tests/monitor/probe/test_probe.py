@@ -7,8 +7,8 @@ import torch
 import torchvision
 from captum.attr import LayerGradientXActivation
 
-from kernels import grad_amap
-from monitor.probe import GradAMapProbe, resolve_layer
+from surprise_monitor.kernels import grad_amap
+from surprise_monitor.monitor.probe import GradAMapProbe, resolve_layer
 from tests._checks import autograd_alpha as _autograd_alpha
 from tests._models import TinyCNN, seeded
 
@@ -157,7 +157,7 @@ def test_callers_grad_mode_does_not_matter(context):
 def test_the_oracle_catches_a_wrong_class_score(monkeypatch, score):
     """The oracle computes its class score itself: a probe whose score is taken from
     ``1.01 * logits`` (the mutation the issue names) no longer matches it."""
-    from monitor.probe import grad_amap_probe
+    from surprise_monitor.monitor.probe import grad_amap_probe
 
     real = grad_amap_probe.class_scores
     monkeypatch.setattr(
@@ -176,12 +176,12 @@ def test_the_oracle_catches_a_wrong_class_score(monkeypatch, score):
 
 
 def test_the_oracle_uses_no_library_code():
-    """The oracle is plain torch: nothing it calls comes from kernels, monitor or calibrate."""
+    """The oracle is plain torch: nothing it calls comes from surprise_monitor."""
     code = _autograd_alpha.__code__
     names = set(code.co_names)
     for const in code.co_consts:  # the nested hook and score lambdas
         names |= set(getattr(const, "co_names", ()))
     used = [_autograd_alpha.__globals__[n] for n in names if n in _autograd_alpha.__globals__]
     library = [v for v in used if getattr(v, "__module__", "").split(".")[0]
-               in ("kernels", "monitor", "calibrate")]  # fmt: skip
+               == "surprise_monitor"]  # fmt: skip
     assert used and library == []

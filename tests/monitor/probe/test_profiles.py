@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from monitor.probe.profiles import ProfileTap, head_layer, stage_layers
+from surprise_monitor.monitor.probe.profiles import ProfileTap, head_layer, stage_layers
 from tests._models import TinyCNN, seeded
 
 

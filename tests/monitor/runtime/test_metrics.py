@@ -15,8 +15,9 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor import MetricsConflictError, MonitorMetrics, SurpriseMonitor
-from monitor.runtime.metrics import FAILURE_KINDS, beta_buckets_from, count_buckets
+from surprise_monitor.monitor import MetricsConflictError, MonitorMetrics, SurpriseMonitor
+from surprise_monitor.monitor.options import MetricsOptions
+from surprise_monitor.monitor.runtime.metrics import FAILURE_KINDS, beta_buckets_from, count_buckets
 from tests._checks import run_in_threads
 from tests._models import heldout_dataset, mixed_inputs
 
@@ -195,10 +196,14 @@ def test_a_foreign_metric_with_the_same_name_is_a_clear_error(calibrated):
     registry = CollectorRegistry()
     prometheus_client.Counter("surprise_monitor_inputs", "someone else's", registry=registry)
     with pytest.raises(MetricsConflictError, match="other than a surprise monitor"):
-        MonitorMetrics(table, registry=registry)
+        MonitorMetrics(table, MetricsOptions(registry=registry), alarm_rate=0.01)
     assert set(_families(registry)) == {"surprise_monitor_inputs"}  # nothing half-registered
     with pytest.raises(ValueError, match="used by the monitor's metrics"):
-        MonitorMetrics(table, registry=CollectorRegistry(), labels={"kind": "x"})
+        MonitorMetrics(
+            table,
+            MetricsOptions(registry=CollectorRegistry(), labels={"kind": "x"}),
+            alarm_rate=0.01,
+        )
 
 
 def test_default_registry_is_the_global_one(calibrated):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from monitor import InvalidInputError, SurpriseMonitor
-from monitor.runtime import AsyncWorker, Sampler
+from surprise_monitor.monitor import InvalidInputError, SurpriseMonitor
+from surprise_monitor.monitor.runtime import AsyncWorker, Sampler
 from tests._checks import run_in_threads
 from tests._models import mixed_inputs
 
@@ -276,7 +276,9 @@ def test_internal_failure_fails_open_and_logs_once(calibrated, monkeypatch, capl
             raise RuntimeError("kernel exploded")
 
         monkeypatch.setattr(monitor.judge, "assemble", boom)  # after the model ran
-        with caplog.at_level(logging.WARNING, logger="monitor.runtime.request_path"):
+        with caplog.at_level(
+            logging.WARNING, logger="surprise_monitor.monitor.runtime.request_path"
+        ):
             outs = [monitor(x) for _ in range(3)]
         with torch.no_grad():
             assert all(torch.equal(o, model(x)) for o in outs)

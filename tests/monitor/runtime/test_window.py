@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from monitor.conformal import ConformalNull
-from monitor.runtime.window import PValueWindow, ks_critical_value, ks_distance_from_uniform
+from surprise_monitor.monitor.conformal import ConformalNull
+from surprise_monitor.monitor.runtime.window import (
+    PValueWindow,
+    ks_critical_value,
+    ks_distance_from_uniform,
+)
 
 
 @pytest.mark.parametrize("m", [1, 2, 7, 100, 1000])
@@ -44,11 +48,11 @@ def test_window_keeps_the_last_values_and_skips_nan():
     assert (m, rate) == (4, 0.25)
     assert d == pytest.approx(stats.kstest([0.5, 0.9, 0.2, 0.01], "uniform").statistic)
     with pytest.raises(ValueError, match="window size"):
-        PValueWindow(0)
+        PValueWindow(0, 0.01)
 
 
 def test_window_is_thread_safe():
-    w = PValueWindow(100_000)
+    w = PValueWindow(100_000, 0.01)
     values = [np.random.default_rng(t).uniform(size=500) for t in range(8)]
 
     def add(t: int) -> None:

@@ -14,8 +14,8 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from monitor import AlarmLog, SurpriseMonitor
-from monitor.web.app import alarm_app
+from surprise_monitor.monitor import AlarmLog, SurpriseMonitor
+from surprise_monitor.monitor.web.app import alarm_app
 from tests._models import heldout_dataset
 
 HOSTILE = ["<script>window.pwned=1</script>", "b&c\"'", "<img src=x onerror=alert(1)>"]

@@ -1,0 +1,137 @@
+"""The calibration's options, grouped and declared once (frozen dataclasses, as the monitor's in
+:mod:`surprise_monitor.monitor.options`): :func:`~surprise_monitor.calibrate.calibrate` takes
+each group whole, the ``surprise-calibrate`` flags take their help and defaults from them, and a
+checkpoint records the ones that decide its values.
+
+- :class:`TableOptions`: what the table holds (the differentiated class output, the grids,
+  exemplars, class names, where the images came from).
+- :class:`RunOptions`: how the run goes (batches, workers, backend, autocast, exact or
+  approximate, memory, where alpha is spilled, how ranks merge).
+- :class:`CheckpointOptions`: a resumable run.
+- :class:`AlarmOptions`: the per-input alarm's part of the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surprise_monitor.calibrate.sketch import LogGrid
+from surprise_monitor.monitor.options import _one_of, _positive_int, option
+from surprise_monitor.monitor.probe.scores import SCORES
+from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
+
+MERGES = ("auto", "send")
+DEFAULT_REFERENCE_IMAGES = 20_000
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    """What the calibration table holds."""
+
+    class_output: str = option(
+        "logit",
+        "the class output differentiated for alpha: logit, softmax or log_softmax",
+    )
+    levels: Sequence[float] = option(
+        DEFAULT_LEVELS,
+        "percent levels of the alpha grid (the tail levels the thresholds need are always added)",
+        repr=False,
+    )
+    beta_levels: Sequence[float] = option(
+        DEFAULT_BETA_LEVELS, "percent levels of the beta grid", repr=False
+    )
+    top_k: int = option(6, "exemplar images kept per (class, filter)")
+    class_names: Sequence[str] | None = option(None, "the classes' names, in label order")
+    data_source: dict[str, Any] | None = option(
+        None, "where the training images came from (kept for the explanations' exemplars)"
+    )
+    heldout_source: dict[str, Any] | None = option(
+        None, "where the held-out images came from (kept in the table)"
+    )
+
+    def __post_init__(self) -> None:
+        _one_of("class_output", self.class_output, SCORES)
+        _positive_int("top_k", self.top_k)
+        object.__setattr__(self, "levels", tuple(float(v) for v in self.levels))
+        object.__setattr__(self, "beta_levels", tuple(float(v) for v in self.beta_levels))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the calibration runs."""
+
+    batch_size: int = option(64, "images per batch")
+    num_workers: int = option(0, "DataLoader worker processes")
+    backend: str = option("auto", "kernel backend: auto (Triton on CUDA), triton or torch")
+    amp: bool = option(
+        False, "run the model under autocast (float16 on CUDA, bfloat16 on CPU); alpha in float32"
+    )
+    inference_mode: bool = option(
+        True, "run the layers before the target layer in torch.inference_mode"
+    )
+    approximate: bool | LogGrid = option(
+        False,
+        "fixed-grid histograms instead of exact percentiles of spilled rows (True or a LogGrid)",
+    )
+    memory_budget_bytes: int = option(256 << 20, "working memory of the per-class statistics")
+    spill_dir: str | Path | None = option(
+        None, "where alpha is streamed (kept afterwards); None: a temporary folder"
+    )
+    merge: str = option(
+        "auto", "how ranks combine their rows: auto (a shared folder when there is one) or send"
+    )
+
+    def __post_init__(self) -> None:
+        _positive_int("batch_size", self.batch_size)
+        _one_of("merge", self.merge, MERGES)
+        if isinstance(self.num_workers, bool) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """A resumable run: alpha spilled to ``dir`` and progress committed every ``every`` batches."""
+
+    dir: str | Path = option(help="the checkpoint folder")
+    resume: bool = option(
+        False, "continue the run in dir (refused if it was made with other settings or data)"
+    )
+    every: int = option(100, "batches between commits")
+
+    def __post_init__(self) -> None:
+        _positive_int("checkpoint.every", self.every)
+
+
+@dataclass(frozen=True)
+class AlarmOptions:
+    """The per-input alarm's part of the table."""
+
+    enabled: bool = option(
+        True, "calibrate the alarm (profile grids, score reference, the held-out null)"
+    )
+    profile_layers: str | Sequence[str] = option(
+        "auto", "the activation-profile layers: auto (the first stages), none or module names"
+    )
+    head_layer: str = option(
+        "auto",
+        "the layer of the score's Mahalanobis component: auto (the last feature map), none "
+        "or a module name",
+    )
+    reference_images: int = option(
+        DEFAULT_REFERENCE_IMAGES, "training images behind the profile grids and head statistics"
+    )
+
+    def __post_init__(self) -> None:
+        _positive_int("reference_images", self.reference_images)
+
+    @classmethod
+    def of(cls, alarm: AlarmOptions | bool) -> AlarmOptions:
+        """``calibrate(alarm=...)``: options, or ``True`` / ``False`` for the defaults / none."""
+        if isinstance(alarm, cls):
+            return alarm
+        if isinstance(alarm, bool):
+            return cls(enabled=alarm)
+        raise TypeError(f"alarm must be AlarmOptions or a bool, got {type(alarm).__name__}")

@@ -1,0 +1,34 @@
+"""surprise-monitor: watch a deployed CNN at inference time and learn when an input is atypical
+for the class the network gave it (a per-input alarm with a known false-alarm rate), and why
+(the paper's surprising and expected filters, their regions and training exemplars).
+
+One import package with three layers, each importing only the ones before it:
+
+- :mod:`surprise_monitor.kernels`: math on tensors (Grad-AMap reduction, percentile lookup),
+  each op a dispatcher, a PyTorch reference and a Triton kernel.
+- :mod:`surprise_monitor.monitor`: the product at inference time: :class:`SurpriseMonitor`, the
+  table format, the alarm's score and p-values, metrics, the alarm log, explanations and fixes.
+- :mod:`surprise_monitor.calibrate`: the offline table builder (:func:`calibrate`, the
+  ``surprise-calibrate`` command line, :class:`SurpriseDetector`).
+
+The common case is importable from here. ``surprise_monitor.calibrate`` at this level is the
+function; its package is reached by ``from surprise_monitor.calibrate import ...`` and
+``python -m surprise_monitor.calibrate``.
+"""
+
+from surprise_monitor.calibrate import SurpriseDetector
+from surprise_monitor.calibrate.builder import calibrate  # after the package: the function
+from surprise_monitor.monitor import AlarmLog, MonitorReport, SurpriseMonitor
+from surprise_monitor.monitor.table import CalibrationTable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlarmLog",
+    "CalibrationTable",
+    "MonitorReport",
+    "SurpriseDetector",
+    "SurpriseMonitor",
+    "__version__",
+    "calibrate",
+]
