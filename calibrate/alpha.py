@@ -55,7 +55,7 @@ class BatchAlpha:
     Args:
         model: the CNN in eval mode.
         layer: the requested target layer (``None``: the final convolution).
-        score: the class score differentiated.
+        class_output: the class output differentiated.
         device: where the model runs (for autocast).
         backend: the ``grad_amap`` kernel backend.
         amp: autocast (float16 on CUDA, bfloat16 on CPU); alpha still accumulates in float32.
@@ -67,7 +67,7 @@ class BatchAlpha:
         self,
         model: nn.Module,
         layer: str | None,
-        score: str,
+        class_output: str,
         device: torch.device,
         backend: str,
         *,
@@ -75,7 +75,7 @@ class BatchAlpha:
         inference_mode: bool = True,
         meta: RunMeta | None = None,
     ) -> None:
-        self.model, self.layer, self.score, self.device = model, layer, score, device
+        self.model, self.layer, self.class_output, self.device = model, layer, class_output, device
         self.backend, self.amp, self.inference_mode = backend, amp, inference_mode
         self.meta = meta
         self.probe: GradAMapProbe | None = None
@@ -149,7 +149,7 @@ class BatchAlpha:
                 f"{self.meta.num_filters}"
             )
         probe = InferenceModeProbe if self.inference_mode else GradAMapProbe
-        self.probe = probe(self.model, choice.name, score=self.score)
+        self.probe = probe(self.model, choice.name, class_output=self.class_output)
 
     def _probe(self, x: torch.Tensor, y: torch.Tensor) -> ProbeResult:
         """One probe pass under autocast when asked; falls back to the plain probe for good
@@ -159,7 +159,7 @@ class BatchAlpha:
         except InferenceModeUnsupported as exc:
             log.info("calibrate: prefix in no_grad instead of inference_mode (%s)", exc)
             self.close()
-            self.probe = GradAMapProbe(self.model, self.meta.layer, score=self.score)
+            self.probe = GradAMapProbe(self.model, self.meta.layer, class_output=self.class_output)
             return self._forward(x, y)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> ProbeResult:

@@ -44,8 +44,8 @@ from surprise_monitor.calibrate.writer import BatchWriter, PendingBatch
 from surprise_monitor.kernels._backend import resolve_backend
 from surprise_monitor.monitor.fingerprint import layer_fingerprint, model_fingerprint
 from surprise_monitor.monitor.loading.models import model_device
+from surprise_monitor.monitor.probe.class_output import check_class_output
 from surprise_monitor.monitor.probe.hooks import get_module
-from surprise_monitor.monitor.probe.scores import check_score
 from surprise_monitor.monitor.table import (
     DEFAULT_BETA_LEVELS,
     DEFAULT_LEVELS,
@@ -62,7 +62,7 @@ def calibrate(
     *,
     heldout: DataLoader | Dataset | None = None,
     layer: str | None = None,
-    score: str = "logit",
+    class_output: str = "logit",
     levels: Sequence[float] = DEFAULT_LEVELS,
     beta_levels: Sequence[float] = DEFAULT_BETA_LEVELS,
     top_k: int = 6,
@@ -99,7 +99,7 @@ def calibrate(
             the table has the score but no null, and the monitor raises no alarms.
         layer: target module name; ``None`` picks the final convolution (see
             :func:`~surprise_monitor.monitor.probe.resolve_layer`; the reason is kept).
-        score: the class score differentiated: ``"logit"``, ``"softmax"`` or ``"log_softmax"``.
+        class_output: the class output differentiated: logit, softmax or log_softmax.
         levels: percent levels of the alpha grid (the required tail levels are always added).
         top_k: exemplar images kept per (class, filter).
         spill_dir: where alpha values are streamed (kept afterwards); default: a temporary
@@ -145,7 +145,7 @@ class _Settings:
     model: nn.Module
     heldout: Any
     layer: str | None
-    score: str
+    class_output: str
     levels: Sequence[float]
     beta_levels: Sequence[float]
     top_k: int
@@ -184,8 +184,8 @@ class _Settings:
 
 def _alpha_table(model: nn.Module, data: DataLoader | Dataset, s: _Settings) -> CalibrationTable:
     """The alpha table (no alarm part): the training pass, its statistics, the table."""
-    _check_arguments(model, s.score, s.top_k, s.checkpoint_every, s.spill_dir, s.checkpoint_dir,
-                     s.resume)  # fmt: skip
+    _check_arguments(model, s.class_output, s.top_k, s.checkpoint_every, s.spill_dir,
+                     s.checkpoint_dir, s.resume)  # fmt: skip
     dev, info = s.dev, distributed.current()
     plan = _plan(data, s.batch_size, s.num_workers, dev, info, s.checkpoint_dir is not None)
     root = next((Path(d) for d in (s.checkpoint_dir, s.spill_dir) if d is not None), None)
@@ -196,10 +196,12 @@ def _alpha_table(model: nn.Module, data: DataLoader | Dataset, s: _Settings) -> 
                                budget=s.memory_budget_bytes, progress=s.progress,
                                device=statistics_device(dev))  # fmt: skip
         prefix = {"amp": s.amp, "inference_mode": s.inference_mode}
-        run = _RankPass(BatchAlpha(model, s.layer, s.score, dev, backend, **prefix), acc, info,
-                        plan)  # fmt: skip
+        alpha = BatchAlpha(model, s.layer, s.class_output, dev, backend, **prefix)
+        run = _RankPass(alpha, acc, info, plan)
         if s.checkpoint_dir is not None:
-            settings = _settings(model, s.layer, s.score, plan, info, dev, s.amp, backend, acc)
+            settings = _settings(
+                model, s.layer, s.class_output, plan, info, dev, s.amp, backend, acc
+            )
             run.checkpoint = ckpt.Checkpoint(work, settings, info)
         run.collect(data, s.batch_size, s.num_workers, s.resume, s.checkpoint_every, s.progress)
         meta = run.shared_meta()
@@ -207,7 +209,7 @@ def _alpha_table(model: nn.Module, data: DataLoader | Dataset, s: _Settings) -> 
         beta_arr = levels_with_required(s.beta_levels)
         stats = acc.statistics(distributed.Comm(info), meta, levels_arr, beta_arr)
     names = _class_names(s.class_names, data, int(meta.num_classes or 0))
-    return _table(meta, stats, model, names, s.data_source, s.score, levels_arr, beta_arr)
+    return _table(meta, stats, model, names, s.data_source, s.class_output, levels_arr, beta_arr)
 
 
 def statistics_device(dev: torch.device) -> torch.device | None:
@@ -239,7 +241,7 @@ def _plan(
 
 def _check_arguments(
     model: nn.Module,
-    score: str,
+    class_output: str,
     top_k: int,
     checkpoint_every: int,
     spill_dir: str | Path | None,
@@ -247,7 +249,7 @@ def _check_arguments(
     resume: bool,
 ) -> None:
     """``ValueError`` for arguments that cannot work together or a model in training mode."""
-    check_score(score)
+    check_class_output(class_output)
     if top_k < 1:
         raise ValueError("top_k must be at least 1")
     if checkpoint_every < 1:
@@ -391,7 +393,7 @@ def _batches(
 def _settings(
     model: nn.Module,
     layer: str | None,
-    score: str,
+    class_output: str,
     plan: BatchPlan | None,
     info: DistInfo,
     dev: torch.device,
@@ -404,7 +406,7 @@ def _settings(
     return {
         "model_fingerprint": model_fingerprint(model),
         "layer": layer,
-        "score": score,
+        "class_output": class_output,
         "batch_size": plan.batch_size,
         "drop_last": plan.drop_last,
         "num_images": plan.num_images,
@@ -426,7 +428,7 @@ def _table(
     model: nn.Module,
     names: list[str],
     data_source: dict[str, Any] | None,
-    score: str,
+    class_output: str,
     levels: np.ndarray,
     beta_levels: np.ndarray,
 ) -> CalibrationTable:
@@ -444,7 +446,7 @@ def _table(
         top_indices=torch.from_numpy(np.stack([s.top_indices for s in stats]).astype(np.int32)),
         top_alpha=torch.from_numpy(np.stack([s.top_alpha for s in stats])),
         class_names=names,
-        score=score,
+        class_output=class_output,
         input_shape=tuple(meta.input_shape),
         model_fingerprint=model_fingerprint(model),
         layer_fingerprint=layer_fingerprint(get_module(model, meta.layer)),

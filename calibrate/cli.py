@@ -35,8 +35,8 @@ from surprise_monitor.monitor.loading.model_args import (
     add_model_arguments,
     model_from_args,
 )
+from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS
 from surprise_monitor.monitor.probe.hooks import get_module
-from surprise_monitor.monitor.probe.scores import SCORES
 from surprise_monitor.monitor.table import CalibrationTable, images_needed
 
 
@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
         "line i), or name,name,... (default: the folders' alphabetical order)",
     )
     p.add_argument("--layer", help="target module name (default: the final convolution)")
-    p.add_argument("--score", default="logit", choices=list(SCORES), help="class score")
+    p.add_argument("--score", default="logit", choices=list(CLASS_OUTPUTS), help="class score")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -263,7 +263,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
             head_layer=_head_layer(args.head_layer, model),
             reference_images=args.reference_images,
             heldout_source=steps.source(args.heldout) if args.heldout else None,
-            layer=args.layer, score=args.score, top_k=args.top_k,
+            layer=args.layer, class_output=args.score, top_k=args.top_k,
             class_names=names, device=args.device, spill_dir=args.spill_dir,
             progress=not args.quiet, data_source=steps.source(args.data),
             checkpoint_dir=args.checkpoint_dir, resume=args.resume,

@@ -20,7 +20,7 @@ from typing import Any
 
 from surprise_monitor.calibrate.sketch import LogGrid
 from surprise_monitor.monitor.options import _one_of, _positive_int, option
-from surprise_monitor.monitor.probe.scores import SCORES
+from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS
 from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
 
 MERGES = ("auto", "send")
@@ -53,7 +53,7 @@ class TableOptions:
     )
 
     def __post_init__(self) -> None:
-        _one_of("class_output", self.class_output, SCORES)
+        _one_of("class_output", self.class_output, CLASS_OUTPUTS)
         _positive_int("top_k", self.top_k)
         object.__setattr__(self, "levels", tuple(float(v) for v in self.levels))
         object.__setattr__(self, "beta_levels", tuple(float(v) for v in self.beta_levels))

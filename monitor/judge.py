@@ -235,7 +235,7 @@ class Judge:
         self._lock = threading.Lock()
         self.graphs = StepGraphs(self._graph_step, max_graphs=max_graphs) if cuda_graphs else None
         self.probe = GradAMapProbe(
-            model, table.layer, score=table.score, output_to_logits=output_to_logits
+            model, table.layer, class_output=table.class_output, output_to_logits=output_to_logits
         )
         layers = table.alarm.tap_layers if table.alarm is not None else ()
         try:

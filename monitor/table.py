@@ -37,7 +37,7 @@ from safetensors.torch import save as safetensors_save
 from surprise_monitor.kernels import check_percentile_grid, quantile_at
 from surprise_monitor.monitor.errors import SurpriseMonitorError
 from surprise_monitor.monitor.files import atomic_write_bytes
-from surprise_monitor.monitor.probe.scores import SCORES
+from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS
 from surprise_monitor.monitor.table_alarm import PREFIX as ALARM_PREFIX
 from surprise_monitor.monitor.table_alarm import AlarmCalibration, AlarmTableError
 
@@ -97,7 +97,7 @@ class CalibrationTable:
     top_indices: torch.Tensor | None  # [K, N, k] int32 dataset indices, -1 = none
     top_alpha: torch.Tensor | None  # [K, N, k] float32 alpha of those exemplars (NaN = none)
     class_names: list[str]
-    score: str = "logit"
+    class_output: str = "logit"  # the file's "score" field (its name before 0.2)
     input_shape: tuple[int, ...] = ()
     model_fingerprint: str = ""
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -206,8 +206,8 @@ class CalibrationTable:
         self._checked = (q, self.mean)
         if bool((self.counts < 0).any()):
             raise TableError("negative class counts")
-        if self.score not in SCORES:
-            raise TableError(f"unknown score {self.score!r}; one of {SCORES}")
+        if self.class_output not in CLASS_OUTPUTS:
+            raise TableError(f"unknown class output {self.class_output!r}; one of {CLASS_OUTPUTS}")
         if self.alarm is not None:
             try:
                 self.alarm.validate(self.levels)
@@ -226,7 +226,7 @@ class CalibrationTable:
             "num_filters": self.num_filters,
             "class_names": list(self.class_names),
             "levels": [float(v) for v in self.levels],
-            "score": self.score,
+            "score": self.class_output,  # the file keeps the name it had, for old readers
             "input_shape": list(self.input_shape),
             "model_fingerprint": self.model_fingerprint,
             "created": self.created,
@@ -346,8 +346,8 @@ class CalibrationTable:
     def __repr__(self) -> str:
         return (
             f"CalibrationTable(layer={self.layer!r}, classes={self.num_classes}, "
-            f"filters={self.num_filters}, levels={self.levels.numel()}, score={self.score!r}, "
-            f"images={int(self.counts.sum())})"
+            f"filters={self.num_filters}, levels={self.levels.numel()}, "
+            f"class_output={self.class_output!r}, images={int(self.counts.sum())})"
         )
 
 
@@ -441,6 +441,7 @@ def _parse_meta(path: Path, text: Any) -> dict[str, Any]:
             raise TableError(f"{path}: metadata field {name!r} must be {what}")
         out[name] = meta[name]
     out["input_shape"] = tuple(out["input_shape"])
+    out["class_output"] = out.pop("score")  # the file's name for the differentiated class output
     return out
 
 

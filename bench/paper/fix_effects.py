@@ -47,7 +47,9 @@ def ranked_regions(
     filt = None
     if method == "surprise":
         filt, _ = most_surprising_filter(judge(x, torch.tensor([label])))
-    grad = input_gradient(judge.model, judge.layer, x, label, filt, score=judge.table.score)
+    grad = input_gradient(
+        judge.model, judge.layer, x, label, filt, class_output=judge.table.class_output
+    )
     segs, _, order = superpixels.ranked_superpixels(image, grad[0], EFFECT_SEGMENTS)
     return segs, order
 

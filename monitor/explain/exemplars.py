@@ -133,7 +133,13 @@ def exemplars(
             f"{tuple(table.input_shape)}: the dataset or its preprocessing differs"
         )
     grads = input_gradient(
-        model, table.layer, x, cls, filter, score=table.score, output_to_logits=output_to_logits
+        model,
+        table.layer,
+        x,
+        cls,
+        filter,
+        class_output=table.class_output,
+        output_to_logits=output_to_logits,
     )
     out = []
     for rank, ((index, alpha), xi, gi, path) in enumerate(zip(pairs, x, grads, paths, strict=True)):

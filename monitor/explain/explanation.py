@@ -242,7 +242,7 @@ def explain(
     n, kind, reason = choose_filter(report, filter)
     c = int(report.classes[0])
     grad = input_gradient(
-        judge.model, table.layer, x, c, n, score=table.score,
+        judge.model, table.layer, x, c, n, class_output=table.class_output,
         output_to_logits=judge.output_to_logits,
     )[0].float().cpu()  # fmt: skip
     image = superpixels.unnormalise(x[0].float(), mean_t, std_t)

@@ -123,7 +123,7 @@ def fix(
     grad = None
     if method != "random":
         grad = input_gradient(
-            judge.model, judge.layer, x, label, filt, score=judge.table.score,
+            judge.model, judge.layer, x, label, filt, class_output=judge.table.class_output,
             output_to_logits=judge.output_to_logits,
         )[0].float().cpu()  # fmt: skip
     image = superpixels.unnormalise(x[0].float(), mean_t, std_t)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from surprise_monitor.monitor.probe.class_output import check_classes, class_output_of, logits_of
 from surprise_monitor.monitor.probe.hooks import LayerTap
-from surprise_monitor.monitor.probe.scores import check_classes, class_scores, logits_of
 
 
 def input_gradient(
@@ -31,7 +31,7 @@ def input_gradient(
     classes: torch.Tensor | Sequence[int] | int,
     channels: int | Sequence[int] | None = None,
     *,
-    score: str = "logit",
+    class_output: str = "logit",
     output_to_logits: Callable[[Any], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``d score[b, classes[b]] / d x`` for a batch ``x`` ``[B, C, H, W]``, same shape as ``x``.
@@ -42,7 +42,7 @@ def input_gradient(
         classes: the class whose score is differentiated, per sample (or one for all).
         channels: ``None`` for the vanilla gradient through every path; a filter index (or a
             list of them) for the gradient that flows only through those channels of ``layer``.
-        score: ``"logit"``, ``"softmax"`` or ``"log_softmax"`` (use the table's).
+        class_output: ``"logit"``, ``"softmax"`` or ``"log_softmax"`` (use the table's).
     """
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() first")
@@ -65,7 +65,9 @@ def input_gradient(
     with torch.inference_mode(False), torch.enable_grad():
         logits = logits_of(out, output_to_logits)
         check_classes(cls, logits.shape[1])
-        total = class_scores(logits, cls, score).sum()  # samples are independent in eval mode
+        total = class_output_of(
+            logits, cls, class_output
+        ).sum()  # samples are independent in eval mode
         if channels is None:
             (grad,) = torch.autograd.grad(total, x)
             return grad.detach()

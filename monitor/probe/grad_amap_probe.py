@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from surprise_monitor.monitor.probe.hooks import LayerTap
-from surprise_monitor.monitor.probe.scores import (
+from surprise_monitor.monitor.probe.class_output import (
+    check_class_output,
     check_classes,
-    check_score,
-    class_scores,
+    class_output_of,
     logits_of,
 )
+from surprise_monitor.monitor.probe.hooks import LayerTap
 
 
 class ModelRaised(Exception):
@@ -67,7 +67,8 @@ class GradAMapProbe:
     Args:
         model: the CNN, in eval mode.
         layer: name of the target module (see :func:`surprise_monitor.monitor.probe.resolve_layer`).
-        score: ``"logit"`` (default), ``"softmax"`` or ``"log_softmax"``.
+        class_output: the class output differentiated: ``"logit"`` (default), ``"softmax"`` or
+            ``"log_softmax"``.
         output_to_logits: maps the model's output to ``[B, K]`` logits (default: identity).
     """
 
@@ -76,12 +77,12 @@ class GradAMapProbe:
         model: nn.Module,
         layer: str,
         *,
-        score: str = "logit",
+        class_output: str = "logit",
         output_to_logits: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         self.model = model
         self.layer = layer
-        self.score = check_score(score)
+        self.class_output = check_class_output(class_output)
         self.output_to_logits = output_to_logits
         self.tap = LayerTap(model, layer, cut_graph=True, on_output=self._layer_output)
 
@@ -122,8 +123,8 @@ class GradAMapProbe:
                     "(does the model run its head under torch.no_grad()?)"
                 )
             classes = self._classes(logits, labels, check_labels)
-            score = class_scores(logits, classes, self.score).sum()
-            (gradient,) = torch.autograd.grad(score, leaf)
+            total = class_output_of(logits, classes, self.class_output).sum()
+            (gradient,) = torch.autograd.grad(total, leaf)
         return ProbeResult(
             output=detach_tree(output),
             logits=logits.detach(),

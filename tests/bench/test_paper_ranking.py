@@ -82,7 +82,7 @@ def test_capture_gradients_match_the_monitor_probe(arch):
     x, y = _data()
     cap = capture(split_model(model, layer), x, y)
     for score, got in (("logit", cap.g_logit), ("softmax", cap.g_softmax)):
-        probe = GradAMapProbe(model, layer, score=score)
+        probe = GradAMapProbe(model, layer, class_output=score)
         try:
             res = probe.run(x, y)
         finally:

@@ -176,8 +176,8 @@ def test_foreign_checkpoints_are_refused(tmp_path):
         calibrate(model, data, resume=True, amp=True, **kw)
     with pytest.raises(CheckpointError, match="mode"):
         calibrate(model, data, resume=True, approximate=True, **kw)
-    with pytest.raises(CheckpointError, match="score"):
-        calibrate(model, data, resume=True, score="softmax", **kw)
+    with pytest.raises(CheckpointError, match="class_output"):
+        calibrate(model, data, resume=True, class_output="softmax", **kw)
     # A damaged checkpoint (spill shorter than recorded) is refused, not silently used.
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     path = tmp_path / "class_1.alpha"

@@ -57,7 +57,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     for attr in (
         "layer",
         "class_names",
-        "score",
+        "class_output",
         "input_shape",
         "model_fingerprint",
         "created",

@@ -65,7 +65,7 @@ def test_scores_match_autograd(score):
     model = seeded(TinyCNN(num_classes=5))
     x = torch.randn(4, 3, 8, 8)
     labels = torch.tensor([4, 0, 2, 2])
-    probe = GradAMapProbe(model, "features.2", score=score)
+    probe = GradAMapProbe(model, "features.2", class_output=score)
     res = probe.run(x, labels)
     probe.close()
     alpha = grad_amap(res.activation, res.gradient)
@@ -159,14 +159,14 @@ def test_the_oracle_catches_a_wrong_class_score(monkeypatch, score):
     ``1.01 * logits`` (the mutation the issue names) no longer matches it."""
     from surprise_monitor.monitor.probe import grad_amap_probe
 
-    real = grad_amap_probe.class_scores
+    real = grad_amap_probe.class_output_of
     monkeypatch.setattr(
-        grad_amap_probe, "class_scores", lambda z, classes, s: real(1.01 * z, classes, s)
+        grad_amap_probe, "class_output_of", lambda z, classes, s: real(1.01 * z, classes, s)
     )
     model = seeded(TinyCNN(num_classes=5))
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([4, 0, 2, 2])
-    probe = GradAMapProbe(model, "features.2", score=score)
+    probe = GradAMapProbe(model, "features.2", class_output=score)
     try:
         mutated = grad_amap(*_ag(probe.run(x, labels)))
     finally:

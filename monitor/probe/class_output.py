@@ -1,5 +1,6 @@
-"""The class score ``O_c`` whose gradient Grad-AMap uses: the one list of score names, and the
-logits -> classes -> score steps shared by the probe and the input saliency."""
+"""The class output ``O_c`` whose gradient Grad-AMap uses (the paper's "class score"; here
+*class output*, so that *score* means only the alarm's atypicality score): the one list of
+their names, and the logits -> classes -> output steps shared by the probe and the saliency."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ from typing import Any
 
 import torch
 
-#: The class scores a table can be calibrated on (``CalibrationTable.score``).
-SCORES: tuple[str, ...] = ("logit", "softmax", "log_softmax")
+#: The class outputs a table can be calibrated on (``CalibrationTable.class_output``).
+CLASS_OUTPUTS: tuple[str, ...] = ("logit", "softmax", "log_softmax")
 
 
-def check_score(score: str) -> str:
-    """``score`` itself, or ``ValueError`` when it is not one of :data:`SCORES`."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    return score
+def check_class_output(class_output: str) -> str:
+    """``class_output`` itself, or ``ValueError`` when it is not one of :data:`CLASS_OUTPUTS`."""
+    if class_output not in CLASS_OUTPUTS:
+        raise ValueError(f"class_output must be one of {CLASS_OUTPUTS}, got {class_output!r}")
+    return class_output
 
 
 def logits_of(output: Any, output_to_logits: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
@@ -40,14 +41,14 @@ def check_classes(classes: torch.Tensor, num_classes: int) -> None:
         )
 
 
-def class_scores(logits: torch.Tensor, classes: torch.Tensor, score: str) -> torch.Tensor:
-    """Per-sample score O_c of the chosen class: the logit, softmax or log-softmax."""
-    if score == "logit":
+def class_output_of(logits: torch.Tensor, classes: torch.Tensor, class_output: str) -> torch.Tensor:
+    """Per-sample output O_c of the chosen class: the logit, softmax or log-softmax."""
+    if class_output == "logit":
         s = logits
-    elif score == "softmax":
+    elif class_output == "softmax":
         s = torch.softmax(logits, dim=1)
-    elif score == "log_softmax":
+    elif class_output == "log_softmax":
         s = torch.log_softmax(logits, dim=1)
     else:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise ValueError(f"class_output must be one of {CLASS_OUTPUTS}, got {class_output!r}")
     return s.gather(1, classes.view(-1, 1)).squeeze(1)
