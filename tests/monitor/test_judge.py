@@ -236,7 +236,7 @@ def test_the_judge_takes_the_groups_whole(calibrated):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: Thresholds(surprise_pct=100.5), r"surprise_pct must be a percentage in \[0, 100\]"),
+        (lambda: Thresholds(surprise_pct=100.5), r"surprise_pct must be a percentage in \[0, 100"),
         (lambda: Thresholds(low_beta_pct=-1), "low_beta_pct must be a percentage"),
         (lambda: Thresholds(alarm_rate=1.0), r"alarm_rate must be a fraction in \(0, 1\)"),
         (lambda: Execution(backend="cuda"), "backend must be one of"),

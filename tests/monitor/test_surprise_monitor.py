@@ -267,7 +267,8 @@ def test_a_monitored_model_can_be_copied_pickled_and_saved(calibrated, mode, tmp
     x = mixed_inputs(4)
     with torch.no_grad():
         expected = model(x)
-    monitor = SurpriseMonitor(model, table, sampling=Sampling(mode=mode), metrics=CollectorRegistry())
+    sampling = Sampling(mode=mode)
+    monitor = SurpriseMonitor(model, table, sampling=sampling, metrics=CollectorRegistry())
     try:
         buffer = io.BytesIO()
         torch.save(model, buffer)  # the whole module, hooks and all

@@ -136,7 +136,8 @@ def test_per_class_labels_only_when_asked(calibrated):
     model, table = calibrated
     registry = CollectorRegistry()
     x = mixed_inputs()
-    with SurpriseMonitor(model, table, metrics=MetricsOptions(registry=registry, per_class=True)) as monitor:
+    options = MetricsOptions(registry=registry, per_class=True)
+    with SurpriseMonitor(model, table, metrics=options) as monitor:
         report = monitor.run(x).report
         for c, name in enumerate(table.class_names):
             rows = report.classes == c

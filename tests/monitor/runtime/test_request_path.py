@@ -176,7 +176,10 @@ def test_async_full_queue_drops_and_counts_without_blocking(calibrated):
 
     x = torch.zeros(1, 3, 8, 8)  # a blank image: it alarms, so the callback runs
     monitor = SurpriseMonitor(
-        model, table, metrics=registry, sampling=Sampling(mode="async", queue_size=2),
+        model,
+        table,
+        metrics=registry,
+        sampling=Sampling(mode="async", queue_size=2),
         on_alarm=slow,
     )
     try:
