@@ -5,7 +5,7 @@ torchvision resnet18 (random weights, 1000 classes), one 224x224 input per call,
 in one run; the summary prints each median as a ratio to ``plain``.
 
 - ``plain``: ``model(x)`` under ``torch.no_grad()``: the baseline.
-- ``sync``: ``monitor(x)`` judging every input on the request path (metrics and on_flag on).
+- ``sync``: ``monitor(x)`` judging every input on the request path (metrics and on_alarm on).
 - ``sync_sample10``: the same, judging one input in 10.
 - ``async``: ``monitor(x)`` in async mode with the worker idle when the call starts (the queue
   is drained before each round, untimed): plain inference plus copying and queueing the input.
@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from bench._setup import batch, build_model, table_for
 from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.options import Sampling
 
 NAME = "resnet18"
 ROUNDS = 30
@@ -34,7 +35,7 @@ def setup():
 
 def _monitor(model, table, **kwargs) -> SurpriseMonitor:
     return SurpriseMonitor(
-        model, table, metrics=CollectorRegistry(), on_flag=lambda r: None, **kwargs
+        model, table, metrics=CollectorRegistry(), on_alarm=lambda r: None, **kwargs
     )
 
 
@@ -86,8 +87,8 @@ def test_interleaved_ratios(benchmark, setup):
     model, table, x = setup
     monitors = {
         "sync": _monitor(model, table),
-        "sync_sample10": _monitor(model, table, sample_every=10),
-        "async": _monitor(model, table, mode="async", queue_size=4),
+        "sync_sample10": _monitor(model, table, sampling=Sampling(every=10)),
+        "async": _monitor(model, table, sampling=Sampling(mode="async", queue_size=4)),
     }
     times: dict[str, list[float]] = {v: [] for v in ("plain", *monitors)}
 

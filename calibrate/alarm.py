@@ -37,6 +37,7 @@ from surprise_monitor.calibrate.distributed import Comm
 from surprise_monitor.calibrate.plan import split_batch, stream, stream_length
 from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference
 from surprise_monitor.monitor.judge import Judge
+from surprise_monitor.monitor.options import Execution
 from surprise_monitor.monitor.probe.hooks import get_module
 from surprise_monitor.monitor.probe.profiles import DEFAULT_STAGES, ProfileTap, stage_layers
 from surprise_monitor.monitor.probe.profiles import head_layer as head_layer_of
@@ -312,7 +313,7 @@ def _components(
     device: torch.device,
 ) -> torch.Tensor:
     """The judge's components ``[m, 1 + L]`` of training images judged against their labels."""
-    judge = Judge(model, table, backend=backend, check_fingerprint=False)
+    judge = Judge(model, table, execution=Execution(backend=backend, check_fingerprint=False))
     parts = []
     try:
         for x, y in tqdm(batches, desc="score reference", unit="batch", disable=not progress):
@@ -335,7 +336,7 @@ def _heldout_scores(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Held-out scores judged against the predictions and against the labels, and the model's
     accuracy on them (a second judgement only for the misclassified images)."""
-    judge = Judge(model, table, backend=backend, check_fingerprint=False)
+    judge = Judge(model, table, execution=Execution(backend=backend, check_fingerprint=False))
     predicted, labelled, hits = [], [], 0
     try:
         batches = _heldout_batches(heldout, batch_size, num_workers)

@@ -1,19 +1,21 @@
-"""A fit / score / predict face for people who know pytorch-ood or alibi-detect.
+"""A fit / predict face for people who know pytorch-ood or alibi-detect.
 
-    det = SurpriseDetector(model, alarm_rate=0.01).fit(train_loader, heldout_loader)
-    det.score(x)     # [B] atypicality, higher = less like the training images
+    det = SurpriseDetector(model).fit(train_loader, heldout_loader)
+    det.predict(x)   # [B] atypicality scores, higher = less like the training images
     det.p_value(x)   # [B] conformal p-value among the held-out images
-    det.predict(x)   # [B] bool: p_value <= alarm_rate (at most that share of normal inputs)
+    det.alarms(x)    # [B] bool: p_value <= thresholds.alarm_rate (at most that share of normal
+                     # inputs alarm)
     det.save("table.safetensors"); SurpriseDetector.load(model, "table.safetensors")
 
 Thin over :func:`surprise_monitor.calibrate.calibrate` (``fit``) and
 :class:`surprise_monitor.monitor.SurpriseMonitor` (the rest); ``det.report(x)`` gives the whole
 :class:`surprise_monitor.monitor.MonitorReport` (the per-filter flags that explain an alarm).
-``det(x)`` is ``det.score(x)``, as pytorch-ood's detectors are called.
+``det(x)`` is ``det.predict(x)``, as pytorch-ood's ``Detector.predict`` and its call are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from surprise_monitor.calibrate.builder import calibrate
 from surprise_monitor.monitor import MonitorReport, SurpriseMonitor
-from surprise_monitor.monitor.conformal import check_alarm_rate
 from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.judge import option_group
+from surprise_monitor.monitor.options import Thresholds, renamed_keywords
 from surprise_monitor.monitor.table import CalibrationTable
+
+#: The keywords of the 0.1 detector, refused with their new spelling.
+_RENAMES = {"alarm_rate": "thresholds=Thresholds(alarm_rate=...)"}
 
 
 class NotFittedError(SurpriseMonitorError, RuntimeError):
@@ -33,29 +39,33 @@ class NotFittedError(SurpriseMonitorError, RuntimeError):
 
 
 class SurpriseDetector:
-    """Per-input alarms for ``model`` with a false-alarm rate of at most ``alarm_rate``.
+    """Per-input atypicality scores and alarms for ``model``, the alarms' false-alarm rate at
+    most ``thresholds.alarm_rate``.
 
     Args:
         model: the CNN, in eval mode.
-        alarm_rate: the nominal false-alarm rate of :meth:`predict`.
+        thresholds: the monitor's :class:`~surprise_monitor.monitor.options.Thresholds`
+            (``alarm_rate`` is the nominal false-alarm rate of :meth:`alarms`); ``None``: the
+            defaults.
         monitor_kwargs: passed to :class:`~surprise_monitor.monitor.SurpriseMonitor` (e.g.
-            ``backend``).
+            ``execution=Execution(backend="torch")``).
         calibrate_kwargs: passed to :func:`~surprise_monitor.calibrate.calibrate` by :meth:`fit`
             (e.g. ``batch_size``, ``device``, ``layer``, ``profile_layers``, ``head_layer``).
     """
 
+    @renamed_keywords(_RENAMES)
     def __init__(
         self,
         model: nn.Module,
         *,
-        alarm_rate: float = 0.01,
-        monitor_kwargs: dict[str, Any] | None = None,
-        **calibrate_kwargs: Any,
+        thresholds: Thresholds | None = None,
+        monitor_kwargs: Mapping[str, Any] | None = None,
+        calibrate_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
-        self.alarm_rate = check_alarm_rate(alarm_rate)
+        self.thresholds = option_group(thresholds, Thresholds, "thresholds")
         self.monitor_kwargs = dict(monitor_kwargs or {})
-        self.calibrate_kwargs = calibrate_kwargs
+        self.calibrate_kwargs = dict(calibrate_kwargs or {})
         self.monitor: SurpriseMonitor | None = None
 
     def fit(self, train: DataLoader | Dataset, heldout: DataLoader | Dataset) -> SurpriseDetector:
@@ -70,12 +80,18 @@ class SurpriseDetector:
         return self._use(table)
 
     @classmethod
+    @renamed_keywords(_RENAMES)
     def load(
-        cls, model: nn.Module, path: str | Path, *, alarm_rate: float = 0.01, **monitor_kwargs: Any
+        cls,
+        model: nn.Module,
+        path: str | Path,
+        *,
+        thresholds: Thresholds | None = None,
+        monitor_kwargs: Mapping[str, Any] | None = None,
     ) -> SurpriseDetector:
         """A detector from a saved table (made by :meth:`save` or ``surprise-calibrate
-        --heldout``)."""
-        det = cls(model, alarm_rate=alarm_rate, monitor_kwargs=monitor_kwargs)
+        --heldout``); ``thresholds`` and ``monitor_kwargs`` as for the constructor."""
+        det = cls(model, thresholds=thresholds, monitor_kwargs=monitor_kwargs)
         return det._use(CalibrationTable.load(path, exemplars=False))
 
     def _use(self, table: CalibrationTable) -> SurpriseDetector:
@@ -87,7 +103,7 @@ class SurpriseDetector:
             )
         self.close()
         self.monitor = SurpriseMonitor(
-            self.model, table, alarm_rate=self.alarm_rate, **self.monitor_kwargs
+            self.model, table, thresholds=self.thresholds, **self.monitor_kwargs
         )
         return self
 
@@ -101,18 +117,19 @@ class SurpriseDetector:
         the predictions)."""
         return self._monitor().inspect(x, labels)
 
-    def score(self, x: torch.Tensor, labels: Any = None) -> torch.Tensor:
-        """``[B]`` atypicality scores (higher = more atypical)."""
+    def predict(self, x: torch.Tensor, labels: Any = None) -> torch.Tensor:
+        """``[B]`` atypicality scores (higher = more atypical), as pytorch-ood's
+        ``Detector.predict`` returns its outlier scores."""
         return self.report(x, labels).score
 
-    __call__ = score
+    __call__ = predict
 
     def p_value(self, x: torch.Tensor, labels: Any = None) -> torch.Tensor:
         """``[B]`` conformal p-values among the held-out images (small = atypical)."""
         return self.report(x, labels).p_value
 
-    def predict(self, x: torch.Tensor, labels: Any = None) -> torch.Tensor:
-        """``[B]`` bool alarms: ``p_value <= alarm_rate``."""
+    def alarms(self, x: torch.Tensor, labels: Any = None) -> torch.Tensor:
+        """``[B]`` bool alarms: ``p_value <= thresholds.alarm_rate``."""
         return self.report(x, labels).alarm
 
     def save(self, path: str | Path) -> Path:

@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from surprise_monitor.monitor.options import Thresholds
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_model import DigitsCNN  # noqa: E402
 
@@ -211,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         table = CalibrationTable.load(calibrate_through_the_cli(splits, weights, work))
         x_ev, y_ev = splits["evaluation"]
         nominal = 0.01
-        with SurpriseMonitor(model, table, alarm_rate=nominal) as monitor:
+        thresholds = Thresholds(alarm_rate=nominal)
+        with SurpriseMonitor(model, table, thresholds=thresholds) as monitor:
             results = {"evaluation": summarise(monitor, x_ev, y_ev)}
             for name, xs in atypical_sets(x_ev).items():
                 results[name] = summarise(monitor, xs, None if name == "noise" else y_ev)

@@ -5,6 +5,8 @@ The layout, bottom to top (each part imports only from the parts listed before i
 
 - ``files``, ``fingerprint``: atomic writes; the model-weights fingerprint.
 - ``probe/``: the layer hooks, the class scores, the Grad-AMap probe, the target layer's choice.
+- ``options``: the option groups (:class:`Thresholds`, :class:`Execution`, :class:`Sampling`,
+  :class:`MetricsOptions`) every layer takes whole.
 - ``table``: the calibration table and its file format.
 - ``loading/``: models (torchvision names, ``module:factory``, weights, ONNX) and images.
 - ``report``: the per-batch result.
@@ -20,6 +22,7 @@ from surprise_monitor.monitor.alarms import AlarmLog, AlarmRecord
 from surprise_monitor.monitor.explain import Explanation, FixAttempt, FixResult, input_gradient
 from surprise_monitor.monitor.judge import InvalidInputError, Judge, TableMismatchError
 from surprise_monitor.monitor.loading import OnnxConversionError, load_onnx
+from surprise_monitor.monitor.options import Execution, MetricsOptions, Sampling, Thresholds
 from surprise_monitor.monitor.probe import GradAMapProbe, LayerChoice, ProbeResult, resolve_layer
 from surprise_monitor.monitor.report import FlaggedFilter, MonitorReport
 from surprise_monitor.monitor.runtime import MetricsConflictError, MonitorMetrics, MonitorResult
@@ -28,6 +31,7 @@ from surprise_monitor.monitor.surprise_monitor import SurpriseMonitor
 __all__ = [
     "AlarmLog",
     "AlarmRecord",
+    "Execution",
     "Explanation",
     "FixAttempt",
     "FixResult",
@@ -37,13 +41,16 @@ __all__ = [
     "Judge",
     "LayerChoice",
     "MetricsConflictError",
+    "MetricsOptions",
     "MonitorMetrics",
     "MonitorReport",
     "MonitorResult",
     "OnnxConversionError",
     "ProbeResult",
+    "Sampling",
     "SurpriseMonitor",
     "TableMismatchError",
+    "Thresholds",
     "input_gradient",
     "load_onnx",
     "resolve_layer",

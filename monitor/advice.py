@@ -1,9 +1,9 @@
 """Error messages that name what to do in the interface the user is in.
 
-The library's exceptions speak the Python API (``pass check_fingerprint=False``, ``pass
-dataset=...``). Where a command line offers the same remedy under a flag (or not at all),
-:func:`advise` attaches the command line's wording to the exception, and the command lines print
-:func:`cli_message` instead of ``str(exc)``.
+The library's exceptions speak the Python API (``pass
+execution=Execution(check_fingerprint=False)``, ``pass dataset=...``). Where a command line offers
+the same remedy under a flag (or not at all), :func:`advise` attaches the command line's wording to
+the exception, and the command lines print :func:`cli_message` instead of ``str(exc)``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -45,18 +45,21 @@ from surprise_monitor.monitor.atypicality import (
     expectation_mass,
     fisher,
 )
-from surprise_monitor.monitor.conformal import ConformalNull, check_alarm_rate
+from surprise_monitor.monitor.conformal import ConformalNull
 from surprise_monitor.monitor.cuda_graphs import StepGraphs
 from surprise_monitor.monitor.errors import SurpriseMonitorError
 from surprise_monitor.monitor.fingerprint import layer_fingerprint, model_fingerprint
 from surprise_monitor.monitor.host_copy import to_host
 from surprise_monitor.monitor.loading.models import model_device, model_dtype
+from surprise_monitor.monitor.options import Execution, Thresholds, renamed_keywords
 from surprise_monitor.monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised, ProbeResult
 from surprise_monitor.monitor.probe.hooks import get_module
 from surprise_monitor.monitor.probe.profiles import ProfileTap
 from surprise_monitor.monitor.report import MonitorReport
 from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.monitor.table_alarm import AlarmCalibration
+
+G = TypeVar("G")
 
 
 class TableMismatchError(SurpriseMonitorError, ValueError):
@@ -156,14 +159,6 @@ class DeviceStep:
     batch: Batch | None = None
 
 
-def _check_pct(name: str, value: float) -> float:
-    """``value`` as a float, or ``ValueError`` when it is not a percentage."""
-    value = float(value)
-    if not 0.0 <= value <= 100.0:
-        raise ValueError(f"{name} must be a percentage in [0, 100], got {value}")
-    return value
-
-
 def require_eval(model: nn.Module) -> None:
     """``ValueError`` when ``model`` is in training mode (batch statistics couple samples)."""
     if model.training:
@@ -173,67 +168,64 @@ def require_eval(model: nn.Module) -> None:
         )
 
 
+#: The keywords of the 0.1 API, refused with their new spelling (the facade adds its own).
+JUDGE_RENAMES: dict[str, str] = {
+    "layer": "the table's: the monitored layer is table.layer (calibrate with another layer to "
+    "change it)",
+    **{k: f"thresholds=Thresholds({k}=...)" for k in (
+        "surprise_pct", "expectation_pct", "low_beta_pct", "alarm_rate")},
+    **{k: f"execution=Execution({k}=...)" for k in (
+        "backend", "cuda_graphs", "max_graphs", "host_checks", "check_fingerprint",
+        "strict_input_size")},
+}  # fmt: skip
+
+
+def option_group(value: Any, cls: type[G], name: str) -> G:
+    """``value`` when it is a ``cls`` (``None``: the defaults), else ``TypeError``."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be {cls.__name__}(...) or None, got {type(value).__name__}")
+    return value
+
+
 class Judge:
     """Judges batches of ``model``'s inputs against a calibration ``table``.
 
     Args:
         model: the CNN (``nn.Module``) in eval mode; the judge adds one forward hook at the
-            table's layer and one at each activation-profile layer and at the head layer of the
-            table's alarm part (removed by :meth:`close`).
+            table's layer (the monitored layer) and one at each activation-profile layer and at
+            the head layer of the table's alarm part (removed by :meth:`close`).
         table: the calibration table (made for this model: layer, filters, classes, weights).
-        layer: target layer; ``None`` uses the table's. Another name than the table's is refused.
-        surprise_pct: a filter is surprising when ``alpha > P_cn(surprise_pct)``.
-        expectation_pct: a filter is expected when ``alpha < P_cn(expectation_pct)`` and
-            ``mu_cn > mean_n(mu_cn)``.
-        low_beta_pct: an input has a low beta when its beta is below this percentile of the
-            class's calibration betas.
-        check_fingerprint: refuse a table whose model-weights fingerprint differs.
+        thresholds: what counts as surprising, expected, low beta and an alarm
+            (:class:`~surprise_monitor.monitor.options.Thresholds`; ``None``: its defaults).
+        execution: backend, CUDA graphs, where values are checked, what is refused
+            (:class:`~surprise_monitor.monitor.options.Execution`; ``None``: its defaults).
         output_to_logits: maps the model's output to ``[B, K]`` logits (default: identity).
-        strict_input_size: refuse inputs whose H x W differ from the calibration images.
-        backend: kernel backend, ``"auto"``, ``"triton"`` or ``"torch"``.
-        cuda_graphs: replay the device step from CUDA graphs, one per input signature
-            (:mod:`surprise_monitor.monitor.cuda_graphs`; CUDA inputs only). Off by default until
-            measured on a GPU.
-        max_graphs: graphs kept at most (least recently used dropped first).
-        host_checks: check input and label values on the host (``True``: a host sync on a
-            GPU), on the device (``False``), or on the host for tensors already there
-            (``None``, the default: no sync either way).
-        alarm_rate: an input alarms when its conformal p-value is at most this: on normal
-            traffic (inputs like the held-out images) at most this fraction of inputs alarm.
     """
 
+    @renamed_keywords(JUDGE_RENAMES)
     def __init__(
         self,
         model: nn.Module,
         table: CalibrationTable,
         *,
-        layer: str | None = None,
-        surprise_pct: float = 99.9,
-        expectation_pct: float = 0.1,
-        low_beta_pct: float = 1.0,
-        check_fingerprint: bool = True,
+        thresholds: Thresholds | None = None,
+        execution: Execution | None = None,
         output_to_logits: Callable[[Any], torch.Tensor] | None = None,
-        strict_input_size: bool = True,
-        backend: str = "auto",
-        cuda_graphs: bool = False,
-        max_graphs: int = 8,
-        host_checks: bool | None = None,
-        alarm_rate: float = 0.01,
     ) -> None:
-        _check_table_fits(model, table, layer, check_fingerprint)
-        self.alarm_rate = check_alarm_rate(alarm_rate)
+        self.thresholds = option_group(thresholds, Thresholds, "thresholds")
+        self.execution = option_group(execution, Execution, "execution")
+        _check_table_fits(model, table, self.execution.check_fingerprint)
         self.model = model
         self.table = table
-        self.surprise_pct = _check_pct("surprise_pct", surprise_pct)
-        self.expectation_pct = _check_pct("expectation_pct", expectation_pct)
-        self.low_beta_pct = _check_pct("low_beta_pct", low_beta_pct)
-        self.strict_input_size = strict_input_size
-        self.backend = backend
-        self.host_checks = host_checks
         self._tables: dict[torch.device, LookupTable] = {}
         self._alarm_tables: dict[torch.device, _AlarmTables] = {}
         self._lock = threading.Lock()
-        self.graphs = StepGraphs(self._graph_step, max_graphs=max_graphs) if cuda_graphs else None
+        run = self.execution
+        self.graphs = (
+            StepGraphs(self._graph_step, max_graphs=run.max_graphs) if run.cuda_graphs else None
+        )
         self.probe = GradAMapProbe(
             model, table.layer, class_output=table.class_output, output_to_logits=output_to_logits
         )
@@ -315,7 +307,7 @@ class Judge:
         """Stage 1: the model is in eval mode, ``x`` is a floating ``[B, C, H, W]`` batch of the
         calibration's channels (and size, when strict), ``labels`` are B integers. Values
         (finite input, labels in range) are checked here where that needs no host sync (see
-        ``host_checks``), else by the device step. Raises :class:`InvalidInputError` (or
+        ``execution.host_checks``), else by the device step. Raises :class:`InvalidInputError` (or
         ``TypeError``, ``ValueError``)."""
         require_eval(self.model)
         input_on_host = self.checks_on_host(x)
@@ -328,9 +320,9 @@ class Judge:
         return Batch(x, found, input_on_host, labels_on_host)
 
     def checks_on_host(self, t: Any) -> bool:
-        """Whether the values of ``t`` are checked on the host (see ``host_checks``)."""
-        if self.host_checks is not None:
-            return self.host_checks
+        """Whether the values of ``t`` are checked on the host (see ``execution.host_checks``)."""
+        if self.execution.host_checks is not None:
+            return self.execution.host_checks
         return not isinstance(t, torch.Tensor) or t.device.type == "cpu"
 
     def check_input(self, x: Any, *, values: bool = True) -> torch.Tensor:
@@ -370,11 +362,11 @@ class Judge:
             raise InvalidInputError(
                 f"input has {x.shape[1]} channels; the table was calibrated on {expect[0]}"
             )
-        if self.strict_input_size and tuple(x.shape[2:]) != tuple(expect[1:]):
+        if self.execution.strict_input_size and tuple(x.shape[2:]) != tuple(expect[1:]):
             raise InvalidInputError(
                 f"input size {tuple(x.shape[2:])} differs from the calibration size "
                 f"{tuple(expect[1:])} (alpha depends on resolution; resize the input, or "
-                "pass strict_input_size=False)"
+                "pass execution=Execution(strict_input_size=False))"
             )
 
     def check_labels(self, labels: Any, batch: int, *, values: bool = True) -> torch.Tensor | None:
@@ -427,10 +419,12 @@ class Judge:
             labels = labels.clamp(0, k - 1)  # never index out of range on the device
         res, means = self._probe(x, labels, check_labels=False)
         self._check_shapes(res.activation, res.logits, means)
-        alpha = grad_amap(res.activation, res.gradient, backend=self.backend)
+        alpha = grad_amap(res.activation, res.gradient, backend=self.execution.backend)
         tables = self._tables_for(alpha.device)
         cls = res.classes.to(alpha.device)
-        found = percentile_lookup(alpha, cls, tables, backend=self.backend, check_values=False)
+        found = percentile_lookup(
+            alpha, cls, tables, backend=self.execution.backend, check_values=False
+        )
         alarm = self._alarm(found.percentile, means, labels is not None)
         report = DeviceReport(
             logits=res.logits.float(),
@@ -469,7 +463,7 @@ class Judge:
             labels_given=labels_given,
             layer=self.layer,
             class_names=tuple(self.table.class_names),
-            alarm_rate=self.alarm_rate,
+            alarm_rate=self.thresholds.alarm_rate,
             component_names=self.component_names,
         )
 
@@ -518,7 +512,7 @@ class Judge:
         if null is None:
             return _alarm_fields(score, nan, no, parts, ranks)
         p = null.p_values(score)
-        return _alarm_fields(score, p, p <= self.alarm_rate, parts, ranks)
+        return _alarm_fields(score, p, p <= self.thresholds.alarm_rate, parts, ranks)
 
     # ------------------------------------------------------------------ helpers
     def _check_shapes(
@@ -569,10 +563,10 @@ class Judge:
         thresholds, guard, calibrated mask, beta grid and low-beta threshold."""
         with self._lock:
             if device not in self._tables:
+                t = self.thresholds
                 self._tables[device] = prepare_lookup_table(
-                    self.table, surprise_pct=self.surprise_pct,
-                    expectation_pct=self.expectation_pct, low_beta_pct=self.low_beta_pct,
-                    device=device,
+                    self.table, surprise_pct=t.surprise_pct, expectation_pct=t.expectation_pct,
+                    low_beta_pct=t.low_beta_pct, device=device,
                 )  # fmt: skip
             return self._tables[device]
 
@@ -636,19 +630,12 @@ def judge_of(target: Judge | HasJudge) -> Judge:
     return target if isinstance(target, Judge) else target.judge
 
 
-def _check_table_fits(
-    model: nn.Module, table: CalibrationTable, layer: str | None, check_fingerprint: bool
-) -> None:
-    """Refuse a model that is not an eval-mode module, or a table made for another layer or
-    other weights (:class:`TableMismatchError`)."""
+def _check_table_fits(model: nn.Module, table: CalibrationTable, check_fingerprint: bool) -> None:
+    """Refuse a model that is not an eval-mode module, or a table made for other weights or
+    whose layer statistics are another layer's (:class:`TableMismatchError`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     require_eval(model)
-    if layer is not None and layer != table.layer:
-        raise TableMismatchError(
-            f"the table was calibrated at layer {table.layer!r}, not {layer!r}; "
-            "calibrate again at that layer"
-        )
     module = get_module(model, table.layer)
     if check_fingerprint and table.model_fingerprint:
         found = model_fingerprint(model)
@@ -659,7 +646,8 @@ def _check_table_fits(
             )
             raise advise(
                 TableMismatchError(
-                    problem + "pass check_fingerprint=False if the change is deliberate"
+                    problem + "pass execution=Execution(check_fingerprint=False) if the change "
+                    "is deliberate"
                 ),
                 cli=problem + "pass --no-fingerprint-check if the change is deliberate",
             )

@@ -18,7 +18,15 @@ function; its package is reached by ``from surprise_monitor.calibrate import ...
 
 from surprise_monitor.calibrate import SurpriseDetector
 from surprise_monitor.calibrate.builder import calibrate  # after the package: the function
-from surprise_monitor.monitor import AlarmLog, MonitorReport, SurpriseMonitor
+from surprise_monitor.monitor import (
+    AlarmLog,
+    Execution,
+    MetricsOptions,
+    MonitorReport,
+    Sampling,
+    SurpriseMonitor,
+    Thresholds,
+)
 from surprise_monitor.monitor.table import CalibrationTable
 
 __version__ = "0.1.0"
@@ -26,9 +34,13 @@ __version__ = "0.1.0"
 __all__ = [
     "AlarmLog",
     "CalibrationTable",
+    "Execution",
+    "MetricsOptions",
     "MonitorReport",
+    "Sampling",
     "SurpriseDetector",
     "SurpriseMonitor",
+    "Thresholds",
     "__version__",
     "calibrate",
 ]

@@ -30,6 +30,7 @@ from bench.alarms.sets import PARTS, atypical_sets, cifar_part
 from bench.strong_models import STRONG_MODELS, training_record
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.conformal import resampled_alarm_rate
+from surprise_monitor.monitor.options import Thresholds
 
 HERE = Path(__file__).resolve().parent
 RATES = (0.01, 0.001)
@@ -47,7 +48,7 @@ def run_model(name: str, n: int) -> dict:
     feats, labels = collect.train_features(name, model)
     baselines = Baselines(feats, labels)
     out: dict = {"model": name, "training": training_record(name), "parts": {}}
-    with SurpriseMonitor(model, table, alarm_rate=0.01) as monitor:
+    with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=0.01)) as monitor:
         for part in PARTS:
             log(f"{name}: judging the {part} part")
             inlier = collect.with_ablations(collect.judged(name, monitor, cifar_part(part)), table)

@@ -121,6 +121,7 @@ def overhead_case(
 ) -> dict[str, Any]:
     """One (model, batch, precision) cell: every variant's median ms and ratios."""
     from surprise_monitor.monitor import SurpriseMonitor
+    from surprise_monitor.monitor.options import Execution
     from surprise_monitor.monitor.probe import GradAMapProbe
 
     bf16 = precision == "bf16"
@@ -129,7 +130,7 @@ def overhead_case(
         x = x.contiguous(memory_format=torch.channels_last)
     amp = torch.autocast(cfg.device.type, dtype=torch.bfloat16, enabled=bf16)
     eager = SurpriseMonitor(model, table)
-    graphed = SurpriseMonitor(model, table, cuda_graphs=True)
+    graphed = SurpriseMonitor(model, table, execution=Execution(cuda_graphs=True))
     probe = GradAMapProbe(model, table.layer)
     try:
 
@@ -215,6 +216,7 @@ def overhead(cfg: Config) -> dict[str, Any]:
 def half_models(cfg: Config) -> dict[str, Any]:
     """``SurpriseMonitor`` on fp16 / bf16 models (the model itself in half precision)."""
     from surprise_monitor.monitor import SurpriseMonitor
+    from surprise_monitor.monitor.options import Execution
 
     out: dict[str, Any] = {}
     arch = "resnet18"
@@ -228,8 +230,8 @@ def half_models(cfg: Config) -> dict[str, Any]:
             model = model.to(dtype)
             x = torch.randn(4, 3, cfg.size, cfg.size, device=cfg.device, dtype=dtype)
             for graphs in (False, True):
-                with SurpriseMonitor(model, table, cuda_graphs=graphs and cfg.cuda,
-                                     check_fingerprint=False) as mon:  # fmt: skip
+                run = Execution(cuda_graphs=graphs and cfg.cuda, check_fingerprint=False)
+                with SurpriseMonitor(model, table, execution=run) as mon:
                     reports = [mon.inspect(x) for _ in range(3)]
                     out[f"{name} graphs={graphs}"] = {
                         "alpha_finite": bool(torch.isfinite(reports[-1].alpha).all()),
@@ -370,6 +372,7 @@ def profile(cfg: Config) -> dict[str, Any]:
     from torch.profiler import profile as torch_profile
 
     from surprise_monitor.monitor import SurpriseMonitor
+    from surprise_monitor.monitor.options import Execution
 
     model = build("resnet50" if cfg.cuda else "resnet18", cfg)
     table = make_table(model, cfg)
@@ -379,7 +382,7 @@ def profile(cfg: Config) -> dict[str, Any]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.cuda else [])
     out: dict[str, Any] = {}
     for graphs in (False, True) if cfg.cuda else (False,):
-        with SurpriseMonitor(model, table, cuda_graphs=graphs) as mon:
+        with SurpriseMonitor(model, table, execution=Execution(cuda_graphs=graphs)) as mon:
             for _ in range(4):
                 mon.inspect(x)
             sync(cfg.device)

@@ -59,6 +59,7 @@ from bench.paper.common import (
 )
 from bench.paper.metrics import auroc, fpr_at_tpr
 from bench.paper.scores import BASELINE_SCORES, MONITOR_SCORES, Baselines, monitor_scores
+from surprise_monitor.monitor.options import Thresholds
 
 #: Shift kind -> strengths (mild, medium, strong).
 SHIFTS: dict[str, tuple[float, ...]] = {
@@ -187,7 +188,7 @@ def run(setups: Sequence[Setup], n_test: int | None, n_ood: int) -> dict[str, An
         f_id, _ = features_of(s.model, x)
         f_out = {name: features_of(s.model, xs)[0] for name, xs in sets.items()}
         for split in TABLES:
-            with s.monitor(split, low_beta_pct=1.0) as mon:
+            with s.monitor(split, thresholds=Thresholds(low_beta_pct=1.0)) as mon:
                 rep = inspect_all(mon, x)
                 r[f"alerts_{split}"] = alert_rates(rep)
                 r[f"alerts_{split}_true_class"] = alert_rates(inspect_all(mon, x, y))

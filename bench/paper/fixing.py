@@ -66,6 +66,7 @@ from bench.paper.common import (
 from surprise_monitor.calibrate import model_fingerprint
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.explain import DEFAULT_N_SEGMENTS, DEFAULT_REMOVE, METHODS
+from surprise_monitor.monitor.options import Execution
 
 #: Removed-pixel budgets (fraction of the image) at which the fix rates are also reported.
 BUDGETS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)
@@ -323,7 +324,8 @@ def resolution(
     n = min(len(x), 1000)
     for size in sizes:
         model = AreaDownsampled(setup.model, size // x.shape[-1])
-        with SurpriseMonitor(model, setup.table("train"), strict_input_size=False) as mon:
+        lax = Execution(strict_input_size=False)
+        with SurpriseMonitor(model, setup.table("train"), execution=lax) as mon:
             xs = upsample(x[sub], size)
             by_size[str(size)] = compute_rows(
                 mon, xs, y[sub], sub, rows_path(setup, str(size)), logits, log

@@ -32,6 +32,7 @@ from surprise_monitor.monitor.loading.model_args import (
     model_from_args,
 )
 from surprise_monitor.monitor.loading.sources import source_dataset
+from surprise_monitor.monitor.options import Execution
 from surprise_monitor.monitor.surprise_monitor import SurpriseMonitor
 from surprise_monitor.monitor.table import CalibrationTable
 
@@ -128,9 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         x = load_image(args.image, table, args).to(args.device)
         label = _label(args.label, table.class_names)
         check = not args.no_fingerprint_check
-        with SurpriseMonitor(model, table, check_fingerprint=check) as monitor:
+        execution = Execution(check_fingerprint=check)
+        with SurpriseMonitor(model, table, execution=execution) as monitor:
             expl = monitor.explain(
-                x, filter=args.filter, label=label, n_segments=args.n_segments, mean=args.mean,
+                x, label, filter=args.filter, n_segments=args.n_segments, mean=args.mean,
                 std=args.std, exemplars_k=args.exemplars, dataset=dataset,
             )  # fmt: skip
         out = expl.save_figure(args.out)

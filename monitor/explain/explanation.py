@@ -205,10 +205,10 @@ def _exemplar_dict(e: Exemplar) -> dict[str, Any]:
 def explain(
     target: Judge | HasJudge,
     x: torch.Tensor,
-    filter: int | None = None,
     label: int | None = None,
-    n_segments: int = 50,
     *,
+    filter: int | None = None,
+    n_segments: int = 50,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     exemplars_k: int | None = None,
@@ -222,8 +222,8 @@ def explain(
     Args:
         target: the judge, or a :class:`~surprise_monitor.monitor.SurpriseMonitor` (its
             judge is used; its ``last_report`` is left alone).
-        filter: the filter to explain; default: the most surprising, else the most expected one.
         label: the true class if known (the filter is judged against it); else the prediction.
+        filter: the filter to explain; default: the most surprising, else the most expected one.
         n_segments: SLIC's target superpixel count (the paper uses 50).
         mean, std: the normalisation of ``x`` when ``table.data_source`` does not record it.
         exemplars_k: training exemplars to attach; default: the table's top-k when the images can
@@ -236,7 +236,7 @@ def explain(
     """
     x = one_image(x, "explain")
     judge = judge_of(target)
-    table = judge.table
+    table, t = judge.table, judge.thresholds
     mean_t, std_t = superpixels.normalisation(table.data_source, mean, std)
     x, report = judged_on_device(judge, x, label)
     n, kind, reason = choose_filter(report, filter)
@@ -256,9 +256,9 @@ def explain(
         cls=c, prediction=int(report.predictions[0]),
         label=None if label is None else int(label), alpha=float(report.alpha[0, n]),
         mu=float(report.mu[0, n]), percentile=float(report.percentile[0, n]),
-        low=float(table.value_at(judge.expectation_pct)[c, n]),
-        high=float(table.value_at(judge.surprise_pct)[c, n]),
-        surprise_pct=judge.surprise_pct, expectation_pct=judge.expectation_pct,
+        low=float(table.value_at(t.expectation_pct)[c, n]),
+        high=float(table.value_at(t.surprise_pct)[c, n]),
+        surprise_pct=t.surprise_pct, expectation_pct=t.expectation_pct,
         layer=table.layer, n_segments=n_segments, class_names=tuple(table.class_names),
         reason=reason, exemplar_class=c if exemplar_class is None else int(exemplar_class),
     )  # fmt: skip

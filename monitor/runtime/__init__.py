@@ -1,8 +1,9 @@
 """The request path around the judge: sampling, the async worker, fail-open counting,
-``on_flag`` callbacks, timing and Prometheus metrics."""
+``on_alarm`` callbacks, timing and Prometheus metrics."""
 
+from surprise_monitor.monitor.options import MODES
 from surprise_monitor.monitor.runtime.metrics import MetricsConflictError, MonitorMetrics
-from surprise_monitor.monitor.runtime.request_path import MODES, MonitorResult, RequestPath
+from surprise_monitor.monitor.runtime.request_path import MonitorResult, RequestPath
 from surprise_monitor.monitor.runtime.sampling import Sampler
 from surprise_monitor.monitor.runtime.timing import ForwardTimer
 from surprise_monitor.monitor.runtime.worker import AsyncWorker

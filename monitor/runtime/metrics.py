@@ -80,7 +80,7 @@ FLAG_KINDS = ("surprise", "expectation", "low_beta")
 SKIP_REASONS = ("sampled_out", "queue_full", "failed", "model_error")
 #: ``failures_total`` kinds: a bad input (shape, dtype, NaN/Inf, labels), a model in training
 #: mode, a table that does not fit the model, non-finite alpha, out of device memory, an
-#: exception in ``on_flag`` or the alarm recorder, anything else.
+#: exception in ``on_alarm`` or the alarm recorder, anything else.
 FAILURE_KINDS = (
     "invalid_input", "training_mode", "table_mismatch", "nonfinite_alpha", "out_of_memory",
     "callback", "internal",
@@ -108,7 +108,7 @@ class MetricsConflictError(SurpriseMonitorError, ValueError):
 
 
 def failure_kind(exc: BaseException, prefix: str = "") -> str:
-    """The :data:`FAILURE_KINDS` label of a monitoring failure (a ``prefix``, ``"on_flag:"`` or
+    """The :data:`FAILURE_KINDS` label of a monitoring failure (a ``prefix``, ``"on_alarm:"`` or
     ``"recorder:"``: an exception in the callback or the alarm recorder)."""
     from surprise_monitor.monitor.judge import (
         InvalidInputError,

@@ -5,10 +5,11 @@
 (``mode="sync"``, from the same forward pass when every input is sampled) or on a worker thread
 (``mode="async"``, a copy of the inputs, dropped and counted when the queue is full). It never lets
 monitoring break the call (fail-open): a failure is counted (``failures``, the metrics) and logged
-once per kind, and the model's output is still returned. It calls ``on_flag`` for each input that
-alarms (``report.alarm``; the per-filter flags that explain it stay in the report), hands each alarm
-and its input to the alarm recorder (e.g. :class:`surprise_monitor.monitor.alarms.AlarmLog`), feeds
-the Prometheus metrics and keeps the last report.
+once per kind, and the model's output is still returned. It calls ``on_alarm`` for each input
+that alarms (``report.alarm``; the per-filter flags that explain it stay in the report), hands each
+alarm and its input to the alarm recorder (e.g.
+:class:`surprise_monitor.monitor.alarms.AlarmLog`), feeds the Prometheus metrics and keeps the last
+report. Its options are one :class:`~surprise_monitor.monitor.options.Sampling`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
-from surprise_monitor.monitor.judge import Judge
+from surprise_monitor.monitor.judge import Judge, option_group
+from surprise_monitor.monitor.options import Sampling
 from surprise_monitor.monitor.probe.grad_amap_probe import ModelRaised
 from surprise_monitor.monitor.report import MonitorReport
 from surprise_monitor.monitor.runtime.metrics import MonitorMetrics, failure_kind
@@ -34,7 +36,6 @@ from surprise_monitor.monitor.runtime.worker import AsyncWorker
 
 log = logging.getLogger(__name__)
 
-MODES = ("sync", "async")
 _NOT_RUN = object()  # the model's output before the model ran
 
 
@@ -61,11 +62,13 @@ class AlarmRecorder(Protocol):
         normalised tensor the model saw) and the request it came with."""
 
 
-def check_mode(mode: str) -> str:
-    """``mode`` itself, or ``ValueError`` when it is not one of :data:`MODES`."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
+def check_callbacks(on_alarm: Any, recorder: Any) -> None:
+    """``TypeError`` for an ``on_alarm`` that is not callable or an alarm recorder without a
+    ``record`` method (checked before anything is attached to the model)."""
+    if on_alarm is not None and not callable(on_alarm):
+        raise TypeError("on_alarm must be callable")
+    if recorder is not None and not callable(getattr(recorder, "record", None)):
+        raise TypeError("alarm_log must have a record(report, x, request_id) method (AlarmLog)")
 
 
 def batch_len(x: Any) -> int:
@@ -82,14 +85,13 @@ def rows_of(labels: Any, rows: torch.Tensor) -> Any:
 
 
 class RequestPath:
-    """Sampling, the async worker, fail-open counting, ``on_flag`` and metrics around a judge.
+    """Sampling, the async worker, fail-open counting, ``on_alarm`` and metrics around a judge.
 
     Args:
         judge: judges the sampled inputs (its model also answers the unsampled ones).
-        sampler: which inputs to judge.
-        mode: ``"sync"`` or ``"async"``.
-        queue_size: batches the async queue holds.
-        on_flag: called with a one-input report per input that alarms (errors counted, not
+        sampling: which inputs to judge, on which thread, through how long a queue
+            (:class:`~surprise_monitor.monitor.options.Sampling`; ``None``: its defaults).
+        on_alarm: called with a one-input report per input that alarms (errors counted, not
             raised). A table without a held-out null never alarms, so it is never called.
         recorder: given each alarm with its input (errors counted as ``callback`` failures).
         metrics: the monitor's metrics, or ``None``; closed by :meth:`close`. With metrics,
@@ -99,18 +101,17 @@ class RequestPath:
     def __init__(
         self,
         judge: Judge,
+        sampling: Sampling | None = None,
         *,
-        sampler: Sampler,
-        mode: str = "sync",
-        queue_size: int = 64,
-        on_flag: Callable[[MonitorReport], Any] | None = None,
+        on_alarm: Callable[[MonitorReport], Any] | None = None,
         metrics: MonitorMetrics | None = None,
         recorder: AlarmRecorder | None = None,
     ) -> None:
+        check_callbacks(on_alarm, recorder)
         self.judge = judge
-        self.sampler = sampler
-        self.mode = check_mode(mode)
-        self.on_flag = on_flag
+        self.sampling = option_group(sampling, Sampling, "sampling")
+        self.sampler = Sampler(self.sampling)
+        self.on_alarm = on_alarm
         self.metrics = metrics
         self.recorder = recorder
         self.failures: Counter[str] = Counter()
@@ -123,10 +124,16 @@ class RequestPath:
         self._timer = ForwardTimer(judge.model) if metrics is not None else None
         self._worker: AsyncWorker | None = None
         self._worker_thread: threading.Thread | None = None
-        if mode == "async":
+        if self.mode == "async":
             on_depth = metrics.queue_depth if metrics is not None else None
-            self._worker = AsyncWorker(self._handle_queued, queue_size, on_depth=on_depth)
+            size = self.sampling.queue_size
+            self._worker = AsyncWorker(self._handle_queued, size, on_depth=on_depth)
             self._worker_thread = self._worker.thread
+
+    @property
+    def mode(self) -> str:
+        """``"sync"`` or ``"async"`` (``sampling.mode``)."""
+        return self.sampling.mode
 
     # ------------------------------------------------------------- last report
     @property
@@ -250,17 +257,17 @@ class RequestPath:
         return output, report
 
     def _notify(self, report: MonitorReport, x: Any, request_id: str | None) -> None:
-        """Call ``on_flag`` with each alarming input's one-input report, and hand it with its
+        """Call ``on_alarm`` with each alarming input's one-input report, and hand it with its
         input to the recorder (failures of either are counted, never raised)."""
-        if self.on_flag is None and self.recorder is None:
+        if self.on_alarm is None and self.recorder is None:
             return
         for j in torch.nonzero(report.alarm).flatten().tolist():
             one = report.select([j])
-            if self.on_flag is not None:
+            if self.on_alarm is not None:
                 try:
-                    self.on_flag(one)
+                    self.on_alarm(one)
                 except Exception as exc:  # a broken callback must not break inference either
-                    self._count_failure(exc, 0, prefix="on_flag:")
+                    self._count_failure(exc, 0, prefix="on_alarm:")
             if self.recorder is not None:
                 try:
                     self.recorder.record(one, x[j], request_id)

@@ -7,37 +7,37 @@ import threading
 
 import torch
 
+from surprise_monitor.monitor.options import Sampling
+
 
 class Sampler:
-    """Chooses which inputs to monitor: one in ``every`` (counted over all calls and threads,
-    so exactly ``ceil(T / every)`` of T inputs) or a random ``fraction`` (seeded)."""
+    """Chooses which inputs to monitor, as ``sampling`` says: one in ``sampling.every``
+    (counted over all calls and threads, so exactly ``ceil(T / every)`` of T inputs) or a
+    random ``sampling.fraction`` (seeded by ``sampling.seed``). The values are checked by
+    :class:`~surprise_monitor.monitor.options.Sampling` itself."""
 
-    def __init__(self, every: int = 1, fraction: float = 1.0, seed: int | None = 0) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"sample_every must be an integer >= 1, got {every!r}")
-        fraction = float(fraction)
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"sample_fraction must be in (0, 1], got {fraction}")
-        if every > 1 and fraction < 1.0:
-            raise ValueError("give sample_every or sample_fraction, not both")
-        self.every = every
-        self.fraction = fraction
+    def __init__(self, sampling: Sampling | None = None) -> None:
+        sampling = Sampling() if sampling is None else sampling
+        if not isinstance(sampling, Sampling):
+            raise TypeError(f"Sampler takes a Sampling, got {type(sampling).__name__}")
+        self.sampling = sampling
         self._lock = threading.Lock()
         self._seen = 0
-        self._rng = random.Random(seed)
+        self._rng = random.Random(sampling.seed)
 
     @property
     def takes_all(self) -> bool:
         """True when every input is monitored."""
-        return self.every == 1 and self.fraction == 1.0
+        return self.sampling.takes_all
 
     def select(self, n: int) -> torch.Tensor:
         """``[n]`` bool: which of the next ``n`` inputs to monitor."""
         if self.takes_all:
             return torch.ones(n, dtype=torch.bool)
+        every, fraction = self.sampling.every, self.sampling.fraction
         with self._lock:
             start, self._seen = self._seen, self._seen + n
-            if self.fraction < 1.0:
-                draws = [self._rng.random() < self.fraction for _ in range(n)]
+            if fraction < 1.0:
+                draws = [self._rng.random() < fraction for _ in range(n)]
                 return torch.tensor(draws, dtype=torch.bool)
-        return (torch.arange(start, start + n) % self.every) == 0
+        return (torch.arange(start, start + n) % every) == 0

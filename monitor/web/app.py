@@ -32,7 +32,7 @@ def status_of(log: AlarmLog, monitor: Any | None) -> dict[str, Any]:
     out: dict[str, Any] = {"alarm_rate": None, "window_alarm_rate": None, "window_size": None,
                            "ks_distance": None, "recorded": log.recorded}  # fmt: skip
     if monitor is not None:
-        out["alarm_rate"] = monitor.alarm_rate
+        out["alarm_rate"] = monitor.thresholds.alarm_rate
         metrics = getattr(monitor, "metrics", None)
         if metrics is not None:
             m, rate, ks = metrics.window.stats()

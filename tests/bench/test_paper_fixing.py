@@ -10,6 +10,7 @@ from bench.paper import fixing
 from bench.strong_models import VGGBN
 from surprise_monitor.calibrate import calibrate, model_fingerprint
 from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.options import Execution
 from surprise_monitor.monitor.probe import get_module
 
 
@@ -41,7 +42,7 @@ def test_area_downsampled_model_is_the_model_at_32_pixels():
                       progress=False)  # fmt: skip
     with (
         SurpriseMonitor(model, table) as a,
-        SurpriseMonitor(wrapped, table, strict_input_size=False) as b,
+        SurpriseMonitor(wrapped, table, execution=Execution(strict_input_size=False)) as b,
     ):
         assert torch.allclose(a.inspect(x).alpha, b.inspect(nearest).alpha, atol=1e-6)
     with pytest.raises(ValueError, match="factor"):

@@ -15,6 +15,7 @@ from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.alarm import fit_head
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import SCORE_NAME, components, head_distance
+from surprise_monitor.monitor.options import Thresholds
 from surprise_monitor.monitor.table import CalibrationTable, TableError
 from surprise_monitor.monitor.table_alarm import AlarmTableError
 from tests._checks import resign
@@ -180,7 +181,7 @@ def test_fresh_in_distribution_inputs_alarm_at_most_at_the_nominal_rate(alarmed)
     the binomial interval of its nominal value; atypical inputs alarm far more often."""
     model, table, _, _ = alarmed
     fresh = _split(1000, 4000).tensors[0]
-    with SurpriseMonitor(model, table, alarm_rate=0.05) as monitor:
+    with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=0.05)) as monitor:
         rate = float(monitor.inspect(fresh).alarm.float().mean())
         noise = float(monitor.inspect(3 * torch.randn(300, 3, 8, 8)).alarm.float().mean())
     nominal = int(0.05 * 401) / 401

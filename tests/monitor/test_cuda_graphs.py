@@ -10,6 +10,7 @@ import torch
 
 from surprise_monitor.monitor import Judge, SurpriseMonitor
 from surprise_monitor.monitor.cuda_graphs import StepGraphs, signature
+from surprise_monitor.monitor.options import Execution
 from tests._checks import run_in_threads
 from tests._models import mixed_inputs
 
@@ -139,7 +140,7 @@ def test_bad_inputs_are_refused_from_a_replay_too(judges):
 
     _, graphed = judges
     _graphed(graphed)
-    graphed.host_checks = False  # as for a GPU input: values checked on the device
+    graphed.execution = Execution(host_checks=False)  # as for a GPU input: checked on the device
     for _ in range(2):
         graphed(mixed_inputs(3), torch.tensor([0, 1, 2]))
     x = mixed_inputs(3)
@@ -198,7 +199,7 @@ def test_real_cuda_graphs_equal_the_eager_step(calibrated, autocast):
     gpu = type(model)(num_classes=3).cuda().eval()
     gpu.load_state_dict(model.state_dict())
     with (
-        SurpriseMonitor(gpu, table, cuda_graphs=True) as graphed,
+        SurpriseMonitor(gpu, table, execution=Execution(cuda_graphs=True)) as graphed,
         SurpriseMonitor(gpu, table) as eager,
         torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast),
     ):

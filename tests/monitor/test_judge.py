@@ -3,6 +3,7 @@ value check it cannot do without a host sync to the assembly."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from surprise_monitor.monitor import InvalidInputError, Judge, SurpriseMonitor, TableMismatchError
 from surprise_monitor.monitor.host_copy import to_host
 from surprise_monitor.monitor.judge import DeviceReport
+from surprise_monitor.monitor.options import Execution, Thresholds
 from tests._checks import assert_same
 from tests._models import mixed_inputs
 
@@ -145,7 +147,7 @@ def test_the_device_step_reads_no_value_and_the_report_is_one_copy(judge, calibr
     model, table = calibrated
     x, labels = mixed_inputs(6), torch.tensor([0, 1, 2, 0, 1, 2])
     expected = judge(x, labels)
-    j = Judge(model, table, host_checks=False)
+    j = Judge(model, table, execution=Execution(host_checks=False))
     try:
         j(x[:1])  # once per device: the table is prepared (and its levels read)
         counter = SyncCounter(monkeypatch)
@@ -170,7 +172,7 @@ def test_bad_values_are_refused_with_the_same_message_wherever_checked(calibrate
     model, table = calibrated
     calls = []
     handle = model.register_forward_hook(lambda *a: calls.append(1))
-    j = Judge(model, table, host_checks=where == "host")
+    j = Judge(model, table, execution=Execution(host_checks=where == "host"))
     try:
         x = mixed_inputs(3)
         x[2, 0, 0, 0] = float("inf")
@@ -207,3 +209,40 @@ def test_the_cuda_device_step_never_syncs(calibrated):
     finally:
         j.close()
     assert torch.equal(report.classes, labels)
+
+
+def test_the_judge_takes_the_groups_whole(calibrated):
+    model, table = calibrated
+    strict = Thresholds(surprise_pct=50.0, expectation_pct=0.0, low_beta_pct=100.0)
+    j = Judge(model, table, thresholds=strict, execution=Execution(host_checks=False))
+    try:
+        assert j.thresholds is strict and j.execution.host_checks is False
+        assert not j.checks_on_host(torch.zeros(1))  # on the device even for a CPU tensor
+        report = j(mixed_inputs(4))
+    finally:
+        j.close()
+    with contextlib.closing(Judge(model, table)) as default:
+        usual = default(mixed_inputs(4))
+    # above the calibration median is surprising now: more flags, the usual ones among them
+    assert torch.equal(report.surprise, (report.percentile > 50.0) & report.calibrated[:, None])
+    assert int(report.surprise.sum()) > int(usual.surprise.sum()) > 0
+    assert not (usual.surprise & ~report.surprise).any()
+    assert not (usual.low_beta & ~report.low_beta).any()
+    assert int(report.low_beta.sum()) > int(usual.low_beta.sum())
+    for name in ("surprise_pct", "alarm_rate", "backend", "host_checks", "strict_input_size"):
+        assert not hasattr(j, name), name  # read from the groups
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Thresholds(surprise_pct=100.5), r"surprise_pct must be a percentage in \[0, 100"),
+        (lambda: Thresholds(low_beta_pct=-1), "low_beta_pct must be a percentage"),
+        (lambda: Thresholds(alarm_rate=1.0), r"alarm_rate must be a fraction in \(0, 1\)"),
+        (lambda: Execution(backend="cuda"), "backend must be one of"),
+        (lambda: Execution(max_graphs=0), "max_graphs must be an integer >= 1"),
+    ],
+)
+def test_the_groups_check_their_values(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

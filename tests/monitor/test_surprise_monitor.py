@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
-from surprise_monitor.monitor import SurpriseMonitor, TableMismatchError
+from surprise_monitor.monitor import Judge, SurpriseMonitor, TableMismatchError
+from surprise_monitor.monitor.options import Execution, MetricsOptions, Sampling, Thresholds
 from tests._models import TinyCNN, mixed_inputs, seeded
 
 
@@ -116,18 +119,18 @@ def test_model_is_left_as_it_was(calibrated):
 
 def test_tables_for_something_else_are_refused(calibrated, tmp_path):
     model, table = calibrated
-    with pytest.raises(
-        TableMismatchError, match="calibrated at layer 'features.2', not 'features.0'"
-    ):
+    with pytest.raises(TypeError, match=r"layer= is now the table's: .*table\.layer"):
         SurpriseMonitor(model, table, layer="features.0")
     other = seeded(TinyCNN(num_classes=3), seed=5)
-    with pytest.raises(TableMismatchError, match="other weights"):
+    with pytest.raises(TableMismatchError, match="other weights") as refused:
         SurpriseMonitor(other, table)
-    SurpriseMonitor(other, table, check_fingerprint=False).close()  # a deliberate change
+    assert "execution=Execution(check_fingerprint=False)" in str(refused.value)
+    lax = Execution(check_fingerprint=False)
+    SurpriseMonitor(other, table, execution=lax).close()  # a deliberate change
     with pytest.raises(TableMismatchError, match="has 8 filters but the table has 16"):
-        SurpriseMonitor(seeded(TinyCNN(num_classes=3, width=4)), table, check_fingerprint=False)
+        SurpriseMonitor(seeded(TinyCNN(num_classes=3, width=4)), table, execution=lax)
     with pytest.raises(TableMismatchError, match="5 classes but the table has 3"):
-        SurpriseMonitor(seeded(TinyCNN(num_classes=5)), table, check_fingerprint=False)
+        SurpriseMonitor(seeded(TinyCNN(num_classes=5)), table, execution=lax)
     with pytest.raises(ValueError, match="training mode"):
         SurpriseMonitor(model.train(), table)
     model.eval()
@@ -258,15 +261,14 @@ def test_a_monitored_model_can_be_copied_pickled_and_saved(calibrated, mode, tmp
     import io
     import pickle
 
-    from prometheus_client import CollectorRegistry
-
     from surprise_monitor.monitor.probe.hooks import InertHook
 
     model, table = calibrated
     x = mixed_inputs(4)
     with torch.no_grad():
         expected = model(x)
-    monitor = SurpriseMonitor(model, table, mode=mode, metrics=CollectorRegistry())
+    sampling = Sampling(mode=mode)
+    monitor = SurpriseMonitor(model, table, sampling=sampling, metrics=CollectorRegistry())
     try:
         buffer = io.BytesIO()
         torch.save(model, buffer)  # the whole module, hooks and all
@@ -291,3 +293,54 @@ def test_a_monitored_model_can_be_copied_pickled_and_saved(calibrated, mode, tmp
     finally:
         monitor.close()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ({"alarm_rate": 0.05}, "alarm_rate= is now thresholds=Thresholds(alarm_rate=...)"),
+        ({"surprise_pct": 99.0}, "surprise_pct= is now thresholds=Thresholds(surprise_pct=...)"),
+        ({"backend": "torch"}, "backend= is now execution=Execution(backend=...)"),
+        ({"cuda_graphs": True}, "cuda_graphs= is now execution=Execution(cuda_graphs=...)"),
+        ({"sample_every": 3}, "sample_every= is now sampling=Sampling(every=...)"),
+        ({"mode": "async"}, "mode= is now sampling=Sampling(mode=...)"),
+        ({"metrics_window": 10}, "metrics_window= is now metrics=MetricsOptions(window=...)"),
+        ({"per_class_metrics": True}, "per_class_metrics= is now metrics=MetricsOptions(per_class"),
+        ({"on_flag": print}, "on_flag= is now on_alarm="),
+    ],
+)
+def test_old_keywords_name_their_new_spelling(calibrated, old, new):
+    model, table = calibrated
+    with pytest.raises(TypeError, match=re.escape(new)) as refused:
+        SurpriseMonitor(model, table, **old)
+    assert str(refused.value).startswith("SurpriseMonitor(): ")
+    assert all(not mod._forward_hooks for mod in model.modules())  # refused before any hook
+    if "thresholds" in new or "execution" in new:
+        with pytest.raises(TypeError, match=re.escape(new)):
+            Judge(model, table, **old)
+
+
+def test_the_groups_reach_the_judge_and_the_request_path(calibrated):
+    model, table = calibrated
+    thresholds = Thresholds(surprise_pct=95.0, alarm_rate=0.2)
+    execution = Execution(backend="torch", host_checks=True, strict_input_size=False)
+    sampling = Sampling(every=2)
+    with SurpriseMonitor(
+        model, table, thresholds=thresholds, execution=execution, sampling=sampling,
+        metrics=MetricsOptions(registry=CollectorRegistry(), window=7),
+    ) as m:  # fmt: skip
+        assert m.thresholds is thresholds and m.judge.thresholds is thresholds
+        assert m.execution is execution and m.judge.execution is execution
+        assert m.sampling is sampling and m.request_path.sampling is sampling
+        assert m.judge.checks_on_host(torch.zeros(1)) is True  # host_checks reached the judge
+        assert m.metrics is not None and m.metrics.window.size == 7
+        assert m.inspect(mixed_inputs(4)).alarm_rate == 0.2
+        assert m.run(mixed_inputs(4)).rows.tolist() == [0, 2]  # one input in 2
+        bigger = torch.nn.functional.pad(mixed_inputs(2), (0, 1, 0, 1))
+        assert m.inspect(bigger).alpha.shape[0] == 2  # strict_input_size is off
+    with SurpriseMonitor(model, table) as plain:
+        assert plain.thresholds == Thresholds() and plain.execution == Execution()
+        assert plain.sampling == Sampling() and plain.metrics is None
+        assert plain.inspect(mixed_inputs(4)).alarm_rate == 0.01
+    with pytest.raises(TypeError, match="thresholds must be Thresholds"):
+        SurpriseMonitor(model, table, thresholds={"alarm_rate": 0.1})

@@ -15,6 +15,7 @@ from PIL import Image
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.alarms import AlarmLog, read_records
 from surprise_monitor.monitor.alarms.thumbnails import thumbnail_png
+from surprise_monitor.monitor.options import MetricsOptions
 from tests._models import heldout_dataset, mixed_inputs
 
 PLAIN = {"mean": [0.0] * 3, "std": [1.0] * 3}  # the test table records no normalisation
@@ -151,8 +152,8 @@ def test_bad_arguments_are_named(calibrated):
     with pytest.raises(ValueError, match="keep_inputs"):
         AlarmLog(keep_inputs=-1)
     model, table = calibrated
-    with pytest.raises(ValueError, match="metrics_window must be an integer >= 1"):
-        SurpriseMonitor(model, table, metrics=True, metrics_window=0)
+    with pytest.raises(ValueError, match="metrics.window must be an integer >= 1"):
+        SurpriseMonitor(model, table, metrics=MetricsOptions(window=0))
     with pytest.raises(TypeError, match="alarm_log must have a record"):
         SurpriseMonitor(model, table, alarm_log=object())
 

@@ -246,11 +246,19 @@ def test_explain_with_a_label_and_a_chosen_filter(photo_setup):
     with SurpriseMonitor(model, table) as monitor:
         report = monitor.inspect(probe, labels=torch.tensor([1]))
         expl = explain(monitor, probe[0], filter=3, label=1, n_segments=20, exemplars_k=0)
+        # the second positional argument is the label, in explain and fix alike
+        positional = explain(monitor, probe[0], 1, filter=3, n_segments=20, exemplars_k=0)
+        by_method = monitor.explain(probe[0], 2, filter=3, n_segments=20, exemplars_k=0)
+        with pytest.raises(TypeError):
+            monitor.explain(probe[0], 2, 3)  # the filter is a keyword only
         with pytest.raises(ValueError, match="one \\[C, H, W\\]"):
             monitor.explain(torch.cat([probe, probe]))
         with pytest.raises(ValueError, match="outside the layer"):
             monitor.explain(probe, filter=99)
     assert (expl.filter, expl.cls, expl.label) == (3, 1, 1)
+    assert (positional.filter, positional.cls, positional.label) == (3, 1, 1)
+    assert positional.alpha == expl.alpha
+    assert (by_method.filter, by_method.cls, by_method.label) == (3, 2, 2)
     want = (
         "surprise"
         if report.surprise[0, 3]

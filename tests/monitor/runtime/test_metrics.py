@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from surprise_monitor.monitor import MetricsConflictError, MonitorMetrics, SurpriseMonitor
-from surprise_monitor.monitor.options import MetricsOptions
+from surprise_monitor.monitor.options import MetricsOptions, Thresholds
 from surprise_monitor.monitor.runtime.metrics import FAILURE_KINDS, beta_buckets_from, count_buckets
 from tests._checks import run_in_threads
 from tests._models import heldout_dataset, mixed_inputs
@@ -136,7 +136,8 @@ def test_per_class_labels_only_when_asked(calibrated):
     model, table = calibrated
     registry = CollectorRegistry()
     x = mixed_inputs()
-    with SurpriseMonitor(model, table, metrics=registry, per_class_metrics=True) as monitor:
+    options = MetricsOptions(registry=registry, per_class=True)
+    with SurpriseMonitor(model, table, metrics=options) as monitor:
         report = monitor.run(x).report
         for c, name in enumerate(table.class_names):
             rows = report.classes == c
@@ -167,16 +168,16 @@ def test_two_monitors_in_one_registry(calibrated):
         with pytest.raises(MetricsConflictError, match="already registered.*distinct labels"):
             SurpriseMonitor(model, table, metrics=registry)
         with pytest.raises(MetricsConflictError, match="constant labels"):
-            SurpriseMonitor(model, table, metrics=registry, metrics_labels={"model": "b"})
-        with SurpriseMonitor(model, table, metrics=registry, metrics_namespace="shadow") as other:
+            SurpriseMonitor(model, table, metrics=MetricsOptions(registry, labels={"model": "b"}))
+        with SurpriseMonitor(model, table, metrics=MetricsOptions(registry, "shadow")) as other:
             other(mixed_inputs(2))
             assert _value(registry, "shadow_inputs_total") == 2
             assert _value(registry, "surprise_monitor_inputs_total") == 0
     assert all(not m._forward_hooks for m in model.modules())  # failed constructions cleaned up
     assert _families(registry) == {}  # the last monitor took its families along
 
-    a = SurpriseMonitor(model, table, metrics=registry, metrics_labels={"model": "a"})
-    b = SurpriseMonitor(model, table, metrics=registry, metrics_labels={"model": "b"})
+    a = SurpriseMonitor(model, table, metrics=MetricsOptions(registry, labels={"model": "a"}))
+    b = SurpriseMonitor(model, table, metrics=MetricsOptions(registry, labels={"model": "b"}))
     try:
         a(mixed_inputs(3))
         b(mixed_inputs(5))
@@ -246,7 +247,7 @@ def test_failure_kinds_are_a_small_fixed_set(calibrated, monkeypatch):
         fam = _families(registry)["surprise_monitor_failures"]
         return {s.labels["kind"]: s.value for s in fam.samples if s.name.endswith("_total")}
 
-    with SurpriseMonitor(model, table, metrics=registry, on_flag=broken) as monitor:
+    with SurpriseMonitor(model, table, metrics=registry, on_alarm=broken) as monitor:
         assert failures() == dict.fromkeys(FAILURE_KINDS, 0.0)  # every series from the start
         monitor(mixed_inputs(2).index_put((torch.tensor([0]),), torch.tensor(float("nan"))))
         monitor(mixed_inputs(2), [0, 7])  # a label outside the classes: a bad input too
@@ -272,8 +273,8 @@ def test_alarm_metrics_follow_the_reports_and_scipy(calibrated):
     registry = CollectorRegistry()
     normal = heldout_dataset(300, start=4000).tensors[0]  # no part of calibration saw them
     batches = [normal[i : i + 25] for i in range(0, 300, 25)] + [mixed_inputs(12)]
-    with SurpriseMonitor(model, table, metrics=registry, metrics_window=100,
-                         alarm_rate=0.05) as monitor:  # fmt: skip
+    with SurpriseMonitor(model, table, metrics=MetricsOptions(registry, window=100),
+                         thresholds=Thresholds(alarm_rate=0.05)) as monitor:  # fmt: skip
         reports = [monitor.run(x).report for x in batches]
         p = torch.cat([r.p_value for r in reports]).double().numpy()
         alarms = torch.cat([r.alarm for r in reports]).numpy()

@@ -1,4 +1,4 @@
-"""The request path: threads, sampling, async mode, on_flag callbacks, fail-open."""
+"""The request path: threads, sampling, async mode, on_alarm callbacks, fail-open."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from surprise_monitor.monitor import InvalidInputError, SurpriseMonitor
+from surprise_monitor.monitor.options import Sampling
 from surprise_monitor.monitor.runtime import AsyncWorker, Sampler
 from tests._checks import run_in_threads
 from tests._models import mixed_inputs
@@ -44,14 +45,14 @@ def test_threads_match_serial_results_and_counters_add_up(calibrated):
     flagged_seen: list[int] = []
     lock = threading.Lock()
 
-    def on_flag(report):
+    def on_alarm(report):
         assert len(report) == 1 and bool(report.alarm[0])
         with lock:
             flagged_seen.append(1)
 
     results: dict[tuple[int, int], object] = {}
     barrier = threading.Barrier(threads)
-    with SurpriseMonitor(model, table, metrics=registry, on_flag=on_flag) as monitor:
+    with SurpriseMonitor(model, table, metrics=registry, on_alarm=on_alarm) as monitor:
 
         def work(t: int) -> None:
             barrier.wait()
@@ -94,7 +95,7 @@ def test_sample_every_k_monitors_exactly_one_in_k(calibrated):
     model, table = calibrated
     registry = CollectorRegistry()
     xs = [mixed_inputs(4, seed=s) for s in range(10)]
-    with SurpriseMonitor(model, table, metrics=registry, sample_every=3) as monitor:
+    with SurpriseMonitor(model, table, metrics=registry, sampling=Sampling(every=3)) as monitor:
         judged = 0
         for i, x in enumerate(xs):
             res = monitor.run(x)
@@ -117,16 +118,22 @@ def test_sample_every_k_monitors_exactly_one_in_k(calibrated):
 
 
 def test_sample_fraction_is_seeded_and_near_the_fraction():
-    picks = [Sampler(fraction=0.25, seed=3).select(400) for _ in range(2)]
+    picks = [Sampler(Sampling(fraction=0.25, seed=3)).select(400) for _ in range(2)]
     assert torch.equal(picks[0], picks[1])
     assert 60 <= int(picks[0].sum()) <= 140  # Binomial(400, 0.25): mean 100, sd 8.7
-    assert not torch.equal(picks[0], Sampler(fraction=0.25, seed=4).select(400))
+    assert not torch.equal(picks[0], Sampler(Sampling(fraction=0.25, seed=4)).select(400))
+    every_third = Sampler(Sampling(every=3))
+    assert every_third.select(4).tolist() == [True, False, False, True]
+    assert every_third.select(3).tolist() == [False, False, True]  # counted across calls
+    assert Sampler().takes_all and Sampler().select(3).all()
     with pytest.raises(ValueError, match="not both"):
-        Sampler(every=2, fraction=0.5)
-    with pytest.raises(ValueError, match="sample_every"):
-        Sampler(every=0)
-    with pytest.raises(ValueError, match="sample_fraction"):
-        Sampler(fraction=0.0)
+        Sampling(every=2, fraction=0.5)
+    with pytest.raises(ValueError, match="sampling.every must be an integer >= 1"):
+        Sampling(every=0)
+    with pytest.raises(ValueError, match=r"sampling.fraction must be in \(0, 1\]"):
+        Sampling(fraction=0.0)
+    with pytest.raises(TypeError, match="Sampler takes a Sampling"):
+        Sampler(3)  # type: ignore[arg-type]
 
 
 def test_async_mode_judges_a_copy_off_the_request_path(calibrated):
@@ -139,8 +146,8 @@ def test_async_mode_judges_a_copy_off_the_request_path(calibrated):
     with SurpriseMonitor(model, table) as plain:
         reference = plain.inspect(original)
     with SurpriseMonitor(
-        model, table, metrics=registry, mode="async", queue_size=4,
-        on_flag=lambda r: got.append((threading.current_thread().name, r)),
+        model, table, metrics=registry, sampling=Sampling(mode="async", queue_size=4),
+        on_alarm=lambda r: got.append((threading.current_thread().name, r)),
     ) as monitor:  # fmt: skip
         res = monitor.run(x)
         x.zero_()  # the caller reuses its buffer at once: the worker has its own copy
@@ -169,7 +176,11 @@ def test_async_full_queue_drops_and_counts_without_blocking(calibrated):
 
     x = torch.zeros(1, 3, 8, 8)  # a blank image: it alarms, so the callback runs
     monitor = SurpriseMonitor(
-        model, table, metrics=registry, mode="async", queue_size=2, on_flag=slow
+        model,
+        table,
+        metrics=registry,
+        sampling=Sampling(mode="async", queue_size=2),
+        on_alarm=slow,
     )
     try:
         monitor(x)
@@ -193,7 +204,7 @@ def test_async_counts_add_up_after_flush(calibrated):
     model, table = calibrated
     registry = CollectorRegistry()
     with SurpriseMonitor(
-        model, table, metrics=registry, mode="async", queue_size=1, sample_every=2
+        model, table, metrics=registry, sampling=Sampling(every=2, mode="async", queue_size=1)
     ) as monitor:  # fmt: skip
         for s in range(20):
             monitor(mixed_inputs(3, seed=s))
@@ -294,22 +305,24 @@ def test_a_failing_callback_is_counted_not_raised(calibrated):
     def broken(report):
         raise KeyError("callback bug")
 
-    with SurpriseMonitor(model, table, on_flag=broken) as monitor:
+    with SurpriseMonitor(model, table, on_alarm=broken) as monitor:
         res = monitor.run(mixed_inputs(4))
         flagged = int(res.report.alarm.sum())
-        assert flagged > 0 and monitor.failures == {"on_flag:KeyError": flagged}
+        assert flagged > 0 and monitor.failures == {"on_alarm:KeyError": flagged}
 
 
 def test_runtime_options_are_checked(calibrated):
     model, table = calibrated
-    with pytest.raises(ValueError, match="mode must be one of"):
-        SurpriseMonitor(model, table, mode="background")
-    with pytest.raises(ValueError, match="queue_size"):
-        SurpriseMonitor(model, table, mode="async", queue_size=0)
-    with pytest.raises(TypeError, match="on_flag must be callable"):
-        SurpriseMonitor(model, table, on_flag="print")
-    with pytest.raises(ValueError, match="sample_fraction"):
-        SurpriseMonitor(model, table, sample_fraction=1.5)
+    with pytest.raises(ValueError, match="sampling.mode must be one of"):
+        SurpriseMonitor(model, table, sampling=Sampling(mode="background"))
+    with pytest.raises(ValueError, match="sampling.queue_size"):
+        SurpriseMonitor(model, table, sampling=Sampling(mode="async", queue_size=0))
+    with pytest.raises(TypeError, match="on_alarm must be callable"):
+        SurpriseMonitor(model, table, on_alarm="print")
+    with pytest.raises(ValueError, match="sampling.fraction"):
+        SurpriseMonitor(model, table, sampling=Sampling(fraction=1.5))
+    with pytest.raises(TypeError, match="sampling must be Sampling"):
+        SurpriseMonitor(model, table, sampling={"every": 2})
     assert all(not m._forward_hooks for m in model.modules())  # nothing left behind
 
 
@@ -340,19 +353,19 @@ def test_last_report_is_each_threads_own(calibrated):
         assert monitor.last_report is None  # this thread made no call
 
 
-def _picky_monitor(calibrated, registry, **kwargs):
+def _picky_monitor(calibrated, registry, **sampling):
     from tests._models import picky_copy
 
     model, table = calibrated
     picky = picky_copy(model)
-    monitor = SurpriseMonitor(picky, table, metrics=registry, **kwargs)
+    monitor = SurpriseMonitor(picky, table, metrics=registry, sampling=Sampling(**sampling))
     picky.calls = 0  # the constructor's shape check ran the model once
     return picky, monitor
 
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"sample_every": 2}, {"mode": "async"}, {"mode": "async", "sample_every": 3}],
+    [{}, {"every": 2}, {"mode": "async"}, {"mode": "async", "every": 3}],
     ids=["sync", "sync-sampled", "async", "async-sampled"],
 )
 def test_inputs_the_model_rejects_run_it_once_and_still_add_up(calibrated, options):
@@ -376,7 +389,7 @@ def test_inputs_the_model_rejects_run_it_once_and_still_add_up(calibrated, optio
         }
         monitored = _value(registry, "surprise_monitor_inputs_monitored_total")
     assert total == 11 and monitored + sum(skipped.values()) == total, (monitored, skipped)
-    every = options.get("sample_every", 1)
+    every = options.get("every", 1)
     assert skipped["model_error"] == sum(1 for i in range(8) if i % every == 0)
     assert skipped["failed"] == 0
 

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
 from surprise_monitor.monitor import AlarmLog, SurpriseMonitor
+from surprise_monitor.monitor.options import MetricsOptions
 from surprise_monitor.monitor.web.app import alarm_app
 from tests._models import heldout_dataset
 
@@ -51,8 +52,8 @@ def served(calibrated):
     g = torch.Generator().manual_seed(1)
     noise = -5.0 + 9.4 * torch.rand(8, 3, 8, 8, generator=g)
     x = torch.cat([heldout_dataset(40, start=8000).tensors[0], noise])
-    with SurpriseMonitor(model, hostile, alarm_log=log, metrics=CollectorRegistry(),
-                         metrics_window=48) as monitor:  # fmt: skip
+    metrics = MetricsOptions(CollectorRegistry(), window=48)
+    with SurpriseMonitor(model, hostile, alarm_log=log, metrics=metrics) as monitor:
         report = monitor.run(x, request_id="<b>req</b>").report
         app = alarm_app(log, monitor)
         with TestClient(app, root_path="/alarms") as client:
