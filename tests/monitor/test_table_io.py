@@ -229,7 +229,7 @@ def test_exemplars_come_only_from_the_file_that_was_loaded(tmp_path):
 
 
 def test_large_tensors_are_mapped_copy_on_write_and_checked(tmp_path, monkeypatch):
-    from surprise_monitor.monitor import table as table_module
+    from surprise_monitor.monitor import table_file as table_module
 
     monkeypatch.setattr(table_module, "MAP_BYTES", 64)  # map even this small table
     t = make_table(k=3, n=40)
@@ -298,3 +298,54 @@ def test_loading_and_looking_up_keeps_the_grid_on_disk(tmp_path):
     grid_kib = q * k * n * 4 // 1024  # 56,640 KiB
     assert grown["hwm"] < 0.4 * grid_kib, (grown, grid_kib)  # measured: 24% (2 MB page folios)
     assert grown["rss"] < 0.4 * grid_kib, (grown, grid_kib)
+
+
+def _count_value_checks(monkeypatch) -> list[bool]:
+    """Record, for every alpha-grid check the table module and the file reader make, whether it
+    read the grid's values."""
+    from surprise_monitor.monitor import table as table_module
+    from surprise_monitor.monitor import table_file
+
+    calls: list[bool] = []
+    real = table_module.check_percentile_grid
+
+    def spy(levels, q, *args, **kw):
+        if q.ndim == 3:  # the alpha grid (the beta grid is 2-D)
+            calls.append(kw.get("values", True))
+        return real(levels, q, *args, **kw)
+
+    monkeypatch.setattr(table_module, "check_percentile_grid", spy)
+    monkeypatch.setattr(table_file, "check_percentile_grid", spy)
+    return calls
+
+
+def test_a_mapped_grid_is_value_checked_once_on_load(tmp_path, monkeypatch):
+    from surprise_monitor.monitor import table_file
+
+    path = make_table(k=3, n=40).save(tmp_path / "t.safetensors")
+    monkeypatch.setattr(table_file, "MAP_BYTES", 64)  # the grid is mapped, checked in chunks
+    calls = _count_value_checks(monkeypatch)
+    u = CalibrationTable.load(path)
+    assert calls == [True, False]  # the reader's chunked check, then the table's shape check
+    assert u.grid_checked
+
+
+def test_a_copied_grid_is_value_checked_by_the_table(tmp_path, monkeypatch):
+    path = make_table().save(tmp_path / "t.safetensors")  # small: copied, not mapped
+    calls = _count_value_checks(monkeypatch)
+    CalibrationTable.load(path)
+    assert calls == [True]
+
+
+def test_a_table_built_directly_is_always_value_checked(monkeypatch):
+    calls = _count_value_checks(monkeypatch)
+    make_table()
+    assert calls == [True]
+    t = make_table()
+    with pytest.raises(TableError, match="non-decreasing|NaN|finite"):
+        CalibrationTable(
+            **{f: getattr(t, f) for f in ("layer", "levels", "mean", "counts", "beta_levels",
+                                          "beta_quantiles", "top_indices", "top_alpha",
+                                          "class_names")},
+            quantiles=t.quantiles.flip(-1),  # decreasing along the levels
+        )  # fmt: skip
