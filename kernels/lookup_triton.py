@@ -20,6 +20,8 @@ Two launches, no atomics, no host sync:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -185,6 +187,19 @@ def _beta_kernel(
         tl.store(low_ptr + rows64, (beta < thr) & cal, mask=r_mask)
 
 
+class Tiles(NamedTuple):
+    """Tile sizes that override the chosen ones: filters and levels per program of the
+    filter kernel, rows per program of the beta kernel (``None``: chosen for the shape)."""
+
+    n: int | None = None
+    q: int | None = None
+    r: int | None = None
+
+
+#: No override: every tile size chosen for the shape.
+CHOSEN = Tiles()
+
+
 def _pick_blocks(b: int, n: int, q: int, cuda: bool) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_Q) of the filter kernel. CUDA: enough ``(b, n-block)`` programs to
     fill the device even at batch 1; CPU (interpreter): few big programs."""
@@ -206,16 +221,11 @@ def _beta_blocks(b: int, nb: int, qb: int, cuda: bool) -> tuple[int, int, int]:
 
 
 def percentile_lookup_triton(
-    alpha: torch.Tensor,
-    classes: torch.Tensor,
-    table: LookupTable,
-    *,
-    block_n: int | None = None,
-    block_q: int | None = None,
-    block_r: int | None = None,
+    alpha: torch.Tensor, classes: torch.Tensor, table: LookupTable, tiles: Tiles = CHOSEN
 ) -> LookupResult:
-    """Triton ``percentile_lookup`` on validated inputs; ``block_*`` override the tiles
-    (``block_r``, the beta kernel's rows per program; tests)."""
+    """Triton ``percentile_lookup`` on validated inputs; ``tiles`` overrides the tile sizes
+    (tests)."""
+    block_n, block_q, block_r = tiles
     b, n = alpha.shape
     dev = alpha.device
     cuda = dev.type == "cuda"

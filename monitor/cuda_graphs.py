@@ -34,6 +34,8 @@ from typing import Any, Protocol
 import torch
 
 from surprise_monitor.monitor.host_copy import Layout, layout_of, pack, unpack
+from surprise_monitor.monitor.options import _positive_int
+from surprise_monitor.monitor.probe.grad_amap_probe import map_tensors
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +88,7 @@ def signature(x: torch.Tensor, labels: torch.Tensor | None) -> Hashable:
 def clone_tree(obj: Any) -> Any:
     """A copy of every tensor in a nested tuple/list/dict (a graph's static outputs are
     overwritten by its next replay)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, tuple | list):
-        return type(obj)(clone_tree(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: clone_tree(v) for k, v in obj.items()}
-    return obj
+    return map_tensors(torch.Tensor.clone, obj)
 
 
 @dataclass
@@ -128,8 +124,7 @@ class StepGraphs:
         capture: Capture | None = None,
         device_types: tuple[str, ...] = ("cuda",),
     ) -> None:
-        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
-            raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
+        _positive_int("max_graphs", max_graphs)
         self.step = step
         self.max_graphs = max_graphs
         self.warmup_calls = warmup_calls

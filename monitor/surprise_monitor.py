@@ -137,6 +137,14 @@ class SurpriseMonitor:
                 monitor_metrics.close()
             self.judge.close()
             raise
+        # What it holds (read them, do not assign them: the judge and request path own them).
+        self.model: nn.Module = model  #: the watched model
+        self.table: CalibrationTable = table  #: the calibration table
+        self.layer: str = table.layer  #: the monitored layer (the table's)
+        self.thresholds: Thresholds = self.judge.thresholds  #: flags and the alarm
+        self.execution: Execution = self.judge.execution  #: how the judge runs, what it refuses
+        self.sampling: Sampling = sampling  #: which inputs are judged, on which thread
+        self.metrics: MonitorMetrics | None = monitor_metrics  #: None when metrics are off
 
     @classmethod
     def from_onnx(
@@ -150,43 +158,7 @@ class SurpriseMonitor:
 
         return cls(load_onnx(path), table, **kwargs)
 
-    # ------------------------------------------------------------ what it holds
-    @property
-    def model(self) -> nn.Module:
-        """The watched model."""
-        return self.judge.model
-
-    @property
-    def table(self) -> CalibrationTable:
-        """The calibration table."""
-        return self.judge.table
-
-    @property
-    def layer(self) -> str:
-        """The monitored layer (the table's)."""
-        return self.judge.layer
-
-    @property
-    def thresholds(self) -> Thresholds:
-        """What counts as surprising, expected, low beta and an alarm (the judge's)."""
-        return self.judge.thresholds
-
-    @property
-    def execution(self) -> Execution:
-        """How the judge runs and what it refuses (the judge's)."""
-        return self.judge.execution
-
-    @property
-    def sampling(self) -> Sampling:
-        """Which inputs are judged, and on which thread (the request path's)."""
-        return self.request_path.sampling
-
     # ------------------------------------------- what it observed (the request path's state)
-    @property
-    def metrics(self) -> MonitorMetrics | None:
-        """The Prometheus metrics, or ``None`` when they are off."""
-        return self.request_path.metrics
-
     @property
     def failures(self) -> Counter[str]:
         """Monitoring failures by kind (exception type; ``on_alarm:`` for callback errors)."""

@@ -197,10 +197,12 @@ def _parse_meta(path: Path, text: Any) -> dict[str, Any]:
         raise TableError(f"{path}: the header has no 'meta' JSON")
     try:
         meta = json.loads(text)
-    except ValueError as exc:
-        raise TableError(f"{path}: the metadata is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise TableError(f"{path}: the metadata is not a JSON object")
+        if not isinstance(meta, dict):
+            raise ValueError(f"it is a {type(meta).__name__}")
+    except ValueError as exc:  # malformed, or not an object: one message names both
+        raise TableError(
+            f"{path}: the metadata is not valid JSON or not a JSON object: {exc}"
+        ) from exc
     out: dict[str, Any] = {}
     for name, (required, ok, what) in _META_FIELDS.items():
         if name not in meta:

@@ -50,15 +50,20 @@ class ProbeResult:
     gradient: torch.Tensor  # [B, N, H, W] d score[b, classes[b]] / d activation
 
 
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it (nested tuples, lists and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple | list):
+        return type(obj)(map_tensors(fn, o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
 def detach_tree(obj: Any) -> Any:
     """Detach every tensor in a nested tuple/list/dict output."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
-    if isinstance(obj, tuple | list):
-        return type(obj)(detach_tree(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: detach_tree(v) for k, v in obj.items()}
-    return obj
+    return map_tensors(torch.Tensor.detach, obj)
 
 
 class GradAMapProbe:

@@ -7,6 +7,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from surprise_monitor.monitor.options import _positive_int
+
 
 class AsyncWorker:
     """A bounded queue and one daemon thread that handles its items in order.
@@ -22,8 +24,7 @@ class AsyncWorker:
         on_depth: Callable[[int], None] | None = None,
         name: str = "surprise-monitor-worker",
     ) -> None:
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-            raise ValueError(f"queue_size must be an integer >= 1, got {maxsize!r}")
+        _positive_int("queue_size", maxsize)
         self.maxsize = maxsize
         self._handle = handle
         self._on_depth = on_depth

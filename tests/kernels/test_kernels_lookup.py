@@ -53,20 +53,19 @@ def test_triton_matches_reference(b, n, q, device, need_triton, make_table, make
     [(16, 8, 1), (64, 4, 2), (32, 32, 4), (128, 16, 8)],
 )
 def test_triton_small_tiles_loop_over_chunks(blocks, device, need_triton, make_table, make_alpha):
-    from surprise_monitor.kernels.lookup_triton import percentile_lookup_triton
+    from surprise_monitor.kernels.lookup_triton import Tiles, percentile_lookup_triton
 
     table = prepare_lookup_table(make_table(5, 300, 25, seed=4), device=device)
     classes = _classes(7, 5, device, seed=3)
     alpha = make_alpha(table, classes, seed=8)
-    res = percentile_lookup_triton(
-        alpha, classes, table, block_n=blocks[0], block_q=blocks[1], block_r=blocks[2]
-    )
+    res = percentile_lookup_triton(alpha, classes, table, Tiles(*blocks))
     _assert_same(res, percentile_lookup_torch(alpha, classes, table))
 
 
 @pytest.mark.parametrize("b,n,q", [(3, 512, 25), (1, 3, 40), (5, 2048, 5), (40, 64, 29)])
 def test_triton_with_cuda_tile_config(b, n, q, device, need_triton, make_table, make_alpha):
     from surprise_monitor.kernels.lookup_triton import (
+        Tiles,
         _beta_blocks,
         _pick_blocks,
         percentile_lookup_triton,
@@ -77,7 +76,7 @@ def test_triton_with_cuda_tile_config(b, n, q, device, need_triton, make_table, 
     alpha = make_alpha(table, classes, seed=3)
     bn, bq = _pick_blocks(b, n, q, cuda=True)
     br = _beta_blocks(b, -(-n // bn), 1, cuda=True)[0]
-    res = percentile_lookup_triton(alpha, classes, table, block_n=bn, block_q=bq, block_r=br)
+    res = percentile_lookup_triton(alpha, classes, table, Tiles(bn, bq, br))
     _assert_same(res, percentile_lookup_torch(alpha, classes, table))
 
 
