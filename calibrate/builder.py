@@ -31,8 +31,8 @@ from surprise_monitor.calibrate.alarm import DEFAULT_REFERENCE_IMAGES, alarm_cal
 from surprise_monitor.calibrate.alpha import BatchAlpha, RunMeta
 from surprise_monitor.calibrate.distributed import DistInfo
 from surprise_monitor.calibrate.plan import (
-    Batch,
     BatchPlan,
+    LoaderBatch,
     on_device,
     plan_for,
     stream,
@@ -322,7 +322,7 @@ class _RankPass:
         self.done = resumed.batches_done
 
     def accumulate(
-        self, batches: Iterator[Batch], total: int | None, every: int, progress: bool
+        self, batches: Iterator[LoaderBatch], total: int | None, every: int, progress: bool
     ) -> None:
         """Compute and accumulate the alpha of the ``total`` images in ``batches``; commit
         every ``every`` batches and at the end. Each batch's alpha goes to the accumulator on a
@@ -379,7 +379,7 @@ class _RankPass:
 
 def _batches(
     run: _RankPass, data: DataLoader | Dataset, batch_size: int, num_workers: int
-) -> tuple[Iterator[Batch], int | None]:
+) -> tuple[Iterator[LoaderBatch], int | None]:
     """The batches this rank still has to compute (planned data) or all of them (streamed), and
     how many images they hold, if known."""
     if run.plan is None:
