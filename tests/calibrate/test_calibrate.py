@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from surprise_monitor.calibrate import DEFAULT_LEVELS, calibrate, model_fingerprint
+from surprise_monitor.calibrate.options import RunOptions, TableOptions
 from tests._checks import autograd_alpha, spilled_alpha
 from tests._models import TinyCNN, class_dataset, seeded
 
@@ -18,7 +19,9 @@ def setup(tmp_path_factory):
     data = class_dataset(50, 3)
     spill = tmp_path_factory.mktemp("spill")
     loader = DataLoader(data, batch_size=8, shuffle=False)
-    table = calibrate(model, loader, spill_dir=spill, top_k=6, progress=False)
+    table = calibrate(
+        model, loader, progress=False, table=TableOptions(top_k=6), run=RunOptions(spill_dir=spill)
+    )
     return model, data, spill, table
 
 
@@ -84,8 +87,10 @@ def test_explicit_indices_and_shuffling():
         calibrate(model, backwards, progress=False)
     g = torch.Generator().manual_seed(0)
     with_index = DataLoader(WithIndex(), batch_size=4, shuffle=True, generator=g)
-    a = calibrate(model, with_index, progress=False, top_k=3)
-    b = calibrate(model, data, batch_size=5, progress=False, top_k=3)
+    a = calibrate(model, with_index, progress=False, table=TableOptions(top_k=3))
+    b = calibrate(
+        model, data, progress=False, table=TableOptions(top_k=3), run=RunOptions(batch_size=5)
+    )
     assert torch.equal(a.top_indices, b.top_indices)
     torch.testing.assert_close(a.quantiles, b.quantiles)
 
@@ -104,4 +109,9 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="empty"):
         calibrate(model, torch.utils.data.TensorDataset(x[:0], y[:0]), progress=False)
     with pytest.raises(ValueError, match="3 class names for a model with 2 classes"):
-        calibrate(model, class_dataset(6, 2), class_names=["a", "b", "c"], progress=False)
+        calibrate(
+            model,
+            class_dataset(6, 2),
+            progress=False,
+            table=TableOptions(class_names=["a", "b", "c"]),
+        )
