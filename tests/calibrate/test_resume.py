@@ -207,3 +207,21 @@ def test_unplannable_data_is_refused_for_checkpoints(tmp_path):
         calibrate(model, class_dataset(12, 3), run=RunOptions(spill_dir=tmp_path),
                   checkpoint=CheckpointOptions(tmp_path))  # fmt: skip
     assert np.all(np.isfinite(calibrate(model, class_dataset(12, 3), progress=False).mean.numpy()))
+
+
+def test_the_checkpoint_records_the_deciding_options_of_the_groups(tmp_path):
+    from surprise_monitor.calibrate.checkpoint import DECIDING_OPTIONS, deciding_options
+
+    assert DECIDING_OPTIONS == {TableOptions: ("class_output",), RunOptions: ("amp",)}
+    table, run = TableOptions(class_output="softmax", top_k=2), RunOptions(amp=True, batch_size=3)
+    assert deciding_options(table, run, CheckpointOptions(tmp_path)) == {
+        "class_output": "softmax",
+        "amp": True,
+    }
+    model = seeded(TinyCNN(num_classes=3))
+    calibrate(model, class_dataset(12, 3), progress=False, table=table, alarm=False,
+              run=RunOptions(batch_size=4), checkpoint=CheckpointOptions(tmp_path))  # fmt: skip
+    settings = read_manifest(tmp_path)["settings"]
+    assert settings["class_output"] == "softmax" and settings["amp"] is False
+    assert settings["batch_size"] == 4 and settings["layer"] is None
+    assert "top_k" not in settings and "memory_budget_bytes" not in settings  # exact mode

@@ -105,7 +105,8 @@ def test_a_cuda_calibration_batch_never_syncs():
 
     model = TinyCNN(num_classes=3).cuda().eval()
     x, y = (t.cuda() for t in class_dataset(8, 3).tensors)
-    alpha = BatchAlpha(model, None, "logit", torch.device("cuda"), "auto")
+    alpha = BatchAlpha(model, None, "logit", torch.device("cuda"), "auto", amp=False,
+                       inference_mode=True)  # fmt: skip
     try:
         first = alpha(x, y, np.arange(8))  # layer choice, compilation
         torch.cuda.synchronize()
