@@ -9,6 +9,7 @@ import torchvision
 from torch.utils.data import TensorDataset
 
 from surprise_monitor.calibrate import CalibrationTable, calibrate
+from surprise_monitor.calibrate.options import RunOptions
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -36,7 +37,9 @@ def table_for(name: str, model: torch.nn.Module, size: int = 224, check: bool = 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(16, 3, size, size, generator=g)
     labels = torch.randint(0, 1000, (16,), generator=g)
-    calibrate(model, TensorDataset(images, labels), batch_size=8, progress=False).save(path)
+    calibrate(
+        model, TensorDataset(images, labels), progress=False, run=RunOptions(batch_size=8)
+    ).save(path)
     return path
 
 

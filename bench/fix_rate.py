@@ -55,6 +55,7 @@ from bench.cifar import (  # noqa: E402
 from bench.strong_models import STRONG_MODELS, load_strong  # noqa: E402
 from bench.strong_tables import strong_table  # noqa: E402
 from surprise_monitor.calibrate import CalibrationTable, calibrate, model_fingerprint  # noqa: E402
+from surprise_monitor.calibrate.options import RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor  # noqa: E402
 from surprise_monitor.monitor.explain import DEFAULT_N_SEGMENTS, DEFAULT_REMOVE, METHODS, fix  # noqa: E402
 
@@ -78,9 +79,12 @@ def table_for(
             path.unlink()
     started = time.perf_counter()
     table = calibrate(
-        model, cifar10_dataset("train", data_dir, n_calib), batch_size=250, progress=False,
-        data_source=data_source("train", data_dir, n_calib),
-    )  # fmt: skip
+        model,
+        cifar10_dataset("train", data_dir, n_calib),
+        progress=False,
+        table=TableOptions(data_source=data_source("train", data_dir, n_calib)),
+        run=RunOptions(batch_size=250),
+    )
     table.save(path)
     if log:
         log(f"calibrated on {n_calib} training images in {time.perf_counter() - started:.0f} s")

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._serve_process import start_service, stop_process  # noqa: E402
 from surprise_monitor.calibrate import calibrate  # noqa: E402
+from surprise_monitor.calibrate.options import RunOptions  # noqa: E402
 
 
 def prepare(folder: Path, name: str, size: int, classes: int) -> list[str]:
@@ -41,7 +42,9 @@ def prepare(folder: Path, name: str, size: int, classes: int) -> list[str]:
     torch.save(model.state_dict(), folder / "model.pt")
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 3, size, size, generator=g), torch.arange(64) % classes)
-    calibrate(model, data, batch_size=16, progress=False).save(folder / "table.safetensors")
+    calibrate(model, data, progress=False, run=RunOptions(batch_size=16)).save(
+        folder / "table.safetensors"
+    )
     kwargs = json.dumps({"num_classes": classes})
     return ["--model", name, "--model-kwargs", kwargs, "--weights", str(folder / "model.pt"),
             "--table", str(folder / "table.safetensors")]  # fmt: skip

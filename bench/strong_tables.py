@@ -34,6 +34,7 @@ from torch.utils.data import TensorDataset
 from bench.cifar import cache_dir, data_source, load_cifar10, to_tensor
 from bench.strong_models import HELDOUT, STRONG_MODELS, load_strong
 from surprise_monitor.calibrate import CalibrationTable, calibrate, model_fingerprint
+from surprise_monitor.calibrate.options import CheckpointOptions, RunOptions, TableOptions
 
 #: Split -> (CIFAR-10 file, first index, stop index, labels: "true" or "pred").
 SPLITS: dict[str, tuple[str, int, int, str]] = {
@@ -96,10 +97,14 @@ def strong_table(
     if log:
         log(f"{name}: calibrating on {split} ({len(ds)} images); checkpoints in {ckpt}")
     table = calibrate(
-        model, ds, layer=layer, batch_size=250, progress=False, checkpoint_dir=ckpt,
-        resume=(ckpt / "manifest.json").is_file(), checkpoint_every=20,
-        data_source=data_source(SPLITS[split][0], data_dir),
-    )  # fmt: skip
+        model,
+        ds,
+        layer=layer,
+        progress=False,
+        table=TableOptions(data_source=data_source(SPLITS[split][0], data_dir)),
+        run=RunOptions(batch_size=250),
+        checkpoint=CheckpointOptions(dir=ckpt, resume=(ckpt / "manifest.json").is_file(), every=20),
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)
     shutil.rmtree(ckpt, ignore_errors=True)

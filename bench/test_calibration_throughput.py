@@ -24,9 +24,14 @@ import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
 from surprise_monitor.calibrate import calibrate
+from surprise_monitor.calibrate.options import RunOptions
 
 IMAGES, SIZE, BATCH, PAIRS = 64, 96, 32, 3
-VARIANTS = {"calibrate": {}, "no_grad_prefix": {"inference_mode": False}, "amp": {"amp": True}}
+VARIANTS = {
+    "calibrate": RunOptions(),
+    "no_grad_prefix": RunOptions(inference_mode=False),
+    "amp": RunOptions(amp=True),
+}
 
 
 def _timed(fn) -> float:
@@ -53,10 +58,10 @@ def test_paired_throughput(benchmark):
 
     def pairs():
         for i in range(PAIRS):
-            for key, kwargs in VARIANTS.items():
+            for key, options in VARIANTS.items():
 
-                def run(kwargs=kwargs):
-                    table = calibrate(model, loader, progress=False, **kwargs)
+                def run(options=options):
+                    table = calibrate(model, loader, progress=False, run=options)
                     counts.append(int(table.counts.sum()))
 
                 if i % 2:

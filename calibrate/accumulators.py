@@ -113,11 +113,11 @@ class SpillAccumulator:
         work: Path,
         *,
         top_k: int,
-        root: Path | None = None,
-        merge: str = "auto",
-        budget: int = 256 << 20,
-        progress: bool = True,
-        device: torch.device | None = None,
+        root: Path | None,
+        merge: str,
+        budget: int,
+        progress: bool,
+        device: torch.device | None,
     ) -> None:
         self.work, self.top_k, self.root = work, top_k, root
         self.merge, self.budget, self.progress = merge, budget, progress

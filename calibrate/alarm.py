@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from surprise_monitor.calibrate.distributed import Comm
+from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
 from surprise_monitor.calibrate.plan import split_batch, stream, stream_length
 from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference
 from surprise_monitor.monitor.judge import Judge
@@ -46,8 +47,6 @@ from surprise_monitor.monitor.table_alarm import AlarmCalibration
 
 log = logging.getLogger(__name__)
 
-#: Training images (at most) behind the profile grids and the score reference.
-DEFAULT_REFERENCE_IMAGES = 20_000
 #: Fewer images than this behind a class's head mean draw a warning.
 THIN_CLASS = 10
 #: ``profile_layers`` values: pick the first stages, or monitor the final layer alone.
@@ -59,19 +58,24 @@ def alarm_calibration(
     table: CalibrationTable,
     data: DataLoader | Dataset,
     heldout: DataLoader | Dataset | None,
+    options: AlarmOptions | None = None,
     *,
-    profile_layers: str | Sequence[str] = AUTO,
-    head_layer: str = AUTO,
-    reference_images: int = DEFAULT_REFERENCE_IMAGES,
-    batch_size: int = 64,
-    num_workers: int = 0,
+    run: RunOptions | None = None,
     device: torch.device,
-    backend: str = "auto",
+    backend: str | None = None,
     progress: bool = True,
     heldout_source: dict[str, Any] | None = None,
     comm: Comm | None = None,
 ) -> AlarmCalibration:
-    """The alarm part of ``table`` (see the module docstring); the same on every rank."""
+    """The alarm part of ``table`` (see the module docstring); the same on every rank.
+
+    ``options``: the profile and head layers, the reference images (``None``: the defaults);
+    ``run``: the batch size and workers of the passes (``None``: the defaults); ``backend``:
+    the kernel backend (``None``: ``run.backend``); ``heldout_source``: where the held-out
+    images came from (kept in the table)."""
+    options = options if options is not None else AlarmOptions()
+    run_options = run if run is not None else RunOptions()
+    backend = backend if backend is not None else run_options.backend
     if comm is not None and comm.info.distributed:
         mine = None
         if comm.info.rank == 0:
@@ -81,11 +85,8 @@ def alarm_calibration(
                     table,
                     data,
                     heldout,
-                    profile_layers=profile_layers,
-                    head_layer=head_layer,
-                    reference_images=reference_images,
-                    batch_size=batch_size,
-                    num_workers=num_workers,
+                    options,
+                    run=run_options,
                     device=device,
                     backend=backend,
                     progress=progress,
@@ -93,27 +94,28 @@ def alarm_calibration(
                 )  # fmt: skip
             )
         return _from_json(comm.broadcast_json(mine, 0))
-    images = _ReferenceImages(data, reference_images, batch_size, num_workers)
-    layers = _profile_layers(model, table, profile_layers, images, device)
-    head = _head_layer(model, head_layer, layers, images, device)
-    run = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
+    batch_size, num_workers = run_options.batch_size, run_options.num_workers
+    images = _ReferenceImages(data, options.reference_images, batch_size, num_workers)
+    layers = _profile_layers(model, table, options.profile_layers, images, device)
+    head = _head_layer(model, options.head_layer, layers, images, device)
+    passes = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
     grids, head_means, head_precision = _profile_grids(
         model, layers, head, images.half(0), table.levels, progress,
-        num_classes=table.num_classes, **run,
+        num_classes=table.num_classes, **passes,
     )  # fmt: skip
     alarm = AlarmCalibration(
         SCORE_NAME, tuple(layers), grids, None, images.count, head_layer=head,
         head_means=head_means, head_precision=head_precision,
     )  # fmt: skip
     with_grids = replace(table, alarm=alarm, path=None, sha256="")
-    parts = _components(model, with_grids, images.half(1), backend, progress, **run)
+    parts = _components(model, with_grids, images.half(1), backend, progress, **passes)
     alarm = replace(alarm, reference=ScoreReference.of(parts))
     if heldout is None:
         log.info("calibrate: no held-out images: the table has no conformal null (no alarms)")
         return alarm
     with_reference = replace(table, alarm=alarm, path=None, sha256="")
     predicted, labelled, accuracy = _heldout_scores(
-        model, with_reference, heldout, backend, progress, **run
+        model, with_reference, heldout, backend, progress, **passes
     )
     found = {"images": int(predicted.numel()), "accuracy": accuracy, "source": heldout_source}
     log.info(

@@ -71,8 +71,8 @@ class BatchAlpha:
         device: torch.device,
         backend: str,
         *,
-        amp: bool = False,
-        inference_mode: bool = True,
+        amp: bool,
+        inference_mode: bool,
         meta: RunMeta | None = None,
     ) -> None:
         self.model, self.layer, self.class_output, self.device = model, layer, class_output, device

@@ -14,7 +14,7 @@ import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,18 @@ from tqdm.auto import tqdm
 from surprise_monitor.calibrate import checkpoint as ckpt
 from surprise_monitor.calibrate import distributed
 from surprise_monitor.calibrate.accumulators import Accumulator, make_accumulator
-from surprise_monitor.calibrate.alarm import DEFAULT_REFERENCE_IMAGES, alarm_calibration, shortened
+from surprise_monitor.calibrate.alarm import alarm_calibration, shortened
 from surprise_monitor.calibrate.alpha import BatchAlpha, RunMeta
 from surprise_monitor.calibrate.distributed import DistInfo
+from surprise_monitor.calibrate.options import (
+    AlarmOptions,
+    CheckpointOptions,
+    RunOptions,
+    TableOptions,
+)
 from surprise_monitor.calibrate.plan import (
-    Batch,
     BatchPlan,
+    LoaderBatch,
     on_device,
     plan_for,
     stream,
@@ -44,172 +50,178 @@ from surprise_monitor.calibrate.writer import BatchWriter, PendingBatch
 from surprise_monitor.kernels._backend import resolve_backend
 from surprise_monitor.monitor.fingerprint import layer_fingerprint, model_fingerprint
 from surprise_monitor.monitor.loading.models import model_device
-from surprise_monitor.monitor.probe.class_output import check_class_output
+from surprise_monitor.monitor.options import renamed_keywords
 from surprise_monitor.monitor.probe.hooks import get_module
-from surprise_monitor.monitor.table import (
-    DEFAULT_BETA_LEVELS,
-    DEFAULT_LEVELS,
-    CalibrationTable,
-    levels_with_required,
-)
+from surprise_monitor.monitor.table import CalibrationTable, levels_with_required
 
 log = logging.getLogger(__name__)
 
+#: The keywords of 0.1 each option group replaced: ``calibrate(batch_size=...)`` is refused
+#: with a ``TypeError`` naming ``run=RunOptions(batch_size=...)``. Old keyword -> the option.
+_GROUPED: dict[str, tuple[str, type, str]] = {
+    **{k: ("table", TableOptions, k) for k in (
+        "class_output", "levels", "beta_levels", "top_k", "class_names", "data_source",
+        "heldout_source",
+    )},
+    "score": ("table", TableOptions, "class_output"),
+    **{k: ("run", RunOptions, k) for k in (
+        "batch_size", "num_workers", "backend", "amp", "inference_mode", "approximate",
+        "memory_budget_bytes", "spill_dir", "merge",
+    )},
+    "checkpoint_dir": ("checkpoint", CheckpointOptions, "dir"),
+    "resume": ("checkpoint", CheckpointOptions, "resume"),
+    "checkpoint_every": ("checkpoint", CheckpointOptions, "every"),
+    **{k: ("alarm", AlarmOptions, k) for k in (
+        "profile_layers", "head_layer", "reference_images",
+    )},
+}  # fmt: skip
 
+
+def _spelling(group: str, cls: type, name: str) -> str:
+    """How an option is given now, e.g. ``checkpoint=CheckpointOptions(dir=..., every=...)``
+    (the group's required options first)."""
+    required = [
+        f.name
+        for f in fields(cls)
+        if f.default is MISSING and f.default_factory is MISSING and f.name != name
+    ]
+    given = ", ".join(f"{n}=..." for n in (*required, name))
+    return f"{group}={cls.__name__}({given})"
+
+
+@renamed_keywords({old: _spelling(*new) for old, new in _GROUPED.items()})
 def calibrate(
     model: nn.Module,
     data: DataLoader | Dataset,
     *,
     heldout: DataLoader | Dataset | None = None,
     layer: str | None = None,
-    class_output: str = "logit",
-    levels: Sequence[float] = DEFAULT_LEVELS,
-    beta_levels: Sequence[float] = DEFAULT_BETA_LEVELS,
-    top_k: int = 6,
-    class_names: Sequence[str] | None = None,
     device: str | torch.device | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    spill_dir: str | Path | None = None,
-    memory_budget_bytes: int = 256 << 20,
     progress: bool = True,
-    data_source: dict[str, Any] | None = None,
-    backend: str = "auto",
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    checkpoint_every: int = 100,
-    amp: bool = False,
-    approximate: bool | LogGrid = False,
-    inference_mode: bool = True,
-    merge: str = "auto",
-    alarm: bool = True,
-    profile_layers: str | Sequence[str] = "auto",
-    head_layer: str = "auto",
-    reference_images: int = DEFAULT_REFERENCE_IMAGES,
-    heldout_source: dict[str, Any] | None = None,
+    table: TableOptions | None = None,
+    run: RunOptions | None = None,
+    checkpoint: CheckpointOptions | None = None,
+    alarm: AlarmOptions | bool = True,
 ) -> CalibrationTable:
     """Build the calibration table of ``model`` on training ``data`` with true labels.
 
     Args:
         model: the CNN, in eval mode (it is not modified).
-        data: a DataLoader (or a Dataset, wrapped with ``batch_size``) yielding
+        data: a DataLoader (or a Dataset, wrapped with ``run.batch_size``) yielding
             ``(images, labels)`` in index order, or ``(images, labels, indices)``.
         heldout: images of the same classes the network did not train on (a validation split), with
             labels: the alarm's conformal null (:mod:`surprise_monitor.calibrate.alarm`). Without it
             the table has the score but no null, and the monitor raises no alarms.
         layer: target module name; ``None`` picks the final convolution (see
             :func:`~surprise_monitor.monitor.probe.resolve_layer`; the reason is kept).
-        class_output: the class output differentiated: logit, softmax or log_softmax.
-        levels: percent levels of the alpha grid (the required tail levels are always added).
-        top_k: exemplar images kept per (class, filter).
-        spill_dir: where alpha values are streamed (kept afterwards); default: a temporary
-            folder removed at the end.
-        memory_budget_bytes: working memory for the per-class statistics.
-        data_source: where the images came from (kept in the table for explanations).
-        checkpoint_dir: make the run resumable: alpha is spilled there and progress is committed
-            every ``checkpoint_every`` batches (see :mod:`surprise_monitor.calibrate.checkpoint`);
-            ``resume`` continues it (refused if it was made with other settings or data).
-        amp: run the model under autocast (float16 on CUDA, bfloat16 on CPU); alpha is still
-            accumulated in float32.
-        approximate: ``True`` or a :class:`~surprise_monitor.calibrate.sketch.LogGrid`:
-            fixed-grid histograms instead of spilled rows (:mod:`.sketch`).
-        inference_mode: run the layers before the target layer in ``torch.inference_mode``.
-        merge: how ranks combine their data, ``"auto"`` or ``"send"`` (:mod:`.distributed`).
-        alarm: also calibrate the alarm (profile grids, score reference, null of ``heldout``).
-        profile_layers: the alarm's activation-profile layers: ``"auto"`` (the first stages),
-            ``"none"`` or module names. ``head_layer``: the layer of the score's Mahalanobis
-            component: ``"auto"`` (the last feature map), ``"none"`` or a module name.
-            ``reference_images``: training images behind them.
+        device: where the model runs; ``None``: the model's device.
+        progress: show progress bars.
+        table: what the table holds (class output, grids, exemplars, class names, where the
+            images came from): :class:`~surprise_monitor.calibrate.options.TableOptions`.
+        run: how the run goes (batches, workers, backend, autocast, exact or approximate,
+            memory, spill folder, merge across ranks):
+            :class:`~surprise_monitor.calibrate.options.RunOptions`.
+        checkpoint: make the run resumable (alpha spilled to ``checkpoint.dir``, progress
+            committed every ``checkpoint.every`` batches, ``checkpoint.resume`` continues it;
+            see :mod:`surprise_monitor.calibrate.checkpoint`):
+            :class:`~surprise_monitor.calibrate.options.CheckpointOptions`.
+        alarm: the alarm's part (profile grids, score reference, null of ``heldout``):
+            :class:`~surprise_monitor.calibrate.options.AlarmOptions`, or ``True`` / ``False``
+            for the defaults / none.
 
-    Under ``torchrun`` each rank computes its share of the batches and every rank returns the
-    same table, identical to a one-process run's. Alpha goes to disk as it is computed and
-    statistics are computed class by class in filter blocks: memory does not grow with the data.
+    Each option is documented once, in :mod:`surprise_monitor.calibrate.options`; the keywords
+    of 0.1 (``batch_size=``, ``checkpoint_dir=``, ...) are refused with a ``TypeError`` that
+    names their new spelling. Under ``torchrun`` each rank computes its share of the batches
+    and every rank returns the same table, identical to a one-process run's. Alpha goes to disk
+    as it is computed and statistics are computed class by class in filter blocks: memory does
+    not grow with the data.
     """
-    settings = _Settings(**{k: v for k, v in locals().items() if k != "data"})
-    table = _alpha_table(model, data, settings)
-    if alarm:
-        table.alarm = alarm_calibration(
-            model, table, data, heldout, profile_layers=profile_layers, head_layer=head_layer,
-            reference_images=reference_images, batch_size=batch_size, num_workers=num_workers,
-            device=settings.dev, backend=settings.resolved_backend, progress=progress,
-            heldout_source=heldout_source, comm=distributed.Comm(distributed.current()),
+    job = _Job.of(model, layer, device, progress, table, run, checkpoint, alarm)
+    result = _alpha_table(model, data, job)
+    if job.alarm.enabled:
+        result.alarm = alarm_calibration(
+            model, result, data, heldout, job.alarm, run=job.run, device=job.device,
+            backend=job.backend, progress=progress, heldout_source=job.table.heldout_source,
+            comm=distributed.Comm(distributed.current()),
         )  # fmt: skip
-        table.validate()
-    return table
+        result.validate()
+    return result
 
 
 @dataclass(frozen=True)
-class _Settings:
-    """:func:`surprise_monitor.calibrate`'s arguments but the data."""
+class _Job:
+    """One :func:`calibrate` call's option groups, whole, and what they resolve to here."""
 
-    model: nn.Module
-    heldout: Any
     layer: str | None
-    class_output: str
-    levels: Sequence[float]
-    beta_levels: Sequence[float]
-    top_k: int
-    class_names: Sequence[str] | None
-    device: str | torch.device | None
-    batch_size: int
-    num_workers: int
-    spill_dir: str | Path | None
-    memory_budget_bytes: int
+    device: torch.device
+    backend: str  # the grad_amap backend resolved for the device
     progress: bool
-    data_source: dict[str, Any] | None
-    backend: str
-    checkpoint_dir: str | Path | None
-    resume: bool
-    checkpoint_every: int
-    amp: bool
-    approximate: bool | LogGrid
-    inference_mode: bool
-    merge: str
-    alarm: bool
-    profile_layers: str | Sequence[str]
-    head_layer: str
-    reference_images: int
-    heldout_source: dict[str, Any] | None
+    table: TableOptions
+    run: RunOptions
+    checkpoint: CheckpointOptions | None
+    alarm: AlarmOptions
 
-    @property
-    def dev(self) -> torch.device:
-        """The calibration device: the argument, else the model's."""
-        return torch.device(self.device) if self.device is not None else model_device(self.model)
-
-    @property
-    def resolved_backend(self) -> str:
-        """The ``grad_amap`` backend for :attr:`dev`."""
-        return resolve_backend("grad_amap", self.backend, self.dev)
-
-
-def _alpha_table(model: nn.Module, data: DataLoader | Dataset, s: _Settings) -> CalibrationTable:
-    """The alpha table (no alarm part): the training pass, its statistics, the table."""
-    _check_arguments(model, s.class_output, s.top_k, s.checkpoint_every, s.spill_dir,
-                     s.checkpoint_dir, s.resume)  # fmt: skip
-    dev, info = s.dev, distributed.current()
-    plan = _plan(data, s.batch_size, s.num_workers, dev, info, s.checkpoint_dir is not None)
-    root = next((Path(d) for d in (s.checkpoint_dir, s.spill_dir) if d is not None), None)
-    grid = LogGrid() if s.approximate is True else (s.approximate or None)
-    backend = s.resolved_backend
-    with _work_folder(root, info) as work:
-        acc = make_accumulator(grid, work, top_k=s.top_k, root=root, merge=s.merge,
-                               budget=s.memory_budget_bytes, progress=s.progress,
-                               device=statistics_device(dev))  # fmt: skip
-        prefix = {"amp": s.amp, "inference_mode": s.inference_mode}
-        alpha = BatchAlpha(model, s.layer, s.class_output, dev, backend, **prefix)
-        run = _RankPass(alpha, acc, info, plan)
-        if s.checkpoint_dir is not None:
-            settings = _settings(
-                model, s.layer, s.class_output, plan, info, dev, s.amp, backend, acc
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        layer: str | None,
+        device: str | torch.device | None,
+        progress: bool,
+        table: TableOptions | None,
+        run: RunOptions | None,
+        checkpoint: CheckpointOptions | None,
+        alarm: AlarmOptions | bool,
+    ) -> _Job:
+        """The groups checked (``None``: the defaults) and the device resolved (the argument,
+        else the model's); ``ValueError`` for options that cannot work together or a model in
+        training mode."""
+        table = _group("table", table, TableOptions) or TableOptions()
+        run = _group("run", run, RunOptions) or RunOptions()
+        checkpoint = _group("checkpoint", checkpoint, CheckpointOptions)
+        if model.training:
+            raise ValueError(
+                "calibrate needs the model in eval mode (model.eval()): in training mode batch "
+                "statistics couple the samples and dropout is random"
             )
-            run.checkpoint = ckpt.Checkpoint(work, settings, info)
-        run.collect(data, s.batch_size, s.num_workers, s.resume, s.checkpoint_every, s.progress)
-        meta = run.shared_meta()
-        levels_arr = levels_with_required(s.levels)
-        beta_arr = levels_with_required(s.beta_levels)
+        if checkpoint is not None and run.spill_dir is not None:
+            raise ValueError("give run.spill_dir or checkpoint, not both (a checkpoint is a spill)")
+        dev = torch.device(device) if device is not None else model_device(model)
+        backend = resolve_backend("grad_amap", run.backend, dev)
+        return cls(layer, dev, backend, progress, table, run, checkpoint, AlarmOptions.of(alarm))
+
+
+def _group(name: str, value: Any, cls: type) -> Any:
+    """``value`` when it is ``None`` or a ``cls``, else ``TypeError`` naming the keyword."""
+    if value is not None and not isinstance(value, cls):
+        raise TypeError(f"calibrate(): {name}= takes {cls.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _alpha_table(model: nn.Module, data: DataLoader | Dataset, job: _Job) -> CalibrationTable:
+    """The alpha table (no alarm part): the training pass, its statistics, the table."""
+    dev, info, run, ck = job.device, distributed.current(), job.run, job.checkpoint
+    plan = _plan(data, run, dev, info, ck is not None)
+    spill = None if run.spill_dir is None else Path(run.spill_dir)
+    root = Path(ck.dir) if ck is not None else spill
+    grid = LogGrid() if run.approximate is True else (run.approximate or None)
+    with _work_folder(root, info) as work:
+        acc = make_accumulator(grid, work, top_k=job.table.top_k, root=root, merge=run.merge,
+                               budget=run.memory_budget_bytes, progress=job.progress,
+                               device=statistics_device(dev))  # fmt: skip
+        alpha = BatchAlpha(model, job.layer, job.table.class_output, dev, job.backend,
+                           amp=run.amp, inference_mode=run.inference_mode)  # fmt: skip
+        rank_pass = _RankPass(alpha, acc, info, plan)
+        if ck is not None:
+            settings = _settings(model, job, plan, info, acc)
+            rank_pass.checkpoint = ckpt.Checkpoint(work, settings, info)
+        rank_pass.collect(data, run, ck, job.progress)
+        meta = rank_pass.shared_meta()
+        levels_arr = levels_with_required(job.table.levels)
+        beta_arr = levels_with_required(job.table.beta_levels)
         stats = acc.statistics(distributed.Comm(info), meta, levels_arr, beta_arr)
-    names = _class_names(s.class_names, data, int(meta.num_classes or 0))
-    return _table(meta, stats, model, names, s.data_source, s.class_output, levels_arr, beta_arr)
+    names = _class_names(job.table.class_names, data, int(meta.num_classes or 0))
+    return _table(meta, stats, model, names, job.table, levels_arr, beta_arr)
 
 
 def statistics_device(dev: torch.device) -> torch.device | None:
@@ -222,47 +234,20 @@ def statistics_device(dev: torch.device) -> torch.device | None:
 
 def _plan(
     data: DataLoader | Dataset,
-    batch_size: int,
-    num_workers: int,
+    run: RunOptions,
     dev: torch.device,
     info: DistInfo,
     resumable: bool,
 ) -> BatchPlan | None:
     """The data's batch plan (``None``: streamed as given); ``ValueError`` when a distributed or
     resumable run gets data it cannot plan."""
-    plan = plan_for(data, batch_size, num_workers, pin=dev.type == "cuda")
+    plan = plan_for(data, run.batch_size, run.num_workers, pin=dev.type == "cuda")
     if plan is None and (info.distributed or resumable):
         raise ValueError(
             "distributed or resumable calibration needs a map-style dataset read in index "
             "order (a Dataset, or a DataLoader with shuffle=False and a batch_size)"
         )
     return plan
-
-
-def _check_arguments(
-    model: nn.Module,
-    class_output: str,
-    top_k: int,
-    checkpoint_every: int,
-    spill_dir: str | Path | None,
-    checkpoint_dir: str | Path | None,
-    resume: bool,
-) -> None:
-    """``ValueError`` for arguments that cannot work together or a model in training mode."""
-    check_class_output(class_output)
-    if top_k < 1:
-        raise ValueError("top_k must be at least 1")
-    if checkpoint_every < 1:
-        raise ValueError("checkpoint_every must be at least 1")
-    if model.training:
-        raise ValueError(
-            "calibrate needs the model in eval mode (model.eval()): in training mode batch "
-            "statistics couple the samples and dropout is random"
-        )
-    if checkpoint_dir is not None and spill_dir is not None:
-        raise ValueError("give spill_dir or checkpoint_dir, not both (a checkpoint is a spill)")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume needs checkpoint_dir")
 
 
 @contextmanager
@@ -291,20 +276,21 @@ class _RankPass:
     def collect(
         self,
         data: DataLoader | Dataset,
-        batch_size: int,
-        num_workers: int,
-        resume: bool,
-        every: int,
+        run: RunOptions,
+        options: CheckpointOptions | None,
         progress: bool,
     ) -> None:
-        """Open the checkpoint (resuming it) or start afresh, then accumulate this rank's
-        batches; the probe's hooks are removed at the end, whatever happens."""
+        """Open the checkpoint (resuming it when ``options.resume``) or start afresh, then
+        accumulate this rank's batches; the probe's hooks are removed at the end, whatever
+        happens."""
         try:
             if self.checkpoint is not None:
-                self._resume(resume)
+                assert options is not None
+                self._resume(options.resume)
             else:
                 self.accumulator.reset()  # a reused spill folder starts empty
-            batches, total = _batches(self, data, batch_size, num_workers)
+            batches, total = _batches(self, data, run.batch_size, run.num_workers)
+            every = options.every if options is not None else 0
             self.accumulate(batches, total, every, progress)
         finally:
             self.alpha.close()
@@ -322,12 +308,12 @@ class _RankPass:
         self.done = resumed.batches_done
 
     def accumulate(
-        self, batches: Iterator[Batch], total: int | None, every: int, progress: bool
+        self, batches: Iterator[LoaderBatch], total: int | None, every: int, progress: bool
     ) -> None:
         """Compute and accumulate the alpha of the ``total`` images in ``batches``; commit
-        every ``every`` batches and at the end. Each batch's alpha goes to the accumulator on a
-        writer thread (:mod:`surprise_monitor.calibrate.writer`) while the next batch is
-        computed."""
+        every ``every`` batches and at the end (with a checkpoint). Each batch's alpha goes to
+        the accumulator on a writer thread (:mod:`surprise_monitor.calibrate.writer`) while the
+        next batch is computed."""
         bar = tqdm(
             total=total, unit="img", unit_scale=True, desc="calibrate",
             disable=not progress or self.info.rank != 0,
@@ -379,7 +365,7 @@ class _RankPass:
 
 def _batches(
     run: _RankPass, data: DataLoader | Dataset, batch_size: int, num_workers: int
-) -> tuple[Iterator[Batch], int | None]:
+) -> tuple[Iterator[LoaderBatch], int | None]:
     """The batches this rank still has to compute (planned data) or all of them (streamed), and
     how many images they hold, if known."""
     if run.plan is None:
@@ -391,31 +377,23 @@ def _batches(
 
 
 def _settings(
-    model: nn.Module,
-    layer: str | None,
-    class_output: str,
-    plan: BatchPlan | None,
-    info: DistInfo,
-    dev: torch.device,
-    amp: bool,
-    backend: str,
-    accumulator: Accumulator,
+    model: nn.Module, job: _Job, plan: BatchPlan | None, info: DistInfo, accumulator: Accumulator
 ) -> dict[str, Any]:
-    """What decides the accumulated values: a checkpoint made with anything else is refused."""
+    """What decides the accumulated values: a checkpoint made with anything else is refused
+    (the options among them: :data:`surprise_monitor.calibrate.checkpoint.DECIDING_OPTIONS`)."""
     assert plan is not None  # resumable runs always have one
     return {
         "model_fingerprint": model_fingerprint(model),
-        "layer": layer,
-        "class_output": class_output,
+        "layer": job.layer,
+        **ckpt.deciding_options(job.table, job.run),
         "batch_size": plan.batch_size,
         "drop_last": plan.drop_last,
         "num_images": plan.num_images,
         "data": ckpt.dataset_fingerprint(plan.dataset),
         "world_size": info.world_size,
         "rank": info.rank,
-        "device": dev.type,
-        "amp": bool(amp),
-        "backend": backend,
+        "device": job.device.type,
+        "backend": job.backend,
         "torch": torch.__version__,
         "mode": accumulator.mode,
         **accumulator.settings(),
@@ -427,8 +405,7 @@ def _table(
     stats: list[ClassStatistics],
     model: nn.Module,
     names: list[str],
-    data_source: dict[str, Any] | None,
-    class_output: str,
+    options: TableOptions,
     levels: np.ndarray,
     beta_levels: np.ndarray,
 ) -> CalibrationTable:
@@ -446,11 +423,11 @@ def _table(
         top_indices=torch.from_numpy(np.stack([s.top_indices for s in stats]).astype(np.int32)),
         top_alpha=torch.from_numpy(np.stack([s.top_alpha for s in stats])),
         class_names=names,
-        class_output=class_output,
+        class_output=options.class_output,
         input_shape=tuple(meta.input_shape),
         model_fingerprint=model_fingerprint(model),
         layer_fingerprint=layer_fingerprint(get_module(model, meta.layer)),
-        data_source=data_source,
+        data_source=options.data_source,
     )
     missing = [names[c] for c in range(k) if int(table.counts[c]) == 0]
     if missing:

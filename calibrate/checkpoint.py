@@ -6,9 +6,10 @@ commits a checkpoint: the spill files are flushed and fsynced first, then ``mani
 replaced atomically (temporary file, fsync, rename, fsync of the folder). The manifest records:
 
 - ``settings``: everything that decides the spilled values (model weights' fingerprint,
-  requested layer, score, batch size, the data's fingerprint, world size and rank, device type,
-  mixed precision, kernel backend, torch version, exact or approximate mode). A resume with any
-  of them different is refused, naming the differences.
+  requested layer, the options named in :data:`DECIDING_OPTIONS` (class output, mixed
+  precision), batch size, the data's fingerprint, world size and rank, device type, kernel
+  backend, torch version, exact or approximate mode and the sketch's grid). A resume with any of
+  them different is refused, naming the differences.
 - ``batches_done``: how many of this rank's batches are in the spill, in order.
 - ``accumulator``: rows per class file (exact mode) or the name of the sketch state file.
 - ``meta``: the resolved layer, its reason, filters, classes and input shape.
@@ -20,6 +21,7 @@ as that of an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from surprise_monitor.calibrate.distributed import DistInfo
+from surprise_monitor.calibrate.options import RunOptions, TableOptions
 from surprise_monitor.monitor.errors import SurpriseMonitorError
 from surprise_monitor.monitor.files import atomic_write_bytes
 
@@ -41,9 +44,28 @@ FORMAT = "surprise-calibrate-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 
+#: The options that decide the accumulated values, by group (the one place they are named): a
+#: checkpoint records them, under their own names, and refuses a resume where one differs. The
+#: others do not change the spilled rows (batches, workers, memory, the table's levels and
+#: exemplars, which come after) or are recorded in their resolved form (the kernel backend, the
+#: approximate mode and its grid: see ``calibrate.builder._settings``).
+DECIDING_OPTIONS: dict[type, tuple[str, ...]] = {
+    TableOptions: ("class_output",),
+    RunOptions: ("amp",),
+}
+
 
 class CheckpointError(SurpriseMonitorError, ValueError):
     """A checkpoint cannot be used: made with other settings or data, or damaged."""
+
+
+def deciding_options(*groups: object) -> dict[str, Any]:
+    """The :data:`DECIDING_OPTIONS` of option ``groups``, by option name."""
+    found: dict[str, Any] = {}
+    for group in groups:
+        names = DECIDING_OPTIONS.get(type(group), ())
+        found.update({k: v for k, v in dataclasses.asdict(group).items() if k in names})
+    return found
 
 
 def manifest_path(directory: str | Path) -> Path:

@@ -15,9 +15,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from surprise_monitor.calibrate.alarm import DEFAULT_REFERENCE_IMAGES
 from surprise_monitor.calibrate.builder import calibrate
 from surprise_monitor.calibrate.distributed import DistInfo, init_from_env
+from surprise_monitor.calibrate.options import (
+    AlarmOptions,
+    CheckpointOptions,
+    RunOptions,
+    TableOptions,
+)
 from surprise_monitor.calibrate.preflight import (
     accuracy_check,
     accuracy_warning,
@@ -28,6 +33,7 @@ from surprise_monitor.calibrate.preflight import (
     read_class_order,
 )
 from surprise_monitor.calibrate.sketch import LogGrid
+from surprise_monitor.kernels.defaults import DEFAULT_SURPRISE_PCT
 from surprise_monitor.monitor.advice import cli_message
 from surprise_monitor.monitor.loading.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from surprise_monitor.monitor.loading.model_args import (
@@ -35,7 +41,11 @@ from surprise_monitor.monitor.loading.model_args import (
     add_model_arguments,
     model_from_args,
 )
-from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS
+from surprise_monitor.monitor.options import (
+    add_option_arguments,
+    add_renamed_flags,
+    options_from_args,
+)
 from surprise_monitor.monitor.probe.hooks import get_module
 from surprise_monitor.monitor.table import CalibrationTable, images_needed
 
@@ -63,10 +73,13 @@ def parser() -> argparse.ArgumentParser:
         "line i), or name,name,... (default: the folders' alphabetical order)",
     )
     p.add_argument("--layer", help="target module name (default: the final convolution)")
-    p.add_argument("--score", default="logit", choices=list(CLASS_OUTPUTS), help="class score")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_option_arguments(p, TableOptions, {"class_output": "--class-output"})
+    add_renamed_flags(p, {"--score": "--class-output"})
+    add_option_arguments(p, RunOptions, {"batch_size": "--batch-size", "num_workers": "--workers"})
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model runs: a torch device such as cuda, cuda:1 or cpu",
+    )  # fmt: skip
     g = p.add_argument_group(
         "preprocessing (ImageNet's by default: set --resize 0 --crop 0 and the mean/std of "
         "your data for small images such as CIFAR's)"
@@ -92,23 +105,12 @@ def parser() -> argparse.ArgumentParser:
         help="ImageFolder of held-out images of the same classes (a validation split the model "
         "did not train on): the alarm's null; without it the table raises no alarms",
     )
-    a.add_argument(
-        "--profile-layers", default="auto",
-        help="activation-profile layers of the alarm score: 'auto' (the first two stages), "
-        "'none', or comma-separated module names",
-    )  # fmt: skip
-    a.add_argument(
-        "--head-layer", default="auto",
-        help="layer of the alarm score's Mahalanobis component: 'auto' (the last feature map "
-        "before the classifier), 'none', or a module name",
-    )  # fmt: skip
-    a.add_argument(
-        "--reference-images", type=int, default=DEFAULT_REFERENCE_IMAGES,
-        help="training images (evenly spaced) behind the profile grids and the score reference",
-    )  # fmt: skip
-    a.add_argument("--no-alarm", action="store_true", help="calibrate the alpha table only")
-    p.add_argument("--top-k", type=int, default=6, help="exemplars kept per (class, filter)")
-    p.add_argument("--spill-dir", help="keep the streamed alpha values in this folder")
+    add_option_arguments(a, AlarmOptions, {
+        "profile_layers": "--profile-layers", "head_layer": "--head-layer",
+        "reference_images": "--reference-images", "enabled": "--no-alarm",
+    })  # fmt: skip
+    add_option_arguments(p, TableOptions, {"top_k": "--top-k"})
+    add_option_arguments(p, RunOptions, {"spill_dir": "--spill-dir"})
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _scale_arguments(p)
     return p
@@ -116,31 +118,17 @@ def parser() -> argparse.ArgumentParser:
 
 def _scale_arguments(p: argparse.ArgumentParser) -> None:
     """Calibration at scale: resumable, mixed precision, approximate (torchrun is detected)."""
-    p.add_argument(
-        "--checkpoint-dir",
-        help="spill alpha here and checkpoint progress, so a killed run can --resume",
-    )
-    p.add_argument(
-        "--resume", action="store_true",
-        help="continue the checkpoint in --checkpoint-dir (refused if settings or data differ)",
-    )  # fmt: skip
-    p.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints")
-    p.add_argument(
-        "--amp", action="store_true",
-        help="mixed precision (float16 on CUDA, bfloat16 on CPU); alpha accumulated in float32",
-    )  # fmt: skip
-    p.add_argument(
-        "--approximate", action="store_true",
-        help="fixed-grid histograms instead of spilled alpha: memory independent of the "
-        "number of images, no spill on disk, percentiles within --sketch-accuracy",
-    )  # fmt: skip
+    add_option_arguments(p, CheckpointOptions, {
+        "dir": "--checkpoint-dir", "resume": "--resume", "every": "--checkpoint-every",
+    })  # fmt: skip
+    add_option_arguments(p, RunOptions, {"amp": "--amp", "approximate": "--approximate"})
     p.add_argument(
         "--sketch-accuracy", type=float, default=0.01,
-        help="relative accuracy of --approximate percentiles (default 0.01)",
+        help="relative accuracy of --approximate percentiles",
     )  # fmt: skip
     p.add_argument(
         "--sketch-range", type=float, nargs=2, default=[1e-6, 1e3], metavar=("MIN", "MAX"),
-        help="|alpha| range of the --approximate grid (default 1e-6 1e3)",
+        help="|alpha| range of the --approximate grid",
     )  # fmt: skip
 
 
@@ -156,15 +144,15 @@ def summary(table: CalibrationTable, out: Path, seconds: float) -> str:
             f"{name}={int(c)}" for name, c in zip(table.class_names, table.counts, strict=True)
         ),
     ]
-    thin = table.undersampled_classes(99.9)
+    thin = table.undersampled_classes(DEFAULT_SURPRISE_PCT)
     if thin:
         names = ", ".join(table.class_names[c] for c in thin[:20]) + (
             " ..." if len(thin) > 20 else ""
         )
-        need = images_needed(99.9)
+        need = images_needed(DEFAULT_SURPRISE_PCT)
         lines.append(
-            f"{len(thin)} classes have fewer than {need} images, too few to estimate a 99.9th "
-            f"percentile (it sits at the class maximum): {names}"
+            f"{len(thin)} classes have fewer than {need} images, too few to estimate a "
+            f"{DEFAULT_SURPRISE_PCT:g}th percentile (it sits at the class maximum): {names}"
         )
     lines.append(_alarm_line(table))
     lines.append(f"table written to {out}")
@@ -222,9 +210,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def _interrupted(what: str, args: argparse.Namespace) -> str:
     """The one line printed when the run is stopped."""
-    if args.checkpoint_dir:
+    if args.dir:  # --checkpoint-dir
         return (f"surprise-calibrate: {what}; run the same command with --resume to continue "
-                f"from the last checkpoint in {args.checkpoint_dir}")  # fmt: skip
+                f"from the last checkpoint in {args.dir}")  # fmt: skip
     return f"surprise-calibrate: {what}; nothing was written"
 
 
@@ -249,25 +237,16 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
         out = check_out(args.out)
         dataset, steps, model = _prepare(args, info)
         loader = DataLoader(
-            dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+            dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
             pin_memory=args.device.startswith("cuda"), collate_fn=checked_collate,
         )  # fmt: skip
         started = time.perf_counter()
         num_classes = len(dataset.classes)
         names = dataset.classes if args.num_classes in (None, num_classes) else None
-        grid = LogGrid(args.sketch_accuracy, *args.sketch_range) if args.approximate else None
         heldout = _heldout(args, steps, dataset)
         table = calibrate(
-            model, loader, heldout=heldout, alarm=not args.no_alarm,
-            profile_layers=_profile_layers(args.profile_layers),
-            head_layer=_head_layer(args.head_layer, model),
-            reference_images=args.reference_images,
-            heldout_source=steps.source(args.heldout) if args.heldout else None,
-            layer=args.layer, class_output=args.score, top_k=args.top_k,
-            class_names=names, device=args.device, spill_dir=args.spill_dir,
-            progress=not args.quiet, data_source=steps.source(args.data),
-            checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-            checkpoint_every=args.checkpoint_every, amp=args.amp, approximate=grid or False,
+            model, loader, heldout=heldout, layer=args.layer, device=args.device,
+            progress=not args.quiet, **_options(args, steps, names, model),
         )  # fmt: skip
         seconds = time.perf_counter() - started
         if info.rank != 0:  # every rank holds the same table; rank 0 writes it
@@ -278,6 +257,30 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
         return 2
     print(summary(table, out, seconds))
     return 0
+
+
+def _options(
+    args: argparse.Namespace, steps: Preprocessing, names: list[str] | None, model: nn.Module
+) -> dict[str, Any]:
+    """``calibrate()``'s option groups from the flags (``table``, ``run``, ``checkpoint``,
+    ``alarm``)."""
+    if args.resume and not args.dir:
+        raise ValueError("--resume needs --checkpoint-dir (the checkpoint to continue)")
+    grid = LogGrid(args.sketch_accuracy, *args.sketch_range) if args.approximate else False
+    table = options_from_args(
+        TableOptions, args, class_names=names, data_source=steps.source(args.data),
+        heldout_source=steps.source(args.heldout) if args.heldout else None,
+    )  # fmt: skip
+    alarm = options_from_args(
+        AlarmOptions, args, profile_layers=_profile_layers(args.profile_layers),
+        head_layer=_head_layer(args.head_layer, model),
+    )  # fmt: skip
+    return {
+        "table": table,
+        "run": options_from_args(RunOptions, args, approximate=grid),
+        "checkpoint": options_from_args(CheckpointOptions, args) if args.dir else None,
+        "alarm": alarm,
+    }
 
 
 def _profile_layers(value: str) -> str | list[str]:
@@ -306,7 +309,7 @@ def _head_layer(value: str, model: Any) -> str:
 def _heldout(args: argparse.Namespace, steps: Preprocessing, train: Any) -> DataLoader | None:
     """The ``--heldout`` images (same preprocessing and class folders as ``--data``)."""
     if not args.heldout:
-        if not args.no_alarm:
+        if args.enabled:  # no --no-alarm
             print("surprise-calibrate: no --heldout: the table will have the alarm score but no "
                   "null, so the monitor raises no alarms", flush=True)  # fmt: skip
         return None
@@ -321,7 +324,7 @@ def _heldout(args: argparse.Namespace, steps: Preprocessing, train: Any) -> Data
         )
     held = image_folder(root, steps, list(train.classes))
     return DataLoader(held, batch_size=args.batch_size, shuffle=False,
-                      num_workers=args.workers, collate_fn=checked_collate)  # fmt: skip
+                      num_workers=args.num_workers, collate_fn=checked_collate)  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS
 from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
 
 MERGES = ("auto", "send")
+#: Training images (at most) behind the profile grids and the score reference.
 DEFAULT_REFERENCE_IMAGES = 20_000
 
 
@@ -34,6 +35,7 @@ class TableOptions:
     class_output: str = option(
         "logit",
         "the class output differentiated for alpha: logit, softmax or log_softmax",
+        choices=CLASS_OUTPUTS,
     )
     levels: Sequence[float] = option(
         DEFAULT_LEVELS,
@@ -74,11 +76,13 @@ class RunOptions:
     )
     approximate: bool | LogGrid = option(
         False,
-        "fixed-grid histograms instead of exact percentiles of spilled rows (True or a LogGrid)",
+        "fixed-grid histograms instead of exact percentiles of spilled alpha: memory independent "
+        "of the number of images, nothing spilled (the grid: a LogGrid, or --sketch-accuracy "
+        "and --sketch-range)",
     )
     memory_budget_bytes: int = option(256 << 20, "working memory of the per-class statistics")
     spill_dir: str | Path | None = option(
-        None, "where alpha is streamed (kept afterwards); None: a temporary folder"
+        None, "where alpha is streamed, kept afterwards (default: a temporary folder)"
     )
     merge: str = option(
         "auto", "how ranks combine their rows: auto (a shared folder when there is one) or send"
@@ -95,11 +99,15 @@ class RunOptions:
 class CheckpointOptions:
     """A resumable run: alpha spilled to ``dir`` and progress committed every ``every`` batches."""
 
-    dir: str | Path = option(help="the checkpoint folder")
-    resume: bool = option(
-        False, "continue the run in dir (refused if it was made with other settings or data)"
+    dir: str | Path = option(
+        help="the checkpoint folder: alpha is spilled there and progress committed, so a "
+        "killed run can resume"
     )
-    every: int = option(100, "batches between commits")
+    resume: bool = option(
+        False,
+        "continue the checkpoint's run (refused if it was made with other settings or data)",
+    )
+    every: int = option(100, "batches between checkpoints")
 
     def __post_init__(self) -> None:
         _positive_int("checkpoint.every", self.every)
@@ -113,7 +121,9 @@ class AlarmOptions:
         True, "calibrate the alarm (profile grids, score reference, the held-out null)"
     )
     profile_layers: str | Sequence[str] = option(
-        "auto", "the activation-profile layers: auto (the first stages), none or module names"
+        "auto",
+        "the activation-profile layers: auto (the first stages), none, or module names "
+        "(comma-separated on the command line)",
     )
     head_layer: str = option(
         "auto",
@@ -121,7 +131,9 @@ class AlarmOptions:
         "or a module name",
     )
     reference_images: int = option(
-        DEFAULT_REFERENCE_IMAGES, "training images behind the profile grids and head statistics"
+        DEFAULT_REFERENCE_IMAGES,
+        "training images (evenly spaced) behind the profile grids, the head statistics and the "
+        "score reference",
     )
 
     def __post_init__(self) -> None:

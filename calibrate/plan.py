@@ -29,7 +29,7 @@ from torch.utils.data import (
 from surprise_monitor.calibrate.distributed import DistInfo
 
 #: One batch: images ``[B, C, H, W]``, labels ``[B]``, dataset indices ``[B]`` (int64).
-Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
+LoaderBatch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
 
 
 class _BatchRanges(Sampler[list[int]]):
@@ -74,7 +74,7 @@ class BatchPlan:
         """Images in the given global batches."""
         return sum(min(self.batch_size, self.num_images - b * self.batch_size) for b in batches)
 
-    def read(self, batches: range) -> Iterator[Batch]:
+    def read(self, batches: range) -> Iterator[LoaderBatch]:
         """The given global batches, in order, with their dataset indices."""
         b = self.batch_size
         sampler = _BatchRanges(batches, b, self.num_images)
@@ -113,7 +113,7 @@ def plan_for(
     raise TypeError(f"data must be a torch DataLoader or Dataset, got {type(data).__name__}")
 
 
-def stream(data: DataLoader | Dataset, batch_size: int, num_workers: int) -> Iterator[Batch]:
+def stream(data: DataLoader | Dataset, batch_size: int, num_workers: int) -> Iterator[LoaderBatch]:
     """The batches of data that has no plan, as given, with their dataset indices."""
     if isinstance(data, Dataset):
         data = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -171,7 +171,7 @@ def split_batch(batch: Any, known: np.ndarray | None) -> tuple[torch.Tensor, tor
     return x, y, known
 
 
-def on_device(batches: Iterator[Batch], dev: torch.device) -> Iterator[Batch]:
+def on_device(batches: Iterator[LoaderBatch], dev: torch.device) -> Iterator[LoaderBatch]:
     """Move batches to ``dev``; on CUDA the next batch's copy runs on a side stream while the
     current one is computed (the loader pins host memory, so the copy is asynchronous)."""
     if dev.type != "cuda":
@@ -180,7 +180,7 @@ def on_device(batches: Iterator[Batch], dev: torch.device) -> Iterator[Batch]:
         return
     stream_ = torch.cuda.Stream(dev)
 
-    def start(item: Batch | None) -> Batch | None:
+    def start(item: LoaderBatch | None) -> LoaderBatch | None:
         """Start copying ``item`` to the device on the side stream."""
         if item is None:
             return None

@@ -116,7 +116,7 @@ def class_statistics(
     levels: np.ndarray,
     beta_levels: np.ndarray,
     top_k: int,
-    memory_budget_bytes: int = 256 << 20,
+    memory_budget_bytes: int,
     device: torch.device | str | None = None,
 ) -> ClassStatistics:
     """Exact statistics of one class's alpha rows ``[n, N]`` (an array or a :class:`RowSource`).

@@ -37,11 +37,18 @@ DEFAULT_NAMESPACE = "surprise_monitor"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field whose ``help`` is its one documentation (``--help``, docstrings)."""
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    choices: Sequence[str] | None = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field whose ``help`` is its one documentation (``--help``, docstrings);
+    ``choices``: the values its command-line flag accepts (:func:`add_option_arguments`)."""
+    metadata = {"help": help, "choices": None if choices is None else tuple(choices)}
     if isinstance(default, list | dict | set):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 def help_of(cls: type, name: str) -> str:
@@ -239,8 +246,10 @@ def add_option_arguments(
 ) -> None:
     """Add one command-line flag per option of ``cls`` named in ``flags`` (option -> flag,
     e.g. ``{"alarm_rate": "--alarm-rate"}``), its help and default from the option itself
-    (``defaults`` overrides a default for this command line). A bool option becomes a switch
-    that turns it on (``--per-class-metrics``), or off when its default is on (``--no-...``)."""
+    (``defaults`` overrides a default for this command line), and its ``choices``. A bool
+    option becomes a switch that turns it on (``--per-class-metrics``), or off when its default
+    is on (``--no-...``, its help then reads "do not ..."). Each default is stated once in
+    ``--help`` by :class:`~surprise_monitor.monitor.loading.model_args.HelpFormatter`."""
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     for name, flag in flags.items():
         f = by_name[name]
@@ -248,10 +257,14 @@ def add_option_arguments(
         help_text = f.metadata.get("help", "")
         if isinstance(default, bool):
             action = "store_false" if default else "store_true"
+            help_text = f"do not {help_text}" if default else help_text
             parser.add_argument(flag, dest=name, action=action, help=help_text)
         else:
             kind = type(default) if default is not None else str
-            parser.add_argument(flag, dest=name, type=kind, default=default, help=help_text)
+            choices = f.metadata.get("choices")
+            metavar = None if choices else flag.lstrip("-").upper().replace("-", "_")
+            parser.add_argument(flag, dest=name, type=kind, default=default, help=help_text,
+                                choices=choices, metavar=metavar)  # fmt: skip
 
 
 def options_from_args(cls: type[T], args: argparse.Namespace, **extra: Any) -> T:
@@ -269,3 +282,30 @@ def _default_of(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None
+
+
+def add_renamed_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, renames: Mapping[str, str]
+) -> None:
+    """Hidden flags of an older command line (old flag -> new flag) that stop the parse with
+    an argparse error naming the new flag (exit status 2), e.g. ``--score is now
+    --class-output``."""
+    for old, new in renames.items():
+        parser.add_argument(old, action=_Renamed, nargs="?", new=new, help=argparse.SUPPRESS)
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: using it is an argparse error naming the new one."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kw)
+        self.new = new
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(f"{option_string} is now {self.new}")

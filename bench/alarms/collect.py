@@ -25,6 +25,7 @@ from bench.cifar import cache_dir, data_source, load_cifar10, to_tensor
 from bench.strong_models import HELDOUT, load_strong
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.alarm import alarm_calibration
+from surprise_monitor.calibrate.options import RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference, normal_scores
 from surprise_monitor.monitor.table import CalibrationTable
@@ -61,14 +62,22 @@ def table_of(model_name: str, model: nn.Module, log: Callable[[str], None]) -> C
     if alpha_path.is_file():
         table = CalibrationTable.load(alpha_path)
         table.alarm = alarm_calibration(
-            model, table, data, heldout, batch_size=BATCH, device=torch.device("cpu")
+            model,
+            table,
+            data,
+            heldout,
+            run=RunOptions(batch_size=BATCH),
+            device=torch.device("cpu"),
         )
         table.validate()
     else:
         table = calibrate(
-            model, data, heldout=heldout, class_names=train.class_names, batch_size=BATCH,
-            data_source=data_source("train"),
-        )  # fmt: skip
+            model,
+            data,
+            heldout=heldout,
+            table=TableOptions(class_names=train.class_names, data_source=data_source("train")),
+            run=RunOptions(batch_size=BATCH),
+        )
         replace(table, alarm=None, path=None, sha256="").save(alpha_path)
     table = replace(table, path=None, sha256="")
     table.save(path)

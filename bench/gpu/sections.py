@@ -14,6 +14,7 @@ import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.gpu.timing import paired, peak_extra_mib, per_call_us, plain_graph, sync, wall
+from surprise_monitor.calibrate.options import RunOptions
 
 
 @dataclass
@@ -57,7 +58,7 @@ def make_table(model: torch.nn.Module, cfg: Config, n: int = 64) -> Any:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, cfg.size, cfg.size, generator=g)
     y = torch.randint(0, cfg.classes, (n,), generator=g)
-    return calibrate(model, TensorDataset(x, y), batch_size=32, progress=False)
+    return calibrate(model, TensorDataset(x, y), progress=False, run=RunOptions(batch_size=32))
 
 
 # ---------------------------------------------------------------------------- overhead
@@ -348,13 +349,16 @@ def calibration(cfg: Config) -> dict[str, Any]:
     try:
         plain(warm)
         for amp in (False, True):  # cuDNN picks its kernels for both precisions first
-            calibrate(model, DataLoader(warm, batch_size=bs), progress=False, amp=amp)
+            calibrate(
+                model, DataLoader(warm, batch_size=bs), progress=False, run=RunOptions(amp=amp)
+            )
         out: dict[str, Any] = {"arch": arch, "images": n, "batch": bs, "classes": cfg.classes}
         out["plain_img_s"] = round(n / wall(plain, cfg.device), 1)
         for amp in (False, True):
             spent.clear()
             loader = DataLoader(data, batch_size=bs, pin_memory=cfg.cuda)
-            t = wall(lambda ld=loader, a=amp: calibrate(model, ld, progress=False, amp=a),
+            run = RunOptions(amp=amp)
+            t = wall(lambda ld=loader, r=run: calibrate(model, ld, progress=False, run=r),
                      cfg.device)  # fmt: skip
             key = "amp" if amp else "fp32"
             out[f"calibrate_{key}_img_s"] = round(n / t, 1)

@@ -45,6 +45,7 @@ from bench.cifar import (
 from bench.strong_models import EVALUATION, STRONG_MODELS, load_strong
 from bench.strong_tables import strong_table
 from surprise_monitor.calibrate import CalibrationTable, calibrate, model_fingerprint
+from surprise_monitor.calibrate.options import RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.probe import get_module
 
@@ -281,7 +282,11 @@ def calibration_table(model: nn.Module, arch: str, split: str, data_dir: Path) -
         ds = TensorDataset(x, pred, idx)
         ds.classes = load_cifar10("test", data_dir, 1).class_names  # type: ignore[attr-defined]
     table = calibrate(
-        model, ds, batch_size=250, progress=False, data_source=data_source("train", data_dir)
+        model,
+        ds,
+        progress=False,
+        table=TableOptions(data_source=data_source("train", data_dir)),
+        run=RunOptions(batch_size=250),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -20,8 +21,31 @@ from surprise_monitor.monitor.loading.models import build_model, load_weights
 from surprise_monitor.monitor.loading.onnx_model import load_onnx
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """``--help`` shows every default and keeps the description's line breaks."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` states every option's default once and keeps the description's line breaks.
+
+    ``(default: VALUE)`` is appended to an option's help unless its help already states its
+    default (``(default: ...)`` in words, for a default of ``None`` such as "the final
+    convolution"), it has none (``None``), or it is a switch (``--amp``, ``--no-alarm``: off
+    unless given). A list default is written as on the command line: ``0.5 0.5 0.5``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        """The help of ``action`` with its default, stated once."""
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is argparse.SUPPRESS
+            or action.nargs == 0
+            or _STATES_DEFAULT.search(text)
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+#: A help text that states its default itself.
+_STATES_DEFAULT = re.compile(r"\(default\b|%\(default\)")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

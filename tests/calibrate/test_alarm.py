@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.alarm import fit_head
+from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import SCORE_NAME, components, head_distance
 from surprise_monitor.monitor.options import Thresholds
@@ -35,8 +36,14 @@ def alarmed(tmp_path_factory):
     model = trained_tiny_cnn(steps=12)  # under-trained: some held-out images misclassified
     train = _split(0, 600)
     heldout = _split(600, 1000)
-    table = calibrate(model, train, heldout=heldout, batch_size=50, progress=False,
-                      reference_images=300)  # fmt: skip
+    table = calibrate(
+        model,
+        train,
+        heldout=heldout,
+        progress=False,
+        run=RunOptions(batch_size=50),
+        alarm=AlarmOptions(reference_images=300),
+    )
     return model, table, train, heldout
 
 
@@ -252,32 +259,34 @@ def test_bad_head_statistics_are_refused(alarmed):
 def test_the_head_layer_can_be_named_or_switched_off():
     model = seeded(TinyCNN(num_classes=3)).eval()
     data = DataLoader(class_dataset(60, 3), batch_size=20)
-    none = calibrate(model, data, progress=False, head_layer="none")
+    none = calibrate(model, data, progress=False, alarm=AlarmOptions(head_layer="none"))
     assert none.alarm.head_layer == "" and none.alarm.head_means is None
     assert len(none.alarm.reference.sorted_components) == 2
     with SurpriseMonitor(model, none) as monitor:
         assert monitor.inspect(torch.randn(4, 3, 8, 8)).components.shape == (4, 2)
-    named = calibrate(model, data, progress=False, head_layer="features.3")
+    named = calibrate(model, data, progress=False, alarm=AlarmOptions(head_layer="features.3"))
     assert named.alarm.head_layer == "features.3"
     assert named.alarm.component_names()[-1] == "head_distance:features.3"
     with pytest.raises(ValueError, match="no module named 'nope'"):
-        calibrate(model, data, progress=False, head_layer="nope")
+        calibrate(model, data, progress=False, alarm=AlarmOptions(head_layer="nope"))
     with pytest.raises(ValueError, match="'features.1' is also a profile layer"):
-        calibrate(model, data, progress=False, head_layer="features.1")
+        calibrate(model, data, progress=False, alarm=AlarmOptions(head_layer="features.1"))
 
 
 def test_profile_layers_can_be_named_or_switched_off():
     model = seeded(TinyCNN(num_classes=3)).eval()
     data = DataLoader(class_dataset(60, 3), batch_size=20)
-    named = calibrate(model, data, progress=False, profile_layers=["features.0", "features.1"])
+    named = calibrate(
+        model, data, progress=False, alarm=AlarmOptions(profile_layers=["features.0", "features.1"])
+    )
     assert named.alarm.profile_layers == ("features.0", "features.1")
     assert len(named.alarm.reference.sorted_components) == 4  # + expectation mass, head
-    none = calibrate(model, data, progress=False, profile_layers="none")
+    none = calibrate(model, data, progress=False, alarm=AlarmOptions(profile_layers="none"))
     assert none.alarm.profile_layers == () and len(none.alarm.reference.sorted_components) == 2
     with pytest.raises(ValueError, match="no module named 'nope'"):
-        calibrate(model, data, progress=False, profile_layers=["nope"])
+        calibrate(model, data, progress=False, alarm=AlarmOptions(profile_layers=["nope"]))
     with pytest.raises(ValueError, match="profile_layers must be 'auto', 'none'"):
-        calibrate(model, data, progress=False, profile_layers="all")
+        calibrate(model, data, progress=False, alarm=AlarmOptions(profile_layers="all"))
     with pytest.raises(TypeError, match="heldout must be a torch DataLoader or Dataset"):
         calibrate(model, data, progress=False, heldout=[1, 2])
     held = TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))

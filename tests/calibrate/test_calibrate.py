@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from surprise_monitor.calibrate import DEFAULT_LEVELS, calibrate, model_fingerprint
+from surprise_monitor.calibrate.options import RunOptions, TableOptions
 from tests._checks import autograd_alpha, spilled_alpha
 from tests._models import TinyCNN, class_dataset, seeded
 
@@ -18,7 +19,9 @@ def setup(tmp_path_factory):
     data = class_dataset(50, 3)
     spill = tmp_path_factory.mktemp("spill")
     loader = DataLoader(data, batch_size=8, shuffle=False)
-    table = calibrate(model, loader, spill_dir=spill, top_k=6, progress=False)
+    table = calibrate(
+        model, loader, progress=False, table=TableOptions(top_k=6), run=RunOptions(spill_dir=spill)
+    )
     return model, data, spill, table
 
 
@@ -84,8 +87,10 @@ def test_explicit_indices_and_shuffling():
         calibrate(model, backwards, progress=False)
     g = torch.Generator().manual_seed(0)
     with_index = DataLoader(WithIndex(), batch_size=4, shuffle=True, generator=g)
-    a = calibrate(model, with_index, progress=False, top_k=3)
-    b = calibrate(model, data, batch_size=5, progress=False, top_k=3)
+    a = calibrate(model, with_index, progress=False, table=TableOptions(top_k=3))
+    b = calibrate(
+        model, data, progress=False, table=TableOptions(top_k=3), run=RunOptions(batch_size=5)
+    )
     assert torch.equal(a.top_indices, b.top_indices)
     torch.testing.assert_close(a.quantiles, b.quantiles)
 
@@ -104,4 +109,74 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="empty"):
         calibrate(model, torch.utils.data.TensorDataset(x[:0], y[:0]), progress=False)
     with pytest.raises(ValueError, match="3 class names for a model with 2 classes"):
-        calibrate(model, class_dataset(6, 2), class_names=["a", "b", "c"], progress=False)
+        calibrate(
+            model,
+            class_dataset(6, 2),
+            progress=False,
+            table=TableOptions(class_names=["a", "b", "c"]),
+        )
+
+
+OLD_KEYWORDS = {
+    "score": "table=TableOptions(class_output=...)",
+    "class_output": "table=TableOptions(class_output=...)",
+    "levels": "table=TableOptions(levels=...)",
+    "beta_levels": "table=TableOptions(beta_levels=...)",
+    "top_k": "table=TableOptions(top_k=...)",
+    "class_names": "table=TableOptions(class_names=...)",
+    "data_source": "table=TableOptions(data_source=...)",
+    "heldout_source": "table=TableOptions(heldout_source=...)",
+    "batch_size": "run=RunOptions(batch_size=...)",
+    "num_workers": "run=RunOptions(num_workers=...)",
+    "spill_dir": "run=RunOptions(spill_dir=...)",
+    "memory_budget_bytes": "run=RunOptions(memory_budget_bytes=...)",
+    "backend": "run=RunOptions(backend=...)",
+    "amp": "run=RunOptions(amp=...)",
+    "approximate": "run=RunOptions(approximate=...)",
+    "inference_mode": "run=RunOptions(inference_mode=...)",
+    "merge": "run=RunOptions(merge=...)",
+    "checkpoint_dir": "checkpoint=CheckpointOptions(dir=...)",
+    "resume": "checkpoint=CheckpointOptions(dir=..., resume=...)",
+    "checkpoint_every": "checkpoint=CheckpointOptions(dir=..., every=...)",
+    "profile_layers": "alarm=AlarmOptions(profile_layers=...)",
+    "head_layer": "alarm=AlarmOptions(head_layer=...)",
+    "reference_images": "alarm=AlarmOptions(reference_images=...)",
+}
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(OLD_KEYWORDS.items()))
+def test_the_keywords_of_0_1_name_their_new_spelling(old, new):
+    model = seeded(TinyCNN(num_classes=2))
+    with pytest.raises(TypeError) as err:
+        calibrate(model, class_dataset(4, 2), progress=False, **{old: None})
+    assert str(err.value) == f"calibrate(): {old}= is now {new}"
+
+
+def test_calibrate_takes_at_most_ten_parameters_and_the_groups_whole():
+    import inspect
+
+    from surprise_monitor.calibrate.options import AlarmOptions, CheckpointOptions
+
+    params = inspect.signature(calibrate).parameters
+    assert list(params) == [
+        "model", "data", "heldout", "layer", "device", "progress", "table", "run", "checkpoint",
+        "alarm",
+    ]  # fmt: skip
+    assert params["table"].annotation == "TableOptions | None"
+    model, data = seeded(TinyCNN(num_classes=2)), class_dataset(12, 2)
+    with pytest.raises(TypeError, match="run= takes RunOptions, got TableOptions"):
+        calibrate(model, data, run=TableOptions())
+    with pytest.raises(TypeError, match="checkpoint= takes CheckpointOptions, got str"):
+        calibrate(model, data, checkpoint="ckpt")
+    with pytest.raises(TypeError, match="alarm must be AlarmOptions or a bool"):
+        calibrate(model, data, alarm="none")
+    table = calibrate(
+        model, data, progress=False, table=TableOptions(top_k=2, class_names=["a", "b"]),
+        run=RunOptions(batch_size=5), alarm=AlarmOptions(enabled=False),
+    )  # fmt: skip
+    assert table.top_k == 2 and table.class_names == ["a", "b"] and table.alarm is None
+    bare_alarm = AlarmOptions(profile_layers="none", head_layer="none")
+    with_alarm = calibrate(model, data, progress=False, alarm=bare_alarm)
+    assert with_alarm.alarm.profile_layers == () and with_alarm.alarm.head_layer == ""
+    torch.testing.assert_close(with_alarm.quantiles, table.quantiles)  # batch size: no effect
+    assert CheckpointOptions("d").every == 100  # the defaults live in the groups only

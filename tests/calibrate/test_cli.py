@@ -303,3 +303,47 @@ def test_an_interrupted_checkpointed_run_resumes_to_the_same_table(
     fresh = tmp_path / "fresh.safetensors"
     assert main(_args(image_folder, fresh, tiny_weights, "--batch-size", "1")) == 0
     assert_same_table(CalibrationTable.load(resumed), CalibrationTable.load(fresh))
+
+
+def test_score_is_now_class_output_and_resume_needs_a_checkpoint(
+    image_folder, tiny_weights, tmp_path, capsys
+):
+    out = tmp_path / "t.safetensors"
+    with pytest.raises(SystemExit) as stopped:
+        main(_args(image_folder, out, tiny_weights, "--score", "softmax"))
+    assert stopped.value.code == 2
+    assert "surprise-calibrate: error: --score is now --class-output" in capsys.readouterr().err
+    fast = ["--no-alarm", "--accuracy-images", "0"]
+    assert main(_args(image_folder, out, tiny_weights, "--class-output", "softmax", *fast)) == 0
+    assert CalibrationTable.load(out).class_output == "softmax"
+    assert main(_args(image_folder, out, tiny_weights, "--resume", *fast)) == 2
+    assert "--resume needs --checkpoint-dir" in capsys.readouterr().err
+
+
+def test_the_flags_defaults_are_the_option_groups():
+    from surprise_monitor.calibrate.cli import parser
+    from surprise_monitor.calibrate.options import (
+        AlarmOptions,
+        CheckpointOptions,
+        RunOptions,
+        TableOptions,
+    )
+    from surprise_monitor.monitor.options import options_from_args
+
+    args = parser().parse_args(["--data", "d", "--out", "o"])
+    assert options_from_args(TableOptions, args) == TableOptions()
+    assert options_from_args(RunOptions, args) == RunOptions()
+    assert options_from_args(AlarmOptions, args) == AlarmOptions()
+    assert options_from_args(CheckpointOptions, args, dir="c") == CheckpointOptions("c")
+    args = parser().parse_args([
+        "--data", "d", "--out", "o", "--class-output", "log_softmax", "--top-k", "3",
+        "--workers", "2", "--batch-size", "7", "--amp", "--spill-dir", "s", "--no-alarm",
+        "--reference-images", "99", "--checkpoint-dir", "c", "--resume",
+        "--checkpoint-every", "5",
+    ])  # fmt: skip
+    assert options_from_args(TableOptions, args) == TableOptions("log_softmax", top_k=3)
+    assert options_from_args(RunOptions, args) == RunOptions(
+        batch_size=7, num_workers=2, amp=True, spill_dir="s"
+    )
+    assert options_from_args(AlarmOptions, args) == AlarmOptions(False, reference_images=99)
+    assert options_from_args(CheckpointOptions, args) == CheckpointOptions("c", True, 5)

@@ -46,6 +46,7 @@ SCRIPT = textwrap.dedent(
     from surprise_monitor.calibrate import calibrate
     from surprise_monitor.calibrate.cli import main
     from surprise_monitor.calibrate.distributed import init_from_env
+    from surprise_monitor.calibrate.options import RunOptions, TableOptions
     from surprise_monitor.calibrate.sketch import LogGrid
     from tests._models import TinyCNN, class_dataset, seeded
 
@@ -57,8 +58,10 @@ SCRIPT = textwrap.dedent(
     model = seeded(TinyCNN(num_classes=3))
     data = class_dataset(70, 3)
     grid = LogGrid(0.02, 1e-6, 1e2)
-    approx = calibrate(model, data, batch_size=4, progress=False, approximate=grid, top_k=3)
-    tiny = calibrate(model, class_dataset(3, 3), batch_size=4, progress=False, top_k=2)
+    approx = calibrate(model, data, progress=False, table=TableOptions(top_k=3),
+                       run=RunOptions(batch_size=4, approximate=grid))
+    tiny = calibrate(model, class_dataset(3, 3), progress=False, table=TableOptions(top_k=2),
+                     run=RunOptions(batch_size=4))
     if info.rank == 0:
         approx.save(out / "approx.safetensors")
         tiny.save(out / "tiny.safetensors")

@@ -7,6 +7,7 @@ import torch
 
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.inference_probe import InferenceModeProbe, InferenceModeUnsupported
+from surprise_monitor.calibrate.options import RunOptions
 from surprise_monitor.monitor.probe import GradAMapProbe
 from tests._models import ShortcutNet, TinyCNN, class_dataset, seeded
 
@@ -40,16 +41,17 @@ def test_head_needing_prefix_tensors_falls_back_to_no_grad():
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     probe.close()
     data = class_dataset(20, 3)
-    a = calibrate(model, data, batch_size=8, progress=False, inference_mode=True)
-    b = calibrate(model, data, batch_size=8, progress=False, inference_mode=False)
+    a = calibrate(model, data, progress=False, run=RunOptions(batch_size=8, inference_mode=True))
+    b = calibrate(model, data, progress=False, run=RunOptions(batch_size=8, inference_mode=False))
     assert torch.equal(a.quantiles, b.quantiles) and torch.equal(a.top_indices, b.top_indices)
 
 
 def test_amp_on_cpu_is_close_to_float32():
     model = seeded(TinyCNN(num_classes=3))
     data = class_dataset(60, 3)
-    full = calibrate(model, data, batch_size=16, progress=False)
-    half = calibrate(model, data, batch_size=16, progress=False, amp=True)  # bfloat16 on CPU
+    full = calibrate(model, data, progress=False, run=RunOptions(batch_size=16))
+    bfloat16 = RunOptions(batch_size=16, amp=True)  # bfloat16 on CPU
+    half = calibrate(model, data, progress=False, run=bfloat16)
     assert half.quantiles.dtype == torch.float32
     assert not torch.equal(full.quantiles, half.quantiles)  # it did run in bfloat16
     scale = full.quantiles.abs().amax()

@@ -14,6 +14,7 @@ SCRIPT = textwrap.dedent(
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
     from surprise_monitor.calibrate import calibrate
+    from surprise_monitor.calibrate.options import RunOptions
 
     n_images = int(sys.argv[1])
     torch.manual_seed(0)
@@ -24,7 +25,7 @@ SCRIPT = textwrap.dedent(
     images = torch.randn(n_images, 3, 2, 2)
     data = TensorDataset(images, torch.arange(n_images) % 2)
     table = calibrate(model, DataLoader(data, batch_size=500), progress=False,
-                      memory_budget_bytes=16 << 20)
+                      run=RunOptions(memory_budget_bytes=16 << 20))
     assert int(table.counts.sum()) == n_images
     print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
     """

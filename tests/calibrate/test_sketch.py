@@ -10,6 +10,7 @@ import torch
 
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.distributed import DistInfo
+from surprise_monitor.calibrate.options import RunOptions
 from surprise_monitor.calibrate.sketch import HistogramSketch, LogGrid, histogram_quantiles
 from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS, levels_with_required
 from tests._checks import spilled_alpha
@@ -73,9 +74,12 @@ def test_approximate_table_against_the_exact_table(tmp_path):
     model = seeded(TinyCNN(num_classes=3))
     data = class_dataset(1500, 3, seed=1)
     a, m = 0.01, 1e-6
-    exact = calibrate(model, data, batch_size=100, spill_dir=tmp_path, progress=False)
-    approx = calibrate(model, data, batch_size=100, progress=False,
-                       approximate=LogGrid(a, m, 1e3))  # fmt: skip
+    exact = calibrate(
+        model, data, progress=False, run=RunOptions(batch_size=100, spill_dir=tmp_path)
+    )
+    approx = calibrate(
+        model, data, progress=False, run=RunOptions(batch_size=100, approximate=LogGrid(a, m, 1e3))
+    )
     assert torch.equal(exact.counts, approx.counts)
     assert torch.equal(exact.top_indices, approx.top_indices)
     assert torch.equal(exact.top_alpha, approx.top_alpha)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from surprise_monitor.calibrate.options import RunOptions
 from surprise_monitor.calibrate.statistics import class_statistics, sorted_block_statistics
 from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
 
@@ -42,10 +43,13 @@ def test_statistics_equal_numpy(budget, device):
 
 def test_fewer_images_than_top_k_and_empty_class():
     levels, beta_levels = np.asarray(DEFAULT_LEVELS), np.asarray(DEFAULT_BETA_LEVELS)
-    s = class_statistics(np.ones((2, 3), np.float32), np.array([7, 8]), levels, beta_levels, 4)
+    budget = RunOptions().memory_budget_bytes
+    s = class_statistics(np.ones((2, 3), np.float32), np.array([7, 8]), levels, beta_levels, 4,
+                         budget)  # fmt: skip
     assert s.top_indices.tolist() == [[7, 8, -1, -1]] * 3
     assert np.isnan(s.top_alpha[:, 2:]).all()
-    empty = class_statistics(np.zeros((0, 3), np.float32), np.zeros(0), levels, beta_levels, 4)
+    empty = class_statistics(np.zeros((0, 3), np.float32), np.zeros(0), levels, beta_levels, 4,
+                             budget)  # fmt: skip
     assert empty.count == 0 and (empty.top_indices == -1).all()
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from surprise_monitor.calibrate import builder, calibrate
+from surprise_monitor.calibrate.options import RunOptions
 from surprise_monitor.calibrate.writer import BatchWriter, PendingBatch
 from tests._checks import assert_same_table
 from tests._models import TinyCNN, class_dataset
@@ -90,9 +91,9 @@ def test_statistics_on_the_device_give_numpys_table(monkeypatch):
     production) gives the numpy table: percentiles equal, exemplars identical."""
     model = TinyCNN(num_classes=3).eval()
     data = class_dataset(90, 3, seed=4)
-    expect = calibrate(model, data, batch_size=16, progress=False)
+    expect = calibrate(model, data, progress=False, run=RunOptions(batch_size=16))
     monkeypatch.setattr(builder, "statistics_device", lambda dev: torch.device("cpu"))
-    got = calibrate(model, data, batch_size=16, progress=False)
+    got = calibrate(model, data, progress=False, run=RunOptions(batch_size=16))
     assert torch.equal(got.quantiles, expect.quantiles)  # -0.0 == 0.0
     got.quantiles = expect.quantiles  # the rest bit for bit
     assert_same_table(got, expect)
@@ -104,7 +105,8 @@ def test_a_cuda_calibration_batch_never_syncs():
 
     model = TinyCNN(num_classes=3).cuda().eval()
     x, y = (t.cuda() for t in class_dataset(8, 3).tensors)
-    alpha = BatchAlpha(model, None, "logit", torch.device("cuda"), "auto")
+    alpha = BatchAlpha(model, None, "logit", torch.device("cuda"), "auto", amp=False,
+                       inference_mode=True)  # fmt: skip
     try:
         first = alpha(x, y, np.arange(8))  # layer choice, compilation
         torch.cuda.synchronize()

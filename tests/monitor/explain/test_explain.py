@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from surprise_monitor.calibrate import calibrate
+from surprise_monitor.calibrate.options import TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.explain import choose_filter, explain, input_gradient, load_images
 from surprise_monitor.monitor.explain.figures import (
@@ -52,7 +53,10 @@ def photo_setup(tmp_path_factory):
     source = {"kind": "npz", "path": str(path), "key": "x", "mean": list(PHOTO_MEAN),
               "std": list(PHOTO_STD)}  # fmt: skip
     table = calibrate(
-        model, TensorDataset(x, y), class_names=list(PHOTOS), progress=False, data_source=source
+        model,
+        TensorDataset(x, y),
+        progress=False,
+        table=TableOptions(class_names=list(PHOTOS), data_source=source),
     )
     probe = normalise(photo("coffee", 128)[40:72, 40:72][None])  # zoomed in: unlike the crops
     return model, table, images, probe

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from surprise_monitor.calibrate import calibrate
+from surprise_monitor.calibrate.options import TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.explain import fix, most_surprising_filter
 
@@ -76,9 +77,13 @@ def training_set(n: int = 120, seed: int = 0) -> TensorDataset:
 def planted():
     model = PlantedNet().eval()
     table = calibrate(
-        model, training_set(), class_names=["blue", "red"], progress=False,
-        data_source={"mean": list(MEAN), "std": list(STD)},
-    )  # fmt: skip
+        model,
+        training_set(),
+        progress=False,
+        table=TableOptions(
+            class_names=["blue", "red"], data_source={"mean": list(MEAN), "std": list(STD)}
+        ),
+    )
     rng = np.random.default_rng(7)
     clean = square(background(rng), 5, 5, 13, BLUE)
     img = clean.copy()
