@@ -50,7 +50,8 @@ class SurpriseDetector:
         monitor_kwargs: passed to :class:`~surprise_monitor.monitor.SurpriseMonitor` (e.g.
             ``execution=Execution(backend="torch")``).
         calibrate_kwargs: passed to :func:`~surprise_monitor.calibrate.calibrate` by :meth:`fit`
-            (e.g. ``batch_size``, ``device``, ``layer``, ``profile_layers``, ``head_layer``).
+            (e.g. ``device``, ``layer``, ``run=RunOptions(batch_size=...)``,
+            ``alarm=AlarmOptions(head_layer=...)``).
     """
 
     @renamed_keywords(_RENAMES)

@@ -11,12 +11,22 @@ One import package with three layers, each importing only the ones before it:
 - :mod:`surprise_monitor.calibrate`: the offline table builder (:func:`calibrate`, the
   ``surprise-calibrate`` command line, :class:`SurpriseDetector`).
 
-The common case is importable from here. ``surprise_monitor.calibrate`` at this level is the
+The common case is importable from here: the facade, the calibration, the table, the
+detector, the alarm log, the option groups of both (monitor: ``Thresholds``, ``Execution``,
+``Sampling``, ``MetricsOptions``; calibration: ``TableOptions``, ``RunOptions``,
+``CheckpointOptions``, ``AlarmOptions``) and ``SurpriseMonitorError``, the base of every error
+the project raises on purpose. ``surprise_monitor.calibrate`` at this level is the
 function; its package is reached by ``from surprise_monitor.calibrate import ...`` and
 ``python -m surprise_monitor.calibrate``.
 """
 
-from surprise_monitor.calibrate import SurpriseDetector
+from surprise_monitor.calibrate import (
+    AlarmOptions,
+    CheckpointOptions,
+    RunOptions,
+    SurpriseDetector,
+    TableOptions,
+)
 from surprise_monitor.calibrate.builder import calibrate  # after the package: the function
 from surprise_monitor.monitor import (
     AlarmLog,
@@ -27,19 +37,25 @@ from surprise_monitor.monitor import (
     SurpriseMonitor,
     Thresholds,
 )
+from surprise_monitor.monitor.errors import SurpriseMonitorError
 from surprise_monitor.monitor.table import CalibrationTable
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlarmLog",
+    "AlarmOptions",
     "CalibrationTable",
+    "CheckpointOptions",
     "Execution",
     "MetricsOptions",
     "MonitorReport",
+    "RunOptions",
     "Sampling",
     "SurpriseDetector",
     "SurpriseMonitor",
+    "SurpriseMonitorError",
+    "TableOptions",
     "Thresholds",
     "__version__",
     "calibrate",
