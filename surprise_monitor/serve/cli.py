@@ -68,8 +68,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--table", help="calibration table (.safetensors); required with the monitor")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
-    s.add_argument("--device", default="cpu", help="where the model and the monitor run, e.g. "
-                   "cpu, cuda or cuda:1")  # fmt: skip
+    s.add_argument(
+        "--device", default="cpu",
+        help="where the model and the monitor run: a torch device, e.g. cuda:0",
+    )  # fmt: skip
     s.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's own choice)")  # fmt: skip
     s.add_argument("--no-monitor", action="store_true", help="serve the bare model")

@@ -1,5 +1,6 @@
-"""examples/grafana/dashboard.json: well-formed, every panel queries series the monitor
-exports (the e2e test evaluates each query in a real Prometheus), template variables defined."""
+"""The shipped Grafana dashboard (surprise_monitor/serve/config/grafana/dashboard.json):
+well-formed, every panel queries series the monitor exports (the e2e test evaluates each query in
+a real Prometheus), template variables defined."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from surprise_monitor.monitor import SurpriseMonitor
 
 ROOT = Path(__file__).resolve().parents[2]
-BOARD = ROOT / "examples" / "grafana" / "dashboard.json"
+BOARD = ROOT / "surprise_monitor" / "serve" / "config" / "grafana" / "dashboard.json"
 
 
 def test_every_panel_queries_exported_series(calibrated):
