@@ -161,3 +161,25 @@ def test_python_dash_m_runs_the_same_main():
     from surprise_monitor.serve import __main__ as entry
 
     assert entry.main is cli.main
+
+
+def test_the_service_is_the_top_nothing_imports_it():
+    from tests.test_architecture import import_graph
+
+    graph = import_graph()
+    serve = {m for m in graph if m.startswith("surprise_monitor.serve")}
+    assert {"surprise_monitor.serve.app", "surprise_monitor.serve.cli"} <= serve
+    importers = {a for a, bs in graph.items() for b in bs if b in serve} - serve
+    assert importers == set()
+
+
+def test_the_examples_wrapper_still_runs_the_command_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "serve.py"), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=root)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: surprise-serve") and "--write-config DIR" in proc.stdout
