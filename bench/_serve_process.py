@@ -1,4 +1,5 @@
-"""examples/serve.py as a subprocess on a free loopback port (the load benchmark and the tests)."""
+"""The service (``python -m surprise_monitor.serve``) as a subprocess on a free loopback port (the
+load benchmark and the tests)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ def free_port() -> int:
 def start_service(
     args: list[str], log: Path, timeout: float = 60.0
 ) -> tuple[subprocess.Popen, str]:
-    """Start examples/serve.py with ``args`` on a free loopback port; wait for /healthz.
-    Returns the process and the service's URL."""
+    """Start ``python -m surprise_monitor.serve`` with ``args`` on a free loopback port; wait for
+    /healthz. Returns the process and the service's URL."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "serve.py"), *args, "--host", "127.0.0.1",
+        [sys.executable, "-m", "surprise_monitor.serve", *args, "--host", "127.0.0.1",
          "--port", str(port)],
         cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -37,7 +38,7 @@ def start_service(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"serve.py exited with {proc.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"surprise-serve exited with {proc.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(url + "/healthz", timeout=2).status_code == 200:
                 return proc, url
@@ -45,7 +46,7 @@ def start_service(
             pass
         time.sleep(0.2)
     stop_process(proc)
-    raise RuntimeError(f"serve.py did not answer within {timeout} s:\n{log.read_text()}")
+    raise RuntimeError(f"surprise-serve did not answer within {timeout} s:\n{log.read_text()}")
 
 
 def stop_process(proc: subprocess.Popen) -> None:

@@ -1,4 +1,5 @@
-"""Requests per second that examples/serve.py holds, with the monitor off, sync and async.
+"""Requests per second that the service (``surprise-serve``) holds, with the monitor off, sync
+and async.
 
 Usage: ``python bench/load_serve.py [--model resnet18] [--size 64] [--requests 60]
 [--rounds 5] [--concurrency 4] [--modes off,sync,async]``.

@@ -145,6 +145,7 @@ class SurpriseMonitor:
         self.execution: Execution = self.judge.execution  #: how the judge runs, what it refuses
         self.sampling: Sampling = sampling  #: which inputs are judged, on which thread
         self.metrics: MonitorMetrics | None = monitor_metrics  #: None when metrics are off
+        self.alarm_log: AlarmRecorder | None = alarm_log  #: the caller's; it closes it
 
     @classmethod
     def from_onnx(

@@ -44,7 +44,7 @@ def calibrated():
 
 @pytest.fixture(scope="session")
 def saved_tiny_model(calibrated, tmp_path_factory):
-    """:func:`calibrated` saved: ``(model, table, args)``, ``args`` being examples/serve.py's
+    """:func:`calibrated` saved: ``(model, table, args)``, ``args`` being surprise-serve's
     model and table options for the weights and table files."""
     model, table = calibrated
     folder = tmp_path_factory.mktemp("model")

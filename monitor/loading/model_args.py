@@ -1,5 +1,5 @@
 """The model options every command line shares (``surprise-calibrate``, ``surprise-explain``,
-``examples/serve.py``): one spelling for all three.
+``surprise-serve``): one spelling for all three.
 
 ``--model NAME`` (a torchvision architecture or an importable ``module:factory``, looked up in
 the working directory too, as ``python -m`` would), ``--model-kwargs JSON``, ``--weights FILE``

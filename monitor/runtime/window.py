@@ -6,7 +6,8 @@ Uniform(0, 1) measures drift: ``D = sup_t |F_m(t) - t|`` over the window's ``m``
 Because each p-value is its score's rank among the null, ``D`` is (up to the ``1/(n+1)`` grid)
 the two-sample KS distance between the window's scores and the null's, whose critical value at
 significance ``a`` is ``c(a) * sqrt(1/m + 1/n)`` with ``c(a) = sqrt(-ln(a/2) / 2)``: the
-drift alert in ``examples/alerts.yml`` uses exactly that, with ``m`` and ``n`` from gauges.
+drift alert (the packaged ``serve/config/alerts.yml``) uses exactly that, with ``m`` and ``n``
+from gauges.
 """
 
 from __future__ import annotations

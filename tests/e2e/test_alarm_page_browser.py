@@ -1,7 +1,7 @@
-"""End to end in a real headless browser: the example service's operator page renders the
-alarms of a test run, escapes hostile class names, the explanation figure loads, and a
-screenshot is not blank. Needs Debian's ``chromium`` (``.ci/run`` installs it; marker
-``browser``, its own CI step). Bounded: a few requests, each browser run under 120 s."""
+"""End to end in a real headless browser: the service's (``python -m surprise_monitor.serve``)
+operator page renders the alarms of a test run, escapes hostile class names, the explanation
+figure loads, and a screenshot is not blank. Needs Debian's ``chromium`` (``.ci/run`` installs
+it; marker ``browser``, its own CI step). Bounded: a few requests, each browser run under 120 s."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """End to end: a real Prometheus scrapes the example service and raises the alarm's alerts.
 
-The rules are examples/alerts.yml with the same expressions and shorter windows (rates over
+The rules are the shipped alerts.yml with the same expressions and shorter windows (rates over
 10s instead of 5m, ``for: 3s`` instead of minutes), scraped and evaluated every second. The
 service serves a table with a conformal null of 2,000 held-out images (nominal alarm rate 1%).
 (a) Normal traffic (new images of the training distribution, exchangeable with the null):
@@ -8,7 +8,7 @@ both alerts stay inactive and the measured alarm rate is within its binomial int
 (b) 10% of the inputs are uniform noise: the alarm-rate alert turns pending, then firing.
 (c) A sustained shift (30% noise): the drift alert (KS distance of the window's p-values from
 uniform over its critical value) turns pending, then firing. (d) Every query of every panel of
-examples/grafana/dashboard.json (template variables substituted) returns data. Needs the
+the shipped grafana/dashboard.json (template variables substituted) returns data. Needs the
 ``prometheus`` and ``promtool`` binaries (Debian's ``prometheus`` package; ``.ci/run``
 installs it). Bounded: about a minute of traffic, loopback only.
 """
@@ -32,6 +32,8 @@ from bench._serve_process import free_port, start_service, stop_process
 from tests._models import heldout_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "surprise_monitor" / "serve" / "config"  # surprise-serve --write-config's files
+RULES = CONFIG / "alerts.yml"
 RATE_ALERT = "SurpriseMonitorAlarmRateHigh"
 DRIFT_ALERT = "SurpriseMonitorPValueDrift"
 RATIO = "surprise_monitor:alarmed_inputs:ratio_rate5m"
@@ -45,17 +47,17 @@ needs_prometheus = pytest.mark.skipif(
 
 
 def short_rules(text: str) -> str:
-    """examples/alerts.yml with 10s rate windows and ``for: 3s``; expressions unchanged."""
+    """The shipped alerts.yml with 10s rate windows and ``for: 3s``; expressions unchanged."""
     text, windows = re.subn(r"\[5m\]", "[10s]", text)
     text, holds = re.subn(r"for: \d+m", "for: 3s", text)
-    assert windows >= 7 and holds >= 4, "examples/alerts.yml changed shape; update this test"
+    assert windows >= 7 and holds >= 4, "the shipped alerts.yml changed shape; update this test"
     return text
 
 
 @needs_prometheus
 def test_promtool_checks_and_unit_tests_the_rules():
     for cmd in (
-        ["promtool", "check", "rules", str(ROOT / "examples" / "alerts.yml")],
+        ["promtool", "check", "rules", str(RULES)],
         ["promtool", "test", "rules", str(ROOT / "tests" / "e2e" / "alerts_test.yml")],
     ):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -77,7 +79,7 @@ def test_rules_name_only_exported_metrics():
     with SurpriseMonitor(model, table, metrics=registry):
         exported = set(re.findall(r"^(surprise_monitor_\w+?)[{ ]", generate_latest(registry)
                                   .decode(), re.M))  # fmt: skip
-    rules = (ROOT / "examples" / "alerts.yml").read_text()
+    rules = RULES.read_text()
     exprs = re.findall(r"expr: (.*?)\n\s*(?:for:|-|\n)", rules, re.S)  # expressions only
     used = set(re.findall(r"\b(surprise_monitor_\w+)", "\n".join(exprs)))
     assert len(exprs) == 13
@@ -148,7 +150,7 @@ def _start_prometheus(url: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
     """Prometheus scraping ``url`` every second with the short rules; its API's URL once
     ready."""
     rules = tmp_path / "rules.yml"
-    rules.write_text(short_rules((ROOT / "examples" / "alerts.yml").read_text()))
+    rules.write_text(short_rules(RULES.read_text()))
     check = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True,
                            text=True, timeout=60)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
@@ -204,9 +206,9 @@ def _totals(url: str) -> tuple[float, float]:
 
 
 def dashboard_queries(rate_interval: str, job: str) -> list[tuple[str, str]]:
-    """``(panel title, PromQL)`` of every target of examples/grafana/dashboard.json, with the
+    """``(panel title, PromQL)`` of every target of the shipped grafana/dashboard.json, with the
     template variables substituted."""
-    board = json.loads((ROOT / "examples" / "grafana" / "dashboard.json").read_text())
+    board = json.loads((CONFIG / "grafana" / "dashboard.json").read_text())
     out = []
     for panel in board["panels"]:
         for target in panel["targets"]:

@@ -1,4 +1,5 @@
-"""examples/serve.py driven over loopback: predictions, surprise summaries, /metrics, errors."""
+"""The service (``python -m surprise_monitor.serve``) driven over loopback: predictions, surprise
+summaries, /metrics, errors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench._serve_process import start_service, stop_process
-from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor import SurpriseMonitor, Thresholds
 from tests._models import mixed_inputs
 
 
@@ -251,8 +252,11 @@ def test_alarm_rate_option(saved_tiny_model, tmp_path):
     proc, url = start_service([*args, "--alarm-rate", "0.2", "--metrics-window", "5"],
                               tmp_path / "rate.log")  # fmt: skip
     try:
+        started = (tmp_path / "rate.log").read_text()  # stderr, INFO shown by default
+        assert f"surprise-serve: serving {url} on cpu; model tests._models:TinyCNN" in started
+        assert "held-out null of 2000 images; monitor sync, alarm rate 0.2" in started
         body = httpx.post(url + "/predict", json={"inputs": x.tolist()}, timeout=30).json()
-        with SurpriseMonitor(model, table, alarm_rate=0.2) as local:
+        with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=0.2)) as local:
             expected = local.inspect(x)
         assert body["alarm"] == expected.alarm.tolist()
         assert body["alarm"] == [p <= 0.2 for p in body["p_value"]]

@@ -1,5 +1,6 @@
-"""examples/grafana/dashboard.json: well-formed, every panel queries series the monitor
-exports (the e2e test evaluates each query in a real Prometheus), template variables defined."""
+"""The shipped Grafana dashboard (surprise_monitor/serve/config/grafana/dashboard.json):
+well-formed, every panel queries series the monitor exports (the e2e test evaluates each query in
+a real Prometheus), template variables defined."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor import MetricsOptions, SurpriseMonitor
 
 ROOT = Path(__file__).resolve().parents[2]
-BOARD = ROOT / "examples" / "grafana" / "dashboard.json"
+BOARD = ROOT / "surprise_monitor" / "serve" / "config" / "grafana" / "dashboard.json"
 
 
 def test_every_panel_queries_exported_series(calibrated):
     model, table = calibrated
     board = json.loads(BOARD.read_text())
     registry = CollectorRegistry()
-    with SurpriseMonitor(model, table, metrics=registry, per_class_metrics=True) as monitor:
+    with SurpriseMonitor(model, table, metrics=MetricsOptions(registry, per_class=True)) as monitor:
         monitor(torch_inputs())
         exported = set(re.findall(r"^(surprise_monitor_\w+?)[{ ]",
                                   generate_latest(registry).decode(), re.M))  # fmt: skip

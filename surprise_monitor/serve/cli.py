@@ -1,0 +1,269 @@
+"""surprise-serve: an HTTP inference service watched by the surprise monitor (FastAPI + uvicorn).
+
+Run (a torch model, or an ONNX file with ``--onnx model.onnx`` instead of --model/--weights):
+
+    surprise-serve --model resnet50 --weights resnet50.pt \\
+        --table resnet50.safetensors --host 127.0.0.1 --port 8000
+
+(``python -m surprise_monitor.serve`` is the same command.) The endpoints (``/predict``,
+``/predict/image``, ``/alarms/``, ``/metrics``, ``/healthz``) and their limits are described in
+:mod:`surprise_monitor.serve.app`. At start-up the service logs one line with its URL, the
+model, the table, the monitor's mode and alarm rate, and whether the table has a held-out null.
+
+``--mode async`` answers from the plain model and judges a copy of the inputs on a worker
+thread; ``--sample-every K`` judges one input in K; ``--no-monitor`` serves the bare model (for
+comparison); ``--metrics-label model=resnet50`` adds constant labels to the monitor's series;
+``--alarm-rate`` is the nominal false-alarm rate (exported as
+``surprise_monitor_alarm_rate_nominal``, which the alert rules read) and ``--metrics-window`` the
+inputs in the windowed alarm rate and drift gauges. ``--alarm-log N`` alarms are kept for the
+operator's page (0: no page), ``--alarm-audit FILE`` appends each to a JSONL audit file rotated
+at ``--alarm-audit-max-mb``.
+
+``surprise-serve --write-config DIR`` writes the Prometheus alert rules (``DIR/alerts.yml``) and
+the Grafana dashboard with its provisioning files (``DIR/grafana/``), then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+import torch
+from prometheus_client import REGISTRY, CollectorRegistry
+from torch import nn
+
+from surprise_monitor.monitor import AlarmLog, MonitorReport, SurpriseMonitor
+from surprise_monitor.monitor.advice import cli_message
+from surprise_monitor.monitor.loading.model_args import (
+    HelpFormatter,
+    add_model_arguments,
+    model_from_args,
+)
+from surprise_monitor.monitor.options import (
+    MODES,
+    Execution,
+    MetricsOptions,
+    Sampling,
+    Thresholds,
+    add_option_arguments,
+    help_of,
+    options_from_args,
+)
+from surprise_monitor.monitor.table import CalibrationTable
+from surprise_monitor.serve.config_files import CONFIG_FILES, ConfigExistsError, write_config
+
+TOOL = "surprise-serve"
+METAVARS = {"every": "K", "queue_size": "N", "alarm_rate": "RATE", "window": "N"}
+log = logging.getLogger("surprise_monitor.serve")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's flags; each ``--help`` line states its default once (the formatter)."""
+    p = argparse.ArgumentParser(
+        prog=TOOL, description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        formatter_class=HelpFormatter,
+    )  # fmt: skip
+    add_model_arguments(p)
+    s = p.add_argument_group("service")
+    s.add_argument("--table", help="calibration table (.safetensors); required with the monitor")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument(
+        "--device", default="cpu",
+        help="where the model and the monitor run: a torch device, e.g. cuda:0",
+    )  # fmt: skip
+    s.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: torch's own choice)")  # fmt: skip
+    s.add_argument("--no-monitor", action="store_true", help="serve the bare model")
+    s.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (MiB)")
+    s.add_argument("--max-batch", type=int, default=64, help="most inputs in one request")
+    s.add_argument("--max-image-pixels", type=int, default=25_000_000,
+                   help="largest uploaded image (width x height)")  # fmt: skip
+    _monitor_arguments(p)
+    c = p.add_argument_group("monitoring configuration")
+    c.add_argument("--write-config", metavar="DIR",
+                   help=f"write the Prometheus rules and the Grafana dashboard "
+                   f"({', '.join(CONFIG_FILES)}) under DIR, then exit")  # fmt: skip
+    c.add_argument("--force", action="store_true",
+                   help="with --write-config: overwrite files that differ")  # fmt: skip
+    return p
+
+
+def _monitor_arguments(p: argparse.ArgumentParser) -> None:
+    """The monitor's flags: mode, sampling, alarm rate, metrics, the alarm log."""
+    m = p.add_argument_group("monitor")
+    m.add_argument("--mode", choices=MODES, default="sync", help=help_of(Sampling, "mode"))
+    add_option_arguments(m, Sampling, {"every": "--sample-every", "queue_size": "--queue-size"})
+    add_option_arguments(m, Thresholds, {"alarm_rate": "--alarm-rate"})
+    m.add_argument(
+        "--no-fingerprint-check", action="store_true",
+        help="use the table with a model whose weights changed since calibration (deliberately)",
+    )  # fmt: skip
+    m.add_argument("--metrics-label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a constant label on the monitor's metrics (repeatable), e.g. "
+                   "model=resnet50")  # fmt: skip
+    add_option_arguments(
+        m, MetricsOptions, {"window": "--metrics-window", "per_class": "--per-class-metrics"}
+    )
+    for action in m._group_actions:  # add_option_arguments names none
+        action.metavar = METAVARS.get(action.dest, action.metavar)
+    m.add_argument("--log-flags", action="store_true", help="log each input that alarms")
+    m.add_argument(
+        "--alarm-log", type=int, default=500, metavar="N",
+        help="recent alarms kept for the operator's page at /alarms/ (0: no page)",
+    )  # fmt: skip
+    m.add_argument("--alarm-audit", metavar="FILE",
+                   help="append each alarm to this JSONL audit file (rotated by size)")  # fmt: skip
+    m.add_argument("--alarm-audit-max-mb", type=float, default=16.0,
+                   help="rotate the audit file at this size (MiB; 5 older files kept)")  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``surprise-serve``: parse the flags, load the model and table, serve until stopped."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.write_config:
+        _write_config(args.write_config, args.force)
+        return
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = model_from_args(args, None, TOOL).to(device_of(args.device))
+        table = CalibrationTable.load(args.table, exemplars=False) if args.table else None
+        monitor = None
+        if not args.no_monitor:
+            monitor = monitor_from_args(args, model, table, REGISTRY, alarm_log_from_args(args))
+    except (ValueError, TypeError, OSError) as exc:
+        raise SystemExit(f"{TOOL}: error: {cli_message(exc)}") from None
+    serve(args, model, monitor, table)
+
+
+def serve(
+    args: argparse.Namespace,
+    model: nn.Module,
+    monitor: SurpriseMonitor | None,
+    table: CalibrationTable | None,
+) -> None:
+    """Log the start-up line and run the app under uvicorn until stopped."""
+    import uvicorn
+
+    from surprise_monitor.serve.app import Limits, create_app
+
+    limits = Limits(int(args.max_body_mb * (1 << 20)), args.max_batch, args.max_image_pixels)
+    app = create_app(model, monitor, table=table, limits=limits, registry=REGISTRY)
+    log.info("%s", startup_line(args, table))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _write_config(folder: str, force: bool) -> None:
+    """``--write-config DIR``: write the files, print each path written."""
+    try:
+        written = write_config(folder, force=force)
+    except (ConfigExistsError, OSError) as exc:
+        raise SystemExit(f"{TOOL}: error: {exc}") from None
+    for path in written:
+        print(path)
+    log.info("%s: %d config file(s) written under %s (%d already up to date)", TOOL,
+             len(written), folder, len(CONFIG_FILES) - len(written))  # fmt: skip
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """``SystemExit`` naming the flag for a missing or out-of-range value."""
+    problems = [
+        (not args.no_monitor and not args.table, "--table is required unless --no-monitor"),
+        (not 0.0 < args.alarm_rate < 1.0,
+         f"--alarm-rate must be in (0, 1), e.g. 0.01; got {args.alarm_rate}"),
+        (args.alarm_log < 0 or (bool(args.alarm_audit) and args.alarm_log == 0),
+         "--alarm-log must be >= 1 with --alarm-audit (0: no log)"),
+        (args.alarm_audit_max_mb <= 0,
+         f"--alarm-audit-max-mb must be > 0; got {args.alarm_audit_max_mb}"),
+        (args.window < 1, f"--metrics-window must be >= 1; got {args.window}"),
+        (args.every < 1, f"--sample-every must be >= 1; got {args.every}"),
+        (args.queue_size < 1, f"--queue-size must be >= 1; got {args.queue_size}"),
+    ]  # fmt: skip
+    for bad, message in problems:
+        if bad:
+            raise SystemExit(f"{TOOL}: {message}")
+    metrics_labels(args.metrics_label)
+
+
+def device_of(name: str) -> torch.device:
+    """``--device`` as a torch device; ``SystemExit`` for a malformed or absent one."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"{TOOL}: --device {name!r} is not a device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{TOOL}: --device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def metrics_labels(values: Sequence[str]) -> dict[str, str]:
+    """``--metrics-label KEY=VALUE`` options as a dict."""
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{TOOL}: --metrics-label takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def alarm_log_from_args(args: argparse.Namespace) -> AlarmLog | None:
+    """The operator page's alarm log (``--alarm-log``, ``--alarm-audit``), or ``None``."""
+    if not args.alarm_log:
+        return None
+    max_bytes = max(1, int(args.alarm_audit_max_mb * (1 << 20)))
+    return AlarmLog(args.alarm_log, sink=args.alarm_audit, sink_max_bytes=max_bytes)
+
+
+def monitor_from_args(
+    args: argparse.Namespace,
+    model: nn.Module,
+    table: CalibrationTable,
+    registry: CollectorRegistry,
+    alarm_log: AlarmLog | None,
+) -> SurpriseMonitor:
+    """The service's monitor from the parsed flags, its metrics in ``registry``: the one place
+    that maps flags to the monitor's options."""
+    thresholds = options_from_args(Thresholds, args)
+    sampling = options_from_args(Sampling, args)
+    metrics = options_from_args(
+        MetricsOptions, args, registry=registry, labels=metrics_labels(args.metrics_label)
+    )
+
+    def on_alarm(report: MonitorReport) -> None:
+        log.info("alarm: %s", report.to_json(max_filters=3))
+
+    return SurpriseMonitor(
+        model, table, thresholds=thresholds, sampling=sampling, metrics=metrics,
+        execution=Execution(check_fingerprint=not args.no_fingerprint_check),
+        on_alarm=on_alarm if args.log_flags else None, alarm_log=alarm_log,
+    )  # fmt: skip
+
+
+def startup_line(args: argparse.Namespace, table: CalibrationTable | None) -> str:
+    """The one line logged at start-up: URL, model, table, mode, alarm rate, held-out null."""
+    model = f"--onnx {args.onnx}" if args.onnx else args.model
+    if args.weights:
+        model += f" (weights {args.weights})"
+    if args.no_monitor:
+        monitor = "monitor off"
+    else:
+        monitor = f"monitor {args.mode}, alarm rate {args.alarm_rate:g}"
+        if args.every > 1:
+            monitor += f", one input in {args.every} judged"
+    alarm = table.alarm if table is not None else None
+    if alarm is not None and alarm.has_null:
+        null = f"held-out null of {len(alarm.null_predicted.scores)} images"
+    else:
+        null = "no held-out null (no input will alarm)"
+    return (f"{TOOL}: serving http://{_url_host(args.host)}:{args.port} on {args.device}; "
+            f"model {model}; table {args.table or '(none)'}, {null}; {monitor}")  # fmt: skip
+
+
+def _url_host(host: str) -> str:
+    """``host`` as written in a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
