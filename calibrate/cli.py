@@ -122,12 +122,14 @@ def _scale_arguments(p: argparse.ArgumentParser) -> None:
         "dir": "--checkpoint-dir", "resume": "--resume", "every": "--checkpoint-every",
     })  # fmt: skip
     add_option_arguments(p, RunOptions, {"amp": "--amp", "approximate": "--approximate"})
+    grid = LogGrid()  # the sketch's defaults, declared once there
     p.add_argument(
-        "--sketch-accuracy", type=float, default=0.01,
+        "--sketch-accuracy", type=float, default=grid.relative_accuracy,
         help="relative accuracy of --approximate percentiles",
     )  # fmt: skip
     p.add_argument(
-        "--sketch-range", type=float, nargs=2, default=[1e-6, 1e3], metavar=("MIN", "MAX"),
+        "--sketch-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+        default=[grid.min_magnitude, grid.max_magnitude],
         help="|alpha| range of the --approximate grid",
     )  # fmt: skip
 

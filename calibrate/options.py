@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from surprise_monitor.calibrate.sketch import LogGrid
-from surprise_monitor.monitor.options import _one_of, _positive_int, option
+from surprise_monitor.monitor.options import Execution, _one_of, _positive_int, help_of, option
 from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS
 from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
 
@@ -67,7 +67,7 @@ class RunOptions:
 
     batch_size: int = option(64, "images per batch")
     num_workers: int = option(0, "DataLoader worker processes")
-    backend: str = option("auto", "kernel backend: auto (Triton on CUDA), triton or torch")
+    backend: str = option(Execution.backend, help_of(Execution, "backend"))  # the monitor's option
     amp: bool = option(
         False, "run the model under autocast (float16 on CUDA, bfloat16 on CPU); alpha in float32"
     )
