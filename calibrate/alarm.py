@@ -17,7 +17,9 @@ for the score and :mod:`surprise_monitor.monitor.conformal` for the p-values):
 3. *Conformal nulls* (with ``heldout``): the score of every held-out image judged as deployed,
    against its predicted class, and against its true label.
 
-Under ``torchrun`` rank 0 makes all three and sends the result to the other ranks (JSON).
+Under ``torchrun`` rank 0 makes all three and broadcasts the result to the other ranks: the
+tensors as tensors (:meth:`~surprise_monitor.calibrate.distributed.Comm.broadcast_tensors`), the
+metadata as JSON.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def alarm_calibration(
     if comm is not None and comm.info.distributed:
         mine = None
         if comm.info.rank == 0:
-            mine = _to_json(
+            mine = _payload(
                 alarm_calibration(
                     model,
                     table,
@@ -93,7 +95,7 @@ def alarm_calibration(
                     heldout_source=heldout_source,
                 )  # fmt: skip
             )
-        return _from_json(comm.broadcast_json(mine, 0))
+        return _shared(comm, mine)
     batch_size, num_workers = run_options.batch_size, run_options.num_workers
     images = _ReferenceImages(data, options.reference_images, batch_size, num_workers)
     layers = _profile_layers(model, table, options.profile_layers, images, device)
@@ -385,14 +387,17 @@ def shortened(items: Sequence[object], shown: int = 10) -> str:
     return head + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
-# ---------------------------------------------------------------- across ranks (JSON)
-def _to_json(alarm: AlarmCalibration) -> dict[str, Any]:
-    """The alarm part as JSON (metadata and tensors as lists)."""
-    tensors = {k: v.tolist() for k, v in alarm.tensors().items()}
-    return {"meta": alarm.metadata(), "tensors": tensors}
+# ---------------------------------------------------------------------- across ranks
+def _payload(alarm: AlarmCalibration) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The alarm part as the table file holds it: its metadata and its tensors."""
+    return alarm.metadata(), alarm.tensors()
 
 
-def _from_json(obj: Any) -> AlarmCalibration:
-    """The alarm part :func:`_to_json` made."""
-    tensors = {k: torch.tensor(v, dtype=torch.float32) for k, v in obj["tensors"].items()}
-    return AlarmCalibration.from_file(obj["meta"], tensors)
+def _shared(
+    comm: Comm, mine: tuple[dict[str, Any], dict[str, torch.Tensor]] | None
+) -> AlarmCalibration:
+    """Rank 0's alarm part (its :func:`_payload`; ``None`` on the other ranks) on every rank:
+    the metadata as JSON, the tensors bit for bit by ``broadcast``."""
+    meta = comm.broadcast_json(None if mine is None else mine[0], 0)
+    tensors = comm.broadcast_tensors(None if mine is None else mine[1], 0)
+    return AlarmCalibration.from_file(meta, tensors)

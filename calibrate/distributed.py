@@ -22,6 +22,7 @@ Approximate mode: the ranks' sketches are summed class by class with ``all_reduc
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -90,17 +91,51 @@ class Comm:
             self.group = dist.new_group(backend="gloo")
 
     def broadcast_json(self, obj: object, src: int) -> object:
-        """``obj`` of rank ``src`` on every rank (JSON, no pickling)."""
+        """``obj`` of rank ``src`` on every rank (JSON, no pickling; for small metadata)."""
         if not self.info.distributed:
             return obj
         data = json.dumps(obj).encode() if self.info.rank == src else b""
         size = torch.tensor([len(data)], dtype=torch.int64)
         dist.broadcast(size, src, group=self.group)
-        buf = torch.zeros(int(size), dtype=torch.uint8)
+        sent = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
+        return json.loads(bytes(self._broadcast_bytes(sent, int(size), src).numpy()).decode())
+
+    def broadcast_tensors(
+        self, tensors: dict[str, torch.Tensor] | None, src: int
+    ) -> dict[str, torch.Tensor]:
+        """Rank ``src``'s named tensors on every rank, bit for bit, as CPU tensors.
+
+        Names, dtypes and shapes go as JSON; the data as one byte buffer (every tensor's raw
+        bytes, in order) in one ``broadcast``, so any dtype, NaN payloads and signed zeros
+        arrive unchanged. ``tensors`` is only read on rank ``src``.
+        """
+        mine = {}
         if self.info.rank == src:
-            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        dist.broadcast(buf, src, group=self.group)
-        return json.loads(bytes(buf.numpy()).decode())
+            assert tensors is not None, "the sending rank must give its tensors"
+            mine = dict(tensors)
+        if not self.info.distributed:
+            return {k: v.detach().cpu().contiguous() for k, v in mine.items()}
+        spec = self.broadcast_json(
+            [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in mine.items()], src
+        )
+        assert isinstance(spec, list)
+        dtypes = [getattr(torch, d) for _, d, _ in spec]
+        sizes = [math.prod(s) * torch.empty((), dtype=d).element_size()
+                 for (_, _, s), d in zip(spec, dtypes, strict=True)]  # fmt: skip
+        sent = torch.cat([_as_bytes(v) for v in mine.values()]) if mine else None
+        parts = torch.split(self._broadcast_bytes(sent, sum(sizes), src), sizes)
+        return {
+            name: part.clone().view(dtype).reshape(shape)
+            for (name, _, shape), dtype, part in zip(spec, dtypes, parts, strict=True)
+        }
+
+    def _broadcast_bytes(self, sent: torch.Tensor | None, size: int, src: int) -> torch.Tensor:
+        """Rank ``src``'s ``sent`` (``size`` uint8 values; ``None`` elsewhere) on every rank."""
+        buf = sent if self.info.rank == src and sent is not None else None
+        buf = torch.empty(size, dtype=torch.uint8) if buf is None else buf
+        if size:
+            dist.broadcast(buf, src, group=self.group)
+        return buf
 
     def all_reduce(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
         """Reduce a numpy array over all ranks in place (``sum``, ``min`` or ``max``)."""
@@ -133,6 +168,12 @@ class Comm:
         t = torch.from_numpy(np.empty(shape, dtype))
         dist.recv(t, src, group=self.group)
         return t.numpy()
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's values as flat uint8 bytes, on the CPU (any dtype, shape and strides)."""
+    flat = torch.empty(t.numel(), dtype=t.dtype)  # fresh: a view's odd strides cannot leak in
+    return flat.copy_(t.detach().reshape(-1)).view(torch.uint8)
 
 
 def owner(c: int, info: DistInfo) -> int:

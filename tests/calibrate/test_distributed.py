@@ -27,10 +27,16 @@ def image_folder(photo_folder):
     return photo_folder({"astronaut": 13, "chelsea": 12, "coffee": 11}, seed=1)
 
 
-def cli_args(image_folder: Path, weights: Path, *extra: str) -> list[str]:
+@pytest.fixture(scope="module")
+def heldout_folder(photo_folder):
+    """Other crops of the same three photos, 5 each: the alarm's conformal null."""
+    return photo_folder({"astronaut": 5, "chelsea": 5, "coffee": 5}, seed=2)
+
+
+def cli_args(image_folder: Path, weights: Path, heldout: Path, *extra: str) -> list[str]:
     return [
         "--model", "tests._models:TinyCNN", "--model-kwargs", json.dumps({"num_classes": 3}),
-        "--weights", str(weights), "--data", str(image_folder),
+        "--weights", str(weights), "--data", str(image_folder), "--heldout", str(heldout),
         "--resize", "36", "--crop", "32", "--batch-size", "4", "--top-k", "4", "--quiet",
         "--device", "cpu", *extra,
     ]  # fmt: skip
@@ -45,13 +51,16 @@ SCRIPT = textwrap.dedent(
     import torch
     from surprise_monitor.calibrate import calibrate
     from surprise_monitor.calibrate.cli import main
-    from surprise_monitor.calibrate.distributed import init_from_env
+    from surprise_monitor.calibrate.distributed import Comm, init_from_env
     from surprise_monitor.calibrate.options import RunOptions, TableOptions
     from surprise_monitor.calibrate.sketch import LogGrid
     from tests._models import TinyCNN, class_dataset, seeded
+    from tests.calibrate.test_distributed import odd_tensors
 
     info, _, own = init_from_env("cpu")
     out = Path(sys.argv[1])
+    got = Comm(info).broadcast_tensors(odd_tensors() if info.rank == 0 else None, 0)
+    torch.save(got, out / f"broadcast-rank{info.rank}.pt")
     cli = json.loads(sys.argv[2])
     spill = ["--spill-dir", str(out / "spill")]
     assert main(cli + spill + ["--out", str(out / "cli-shared.safetensors")]) == 0
@@ -61,7 +70,8 @@ SCRIPT = textwrap.dedent(
     approx = calibrate(model, data, progress=False, table=TableOptions(top_k=3),
                        run=RunOptions(batch_size=4, approximate=grid))
     tiny = calibrate(model, class_dataset(3, 3), progress=False, table=TableOptions(top_k=2),
-                     run=RunOptions(batch_size=4))
+                     run=RunOptions(batch_size=4), heldout=class_dataset(7, 3, seed=5))
+    tiny.save(out / f"tiny-rank{info.rank}.safetensors")  # rank 1's alarm came by broadcast
     if info.rank == 0:
         approx.save(out / "approx.safetensors")
         tiny.save(out / "tiny.safetensors")
@@ -70,6 +80,28 @@ SCRIPT = textwrap.dedent(
         torch.distributed.destroy_process_group()
     """
 )
+
+
+def odd_tensors() -> dict[str, torch.Tensor]:
+    """Tensors a byte-exact broadcast must keep: NaN payloads, signed zeros, denormals,
+    several dtypes, a 0-d, an empty and a non-contiguous tensor."""
+    bits = torch.tensor([0x7FC00001, 0x7F800001, -0x00400001, 1], dtype=torch.int32)
+    floats = torch.cat([bits.view(torch.float32), torch.tensor([-0.0, 1e-45, -3.5])])
+    return {
+        "floats": floats,
+        "float64": torch.linspace(-1, 1, 7, dtype=torch.float64) / 3,
+        "int64": torch.arange(-3, 9, dtype=torch.int64).reshape(3, 4) * (1 << 40),
+        "flags": torch.tensor([True, False, True]),
+        "half": torch.tensor([1.5, -2.25], dtype=torch.bfloat16),
+        "scalar": torch.tensor(7.25),
+        "empty": torch.empty(0, 5),
+        "transposed": torch.arange(12.0).reshape(3, 4).t(),
+    }
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """A tensor's values as bytes (any dtype)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _env() -> dict[str, str]:
@@ -92,11 +124,22 @@ def _sorted_rows(spills: list[AlphaSpill], c: int) -> tuple[np.ndarray, np.ndarr
     return alpha[order], index[order]
 
 
-def test_torchrun_two_ranks_equal_one_process(image_folder, tiny_weights, tmp_path):
+def assert_same_alarm(a: CalibrationTable, b: CalibrationTable) -> None:
+    """The alarm parts are equal: the same metadata, the same tensors byte for byte."""
+    assert a.alarm is not None and b.alarm is not None
+    assert a.alarm.metadata() == b.alarm.metadata()
+    x, y = a.alarm.tensors(), b.alarm.tensors()
+    assert sorted(x) == sorted(y)
+    for name in x:
+        assert x[name].dtype == y[name].dtype and x[name].shape == y[name].shape, name
+        assert x[name].numpy().tobytes() == y[name].numpy().tobytes(), name
+
+
+def test_torchrun_two_ranks_equal_one_process(image_folder, heldout_folder, tiny_weights, tmp_path):
     single, two = tmp_path / "single", tmp_path / "two"
     single.mkdir()
     two.mkdir()
-    args = cli_args(image_folder, tiny_weights)
+    args = cli_args(image_folder, tiny_weights, heldout_folder)
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     # The reference: one plain process.
@@ -123,6 +166,27 @@ def test_torchrun_two_ranks_equal_one_process(image_folder, tiny_weights, tmp_pa
         CalibrationTable.load(single / "tiny.safetensors"),
         CalibrationTable.load(two / "tiny.safetensors"),
     )
+    # Comm.broadcast_tensors: every rank holds rank 0's tensors, dtype, shape and bytes.
+    sent = odd_tensors()
+    for r in range(2):
+        got = torch.load(two / f"broadcast-rank{r}.pt")
+        assert list(got) == list(sent)
+        for name, t in sent.items():
+            assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+            assert _raw(got[name]) == _raw(t), name
+    # The alarm part, made on rank 0 and broadcast: the head precision, the profile grids, the
+    # score reference and both nulls, byte for byte, on every path.
+    alarm = ref.alarm
+    assert alarm is not None and alarm.head_precision is not None and alarm.profile_layers
+    assert alarm.null_predicted is not None and alarm.null_predicted.scores.numel() == 15
+    assert alarm.heldout["images"] == 15
+    for name in ("cli-shared", "cli-send"):
+        assert_same_alarm(ref, CalibrationTable.load(two / f"{name}.safetensors"))
+    tiny = CalibrationTable.load(single / "tiny.safetensors")
+    assert tiny.alarm is not None and tiny.alarm.null_labelled is not None
+    for name in ("approx.safetensors", "tiny.safetensors", "tiny-rank1.safetensors"):
+        assert_same_alarm(CalibrationTable.load(single / name.replace("-rank1", "")),
+                          CalibrationTable.load(two / name))  # fmt: skip
 
     # The spilled values themselves: each rank holds its batches' rows, bit-identical to the
     # single process's; batches are dealt round-robin (rank 0: batches 0, 2, 4, 6, 8).
