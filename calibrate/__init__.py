@@ -3,7 +3,7 @@ statistics written to a calibration table.
 
 The table format itself (:class:`CalibrationTable`, :class:`TableError`, the default levels) and the
 model fingerprint live in :mod:`surprise_monitor.monitor`, which reads them at inference time; they
-are re-exported here for ``from calibrate import ...``, with the option groups
+are re-exported here for ``from surprise_monitor.calibrate import ...``, with the option groups
 :func:`calibrate` takes (:mod:`surprise_monitor.calibrate.options`).
 """
 

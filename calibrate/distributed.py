@@ -210,12 +210,13 @@ def class_sources(
     num_classes: int,
     root: Path | None,
     work: Path,
+    merge: str,
     chunk_bytes: int = 8 << 20,
-    merge: str = "auto",
 ) -> dict[int, tuple[RowSource, np.ndarray]]:
     """For each class this rank owns: all ranks' rows of it and their dataset indices.
 
-    ``merge``: ``"auto"`` (read a shared folder when there is one, else send), ``"send"``.
+    ``merge``: ``RunOptions.merge`` (``"auto"``: read a shared folder when there is one, else
+    send; ``"send"``).
     """
     info = comm.info
     spill.sync()

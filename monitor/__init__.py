@@ -1,19 +1,27 @@
-"""Runtime monitoring of a CNN: surprise, expectation and beta per input.
+"""The product at inference time (``surprise_monitor.monitor``): a per-input alarm with a known
+false-alarm rate (conformal p-values of an atypicality score), the paper's surprise, expectation
+and beta per filter that explain it, metrics, the alarm log, the operator's page, explanations
+and fixes.
 
 The layout, bottom to top (each part imports only from the parts listed before it, and from
-``kernels``):
+``surprise_monitor.kernels``):
 
-- ``files``, ``fingerprint``: atomic writes; the model-weights fingerprint.
-- ``probe/``: the layer hooks, the class scores, the Grad-AMap probe, the target layer's choice.
+- ``errors``, ``files``, ``fingerprint``: the project's error base; atomic writes; the
+  model-weights fingerprint.
+- ``probe/``: the layer hooks, the class output, the Grad-AMap probe, the target layer's choice,
+  the activation profiles.
+- ``atypicality``, ``conformal``: the alarm's score and its p-values.
 - ``options``: the option groups (:class:`Thresholds`, :class:`Execution`, :class:`Sampling`,
   :class:`MetricsOptions`) every layer takes whole.
-- ``table``: the calibration table and its file format.
+- ``table_alarm``, ``table_file``, ``table``: the table's alarm part, its file format, the
+  calibration table itself.
 - ``loading/``: models (torchvision names, ``module:factory``, weights, ONNX) and images.
 - ``report``: the per-batch result.
 - ``judge``: a batch in, a report out (probe -> kernels -> report).
 - ``runtime/``: the request path around the judge (sampling, async, fail-open, metrics).
 - ``explain/``: explanations, exemplars, figures and fixes, on the judge.
 - ``alarms/``: the record of recent alarms (thumbnails, an audit file, explanations on demand).
+- ``web/``: the operator's page (a Starlette app).
 - ``surprise_monitor``: the facade, :class:`SurpriseMonitor`.
 - ``explain/cli.py``: the ``surprise-explain`` command line, on the facade.
 """
