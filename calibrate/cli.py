@@ -37,8 +37,8 @@ from surprise_monitor.kernels.defaults import DEFAULT_SURPRISE_PCT
 from surprise_monitor.monitor.advice import cli_message
 from surprise_monitor.monitor.loading.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from surprise_monitor.monitor.loading.model_args import (
-    HelpFormatter,
     add_model_arguments,
+    command_parser,
     model_from_args,
 )
 from surprise_monitor.monitor.options import (
@@ -52,12 +52,10 @@ from surprise_monitor.monitor.table import CalibrationTable, images_needed
 
 def parser() -> argparse.ArgumentParser:
     """The command line's arguments."""
-    p = argparse.ArgumentParser(
-        prog="surprise-calibrate",
-        description="Calibrate a CNN on its training images (ImageFolder layout: one folder per "
-        "class) and write the surprise-monitor table.",
-        allow_abbrev=False,
-        formatter_class=HelpFormatter,
+    p = command_parser(
+        "surprise-calibrate",
+        "Calibrate a CNN on its training images (ImageFolder layout: one folder per class) and "
+        "write the surprise-monitor table.",
     )
     p.add_argument("legacy_model", nargs="?", metavar="MODEL", help=argparse.SUPPRESS)
     add_model_arguments(p)

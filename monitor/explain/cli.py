@@ -27,8 +27,8 @@ from surprise_monitor.monitor.advice import cli_message
 from surprise_monitor.monitor.explain.explanation import Explanation
 from surprise_monitor.monitor.loading.images import SOURCE_KINDS, Preprocessing
 from surprise_monitor.monitor.loading.model_args import (
-    HelpFormatter,
     add_model_arguments,
+    command_parser,
     model_from_args,
 )
 from surprise_monitor.monitor.loading.sources import source_dataset
@@ -39,12 +39,10 @@ from surprise_monitor.monitor.table import CalibrationTable
 
 def parser() -> argparse.ArgumentParser:
     """The command line's arguments."""
-    p = argparse.ArgumentParser(
-        prog="surprise-explain",
-        description="Explain one image with the surprise monitor: the region behind its most "
-        "surprising (else most expected) filter, beside that filter's training exemplars.",
-        allow_abbrev=False,
-        formatter_class=HelpFormatter,
+    p = command_parser(
+        "surprise-explain",
+        "Explain one image with the surprise monitor: the region behind its most surprising "
+        "(else most expected) filter, beside that filter's training exemplars.",
     )
     p.add_argument("--table", required=True, help="calibration table (.safetensors)")
     add_model_arguments(p)

@@ -99,3 +99,11 @@ def working_directory_on_path() -> None:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
+
+
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser every command line starts from: no abbreviated flags, each default stated
+    once in ``--help`` (:class:`HelpFormatter`)."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, allow_abbrev=False, formatter_class=HelpFormatter
+    )

@@ -36,8 +36,8 @@ from torch import nn
 from surprise_monitor.monitor import AlarmLog, MonitorReport, SurpriseMonitor
 from surprise_monitor.monitor.advice import cli_message
 from surprise_monitor.monitor.loading.model_args import (
-    HelpFormatter,
     add_model_arguments,
+    command_parser,
     model_from_args,
 )
 from surprise_monitor.monitor.options import (
@@ -60,10 +60,7 @@ log = logging.getLogger("surprise_monitor.serve")
 
 def parser() -> argparse.ArgumentParser:
     """The command line's flags; each ``--help`` line states its default once (the formatter)."""
-    p = argparse.ArgumentParser(
-        prog=TOOL, description=__doc__.split("\n\n")[0], allow_abbrev=False,
-        formatter_class=HelpFormatter,
-    )  # fmt: skip
+    p = command_parser(TOOL, __doc__.split("\n\n")[0])
     add_model_arguments(p)
     s = p.add_argument_group("service")
     s.add_argument("--table", help="calibration table (.safetensors); required with the monitor")
