@@ -20,7 +20,7 @@ from typing import Any
 
 from surprise_monitor.calibrate.sketch import LogGrid
 from surprise_monitor.monitor.options import Execution, _one_of, _positive_int, help_of, option
-from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS
+from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS, DEFAULT_CLASS_OUTPUT
 from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
 
 MERGES = ("auto", "send")
@@ -33,7 +33,7 @@ class TableOptions:
     """What the calibration table holds."""
 
     class_output: str = option(
-        "logit",
+        DEFAULT_CLASS_OUTPUT,
         "the class output differentiated for alpha: logit, softmax or log_softmax",
         choices=CLASS_OUTPUTS,
     )

@@ -16,6 +16,8 @@ import torch
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+#: The default backend of the kernels and of the monitor's ``Execution``.
+DEFAULT_BACKEND: Backend = "auto"
 _TRUTHY = ("1", "true", "yes", "on", "y")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from surprise_monitor.kernels._backend import Backend, fmt_shape, resolve_backend
+from surprise_monitor.kernels._backend import DEFAULT_BACKEND, Backend, fmt_shape, resolve_backend
 from surprise_monitor.kernels.amap_torch import grad_amap_torch
 
 __all__ = ["grad_amap"]
@@ -39,7 +39,7 @@ def _validate(activation: torch.Tensor, gradient: torch.Tensor) -> None:
 
 @torch.no_grad()
 def grad_amap(
-    activation: torch.Tensor, gradient: torch.Tensor, *, backend: Backend = "auto"
+    activation: torch.Tensor, gradient: torch.Tensor, *, backend: Backend = DEFAULT_BACKEND
 ) -> torch.Tensor:
     """Grad-AMap filter scores ``alpha[b, n] = mean_{h,w}(activation * gradient)``.
 

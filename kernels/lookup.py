@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from surprise_monitor.kernels._backend import Backend, fmt_shape, resolve_backend
+from surprise_monitor.kernels._backend import DEFAULT_BACKEND, Backend, fmt_shape, resolve_backend
 from surprise_monitor.kernels._types import LookupResult, LookupTable
 from surprise_monitor.kernels.defaults import (
     DEFAULT_EXPECTATION_PCT,
@@ -102,7 +102,7 @@ def percentile_lookup(
     surprise_pct: float | None = None,
     expectation_pct: float | None = None,
     low_beta_pct: float | None = None,
-    backend: Backend = "auto",
+    backend: Backend = DEFAULT_BACKEND,
     check_values: bool = True,
 ) -> LookupResult:
     """Percentile rank, surprise/expectation flags and beta (with its rank and the low-beta

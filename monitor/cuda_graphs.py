@@ -119,7 +119,7 @@ class StepGraphs:
         self,
         step: Step,
         *,
-        max_graphs: int = 8,
+        max_graphs: int,
         warmup_calls: int = 1,
         capture: Capture | None = None,
         device_types: tuple[str, ...] = ("cuda",),

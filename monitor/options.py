@@ -24,13 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from surprise_monitor.kernels._backend import BACKENDS, DEFAULT_BACKEND
 from surprise_monitor.kernels.defaults import (
     DEFAULT_EXPECTATION_PCT,
     DEFAULT_LOW_BETA_PCT,
     DEFAULT_SURPRISE_PCT,
 )
 
-BACKENDS = ("auto", "triton", "torch")
 MODES = ("sync", "async")
 DEFAULT_NAMESPACE = "surprise_monitor"
 
@@ -117,7 +117,7 @@ class Thresholds:
 class Execution:
     """How the judge runs, and what it refuses."""
 
-    backend: str = option("auto", "kernel backend: auto (Triton on CUDA), triton or torch")
+    backend: str = option(DEFAULT_BACKEND, "kernel backend: auto (Triton on CUDA), triton or torch")
     cuda_graphs: bool = option(
         False,
         "on CUDA, replay the whole monitoring step from a CUDA graph per input signature "

@@ -9,7 +9,7 @@ The file format (safetensors plus JSON metadata, a checksum, memory-mapped reads
 from __future__ import annotations
 
 import math
-from dataclasses import InitVar, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
@@ -20,7 +20,7 @@ import torch
 
 from surprise_monitor.kernels import check_percentile_grid, quantile_at
 from surprise_monitor.kernels.defaults import DEFAULT_SURPRISE_PCT
-from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS
+from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS, DEFAULT_CLASS_OUTPUT
 from surprise_monitor.monitor.table_alarm import AlarmCalibration, AlarmTableError
 from surprise_monitor.monitor.table_file import (
     CHECK_CHUNK_BYTES,
@@ -65,7 +65,7 @@ class CalibrationTable:
     top_indices: torch.Tensor | None  # [K, N, k] int32 dataset indices, -1 = none
     top_alpha: torch.Tensor | None  # [K, N, k] float32 alpha of those exemplars (NaN = none)
     class_names: list[str]
-    class_output: str = "logit"  # the file's "score" field (its name before 0.2)
+    class_output: str = DEFAULT_CLASS_OUTPUT  # the file's "score" field (its name before 0.2)
     input_shape: tuple[int, ...] = ()
     model_fingerprint: str = ""
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -77,11 +77,9 @@ class CalibrationTable:
     # The alarm's profile grids, score reference and conformal nulls (monitor.table_alarm);
     # None for a table made without them (no score, no alarms).
     alarm: AlarmCalibration | None = None
-    # Set only by from_checked_file: the loader checked the grid's values while reading it.
-    grid_values_checked: InitVar[bool] = False
 
-    def __post_init__(self, grid_values_checked: bool) -> None:
-        self.validate(grid_values=not grid_values_checked)
+    def __post_init__(self) -> None:
+        self.validate()  # a table built directly is always checked in full
 
     @property
     def grid_checked(self) -> bool:
@@ -264,13 +262,20 @@ class CalibrationTable:
             alarm_meta = meta.pop("alarm", None)
             if alarm_meta is not None:
                 meta["alarm"] = AlarmCalibration.from_file(alarm_meta, file.tensors)
-            table = cls(
-                path=file.path,
-                sha256=file.sha256,
-                **meta,
+            given = {
+                "path": file.path, "sha256": file.sha256, **meta,
                 **{name: file.tensors.get(name) for name in TENSOR_NAMES},
-                grid_values_checked=file.grid_values_checked,
-            )
+            }  # fmt: skip
+            table = cls.__new__(cls)  # the dataclass's fields, without __post_init__'s check
+            for f in fields(cls):
+                if f.name in given:
+                    value = given[f.name]
+                elif f.default is not MISSING:
+                    value = f.default
+                else:
+                    value = f.default_factory()  # type: ignore[misc]
+                setattr(table, f.name, value)
+            table.validate(grid_values=not file.grid_values_checked)
         except (TableError, AlarmTableError) as exc:
             raise TableError(f"{file.path}: {exc}") from exc
         for name, have in (("num_classes", table.num_classes), ("num_filters", table.num_filters)):

@@ -20,7 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from surprise_monitor.monitor.probe.class_output import check_classes, class_output_of, logits_of
+from surprise_monitor.monitor.probe.class_output import (
+    DEFAULT_CLASS_OUTPUT,
+    check_classes,
+    class_output_of,
+    logits_of,
+)
 from surprise_monitor.monitor.probe.hooks import LayerTap
 
 
@@ -31,7 +36,7 @@ def input_gradient(
     classes: torch.Tensor | Sequence[int] | int,
     channels: int | Sequence[int] | None = None,
     *,
-    class_output: str = "logit",
+    class_output: str = DEFAULT_CLASS_OUTPUT,
     output_to_logits: Callable[[Any], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``d score[b, classes[b]] / d x`` for a batch ``x`` ``[B, C, H, W]``, same shape as ``x``.

@@ -11,6 +11,8 @@ import torch
 
 #: The class outputs a table can be calibrated on (``CalibrationTable.class_output``).
 CLASS_OUTPUTS: tuple[str, ...] = ("logit", "softmax", "log_softmax")
+#: The default: the logit (the paper's class score).
+DEFAULT_CLASS_OUTPUT = "logit"
 
 
 def check_class_output(class_output: str) -> str:

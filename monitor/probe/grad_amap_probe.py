@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from surprise_monitor.monitor.probe.class_output import (
+    DEFAULT_CLASS_OUTPUT,
     check_class_output,
     check_classes,
     class_output_of,
@@ -82,7 +83,7 @@ class GradAMapProbe:
         model: nn.Module,
         layer: str,
         *,
-        class_output: str = "logit",
+        class_output: str = DEFAULT_CLASS_OUTPUT,
         output_to_logits: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         self.model = model
