@@ -6,6 +6,7 @@ import math
 import re
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,46 @@ def test_two_monitors_in_one_registry(calibrated):
         a.close()
         assert _value(registry, "surprise_monitor_inputs_total", model="a") is None
         assert _value(registry, "surprise_monitor_inputs_total", model="b") == 5
+    finally:
+        a.close()
+        b.close()
+    assert _families(registry) == {}
+
+
+def test_shared_family_exposition(calibrated):
+    """The text a scrape sees (what a rewrite of the registration must keep): one HELP/TYPE
+    block per family for two monitors sharing a namespace, series in creation order, a beta
+    histogram with a negative bucket that has ``_count`` but no ``_sum``, and a closed
+    monitor's series gone."""
+    model, table = calibrated
+    with SurpriseMonitor(model, table) as monitor:
+        reports = {"a": monitor.inspect(mixed_inputs()), "b": monitor.inspect(mixed_inputs(4, 3))}
+    registry = CollectorRegistry()
+    options = MetricsOptions(registry=registry, labels={"model": "a"}, beta_buckets=(-1, 0, 1))
+    a = MonitorMetrics(table, options, alarm_rate=0.05)
+    b = MonitorMetrics(table, replace(options, labels={"model": "b"}), alarm_rate=0.05)
+    try:
+        a.observe(reports["a"])
+        b.observe(reports["b"])
+        text = generate_latest(registry).decode()
+        types = [ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE ")]
+        types = [t for t in types if not t.endswith("_created")]
+        assert len(types) == len(set(types)) == len(NAMES)
+        assert {n: f.type for n, f in _families(registry).items()} == NAMES
+        for model_label, n in (("a", 12), ("b", 4)):
+            labels, beta = {"model": model_label}, reports[model_label].beta
+            assert _value(registry, "surprise_monitor_beta_count", **labels) == n == len(beta)
+            assert _value(registry, "surprise_monitor_beta_sum", **labels) is None
+            zero = _value(registry, "surprise_monitor_beta_bucket", le="0.0", **labels)
+            assert zero == int((beta <= 0).sum())
+        rows = [ln for ln in text.splitlines() if ln.startswith("surprise_monitor_inputs_total")]
+        assert rows == [
+            'surprise_monitor_inputs_total{model="a"} 0.0',
+            'surprise_monitor_inputs_total{model="b"} 0.0',
+        ]
+        a.close()
+        text = generate_latest(registry).decode()
+        assert 'model="a"' not in text and 'model="b"' in text
     finally:
         a.close()
         b.close()
