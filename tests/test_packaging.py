@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench._serve_process import free_port
+from bench._serve_process import free_port, stop_process
 from surprise_monitor.serve.config_files import CONFIG_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,9 +174,4 @@ def test_the_installed_surprise_serve_serves(venv, saved_tiny_model, tmp_path):
         assert health.json() == {"status": "ok", "monitor": "sync"}
         assert f"surprise-serve: serving {url} on cpu; model tinymodels:TinyCNN" in log.read_text()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
+        stop_process(proc)

@@ -169,7 +169,7 @@ def test_torchrun_two_ranks_equal_one_process(image_folder, heldout_folder, tiny
     # Comm.broadcast_tensors: every rank holds rank 0's tensors, dtype, shape and bytes.
     sent = odd_tensors()
     for r in range(2):
-        got = torch.load(two / f"broadcast-rank{r}.pt")
+        got = torch.load(two / f"broadcast-rank{r}.pt", weights_only=True)
         assert list(got) == list(sent)
         for name, t in sent.items():
             assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
