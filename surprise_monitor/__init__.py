@@ -15,10 +15,12 @@ The common case is importable from here: the facade, the calibration, the table,
 detector, the alarm log, the option groups of both (monitor: ``Thresholds``, ``Execution``,
 ``Sampling``, ``MetricsOptions``; calibration: ``TableOptions``, ``RunOptions``,
 ``CheckpointOptions``, ``AlarmOptions``) and ``SurpriseMonitorError``, the base of every error
-the project raises on purpose. ``surprise_monitor.calibrate`` at this level is the
-function; its package is reached by ``from surprise_monitor.calibrate import ...`` and
-``python -m surprise_monitor.calibrate``.
+the project raises on purpose. ``surprise_monitor.calibrate`` is one object, the package, and
+calling it calls the function (``calibrate(model, data, ...)``); ``import
+surprise_monitor.calibrate.cli`` and ``python -m surprise_monitor.calibrate`` reach the package.
 """
+
+from typing import TYPE_CHECKING
 
 from surprise_monitor.calibrate import (
     AlarmOptions,
@@ -27,7 +29,6 @@ from surprise_monitor.calibrate import (
     SurpriseDetector,
     TableOptions,
 )
-from surprise_monitor.calibrate.builder import calibrate  # after the package: the function
 from surprise_monitor.monitor import (
     AlarmLog,
     Execution,
@@ -39,6 +40,11 @@ from surprise_monitor.monitor import (
 )
 from surprise_monitor.monitor.errors import SurpriseMonitorError
 from surprise_monitor.monitor.table import CalibrationTable
+
+if TYPE_CHECKING:  # what type checkers see: the function the package calls
+    from surprise_monitor.calibrate.builder import calibrate
+else:  # at run time, the package itself, callable as that function
+    from surprise_monitor import calibrate
 
 __version__ = "0.1.0"
 
