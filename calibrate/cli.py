@@ -235,6 +235,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
     table and prints the summary."""
     try:
         out = check_out(args.out)
+        _check_option_flags(args)
         dataset, steps, model = _prepare(args, info)
         loader = DataLoader(
             dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
@@ -259,14 +260,34 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
     return 0
 
 
+def _check_option_flags(args: argparse.Namespace) -> None:
+    """The option groups' own checks on their flags, before any image is read (a bad value is
+    worded with its flag: ``--batch-size must be an integer >= 1, got 0``)."""
+    if args.resume and not args.dir:
+        raise ValueError("--resume needs --checkpoint-dir (the checkpoint to continue)")
+    options_from_args(RunOptions, args, approximate=_grid(args))
+    options_from_args(TableOptions, args)
+    options_from_args(AlarmOptions, args, profile_layers=_profile_layers(args.profile_layers))
+    if args.dir:
+        options_from_args(CheckpointOptions, args)
+
+
+def _grid(args: argparse.Namespace) -> LogGrid | bool:
+    """``--approximate``'s grid (``--sketch-accuracy``, ``--sketch-range``), else ``False``."""
+    if not args.approximate:
+        return False
+    try:
+        return LogGrid(args.sketch_accuracy, *args.sketch_range)
+    except ValueError as exc:
+        raise ValueError(f"--sketch-accuracy / --sketch-range: {exc}") from None
+
+
 def _options(
     args: argparse.Namespace, steps: Preprocessing, names: list[str] | None, model: nn.Module
 ) -> dict[str, Any]:
     """``calibrate()``'s option groups from the flags (``table``, ``run``, ``checkpoint``,
-    ``alarm``)."""
-    if args.resume and not args.dir:
-        raise ValueError("--resume needs --checkpoint-dir (the checkpoint to continue)")
-    grid = LogGrid(args.sketch_accuracy, *args.sketch_range) if args.approximate else False
+    ``alarm``), checked by :func:`_check_option_flags`."""
+    grid = _grid(args)
     table = options_from_args(
         TableOptions, args, class_names=names, data_source=steps.source(args.data),
         heldout_source=steps.source(args.heldout) if args.heldout else None,

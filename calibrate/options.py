@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from surprise_monitor.calibrate.sketch import LogGrid
-from surprise_monitor.monitor.options import Execution, _one_of, _positive_int, help_of, option
+from surprise_monitor.monitor.checks import non_negative_int, one_of, positive_int
+from surprise_monitor.monitor.options import Execution, help_of, option
 from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS, DEFAULT_CLASS_OUTPUT
 from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
 
@@ -55,8 +56,8 @@ class TableOptions:
     )
 
     def __post_init__(self) -> None:
-        _one_of("class_output", self.class_output, CLASS_OUTPUTS)
-        _positive_int("top_k", self.top_k)
+        one_of("class_output", self.class_output, CLASS_OUTPUTS)
+        positive_int("top_k", self.top_k)
         object.__setattr__(self, "levels", tuple(float(v) for v in self.levels))
         object.__setattr__(self, "beta_levels", tuple(float(v) for v in self.beta_levels))
 
@@ -89,10 +90,9 @@ class RunOptions:
     )
 
     def __post_init__(self) -> None:
-        _positive_int("batch_size", self.batch_size)
-        _one_of("merge", self.merge, MERGES)
-        if isinstance(self.num_workers, bool) or self.num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        positive_int("batch_size", self.batch_size)
+        one_of("merge", self.merge, MERGES)
+        non_negative_int("num_workers", self.num_workers)
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class CheckpointOptions:
     every: int = option(100, "batches between checkpoints")
 
     def __post_init__(self) -> None:
-        _positive_int("checkpoint.every", self.every)
+        positive_int("checkpoint.every", self.every)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class AlarmOptions:
     )
 
     def __post_init__(self) -> None:
-        _positive_int("reference_images", self.reference_images)
+        positive_int("reference_images", self.reference_images)
 
     @classmethod
     def of(cls, alarm: AlarmOptions | bool) -> AlarmOptions:

@@ -31,6 +31,7 @@ from safetensors.numpy import save as safetensors_save
 
 from surprise_monitor.calibrate.distributed import Comm
 from surprise_monitor.calibrate.statistics import ClassStatistics
+from surprise_monitor.monitor.checks import fraction
 from surprise_monitor.monitor.files import atomic_write_bytes
 
 
@@ -44,8 +45,7 @@ class LogGrid:
     max_magnitude: float = 1e3
 
     def __post_init__(self) -> None:
-        if not 0 < self.relative_accuracy < 1:
-            raise ValueError(f"relative_accuracy must be in (0, 1), got {self.relative_accuracy}")
+        fraction("relative_accuracy", self.relative_accuracy)
         if not 0 < self.min_magnitude < self.max_magnitude:
             raise ValueError("need 0 < min_magnitude < max_magnitude")
 

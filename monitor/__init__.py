@@ -6,8 +6,8 @@ and fixes.
 The layout, bottom to top (each part imports only from the parts listed before it, and from
 ``surprise_monitor.kernels``):
 
-- ``errors``, ``files``, ``fingerprint``: the project's error base; atomic writes; the
-  model-weights fingerprint.
+- ``errors``, ``checks``, ``files``, ``fingerprint``: the project's error base; the value checks
+  (each range worded once); atomic writes; the model-weights fingerprint.
 - ``probe/``: the layer hooks, the class output, the Grad-AMap probe, the target layer's choice,
   the activation profiles.
 - ``atypicality``, ``conformal``: the alarm's score and its p-values.

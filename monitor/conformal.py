@@ -17,13 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def check_alarm_rate(value: float, name: str = "alarm_rate") -> float:
-    """``value`` as a float in (0, 1), or ``ValueError`` naming ``name``."""
-    value = float(value)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be a fraction in (0, 1), e.g. 0.01, got {value}")
-    return value
+from surprise_monitor.monitor.checks import fraction
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,7 +63,7 @@ class ConformalNull:
         """The score above which an input alarms at ``alarm_rate``: ``p <= alarm_rate`` exactly
         when ``score > threshold`` (``inf`` when no score can alarm: the null is too small for
         that rate, ``(n + 1) * alarm_rate < 1``)."""
-        rate = check_alarm_rate(alarm_rate)
+        rate = fraction("alarm_rate", alarm_rate)
         n = self.size
         m = int((n + 1) * rate + 1e-9) - 1  # alarms need #{null >= s} <= m
         if m < 0:
@@ -95,7 +89,7 @@ def resampled_alarm_rate(
     held-out images moves the rate of one evaluation set by about ``sqrt(a / n)``. The mean over
     re-splits estimates the average the guarantee is about (exchangeable scores: at most
     ``alarm_rate``)."""
-    rate = check_alarm_rate(alarm_rate)
+    rate = fraction("alarm_rate", alarm_rate)
     null = torch.as_tensor(null_scores).detach().reshape(-1).float().cpu()
     fresh = torch.as_tensor(evaluation_scores).detach().reshape(-1).float().cpu()
     pooled = torch.cat([null, fresh])

@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 import torch
 
+from surprise_monitor.monitor.checks import positive_int
 from surprise_monitor.monitor.host_copy import Layout, layout_of, pack, unpack
-from surprise_monitor.monitor.options import _positive_int
 from surprise_monitor.monitor.probe.grad_amap_probe import map_tensors
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class StepGraphs:
         capture: Capture | None = None,
         device_types: tuple[str, ...] = ("cuda",),
     ) -> None:
-        _positive_int("max_graphs", max_graphs)
+        positive_int("max_graphs", max_graphs)
         self.step = step
         self.max_graphs = max_graphs
         self.warmup_calls = warmup_calls

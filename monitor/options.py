@@ -30,9 +30,19 @@ from surprise_monitor.kernels.defaults import (
     DEFAULT_LOW_BETA_PCT,
     DEFAULT_SURPRISE_PCT,
 )
+from surprise_monitor.monitor.advice import advise
+from surprise_monitor.monitor.checks import (
+    OptionValueError,
+    fraction,
+    one_of,
+    percentage,
+    positive_int,
+)
 
 MODES = ("sync", "async")
 DEFAULT_NAMESPACE = "surprise_monitor"
+#: Where parsed arguments keep ``{option: flag}`` of the flags :func:`add_option_arguments` added.
+FLAGS_DEST = "option_flags"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,36 +64,6 @@ def option(
 def help_of(cls: type, name: str) -> str:
     """The documentation of option ``name`` of group ``cls``."""
     return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
-def _percentage(name: str, value: Any) -> float:
-    """``value`` as a float in [0, 100], or ``ValueError`` naming ``name``."""
-    value = float(value)
-    if not 0.0 <= value <= 100.0:
-        raise ValueError(f"{name} must be a percentage in [0, 100], got {value}")
-    return value
-
-
-def _fraction(name: str, value: Any) -> float:
-    """``value`` as a float in (0, 1), or ``ValueError`` naming ``name``."""
-    value = float(value)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be a fraction in (0, 1), e.g. 0.01, got {value}")
-    return value
-
-
-def _positive_int(name: str, value: Any) -> int:
-    """``value`` itself when it is an integer >= 1, else ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _one_of(name: str, value: Any, allowed: Sequence[str]) -> str:
-    """``value`` when it is one of ``allowed``, else ``ValueError`` naming ``name``."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -109,8 +89,8 @@ class Thresholds:
 
     def __post_init__(self) -> None:
         for name in ("surprise_pct", "expectation_pct", "low_beta_pct"):
-            object.__setattr__(self, name, _percentage(name, getattr(self, name)))
-        object.__setattr__(self, "alarm_rate", _fraction("alarm_rate", self.alarm_rate))
+            object.__setattr__(self, name, percentage(name, getattr(self, name)))
+        object.__setattr__(self, "alarm_rate", fraction("alarm_rate", self.alarm_rate))
 
 
 @dataclass(frozen=True)
@@ -138,8 +118,8 @@ class Execution:
     )
 
     def __post_init__(self) -> None:
-        _one_of("backend", self.backend, BACKENDS)
-        _positive_int("max_graphs", self.max_graphs)
+        one_of("backend", self.backend, BACKENDS)
+        positive_int("max_graphs", self.max_graphs)
 
 
 @dataclass(frozen=True)
@@ -153,19 +133,20 @@ class Sampling:
         "sync",
         "sync judges inputs on the request path; async returns the model's output at once and "
         "judges a copy on a worker thread",
+        choices=MODES,
     )
     queue_size: int = option(64, "async mode: batches queued at most; inputs past it are dropped")
 
     def __post_init__(self) -> None:
-        _positive_int("sampling.every", self.every)
-        fraction = float(self.fraction)
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"sampling.fraction must be in (0, 1], got {fraction}")
-        if self.every > 1 and fraction < 1.0:
+        positive_int("sampling.every", self.every)
+        share = float(self.fraction)
+        if not 0.0 < share <= 1.0:
+            raise OptionValueError("sampling.fraction", "in (0, 1]", share)
+        if self.every > 1 and share < 1.0:
             raise ValueError("give sampling.every or sampling.fraction, not both")
-        object.__setattr__(self, "fraction", fraction)
-        _one_of("sampling.mode", self.mode, MODES)
-        _positive_int("sampling.queue_size", self.queue_size)
+        object.__setattr__(self, "fraction", share)
+        one_of("sampling.mode", self.mode, MODES)
+        positive_int("sampling.queue_size", self.queue_size)
 
     @property
     def takes_all(self) -> bool:
@@ -195,7 +176,7 @@ class MetricsOptions:
     )
 
     def __post_init__(self) -> None:
-        _positive_int("metrics.window", self.window)
+        positive_int("metrics.window", self.window)
         object.__setattr__(self, "labels", {str(k): str(v) for k, v in self.labels.items()})
 
     @classmethod
@@ -249,8 +230,12 @@ def add_option_arguments(
     (``defaults`` overrides a default for this command line), and its ``choices``. A bool
     option becomes a switch that turns it on (``--per-class-metrics``), or off when its default
     is on (``--no-...``, its help then reads "do not ..."). Each default is stated once in
-    ``--help`` by :class:`~surprise_monitor.monitor.loading.model_args.HelpFormatter`."""
+    ``--help`` by :class:`~surprise_monitor.monitor.loading.model_args.HelpFormatter`. The
+    parsed arguments remember each option's flag, so :func:`options_from_args` words a bad
+    value with it."""
     by_name = {f.name: f for f in dataclasses.fields(cls)}
+    known = dict(parser.get_default(FLAGS_DEST) or {})
+    parser.set_defaults(**{FLAGS_DEST: {**known, **flags}})  # shared by a parser's groups
     for name, flag in flags.items():
         f = by_name[name]
         default = (defaults or {}).get(name, _default_of(f))
@@ -269,10 +254,18 @@ def add_option_arguments(
 
 def options_from_args(cls: type[T], args: argparse.Namespace, **extra: Any) -> T:
     """An instance of ``cls`` from the flags :func:`add_option_arguments` added (and
-    ``extra`` fields), its checks run."""
+    ``extra`` fields), its checks run. A flag's bad value raises the option's
+    :class:`~surprise_monitor.monitor.checks.OptionValueError`, whose command-line message
+    (:func:`~surprise_monitor.monitor.advice.cli_message`) names the flag."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     given = {k: v for k, v in vars(args).items() if k in names}
-    return cls(**{**given, **extra})
+    try:
+        return cls(**{**given, **extra})
+    except OptionValueError as exc:
+        flag = (getattr(args, FLAGS_DEST, None) or {}).get(exc.option)
+        if flag is not None and exc.option not in extra:
+            advise(exc, exc.worded_for(flag))
+        raise
 
 
 def _default_of(f: dataclasses.Field) -> Any:

@@ -90,3 +90,31 @@ def test_option_flags_take_choices_metavars_and_negated_help_from_the_group(caps
         p.parse_args(["--score", "logit"])
     assert stopped.value.code == 2
     assert "x: error: --score is now --class-output" in capsys.readouterr().err
+
+
+def test_a_flags_bad_value_is_worded_with_its_flag():
+    """options_from_args: a value from a flag is named by the flag in the command line's
+    message (the API message is unchanged); a value given in Python is named in API words."""
+    from surprise_monitor.monitor.advice import cli_message
+    from surprise_monitor.monitor.checks import OptionValueError
+    from surprise_monitor.monitor.options import options_from_args
+
+    p = argparse.ArgumentParser(prog="x")
+    group = p.add_argument_group("run")  # flags added to a group are remembered too
+    add_option_arguments(group, RunOptions, {"batch_size": "--batch-size"})
+    add_option_arguments(p, RunOptions, {"num_workers": "--workers"})
+    add_option_arguments(p, TableOptions, {"top_k": "--top-k"})
+    for argv, message in (
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        (["--workers", "-2"], "--workers must be an integer >= 0, got -2"),
+    ):
+        with pytest.raises(OptionValueError) as raised:
+            options_from_args(RunOptions, p.parse_args(argv))
+        assert cli_message(raised.value) == message
+        assert str(raised.value) == message.replace("--batch-size", "batch_size").replace(
+            "--workers", "num_workers"
+        )
+    with pytest.raises(OptionValueError) as raised:
+        options_from_args(TableOptions, p.parse_args([]), top_k=0)  # given in Python
+    assert cli_message(raised.value) == "top_k must be an integer >= 1, got 0"
+    assert options_from_args(TableOptions, p.parse_args(["--top-k", "2"])).top_k == 2

@@ -29,14 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from surprise_monitor.monitor.alarms.sink import JsonlSink
+from surprise_monitor.monitor.alarms.sink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, JsonlSink
 from surprise_monitor.monitor.alarms.thumbnails import thumbnail_png
+from surprise_monitor.monitor.checks import positive_int
 
 if TYPE_CHECKING:
     from surprise_monitor.monitor.judge import Judge
     from surprise_monitor.monitor.report import MonitorReport
     from surprise_monitor.monitor.table import CalibrationTable
 
+#: Alarm records kept (the operator page's recent alarms).
+DEFAULT_CAPACITY = 500
 #: The kinds an alarm can be filtered by: which per-filter flags explain it.
 KINDS = ("surprise", "expectation", "low_beta")
 
@@ -96,11 +99,11 @@ class AlarmLog:
 
     def __init__(
         self,
-        capacity: int = 500,
+        capacity: int = DEFAULT_CAPACITY,
         *,
         sink: str | Path | JsonlSink | None = None,
-        sink_max_bytes: int = 16 << 20,
-        sink_backups: int = 5,
+        sink_max_bytes: int = DEFAULT_MAX_BYTES,
+        sink_backups: int = DEFAULT_BACKUPS,
         keep_inputs: int = 64,
         explanations: int = 32,
         thumbnail_size: int = 96,
@@ -113,8 +116,7 @@ class AlarmLog:
             ("explanations", explanations),
             ("thumbnail_size", thumbnail_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")  # fmt: skip
+            positive_int(name, value)
         self.capacity, self.keep_inputs, self.max_explanations = capacity, keep_inputs, explanations
         self.thumbnail_size, self.max_filters = thumbnail_size, max_filters
         self.explain_kwargs = dict(explain_kwargs or {})

@@ -19,6 +19,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from surprise_monitor.monitor.checks import non_negative_int, positive_int
+
+#: The size at which the audit file is rotated, and the rotated files kept.
+DEFAULT_MAX_BYTES = 16 << 20
+DEFAULT_BACKUPS = 5
+
 
 class JsonlSink:
     """Thread-safe appends of JSON records to ``path``, rotated by size.
@@ -29,11 +35,11 @@ class JsonlSink:
         backups: rotated files kept (``path.1`` newest .. ``path.<backups>`` oldest).
     """
 
-    def __init__(self, path: str | Path, max_bytes: int = 16 << 20, backups: int = 5) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ValueError(f"max_bytes must be an integer >= 1, got {max_bytes!r}")
-        if isinstance(backups, bool) or not isinstance(backups, int) or backups < 0:
-            raise ValueError(f"backups must be an integer >= 0, got {backups!r}")
+    def __init__(
+        self, path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS
+    ) -> None:
+        positive_int("max_bytes", max_bytes)
+        non_negative_int("backups", backups)
         self.path = Path(path)
         self.max_bytes, self.backups = max_bytes, backups
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from surprise_monitor.monitor.checks import one_of
 from surprise_monitor.monitor.explain import superpixels
 from surprise_monitor.monitor.explain.choice import most_surprising_filter
 from surprise_monitor.monitor.explain.inputs import judged_on_device, one_image
@@ -144,8 +145,7 @@ def _check_call(
 ) -> tuple[torch.Tensor, int]:
     """``(x as one image, label as an int)``, or ``ValueError`` for a bad method, sweep,
     image or label."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    one_of("method", method, METHODS)
     x = one_image(x, "fix")
     if not n_segments or not remove or min(remove) < 1 or min(n_segments) < 1:
         raise ValueError("n_segments and remove must be non-empty lists of positive counts")

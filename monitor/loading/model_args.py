@@ -26,8 +26,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     ``(default: VALUE)`` is appended to an option's help unless its help already states its
     default (``(default: ...)`` in words, for a default of ``None`` such as "the final
-    convolution"), it has none (``None``), or it is a switch (``--amp``, ``--no-alarm``: off
-    unless given). A list default is written as on the command line: ``0.5 0.5 0.5``."""
+    convolution"), it has none (``None``, or ``[]`` for a repeatable flag), or it is a switch
+    (``--amp``, ``--no-alarm``: off unless given). A list default is written as on the command
+    line: ``0.5 0.5 0.5``."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         """The help of ``action`` with its default, stated once."""
@@ -35,6 +36,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         if (
             default is None
+            or default == []  # a repeatable flag given no times
             or default is argparse.SUPPRESS
             or action.nargs == 0
             or _STATES_DEFAULT.search(text)

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from surprise_monitor.monitor.checks import one_of
+
 #: The class outputs a table can be calibrated on (``CalibrationTable.class_output``).
 CLASS_OUTPUTS: tuple[str, ...] = ("logit", "softmax", "log_softmax")
 #: The default: the logit (the paper's class score).
@@ -17,9 +19,7 @@ DEFAULT_CLASS_OUTPUT = "logit"
 
 def check_class_output(class_output: str) -> str:
     """``class_output`` itself, or ``ValueError`` when it is not one of :data:`CLASS_OUTPUTS`."""
-    if class_output not in CLASS_OUTPUTS:
-        raise ValueError(f"class_output must be one of {CLASS_OUTPUTS}, got {class_output!r}")
-    return class_output
+    return one_of("class_output", class_output, CLASS_OUTPUTS)
 
 
 def logits_of(output: Any, output_to_logits: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
@@ -52,5 +52,5 @@ def class_output_of(logits: torch.Tensor, classes: torch.Tensor, class_output: s
     elif class_output == "log_softmax":
         s = torch.log_softmax(logits, dim=1)
     else:
-        raise ValueError(f"class_output must be one of {CLASS_OUTPUTS}, got {class_output!r}")
+        check_class_output(class_output)  # raises
     return s.gather(1, classes.view(-1, 1)).squeeze(1)

@@ -18,6 +18,8 @@ from collections import deque
 
 import numpy as np
 
+from surprise_monitor.monitor.checks import positive_int
+
 
 def ks_distance_from_uniform(p_values: np.ndarray) -> float:
     """``sup_t |F_m(t) - t|`` of the empirical CDF of ``p_values`` (in [0, 1]) against
@@ -49,8 +51,7 @@ class PValueWindow:
     """
 
     def __init__(self, size: int, alarm_rate: float) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"window size must be an integer >= 1, got {size!r}")
+        positive_int("window size", size)
         self.size = size
         self.alarm_rate = float(alarm_rate)
         self._values: deque[float] = deque(maxlen=size)

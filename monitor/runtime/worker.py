@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from surprise_monitor.monitor.options import _positive_int
+from surprise_monitor.monitor.checks import positive_int
 
 
 class AsyncWorker:
@@ -24,7 +24,7 @@ class AsyncWorker:
         on_depth: Callable[[int], None] | None = None,
         name: str = "surprise-monitor-worker",
     ) -> None:
-        _positive_int("queue_size", maxsize)
+        positive_int("queue_size", maxsize)
         self.maxsize = maxsize
         self._handle = handle
         self._on_depth = on_depth

@@ -24,11 +24,12 @@ Endpoints:
 - ``GET /metrics``: Prometheus metrics (the monitor's, plus the process's).
 - ``GET /healthz``: ``{"status": "ok", "monitor": "sync" | "async" | "off"}``.
 
-Limits (:class:`Limits`): a body over ``max_body_bytes`` is answered 413 before it is read
-whole; more than ``max_batch`` inputs, 413; inputs of another ``C x H x W`` than the table's,
-422 (before the model runs); an image over ``max_image_pixels``, 413. The monitor never turns a
-prediction into an error: an input the model itself cannot run is answered with HTTP 400 naming
-the problem. The command line is :mod:`surprise_monitor.serve.cli` (``surprise-serve``).
+Limits (:class:`~surprise_monitor.serve.limits.Limits`): a body over ``max_body_bytes`` is
+answered 413 before it is read whole; more than ``max_batch`` inputs, 413; inputs of another
+``C x H x W`` than the table's, 422 (before the model runs); an image over ``max_image_pixels``,
+413. The monitor never turns a prediction into an error: an input the model itself cannot run is
+answered with HTTP 400 naming the problem. The command line is
+:mod:`surprise_monitor.serve.cli` (``surprise-serve``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,17 +51,9 @@ from torch import nn
 from surprise_monitor.monitor import AlarmLog, MonitorReport, SurpriseMonitor
 from surprise_monitor.monitor.loading.images import Preprocessing
 from surprise_monitor.monitor.table import CalibrationTable
+from surprise_monitor.serve.limits import Limits
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may hold."""
-
-    max_body_bytes: int = 16 << 20
-    max_batch: int = 64
-    max_image_pixels: int = 25_000_000
 
 
 class PredictRequest(BaseModel):
@@ -128,13 +120,15 @@ def create_app(
     monitor: SurpriseMonitor | None,
     *,
     table: CalibrationTable | None = None,
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
     registry: CollectorRegistry = REGISTRY,
 ) -> FastAPI:
     """The service: ``model`` answers, ``monitor`` (if any) watches, ``table`` (the monitor's by
     default) gives the input size, the class names and the image preprocessing; ``close()``
-    on shutdown. With the monitor's ``alarm_log`` the operator's page is mounted at
+    on shutdown; ``limits``: the defaults of :class:`~surprise_monitor.serve.limits.Limits`
+    when not given. With the monitor's ``alarm_log`` the operator's page is mounted at
     ``/alarms``. Routes are added by small functions, so others can be added beside them."""
+    limits = limits if limits is not None else Limits()
     table = table if table is not None else (monitor.table if monitor is not None else None)
 
     @asynccontextmanager

@@ -35,23 +35,24 @@ from torch import nn
 
 from surprise_monitor.monitor import AlarmLog, MonitorReport, SurpriseMonitor
 from surprise_monitor.monitor.advice import cli_message
+from surprise_monitor.monitor.alarms.log import DEFAULT_CAPACITY
+from surprise_monitor.monitor.alarms.sink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from surprise_monitor.monitor.loading.model_args import (
     add_model_arguments,
     command_parser,
     model_from_args,
 )
 from surprise_monitor.monitor.options import (
-    MODES,
     Execution,
     MetricsOptions,
     Sampling,
     Thresholds,
     add_option_arguments,
-    help_of,
     options_from_args,
 )
 from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.serve.config_files import CONFIG_FILES, ConfigExistsError, write_config
+from surprise_monitor.serve.limits import MIB, Limits
 
 TOOL = "surprise-serve"
 METAVARS = {"every": "K", "queue_size": "N", "alarm_rate": "RATE", "window": "N"}
@@ -73,9 +74,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's own choice)")  # fmt: skip
     s.add_argument("--no-monitor", action="store_true", help="serve the bare model")
-    s.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (MiB)")
-    s.add_argument("--max-batch", type=int, default=64, help="most inputs in one request")
-    s.add_argument("--max-image-pixels", type=int, default=25_000_000,
+    s.add_argument("--max-body-mb", type=float, default=Limits.max_body_bytes / MIB,
+                   help="largest request body (MiB)")  # fmt: skip
+    s.add_argument("--max-batch", type=int, default=Limits.max_batch,
+                   help="most inputs in one request")  # fmt: skip
+    s.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels,
                    help="largest uploaded image (width x height)")  # fmt: skip
     _monitor_arguments(p)
     c = p.add_argument_group("monitoring configuration")
@@ -90,8 +93,9 @@ def parser() -> argparse.ArgumentParser:
 def _monitor_arguments(p: argparse.ArgumentParser) -> None:
     """The monitor's flags: mode, sampling, alarm rate, metrics, the alarm log."""
     m = p.add_argument_group("monitor")
-    m.add_argument("--mode", choices=MODES, default="sync", help=help_of(Sampling, "mode"))
-    add_option_arguments(m, Sampling, {"every": "--sample-every", "queue_size": "--queue-size"})
+    add_option_arguments(
+        m, Sampling, {"mode": "--mode", "every": "--sample-every", "queue_size": "--queue-size"}
+    )
     add_option_arguments(m, Thresholds, {"alarm_rate": "--alarm-rate"})
     m.add_argument(
         "--no-fingerprint-check", action="store_true",
@@ -107,13 +111,14 @@ def _monitor_arguments(p: argparse.ArgumentParser) -> None:
         action.metavar = METAVARS.get(action.dest, action.metavar)
     m.add_argument("--log-flags", action="store_true", help="log each input that alarms")
     m.add_argument(
-        "--alarm-log", type=int, default=500, metavar="N",
+        "--alarm-log", type=int, default=DEFAULT_CAPACITY, metavar="N",
         help="recent alarms kept for the operator's page at /alarms/ (0: no page)",
     )  # fmt: skip
     m.add_argument("--alarm-audit", metavar="FILE",
                    help="append each alarm to this JSONL audit file (rotated by size)")  # fmt: skip
-    m.add_argument("--alarm-audit-max-mb", type=float, default=16.0,
-                   help="rotate the audit file at this size (MiB; 5 older files kept)")  # fmt: skip
+    m.add_argument("--alarm-audit-max-mb", type=float, default=DEFAULT_MAX_BYTES / MIB,
+                   help=f"rotate the audit file at this size (MiB; {DEFAULT_BACKUPS} older files "
+                   "kept)")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -146,9 +151,9 @@ def serve(
     """Log the start-up line and run the app under uvicorn until stopped."""
     import uvicorn
 
-    from surprise_monitor.serve.app import Limits, create_app
+    from surprise_monitor.serve.app import create_app
 
-    limits = Limits(int(args.max_body_mb * (1 << 20)), args.max_batch, args.max_image_pixels)
+    limits = Limits(int(args.max_body_mb * MIB), args.max_batch, args.max_image_pixels)
     app = create_app(model, monitor, table=table, limits=limits, registry=REGISTRY)
     log.info("%s", startup_line(args, table))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -167,22 +172,23 @@ def _write_config(folder: str, force: bool) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """``SystemExit`` naming the flag for a missing or out-of-range value."""
+    """``SystemExit`` naming the flag for a missing or out-of-range value. The monitor's flags
+    are checked by their option groups' own checks (worded with the flags)."""
     problems = [
         (not args.no_monitor and not args.table, "--table is required unless --no-monitor"),
-        (not 0.0 < args.alarm_rate < 1.0,
-         f"--alarm-rate must be in (0, 1), e.g. 0.01; got {args.alarm_rate}"),
         (args.alarm_log < 0 or (bool(args.alarm_audit) and args.alarm_log == 0),
          "--alarm-log must be >= 1 with --alarm-audit (0: no log)"),
         (args.alarm_audit_max_mb <= 0,
          f"--alarm-audit-max-mb must be > 0; got {args.alarm_audit_max_mb}"),
-        (args.window < 1, f"--metrics-window must be >= 1; got {args.window}"),
-        (args.every < 1, f"--sample-every must be >= 1; got {args.every}"),
-        (args.queue_size < 1, f"--queue-size must be >= 1; got {args.queue_size}"),
     ]  # fmt: skip
     for bad, message in problems:
         if bad:
             raise SystemExit(f"{TOOL}: {message}")
+    for group in (Thresholds, Sampling, MetricsOptions):
+        try:
+            options_from_args(group, args)
+        except ValueError as exc:
+            raise SystemExit(f"{TOOL}: {cli_message(exc)}") from None
     metrics_labels(args.metrics_label)
 
 
@@ -212,7 +218,7 @@ def alarm_log_from_args(args: argparse.Namespace) -> AlarmLog | None:
     """The operator page's alarm log (``--alarm-log``, ``--alarm-audit``), or ``None``."""
     if not args.alarm_log:
         return None
-    max_bytes = max(1, int(args.alarm_audit_max_mb * (1 << 20)))
+    max_bytes = max(1, int(args.alarm_audit_max_mb * MIB))
     return AlarmLog(args.alarm_log, sink=args.alarm_audit, sink_max_bytes=max_bytes)
 
 

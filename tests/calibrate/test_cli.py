@@ -347,3 +347,31 @@ def test_the_flags_defaults_are_the_option_groups():
     )
     assert options_from_args(AlarmOptions, args) == AlarmOptions(False, reference_images=99)
     assert options_from_args(CheckpointOptions, args) == CheckpointOptions("c", True, 5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        (["--workers", "-1"], "--workers must be an integer >= 0, got -1"),
+        (["--top-k", "0"], "--top-k must be an integer >= 1, got 0"),
+        (["--reference-images", "0"], "--reference-images must be an integer >= 1, got 0"),
+        (
+            ["--checkpoint-dir", "ck", "--checkpoint-every", "0"],
+            "--checkpoint-every must be an integer >= 1, got 0",
+        ),
+        (
+            ["--approximate", "--sketch-accuracy", "1.5"],
+            "--sketch-accuracy / --sketch-range: relative_accuracy must be a fraction in (0, 1)",
+        ),
+    ],
+)
+def test_option_values_are_checked_with_their_flags_before_any_image_is_read(
+    tmp_path, tiny_weights, capsys, extra, message
+):
+    missing = tmp_path / "no-such-folder"  # reading the images would fail another way
+    args = _args(missing, tmp_path / "t.safetensors", tiny_weights, *extra)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"surprise-calibrate: error: {message}"), err
+    assert not (tmp_path / "t.safetensors").exists()

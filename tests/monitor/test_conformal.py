@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from surprise_monitor.monitor.conformal import ConformalNull, check_alarm_rate, resampled_alarm_rate
+from surprise_monitor.monitor.conformal import ConformalNull, resampled_alarm_rate
 
 
 def oracle_p(null: np.ndarray, s: float) -> float:
@@ -66,9 +66,12 @@ def test_bad_nulls_and_rates_are_refused():
         ConformalNull(torch.tensor([0.0, float("inf")]))
     with pytest.raises(ValueError, match="1-D tensor"):
         ConformalNull(torch.zeros(0))
+    null = ConformalNull(torch.tensor([0.0, 1.0, 2.0]))
     for bad in (0.0, 1.0, -0.1, 2):
         with pytest.raises(ValueError, match="alarm_rate must be a fraction in \\(0, 1\\)"):
-            check_alarm_rate(bad)
+            null.threshold(bad)
+        with pytest.raises(ValueError, match="alarm_rate must be a fraction in \\(0, 1\\)"):
+            resampled_alarm_rate(null.scores, torch.zeros(4), bad)
 
 
 def test_resampled_alarm_rate_counts_each_re_split_like_numpy():

@@ -137,10 +137,16 @@ def test_monitor_from_args_maps_every_flag(calibrated):
     ("flags", "message"),
     [
         ([], "--table is required"),
-        (["--table", "t", "--alarm-rate", "1.5"], "--alarm-rate must be in"),
-        (["--table", "t", "--sample-every", "0"], "--sample-every must be >= 1"),
-        (["--table", "t", "--queue-size", "0"], "--queue-size must be >= 1"),
-        (["--table", "t", "--metrics-window", "0"], "--metrics-window must be >= 1"),
+        (
+            ["--table", "t", "--alarm-rate", "1.5"],
+            r"--alarm-rate must be a fraction in \(0, 1\), e\.g\. 0\.01, got 1\.5$",
+        ),
+        (["--table", "t", "--sample-every", "0"], "--sample-every must be an integer >= 1, got 0$"),
+        (["--table", "t", "--queue-size", "0"], "--queue-size must be an integer >= 1, got 0$"),
+        (
+            ["--table", "t", "--metrics-window", "0"],
+            "--metrics-window must be an integer >= 1, got 0$",
+        ),
         (["--table", "t", "--metrics-label", "oops"], "--metrics-label takes KEY=VALUE"),
         (["--table", "t", "--alarm-audit", "a.jsonl", "--alarm-log", "0"], "--alarm-log"),
     ],
@@ -183,3 +189,23 @@ def test_the_examples_wrapper_still_runs_the_command_line():
                           capture_output=True, text=True, timeout=120, cwd=root)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: surprise-serve") and "--write-config DIR" in proc.stdout
+
+
+def test_the_flags_defaults_are_the_declarations_they_configure(tmp_path):
+    from surprise_monitor.monitor.alarms.log import AlarmLog
+    from surprise_monitor.monitor.alarms.sink import JsonlSink
+    from surprise_monitor.monitor.options import MetricsOptions, Sampling, Thresholds
+    from surprise_monitor.serve.limits import MIB, Limits
+
+    args = cli.parser().parse_args([])
+    limits = Limits()
+    assert args.max_body_mb * MIB == limits.max_body_bytes
+    assert (args.max_batch, args.max_image_pixels) == (limits.max_batch, limits.max_image_pixels)
+    assert (args.mode, args.every, args.queue_size) == (Sampling().mode, 1, Sampling().queue_size)
+    assert (args.alarm_rate, args.window) == (Thresholds().alarm_rate, MetricsOptions().window)
+    log = AlarmLog()
+    assert args.alarm_log == log.capacity
+    sink = JsonlSink(tmp_path / "a.jsonl")
+    assert args.alarm_audit_max_mb * MIB == sink.max_bytes
+    assert f"{sink.backups} older files kept" in " ".join(cli.parser().format_help().split())
+    log.close()
