@@ -34,7 +34,8 @@ from surprise_monitor.calibrate.preflight import (
 )
 from surprise_monitor.calibrate.sketch import LogGrid
 from surprise_monitor.kernels.defaults import DEFAULT_SURPRISE_PCT
-from surprise_monitor.monitor.advice import cli_message
+from surprise_monitor.monitor.advice import advise, cli_message
+from surprise_monitor.monitor.checks import OptionValueError
 from surprise_monitor.monitor.loading.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from surprise_monitor.monitor.loading.model_args import (
     add_model_arguments,
@@ -278,8 +279,11 @@ def _grid(args: argparse.Namespace) -> LogGrid | bool:
         return False
     try:
         return LogGrid(args.sketch_accuracy, *args.sketch_range)
-    except ValueError as exc:
-        raise ValueError(f"--sketch-accuracy / --sketch-range: {exc}") from None
+    except OptionValueError as exc:  # relative_accuracy, the one option checked by range
+        raise advise(exc, exc.worded_for("--sketch-accuracy")) from None
+    except ValueError:
+        low, high = args.sketch_range
+        raise ValueError(f"--sketch-range MIN MAX needs 0 < MIN < MAX, got {low} {high}") from None
 
 
 def _options(

@@ -36,7 +36,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         if (
             default is None
-            or default == []  # a repeatable flag given no times
+            or (isinstance(default, list) and not default)  # a repeatable flag given no times
             or default is argparse.SUPPRESS
             or action.nargs == 0
             or _STATES_DEFAULT.search(text)

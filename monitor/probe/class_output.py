@@ -45,12 +45,11 @@ def check_classes(classes: torch.Tensor, num_classes: int) -> None:
 
 def class_output_of(logits: torch.Tensor, classes: torch.Tensor, class_output: str) -> torch.Tensor:
     """Per-sample output O_c of the chosen class: the logit, softmax or log-softmax."""
+    check_class_output(class_output)
     if class_output == "logit":
         s = logits
     elif class_output == "softmax":
         s = torch.softmax(logits, dim=1)
-    elif class_output == "log_softmax":
-        s = torch.log_softmax(logits, dim=1)
     else:
-        check_class_output(class_output)  # raises
+        s = torch.log_softmax(logits, dim=1)
     return s.gather(1, classes.view(-1, 1)).squeeze(1)

@@ -362,7 +362,11 @@ def test_the_flags_defaults_are_the_option_groups():
         ),
         (
             ["--approximate", "--sketch-accuracy", "1.5"],
-            "--sketch-accuracy / --sketch-range: relative_accuracy must be a fraction in (0, 1)",
+            "--sketch-accuracy must be a fraction in (0, 1), e.g. 0.01, got 1.5",
+        ),
+        (
+            ["--approximate", "--sketch-range", "1", "0.5"],
+            "--sketch-range MIN MAX needs 0 < MIN < MAX, got 1.0 0.5",
         ),
     ],
 )
