@@ -1,15 +1,20 @@
 """Requests per second that the service (``surprise-serve``) holds, with the monitor off, sync
-and async.
+and async, and the share of the inputs the async mode judges under sustained load.
 
-Usage: ``python bench/load_serve.py [--model resnet18] [--size 64] [--requests 60]
-[--rounds 5] [--concurrency 4] [--modes off,sync,async]``.
+Usage: ``python bench/load_serve.py [--model resnet18] [--size 64] [--requests 60 | --seconds S]
+[--rounds 5] [--concurrency 4[,8]] [--modes off,sync,async]``.
 
+Modes: ``off`` (``--no-monitor``), ``sync``, ``async`` (the default ``--judge-batch``) and
+``asyncN`` (``--mode async --judge-batch N``; ``async1`` judges each queued request on its own).
 Builds the torchvision model with random weights (10 classes) and a calibration table on
 random images in a temporary folder, then starts one service per mode on free loopback ports.
-The modes are measured in turn, in ``--rounds`` rounds, so load that drifts during the run hits
-every mode alike: each round sends ``--requests`` single-image requests per mode from
-``--concurrency`` client threads, after every async queue has drained. Prints per-mode medians
-over the rounds (requests/s, latency percentiles) and the inputs the async queue dropped, as
+The modes are measured in turn, in ``--rounds`` rounds (and per ``--concurrency``), so load that
+drifts during the run hits every mode alike: each round sends single-image requests per mode
+from the client threads, ``--requests`` of them or for ``--seconds`` seconds (sustained load),
+after every service has judged what it queued. Per mode it reads the service's ``/metrics``:
+the judged share (inputs monitored / inputs sent, once the queue drained; the rest were dropped
+as ``queue_full``), inputs per judge call and the added latency the service measured. Prints
+per-mode medians over the rounds (requests/s, client latency percentiles, judged share) as
 JSON lines, then a table. Client and servers share this machine's cores. Bounded: every
 request has a 60 s timeout and every server is stopped at the end.
 """
@@ -17,6 +22,7 @@ request has a 60 s timeout and every server is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -36,6 +42,18 @@ from bench._serve_process import start_service, stop_process  # noqa: E402
 from surprise_monitor.calibrate import calibrate  # noqa: E402
 from surprise_monitor.calibrate.options import RunOptions  # noqa: E402
 
+NS = "surprise_monitor_"
+#: The service's counters read around each burst (name -> metric prefix).
+COUNTERS = {
+    "inputs": NS + "inputs_total",
+    "monitored": NS + "inputs_monitored_total",
+    "skipped": NS + "inputs_skipped_total",
+    "dropped": NS + 'inputs_skipped_total{reason="queue_full"}',
+    "calls": NS + "inspect_duration_seconds_count",
+    "added_sum": NS + "added_latency_seconds_sum",
+    "added_count": NS + "added_latency_seconds_count",
+}
+
 
 def prepare(folder: Path, name: str, size: int, classes: int) -> list[str]:
     torch.manual_seed(0)
@@ -51,38 +69,82 @@ def prepare(folder: Path, name: str, size: int, classes: int) -> list[str]:
             "--table", str(folder / "table.safetensors")]  # fmt: skip
 
 
-def burst(client: httpx.Client, url: str, body: str, requests: int, concurrency: int) -> dict:
-    """``requests`` POSTs from ``concurrency`` threads: requests/s and latencies (ms)."""
+def mode_flags(mode: str) -> list[str]:
+    """A mode's service flags: ``off``, ``sync``, ``async``, ``asyncN`` (judge batch N)."""
+    if mode == "off":
+        return ["--no-monitor"]
+    if mode.startswith("async") and mode[5:].isdigit():
+        return ["--mode", "async", "--judge-batch", mode[5:]]
+    if mode in ("sync", "async"):
+        return ["--mode", mode]
+    raise SystemExit(f"unknown mode {mode!r}: off, sync, async or asyncN")
 
-    def one(_: int) -> float:
-        start = time.perf_counter()
-        client.post(url + "/predict", content=body).raise_for_status()
-        return time.perf_counter() - start
+
+def burst(
+    client: httpx.Client, url: str, body: str, concurrency: int, requests: int, seconds: float
+) -> dict:
+    """POSTs from ``concurrency`` threads, ``requests`` of them or (``seconds`` > 0) as many as
+    they send in ``seconds``: requests sent, requests/s and latencies (ms)."""
+    numbers = itertools.count()
+    end = time.perf_counter() + seconds
+
+    def worker(_: int) -> list[float]:
+        lat = []
+        while (time.perf_counter() < end) if seconds > 0 else (next(numbers) < requests):
+            start = time.perf_counter()
+            client.post(url + "/predict", content=body).raise_for_status()
+            lat.append(time.perf_counter() - start)
+        return lat
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        lat = sorted(pool.map(one, range(requests)))
+        lat = sorted(itertools.chain.from_iterable(pool.map(worker, range(concurrency))))
     wall = time.perf_counter() - started
     return {
-        "requests_per_s": requests / wall,
+        "sent": len(lat),
+        "requests_per_s": len(lat) / wall,
         "p50_ms": 1000 * statistics.median(lat),
         "p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))],
+        "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
     }
 
 
-def metric(client: httpx.Client, url: str, prefix: str) -> float:
-    text = client.get(url + "/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(prefix))  # fmt: skip
+def counters(client: httpx.Client, url: str) -> dict[str, float]:
+    """The service's :data:`COUNTERS` (each summed over its series; absent: 0)."""
+    lines = client.get(url + "/metrics").text.splitlines()
+    return {
+        key: sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+        for key, prefix in COUNTERS.items()
+    }
 
 
-def drained(client: httpx.Client, url: str, timeout: float = 60.0) -> None:
+def drained(client: httpx.Client, url: str, timeout: float = 120.0) -> dict[str, float]:
+    """Wait until every input the service counted is monitored or skipped (the async queue is
+    empty and the worker idle); its counters then."""
     deadline = time.monotonic() + timeout
-    while metric(client, url, "surprise_monitor_queue_depth") > 0:
+    while True:
+        found = counters(client, url)
+        if found["inputs"] == found["monitored"] + found["skipped"]:
+            return found
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url}: the async queue did not drain in {timeout} s")
         time.sleep(0.05)
-    time.sleep(0.2)  # the batch the worker holds
+
+
+def measure(
+    client: httpx.Client, url: str, body: str, concurrency: int, requests: int, seconds: float
+) -> dict:
+    """One burst and what the service judged of it (counted once it has drained)."""
+    before = drained(client, url)
+    found = burst(client, url, body, concurrency, requests, seconds)
+    after = drained(client, url)
+    delta = {k: after[k] - before[k] for k in COUNTERS}
+    if delta["inputs"]:  # the monitor is on
+        found["judged_share"] = delta["monitored"] / delta["inputs"]
+        found["dropped"] = delta["dropped"]
+        found["inputs_per_call"] = delta["monitored"] / max(1.0, delta["calls"])
+        found["added_ms"] = 1000 * delta["added_sum"] / max(1.0, delta["added_count"])
+    return found
 
 
 def main() -> None:
@@ -91,14 +153,18 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--requests", type=int, default=60, help="requests per mode and round")
+    p.add_argument(
+        "--seconds", type=float, default=0.0, help="send for this long instead (sustained load)"
+    )
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--concurrency", default="4", help="client threads; several: 4,8")
     p.add_argument("--modes", default="off,sync,async")
     args = p.parse_args()
     x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
     body = json.dumps({"inputs": x.tolist()})
     modes = args.modes.split(",")
-    found: dict[str, list[dict]] = {m: [] for m in modes}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    found: dict[tuple[int, str], list[dict]] = {(c, m): [] for c in levels for m in modes}
     with (
         tempfile.TemporaryDirectory() as tmp,
         httpx.Client(timeout=60, headers={"content-type": "application/json"}) as client,
@@ -108,38 +174,42 @@ def main() -> None:
         procs, urls = [], {}
         try:
             for mode in modes:
-                extra = ["--no-monitor"] if mode == "off" else ["--mode", mode]
-                proc, urls[mode] = start_service([*model_args, *extra], folder / f"{mode}.log")
+                proc, urls[mode] = start_service(
+                    [*model_args, *mode_flags(mode)], folder / f"{mode}.log"
+                )
                 procs.append(proc)
             for mode in modes:  # warm-up
-                burst(client, urls[mode], body, 2 * args.concurrency, args.concurrency)
+                burst(client, urls[mode], body, levels[0], 2 * levels[0], 0)
             for _ in range(args.rounds):
-                for mode in modes:
-                    for url in urls.values():
-                        drained(client, url)
-                    found[mode].append(
-                        burst(client, urls[mode], body, args.requests, args.concurrency)
-                    )
+                for c in levels:
+                    for mode in modes:
+                        for url in urls.values():
+                            drained(client, url)
+                        found[(c, mode)].append(
+                            measure(client, urls[mode], body, c, args.requests, args.seconds)
+                        )
             rows = []
-            for mode in modes:
-                row = {"mode": mode}
-                for key in ("requests_per_s", "p50_ms", "p95_ms"):
-                    row[key] = statistics.median(r[key] for r in found[mode])
-                row["dropped_inputs"] = metric(
-                    client, urls[mode], 'surprise_monitor_inputs_skipped_total{reason="queue_full"}'
-                )
+            for (c, mode), results in found.items():
+                row: dict = {"concurrency": c, "mode": mode}
+                row["sent"] = sum(r["sent"] for r in results)
+                for key in results[0]:
+                    if key != "sent":
+                        row[key] = statistics.median(r[key] for r in results)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
             for proc in procs:
                 stop_process(proc)
-    base = rows[0]["requests_per_s"] if rows and rows[0]["mode"] == "off" else None
-    print(f"\n{args.model} {args.size}x{args.size}: medians of {args.rounds} rounds of "
-          f"{args.requests} requests, {args.concurrency} client threads")  # fmt: skip
+    load = f"{args.seconds:g} s" if args.seconds > 0 else f"{args.requests} requests"
+    print(f"\n{args.model} {args.size}x{args.size}: medians of {args.rounds} rounds of {load} "
+          f"per mode and client threads")  # fmt: skip
     for r in rows:
-        ratio = f"  x{r['requests_per_s'] / base:.2f} of off" if base else ""
-        print(f"{r['mode']:>6}: {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
-              f"p95 {r['p95_ms']:7.1f} ms  dropped {r['dropped_inputs']:.0f}{ratio}")  # fmt: skip
+        line = (f"{r['concurrency']:>2} threads {r['mode']:>7}: {r['requests_per_s']:6.1f} req/s  "
+                f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")  # fmt: skip
+        if "judged_share" in r:
+            line += (f"  judged {100 * r['judged_share']:5.1f}% of {r['sent']}  "
+                     f"{r['inputs_per_call']:4.1f} inputs/call")  # fmt: skip
+        print(line)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from surprise_monitor.monitor.options import (
 )
 from surprise_monitor.monitor.probe.hooks import get_module
 from surprise_monitor.monitor.table import CalibrationTable, images_needed
+from surprise_monitor.monitor.table_key import TableKeyError, load_key
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,6 +63,11 @@ def parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="ImageFolder root of the training images")
     p.add_argument("--out", required=True, help="where to write the table (.safetensors)")
+    p.add_argument(
+        "--sign-key", metavar="FILE",
+        help="sign the table (HMAC-SHA256) with the secret key in FILE, so that surprise-serve "
+        "--table-key FILE refuses it once anyone without the key changes it",
+    )  # fmt: skip
     p.add_argument(
         "--num-classes", type=int,
         help="classes of a torchvision model (default: the number of class folders)",
@@ -133,8 +139,9 @@ def _scale_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def summary(table: CalibrationTable, out: Path, seconds: float) -> str:
-    """What the run produced, for people: per-class counts, thin classes, where it went."""
+def summary(table: CalibrationTable, out: Path, seconds: float, signed: bool = False) -> str:
+    """What the run produced, for people: per-class counts, thin classes, where it went (and
+    whether it was signed)."""
     n = int(table.counts.sum())
     lines = [
         f"layer: {table.layer} ({table.layer_reason})",
@@ -156,7 +163,7 @@ def summary(table: CalibrationTable, out: Path, seconds: float) -> str:
             f"{DEFAULT_SURPRISE_PCT:g}th percentile (it sits at the class maximum): {names}"
         )
     lines.append(_alarm_line(table))
-    lines.append(f"table written to {out}")
+    lines.append(f"table written to {out}" + (", signed (--sign-key)" if signed else ""))
     return "\n".join(lines)
 
 
@@ -236,6 +243,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
     table and prints the summary."""
     try:
         out = check_out(args.out)
+        key = _sign_key(args)
         _check_option_flags(args)
         dataset, steps, model = _prepare(args, info)
         loader = DataLoader(
@@ -253,12 +261,23 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
         seconds = time.perf_counter() - started
         if info.rank != 0:  # every rank holds the same table; rank 0 writes it
             return 0
-        out = table.save(out)
+        out = table.save(out, key=key)
     except (ValueError, TypeError, OSError) as exc:
         print(f"surprise-calibrate: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    print(summary(table, out, seconds))
+    print(summary(table, out, seconds, signed=key is not None))
     return 0
+
+
+def _sign_key(args: argparse.Namespace) -> bytes | None:
+    """The key of ``--sign-key`` (read before the long run), or ``None``; ``ValueError``
+    naming the flag for a missing, unreadable or too short key file."""
+    if not args.sign_key:
+        return None
+    try:
+        return load_key(args.sign_key)
+    except TableKeyError as exc:
+        raise ValueError(f"--sign-key: {exc}") from None
 
 
 def _check_option_flags(args: argparse.Namespace) -> None:

@@ -13,8 +13,8 @@ The layout, bottom to top (each part imports only from the parts listed before i
 - ``atypicality``, ``conformal``: the alarm's score and its p-values.
 - ``options``: the option groups (:class:`Thresholds`, :class:`Execution`, :class:`Sampling`,
   :class:`MetricsOptions`) every layer takes whole.
-- ``table_alarm``, ``table_file``, ``table``: the table's alarm part, its file format, the
-  calibration table itself.
+- ``table_key``, ``table_alarm``, ``table_file``, ``table``: the key that signs a table, the
+  table's alarm part, its file format, the calibration table itself.
 - ``loading/``: models (torchvision names, ``module:factory``, weights, ONNX) and images.
 - ``report``: the per-batch result.
 - ``judge``: a batch in, a report out (probe -> kernels -> report).
@@ -28,7 +28,12 @@ The layout, bottom to top (each part imports only from the parts listed before i
 
 from surprise_monitor.monitor.alarms import AlarmLog, AlarmRecord
 from surprise_monitor.monitor.explain import Explanation, FixAttempt, FixResult, input_gradient
-from surprise_monitor.monitor.judge import InvalidInputError, Judge, TableMismatchError
+from surprise_monitor.monitor.judge import (
+    InvalidInputError,
+    Judge,
+    NonFiniteInputError,
+    TableMismatchError,
+)
 from surprise_monitor.monitor.loading import OnnxConversionError, load_onnx
 from surprise_monitor.monitor.options import Execution, MetricsOptions, Sampling, Thresholds
 from surprise_monitor.monitor.probe import GradAMapProbe, LayerChoice, ProbeResult, resolve_layer
@@ -46,6 +51,7 @@ __all__ = [
     "FlaggedFilter",
     "GradAMapProbe",
     "InvalidInputError",
+    "NonFiniteInputError",
     "Judge",
     "LayerChoice",
     "MetricsConflictError",

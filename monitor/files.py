@@ -3,7 +3,8 @@
 Every file the library writes (calibration tables, checkpoint manifests, sketch states,
 figures) goes through :func:`atomic_write`: a temporary file in the same folder, fsync, rename,
 fsync of the folder. A new file gets the permissions ``open()`` would give it (``0666`` less the
-umask), a replaced file keeps its own.
+umask), a replaced file keeps its own, unless a ``mode`` is given (a secret's ``0o600``: the
+temporary file has it from the start).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+def atomic_write(
+    path: str | Path, write: Callable[[Path], object], *, mode: int | None = None
+) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, fsync it, then rename it to
     ``path`` and fsync the folder. On any error the temporary file is removed and ``path`` is
-    left as it was. Returns ``path``."""
+    left as it was. ``mode``: the file's permissions (default: see the module). Returns
+    ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -25,7 +29,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
-        os.chmod(tmp, _mode_for(path))  # mkstemp makes 0600; a new file follows the umask
+        os.chmod(tmp, _mode_for(path) if mode is None else mode)  # mkstemp makes 0600
         _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
     except BaseException:
@@ -61,9 +65,9 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`). Returns ``path``."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), mode=mode)
 
 
 def _fsync(path: Path, flags: int) -> None:

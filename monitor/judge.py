@@ -70,6 +70,18 @@ class InvalidInputError(SurpriseMonitorError, ValueError):
     """An input batch or its labels cannot be monitored (shape, dtype, NaN/Inf, empty, range)."""
 
 
+class NonFiniteInputError(InvalidInputError):
+    """Some input rows hold NaN or Inf values; ``rows`` names them (batch indices)."""
+
+    def __init__(self, message: str, rows: list[int]) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with its rows (e.g. across processes)."""
+        return (type(self), (str(self), self.rows))
+
+
 class TrainingModeError(SurpriseMonitorError, ValueError):
     """The model is in training mode (batch statistics would couple the samples)."""
 
@@ -343,7 +355,9 @@ class Judge:
             bad = ~torch.isfinite(x)
             if bool(bad.any()):
                 rows = torch.nonzero(bad.flatten(1).any(dim=1)).flatten().tolist()
-                raise InvalidInputError(f"input has NaN or Inf values (batch rows {rows[:10]})")
+                raise NonFiniteInputError(
+                    f"input has NaN or Inf values (batch rows {rows[:10]})", rows
+                )
         return x
 
     def _check_input_size(self, x: torch.Tensor) -> None:

@@ -136,6 +136,11 @@ class Sampling:
         choices=MODES,
     )
     queue_size: int = option(64, "async mode: batches queued at most; inputs past it are dropped")
+    judge_batch: int = option(
+        64,
+        "async mode: queued inputs judged together in one judge call, at most this many "
+        "(1: each queued batch on its own)",
+    )
 
     def __post_init__(self) -> None:
         positive_int("sampling.every", self.every)
@@ -147,6 +152,7 @@ class Sampling:
         object.__setattr__(self, "fraction", share)
         one_of("sampling.mode", self.mode, MODES)
         positive_int("sampling.queue_size", self.queue_size)
+        positive_int("sampling.judge_batch", self.judge_batch)
 
     @property
     def takes_all(self) -> bool:

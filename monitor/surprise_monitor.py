@@ -32,6 +32,7 @@ from surprise_monitor.monitor.runtime.request_path import (
     check_callbacks,
 )
 from surprise_monitor.monitor.table import CalibrationTable
+from surprise_monitor.monitor.table_file import TableError
 
 if TYPE_CHECKING:
     from surprise_monitor.monitor.explain.explanation import Explanation
@@ -93,6 +94,12 @@ class SurpriseMonitor:
             judge to it for the explanations. Errors in it are counted, never raised. The
             caller owns it: ``alarm_log.close()`` after :meth:`close`.
         output_to_logits: maps the model's output to ``[B, K]`` logits (default: identity).
+        table_key: the secret key the table must be signed with (its bytes, or the path of a
+            key file: :func:`~surprise_monitor.monitor.table_key.load_key`). A table path is
+            loaded with it (a :class:`~.table_file.TableError` for an unsigned table or one
+            changed since it was signed); a loaded table must have been loaded with the same
+            key (``CalibrationTable.load(path, key=...)``). ``None``: the table is not
+            authenticated.
     """
 
     @renamed_keywords(RENAMES)
@@ -108,9 +115,15 @@ class SurpriseMonitor:
         on_alarm: Callable[[MonitorReport], Any] | None = None,
         alarm_log: AlarmRecorder | None = None,
         output_to_logits: Callable[[Any], torch.Tensor] | None = None,
+        table_key: bytes | str | Path | None = None,
     ) -> None:
         if not isinstance(table, CalibrationTable):  # exemplars stay on disk until explained
-            table = CalibrationTable.load(table, exemplars=False)
+            table = CalibrationTable.load(table, exemplars=False, key=table_key)
+        elif table_key is not None and not table.verified_with(table_key):
+            raise TableError(
+                "the table was not loaded with this table_key, so its signature is unchecked: "
+                "pass the path, or load the table with key=..."
+            )
         # checked before anything is attached to the model
         check_callbacks(on_alarm, alarm_log)
         sampling = option_group(sampling, Sampling, "sampling")

@@ -1,13 +1,15 @@
 """The calibration table: per (class, filter) statistics of Grad-AMap alpha on training data,
 per-class beta percentiles, exemplars and the alarm's part; its validation and queries.
 
-The file format (safetensors plus JSON metadata, a checksum, memory-mapped reads) is
-:mod:`surprise_monitor.monitor.table_file`; :meth:`CalibrationTable.save` and
-:meth:`CalibrationTable.load` call it.
+The file format (safetensors plus JSON metadata, a checksum, an optional signature,
+memory-mapped reads) is :mod:`surprise_monitor.monitor.table_file`; :meth:`CalibrationTable.save`
+and :meth:`CalibrationTable.load` call it.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
 import math
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime
@@ -33,6 +35,9 @@ from surprise_monitor.monitor.table_file import (
     signed_file,
     write_table_file,
 )
+from surprise_monitor.monitor.table_key import load_key
+
+log = logging.getLogger(__name__)
 
 #: Default percent levels of the alpha grid: dense in the tails, where the flags live.
 DEFAULT_LEVELS: tuple[float, ...] = (
@@ -88,6 +93,16 @@ class CalibrationTable:
         checked = getattr(self, "_checked", None)
         return checked is not None and checked[0] is self.quantiles and checked[1] is self.mean
 
+    @property
+    def signed(self) -> bool:
+        """True when the file it was loaded from is signed (checked or not)."""
+        return getattr(self, "_signed", False)
+
+    @property
+    def signature_verified(self) -> bool:
+        """True when it was loaded with a key that verified its file's signature."""
+        return getattr(self, "_signature_verified", False)
+
     # ------------------------------------------------------------------ shapes
     @property
     def num_classes(self) -> int:
@@ -111,7 +126,8 @@ class CalibrationTable:
             return
         if self.path is None:
             raise TableError("this table has no exemplars and no file to load them from")
-        full = type(self).load(self.path)
+        key = getattr(self, "_key", None)  # the file is read as it was: verified with its key
+        full = type(self).from_checked_file(read_table_file(self.path, key=key))
         if full.sha256 != self.sha256:  # pinned: exemplars only from the file that was loaded
             raise TableError(
                 f"{self.path}: the file changed since this table was loaded (checksum "
@@ -225,11 +241,21 @@ class CalibrationTable:
             tensors.update(self.alarm.tensors())
         return tensors
 
-    def save(self, path: str | Path) -> Path:
-        """Write the table to ``path`` (safetensors) atomically; returns the path."""
+    def save(self, path: str | Path, key: bytes | str | Path | None = None) -> Path:
+        """Write the table to ``path`` (safetensors) atomically, signed with ``key`` when given
+        (the key's bytes or its file, :func:`~.table_key.load_key`); returns the path."""
         path = Path(path)
-        self.sha256 = write_table_file(path, self._tensors(), self._metadata())
+        self.sha256 = write_table_file(path, self._tensors(), self._metadata(), key)
         return path
+
+    def verified_with(self, key: bytes | str | Path) -> bool:
+        """True when the table was loaded from a file whose signature ``key`` verified."""
+        mine = getattr(self, "_key", None)
+        return (
+            self.signature_verified
+            and mine is not None
+            and hmac.compare_digest(mine, load_key(key))
+        )
 
     def fingerprint(self) -> str:
         """The table's SHA-256: its file's checksum when it was loaded or saved, else the one
@@ -239,7 +265,9 @@ class CalibrationTable:
         return self.sha256
 
     @classmethod
-    def load(cls, path: str | Path, *, exemplars: bool = True) -> CalibrationTable:
+    def load(
+        cls, path: str | Path, *, exemplars: bool = True, key: bytes | str | Path | None = None
+    ) -> CalibrationTable:
         """Read a table written by :meth:`save`; refuse anything corrupt, truncated or edited.
 
         The checksum is verified with ordinary reads of the file; tensors of at least
@@ -250,8 +278,23 @@ class CalibrationTable:
         ``exemplars=False`` leaves the exemplar tensors (``top_indices``, ``top_alpha``: 8 bytes
         per class, filter and exemplar) out until :meth:`ensure_exemplars` needs them; the
         monitor's inference path does not.
+
+        With a ``key`` (its bytes or its file, :func:`~.table_key.load_key`) the file must be
+        signed with it (:class:`~.table_file.TableSignatureError` otherwise: unsigned, or
+        changed since it was signed); it is kept (never shown) to read the exemplars later.
+        Without one a table loads signed or not, and one INFO line says its authenticity was not
+        checked. :attr:`signed` and :attr:`signature_verified` record which.
         """
-        return cls.from_checked_file(read_table_file(path, exemplars=exemplars))
+        key = None if key is None else load_key(key)
+        file = read_table_file(path, exemplars=exemplars, key=key)
+        table = cls.from_checked_file(file)
+        table._key = key
+        if key is None:
+            log.info(
+                "%s: calibration table loaded without a key, its authenticity not checked (%s)",
+                file.path, "the table is signed" if file.signed else "the table is not signed",
+            )  # fmt: skip
+        return table
 
     @classmethod
     def from_checked_file(cls, file: TableFile) -> CalibrationTable:
@@ -276,6 +319,7 @@ class CalibrationTable:
                     value = f.default_factory()  # type: ignore[misc]
                 setattr(table, f.name, value)
             table.validate(grid_values=not file.grid_values_checked)
+            table._signed, table._signature_verified = file.signed, file.signature_verified
         except (TableError, AlarmTableError) as exc:
             raise TableError(f"{file.path}: {exc}") from exc
         for name, have in (("num_classes", table.num_classes), ("num_filters", table.num_filters)):

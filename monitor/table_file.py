@@ -1,12 +1,16 @@
 """The calibration table's file format: safetensors tensors plus JSON metadata, never unpickled.
 
 A SHA-256 over the metadata and every tensor's bytes is kept in the header, so a truncated or
-edited file is refused with a clear error instead of being used silently. :func:`read_table_file`
-verifies the checksum with ordinary reads, then memory-maps the large tensors (copy-on-write, never
-written back) and checks the alpha grid's values a few classes at a time, dropping the pages it
-read; :func:`write_table_file` signs and writes a file atomically. The alpha grid is stored
-class-major (``quantiles [K, N, Q]``): one class's grid is one contiguous block, so the lookup
-(:mod:`surprise_monitor.kernels.table`) reads only the blocks of the classes it sees.
+edited file is refused with a clear error instead of being used silently. Anyone can recompute
+it after a deliberate edit, so a table can also be signed: an HMAC-SHA256 of the same bytes
+under a secret key (:mod:`~.table_key`), in the header's ``hmac_sha256`` field, which a reader
+given the key requires and checks (:class:`TableSignatureError`). :func:`read_table_file`
+verifies the checksum (and the signature) in one pass of ordinary reads, then memory-maps the
+large tensors (copy-on-write, never written back) and checks the alpha grid's values a few
+classes at a time, dropping the pages it read; :func:`write_table_file` checksums (and signs)
+and writes a file atomically. The alpha grid is stored class-major (``quantiles [K, N, Q]``):
+one class's grid is one contiguous block, so the lookup (:mod:`surprise_monitor.kernels.table`)
+reads only the blocks of the classes it sees.
 
 The table's own model, its validation and queries are :mod:`surprise_monitor.monitor.table`.
 """
@@ -14,6 +18,7 @@ The table's own model, its validation and queries are :mod:`surprise_monitor.mon
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import mmap
@@ -31,6 +36,7 @@ from surprise_monitor.kernels import check_percentile_grid
 from surprise_monitor.monitor.errors import SurpriseMonitorError
 from surprise_monitor.monitor.files import atomic_write_bytes
 from surprise_monitor.monitor.table_alarm import PREFIX as ALARM_PREFIX
+from surprise_monitor.monitor.table_key import load_key
 
 FORMAT_NAME = "surprise-monitor-table"
 FORMAT_VERSION = 1
@@ -41,6 +47,8 @@ CHECK_CHUNK_BYTES = 4 << 20
 #: Largest JSON header a table file may have (checked before it is read or parsed): metadata
 #: and 8 tensor entries; 100,000 class names of 100 characters fit.
 MAX_HEADER_BYTES = 16 << 20
+#: The header field that holds a signed table's HMAC-SHA256 (hex), beside ``sha256``.
+SIGNATURE_FIELD = "hmac_sha256"
 #: The alpha table's tensors, in file order (the alarm's are named with ``ALARM_PREFIX``).
 TENSOR_NAMES = (
     "levels", "quantiles", "mean", "counts",
@@ -57,12 +65,17 @@ class TableError(SurpriseMonitorError, ValueError):
     """A calibration table file or object is invalid (corrupt, truncated, edited, inconsistent)."""
 
 
+class TableSignatureError(TableError):
+    """A table read with a key is not signed, or its signature does not match the key."""
+
+
 @dataclass(frozen=True)
 class TableFile:
     """What :func:`read_table_file` read and verified: the table's fields from the metadata
     (``class_output`` named so, the alarm's metadata left as JSON), its tensors, the file's
-    checksum, and whether the alpha grid's values were already checked (a mapped grid is
-    checked in chunks while it is read; a copied one is left to the table)."""
+    checksum, whether the alpha grid's values were already checked (a mapped grid is
+    checked in chunks while it is read; a copied one is left to the table), whether the file
+    is signed and whether its signature was verified (only when read with a key)."""
 
     path: Path
     sha256: str
@@ -70,16 +83,23 @@ class TableFile:
     tensors: dict[str, torch.Tensor]
     grid_values_checked: bool
     counts_meta: dict[str, Any]  # the metadata's num_classes / num_filters, checked by the table
+    signed: bool = False
+    signature_verified: bool = False
 
 
-def read_table_file(path: str | Path, *, exemplars: bool = True) -> TableFile:
+def read_table_file(
+    path: str | Path, *, exemplars: bool = True, key: bytes | str | Path | None = None
+) -> TableFile:
     """Read and verify a table file (:class:`TableError` for anything corrupt, truncated or
-    edited); ``exemplars=False`` leaves ``top_indices`` / ``top_alpha`` out."""
+    edited); ``exemplars=False`` leaves ``top_indices`` / ``top_alpha`` out. With a ``key``
+    (bytes or a key file, :func:`~.table_key.load_key`) the file must be signed with it
+    (:class:`TableSignatureError` otherwise); without one a signature is not checked."""
     path = Path(path)
+    key = None if key is None else load_key(key)
     if not path.is_file():
         raise TableError(f"{path}: no such calibration table file")
     try:
-        header, entries, data_start = _verified_header(path)
+        header, entries, data_start = _verified_header(path, key)
         missing = [n for n in TENSOR_NAMES if n not in entries]
         if missing:
             raise TableError(f"{path}: table lacks tensors {missing}")
@@ -97,19 +117,32 @@ def read_table_file(path: str | Path, *, exemplars: bool = True) -> TableFile:
     meta = _parse_meta(path, header.get("meta"))
     raw = json.loads(header.get("meta", "{}"))
     counts = {k: raw[k] for k in ("num_classes", "num_filters") if k in raw}
-    return TableFile(path, header["sha256"], meta, tensors, "quantiles" in releases, counts)
+    signed = SIGNATURE_FIELD in header
+    return TableFile(
+        path, header["sha256"], meta, tensors, "quantiles" in releases, counts,
+        signed=signed, signature_verified=signed and key is not None,
+    )  # fmt: skip
 
 
-def write_table_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+def write_table_file(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    key: bytes | str | Path | None = None,
+) -> str:
     """Write ``tensors`` (CPU, contiguous, file dtypes) and the JSON ``meta`` to ``path``
-    atomically, signed; returns the checksum."""
-    body, sha256 = signed_file(tensors, meta)
+    atomically, with its checksum, and signed when a ``key`` is given; returns the checksum."""
+    body, sha256 = signed_file(tensors, meta, key)
     atomic_write_bytes(Path(path), body)
     return sha256
 
 
-def signed_file(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[bytes, str]:
-    """The bytes of a signed table file and its checksum."""
+def signed_file(
+    tensors: dict[str, torch.Tensor], meta: dict, key: bytes | str | Path | None = None
+) -> tuple[bytes, str]:
+    """The bytes of a table file with its checksum (and, with a ``key``, its HMAC-SHA256 in
+    the header's :data:`SIGNATURE_FIELD`), and the checksum."""
+    key = None if key is None else load_key(key)
     header = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -117,14 +150,18 @@ def signed_file(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[bytes, st
     }
     # The data section does not depend on the metadata: serialise once to checksum it.
     entries, data = _split(safetensors_save(tensors, metadata=header))
-    header["sha256"] = _checksum(header["meta"], entries, [data])
+    header["sha256"], signature = _digests(header["meta"], entries, [data], key)
+    if signature is not None:
+        header[SIGNATURE_FIELD] = signature
     return safetensors_save(tensors, metadata=header), header["sha256"]
 
 
-def _verified_header(path: Path) -> tuple[dict[str, str], dict[str, Any], int]:
+def _verified_header(
+    path: Path, key: bytes | None = None
+) -> tuple[dict[str, str], dict[str, Any], int]:
     """The file's metadata header, its tensor entries and where the data starts, after checking
-    the format, the size and the checksum with ordinary reads (``ValueError`` /
-    :class:`TableError` otherwise)."""
+    the format, the size, the checksum and (with a ``key``) the signature with ordinary reads
+    (``ValueError`` / :class:`TableError` otherwise)."""
     with open(path, "rb") as f:
         raw = f.read(8)
         size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
@@ -148,10 +185,27 @@ def _verified_header(path: Path) -> tuple[dict[str, str], dict[str, Any], int]:
                 f"the file has {path.stat().st_size} bytes, its header describes {8 + size + end}"
             )
         chunks = iter(lambda: f.read(1 << 20), b"")
-        digest = _checksum(header.get("meta", ""), entries, chunks)
+        digest, signature = _digests(header.get("meta", ""), entries, chunks, key)
     if header.get("sha256") != digest:
         raise TableError(f"{path}: checksum mismatch: the file was edited or corrupted")
+    if signature is not None:
+        _check_signature(path, header.get(SIGNATURE_FIELD), signature)
     return header, entries, 8 + size
+
+
+def _check_signature(path: Path, stored: Any, computed: str) -> None:
+    """:class:`TableSignatureError` unless the header's signature ``stored`` is ``computed``
+    (compared in constant time)."""
+    if stored is None:
+        raise TableSignatureError(
+            f"{path} is not signed; sign it with surprise-calibrate --sign-key or "
+            "table.save(..., key=...)"
+        )
+    if not isinstance(stored, str) or not hmac.compare_digest(stored.encode(), computed.encode()):
+        raise TableSignatureError(
+            f"{path}: signature mismatch: the table was changed after it was signed, or signed "
+            "with another key"
+        )
 
 
 def _data_end(path: Path, name: str, entry: Any) -> int:
@@ -301,10 +355,18 @@ def _split(body: bytes) -> tuple[dict[str, Any], bytes]:
     return entries, body[8 + size :]
 
 
-def _checksum(meta_json: str, entries: dict[str, Any], chunks: Iterable[bytes]) -> str:
-    """SHA-256 over the metadata JSON, the tensor entries (dtype, shape, offsets) and the data."""
-    h = hashlib.sha256(meta_json.encode())
-    h.update(json.dumps(entries, sort_keys=True).encode())
+def _digests(
+    meta_json: str, entries: dict[str, Any], chunks: Iterable[bytes], key: bytes | None
+) -> tuple[str, str | None]:
+    """SHA-256 over the metadata JSON, the tensor entries (dtype, shape, offsets) and the data,
+    and with a ``key`` the HMAC-SHA256 of the same bytes (else ``None``), in one pass."""
+    hashes = [hashlib.sha256()]
+    if key is not None:
+        hashes.append(hmac.new(key, digestmod=hashlib.sha256))
+    for part in (meta_json.encode(), json.dumps(entries, sort_keys=True).encode()):
+        for h in hashes:
+            h.update(part)
     for chunk in chunks:
-        h.update(chunk)
-    return h.hexdigest()
+        for h in hashes:
+            h.update(chunk)
+    return hashes[0].hexdigest(), hashes[1].hexdigest() if key is not None else None

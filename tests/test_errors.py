@@ -47,4 +47,4 @@ def test_the_walk_finds_the_errors():
 def test_each_error_has_the_common_base_and_a_builtin_parent(name):
     cls = project_exceptions()[name]
     assert issubclass(cls, SurpriseMonitorError)
-    assert issubclass(cls, ValueError | RuntimeError | LookupError | TypeError)
+    assert issubclass(cls, ValueError | RuntimeError | LookupError | TypeError | OSError)

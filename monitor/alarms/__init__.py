@@ -2,6 +2,6 @@
 audit file rotated by size, and explanations computed on demand off the request path."""
 
 from surprise_monitor.monitor.alarms.log import KINDS, AlarmLog, AlarmRecord
-from surprise_monitor.monitor.alarms.sink import JsonlSink, read_records
+from surprise_monitor.monitor.alarms.sink import AuditFileBusyError, JsonlSink, read_records
 
-__all__ = ["KINDS", "AlarmLog", "AlarmRecord", "JsonlSink", "read_records"]
+__all__ = ["KINDS", "AlarmLog", "AlarmRecord", "AuditFileBusyError", "JsonlSink", "read_records"]

@@ -7,7 +7,9 @@ under any traffic: at most ``capacity`` records (the oldest leave first), the in
 ``keep_inputs`` of them (what an explanation needs), and at most ``explanations`` cached explanation
 figures. With ``sink=`` every record also goes, before :meth:`AlarmLog.record` returns, to an
 append-only JSONL audit file rotated by size
-(:class:`surprise_monitor.monitor.alarms.sink.JsonlSink`). Explanations
+(:class:`surprise_monitor.monitor.alarms.sink.JsonlSink`); a log opened on an existing audit file
+continues its ids after the file's last record, so an id names one record across restarts (one
+process writes a file: a second is refused). Explanations
 (:func:`surprise_monitor.monitor.explain.explain`: the input with the region behind its most
 surprising / expected filter, that filter's training exemplars) are computed only when asked for, on
 one worker thread, never on the request path, and cached.
@@ -127,7 +129,11 @@ class AlarmLog:
         self._records: deque[AlarmRecord] = deque(maxlen=capacity)
         self._inputs: OrderedDict[int, tuple[torch.Tensor, int | None]] = OrderedDict()
         self._explained: OrderedDict[int, Future] = OrderedDict()
-        self._ids = itertools.count(1)
+        last = sink.last_record() if sink is not None else None
+        last_id = last.get("id") if last is not None else None
+        ok = isinstance(last_id, int) and not isinstance(last_id, bool) and last_id >= 0
+        first = last_id + 1 if ok else 1
+        self._ids = itertools.count(first)  # a restart continues the audit file's ids
         self._lock = threading.Lock()
         self._judge: Judge | None = None
         self._table: CalibrationTable | None = None

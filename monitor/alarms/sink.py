@@ -7,7 +7,9 @@ tail off before appending, and :func:`read_records` skips one if it meets it. Wh
 line would take the file over ``max_bytes`` the file is renamed ``<name>.1`` (older ones move
 to ``.2`` .. ``.<backups>``, the oldest is removed) and a new file is started: the sink never
 holds more than ``(backups + 1) * max_bytes`` bytes (a single record larger than
-``max_bytes`` still gets a file of its own).
+``max_bytes`` still gets a file of its own). One process writes a sink's file at a time: the
+open file is locked (``flock``), and a second writer is refused with
+:class:`AuditFileBusyError` rather than interleaving its records and ids.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from surprise_monitor.monitor.checks import non_negative_int, positive_int
+from surprise_monitor.monitor.errors import SurpriseMonitorError
 
 #: The size at which the audit file is rotated, and the rotated files kept.
 DEFAULT_MAX_BYTES = 16 << 20
@@ -52,6 +55,11 @@ class JsonlSink:
     def _open(self) -> None:
         """Open (or create) the current file, cutting off an unterminated last line."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            _lock(fd, self.path)
+        except OSError:
+            os.close(fd)
+            raise
         size = os.fstat(fd).st_size
         keep = _complete_prefix(fd, size)
         if keep != size:  # a crash mid-write left a partial line: drop it, keep the rest
@@ -106,6 +114,15 @@ class JsonlSink:
         for path in self.files():
             yield from read_records(path)
 
+    def last_record(self) -> dict[str, Any] | None:
+        """The newest complete record in the sink's files (``None`` when they hold none): where
+        a restarted writer continues its ids from."""
+        for path in reversed(self.files()):
+            record = last_record(path)
+            if record is not None:
+                return record
+        return None
+
     def close(self) -> None:
         """Close the file (idempotent)."""
         with self._lock:
@@ -121,6 +138,48 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
     for line in data.split(b"\n")[:-1]:  # the part after the last newline is incomplete
         if line:
             yield json.loads(line)
+
+
+def last_record(path: str | Path) -> dict[str, Any] | None:
+    """The last complete JSON record of one sink file, read from its end (``None`` if it has
+    none); an unterminated tail or a line that is not a JSON object is passed over."""
+    with open(path, "rb") as f:
+        end = _complete_prefix(f.fileno(), os.fstat(f.fileno()).st_size)
+        while end > 0:
+            start = _line_start(f.fileno(), end - 1)
+            try:
+                record = json.loads(os.pread(f.fileno(), end - 1 - start, start))
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                return record
+            end = start
+    return None
+
+
+def _line_start(fd: int, newline: int) -> int:
+    """Where the line ending at byte ``newline`` starts."""
+    return _complete_prefix(fd, newline)
+
+
+class AuditFileBusyError(SurpriseMonitorError, OSError):
+    """Another process is writing the audit file (each process needs a file of its own)."""
+
+
+def _lock(fd: int, path: Path) -> None:
+    """Take an exclusive advisory lock on the open file, or raise :class:`AuditFileBusyError`:
+    two writers would interleave their records and their ids."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise AuditFileBusyError(
+            f"{path}: another process is writing this audit file; give each process a file of "
+            "its own"
+        ) from None
 
 
 def _complete_prefix(fd: int, size: int) -> int:

@@ -35,6 +35,8 @@ from surprise_monitor.monitor.loading.sources import source_dataset
 from surprise_monitor.monitor.options import Execution
 from surprise_monitor.monitor.surprise_monitor import SurpriseMonitor
 from surprise_monitor.monitor.table import CalibrationTable
+from surprise_monitor.monitor.table_file import TableSignatureError
+from surprise_monitor.monitor.table_key import TableKeyError, load_key
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,6 +47,11 @@ def parser() -> argparse.ArgumentParser:
         "(else most expected) filter, beside that filter's training exemplars.",
     )
     p.add_argument("--table", required=True, help="calibration table (.safetensors)")
+    p.add_argument(
+        "--table-key", metavar="FILE",
+        help="the secret key file the table was signed with (surprise-calibrate --sign-key): "
+        "refuse a table that is unsigned or was changed since it was signed",
+    )  # fmt: skip
     add_model_arguments(p)
     p.add_argument("--image", required=True, help="the image file to explain")
     p.add_argument("--label", help="true class (index or class name), if known")
@@ -144,10 +151,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _table(args: argparse.Namespace) -> tuple[CalibrationTable, Any]:
-    """The table of ``--table`` (exemplars left on disk), and the training images of ``--data``
-    when given (the caller's folder, trusted, read with the table's preprocessing), else
-    ``None`` (the table's own data_source, read with care)."""
-    table = CalibrationTable.load(args.table, exemplars=False)
+    """The table of ``--table`` (exemplars left on disk; signed with ``--table-key`` when
+    given), and the training images of ``--data`` when given (the caller's folder, trusted,
+    read with the table's preprocessing), else ``None`` (the table's own data_source, read
+    with care)."""
+    try:
+        key = load_key(args.table_key) if args.table_key else None
+    except TableKeyError as exc:
+        raise ValueError(f"--table-key: {exc}") from None
+    try:
+        table = CalibrationTable.load(args.table, exemplars=False, key=key)
+    except TableSignatureError as exc:
+        raise ValueError(f"--table-key {args.table_key}: {exc}") from None
     if not args.data:
         return table, None
     source = table.data_source

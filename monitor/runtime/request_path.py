@@ -3,7 +3,9 @@
 :class:`RequestPath` runs the model for every call and has the
 :class:`~surprise_monitor.monitor.judge.Judge` judge the inputs it samples: on the calling thread
 (``mode="sync"``, from the same forward pass when every input is sampled) or on a worker thread
-(``mode="async"``, a copy of the inputs, dropped and counted when the queue is full). It never lets
+(``mode="async"``, a copy of the inputs, dropped and counted when the queue is full; the worker
+joins queued copies that fit together into one judge call of at most ``sampling.judge_batch``
+inputs, in queue order, each alarm still recorded with its own request's id). It never lets
 monitoring break the call (fail-open): a failure is counted (``failures``, the metrics) and logged
 once per kind, and the model's output is still returned. It calls ``on_alarm`` for each input
 that alarms (``report.alarm``; the per-filter flags that explain it stay in the report), hands each
@@ -18,14 +20,15 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from itertools import islice
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from surprise_monitor.monitor.judge import Judge, option_group
+from surprise_monitor.monitor.judge import Judge, NonFiniteInputError, option_group
 from surprise_monitor.monitor.options import Sampling
 from surprise_monitor.monitor.probe.grad_amap_probe import ModelRaised
 from surprise_monitor.monitor.report import MonitorReport
@@ -51,6 +54,25 @@ class MonitorResult:
     output: Any
     report: MonitorReport | None
     rows: torch.Tensor  # [R] int64 batch indices the report covers (empty when report is None)
+
+
+class Queued(NamedTuple):
+    """A copy of one call's sampled inputs waiting for the async worker."""
+
+    x: torch.Tensor  # [k, C, H, W]
+    labels: torch.Tensor | None  # [k] int64 class ids, checked, or None
+    request_id: str | None
+
+
+def joinable(a: Queued, b: Queued) -> bool:
+    """Whether two queued copies can be judged in one batch: the same per-input shape, dtype
+    and device, and labels for both or for neither."""
+    return (
+        a.x.shape[1:] == b.x.shape[1:]
+        and a.x.dtype == b.x.dtype
+        and a.x.device == b.x.device
+        and (a.labels is None) == (b.labels is None)
+    )
 
 
 class AlarmRecorder(Protocol):
@@ -127,7 +149,9 @@ class RequestPath:
         if self.mode == "async":
             on_depth = metrics.queue_depth if metrics is not None else None
             size = self.sampling.queue_size
-            self._worker = AsyncWorker(self._handle_queued, size, on_depth=on_depth)
+            self._worker = AsyncWorker(
+                self._handle_queued, size, on_depth=on_depth, take=self._joined
+            )
             self._worker_thread = self._worker.thread
 
     @property
@@ -203,10 +227,10 @@ class RequestPath:
     def _judge_all(self, x: Any, labels: Any, n: int, request_id: str | None) -> MonitorResult:
         """Every row sampled: judge the batch from the forward pass that answers it."""
         rows = torch.arange(n)
-        output, report = self._judge(x, labels, n, request_id=request_id)
+        output, report, judged = self._judge(x, labels, n, request_ids=[request_id] * n)
         if output is _NOT_RUN:  # monitoring failed before the model ran: answer plainly
             output = self._plain(x, 0)
-        return MonitorResult(output, report, rows if report is not None else rows[:0])
+        return MonitorResult(output, report, rows[judged] if report is not None else rows[:0])
 
     def _judge_some(
         self, x: Any, labels: Any, take: torch.Tensor, k: int, request_id: str | None
@@ -216,18 +240,21 @@ class RequestPath:
         rows = torch.nonzero(take).flatten()
         if k == 0:
             return MonitorResult(output, None, rows)
-        _, report = self._judge(x, labels, k, rows=rows, request_id=request_id)
-        return MonitorResult(output, report, rows if report is not None else rows[:0])
+        _, report, judged = self._judge(x, labels, k, rows=rows, request_ids=[request_id] * k)
+        return MonitorResult(output, report, rows[judged] if report is not None else rows[:0])
 
     def _judge(
         self, x: Any, labels: Any, k: int, rows: torch.Tensor | None = None,
-        request_id: str | None = None,
-    ) -> tuple[Any, MonitorReport | None]:  # fmt: skip
+        request_ids: Sequence[str | None] = (),
+    ) -> tuple[Any, MonitorReport | None, torch.Tensor]:  # fmt: skip
         """Judge ``k`` inputs (the ``rows`` of ``x`` when given), failing open: the model's
-        output (``_NOT_RUN`` if the model did not get to run) and the report, or ``None``
-        after a counted failure. When the model itself raises, the ``k`` inputs are counted as
-        ``model_error`` skips and the model's exception propagates (the model is not run
-        again)."""
+        output (``_NOT_RUN`` if the model did not get to run), the report, or ``None`` after a
+        counted failure (all ``k`` inputs counted ``failed``), and which of the ``k`` inputs the
+        report covers (all of them, but for inputs holding NaN / Inf: those are counted
+        ``failed`` and the others judged without them). When the model itself raises, the ``k``
+        inputs are counted as ``model_error`` skips and the model's exception propagates (the
+        model is not run again). ``request_ids``: the request of each of the ``k`` inputs, for
+        the recorder."""
         started = time.perf_counter()
         output: Any = _NOT_RUN
         error: Exception | None = None
@@ -241,9 +268,11 @@ class RequestPath:
         except ModelRaised as exc:
             self._count_model_error(k)
             error = exc.error
+        except NonFiniteInputError as exc:  # judge the others without the NaN / Inf inputs
+            return output, *self._judge_finite(x, labels, k, exc, request_ids)
         except Exception as exc:  # fail open: never break the inference being watched
             self._count_failure(exc, k)
-            return output, None
+            return output, None, torch.arange(0)
         if error is not None:
             raise error  # outside the handler: the model's error as it was raised
         if threading.current_thread() is self._worker_thread:
@@ -253,12 +282,31 @@ class RequestPath:
         if self.metrics is not None:
             self.metrics.inspect_duration(time.perf_counter() - started)
             self.metrics.observe(report)
-        self._notify(report, x, request_id)
-        return output, report
+        self._notify(report, x, request_ids)
+        return output, report, torch.arange(k)
 
-    def _notify(self, report: MonitorReport, x: Any, request_id: str | None) -> None:
+    def _judge_finite(
+        self, x: Any, labels: Any, k: int, exc: NonFiniteInputError,
+        request_ids: Sequence[str | None],
+    ) -> tuple[MonitorReport | None, torch.Tensor]:  # fmt: skip
+        """After ``exc`` named the inputs holding NaN / Inf: count those ``failed``, judge the
+        others (one NaN input does not leave its neighbours unjudged). The report and which of
+        the ``k`` inputs it covers."""
+        bad = set(exc.rows) & set(range(k))
+        good = torch.tensor([i for i in range(k) if i not in bad], dtype=torch.long)
+        if not bad or not len(good):  # rows not named, or nothing else to judge
+            self._count_failure(exc, k)
+            return None, torch.arange(0)
+        self._count_failure(exc, len(bad))
+        ids = [request_ids[i] if i < len(request_ids) else None for i in good.tolist()]
+        _, report, judged = self._judge(x, labels, len(good), rows=good.to(x.device),
+                                        request_ids=ids)  # fmt: skip
+        return report, good[judged]
+
+    def _notify(self, report: MonitorReport, x: Any, request_ids: Sequence[str | None]) -> None:
         """Call ``on_alarm`` with each alarming input's one-input report, and hand it with its
-        input to the recorder (failures of either are counted, never raised)."""
+        input and its request's id (``request_ids[j]`` for row ``j``; ``None`` past their end)
+        to the recorder (failures of either are counted, never raised)."""
         if self.on_alarm is None and self.recorder is None:
             return
         for j in torch.nonzero(report.alarm).flatten().tolist():
@@ -270,6 +318,7 @@ class RequestPath:
                     self._count_failure(exc, 0, prefix="on_alarm:")
             if self.recorder is not None:
                 try:
+                    request_id = request_ids[j] if j < len(request_ids) else None
                     self.recorder.record(one, x[j], request_id)
                 except Exception as exc:
                     self._count_failure(exc, 0, prefix="recorder:")
@@ -278,29 +327,66 @@ class RequestPath:
     def _enqueue(
         self, x: Any, labels: Any, take: torch.Tensor, k: int, request_id: str | None
     ) -> None:
-        """Queue a copy of the ``k`` sampled rows for the worker (counted when dropped)."""
+        """Queue a copy of the ``k`` sampled rows for the worker (counted when dropped). The
+        input and labels are checked here, as far as the judge checks them on the host, so that
+        a bad call fails alone rather than the batch the worker joins it into; inputs holding
+        NaN / Inf are counted ``failed`` and the others queued."""
         try:
             rows = torch.nonzero(take).flatten()
             sub = x if k == batch_len(x) else x[rows]
-            sub = self.judge.check_input(sub, values=self.judge.checks_on_host(sub))
+            try:
+                sub = self.judge.check_input(sub, values=self.judge.checks_on_host(sub))
+            except NonFiniteInputError as exc:
+                bad = set(exc.rows)
+                keep = [i for i in range(k) if i not in bad]
+                if not keep or len(keep) == k:
+                    raise
+                self._count_failure(exc, k - len(keep))
+                rows, sub, k = rows[keep], sub[keep], len(keep)
+            lab = rows_of(labels, rows)
+            if lab is not None:
+                lab = self.judge.check_labels(lab, k, values=self.judge.checks_on_host(lab))
             with torch.inference_mode(False):  # a copy the caller cannot change afterwards
                 copy = sub.detach().clone()
-                lab = rows_of(labels, rows)
-                lab = lab.clone() if isinstance(lab, torch.Tensor) else lab
+                lab = lab.clone() if lab is not None else None
         except Exception as exc:
             self._count_failure(exc, k)
             return
         assert self._worker is not None
-        if not self._worker.submit((copy, lab, rows, request_id)):
+        if not self._worker.submit(Queued(copy, lab, request_id)):
             if self.metrics is not None:
                 self.metrics.skipped("queue_full", k)
             with self._lock:
                 self.dropped += k
 
-    def _handle_queued(self, item: tuple[torch.Tensor, Any, torch.Tensor, str | None]) -> None:
-        """The worker's handler: judge one queued copy."""
-        x, labels, _, request_id = item
-        self._judge(x, labels, int(x.shape[0]), request_id=request_id)
+    def _joined(self, queued: Sequence[Queued]) -> int:
+        """How many queued copies the worker judges in its next call: the first, and those after
+        it that can join it (:func:`joinable`) while the inputs stay within
+        ``sampling.judge_batch`` (a first copy larger than that is judged alone, whole)."""
+        first = queued[0]
+        inputs, count = int(first.x.shape[0]), 1
+        for item in islice(queued, 1, None):
+            inputs += int(item.x.shape[0])
+            if inputs > self.sampling.judge_batch or not joinable(first, item):
+                break
+            count += 1
+        return count
+
+    def _handle_queued(self, items: list[Queued]) -> None:
+        """The worker's handler: judge queued copies (:meth:`_joined`) in one call, each input
+        with its own request's id."""
+        ids = [item.request_id for item in items for _ in range(int(item.x.shape[0]))]
+        x, labels = items[0].x, items[0].labels
+        if len(items) > 1:
+            try:
+                x = torch.cat([item.x for item in items])
+                if labels is not None:  # given for all of them (joinable)
+                    parts = [item.labels for item in items if item.labels is not None]
+                    labels = torch.cat([part.to(x.device) for part in parts])
+            except Exception as exc:  # e.g. out of memory: counted like a failed judge call
+                self._count_failure(exc, len(ids))
+                return
+        self._judge(x, labels, len(ids), request_ids=ids)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the async worker has judged every queued input (True), or ``timeout``

@@ -25,6 +25,9 @@ from starlette.routing import Route
 from surprise_monitor.monitor.alarms.log import KINDS, AlarmLog, AlarmRecord
 from surprise_monitor.monitor.web.page import detail_page, list_page
 
+#: The most digits an alarm id in a URL may have.
+MAX_ID_DIGITS = 18
+
 
 def status_of(log: AlarmLog, monitor: Any | None) -> dict[str, Any]:
     """The header's figures: the nominal alarm rate, the metrics window's alarm rate, size and
@@ -49,7 +52,8 @@ def alarm_app(
     its alarm rate; an explanation taking longer than ``explain_timeout`` s is answered 504."""
 
     def record_of(request: Request) -> AlarmRecord:
-        rec = log.get(int(request.path_params["alarm_id"]))
+        alarm_id = parse_alarm_id(request.path_params["alarm_id"])
+        rec = log.get(alarm_id) if alarm_id is not None else None
         if rec is None:
             raise _NotFound("no such alarm (or it left the log: it keeps the newest "
                             f"{log.capacity})")  # fmt: skip
@@ -95,12 +99,20 @@ def alarm_app(
 
     routes = [
         Route("/", index), Route("/alarms.json", as_json),
-        Route("/{alarm_id:int}", detail), Route("/{alarm_id:int}/thumbnail.png", thumbnail),
-        Route("/{alarm_id:int}/explanation.png", figure),
-        Route("/{alarm_id:int}/explanation.json", summary),
+        Route("/{alarm_id}", detail), Route("/{alarm_id}/thumbnail.png", thumbnail),
+        Route("/{alarm_id}/explanation.png", figure),
+        Route("/{alarm_id}/explanation.json", summary),
     ]  # fmt: skip
     handlers = {_NotFound: _not_found, TimeoutError: _timed_out, Exception: _failed}
     return Starlette(routes=routes, exception_handlers=handlers)
+
+
+def parse_alarm_id(text: str) -> int | None:
+    """An alarm id from a URL: at most ``MAX_ID_DIGITS`` ASCII digits, else ``None`` (the page
+    answers 404 without converting a long string)."""
+    if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS:
+        return int(text)
+    return None
 
 
 class _NotFound(LookupError):

@@ -35,16 +35,21 @@ answered with HTTP 400 naming the problem. The command line is
 from __future__ import annotations
 
 import io
+import itertools
 import math
+import threading
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from torch import nn
 
@@ -54,15 +59,21 @@ from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.serve.limits import Limits
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream")
+#: The image formats decoded (whatever the content type says).
+IMAGE_FORMATS = ("PNG", "JPEG")
+#: The most filters a summary lists.
+MAX_FILTERS = 1000
+#: The most digits a class index may have (longer strings are refused before ``int()``).
+MAX_LABEL_DIGITS = 9
 
 
 class PredictRequest(BaseModel):
-    """The JSON body of ``POST /predict``."""
+    """The JSON body of ``POST /predict`` (booleans are refused as labels)."""
 
     inputs: list
-    labels: list[int | str] | None = None
-    surprise: bool = False
-    max_filters: int = 5
+    labels: list[StrictInt | StrictStr] | None = None
+    surprise: StrictBool = False
+    max_filters: StrictInt = Field(5, ge=0, le=MAX_FILTERS)
 
 
 class BodyLimit:
@@ -140,6 +151,7 @@ def create_app(
                 monitor.alarm_log.close()
 
     app = FastAPI(title="surprise-monitor service", lifespan=lifespan)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     service = _Service(model, monitor, table, limits)
     _add_routes(app, service, registry)
@@ -165,16 +177,74 @@ def _add_routes(app: FastAPI, service: _Service, registry: CollectorRegistry) ->
     @app.post("/predict")
     def predict(req: PredictRequest, request: Request) -> dict[str, Any]:  # a worker thread
         x = service.tensor(req.inputs)
-        labels = None if req.labels is None else [service.label(v) for v in req.labels]
+        labels = service.labels(req.labels, len(x))
         return service.answer(x, labels, req.surprise, req.max_filters, _request_id(request))
 
     @app.post("/predict/image")
     async def predict_image(
-        request: Request, label: str | None = None, surprise: bool = False, max_filters: int = 5
+        request: Request,
+        label: str | None = None,
+        surprise: bool = False,
+        max_filters: int = Query(5, ge=0, le=MAX_FILTERS),
     ) -> dict[str, Any]:
-        x = service.image(await request.body(), request.headers.get("content-type", ""))
-        labels = None if label is None else [service.label(label)]
-        return service.answer(x, labels, surprise, max_filters, _request_id(request))
+        body, content_type = await request.body(), request.headers.get("content-type", "")
+
+        def work() -> dict[str, Any]:  # decoding and the model: off the event loop
+            x = service.image(body, content_type)
+            labels = None if label is None else service.labels([label], 1)
+            return service.answer(x, labels, surprise, max_filters, _request_id(request))
+
+        return await run_in_threadpool(work)
+
+
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings swaps process-wide state
+
+
+def _open_image(body: bytes) -> Any:
+    """``Image.open`` of a PNG / JPEG body (only its header is read here), with Pillow's
+    decompression-bomb warning raised as an error (like its ``DecompressionBombError``)."""
+    from PIL import Image
+
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(body), formats=IMAGE_FORMATS)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's answer to an ``HTTPException``, with the reason a body could not be parsed
+    (FastAPI says only "There was an error parsing the body", e.g. for a 5,000-digit number)."""
+    from fastapi.exception_handlers import http_exception_handler
+
+    assert isinstance(exc, StarletteHTTPException)
+    if (
+        exc.status_code == 400
+        and exc.__cause__ is not None
+        and "parsing the body" in str(exc.detail)
+    ):
+        cause = f"{type(exc.__cause__).__name__}: {exc.__cause__}"[:300]
+        return JSONResponse(
+            {"detail": f"the body could not be parsed as JSON ({cause})"}, status_code=400
+        )
+    return await http_exception_handler(request, exc)
+
+
+def _leaves(nested: list) -> Any:
+    """The leaves of a rectangular 4-D nested list (checked by ``torch.tensor`` first)."""
+    chain = itertools.chain.from_iterable
+    return chain(chain(chain(nested)))
+
+
+def check_finite(x: torch.Tensor) -> None:
+    """422 naming the inputs that hold NaN or Inf: the model cannot be judged on them (the
+    library's wrapper counts such inputs and answers them anyway; the service refuses)."""
+    bad = (~torch.isfinite(x)).flatten(1).any(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten().tolist()
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        raise HTTPException(
+            422, f"inputs {shown} hold NaN or Inf values ({len(rows)} of {len(x)}); send "
+            "finite numbers",
+        )  # fmt: skip
 
 
 def _request_id(request: Request) -> str:
@@ -199,10 +269,11 @@ class _Service:
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     def tensor(self, inputs: list) -> torch.Tensor:
-        """The JSON inputs as a float32 batch, checked (422 / 413 otherwise)."""
+        """The JSON inputs as a float32 batch, checked (422 / 413 otherwise): rectangular,
+        ``B x C x H x W`` of the table's size, numbers (not booleans), finite."""
         try:
             x = torch.tensor(inputs, dtype=torch.float32)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
             raise HTTPException(
                 422, f"inputs must be a rectangular array of numbers: {exc}"
             ) from exc
@@ -210,6 +281,9 @@ class _Service:
             raise HTTPException(422, f"inputs must be a non-empty B x C x H x W array, got "
                                      f"shape {list(x.shape)}")  # fmt: skip
         self.check_shape(x)
+        if bool in set(map(type, _leaves(inputs))):
+            raise HTTPException(422, "inputs must be numbers; true / false are not pixel values")
+        check_finite(x)
         return x
 
     def check_shape(self, x: torch.Tensor) -> None:
@@ -226,15 +300,40 @@ class _Service:
                 f"size), got {list(x.shape[1:])}",
             )  # fmt: skip
 
+    def labels(self, values: list[int | str] | None, batch: int) -> list[int] | None:
+        """The labels as class indices, one per input (422 otherwise)."""
+        if values is None:
+            return None
+        if len(values) != batch:
+            raise HTTPException(
+                422, f"labels has {len(values)} entries for {batch} inputs (one per input)"
+            )
+        return [self.label(v) for v in values]
+
     def label(self, value: int | str) -> int:
-        """A label as a class index: an index, or a class name of the table (422 otherwise)."""
-        if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-            return int(value)
-        if value in self.names:
+        """A label as a class index: an index in ``[0, K)`` (an int, or a string of ASCII
+        digits) or a class name of the table (422 otherwise)."""
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise HTTPException(422, f"a label is a class index or name, got {value!r}")
+        if isinstance(value, str) and value in self.names:
             return self.names.index(value)
+        index = value
+        if isinstance(value, str):
+            digits = value.isascii() and value.isdigit() and len(value) <= MAX_LABEL_DIGITS
+            index = int(value) if digits else -1
+        k = len(self.names) or self._num_classes()
+        if isinstance(index, int) and 0 <= index < (k or 10**MAX_LABEL_DIGITS):
+            return index  # any index when no table gives the classes (nothing is judged)
+        shown = value if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+        names = f"; classes: {', '.join(self.names)}" if self.names else ""
         raise HTTPException(
-            422, f"label {value!r} is not a class of this model; classes: {', '.join(self.names)}"
-        )
+            422, f"label {shown!r} is not a class of this model (an index in [0, {k}) or a "
+            f"class name){names}",
+        )  # fmt: skip
+
+    def _num_classes(self) -> int:
+        """The model's classes when the table names none (its table's K)."""
+        return self.table.num_classes if self.table is not None else 0
 
     def image(self, body: bytes, content_type: str) -> torch.Tensor:
         """A PNG / JPEG body preprocessed as the table records: ``[1, C, H, W]``."""
@@ -246,16 +345,21 @@ class _Service:
             )
         if self.table is None or not self.table.input_shape:
             raise HTTPException(422, "this service has no table to preprocess images with")
+        steps = self._preprocessing()
         try:
-            steps = self._preprocessing()
-            with Image.open(io.BytesIO(body)) as im:
+            with _open_image(body) as im:
                 if im.width * im.height > self.limits.max_image_pixels:
                     raise HTTPException(
                         413, f"image of {im.width}x{im.height} pixels; at most "
                         f"{self.limits.max_image_pixels} (--max-image-pixels)",
                     )  # fmt: skip
                 img = im.convert("L" if steps.grayscale else "RGB")
-        except (OSError, UnidentifiedImageError) as exc:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise HTTPException(
+                413, f"image refused as a decompression bomb: {exc} (--max-image-pixels is "
+                f"{self.limits.max_image_pixels})",
+            ) from exc  # fmt: skip
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             raise HTTPException(422, f"not a readable PNG or JPEG image: {exc}") from exc
         x = steps.transform(self.table.input_shape[1:])(img).unsqueeze(0)
         self.check_shape(x)

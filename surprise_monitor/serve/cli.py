@@ -11,7 +11,8 @@ Run (a torch model, or an ONNX file with ``--onnx model.onnx`` instead of --mode
 model, the table, the monitor's mode and alarm rate, and whether the table has a held-out null.
 
 ``--mode async`` answers from the plain model and judges a copy of the inputs on a worker
-thread; ``--sample-every K`` judges one input in K; ``--no-monitor`` serves the bare model (for
+thread, which joins queued requests into judge calls of up to ``--judge-batch N`` inputs;
+``--sample-every K`` judges one input in K; ``--no-monitor`` serves the bare model (for
 comparison); ``--metrics-label model=resnet50`` adds constant labels to the monitor's series;
 ``--alarm-rate`` is the nominal false-alarm rate (exported as
 ``surprise_monitor_alarm_rate_nominal``, which the alert rules read) and ``--metrics-window`` the
@@ -51,12 +52,31 @@ from surprise_monitor.monitor.options import (
     options_from_args,
 )
 from surprise_monitor.monitor.table import CalibrationTable
+from surprise_monitor.monitor.table_file import TableSignatureError
+from surprise_monitor.monitor.table_key import TableKeyError, load_key
 from surprise_monitor.serve.config_files import CONFIG_FILES, ConfigExistsError, write_config
-from surprise_monitor.serve.limits import MIB, Limits
+from surprise_monitor.serve.limits import MIB, ConnectionLimits, Limits
 
 TOOL = "surprise-serve"
-METAVARS = {"every": "K", "queue_size": "N", "alarm_rate": "RATE", "window": "N"}
+METAVARS = {
+    "every": "K",
+    "queue_size": "N",
+    "judge_batch": "N",
+    "alarm_rate": "RATE",
+    "window": "N",
+}
 log = logging.getLogger("surprise_monitor.serve")
+#: The connection flags (:class:`ConnectionLimits`' fields) and their help.
+CONNECTION_FLAGS = {
+    "--header-timeout": "seconds a client has to send a request's headers (from connecting, or "
+                        "from the next request's first byte); answered 408 and closed after",
+    "--body-timeout": "seconds a client has to send a request's whole body; answered 408 and "
+                      "closed after",
+    "--keep-alive-timeout": "seconds an idle kept-alive connection stays open",
+    "--shutdown-timeout": "seconds running requests get to finish after SIGTERM before they are "
+                          "cancelled",
+    "--max-connections": "connections at once; requests beyond are answered 503",
+}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
                    help="most inputs in one request")  # fmt: skip
     s.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels,
                    help="largest uploaded image (width x height)")  # fmt: skip
+    _connection_arguments(p)
     _monitor_arguments(p)
     c = p.add_argument_group("monitoring configuration")
     c.add_argument("--write-config", metavar="DIR",
@@ -90,16 +111,41 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _connection_arguments(p: argparse.ArgumentParser) -> None:
+    """How long a client may take and how many may connect; how long shutdown may wait."""
+    c = p.add_argument_group("connections")
+    for flag, help_text in CONNECTION_FLAGS.items():
+        seconds = flag != "--max-connections"
+        c.add_argument(flag, type=float if seconds else int, metavar="S" if seconds else "N",
+                       default=getattr(ConnectionLimits, _dest(flag)), help=help_text)  # fmt: skip
+
+
+def _dest(flag: str) -> str:
+    """A flag's attribute name: ``--body-timeout`` -> ``body_timeout``."""
+    return flag[2:].replace("-", "_")
+
+
+def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
+    """The connection flags as :class:`ConnectionLimits`."""
+    return ConnectionLimits(**{_dest(f): getattr(args, _dest(f)) for f in CONNECTION_FLAGS})
+
+
 def _monitor_arguments(p: argparse.ArgumentParser) -> None:
     """The monitor's flags: mode, sampling, alarm rate, metrics, the alarm log."""
     m = p.add_argument_group("monitor")
     add_option_arguments(
-        m, Sampling, {"mode": "--mode", "every": "--sample-every", "queue_size": "--queue-size"}
-    )
+        m, Sampling, {"mode": "--mode", "every": "--sample-every", "queue_size": "--queue-size",
+                      "judge_batch": "--judge-batch"},
+    )  # fmt: skip
     add_option_arguments(m, Thresholds, {"alarm_rate": "--alarm-rate"})
     m.add_argument(
         "--no-fingerprint-check", action="store_true",
         help="use the table with a model whose weights changed since calibration (deliberately)",
+    )  # fmt: skip
+    m.add_argument(
+        "--table-key", metavar="FILE",
+        help="the secret key file the table was signed with (surprise-calibrate --sign-key): "
+        "refuse a table that is unsigned or was changed since it was signed",
     )  # fmt: skip
     m.add_argument("--metrics-label", action="append", default=[], metavar="KEY=VALUE",
                    help="a constant label on the monitor's metrics (repeatable), e.g. "
@@ -133,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         model = model_from_args(args, None, TOOL).to(device_of(args.device))
-        table = CalibrationTable.load(args.table, exemplars=False) if args.table else None
+        table = table_from_args(args)
         monitor = None
         if not args.no_monitor:
             monitor = monitor_from_args(args, model, table, REGISTRY, alarm_log_from_args(args))
@@ -148,15 +194,14 @@ def serve(
     monitor: SurpriseMonitor | None,
     table: CalibrationTable | None,
 ) -> None:
-    """Log the start-up line and run the app under uvicorn until stopped."""
-    import uvicorn
-
+    """Log the start-up line and serve the app until stopped (a bounded shutdown)."""
     from surprise_monitor.serve.app import create_app
+    from surprise_monitor.serve.server import run_server
 
     limits = Limits(int(args.max_body_mb * MIB), args.max_batch, args.max_image_pixels)
     app = create_app(model, monitor, table=table, limits=limits, registry=REGISTRY)
     log.info("%s", startup_line(args, table))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    run_server(app, args.host, args.port, connection_limits(args))
 
 
 def _write_config(folder: str, force: bool) -> None:
@@ -181,6 +226,9 @@ def check_args(args: argparse.Namespace) -> None:
         (args.alarm_audit_max_mb <= 0,
          f"--alarm-audit-max-mb must be > 0; got {args.alarm_audit_max_mb}"),
     ]  # fmt: skip
+    for flag in CONNECTION_FLAGS:
+        value = getattr(args, _dest(flag))
+        problems.append((not value > 0, f"{flag} must be > 0; got {value}"))
     for bad, message in problems:
         if bad:
             raise SystemExit(f"{TOOL}: {message}")
@@ -222,6 +270,31 @@ def alarm_log_from_args(args: argparse.Namespace) -> AlarmLog | None:
     return AlarmLog(args.alarm_log, sink=args.alarm_audit, sink_max_bytes=max_bytes)
 
 
+def table_key(args: argparse.Namespace) -> bytes | None:
+    """The key of ``--table-key``, or ``None``; ``SystemExit`` naming the flag for a missing,
+    unreadable or too short key file."""
+    if not args.table_key:
+        return None
+    try:
+        return load_key(args.table_key)
+    except TableKeyError as exc:
+        raise SystemExit(f"{TOOL}: error: --table-key: {exc}") from None
+
+
+def table_from_args(args: argparse.Namespace) -> CalibrationTable | None:
+    """The ``--table`` file (exemplars left on disk), or ``None``; with ``--table-key`` it must
+    be signed with that key (``SystemExit`` naming the flag otherwise)."""
+    if not args.table:
+        if args.table_key:
+            raise SystemExit(f"{TOOL}: error: --table-key needs --table (the table it signs)")
+        return None
+    key = table_key(args)
+    try:
+        return CalibrationTable.load(args.table, exemplars=False, key=key)
+    except TableSignatureError as exc:
+        raise SystemExit(f"{TOOL}: error: --table-key {args.table_key}: {exc}") from None
+
+
 def monitor_from_args(
     args: argparse.Namespace,
     model: nn.Module,
@@ -244,11 +317,13 @@ def monitor_from_args(
         model, table, thresholds=thresholds, sampling=sampling, metrics=metrics,
         execution=Execution(check_fingerprint=not args.no_fingerprint_check),
         on_alarm=on_alarm if args.log_flags else None, alarm_log=alarm_log,
+        table_key=table_key(args),
     )  # fmt: skip
 
 
 def startup_line(args: argparse.Namespace, table: CalibrationTable | None) -> str:
-    """The one line logged at start-up: URL, model, table, mode, alarm rate, held-out null."""
+    """The one line logged at start-up: URL, model, table, mode, alarm rate, held-out null,
+    whether the table's signature was verified."""
     model = f"--onnx {args.onnx}" if args.onnx else args.model
     if args.weights:
         model += f" (weights {args.weights})"
@@ -263,6 +338,11 @@ def startup_line(args: argparse.Namespace, table: CalibrationTable | None) -> st
         null = f"held-out null of {len(alarm.null_predicted.scores)} images"
     else:
         null = "no held-out null (no input will alarm)"
+    if getattr(table, "signature_verified", False):
+        null += ", signed table, signature verified"
+    elif args.table:
+        signed = "signed but " if getattr(table, "signed", False) else ""
+        null += f", table {signed}not authenticated (no --table-key)"
     return (f"{TOOL}: serving http://{_url_host(args.host)}:{args.port} on {args.device}; "
             f"model {model}; table {args.table or '(none)'}, {null}; {monitor}")  # fmt: skip
 

@@ -198,6 +198,51 @@ def test_out_is_checked_before_calibrating(image_folder, tiny_weights, tmp_path,
     assert ran == []
 
 
+def test_sign_key_signs_the_table_that_surprise_serve_table_key_accepts(
+    image_folder, tiny_weights, tmp_path, capsys, monkeypatch
+):
+    from surprise_monitor.serve import cli as serve_cli
+
+    key = tmp_path / "table.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    fast = ["--no-alarm", "--accuracy-images", "0"]
+    signed, plain = tmp_path / "signed.safetensors", tmp_path / "plain.safetensors"
+    assert main(_args(image_folder, signed, tiny_weights, "--sign-key", str(key), *fast)) == 0
+    assert f"table written to {signed}, signed (--sign-key)" in capsys.readouterr().out
+    assert main(_args(image_folder, plain, tiny_weights, *fast)) == 0
+    assert CalibrationTable.load(signed, key=key).signature_verified
+    served = []
+    monkeypatch.setattr(serve_cli, "serve", lambda *a: served.append(a))  # no server started
+    model = ["--model", "tests._models:TinyCNN", "--model-kwargs", json.dumps({"num_classes": 3}),
+             "--weights", str(tiny_weights), "--alarm-log", "0"]  # fmt: skip
+    serve_cli.main([*model, "--table", str(signed), "--table-key", str(key)])
+    args, _, monitor, table = served.pop()
+    assert table.signature_verified and monitor.table is table
+    assert ", signed table, signature verified;" in serve_cli.startup_line(args, table)
+    monitor.close()
+    with pytest.raises(SystemExit, match=rf"--table-key {key}: {plain} is not signed"):
+        serve_cli.main([*model, "--table", str(plain), "--table-key", str(key)])
+    assert served == []
+
+
+def test_a_bad_sign_key_is_named_before_calibrating(image_folder, tiny_weights, tmp_path,
+                                                    capsys, monkeypatch):  # fmt: skip
+    from surprise_monitor.calibrate import cli
+
+    monkeypatch.setattr(cli, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    short = tmp_path / "short.key"
+    short.write_text("abc\n")
+    for key, says in (
+        (tmp_path / "missing.key", "missing.key: no such file; make one with"),
+        (short, "short.key is too short: a table key needs at least 16 bytes"),
+    ):
+        out = tmp_path / "t.safetensors"
+        assert main(_args(image_folder, out, tiny_weights, "--sign-key", str(key))) == 2
+        line = _last_line_only(capsys.readouterr().err)
+        assert line.startswith("surprise-calibrate: error: --sign-key: key file ") and says in line
+        assert not out.exists()
+
+
 def test_images_needed_for_the_999th_percentile_is_1000():
     from surprise_monitor.monitor.table import images_needed
     from tests._checks import table_with_counts

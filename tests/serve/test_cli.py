@@ -128,9 +128,12 @@ def test_monitor_from_args_maps_every_flag(calibrated):
         assert sum(monitored) == 2 and len(monitored) >= 1  # one input in 3, per class
         assert all("class" in s.labels for fam in registry.collect() for s in fam.samples
                    if s.name == "surprise_monitor_inputs_monitored_total")  # fmt: skip
-    async_args = cli.parser().parse_args(["--table", "t", "--mode", "async", "--queue-size", "2"])
+    async_args = cli.parser().parse_args(
+        ["--table", "t", "--mode", "async", "--queue-size", "2", "--judge-batch", "8"]
+    )
     with cli.monitor_from_args(async_args, model, table, CollectorRegistry(), None) as monitor:
         assert monitor.sampling.mode == "async" and monitor.sampling.queue_size == 2
+        assert monitor.sampling.judge_batch == 8
 
 
 @pytest.mark.parametrize(
@@ -143,6 +146,7 @@ def test_monitor_from_args_maps_every_flag(calibrated):
         ),
         (["--table", "t", "--sample-every", "0"], "--sample-every must be an integer >= 1, got 0$"),
         (["--table", "t", "--queue-size", "0"], "--queue-size must be an integer >= 1, got 0$"),
+        (["--table", "t", "--judge-batch", "0"], "--judge-batch must be an integer >= 1, got 0$"),
         (
             ["--table", "t", "--metrics-window", "0"],
             "--metrics-window must be an integer >= 1, got 0$",
@@ -202,6 +206,7 @@ def test_the_flags_defaults_are_the_declarations_they_configure(tmp_path):
     assert args.max_body_mb * MIB == limits.max_body_bytes
     assert (args.max_batch, args.max_image_pixels) == (limits.max_batch, limits.max_image_pixels)
     assert (args.mode, args.every, args.queue_size) == (Sampling().mode, 1, Sampling().queue_size)
+    assert args.judge_batch == Sampling().judge_batch
     assert (args.alarm_rate, args.window) == (Thresholds().alarm_rate, MetricsOptions().window)
     log = AlarmLog()
     assert args.alarm_log == log.capacity
@@ -209,3 +214,74 @@ def test_the_flags_defaults_are_the_declarations_they_configure(tmp_path):
     assert args.alarm_audit_max_mb * MIB == sink.max_bytes
     assert f"{sink.backups} older files kept" in " ".join(cli.parser().format_help().split())
     log.close()
+
+
+KEY = b"serve-table-key-0123456789abcdef"
+
+
+def test_table_key_verifies_the_table_and_the_startup_line_says_so(saved_tiny_model, tmp_path):
+    from surprise_monitor.monitor.table import CalibrationTable
+
+    _, table, args = saved_tiny_model
+    key = tmp_path / "table.key"
+    key.write_bytes(KEY + b"\n")
+    signed = table.save(tmp_path / "signed.safetensors", key=KEY)
+    flags = [*args[:-2], "--table", str(signed)]
+    parsed = cli.parser().parse_args([*flags, "--table-key", str(key)])
+    verified = cli.table_from_args(parsed)
+    assert verified.signature_verified
+    assert f"table {signed}, held-out null of 2000 images, signed table, signature verified; " in (
+        cli.startup_line(parsed, verified)
+    )
+    unkeyed = cli.parser().parse_args(flags)
+    line = cli.startup_line(unkeyed, cli.table_from_args(unkeyed))
+    assert ", table signed but not authenticated (no --table-key); " in line
+    plain = cli.parser().parse_args(args)
+    line = cli.startup_line(plain, CalibrationTable.load(args[-1], exemplars=False))
+    assert "held-out null of 2000 images, table not authenticated (no --table-key); " in line
+
+
+def test_table_key_refuses_unsigned_and_changed_tables_naming_the_flag(saved_tiny_model, tmp_path):
+    from tests._checks import resign
+
+    _, table, args = saved_tiny_model
+    key = tmp_path / "table.key"
+    key.write_bytes(KEY)
+    unsigned = cli.parser().parse_args([*args, "--table-key", str(key)])
+    with pytest.raises(SystemExit, match=rf"error: --table-key {key}: .*table\.safetensors is not "
+                       "signed; sign it with surprise-calibrate --sign-key"):  # fmt: skip
+        cli.table_from_args(unsigned)
+    changed = table.save(tmp_path / "changed.safetensors", key=KEY)
+    resign(changed, lambda meta: meta.update(layer_reason="edited"))  # checksum recomputed
+    parsed = cli.parser().parse_args([*args[:-2], "--table", str(changed), "--table-key", str(key)])
+    with pytest.raises(SystemExit, match=rf"--table-key {key}: .*signature mismatch"):
+        cli.table_from_args(parsed)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, r"--table-key: key file .*: no such file"),
+     (b"tiny-key\n", r"--table-key: key file .* is too short: a table key needs at least 16")],
+)  # fmt: skip
+def test_a_bad_table_key_file_is_named(saved_tiny_model, tmp_path, content, message):
+    _, _, args = saved_tiny_model
+    key = tmp_path / "table.key"
+    if content is not None:
+        key.write_bytes(content)
+    parsed = cli.parser().parse_args([*args, "--table-key", str(key)])
+    with pytest.raises(SystemExit, match=message) as info:
+        cli.table_from_args(parsed)
+    assert "tiny-key" not in str(info.value)  # never the key itself
+    with pytest.raises(SystemExit, match="--table-key needs --table"):
+        cli.table_from_args(cli.parser().parse_args(["--no-monitor", "--table-key", str(key)]))
+
+
+def test_the_monitor_of_an_unverified_table_is_refused_with_table_key(calibrated, tmp_path):
+    from surprise_monitor.monitor.table_file import TableError
+
+    model, table = calibrated
+    key = tmp_path / "table.key"
+    key.write_bytes(KEY)
+    args = cli.parser().parse_args(["--table", "t", "--table-key", str(key)])
+    with pytest.raises(TableError, match="pass the path, or load the table with key="):
+        cli.monitor_from_args(args, model, table, CollectorRegistry(), None)

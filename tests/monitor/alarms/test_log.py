@@ -174,3 +174,41 @@ def test_a_failing_recorder_is_counted_not_raised(calibrated):
         assert monitor.failures == {"recorder:OSError": 3}
         got = registry.get_sample_value("surprise_monitor_failures_total", {"kind": "callback"})
         assert got == 3
+
+
+def test_ids_continue_across_restarts_on_one_audit_file(calibrated, tmp_path):
+    model, table = calibrated
+    path = tmp_path / "alarms.jsonl"
+    seen: list[list[int]] = []
+    for restart in range(4):  # a process each time: a new log on the same file
+        log = AlarmLog(capacity=100, sink=path, sink_max_bytes=60_000, sink_backups=20)
+        with SurpriseMonitor(model, table, alarm_log=log) as monitor:
+            monitor.run(_noise(8, seed=restart), request_id=f"run-{restart}")
+        seen.append([r.id for r in reversed(log.recent())])
+        log.close()
+    audit = [r["id"] for f in sorted(tmp_path.glob("alarms.jsonl*"), reverse=True)
+             for r in read_records(f)]  # fmt: skip
+    assert all(len(ids) >= 6 for ids in seen)
+    assert audit == sorted(audit) and len(set(audit)) == len(audit)  # unique, in order
+    assert audit == [i for ids in seen for i in ids] == list(range(1, len(audit) + 1))
+
+
+def test_a_second_process_writing_the_same_audit_file_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from surprise_monitor.monitor.alarms.sink import AuditFileBusyError, JsonlSink
+
+    path = tmp_path / "alarms.jsonl"
+    held = JsonlSink(path)
+    code = (
+        "import sys; from surprise_monitor.monitor.alarms.sink import JsonlSink\n"
+        "try:\n    JsonlSink(sys.argv[1])\nexcept OSError as e:\n    print(e); sys.exit(3)"
+    )
+    other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert other.returncode == 3 and "another process is writing" in other.stdout
+    with pytest.raises(AuditFileBusyError, match="a file of its own"):
+        JsonlSink(path)  # another open in the same process is refused too
+    held.close()
+    JsonlSink(path).close()  # free again once closed

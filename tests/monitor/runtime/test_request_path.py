@@ -12,7 +12,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from surprise_monitor.monitor import InvalidInputError, SurpriseMonitor
-from surprise_monitor.monitor.options import Sampling
+from surprise_monitor.monitor.options import Execution, Sampling
 from surprise_monitor.monitor.runtime import AsyncWorker, Sampler
 from tests._checks import run_in_threads
 from tests._models import mixed_inputs
@@ -242,10 +242,167 @@ def test_async_worker_flush_and_close_drain_the_queue():
     worker.close()  # idempotent
 
 
+def test_async_worker_take_hands_over_several_items_in_order():
+    handled: list[list[int]] = []
+    depths: list[int] = []
+    entered, gate = threading.Event(), threading.Event()
+
+    def handle(items):
+        entered.set()
+        gate.wait(10)
+        handled.append(items)
+
+    worker = AsyncWorker(handle, maxsize=8, on_depth=depths.append, take=lambda queued: 3)
+    assert worker.submit(0) and entered.wait(10)  # the worker holds [0]
+    assert all(worker.submit(i) for i in range(1, 7))
+    gate.set()
+    assert worker.flush(10)
+    assert handled == [[0], [1, 2, 3], [4, 5, 6]] and depths[-3:] == [6, 3, 0]
+    worker.close(10)
+    broken = AsyncWorker(handled.append, maxsize=4, take=lambda queued: 1 // 0)
+    assert broken.submit(7) and broken.flush(10)  # a take that raises: one item at a time
+    broken.close(10)
+    assert handled[-1] == [7]
+
+
+class _Recorder:
+    """An alarm recorder that keeps ``(request_id, report)`` of each alarm."""
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[str | None, object]] = []
+
+    def record(self, report, x, request_id):
+        self.kept.append((request_id, report))
+
+
+def _gated_judge(monkeypatch, judge, fail_after: int | None = None):
+    """Spy on ``judge``: the batch size of each judge call, the reports made; the first call
+    waits for the returned gate (``entered`` is set once it does); calls after the first
+    ``fail_after`` raise in assemble."""
+    sizes: list[int] = []
+    reports: list[object] = []
+    entered, gate = threading.Event(), threading.Event()
+    step, assemble = judge.step, judge.assemble
+
+    def gated_step(batch):
+        sizes.append(int(batch.x.shape[0]))
+        entered.set()
+        assert gate.wait(30)
+        return step(batch)
+
+    def kept(*args, **kwargs):
+        if fail_after is not None and len(sizes) > fail_after:
+            raise RuntimeError("coalesced call failed")
+        reports.append(assemble(*args, **kwargs))
+        return reports[-1]
+
+    monkeypatch.setattr(judge, "step", gated_step)
+    monkeypatch.setattr(judge, "assemble", kept)
+    return sizes, reports, entered, gate
+
+
+def _requests() -> list[tuple[torch.Tensor, object]]:
+    """Calls of 1-8 inputs, with and without labels (a tensor or a list), one of another size;
+    the blank rows alarm."""
+    x = mixed_inputs(24, seed=11)
+    other = torch.nn.functional.pad(mixed_inputs(2, seed=12), (0, 1, 0, 1))  # 9 x 9
+    return [
+        (x[:1], None),  # held by the worker while the rest queue
+        (x[1:3], None), (x[3:4], None), (x[4:6], None),  # 5 inputs: one call (judge_batch 6)
+        (x[6:8], None),  # would make 7
+        (x[8:10], torch.tensor([0, 1])), (x[10:11], [2]),  # labels: not joined with the above
+        (other, None),  # another size: alone
+        (x[11:14], None), (x[14:15], None),
+        (x[15:23], None),  # more than judge_batch: judged alone, whole
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("judge_batch", "expected_sizes"),
+    [(6, [1, 5, 2, 3, 2, 4, 8]), (1, [1, 2, 1, 2, 2, 2, 1, 2, 3, 1, 8])],
+    ids=["joined", "one-at-a-time"],
+)
+def test_async_worker_joins_queued_calls_into_fewer_judge_calls(
+    calibrated, monkeypatch, judge_batch, expected_sizes
+):
+    model, table = calibrated
+    execution = Execution(strict_input_size=False)
+    requests = _requests()
+    with SurpriseMonitor(model, table, execution=execution) as plain:
+        alone = [plain.inspect(x, labels) for x, labels in requests]
+    registry, recorder = CollectorRegistry(), _Recorder()
+    sampling = Sampling(mode="async", queue_size=16, judge_batch=judge_batch)
+    with SurpriseMonitor(
+        model, table, execution=execution, sampling=sampling, metrics=registry,
+        alarm_log=recorder,
+    ) as monitor:  # fmt: skip
+        sizes, reports, entered, gate = _gated_judge(monkeypatch, monitor.judge)
+        for i, (x, labels) in enumerate(requests):
+            monitor.run(x, labels, request_id=f"req-{i}")
+            if i == 0:
+                assert entered.wait(30)
+        assert _value(registry, "surprise_monitor_queue_depth") == len(requests) - 1
+        gate.set()
+        assert monitor.flush(60)
+        assert _value(registry, "surprise_monitor_queue_depth") == 0
+        n = sum(len(x) for x, _ in requests)
+        assert sizes == expected_sizes and sum(sizes) == n
+        assert _value(registry, "surprise_monitor_inspect_duration_seconds_count") == len(sizes)
+        assert _value(registry, "surprise_monitor_inputs_total") == n
+        assert _value(registry, "surprise_monitor_inputs_monitored_total") == n
+        assert monitor.failures == {} and monitor.dropped == 0
+    judged = [reports[c].select([j]) for c in range(len(reports)) for j in range(sizes[c])]
+    reference = [r.select([j]) for r in alone for j in range(len(r))]
+    for got, ref in zip(judged, reference, strict=True):
+        _assert_same_rows(got, [0], ref)
+        torch.testing.assert_close(got.score, ref.score, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.p_value, ref.p_value, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.alarm, ref.alarm) and got.labels_given == ref.labels_given
+    expected = [(f"req-{i}", r.select([j])) for i, r in enumerate(alone)
+                for j in torch.nonzero(r.alarm).flatten().tolist()]  # fmt: skip
+    assert [rid for rid, _ in recorder.kept] == [rid for rid, _ in expected]
+    assert {"req-1", "req-3"} <= {rid for rid, _ in expected}  # two calls' alarms, joined
+    for (_, got), (_, ref) in zip(recorder.kept, expected, strict=True):
+        torch.testing.assert_close(got.p_value, ref.p_value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_joined_call_counts_all_its_inputs_failed(calibrated, monkeypatch):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    sampling = Sampling(mode="async", queue_size=8)
+    with SurpriseMonitor(model, table, sampling=sampling, metrics=registry) as monitor:
+        sizes, _, entered, gate = _gated_judge(monkeypatch, monitor.judge, fail_after=1)
+        monitor(mixed_inputs(1))
+        assert entered.wait(30)
+        for rows in (2, 1, 3):
+            monitor(mixed_inputs(rows, seed=rows))
+        gate.set()
+        assert monitor.flush(60)
+        assert sizes == [1, 6]
+        assert monitor.failures == {"RuntimeError": 1}
+        assert _value(registry, "surprise_monitor_failures_total", kind="internal") == 1
+        assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="failed") == 6
+        assert _value(registry, "surprise_monitor_inputs_monitored_total") == 1
+        assert _value(registry, "surprise_monitor_inputs_total") == 7
+
+
+def test_async_bad_labels_fail_alone_before_they_are_queued(calibrated):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    sampling = Sampling(mode="async", queue_size=8)
+    with SurpriseMonitor(model, table, sampling=sampling, metrics=registry) as monitor:
+        monitor(mixed_inputs(2), labels=[0, 1])
+        monitor(mixed_inputs(2), labels=[0, 7])  # class 7 of 3: refused, never queued
+        monitor(mixed_inputs(2), labels=torch.tensor([2, 1]))
+        assert monitor.flush(60)
+        assert monitor.failures == {"InvalidInputError": 1}
+        assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="failed") == 2
+        assert _value(registry, "surprise_monitor_inputs_monitored_total") == 4
+
+
 @pytest.mark.parametrize(
     ("make", "skipped"),
     [
-        (lambda x: x.index_put((torch.tensor([1]),), torch.tensor(float("nan"))), 3),
         (lambda x: x * float("inf"), 3),
         (lambda x: x[:0], 0),
         (lambda x: torch.nn.functional.pad(x, (0, 1, 0, 1)), 3),  # another size: the model runs
@@ -261,7 +418,7 @@ def test_bad_inputs_are_counted_skips_and_the_output_is_returned(calibrated, mak
             expected = model(x)
         assert torch.equal(res.output.nan_to_num(), expected.nan_to_num())
         assert res.report is None
-        assert monitor.failures == {"InvalidInputError": 1}
+        assert sum(monitor.failures.values()) == 1
         assert _value(registry, "surprise_monitor_failures_total", kind="invalid_input") == 1
         assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="failed") == skipped
         with pytest.raises(InvalidInputError):
@@ -399,3 +556,43 @@ def test_inspect_raises_the_models_own_error(calibrated):
     with monitor, pytest.raises(ValueError, match="PickyCNN rejects"):
         monitor.inspect(mixed_inputs(2) * 1e4)
     assert picky.calls == 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "sample", "async"])
+def test_one_nan_input_does_not_unjudge_its_neighbours(calibrated, mode):
+    model, table = calibrated
+    registry = CollectorRegistry()
+    x = mixed_inputs(6)
+    x[1, 0, 2, 2], x[4] = float("nan"), float("inf")
+    sampling = {"sync": Sampling(), "sample": Sampling(), "async": Sampling(mode="async")}
+    recorded: list[tuple[str | None, int]] = []
+
+    class Recorder:
+        def record(self, report, one, request_id):
+            recorded.append((request_id, int(report.classes[0])))
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    with SurpriseMonitor(model, table, metrics=registry, sampling=sampling[mode],
+                         alarm_log=Recorder()) as monitor:  # fmt: skip
+        if mode == "sample":  # judged through the sampled-rows path: rows 0..5 but 3
+            monitor.request_path.sampler.select = lambda n: torch.tensor([1, 1, 1, 0, 1, 1]).bool()
+        res = monitor.run(x, labels=labels, request_id="r")
+        assert monitor.flush(60)
+        good = [0, 2, 5] if mode == "sample" else [0, 2, 3, 5]
+        with torch.no_grad():
+            expected_output = model(x)
+        assert torch.equal(res.output.nan_to_num(), expected_output.nan_to_num())
+        report = res.report if mode != "async" else monitor.last_report
+        assert report is not None and len(report.score) == len(good)
+        if mode != "async":
+            assert res.rows.tolist() == good
+        alone = monitor.inspect(x[good], labels=labels[good])
+        for field in ("score", "p_value", "beta"):
+            torch.testing.assert_close(getattr(report, field), getattr(alone, field))
+        assert torch.equal(report.alarm, alone.alarm)
+        assert monitor.failures == {"NonFiniteInputError": 1}
+        assert _value(registry, "surprise_monitor_failures_total", kind="invalid_input") == 1
+        assert _value(registry, "surprise_monitor_inputs_skipped_total", reason="failed") == 2
+        assert _value(registry, "surprise_monitor_inputs_monitored_total") == len(good)
+        alarmed = torch.nonzero(alone.alarm).flatten().tolist()
+        assert recorded == [("r", int(alone.classes[j])) for j in alarmed]
