@@ -58,6 +58,7 @@ from surprise_monitor.calibrate import CalibrationTable, calibrate, model_finger
 from surprise_monitor.calibrate.options import RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor  # noqa: E402
 from surprise_monitor.monitor.explain import DEFAULT_N_SEGMENTS, DEFAULT_REMOVE, METHODS, fix  # noqa: E402
+from surprise_monitor.monitor.probe.layers import FINAL_CONV  # noqa: E402
 
 
 def table_for(
@@ -68,8 +69,8 @@ def table_for(
     cache: str | Path | None = None,
     log: Callable[[str], None] | None = print,
 ) -> CalibrationTable:
-    """The model's calibration table on the first ``n_calib`` training images; cached by the
-    weights' fingerprint."""
+    """The model's calibration table on the first ``n_calib`` training images, at the paper's
+    final convolution (``layer="final-conv"``); cached by the weights' fingerprint."""
     folder = Path(cache) if cache is not None else cache_dir()
     path = folder / f"table-{model_fingerprint(model)[:16]}-{n_calib}.safetensors"
     if path.is_file():
@@ -81,6 +82,7 @@ def table_for(
     table = calibrate(
         model,
         cifar10_dataset("train", data_dir, n_calib),
+        layer=FINAL_CONV,
         progress=False,
         table=TableOptions(data_source=data_source("train", data_dir, n_calib)),
         run=RunOptions(batch_size=250),

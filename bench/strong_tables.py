@@ -11,6 +11,9 @@ Splits:
 - ``"train10k"``: training images 0..9,999 with their true labels (for tables at another layer
   than the final convolution, which the benchmarks build only to compare).
 
+Tables are at the paper's layer, the final convolution (``layer="final-conv"``), unless a layer
+is named: not at calibrate's default (the feature map the classifier head reads).
+
 Tables are cached as ``{cache_dir}/strong/{model}-{fingerprint[:12]}-{split}.safetensors``
 (``...-{split}-{layer}.safetensors`` for a table at a layer other than the default). A
 build is resumable: alpha is spilled to a checkpoint folder beside the table and a killed run
@@ -35,6 +38,7 @@ from bench.cifar import cache_dir, data_source, load_cifar10, to_tensor
 from bench.strong_models import HELDOUT, STRONG_MODELS, load_strong
 from surprise_monitor.calibrate import CalibrationTable, calibrate, model_fingerprint
 from surprise_monitor.calibrate.options import CheckpointOptions, RunOptions, TableOptions
+from surprise_monitor.monitor.probe.layers import FINAL_CONV
 
 #: Split -> (CIFAR-10 file, first index, stop index, labels: "true" or "pred").
 SPLITS: dict[str, tuple[str, int, int, str]] = {
@@ -47,7 +51,7 @@ SPLITS: dict[str, tuple[str, int, int, str]] = {
 
 def table_path(name: str, model: nn.Module, split: str, layer: str | None = None) -> Path:
     """Where the table of ``model`` (strong model ``name``) on ``split`` is cached (``layer``:
-    a layer other than the default final convolution)."""
+    a layer other than the final convolution)."""
     tail = f"-{layer}" if layer else ""
     fp = model_fingerprint(model)[:12]
     return cache_dir() / "strong" / f"{name}-{fp}-{split}{tail}.safetensors"
@@ -86,7 +90,8 @@ def strong_table(
 ) -> CalibrationTable:
     """The calibration table of strong model ``name`` on ``split``: loaded from the cache, else
     built (resuming an interrupted build) and cached. ``model`` saves loading it again;
-    ``layer``: another layer than the final convolution (calibrate's default)."""
+    ``layer``: another layer than the final convolution (the paper's layer, the default here;
+    calibrate's own default is the feature map the classifier head reads)."""
     model = load_strong(name) if model is None else model
     path = table_path(name, model, split, layer)
     if path.is_file():
@@ -99,7 +104,7 @@ def strong_table(
     table = calibrate(
         model,
         ds,
-        layer=layer,
+        layer=layer or FINAL_CONV,
         progress=False,
         table=TableOptions(data_source=data_source(SPLITS[split][0], data_dir)),
         run=RunOptions(batch_size=250),

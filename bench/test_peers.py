@@ -3,8 +3,13 @@
 Run: ``pytest bench/test_peers.py --benchmark-only`` (about 30 minutes on a busy 2-core machine;
 narrow it with ``PEERS_MODELS=resnet18 PEERS_BATCHES=1,8``). Torchvision ``resnet18``,
 ``resnet50`` and ``vgg16`` (random weights: time and memory do not depend on them), 224 x 224,
-batch 1, 8 and 32. Every mode produces the logits and the per-filter gradient x activation of
-the predicted class at the final convolution (see ``bench._setup.peer_runner``):
+batch 1, 8 and 32; ``PEERS_MODELS`` takes other torchvision classifiers too, a transformer's
+token map or a channels-last map included (``vit_b_16`` and ``convnext_tiny`` are measured in
+``bench/README.md``; a zero-initialised head is given small random weights, see
+``bench._setup.build_model``). Every mode produces the logits and the
+per-filter gradient x activation of the predicted class at the table's layer, the feature map
+the classifier head reads (``layer4`` for the ResNets, ``features`` for VGG and ConvNeXt, ViT's
+``encoder`` tokens), averaged over the positions of its layout (``bench._setup.peer_runner``):
 
 - ``plain``: ``model(x)`` under ``torch.inference_mode()``, the baseline;
 - ``monitor``: ``SurpriseMonitor.inspect(x)``;

@@ -19,6 +19,7 @@ import types
 from typing import Any
 
 from surprise_monitor.calibrate.builder import calibrate
+from surprise_monitor.calibrate.degenerate import DegenerateTableError
 from surprise_monitor.calibrate.detector import NotFittedError, SurpriseDetector
 from surprise_monitor.calibrate.options import (
     AlarmOptions,
@@ -34,6 +35,7 @@ __all__ = [
     "AlarmOptions",
     "CalibrationTable",
     "CheckpointOptions",
+    "DegenerateTableError",
     "NotFittedError",
     "RunOptions",
     "SurpriseDetector",

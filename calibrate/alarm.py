@@ -25,7 +25,7 @@ metadata as JSON.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -102,15 +102,16 @@ def alarm_calibration(
     head = _head_layer(model, options.head_layer, layers, images, device)
     passes = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
     grids, head_means, head_precision = _profile_grids(
-        model, layers, head, images.half(0), table.levels, progress,
-        num_classes=table.num_classes, **passes,
+        model, layers, head, _counted(images.half(0), images.size(0), "profile grids", progress),
+        table.levels, num_classes=table.num_classes, **passes,
     )  # fmt: skip
     alarm = AlarmCalibration(
         SCORE_NAME, tuple(layers), grids, None, images.count, head_layer=head,
         head_means=head_means, head_precision=head_precision,
     )  # fmt: skip
     with_grids = replace(table, alarm=alarm, path=None, sha256="")
-    parts = _components(model, with_grids, images.half(1), backend, progress, **passes)
+    odd = _counted(images.half(1), images.size(1), "score reference", progress)
+    parts = _components(model, with_grids, odd, backend, **passes)
     alarm = replace(alarm, reference=ScoreReference.of(parts))
     if heldout is None:
         log.info("calibrate: no held-out images: the table has no conformal null (no alarms)")
@@ -150,6 +151,12 @@ class _ReferenceImages:
             self.indices = picked
             self.count = int(picked.size)
 
+    def size(self, part: int) -> int:
+        """Images in :meth:`half` ``part`` (of an iterable dataset: at most that many)."""
+        if self.indices is None:
+            return (self.count + 1 - part) // 2
+        return int(self.indices[part::2].size)
+
     def half(self, part: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The images at even (``part=0``) or odd (``1``) positions of the subset, batched."""
         if self.indices is None:  # iterable: the first images, alternating
@@ -169,6 +176,19 @@ class _ReferenceImages:
             kwargs["collate_fn"] = self.collate
         for x, y, _ in stream(DataLoader(subset, shuffle=False, **kwargs), 0, 0):
             yield x, torch.as_tensor(y)
+
+
+def _counted(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    images: int | None,
+    desc: str,
+    progress: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches``, counted on a progress bar of ``images`` images (its total)."""
+    with tqdm(total=images, desc=desc, unit="img", disable=not progress) as bar:
+        for x, y in batches:
+            yield x, y
+            bar.update(len(x))
 
 
 def _heldout_batches(
@@ -245,7 +265,6 @@ def _profile_grids(
     head: str,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     levels: torch.Tensor,
-    progress: bool,
     *,
     num_classes: int,
     batch_size: int,
@@ -261,7 +280,7 @@ def _profile_grids(
     rows: list[list[np.ndarray]] = [[] for _ in tapped]
     labels: list[np.ndarray] = []
     try:
-        for x, y in tqdm(batches, desc="profile grids", unit="batch", disable=not progress):
+        for x, y in batches:
             with tap.armed() as record:
                 model(x.to(device))
             for j, m in enumerate(tap.means(record)):
@@ -310,7 +329,6 @@ def _components(
     table: CalibrationTable,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     backend: str,
-    progress: bool,
     *,
     batch_size: int,
     num_workers: int,
@@ -320,7 +338,7 @@ def _components(
     judge = Judge(model, table, execution=Execution(backend=backend, check_fingerprint=False))
     parts = []
     try:
-        for x, y in tqdm(batches, desc="score reference", unit="batch", disable=not progress):
+        for x, y in batches:
             parts.append(judge(x.to(device), y.to(device)).components)
     finally:
         judge.close()
@@ -343,8 +361,9 @@ def _heldout_scores(
     judge = Judge(model, table, execution=Execution(backend=backend, check_fingerprint=False))
     predicted, labelled, hits = [], [], 0
     try:
-        batches = _heldout_batches(heldout, batch_size, num_workers)
-        for x, y in tqdm(batches, desc="held-out null", unit="batch", disable=not progress):
+        batches = _counted(_heldout_batches(heldout, batch_size, num_workers),
+                           stream_length(heldout), "held-out null", progress)  # fmt: skip
+        for x, y in batches:
             x, y = x.to(device), y.to(device)
             report = judge(x)
             wrong = torch.nonzero(report.classes != y.cpu()).flatten()

@@ -29,6 +29,7 @@ from surprise_monitor.calibrate import distributed
 from surprise_monitor.calibrate.accumulators import Accumulator, make_accumulator
 from surprise_monitor.calibrate.alarm import alarm_calibration, shortened
 from surprise_monitor.calibrate.alpha import BatchAlpha, RunMeta
+from surprise_monitor.calibrate.degenerate import check_spread
 from surprise_monitor.calibrate.distributed import DistInfo
 from surprise_monitor.calibrate.options import (
     AlarmOptions,
@@ -112,7 +113,8 @@ def calibrate(
         heldout: images of the same classes the network did not train on (a validation split), with
             labels: the alarm's conformal null (:mod:`surprise_monitor.calibrate.alarm`). Without it
             the table has the score but no null, and the monitor raises no alarms.
-        layer: target module name; ``None`` picks the final convolution (see
+        layer: target layer spec; ``None`` picks the feature map the classifier head reads,
+            ``"final-conv"`` the paper's final convolution (see
             :func:`~surprise_monitor.monitor.probe.resolve_layer`; the reason is kept).
         device: where the model runs; ``None``: the model's device.
         progress: show progress bars.
@@ -134,7 +136,10 @@ def calibrate(
     names their new spelling. Under ``torchrun`` each rank computes its share of the batches
     and every rank returns the same table, identical to a one-process run's. Alpha goes to disk
     as it is computed and statistics are computed class by class in filter blocks: memory does
-    not grow with the data.
+    not grow with the data. A table whose alpha is constant for most filters (a zero-initialised
+    or dead head, the wrong layer) is refused with a
+    :class:`~surprise_monitor.calibrate.degenerate.DegenerateTableError` before the alarm's
+    passes, unless ``table.allow_degenerate``.
     """
     job = _Job.of(model, layer, device, progress, table, run, checkpoint, alarm)
     result = _alpha_table(model, data, job)
@@ -199,7 +204,9 @@ def _group(name: str, value: Any, cls: type) -> Any:
 
 
 def _alpha_table(model: nn.Module, data: DataLoader | Dataset, job: _Job) -> CalibrationTable:
-    """The alpha table (no alarm part): the training pass, its statistics, the table."""
+    """The alpha table (no alarm part): the training pass, its statistics, the table; refused
+    when its alpha is constant for most filters
+    (:func:`~surprise_monitor.calibrate.degenerate.check_spread`)."""
     dev, info, run, ck = job.device, distributed.current(), job.run, job.checkpoint
     plan = _plan(data, run, dev, info, ck is not None)
     spill = None if run.spill_dir is None else Path(run.spill_dir)
@@ -221,7 +228,9 @@ def _alpha_table(model: nn.Module, data: DataLoader | Dataset, job: _Job) -> Cal
         beta_arr = levels_with_required(job.table.beta_levels)
         stats = acc.statistics(distributed.Comm(info), meta, levels_arr, beta_arr)
     names = _class_names(job.table.class_names, data, int(meta.num_classes or 0))
-    return _table(meta, stats, model, names, job.table, levels_arr, beta_arr)
+    table = _table(meta, stats, model, names, job.table, levels_arr, beta_arr)
+    check_spread(table, job.table.allow_degenerate)  # the same statistics on every rank
+    return table
 
 
 def statistics_device(dev: torch.device) -> torch.device | None:

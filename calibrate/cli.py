@@ -14,8 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from surprise_monitor.calibrate.builder import calibrate
+from surprise_monitor.calibrate.diagnosis import (
+    ModelOrigin,
+    accuracy_verdict,
+    declared_input_size,
+)
 from surprise_monitor.calibrate.distributed import DistInfo, init_from_env
 from surprise_monitor.calibrate.options import (
     AlarmOptions,
@@ -24,8 +30,8 @@ from surprise_monitor.calibrate.options import (
     TableOptions,
 )
 from surprise_monitor.calibrate.preflight import (
+    AccuracyCheck,
     accuracy_check,
-    accuracy_warning,
     check_channels,
     check_out,
     checked_collate,
@@ -77,7 +83,12 @@ def parser() -> argparse.ArgumentParser:
         help="the model's label order: a file of class folder names, one per line (class i = "
         "line i), or name,name,... (default: the folders' alphabetical order)",
     )
-    p.add_argument("--layer", help="target module name (default: the final convolution)")
+    p.add_argument(
+        "--layer",
+        help="target module name, 'name:nhwc' for a channels-last map, or 'final-conv' for the "
+        "paper's final convolution (default: the feature map the classifier head reads)",
+    )
+    add_option_arguments(p, TableOptions, {"allow_degenerate": "--allow-degenerate"})
     add_option_arguments(p, TableOptions, {"class_output": "--class-output"})
     add_renamed_flags(p, {"--score": "--class-output"})
     add_option_arguments(p, RunOptions, {"batch_size": "--batch-size", "num_workers": "--workers"})
@@ -102,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     c.add_argument(
         "--min-accuracy", type=float, default=0.5,
-        help="warn loudly when that accuracy is below this fraction",
+        help="warn loudly, naming the likely causes, when that accuracy is below this fraction, "
+        "and stop when it is also no better than chance (0: never)",
     )  # fmt: skip
     a = p.add_argument_group("the per-input alarm (a conformal p-value per input)")
     a.add_argument(
@@ -254,10 +266,11 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
         num_classes = len(dataset.classes)
         names = dataset.classes if args.num_classes in (None, num_classes) else None
         heldout = _heldout(args, steps, dataset)
-        table = calibrate(
-            model, loader, heldout=heldout, layer=args.layer, device=args.device,
-            progress=not args.quiet, **_options(args, steps, names, model),
-        )  # fmt: skip
+        with logging_redirect_tqdm():  # log lines above the bars, not through them
+            table = calibrate(
+                model, loader, heldout=heldout, layer=args.layer, device=args.device,
+                progress=not args.quiet, **_options(args, steps, names, model),
+            )  # fmt: skip
         seconds = time.perf_counter() - started
         if info.rank != 0:  # every rank holds the same table; rank 0 writes it
             return 0
@@ -383,7 +396,7 @@ def _one_line(exc: BaseException) -> str:
 def _prepare(args: argparse.Namespace, info: DistInfo) -> tuple[Any, Preprocessing, nn.Module]:
     """The dataset, its preprocessing and the model, checked against each other before the
     long run: the mean/std fit the channels, the model runs the preprocessed images, and its
-    accuracy on a sample of them (rank 0 prints it, and warns below ``--min-accuracy``)."""
+    accuracy on a sample of them (:func:`_judge_accuracy`)."""
     if args.legacy_model:
         if args.model:
             raise ValueError("give the model once: --model NAME (MODEL as a positional argument "
@@ -404,12 +417,29 @@ def _prepare(args: argparse.Namespace, info: DistInfo) -> tuple[Any, Preprocessi
     model = model_from_args(args, num_classes, "surprise-calibrate").to(args.device)
     n = args.accuracy_images if args.accuracy_images > 0 else 1  # one image: does it run?
     check = accuracy_check(model, dataset, steps, n, args.batch_size, args.device)
-    if info.rank == 0 and args.accuracy_images > 0:
-        print(check.line(), flush=True)
-        warning = accuracy_warning(check, args.min_accuracy, bool(args.weights or args.onnx))
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
+    if args.accuracy_images > 0:
+        _judge_accuracy(check, args, steps, model, info)
     return dataset, steps, model
+
+
+def _judge_accuracy(
+    check: AccuracyCheck,
+    args: argparse.Namespace,
+    steps: Preprocessing,
+    model: nn.Module,
+    info: DistInfo,
+) -> None:
+    """Rank 0 prints the pre-flight accuracy and, below ``--min-accuracy``, its likely causes
+    (:mod:`surprise_monitor.calibrate.diagnosis`); every rank stops (``ValueError``) when it is
+    no better than chance."""
+    declared = declared_input_size(model, args.model)
+    verdict = accuracy_verdict(check, args.min_accuracy, steps, ModelOrigin.of(args), declared)
+    if info.rank == 0:
+        print(check.line(), flush=True)
+        if verdict is not None:
+            print(verdict.text, file=sys.stderr, flush=True)
+    if verdict is not None and verdict.stop:
+        raise ValueError(verdict.error)
 
 
 if __name__ == "__main__":

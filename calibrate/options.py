@@ -4,7 +4,7 @@ each group whole, the ``surprise-calibrate`` flags take their help and defaults 
 checkpoint records the ones that decide its values.
 
 - :class:`TableOptions`: what the table holds (the differentiated class output, the grids,
-  exemplars, class names, where the images came from).
+  exemplars, class names, where the images came from, whether a degenerate one is kept).
 - :class:`RunOptions`: how the run goes (batches, workers, backend, autocast, exact or
   approximate, memory, where alpha is spilled, how ranks merge).
 - :class:`CheckpointOptions`: a resumable run.
@@ -53,6 +53,12 @@ class TableOptions:
     )
     heldout_source: dict[str, Any] | None = option(
         None, "where the held-out images came from (kept in the table)"
+    )
+    allow_degenerate: bool = option(
+        False,
+        "keep a table whose alpha is constant for most filters (every percentile a tie: a "
+        "zero-initialised, untrained or dead head, or the wrong layer), with a warning, "
+        "instead of refusing it",
     )
 
     def __post_init__(self) -> None:

@@ -1,7 +1,9 @@
 """What ``surprise-calibrate`` checks before the long run, so that a mistake costs seconds and
 one line instead of an hour and a traceback: the output path, the preprocessing against the
 images and the model, the class order, and the model's accuracy on a sample of the calibration
-images (random weights or mislabelled class folders calibrate every class wrong).
+images (random weights or mislabelled class folders calibrate every class wrong), with what the
+model was fed (input size, the normalised images' channel mean and std). What a low accuracy
+likely means, and whether the run stops, is :mod:`surprise_monitor.calibrate.diagnosis`'s.
 """
 
 from __future__ import annotations
@@ -112,17 +114,28 @@ def flags_of(steps: Preprocessing) -> str:
 
 @dataclass(frozen=True)
 class AccuracyCheck:
-    """The model's accuracy on a class-stratified sample of the calibration images."""
+    """The model's accuracy on a class-stratified sample of the calibration images, and what
+    the model was fed: the input size and the normalised images' per-channel mean and std."""
 
     correct: int
     images: int
     classes: int
     swapped: list[tuple[str, int]]  # (class folder, the model's class most of its images get)
+    chance: float = 0.0  # the accuracy of always answering the sample's largest class
+    input_shape: tuple[int, ...] = ()  # [C, H, W] of the preprocessed images
+    channel_mean: tuple[float, ...] = ()
+    channel_std: tuple[float, ...] = ()
 
     @property
     def accuracy(self) -> float:
         """The sample's accuracy."""
         return self.correct / max(self.images, 1)
+
+    @property
+    def at_chance(self) -> bool:
+        """True when the accuracy is no better than chance: the 95% interval reaches
+        :attr:`chance` (a sample of two classes or more)."""
+        return self.classes > 1 and self.images > 0 and self.interval()[0] <= self.chance
 
     def interval(self, z: float = 1.96) -> tuple[float, float]:
         """The Wilson 95% interval of the accuracy."""
@@ -185,39 +198,57 @@ def accuracy_check(
     idx = stratified(dataset.targets, images)
     names = list(dataset.classes)
     correct, votes = 0, {c: Counter() for c in range(len(names))}
+    moments = _ChannelMoments()
     for start in range(0, len(idx), batch_size):
         items = [dataset[i] for i in idx[start : start + batch_size]]
         x, y = checked_collate(items)
+        moments.add(x)
         pred = run_model(model, x.to(device), steps).argmax(1).cpu()
         correct += int((pred == y).sum())
         for t, p in zip(y.tolist(), pred.tolist(), strict=True):
             votes[t][p] += 1
+    largest = max((sum(v.values()) for v in votes.values()), default=0)
+    return AccuracyCheck(
+        correct, len(idx), len(names), _swapped(votes, names), largest / max(len(idx), 1),
+        moments.shape, *moments.mean_std(),
+    )  # fmt: skip
+
+
+def _swapped(votes: dict[int, Counter], names: list[str]) -> list[tuple[str, int]]:
+    """The class folders most of whose images the model gives one other class, and that
+    class."""
     swapped = []
     for c, counts in votes.items():
         if counts:
             top, k = counts.most_common(1)[0]
             if top != c and k > sum(counts.values()) / 2:
                 swapped.append((names[c], top))
-    return AccuracyCheck(correct, len(idx), len(names), swapped)
+    return swapped
 
 
-def accuracy_warning(check: AccuracyCheck, minimum: float, has_weights: bool) -> str | None:
-    """The loud warning for an accuracy below ``minimum`` (and its likely causes), or None."""
-    if check.accuracy >= minimum:
-        return None
-    lines = [
-        "=" * 78,
-        f"WARNING: {check.line()}, below --min-accuracy {minimum:g}.",
-        "A table of a model that does not classify its calibration images is meaningless.",
-    ]
-    if not has_weights:
-        lines.append("No --weights were given: the model has random weights.")
-    if check.swapped:
-        shown = ", ".join(f"folder {n!r} -> class {c}" for n, c in check.swapped[:5])
-        lines.append(
-            f"Most images of {len(check.swapped)} class folders get another class ({shown}): "
-            "the folders' alphabetical order may not be the model's label order; give it with "
-            "--class-order (a file of class names, one per line, or name,name,...)."
-        )
-    lines.append("=" * 78)
-    return "\n".join(lines)
+class _ChannelMoments:
+    """Per-channel mean and standard deviation of preprocessed batches (float64 sums)."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] = ()
+        self.n, self.sum, self.squares = 0, torch.zeros(0), torch.zeros(0)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Count a batch ``[B, C, H, W]``."""
+        x = x.detach().double()
+        if not self.shape:
+            self.shape = tuple(x.shape[1:])
+            self.sum = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.squares = torch.zeros_like(self.sum)
+        dims = [0, *range(2, x.ndim)]
+        self.sum += x.sum(dims)
+        self.squares += (x * x).sum(dims)
+        self.n += x.numel() // max(x.shape[1], 1)
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Each channel's mean and standard deviation (empty before any batch)."""
+        if not self.n:
+            return (), ()
+        mean = self.sum / self.n
+        std = (self.squares / self.n - mean * mean).clamp_min(0).sqrt()
+        return tuple(mean.tolist()), tuple(std.tolist())

@@ -251,3 +251,35 @@ def write_colour_folder(root, per_class: int = 6, size: int = 8, seed: int = 0):
             img[..., c] = rng.integers(180, 255, (size, size))
             Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i}.png")
     return root
+
+
+class EightPixelNet(TinyCNN):
+    """A :class:`TinyCNN` set by hand to classify noisy solid-colour 8x8 images (class c: colour
+    channel c, as :class:`ColourNet`; every filter reads one channel) that knows that size only,
+    as a CIFAR net knows 32x32 images: fed another size it answers class 0 whatever the image
+    (a bias swamps its logits, which still depend on the image). Its weights come with it (a
+    ``module:factory`` that needs no ``--weights``); ``declare``: state its input size as timm
+    does (``pretrained_cfg["input_size"]``)."""
+
+    SIZE = (8, 8)
+
+    def __init__(self, declare: bool = False) -> None:
+        super().__init__(num_classes=3, width=8)
+        conv1, conv2 = self.features[0], self.features[2]
+        with torch.no_grad():
+            for p in self.parameters():
+                p.zero_()
+            for i in range(8):
+                conv1.weight[i, i % 3, 1, 1] = 1.0
+            for j in range(16):
+                conv2.weight[j, j % 8, 1, 1] = 1.0
+                self.fc.weight[(j % 8) % 3, j] = 1.0
+        if declare:
+            self.pretrained_cfg = {"input_size": (3, *self.SIZE)}
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if tuple(x.shape[-2:]) != self.SIZE:
+            out = out + torch.tensor([100.0, 0.0, 0.0], device=x.device)
+        return out

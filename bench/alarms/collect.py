@@ -28,6 +28,7 @@ from surprise_monitor.calibrate.alarm import alarm_calibration
 from surprise_monitor.calibrate.options import RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference, normal_scores
+from surprise_monitor.monitor.probe.layers import FINAL_CONV
 from surprise_monitor.monitor.table import CalibrationTable
 
 BATCH = 250
@@ -75,6 +76,7 @@ def table_of(model_name: str, model: nn.Module, log: Callable[[str], None]) -> C
             model,
             data,
             heldout=heldout,
+            layer=FINAL_CONV,  # the layer the recorded results were measured at
             table=TableOptions(class_names=train.class_names, data_source=data_source("train")),
             run=RunOptions(batch_size=BATCH),
         )

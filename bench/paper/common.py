@@ -8,13 +8,14 @@
   and the two weak small models of the first run (``small_vgg``, ``small_resnet``:
   :func:`bench.cifar.train_or_load` with :data:`TRAIN_SETTINGS`, 3 epochs on the first 20,000
   training images, 49% / 62.5%), still selectable with ``--archs``.
-- Calibration tables, cached outside the repository. Strong models
-  (:mod:`bench.strong_tables`): ``"train"`` on all 50,000 training images (the paper's
-  protocol), ``"heldout"`` on test images 0..4,999 (never trained on), both with true labels,
-  ``"heldout_pred"`` on the same test images labelled with the model's predictions; anything
-  judged with a held-out table is reported on test images 5,000..9,999 only. Weak models:
-  ``"train"`` on training images 0..9,999, ``"heldout"`` / ``"heldout_pred"`` on training images
-  40,000..49,999 (never used in their training).
+- Calibration tables, at the paper's layer, the final convolution (``layer="final-conv"``; not
+  calibrate's default, the feature map the classifier head reads), cached outside the
+  repository. Strong models (:mod:`bench.strong_tables`): ``"train"`` on all 50,000 training
+  images (the paper's protocol), ``"heldout"`` on test images 0..4,999 (never trained on), both
+  with true labels, ``"heldout_pred"`` on the same test images labelled with the model's
+  predictions; anything judged with a held-out table is reported on test images 5,000..9,999
+  only. Weak models: ``"train"`` on training images 0..9,999, ``"heldout"`` / ``"heldout_pred"``
+  on training images 40,000..49,999 (never used in their training).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from surprise_monitor.calibrate import CalibrationTable, calibrate, model_finger
 from surprise_monitor.calibrate.options import RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.probe import get_module
+from surprise_monitor.monitor.probe.layers import FINAL_CONV
 
 STRONG_ARCHS = STRONG_MODELS  # ("resnet18", "vgg_bn")
 WEAK_ARCHS = ("small_vgg", "small_resnet")
@@ -261,7 +263,8 @@ def test_logits(setup: Setup) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def calibration_table(model: nn.Module, arch: str, split: str, data_dir: Path) -> CalibrationTable:
-    """The table of ``model`` on the calibration ``split`` (cached by weights and split)."""
+    """The table of ``model`` on the calibration ``split`` at its final convolution (cached by
+    weights and split)."""
     if split not in CALIBRATION_SPLITS:
         raise ValueError(f"split must be one of {sorted(CALIBRATION_SPLITS)}, got {split!r}")
     start, stop = CALIBRATION_SPLITS[split]
@@ -284,6 +287,7 @@ def calibration_table(model: nn.Module, arch: str, split: str, data_dir: Path) -
     table = calibrate(
         model,
         ds,
+        layer=FINAL_CONV,
         progress=False,
         table=TableOptions(data_source=data_source("train", data_dir)),
         run=RunOptions(batch_size=250),

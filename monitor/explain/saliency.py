@@ -27,6 +27,7 @@ from surprise_monitor.monitor.probe.class_output import (
     logits_of,
 )
 from surprise_monitor.monitor.probe.hooks import LayerTap
+from surprise_monitor.monitor.probe.layout import as_nchw, layout_for, split_layer
 
 
 def input_gradient(
@@ -43,7 +44,8 @@ def input_gradient(
 
     Args:
         model: the CNN in eval mode (not modified; no parameter gradient is accumulated).
-        layer: the target module name (its output must be ``[B, N, H', W']``).
+        layer: the target layer spec (its output a feature map: ``[B, N, H', W']``, or in
+            another layout of :mod:`~surprise_monitor.monitor.probe.layout`).
         classes: the class whose score is differentiated, per sample (or one for all).
         channels: ``None`` for the vanilla gradient through every path; a filter index (or a
             list of them) for the gradient that flows only through those channels of ``layer``.
@@ -88,12 +90,13 @@ def _through_channels(
 ) -> torch.Tensor:
     """The gradient of ``total`` reaching ``activation``, masked to ``channels`` and carried
     back to ``x``: ``(dA/dx)^T (dO/dA * mask)``."""
-    n = activation.shape[1]
+    layout = layout_for(activation, split_layer(layer)[1])
+    n = as_nchw(activation, layout).shape[1]
     idx = torch.as_tensor(channels, dtype=torch.int64).reshape(-1)
     if idx.numel() == 0 or bool(((idx < 0) | (idx >= n)).any()):
         raise ValueError(f"channels must lie in [0, {n}) for layer {layer!r}, got {channels}")
     (g_layer,) = torch.autograd.grad(total, activation, retain_graph=True)
-    mask = torch.zeros(n, dtype=g_layer.dtype, device=g_layer.device)
-    mask[idx.to(g_layer.device)] = 1.0
-    (grad,) = torch.autograd.grad(activation, x, grad_outputs=g_layer * mask.view(1, n, 1, 1))
+    mask = torch.zeros_like(g_layer)
+    as_nchw(mask, layout)[:, idx.to(g_layer.device)] = 1.0  # the channels, in any layout
+    (grad,) = torch.autograd.grad(activation, x, grad_outputs=g_layer * mask)
     return grad.detach()

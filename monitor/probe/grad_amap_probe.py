@@ -28,6 +28,7 @@ from surprise_monitor.monitor.probe.class_output import (
     logits_of,
 )
 from surprise_monitor.monitor.probe.hooks import LayerTap
+from surprise_monitor.monitor.probe.layout import as_nchw, layout_for
 
 
 class ModelRaised(Exception):
@@ -47,7 +48,7 @@ class ProbeResult:
     output: Any  # the model's own output
     logits: torch.Tensor  # [B, K]
     classes: torch.Tensor  # [B] int64: the class each sample's gradient was taken for
-    activation: torch.Tensor  # [B, N, H, W] the target layer's output
+    activation: torch.Tensor  # [B, N, H, W] the target layer's output (viewed so: layout.py)
     gradient: torch.Tensor  # [B, N, H, W] d score[b, classes[b]] / d activation
 
 
@@ -131,11 +132,15 @@ class GradAMapProbe:
             classes = self._classes(logits, labels, check_labels)
             total = class_output_of(logits, classes, self.class_output).sum()
             (gradient,) = torch.autograd.grad(total, leaf)
+        layout = layout_for(leaf, self.tap.layout)
+        activation, gradient = as_nchw(leaf.detach(), layout), as_nchw(gradient, layout)
+        if layout != "nchw":  # one memory layout for the kernels
+            activation, gradient = activation.contiguous(), gradient.contiguous()
         return ProbeResult(
             output=detach_tree(output),
             logits=logits.detach(),
             classes=classes,
-            activation=leaf.detach(),
+            activation=activation,
             gradient=gradient,
         )
 

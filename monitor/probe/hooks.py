@@ -2,8 +2,9 @@
 the layer choice use.
 
 - :class:`LayerTap` stays on one layer. While it is armed in the calling thread (and only then:
-  the plain model and other threads are unaffected), it records the layer's ``[B, N, H, W]``
-  output, refuses a layer that runs twice in one pass, and hands the rest of the network a copy,
+  the plain model and other threads are unaffected), it records the layer's output (a feature
+  map in any layout of :mod:`~.layout`: its readers view it as ``[B, N, H, W]``), refuses a
+  layer that runs twice in one pass, and hands the rest of the network a copy,
   so in-place operations downstream (``ReLU(inplace=True)``) cannot overwrite the recorded
   activation. With ``cut_graph=True`` (the probe) the recorded activation is a detached leaf
   that requires grad and grad mode is turned on for the head, so autograd records the head only.
@@ -26,9 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from surprise_monitor.monitor.probe.layout import split_layer
+
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name``; a clear error with close matches if there is none."""
+    """The submodule called ``name`` (a layer spec's layout suffix, ``"norm:nhwc"``, is left
+    aside); a clear error with close matches if there is none."""
+    name = split_layer(name)[0]
     modules = dict(model.named_modules())
     if name in modules and name != "":
         return modules[name]
@@ -93,6 +98,7 @@ class LayerTap:
         on_output: Callable[[Any], Any] | None = None,
     ) -> None:
         self.layer = layer
+        self.layout = split_layer(layer)[1]  # None: by the output's rank
         self.cut_graph = cut_graph
         self._on_output = on_output
         self._local = threading.local()
@@ -153,9 +159,13 @@ class LayerTap:
                 f"layer {self.layer!r} ran more than once in one forward pass; "
                 "pick a module that runs exactly once"
             )
-        if not isinstance(output, torch.Tensor) or output.ndim != 4:
+        ranks = (3,) if self.layout == "tokens" else (4,) if self.layout else (3, 4)
+        if not isinstance(output, torch.Tensor) or output.ndim not in ranks:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
-            raise ValueError(f"layer {self.layer!r} output {shape} is not a [B, N, H, W] tensor")
+            raise ValueError(
+                f"layer {self.layer!r} output {shape} is not a feature map ([B, N, H, W], "
+                "[B, H, W, N] or [B, T, N] tokens)"
+            )
         if self.cut_graph:
             output = output.detach().requires_grad_(True)
             torch.set_grad_enabled(True)  # record the head only; the caller's mode restores it
@@ -165,17 +175,25 @@ class LayerTap:
 
 @dataclass
 class LayerCall:
-    """One call of a traced module."""
+    """One call of a traced module (calls are listed in the order they finish)."""
 
     name: str
     module: nn.Module
     input_key: tuple  # identity of the input tensor: (data_ptr, shape, stride), or the module's
     out_shape: tuple[int, ...]
-    keep_alive: torch.Tensor | None  # holds the input so its address cannot be reused
+    keep_alive: Any  # holds the input and output so their addresses cannot be reused
+    output_key: tuple = ()  # identity of the output tensor (``()`` when it is not a tensor)
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """A tensor's identity while it is alive: its address, shape and strides (an in-place op's
+    output shares its input's)."""
+    return (t.data_ptr(), tuple(t.shape), t.stride())
 
 
 def traced_calls(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> list[LayerCall]:
-    """Every call of the named modules in one ``no_grad`` forward pass of ``example``, in order."""
+    """Every call of the named modules in one ``no_grad`` forward pass of ``example``, in the
+    order they finish (a container after the modules inside it)."""
     modules = dict(model.named_modules())
     calls: list[LayerCall] = []
 
@@ -184,9 +202,11 @@ def traced_calls(model: nn.Module, example: torch.Tensor, names: Sequence[str]) 
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            key = (x.data_ptr(), tuple(x.shape), x.stride()) if x is not None else (id(module),)
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
-            calls.append(LayerCall(name, module, key, shape, x))
+            key = tensor_key(x) if x is not None else (id(module),)
+            is_tensor = isinstance(output, torch.Tensor)
+            shape = tuple(output.shape) if is_tensor else ()
+            out_key = tensor_key(output) if is_tensor else ()
+            calls.append(LayerCall(name, module, key, shape, (x, output), out_key))
 
         return hook
 

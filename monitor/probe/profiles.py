@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from surprise_monitor.monitor.probe.hooks import CopySafeHook, get_module, traced_calls
+from surprise_monitor.monitor.probe.layers import map_layout, resolve_layer
+from surprise_monitor.monitor.probe.layout import as_nchw, layer_spec, nchw_shape, split_layer
 
 #: How many of the first spatial stages :func:`stage_layers` picks by default.
 DEFAULT_STAGES = 2
@@ -77,6 +79,8 @@ class ProfileTap:
     def _make_hook(self, name: str) -> Any:
         """The hook that records layer ``name``'s channel means."""
 
+        layout = split_layer(name)[1]
+
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             record = getattr(self._local, "record", None)
             if record is None:
@@ -86,9 +90,9 @@ class ProfileTap:
                     f"profile layer {name!r} ran more than once in one forward pass; pick a "
                     "module that runs exactly once"
                 )
-            if not isinstance(output, torch.Tensor) or output.ndim != 4:
-                raise ValueError(f"profile layer {name!r} output is not a [B, C, H, W] tensor")
-            record[name] = output.detach().float().mean(dim=(2, 3))
+            if not isinstance(output, torch.Tensor) or output.ndim not in (3, 4):
+                raise ValueError(f"profile layer {name!r} output is not a feature map")
+            record[name] = as_nchw(output.detach(), layout).float().mean(dim=(2, 3))
 
         return hook
 
@@ -102,21 +106,15 @@ def _runs(calls: Sequence[Any]) -> dict[str, int]:
 
 
 def head_layer(model: nn.Module, example: torch.Tensor) -> str:
-    """The last module to finish in a forward pass of ``example`` (``[1, C, H, W]``) whose output
-    is a ``[1, C, H, W]`` feature map with ``H * W > 1`` and that runs once: the feature map the
-    classifier pools (``layer4`` of a torchvision ResNet, ``features`` of a VGG). ``ValueError``
-    when there is none."""
-    names = [n for n, _ in model.named_modules() if n]
-    calls = traced_calls(model, example, names)
-    runs = _runs(calls)
-    for call in reversed(calls):
-        shape = call.out_shape
-        if len(shape) == 4 and runs[call.name] == 1 and shape[2] * shape[3] > 1:
-            return call.name
-    raise ValueError(
-        "no module of the model outputs a [B, C, H, W] feature map once per pass; pass "
-        "head_layer='none' (or --head-layer none) or name one"
-    )
+    """The feature map the classifier head reads (the layer spec
+    :func:`~surprise_monitor.monitor.probe.layers.resolve_layer` picks by default: ``layer4`` of
+    a torchvision ResNet, the final tokens of a ViT). ``ValueError`` when there is none."""
+    try:
+        return resolve_layer(model, None, example).name
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc}; or pass head_layer='none' (or --head-layer none) for no head component"
+        ) from None
 
 
 def stage_layers(
@@ -125,22 +123,29 @@ def stage_layers(
     """The output of the last module run at each of the first ``count`` spatial resolutions of a
     forward pass of ``example`` (``[1, C, H, W]``), in the order they run.
 
-    Modules that run more than once, and any that run after ``before`` (the monitored layer)
-    starts, are left out; a resolution of 1 x 1 is not a stage.
+    Modules that run more than once, any that finish after ``before`` (the monitored layer) and
+    any that output the monitored map itself are left out; a resolution of 1 x 1 is not a stage,
+    and neither are tokens or tensors that are no map of the image (attention's
+    ``[B, heads, T, d]``). Channels-last maps are named with their ``":nhwc"`` spec.
     """
     names = [n for n, _ in model.named_modules() if n]
     calls = traced_calls(model, example, names)
     runs = _runs(calls)
+    stop = split_layer(before)[0] if before else ""
+    monitored = next((c.output_key for c in calls if c.name == stop), None)
     order: list[tuple[int, int]] = []  # resolutions in the order they first appear
     last: dict[tuple[int, int], str] = {}
     for call in calls:
-        if before and call.name == before:
+        if stop and call.name == stop:
             break
-        shape = call.out_shape
-        if len(shape) != 4 or runs[call.name] != 1 or shape[2] * shape[3] <= 1:
+        if call.output_key == monitored:  # the monitored map itself, under another name
             continue
+        layout = map_layout(call, calls, tuple(example.shape[2:]))
+        if layout not in ("nchw", "nhwc") or runs[call.name] != 1:
+            continue
+        shape = nchw_shape(call.out_shape, layout)
         res = (int(shape[2]), int(shape[3]))
         if res not in last:
             order.append(res)
-        last[res] = call.name
+        last[res] = layer_spec(call.name, layout)
     return [last[res] for res in order[:count]]

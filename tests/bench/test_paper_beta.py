@@ -13,6 +13,7 @@ from bench.paper.common import inspect_all, layer_hw
 from bench.strong_models import VGGBN
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.probe.layers import FINAL_CONV
 
 
 def test_rate_and_shares_by_hand():
@@ -60,7 +61,9 @@ def test_residual_is_the_logit_beyond_the_filters(arch):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(12, 3, 32, 32, generator=g)
     y = torch.arange(12) % 10
-    table = calibrate(model, torch.utils.data.TensorDataset(x, y), progress=False)
+    table = calibrate(model, torch.utils.data.TensorDataset(x, y), layer=FINAL_CONV,
+                      progress=False)  # fmt: skip
+    assert table.layer == layer  # the paper's layer, as the bench's tables (bench.paper.common)
     with SurpriseMonitor(model, table) as mon:
         rep = inspect_all(mon, x, y)
     hw = layer_hw(model, layer, x[:1])

@@ -10,6 +10,7 @@ from bench import strong_tables
 from bench.strong_models import VGGBN
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.options import RunOptions
+from surprise_monitor.monitor.probe.layers import FINAL_CONV
 
 
 @pytest.fixture()
@@ -26,8 +27,8 @@ def test_train_table_is_calibrate_on_every_training_image_and_is_cached(tiny_vgg
     assert path.is_file() and not path.with_suffix(".ckpt").exists()
     ds = strong_tables.split_dataset(tiny_vgg, "train")
     assert len(ds) == 160 and ds.tensors[2].tolist() == list(range(160))
-    want = calibrate(tiny_vgg, ds, progress=False, run=RunOptions(batch_size=250))
-    assert table.layer == "features.24" and torch.equal(table.counts, want.counts)
+    want = calibrate(tiny_vgg, ds, layer=FINAL_CONV, progress=False, run=RunOptions(batch_size=250))
+    assert table.layer == "features.24" and torch.equal(table.counts, want.counts)  # the paper's
     assert torch.equal(table.quantiles, want.quantiles) and torch.equal(table.mean, want.mean)
     assert table.data_source["path"].endswith("cifar10_train.npz")
 

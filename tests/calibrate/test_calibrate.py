@@ -27,7 +27,8 @@ def setup(tmp_path_factory):
 
 def test_table_layout(setup):
     model, data, _, table = setup
-    assert table.layer == "features.2"
+    assert table.layer == "features"  # the map the head reads: the block, after its ReLU
+    assert table.layer_reason.startswith("the feature map the classifier head reads: ")
     assert table.num_classes == 3 and table.num_filters == 16
     assert table.counts.tolist() == [17, 17, 16]
     assert table.input_shape == (3, 8, 8)
@@ -39,7 +40,7 @@ def test_table_layout(setup):
 def test_spilled_alpha_is_each_images_alpha_for_its_true_label(setup):
     model, data, spill, table = setup
     x, y = data.tensors
-    oracle = autograd_alpha(model, "features.2", x, y).numpy()
+    oracle = autograd_alpha(model, table.layer, x, y).numpy()
     for c in range(3):
         stored = np.asarray(spilled_alpha(spill, c, 16))
         np.testing.assert_allclose(stored, oracle[(y == c).numpy()], rtol=1e-5, atol=1e-7)

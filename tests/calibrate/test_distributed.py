@@ -38,7 +38,7 @@ def cli_args(image_folder: Path, weights: Path, heldout: Path, *extra: str) -> l
         "--model", "tests._models:TinyCNN", "--model-kwargs", json.dumps({"num_classes": 3}),
         "--weights", str(weights), "--data", str(image_folder), "--heldout", str(heldout),
         "--resize", "36", "--crop", "32", "--batch-size", "4", "--top-k", "4", "--quiet",
-        "--device", "cpu", *extra,
+        "--device", "cpu", "--min-accuracy", "0", *extra,
     ]  # fmt: skip
 
 
@@ -72,6 +72,14 @@ SCRIPT = textwrap.dedent(
     tiny = calibrate(model, class_dataset(3, 3), progress=False, table=TableOptions(top_k=2),
                      run=RunOptions(batch_size=4), heldout=class_dataset(7, 3, seed=5))
     tiny.save(out / f"tiny-rank{info.rank}.safetensors")  # rank 1's alarm came by broadcast
+    from surprise_monitor.calibrate import DegenerateTableError
+    blind = seeded(TinyCNN(num_classes=3))
+    torch.nn.init.zeros_(blind.fc.weight)  # a zero-initialised head: alpha is 0 everywhere
+    for mode, way in (("exact", False), ("approximate", grid)):
+        try:
+            calibrate(blind, data, progress=False, run=RunOptions(batch_size=4, approximate=way))
+        except DegenerateTableError as exc:  # on every rank, none left waiting
+            (out / f"degenerate-{mode}-rank{info.rank}.txt").write_text(str(exc))
     if info.rank == 0:
         approx.save(out / "approx.safetensors")
         tiny.save(out / "tiny.safetensors")
@@ -166,6 +174,12 @@ def test_torchrun_two_ranks_equal_one_process(image_folder, heldout_folder, tiny
         CalibrationTable.load(single / "tiny.safetensors"),
         CalibrationTable.load(two / "tiny.safetensors"),
     )
+    # A degenerate table is refused on every rank, exact and approximate.
+    for folder, ranks in ((single, 1), (two, 2)):
+        for mode in ("exact", "approximate"):
+            for r in range(ranks):
+                text = (folder / f"degenerate-{mode}-rank{r}.txt").read_text()
+                assert "alpha is constant for 100% of (class, filter) cells" in text
     # Comm.broadcast_tensors: every rank holds rank 0's tensors, dtype, shape and bytes.
     sent = odd_tensors()
     for r in range(2):

@@ -76,7 +76,7 @@ def test_flagged_filters_are_ranked_by_deviation(monitor):
     devs = [f.deviation for f in r.expected_filters(b)]
     assert devs == sorted(devs)
     doc = json.loads(r.to_json())
-    assert doc["layer"] == "features.2" and len(doc["samples"]) == len(r)
+    assert doc["layer"] == "features" and len(doc["samples"]) == len(r)  # the map fc reads
     assert doc["samples"][b]["surprise_count"] == len(sur)
 
 
@@ -136,7 +136,7 @@ def test_tables_for_something_else_are_refused(calibrated, tmp_path):
     model.eval()
     path = table.save(tmp_path / "t.safetensors")
     with SurpriseMonitor(model, str(path)) as m:  # a path works too
-        assert m.layer == "features.2"
+        assert m.layer == "features" == table.layer
 
 
 @pytest.mark.parametrize(
@@ -213,15 +213,15 @@ def test_works_inside_the_callers_no_grad_and_inference_mode(monitor):
 
 
 def _plain_alpha(model, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Oracle: ``features.2``'s output captured by a hook, the logit of each class
-    differentiated by plain autograd (no library code), ``mean_ij(dO_c/dA * A)``."""
+    """Oracle: ``features``'s output (the table's layer) captured by a hook, the logit of each
+    class differentiated by plain autograd (no library code), ``mean_ij(dO_c/dA * A)``."""
     store = {}
 
     def hook(module, inputs, output):
         store["a"] = output
-        return output.clone()  # the in-place ReLU after it must not overwrite it
+        return output.clone()  # nothing downstream may overwrite it in place
 
-    handle = model.features[2].register_forward_hook(hook)
+    handle = model.features.register_forward_hook(hook)
     try:
         logits = model(x)
     finally:

@@ -9,15 +9,19 @@ from captum.attr import LayerGradientXActivation
 
 from surprise_monitor.kernels import grad_amap
 from surprise_monitor.monitor.probe import GradAMapProbe, resolve_layer
+from surprise_monitor.monitor.probe.layers import FINAL_CONV
 from tests._checks import autograd_alpha as _autograd_alpha
 from tests._models import TinyCNN, seeded
 
 ARCHS = {
-    # name: (default final conv, another named 4-D layer)
+    # name: (the paper's final conv, another named 4-D layer)
     "resnet18": ("layer4.1.conv2", "layer3"),
     "vgg11": ("features.18", "features.15"),
     "mobilenet_v3_small": ("features.12.0", "features.9"),
 }
+#: The default layer at 64 x 64: the feature map the head reads (vgg11's avgpool resizes 2 x 2
+#: to the 7 x 7 its dense head flattens).
+HEAD_INPUT = {"resnet18": "layer4", "vgg11": "avgpool", "mobilenet_v3_small": "features"}
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -30,11 +34,14 @@ def arch(request):
     return request.param, _model(request.param)
 
 
-def test_default_layer_is_final_conv(arch):
+def test_default_layer_is_the_head_input_and_final_conv_the_papers(arch):
     name, model = arch
     choice = resolve_layer(model, None, torch.zeros(1, 3, 64, 64))
-    assert choice.name == ARCHS[name][0]
-    assert "last nn.Conv2d executed" in choice.reason
+    assert choice.name == HEAD_INPUT[name]
+    assert choice.reason.startswith("the feature map the classifier head reads: ")
+    paper = resolve_layer(model, FINAL_CONV, torch.zeros(1, 3, 64, 64))
+    assert paper.name == ARCHS[name][0]
+    assert "last nn.Conv2d executed" in paper.reason
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["final-conv", "named-layer"])

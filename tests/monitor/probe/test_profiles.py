@@ -72,13 +72,16 @@ def test_stage_layers_take_the_last_module_of_each_early_resolution():
     ]  # fmt: skip
     tiny = TinyCNN(num_classes=3).eval()  # one resolution; stops before the monitored layer
     assert stage_layers(tiny, torch.zeros(1, 3, 8, 8), before="features.2") == ["features.1"]
+    # the default monitored layer, the whole block: its last conv's map is the block's output
+    assert stage_layers(tiny, torch.zeros(1, 3, 8, 8), before="features") == ["features.1"]
 
 
 def test_the_head_layer_is_the_last_feature_map_before_the_classifier():
     r18 = torchvision.models.resnet18(num_classes=4).eval()
     assert head_layer(r18, torch.zeros(1, 3, 224, 224)) == "layer4"  # avgpool is 1 x 1
-    vgg = torchvision.models.vgg11(num_classes=4).eval()  # avgpool keeps 7 x 7
-    assert head_layer(vgg, torch.zeros(1, 3, 224, 224)) == "avgpool"
+    vgg = torchvision.models.vgg11(num_classes=4).eval()
+    assert head_layer(vgg, torch.zeros(1, 3, 224, 224)) == "features"  # avgpool keeps 7 x 7
+    assert head_layer(vgg, torch.zeros(1, 3, 64, 64)) == "avgpool"  # 2 x 2 resized to 7 x 7
     assert head_layer(TinyCNN(num_classes=3).eval(), torch.zeros(1, 3, 8, 8)) == "features"
     flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2)).eval()
     with pytest.raises(ValueError, match="head_layer='none'"):
