@@ -283,3 +283,57 @@ class EightPixelNet(TinyCNN):
         if tuple(x.shape[-2:]) != self.SIZE:
             out = out + torch.tensor([100.0, 0.0, 0.0], device=x.device)
         return out
+
+
+# ------------------------------------------------------------------ a filter that never fires
+SILENT = 4  # the final conv's filter that :func:`silent_photo_setup` switches off
+
+
+def silent_photo_setup(silent: int = SILENT, seed: int = 3):
+    """``(model, table, probe)``: a seeded 4-class :class:`TinyCNN` whose final-conv filter
+    ``silent`` never fires (zero weights, a negative bias: its ReLU'd map and alpha are exactly
+    0 on every image), its table on the even :func:`photo_crops` with the odd ones as the
+    held-out null (reports carry the alarm's components; ``data_source`` records only the
+    normalisation: no exemplars), and a zoomed-in crop of the coffee photo as a probe."""
+    from surprise_monitor.calibrate import calibrate
+
+    model = seeded(TinyCNN(num_classes=4), seed=seed)
+    with torch.no_grad():
+        model.features[2].weight[silent] = 0.0
+        model.features[2].bias[silent] = -1.0
+    images, labels = photo_crops()
+    x, y = normalise(images), torch.from_numpy(labels)
+    even = torch.arange(len(x)) % 2 == 0
+    source = {"mean": list(PHOTO_MEAN), "std": list(PHOTO_STD)}
+    table = calibrate(
+        model, TensorDataset(x[even], y[even]), heldout=TensorDataset(x[~even], y[~even]),
+        progress=False, table=_table_options(source),
+    )  # fmt: skip
+    probe = normalise(photo("coffee", 128)[40:72, 40:72][None])
+    return model, table, probe
+
+
+def _table_options(source: dict):
+    """The photo tables' options: the photos' class names and ``source``."""
+    from surprise_monitor.calibrate.options import TableOptions
+
+    return TableOptions(class_names=list(PHOTOS), data_source=source)
+
+
+def with_silent_surprise(table, cls: int, alpha: torch.Tensor, silent: int = SILENT,
+                         only: bool = False):  # fmt: skip
+    """A copy of ``table`` where filter ``silent`` (alpha 0 on every image) is the most
+    surprising filter of class ``cls`` by every old measure: its class distribution lies just
+    below 0 (P99.9 about -2, P50 about -2.0005: far beyond a narrow range) and its mean is
+    -100 (the largest ``alpha - mu``). ``only``: every other filter's range is centred on its
+    ``alpha`` (the input's ``[N]`` alphas), so ``silent`` is the only flagged filter."""
+    import dataclasses
+
+    q, mean = table.quantiles.clone(), table.mean.clone()
+    levels = q.shape[2]
+    if only:
+        q[cls] = alpha[:, None].to(q.dtype) + torch.linspace(-1.0, 1.0, levels)[None]
+        mean[cls] = alpha.to(mean.dtype)
+    q[cls, silent] = torch.linspace(-2.001, -2.0, levels)
+    mean[cls, silent] = -100.0
+    return dataclasses.replace(table, quantiles=q, mean=mean)

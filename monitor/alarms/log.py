@@ -226,6 +226,17 @@ class AlarmLog:
                 self._explained.popitem(last=False)
             return future
 
+    def explanation_if_ready(self, alarm_id: int) -> dict[str, Any] | None:
+        """The alarm's explanation summary (``Explanation.to_dict()``) when it has been computed
+        (successfully) and is still cached, else ``None``; computes nothing."""
+        with self._lock:
+            future = self._explained.get(alarm_id)
+        if future is None or not future.done() or future.cancelled():
+            return None
+        if future.exception() is not None:
+            return None
+        return future.result()[1]
+
     def explanations_cached(self) -> int:
         """Explanations held now (at most ``explanations``)."""
         with self._lock:

@@ -116,8 +116,14 @@ def summary(expl: Explanation, out: Path) -> str:
         f"filter {expl.filter} ({expl.reason}); alpha {expl.alpha:.4g} at percentile "
         f"{expl.percentile:.2f} (P{expl.expectation_pct:g} {expl.low:.4g}, mu {expl.mu:.4g}, "
         f"P{expl.surprise_pct:g} {expl.high:.4g})",
-        f"top region: superpixel {expl.top_segment} of {expl.num_segments}, "
-        f"{int(expl.mask.sum())} pixels",
+        (
+            f"top region: superpixel {expl.top_segment} of {expl.num_segments}, "
+            f"{int(expl.mask.sum())} pixels, {expl.region_share:.1%} of the saliency"
+            if expl.has_region
+            else "no region"
+        ),
+        f"the filter carries {expl.filter_share:.1%} of the class score's gradient",
+        *([f"note: {expl.note}"] if expl.note else []),
         f"exemplars of '{expl.class_name(expl.exemplar_class)}': "
         + (", ".join(e.path or f"#{e.index}" for e in expl.exemplars) or "none"),
         f"figure written to {out}",

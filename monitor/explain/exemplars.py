@@ -118,7 +118,8 @@ def exemplars(
 ) -> list[Exemplar]:
     """The top-``k`` training exemplars of ``(cls, filter)``, each with its region: the
     ``regions`` highest-scored superpixels of the gradient of class ``cls``'s score that flows
-    only through ``filter`` (the method used for the input)."""
+    only through ``filter`` (the method used for the input); an empty region when that gradient
+    is zero (every superpixel ties)."""
     pairs = exemplar_indices(table, cls, filter, k)
     if not pairs:
         return []
@@ -147,6 +148,7 @@ def exemplars(
         labels, scores, order = superpixels.ranked_superpixels(
             image, gi.float(), n_segments, reduce=reduce, slic_kwargs=slic_kwargs
         )
-        mask = superpixels.region_mask(labels, order[:regions])
+        chosen = order[:regions] if superpixels.has_region(scores) else []  # no tie-break
+        mask = superpixels.region_mask(labels, chosen)
         out.append(Exemplar(index, rank, alpha, image, labels, scores, mask, path))
     return out

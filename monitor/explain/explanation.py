@@ -3,21 +3,34 @@ that engage that filter most (the paper's Sections 4.3-4.4, Figures 7 and 8).
 
 For one image ``x`` judged against class ``c`` (the caller's label, else the prediction):
 
-1. the filter: the caller's, else the most surprising one (largest ``alpha - mu`` among those
-   with ``alpha > P_cn(surprise_pct)``), else the most expected one, else (nothing flagged) the
-   filter with the highest percentile rank, ``kind="unflagged"``;
+1. the filter (:func:`surprise_monitor.monitor.explain.choice.choose_filter`): the caller's,
+   else a surprising one that **fired** (``alpha > P_cn(surprise_pct)`` and ``alpha > 0``),
+   the one furthest beyond the class's range (``(alpha - P99.9) / (P99.9 - P50)``), else the
+   most expected one, else a surprising one that did not fire, else (nothing flagged) the
+   filter with the highest percentile rank, ``kind="unflagged"``. When no surprising filter
+   fired, ``note`` says so: "no surprising filter fired; the alarm comes from <component>";
 2. the gradient of class c's score with respect to the input pixels that flows only through that
    filter (:func:`surprise_monitor.monitor.explain.saliency.input_gradient`);
 3. SLIC superpixels of the un-normalised image (:mod:`.superpixels`; the
    normalisation comes from ``table.data_source["mean"/"std"]`` or the ``mean=`` / ``std=``
    arguments), each scored by the gradient it holds (the sum over its pixels of ``max_c |g|``);
-   the top superpixel is the region most important to the filter;
-4. optionally the training exemplars of ``(c, filter)`` from the calibration table, each with
+   the top superpixel is the region most important to the filter. **No region** is drawn
+   (``top_segment = None``, an empty mask, "no region" on the figure) when every superpixel
+   scores the same (an all-zero gradient: a filter that does not fire), or for a surprising
+   filter that did not fire; the tie-break never draws superpixel 0;
+4. how sure it is: ``filter_share``, the share of the class score's first-order gradient at the
+   layer that flows through the filter, ``|alpha_n| / sum_m |alpha_m|``, and ``region_share``,
+   the region's share of the saliency, ``scores[top] / sum(scores)`` (both in [0, 1]). A low
+   ``filter_share`` means the filter carries little of the class score; a low ``region_share``
+   means the region holds little of the filter's saliency (it is spread over the image). Either
+   way the explanation is weak: look at other filters, or at the alarm's component;
+5. optionally the training exemplars of ``(c, filter)`` from the calibration table, each with
    its own region (:mod:`surprise_monitor.monitor.explain.exemplars`).
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +41,13 @@ import torch
 from PIL import Image
 
 from surprise_monitor.monitor.explain import superpixels
-from surprise_monitor.monitor.explain.choice import choose_filter
+from surprise_monitor.monitor.explain.choice import (
+    Choice,
+    alarm_component,
+    choose_filter,
+    filter_share,
+    no_fired_note,
+)
 from surprise_monitor.monitor.explain.exemplars import Exemplar, exemplars
 from surprise_monitor.monitor.explain.figures import (
     DIMMED,
@@ -42,6 +61,7 @@ from surprise_monitor.monitor.explain.inputs import judged_on_device, one_image
 from surprise_monitor.monitor.explain.saliency import input_gradient
 from surprise_monitor.monitor.judge import HasJudge, Judge, judge_of
 from surprise_monitor.monitor.loading.images import SOURCE_KINDS
+from surprise_monitor.monitor.report import MonitorReport
 from surprise_monitor.monitor.table import CalibrationTable
 
 #: How a filter's kind reads in figures and summaries: "expected" alone would read as "normal",
@@ -60,8 +80,8 @@ class Explanation:
     image: np.ndarray = field(repr=False)  # [H, W, C] the un-normalised picture, in [0, 1]
     segments: np.ndarray = field(repr=False)  # [H, W] int64 superpixel labels 0..S-1
     scores: np.ndarray = field(repr=False)  # [S] gradient score of each superpixel
-    top_segment: int  # the highest-scored superpixel
-    mask: np.ndarray = field(repr=False)  # [H, W] bool: the top region
+    top_segment: int | None  # the highest-scored superpixel; None: no region (all tie)
+    mask: np.ndarray = field(repr=False)  # [H, W] bool: the top region (empty: no region)
     gradient: np.ndarray = field(repr=False)  # [C, H, W] the filter-restricted input gradient
     filter: int
     kind: str  # "surprise", "expectation" or "unflagged"
@@ -83,12 +103,24 @@ class Explanation:
     exemplars: list[Exemplar] = field(default_factory=list, repr=False)
     # A misclassification (label given, another prediction): the prediction's exemplars too.
     prediction_exemplars: list[Exemplar] = field(default_factory=list, repr=False)
+    # Why a region is missing or weak: "no surprising filter fired; the alarm comes from ...",
+    # "no region: ..."; "" for a surprising filter that fired and a region.
+    note: str = ""
+    fired: bool = True  # the filter fires on the input: alpha > 0 and a non-zero gradient
+    alarm_component: str = ""  # the alarm's component with the smallest tail rank
+    filter_share: float = 0.0  # |alpha_n| / sum_m |alpha_m|: the filter's share of the score
+    region_share: float = 0.0  # scores[top] / sum(scores): the region's share of the saliency
 
     def class_name(self, c: int | None) -> str:
         """Class ``c``'s name (``"?"`` for ``None``, the number when the table has no name)."""
         if c is None:
             return "?"
         return self.class_names[c] if 0 <= c < len(self.class_names) else str(c)
+
+    @property
+    def has_region(self) -> bool:
+        """Whether a region is drawn (``top_segment`` is not ``None``)."""
+        return self.top_segment is not None
 
     @property
     def num_segments(self) -> int:
@@ -100,10 +132,11 @@ class Explanation:
         head = f"predicted '{self.class_name(self.prediction)}'"
         if self.label is not None:
             head += f", true '{self.class_name(self.label)}'"
-        return (
+        title = (
             f"{head}: filter {self.filter} of {self.layer} is "
             f"{KIND_WORDS[self.kind]} for '{self.class_name(self.cls)}'"
         )
+        return f"{title}\n{self.note}" if self.note else title
 
     def caption(self) -> str:
         """The input's caption: which class is the prediction and which the label, the filter's
@@ -119,6 +152,10 @@ class Explanation:
             f"usual P{self.expectation_pct:g}..P{self.surprise_pct:g}: "
             f"{self.low:.3g}..{self.high:.3g}",
             f"(mean {self.mu:.3g})",
+            f"filter's share of the score {self.filter_share:.0%}",
+            f"region's share of the saliency {self.region_share:.0%}"
+            if self.has_region
+            else "no region drawn",
         ]
         return "\n".join(lines)
 
@@ -163,9 +200,15 @@ class Explanation:
                 f"'{self.class_name(self.prediction)}'"
             )
         legend = [(OUTLINE, f"yellow outline: the region that drives filter {self.filter} most")]
+        if not self.has_region:  # no outline on the input: the title and caption say why
+            ex = self.exemplars or self.prediction_exemplars
+            legend = [(OUTLINE, f"yellow outline: each training image's region for filter "
+                       f"{self.filter} (none on the input)")] if ex else []  # fmt: skip
         if self.exemplars or self.prediction_exemplars:
             legend.append((DIMMED, "dimmed: the rest of each training image (outside its region)"))
-        return grid_figure(rows, self.title(), path, legend=legend, notes=notes, **kwargs)
+        width = int(13 * float(kwargs.get("panel_inches", 2.4)) * max(len(r) for r in rows))
+        title = "\n".join(textwrap.fill(line, max(width, 30)) for line in self.title().split("\n"))
+        return grid_figure(rows, title, path, legend=legend, notes=notes, **kwargs)
 
     def _exemplar_panel(self, ex: Exemplar, cls: int) -> Panel:
         """An exemplar's picture, dimmed outside its region, and its caption."""
@@ -191,7 +234,13 @@ class Explanation:
             "n_segments": self.n_segments,
             "segments_found": self.num_segments,
             "top_segment": self.top_segment,
+            "has_region": self.has_region,
             "top_region_pixels": int(self.mask.sum()),
+            "note": self.note,
+            "fired": self.fired,
+            "alarm_component": self.alarm_component,
+            "filter_share": self.filter_share,
+            "region_share": self.region_share,
             "exemplars": [_exemplar_dict(e) for e in self.exemplars],
             "prediction_exemplars": [_exemplar_dict(e) for e in self.prediction_exemplars],
         }
@@ -239,28 +288,30 @@ def explain(
     table, t = judge.table, judge.thresholds
     mean_t, std_t = superpixels.normalisation(table.data_source, mean, std)
     x, report = judged_on_device(judge, x, label)
-    n, kind, reason = choose_filter(report, filter)
     c = int(report.classes[0])
-    grad = input_gradient(
-        judge.model, table.layer, x, c, n, class_output=table.class_output,
-        output_to_logits=judge.output_to_logits,
-    )[0].float().cpu()  # fmt: skip
+    choice = choose_filter(report, filter, table, t.surprise_pct)
+    n, grad, choice = _filter_gradient(judge, x, c, choice, report)
+    zero = not bool(grad.abs().max() > 0)
     image = superpixels.unnormalise(x[0].float(), mean_t, std_t)
-    segs, scores, order = superpixels.ranked_superpixels(
+    segs, scores, _ = superpixels.ranked_superpixels(
         image, grad, n_segments, reduce=reduce, slic_kwargs=slic_kwargs
     )
-    top = int(order[0])
+    top = superpixels.top_region(scores) if choice.region and not zero else None
+    alpha = float(report.alpha[0, n])
     expl = Explanation(
         image=image, segments=segs, scores=scores, top_segment=top,
-        mask=superpixels.region_mask(segs, [top]), gradient=grad.numpy(), filter=n, kind=kind,
-        cls=c, prediction=int(report.predictions[0]),
-        label=None if label is None else int(label), alpha=float(report.alpha[0, n]),
+        mask=superpixels.region_mask(segs, [] if top is None else [top]), gradient=grad.numpy(),
+        filter=n, kind=choice.kind, cls=c, prediction=int(report.predictions[0]),
+        label=None if label is None else int(label), alpha=alpha,
         mu=float(report.mu[0, n]), percentile=float(report.percentile[0, n]),
         low=float(table.value_at(t.expectation_pct)[c, n]),
         high=float(table.value_at(t.surprise_pct)[c, n]),
         surprise_pct=t.surprise_pct, expectation_pct=t.expectation_pct,
         layer=table.layer, n_segments=n_segments, class_names=tuple(table.class_names),
-        reason=reason, exemplar_class=c if exemplar_class is None else int(exemplar_class),
+        reason=choice.reason, exemplar_class=c if exemplar_class is None else int(exemplar_class),
+        note=_note(choice, n, top, zero), fired=alpha > 0 and not zero,
+        alarm_component=alarm_component(report), filter_share=filter_share(report, n),
+        region_share=superpixels.region_share(scores, top),
     )  # fmt: skip
     k = _exemplar_count(table, exemplars_k, dataset)
     if k > 0:
@@ -278,6 +329,53 @@ def explain(
         expl.exemplars = found[0]
         expl.prediction_exemplars = found[1] if len(found) > 1 else []
     return expl
+
+
+#: Surprising filters that fired whose gradient is tried, best first, for one that is not zero.
+MAX_CANDIDATES = 8
+
+
+def _filter_gradient(
+    judge: Judge, x: torch.Tensor, c: int, choice: Choice, report: MonitorReport
+) -> tuple[int, torch.Tensor, Choice]:
+    """``(filter, its restricted input gradient [C, H, W] on the CPU, choice)``: for a
+    surprising filter that fired, the first of the best ``MAX_CANDIDATES`` whose gradient is
+    not zero; when all are zero, the first, with no region and a note that none fired."""
+    table = judge.table
+
+    def gradient(n: int) -> torch.Tensor:
+        return input_gradient(
+            judge.model, table.layer, x, c, n, class_output=table.class_output,
+            output_to_logits=judge.output_to_logits,
+        )[0].float().cpu()  # fmt: skip
+
+    tried = choice.candidates[:MAX_CANDIDATES] or (choice.filter,)
+    first = None
+    for n in tried:
+        grad = gradient(n)
+        if bool(grad.abs().max() > 0):
+            return n, grad, choice._replace(filter=n)
+        first = (n, grad) if first is None else first
+    assert first is not None
+    if not choice.candidates:
+        return first[0], first[1], choice
+    note = no_fired_note(report, 0) + " (the surprising filters' gradients are zero)"
+    return first[0], first[1], choice._replace(note=note, region=False)
+
+
+def _note(choice: Choice, n: int, top: int | None, zero: bool) -> str:
+    """The explanation's note: the choice's ("no surprising filter fired; ...") and, without a
+    region, why there is none."""
+    parts = [choice.note] if choice.note else []
+    if top is None:
+        if zero:
+            why = "its gradient is zero (it does not fire on this input)"
+        elif not choice.region:
+            why = "a surprising filter that did not fire is not drawn"
+        else:
+            why = "every superpixel scores the same"
+        parts.append(f"no region: filter {n}: {why}")
+    return "; ".join(parts)
 
 
 def _exemplar_count(table: CalibrationTable, asked: int | None, dataset: Any) -> int:

@@ -123,7 +123,7 @@ def grid_figure(
 
     n = max(len(r) for r in rows)
     lines = max(p.caption.count("\n") + 1 for r in rows for p in r if p is not None)
-    title_in, caption_in = 0.45, 0.16 * lines + 0.12
+    title_in, caption_in = 0.45 + 0.18 * title.count("\n"), 0.16 * lines + 0.12
     legend_in = 0.22 * len(legend) + (0.1 if legend else 0.0)
     row_in = panel_inches + caption_in
     height = title_in + len(rows) * row_in + legend_in

@@ -3,9 +3,13 @@
 For a misclassified image and its true label c:
 
 1. rank superpixels by a gradient: ``method="surprise"`` uses the gradient of class c's score
-   that flows only through the most surprising filter relative to c (largest ``alpha - mu``
-   among filters with ``alpha > P_cn(surprise_pct)``; when none is flagged, the filter with
-   the highest percentile rank, reported as ``filter_kind="unflagged"``);
+   that flows only through the most surprising filter relative to c that **fired**
+   (``alpha > P_cn(surprise_pct)`` and ``alpha > 0``, the furthest beyond the class's range, as
+   in :func:`surprise_monitor.monitor.explain.choice.choose_filter`; when none fired, the filter
+   with the highest percentile rank, reported as ``filter_kind="unflagged"``). When that
+   gradient is zero (a filter that does not fire) there is no region to remove: the image is
+   reported as not fixed, with ``note`` saying why, and no superpixel is zeroed (never
+   superpixel 0 by a tie-break);
    ``method="vanilla"`` uses the plain input gradient of class c's score, through every filter
    and path (the paper's baseline); ``method="random"`` ranks superpixels at random (a control);
 2. for each SLIC superpixel count in ``n_segments`` and each count in ``remove``, set the top
@@ -68,6 +72,7 @@ class FixResult:
     fixed_image: torch.Tensor | None = field(default=None, repr=False)  # [1, C, H, W] normalised
     fixed_prediction: int | None = None
     attempts: list[FixAttempt] = field(default_factory=list, repr=False)
+    note: str = ""  # why nothing was tried, e.g. the filter's gradient is zero: no region
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary (no arrays or tensors)."""
@@ -77,7 +82,7 @@ class FixResult:
             "n_segments": self.n_segments, "removed": self.removed,
             "removed_pixels": None if self.mask is None else int(self.mask.sum()),
             "fixed_prediction": self.fixed_prediction,
-            "attempts": [a.__dict__ for a in self.attempts],
+            "attempts": [a.__dict__ for a in self.attempts], "note": self.note,
         }  # fmt: skip
 
 
@@ -120,7 +125,11 @@ def fix(
     prediction = int(report.predictions[0])
     if prediction == label:
         raise ValueError(f"the image is already classified as its label {label}; nothing to fix")
-    filt, filter_kind = most_surprising_filter(report) if method == "surprise" else (None, None)
+    filt, filter_kind = (
+        most_surprising_filter(report, judge.table, judge.thresholds.surprise_pct)
+        if method == "surprise"
+        else (None, None)
+    )
     grad = None
     if method != "random":
         grad = input_gradient(
@@ -128,8 +137,14 @@ def fix(
             output_to_logits=judge.output_to_logits,
         )[0].float().cpu()  # fmt: skip
     image = superpixels.unnormalise(x[0].float(), mean_t, std_t)
-    candidates = _sweep(image, grad, n_segments, remove, reduce, seed, slic_kwargs)
+    flat = grad is not None and not bool(grad.abs().max() > 0)
+    candidates = [] if flat else _sweep(image, grad, n_segments, remove, reduce, seed, slic_kwargs)
     result = FixResult(method, label, prediction, False, filt, filter_kind)
+    if grad is not None and not bool(grad.abs().max() > 0):
+        who = "the input gradient" if filt is None else f"the gradient through filter {filt}"
+        result.note = f"cannot fix: {who} is zero (no region to remove)"
+    elif not candidates:
+        result.note = "cannot fix: no superpixel stands out (every one scores the same)"
     if candidates:
         _try_candidates(judge, x, candidates, result)
     return result
@@ -167,7 +182,7 @@ def _sweep(
 ) -> list[_Candidate]:
     """Every point of the sweep: for each superpixel count (unique, in the caller's order) the
     top ``r`` superpixels by ``grad`` (at random without one), for each ``r`` in ``remove``
-    that leaves some superpixel."""
+    that leaves some superpixel; none for a count whose superpixels all score the same."""
     rng = np.random.default_rng(seed)
     candidates: list[_Candidate] = []
     for ns in dict.fromkeys(int(v) for v in n_segments):
@@ -175,9 +190,11 @@ def _sweep(
             segs = superpixels.segment(image, ns, **dict(slic_kwargs or {}))
             order = rng.permutation(int(segs.max()) + 1)
         else:
-            segs, _, order = superpixels.ranked_superpixels(
+            segs, scores, order = superpixels.ranked_superpixels(
                 image, grad, ns, reduce=reduce, slic_kwargs=slic_kwargs
             )
+            if not superpixels.has_region(scores):  # a tie among all: no ranking to follow
+                continue
         s = int(segs.max()) + 1
         for r in sorted(set(int(v) for v in remove)):
             if r >= s:  # removing every superpixel blanks the image: not a fix

@@ -120,6 +120,31 @@ def ranked_segments(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
+def has_region(scores: np.ndarray) -> bool:
+    """Whether the scores single out a region: some superpixel scores more than another. An
+    all-zero gradient (a filter that does not fire) scores every superpixel 0: a tie among all
+    superpixels is *no region*, never superpixel 0 (the lowest id a stable ranking puts first)."""
+    s = np.asarray(scores, dtype=np.float64)
+    finite = s[np.isfinite(s)]
+    return finite.size > 0 and float(finite.max()) > float(finite.min())
+
+
+def top_region(scores: np.ndarray) -> int | None:
+    """The highest-scored superpixel (ties: the lower id), or ``None`` when every superpixel
+    scores the same (:func:`has_region`)."""
+    return int(ranked_segments(np.asarray(scores))[0]) if has_region(scores) else None
+
+
+def region_share(scores: np.ndarray, segment: int | None) -> float:
+    """Superpixel ``segment``'s share of the saliency mass, ``scores[segment] / sum(scores)``,
+    in [0, 1]; 0 for no region (``None``) or no mass."""
+    s = np.asarray(scores, dtype=np.float64)
+    total = float(s.sum())
+    if segment is None or not total > 0:
+        return 0.0
+    return float(min(max(s[segment] / total, 0.0), 1.0))
+
+
 def region_mask(labels: np.ndarray, segments: Sequence[int] | np.ndarray) -> np.ndarray:
     """Bool ``[H, W]``: the pixels of the given superpixels."""
     return np.isin(labels, np.asarray(segments, dtype=np.int64))

@@ -76,7 +76,8 @@ def alarm_app(
         return JSONResponse({"status": status_of(log, monitor), "alarms": records})
 
     async def detail(request: Request) -> Response:
-        return HTMLResponse(detail_page(record_of(request), base(request)))
+        rec = record_of(request)
+        return HTMLResponse(detail_page(rec, base(request), log.explanation_if_ready(rec.id)))
 
     async def thumbnail(request: Request) -> Response:
         return Response(record_of(request).thumbnail, media_type="image/png")

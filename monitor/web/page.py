@@ -169,8 +169,59 @@ def list_page(
     return _page("Recent alarms", body, _SCRIPT)
 
 
-def detail_page(rec: AlarmRecord, base: str) -> str:
-    """One alarm: its thumbnail, report, and the explanation figure (computed on demand)."""
+_EXPLAIN_SCRIPT = """
+var box = document.getElementById('explanation-facts');
+if (box && box.dataset.src) {
+  fetch(box.dataset.src).then(function (r) { return r.ok ? r.json() : null; })
+    .then(function (d) {
+      if (!d) { box.textContent = 'the explanation could not be computed'; return; }
+      var pct = function (v) { return (100 * v).toFixed(1) + '%'; };
+      var lines = ['filter ' + d.filter + ' (' + d.kind + ')',
+        d.has_region ? 'region: superpixel ' + d.top_segment + ', ' + pct(d.region_share) +
+          ' of the saliency' : 'no region',
+        'the filter carries ' + pct(d.filter_share) + " of the class score's gradient"];
+      if (d.note) { lines.push(d.note); }
+      box.textContent = lines.join(' \u00b7 ');
+    });
+}
+"""
+
+
+def explanation_facts(data: Mapping[str, Any] | None, src: str) -> str:
+    """The explanation's filter, region, shares and note (escaped), from its summary
+    (``Explanation.to_dict()``); ``None``: a placeholder the page's script fills from ``src``."""
+    if data is None:
+        return (
+            f'<p id="explanation-facts" data-src="{escape(src)}">computing the explanation '
+            "(filter, region and how sure it is)\u2026</p>"
+        )
+    region = (
+        f"superpixel {int(data['top_segment'])}, {_percent(data.get('region_share'))}% of the "
+        "saliency"
+        if data.get("has_region")
+        else "no region"
+    )
+    note = str(data.get("note") or "")
+    shown = f'<p id="explanation-note"><strong>{escape(note)}</strong></p>' if note else ""
+    return (
+        f'<dl id="explanation-facts"><dt>filter</dt><dd id="explanation-filter">'
+        f"{int(data['filter'])} ({escape(str(data.get('kind')))})</dd>"
+        f'<dt>region</dt><dd id="explanation-region">{escape(region)}</dd>'
+        f'<dt>filter\'s share of the class score</dt><dd id="filter-share">'
+        f"{_percent(data.get('filter_share'))}%</dd>"
+        f'<dt>region\'s share of the saliency</dt><dd id="region-share">'
+        f"{_percent(data.get('region_share'))}%</dd>"
+        f"<dt>alarm component</dt><dd>{escape(str(data.get('alarm_component') or ''))}</dd>"
+        f"</dl>{shown}<p>A low share means a weak explanation: the filter carries little of "
+        "the class score, or the region holds little of its saliency; look at the other "
+        "filters and at the score's parts.</p>"
+    )
+
+
+def detail_page(rec: AlarmRecord, base: str, explanation: Mapping[str, Any] | None = None) -> str:
+    """One alarm: its thumbnail, report, the explanation figure (computed on demand) and the
+    explanation's facts (``explanation``, its summary when computed; else the page fetches
+    it): the filter, the region or "no region", how sure it is, and why a region is missing."""
     href = f"{base}/{rec.id}"
     r = rec.report
     facts = (
@@ -192,6 +243,7 @@ def detail_page(rec: AlarmRecord, base: str) -> str:
         f'<p><a href="{escape(base)}/">&larr; recent alarms</a></p>'
         f"<h1>Alarm {rec.id}</h1>"
         f'<img class="thumb" alt="input" src="{escape(href)}/thumbnail.png">{facts}'
-        f'<h2>Explanation</h2>{figure}<h2>Report</h2><pre id="report">{report}</pre>'
+        f"<h2>Explanation</h2>{explanation_facts(explanation, f'{href}/explanation.json')}"
+        f'{figure}<h2>Report</h2><pre id="report">{report}</pre>'
     )
-    return _page(f"Alarm {rec.id}", body)
+    return _page(f"Alarm {rec.id}", body, "" if explanation is not None else _EXPLAIN_SCRIPT)

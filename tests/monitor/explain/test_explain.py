@@ -39,6 +39,7 @@ from tests._models import (
     photo_crops,
     seeded,
 )
+from tests.monitor.explain.test_fired import _best_fired
 
 
 @pytest.fixture(scope="module")
@@ -228,9 +229,12 @@ def test_explain_scores_the_most_surprising_filter(photo_setup):
         assert surprising, "the probe image should surprise some filter"
         expl = monitor.explain(probe, exemplars_k=0)
         assert monitor.last_report is report  # explaining leaves the monitor's report alone
-    n, c = surprising[0].filter, int(report.classes[0])
+    c = int(report.classes[0])
+    n = _best_fired(report, table, c)
+    assert n is not None, "the probe image should fire some surprising filter"
     assert (expl.filter, expl.kind, expl.cls, expl.label) == (n, "surprise", c, None)
-    assert expl.alpha == pytest.approx(surprising[0].alpha)
+    assert expl.alpha == pytest.approx(float(report.alpha[0, n])) and expl.alpha > 0
+    assert expl.fired and expl.note == "" and expl.has_region
     assert expl.high == pytest.approx(float(table.value_at(99.9)[c, n]))
     assert expl.alpha > expl.high
     image = unnormalise(probe, PHOTO_MEAN, PHOTO_STD)

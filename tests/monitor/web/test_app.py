@@ -8,6 +8,7 @@ import html.parser
 import io
 from html import escape
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,7 +18,7 @@ from starlette.testclient import TestClient
 from surprise_monitor.monitor import AlarmLog, SurpriseMonitor
 from surprise_monitor.monitor.options import MetricsOptions
 from surprise_monitor.monitor.web.app import alarm_app
-from tests._models import heldout_dataset
+from tests._models import SILENT, heldout_dataset, silent_photo_setup, with_silent_surprise
 
 HOSTILE = ["<script>window.pwned=1</script>", "b&c\"'", "<img src=x onerror=alert(1)>"]
 PLAIN = {"mean": [0.0] * 3, "std": [1.0] * 3}
@@ -138,3 +139,60 @@ def test_an_explanation_that_cannot_be_made_is_named(calibrated):
     log.close()
     assert answer.status_code == 500 and "normalisation is unknown" in answer.text
     assert answer.headers["content-type"].startswith("text/plain")
+
+
+def test_an_alarm_whose_surprising_filters_are_silent_shows_no_region():
+    """A real photo whose only surprising filter never fires (alpha 0 above a negative P99.9):
+    the explanation's JSON and page say "no surprising filter fired" and name the alarm's
+    component; no region is drawn (no yellow outline on the figure)."""
+    model, table, probe = silent_photo_setup()
+    with SurpriseMonitor(model, table) as monitor:
+        report = monitor.inspect(probe)
+    rigged = with_silent_surprise(table, int(report.classes[0]), report.alpha[0], only=True)
+    log = AlarmLog(keep_inputs=4)
+    with SurpriseMonitor(model, rigged, alarm_log=log) as monitor:
+        report = monitor.inspect(probe)
+        assert [f.filter for f in report.surprising_filters(0)] == [SILENT]
+        assert float(report.alpha[0, SILENT]) == 0.0
+        rec = log.record(report, probe[0], "req-1")
+        with TestClient(alarm_app(log, monitor), root_path="/alarms") as client:
+            before = client.get(f"/{rec.id}").text  # not computed yet: the page fetches it
+            data = client.get(f"/{rec.id}/explanation.json").json()
+            png = client.get(f"/{rec.id}/explanation.png").content
+            page = client.get(f"/{rec.id}").text
+    log.close()
+    ranks = report.component_ranks[0].numpy()
+    component = report.component_names[int(np.nanargmin(ranks))]
+    assert data["note"].startswith("no surprising filter fired")
+    assert f"the alarm comes from {component}" in data["note"]
+    assert (data["filter"], data["has_region"], data["top_segment"]) == (SILENT, False, None)
+    assert data["top_region_pixels"] == 0 and data["fired"] is False
+    assert 'id="explanation-facts"' in before and "explanation.json" in before
+    dom = parse(page)
+    text = " ".join(dom.text)
+    assert "no surprising filter fired" in text and f"the alarm comes from {component}" in text
+    region = dom.text[dom.text.index("region") + 1]
+    assert region == "no region"
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    assert not ((rgb[..., 0] > 200) & (rgb[..., 1] > 200) & (rgb[..., 2] < 60)).any()
+
+
+def test_the_page_shows_how_sure_the_explanation_is():
+    """A filter that fired: its region, and both shares on the page as in the JSON."""
+    model, table, probe = silent_photo_setup()
+    log = AlarmLog(keep_inputs=4)
+    with SurpriseMonitor(model, table, alarm_log=log) as monitor:
+        rec = log.record(monitor.inspect(probe), probe[0], None)
+        with TestClient(alarm_app(log, monitor), root_path="/alarms") as client:
+            data = client.get(f"/{rec.id}/explanation.json").json()
+            dom = parse(client.get(f"/{rec.id}").text)
+    log.close()
+    assert data["has_region"] and data["fired"] and data["note"] == ""
+    assert 0 < data["filter_share"] <= 1 and 0 < data["region_share"] <= 1
+    shown = {
+        t: dom.text[dom.text.index(t) + 1]
+        for t in ("filter's share of the class score", "region's share of the saliency")
+    }
+    assert shown["filter's share of the class score"] == f"{100 * data['filter_share']:.2f}%"
+    assert shown["region's share of the saliency"] == f"{100 * data['region_share']:.2f}%"
+    assert dom.text[dom.text.index("region") + 1].startswith(f"superpixel {data['top_segment']},")
