@@ -55,7 +55,7 @@ from surprise_monitor.monitor.options import (
 )
 from surprise_monitor.monitor.probe.hooks import get_module
 from surprise_monitor.monitor.table import CalibrationTable, images_needed
-from surprise_monitor.monitor.table_key import TableKeyError, load_key
+from surprise_monitor.monitor.table_key import key_of_flag
 
 
 def parser() -> argparse.ArgumentParser:
@@ -283,14 +283,9 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
 
 
 def _sign_key(args: argparse.Namespace) -> bytes | None:
-    """The key of ``--sign-key`` (read before the long run), or ``None``; ``ValueError``
+    """The key of ``--sign-key`` (read before the long run), or ``None``; a ``ValueError``
     naming the flag for a missing, unreadable or too short key file."""
-    if not args.sign_key:
-        return None
-    try:
-        return load_key(args.sign_key)
-    except TableKeyError as exc:
-        raise ValueError(f"--sign-key: {exc}") from None
+    return key_of_flag(args.sign_key, "--sign-key")
 
 
 def _check_option_flags(args: argparse.Namespace) -> None:

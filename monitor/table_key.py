@@ -50,6 +50,17 @@ def load_key(source: bytes | str | Path) -> bytes:
     return key
 
 
+def key_of_flag(value: str | None, flag: str) -> bytes | None:
+    """A command line's key: ``None`` without the flag, else :func:`load_key` of the file it
+    names, a :class:`TableKeyError` worded with the flag (``--table-key: key file ...``)."""
+    if not value:
+        return None
+    try:
+        return load_key(value)
+    except TableKeyError as exc:
+        raise TableKeyError(f"{flag}: {exc}") from None
+
+
 def generate_key(path: str | Path) -> Path:
     """Write a new random key (32 bytes as 64 hex digits) to ``path``, readable by its owner
     only (``0o600``, atomically); an existing file is never replaced. Returns ``path``."""

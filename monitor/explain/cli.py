@@ -36,7 +36,7 @@ from surprise_monitor.monitor.options import Execution
 from surprise_monitor.monitor.surprise_monitor import SurpriseMonitor
 from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.monitor.table_file import TableSignatureError
-from surprise_monitor.monitor.table_key import TableKeyError, load_key
+from surprise_monitor.monitor.table_key import key_of_flag
 
 
 def parser() -> argparse.ArgumentParser:
@@ -161,10 +161,7 @@ def _table(args: argparse.Namespace) -> tuple[CalibrationTable, Any]:
     given), and the training images of ``--data`` when given (the caller's folder, trusted,
     read with the table's preprocessing), else ``None`` (the table's own data_source, read
     with care)."""
-    try:
-        key = load_key(args.table_key) if args.table_key else None
-    except TableKeyError as exc:
-        raise ValueError(f"--table-key: {exc}") from None
+    key = key_of_flag(args.table_key, "--table-key")
     try:
         table = CalibrationTable.load(args.table, exemplars=False, key=key)
     except TableSignatureError as exc:

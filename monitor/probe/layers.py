@@ -226,14 +226,14 @@ def _class_map_source(
         if producer is None or producer is current:
             break
         current = producer
-    for j, other, layout in reversed(maps):
-        if other.output_key == current.input_key:
-            skipped.append(
-                f"{call.name!r} (a class-score map: {k} channels for {k} classes, computed "
-                f"from {other.name!r} by {current.name!r})"
-            )
-            return j, other, layout
-    return next((j, c, lay) for j, c, lay in maps if c is call)  # the only map there is
+    source = _source_of(maps, current)
+    if source is None:
+        return next((j, c, lay) for j, c, lay in maps if c is call)  # the only map there is
+    skipped.append(
+        f"{call.name!r} (a class-score map: {k} channels for {k} classes, computed from "
+        f"{source[1].name!r} by {current.name!r})"
+    )
+    return source
 
 
 def _outermost(

@@ -53,7 +53,7 @@ from surprise_monitor.monitor.options import (
 )
 from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.monitor.table_file import TableSignatureError
-from surprise_monitor.monitor.table_key import TableKeyError, load_key
+from surprise_monitor.monitor.table_key import TableKeyError, key_of_flag
 from surprise_monitor.serve.config_files import CONFIG_FILES, ConfigExistsError, write_config
 from surprise_monitor.serve.limits import MIB, ConnectionLimits, Limits
 
@@ -273,12 +273,10 @@ def alarm_log_from_args(args: argparse.Namespace) -> AlarmLog | None:
 def table_key(args: argparse.Namespace) -> bytes | None:
     """The key of ``--table-key``, or ``None``; ``SystemExit`` naming the flag for a missing,
     unreadable or too short key file."""
-    if not args.table_key:
-        return None
     try:
-        return load_key(args.table_key)
+        return key_of_flag(args.table_key, "--table-key")
     except TableKeyError as exc:
-        raise SystemExit(f"{TOOL}: error: --table-key: {exc}") from None
+        raise SystemExit(f"{TOOL}: error: {exc}") from None
 
 
 def table_from_args(args: argparse.Namespace) -> CalibrationTable | None:
