@@ -165,7 +165,9 @@ class MetricsOptions:
     """The Prometheus metrics of one monitor."""
 
     registry: Any = option(
-        None, "a prometheus_client CollectorRegistry; None: the process's global registry"
+        None,
+        "a prometheus_client CollectorRegistry (or a RayMetricsRegistry in a Ray Serve "
+        "replica); None: the process's global registry",
     )
     namespace: str = option(DEFAULT_NAMESPACE, "the metric names' prefix")
     labels: Mapping[str, str] = option(

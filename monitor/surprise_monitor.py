@@ -28,6 +28,7 @@ from surprise_monitor.monitor.runtime.metrics import MonitorMetrics
 from surprise_monitor.monitor.runtime.request_path import (
     AlarmRecorder,
     MonitorResult,
+    RequestIds,
     RequestPath,
     check_callbacks,
 )
@@ -216,10 +217,11 @@ class SurpriseMonitor:
         return self.run(x, labels).output
 
     def run(
-        self, x: torch.Tensor, labels: Any = None, request_id: str | None = None
+        self, x: torch.Tensor, labels: Any = None, request_id: RequestIds = None
     ) -> MonitorResult:
         """Like ``monitor(x)``, with the report of the rows judged on the request path.
-        ``request_id`` (e.g. the HTTP request's) is kept with the call's alarms.
+        ``request_id`` (e.g. the HTTP request's) is kept with the call's alarms; a sequence of
+        one id per input when the batch joins several requests.
 
         Sampling, ``on_alarm``, metrics and the async mode apply; monitoring failures are
         counted, never raised. An exception from the model itself (an input it cannot run)

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import base64
 import itertools
-import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from surprise_monitor.monitor.alarms.explanations import ExplanationCache
 from surprise_monitor.monitor.alarms.sink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, JsonlSink
 from surprise_monitor.monitor.alarms.thumbnails import thumbnail_png
 from surprise_monitor.monitor.checks import positive_int
@@ -44,6 +44,24 @@ if TYPE_CHECKING:
 DEFAULT_CAPACITY = 500
 #: The kinds an alarm can be filtered by: which per-filter flags explain it.
 KINDS = ("surprise", "expectation", "low_beta")
+#: Sender keys remembered to keep a resent record once (the newest).
+KEYS_REMEMBERED = 100_000
+
+
+def prepare_alarm(
+    report: MonitorReport, x: torch.Tensor, table: CalibrationTable | None, *,
+    max_filters: int = 5, size: int = 96, mean: Any = None, std: Any = None,
+) -> tuple[dict[str, Any], bytes, torch.Tensor, int | None]:  # fmt: skip
+    """What a record holds of one alarm: the one-input ``report``'s sample (``max_filters``
+    each way), the thumbnail PNG of ``x`` un-normalised with ``table``'s preprocessing (or
+    ``mean`` / ``std``), a CPU copy of ``x`` and the label given (``None``: judged against the
+    prediction)."""
+    source = table.data_source if table is not None else None
+    image = x.detach().to("cpu", copy=True)
+    sample = report.sample(0, max_filters=max_filters)
+    thumb = thumbnail_png(image, source, size=size, mean=mean, std=std)
+    label = int(report.classes[0]) if report.labels_given else None
+    return sample, thumb, image, label
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,17 @@ class AlarmRecord:
     table_fingerprint: str
     report: dict[str, Any]
     thumbnail: bytes = field(repr=False)
+    replica: str | None = None  # the serving replica that judged it (several replicas)
+    key: str | None = None  # the sender's unique key: a resent record is kept once
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AlarmRecord:
+        """A record from its audit line (:meth:`to_json`)."""
+        return cls(
+            int(data["id"]), float(data["time"]), data.get("request_id"),
+            str(data.get("table_fingerprint", "")), dict(data["report"]),
+            base64.b64decode(data.get("thumbnail_png", "")), data.get("replica"), data.get("key"),
+        )  # fmt: skip
 
     @property
     def class_name(self) -> str:
@@ -71,12 +100,14 @@ class AlarmRecord:
         return tuple(k for k, hit in zip(KINDS, found, strict=True) if hit)
 
     def summary(self) -> dict[str, Any]:
-        """The record as JSON without the thumbnail."""
-        return {
+        """The record as JSON without the thumbnail (``replica`` and ``key`` when set)."""
+        out = {
             "id": self.id, "time": self.time, "request_id": self.request_id,
             "table_fingerprint": self.table_fingerprint, "class_name": self.class_name,
             "kinds": list(self.kinds), "report": self.report,
         }  # fmt: skip
+        out.update({k: v for k, v in (("replica", self.replica), ("key", self.key)) if v})
+        return out
 
     def to_json(self) -> dict[str, Any]:
         """The audit file's line: :meth:`summary` and the thumbnail as base64 PNG."""
@@ -128,7 +159,8 @@ class AlarmLog:
         self.recorded = 0  # alarms recorded since the start (the ring holds the newest)
         self._records: deque[AlarmRecord] = deque(maxlen=capacity)
         self._inputs: OrderedDict[int, tuple[torch.Tensor, int | None]] = OrderedDict()
-        self._explained: OrderedDict[int, Future] = OrderedDict()
+        self._explanations = ExplanationCache(explanations, self.explain_kwargs)
+        self._keys: OrderedDict[str, AlarmRecord] = OrderedDict()
         last = sink.last_record() if sink is not None else None
         last_id = last.get("id") if last is not None else None
         ok = isinstance(last_id, int) and not isinstance(last_id, bool) and last_id >= 0
@@ -138,7 +170,6 @@ class AlarmLog:
         self._judge: Judge | None = None
         self._table: CalibrationTable | None = None
         self._fingerprint = ""
-        self._pool: ThreadPoolExecutor | None = None
 
     # ---------------------------------------------------------------- recording
     def bind(self, judge: Judge) -> None:
@@ -150,25 +181,73 @@ class AlarmLog:
     def record(self, report: MonitorReport, x: torch.Tensor, request_id: str | None) -> AlarmRecord:
         """Keep one alarm: its one-input ``report``, its normalised input ``x`` ``[C, H, W]``,
         the request it came with; written to the sink (if any) before returning."""
-        source = self._table.data_source if self._table is not None else None
-        image = x.detach().to("cpu", copy=True)
-        sample = report.sample(0, max_filters=self.max_filters)
-        thumb = thumbnail_png(
-            image, source, size=self.thumbnail_size,
+        sample, thumb, image, label = self.prepare(report, x)
+        return self.add(sample, thumb, request_id=request_id, fingerprint=self._fingerprint,
+                        image=image, label=label)  # fmt: skip
+
+    def prepare(
+        self, report: MonitorReport, x: torch.Tensor
+    ) -> tuple[dict[str, Any], bytes, torch.Tensor, int | None]:
+        """What a record holds of one alarm: the report's sample, the thumbnail PNG, a CPU copy
+        of the input and the label given (``None``: judged against the prediction)."""
+        return prepare_alarm(
+            report, x, self._table, max_filters=self.max_filters, size=self.thumbnail_size,
             mean=self.explain_kwargs.get("mean"), std=self.explain_kwargs.get("std"),
         )  # fmt: skip
-        label = int(report.classes[0]) if report.labels_given else None
+
+    def add(
+        self, report: dict[str, Any], thumbnail: bytes, *, request_id: str | None,
+        fingerprint: str, image: torch.Tensor | None = None, label: int | None = None,
+        when: float | None = None, replica: str | None = None, key: str | None = None,
+    ) -> AlarmRecord:  # fmt: skip
+        """Keep a prepared alarm (:meth:`prepare`, possibly in another process) under the next
+        id, written to the sink before returning. A ``key`` seen before returns the record kept
+        for it, unchanged: a sender that resends after a lost answer is recorded once."""
         with self._lock:
-            rec = AlarmRecord(next(self._ids), time.time(), request_id, self._fingerprint,
-                              sample, thumb)  # fmt: skip
-            self._records.append(rec)
-            self._inputs[rec.id] = (image, label)
-            while len(self._inputs) > self.keep_inputs:
-                self._inputs.popitem(last=False)
-            self.recorded += 1
+            if key is not None and key in self._keys:
+                return self._keys[key]
+            when = time.time() if when is None else when
+            rec = AlarmRecord(next(self._ids), when, request_id, fingerprint, report, thumbnail,
+                              replica, key)  # fmt: skip
             if self.sink is not None:  # under the lock: the file keeps the records' order
                 self.sink.write(rec.to_json())
+            self._keep(rec)
+            if image is not None:
+                self._inputs[rec.id] = (image, label)
+                while len(self._inputs) > self.keep_inputs:
+                    self._inputs.popitem(last=False)
+            self.recorded += 1
         return rec
+
+    def _keep(self, rec: AlarmRecord) -> None:
+        """Put ``rec`` in the ring and remember its key (under the lock)."""
+        self._records.append(rec)
+        if rec.key is not None:
+            self._keys[rec.key] = rec
+            while len(self._keys) > KEYS_REMEMBERED:
+                self._keys.popitem(last=False)
+
+    def reload(self) -> int:
+        """Put the audit file's newest records back in the ring, with their keys (a restarted
+        process's page shows them; their inputs are gone, so they have no explanation).
+        Returns how many were read; 0 without a sink."""
+        if self.sink is None:
+            return 0
+        newest: deque[AlarmRecord] = deque(maxlen=max(self.capacity, KEYS_REMEMBERED))
+        for data in self.sink.records():
+            try:
+                newest.append(AlarmRecord.from_json(data))
+            except (KeyError, TypeError, ValueError):
+                continue  # not a record this log wrote
+        with self._lock:
+            for rec in newest:
+                self._keep(rec)
+        return len(newest)
+
+    def input_of(self, alarm_id: int) -> tuple[torch.Tensor, int | None] | None:
+        """The alarm's kept input and label (``None`` once it left the kept inputs)."""
+        with self._lock:
+            return self._inputs.get(alarm_id)
 
     # ------------------------------------------------------------------ reading
     def recent(
@@ -210,53 +289,19 @@ class AlarmLog:
         """A future of ``(figure PNG bytes, Explanation.to_dict())`` for the alarm, computed
         once on the worker thread and cached; ``None`` when its input is no longer kept (or
         no judge is bound)."""
-        with self._lock:
-            cached = self._explained.get(alarm_id)
-            if cached is not None:
-                self._explained.move_to_end(alarm_id)
-                return cached
-            kept = self._inputs.get(alarm_id)
-            if kept is None or self._judge is None:
-                return None
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="surprise-alarm-explain")
-            future = self._pool.submit(self._explain, kept[0], kept[1])
-            self._explained[alarm_id] = future
-            while len(self._explained) > self.max_explanations:
-                self._explained.popitem(last=False)
-            return future
+        return self._explanations.get(alarm_id, self._judge, lambda: self.input_of(alarm_id))
 
     def explanation_if_ready(self, alarm_id: int) -> dict[str, Any] | None:
         """The alarm's explanation summary (``Explanation.to_dict()``) when it has been computed
         (successfully) and is still cached, else ``None``; computes nothing."""
-        with self._lock:
-            future = self._explained.get(alarm_id)
-        if future is None or not future.done() or future.cancelled():
-            return None
-        if future.exception() is not None:
-            return None
-        return future.result()[1]
+        return self._explanations.ready(alarm_id)
 
     def explanations_cached(self) -> int:
         """Explanations held now (at most ``explanations``)."""
-        with self._lock:
-            return len(self._explained)
-
-    def _explain(self, x: torch.Tensor, label: int | None) -> tuple[bytes, dict[str, Any]]:
-        """The explanation figure of ``x`` as PNG bytes and its summary (worker thread)."""
-        from surprise_monitor.monitor.explain.explanation import explain
-
-        assert self._judge is not None
-        expl = explain(self._judge, x, label=label, **self.explain_kwargs)
-        with tempfile.TemporaryDirectory(prefix="surprise-alarm-") as folder:
-            path = expl.save_figure(Path(folder) / "figure.png")
-            return path.read_bytes(), expl.to_dict()
+        return len(self._explanations)
 
     def close(self) -> None:
         """Stop the explanation worker and close the sink (idempotent)."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        self._explanations.close(wait=True)
         if self.sink is not None:
             self.sink.close()

@@ -51,6 +51,11 @@ sum of ``inputs_skipped_total`` over its reasons, in every mode. A per-class ``c
 (the class name) is added to the monitored, flagged and alarmed counters only with
 ``per_class=True``: it multiplies their series by the number of classes.
 
+In a Ray Serve replica the same metrics are recorded through Ray's metrics API instead
+(``MetricsOptions(registry=RayMetricsRegistry())``,
+:mod:`surprise_monitor.integrations.ray_serve.metrics`): Ray exports them with a ``ray_`` prefix
+and the replica's tags.
+
 Monitors share metric families per (registry, namespace): two monitors in one registry either
 use different namespaces or the same constant ``labels`` keys with different values (e.g.
 ``{"model": "resnet50"}`` and ``{"model": "vgg16"}``); anything else is a
@@ -299,8 +304,14 @@ def _build_family(
     """Register a new family's metrics in ``registry`` (all or none of them)."""
     specs = _family_specs(label_names, per_class, beta_buckets, count_bounds)
     made: dict[str, Counter | Gauge | Histogram | Info] = {}
+    # A registry with a metric_factory makes the metrics itself, with prometheus_client's
+    # interface (e.g. surprise_monitor.integrations.ray_serve.metrics.RayMetricsRegistry).
+    factory = getattr(registry, "metric_factory", None)
     try:
         for key, (kind, name, doc, labels, extra) in specs.items():
+            if factory is not None:
+                made[key] = factory(kind, name, doc, labels, namespace, extra)
+                continue
             made[key] = kind(
                 name, doc, labelnames=labels, namespace=namespace, registry=registry, **extra
             )

@@ -61,7 +61,7 @@ class Queued(NamedTuple):
 
     x: torch.Tensor  # [k, C, H, W]
     labels: torch.Tensor | None  # [k] int64 class ids, checked, or None
-    request_id: str | None
+    request_ids: tuple[str | None, ...]  # [k]: each input's request
 
 
 def joinable(a: Queued, b: Queued) -> bool:
@@ -96,6 +96,21 @@ def check_callbacks(on_alarm: Any, recorder: Any) -> None:
 def batch_len(x: Any) -> int:
     """Inputs in a call: the batch size of a ``[B, C, H, W]`` tensor, else 1."""
     return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim == 4 else 1
+
+
+RequestIds = str | Sequence[str | None] | None
+
+
+def ids_per_row(request_id: RequestIds, n: int) -> list[str | None]:
+    """One request id per input: ``request_id`` repeated, or a sequence of ``n`` ids (inputs
+    joined from several requests, e.g. by a serving engine's batcher); ``ValueError`` for a
+    sequence of another length."""
+    if request_id is None or isinstance(request_id, str):
+        return [request_id] * n
+    ids = [None if i is None else str(i) for i in request_id]
+    if len(ids) != n:
+        raise ValueError(f"request_id has {len(ids)} ids for {n} inputs (one per input)")
+    return ids
 
 
 def rows_of(labels: Any, rows: torch.Tensor) -> Any:
@@ -177,15 +192,16 @@ class RequestPath:
         self._local.report = report
 
     # ------------------------------------------------------------------ calls
-    def run(self, x: Any, labels: Any = None, request_id: str | None = None) -> MonitorResult:
+    def run(self, x: Any, labels: Any = None, request_id: RequestIds = None) -> MonitorResult:
         """The model's output for ``x`` and the report of the rows judged on this thread.
 
         Every input is counted once as monitored or skipped (``sampled_out``, ``queue_full``,
         ``failed``, or ``model_error`` when the model itself raises: its exception propagates,
-        from the model's one forward pass). ``request_id`` goes with the call's alarms to the
-        recorder."""
+        from the model's one forward pass). ``request_id`` (one id, or one per input) goes with
+        the call's alarms to the recorder."""
         start = time.perf_counter()
         n = batch_len(x)
+        request_ids = ids_per_row(request_id, n)
         take = self.sampler.select(n)
         k = int(take.sum())
         if self.metrics is not None:
@@ -196,11 +212,11 @@ class RequestPath:
                 output = self._plain(x, k)
                 result = MonitorResult(output, None, torch.zeros(0, dtype=torch.long))
                 if k:
-                    self._enqueue(x, labels, take, k, request_id)
+                    self._enqueue(x, labels, take, k, request_ids)
             elif k == n:
-                result = self._judge_all(x, labels, n, request_id)
+                result = self._judge_all(x, labels, n, request_ids)
             else:
-                result = self._judge_some(x, labels, take, k, request_id)
+                result = self._judge_some(x, labels, take, k, request_ids)
         if self.metrics is not None:
             self.metrics.added_latency(time.perf_counter() - start - forward.seconds)
         return result
@@ -224,23 +240,26 @@ class RequestPath:
             with self._timer.measure() as spent:
                 yield spent
 
-    def _judge_all(self, x: Any, labels: Any, n: int, request_id: str | None) -> MonitorResult:
+    def _judge_all(
+        self, x: Any, labels: Any, n: int, request_ids: list[str | None]
+    ) -> MonitorResult:
         """Every row sampled: judge the batch from the forward pass that answers it."""
         rows = torch.arange(n)
-        output, report, judged = self._judge(x, labels, n, request_ids=[request_id] * n)
+        output, report, judged = self._judge(x, labels, n, request_ids=request_ids)
         if output is _NOT_RUN:  # monitoring failed before the model ran: answer plainly
             output = self._plain(x, 0)
         return MonitorResult(output, report, rows[judged] if report is not None else rows[:0])
 
     def _judge_some(
-        self, x: Any, labels: Any, take: torch.Tensor, k: int, request_id: str | None
+        self, x: Any, labels: Any, take: torch.Tensor, k: int, request_ids: list[str | None]
     ) -> MonitorResult:
         """Some rows sampled: answer the batch, then judge the ``k`` sampled rows."""
         output = self._plain(x, k)
         rows = torch.nonzero(take).flatten()
         if k == 0:
             return MonitorResult(output, None, rows)
-        _, report, judged = self._judge(x, labels, k, rows=rows, request_ids=[request_id] * k)
+        ids = [request_ids[r] for r in rows.tolist()]
+        _, report, judged = self._judge(x, labels, k, rows=rows, request_ids=ids)
         return MonitorResult(output, report, rows[judged] if report is not None else rows[:0])
 
     def _judge(
@@ -325,7 +344,7 @@ class RequestPath:
 
     # ------------------------------------------------------------- async mode
     def _enqueue(
-        self, x: Any, labels: Any, take: torch.Tensor, k: int, request_id: str | None
+        self, x: Any, labels: Any, take: torch.Tensor, k: int, request_ids: list[str | None]
     ) -> None:
         """Queue a copy of the ``k`` sampled rows for the worker (counted when dropped). The
         input and labels are checked here, as far as the judge checks them on the host, so that
@@ -353,7 +372,8 @@ class RequestPath:
             self._count_failure(exc, k)
             return
         assert self._worker is not None
-        if not self._worker.submit(Queued(copy, lab, request_id)):
+        ids = tuple(request_ids[r] for r in rows.tolist())
+        if not self._worker.submit(Queued(copy, lab, ids)):
             if self.metrics is not None:
                 self.metrics.skipped("queue_full", k)
             with self._lock:
@@ -375,7 +395,7 @@ class RequestPath:
     def _handle_queued(self, items: list[Queued]) -> None:
         """The worker's handler: judge queued copies (:meth:`_joined`) in one call, each input
         with its own request's id."""
-        ids = [item.request_id for item in items for _ in range(int(item.x.shape[0]))]
+        ids = [i for item in items for i in item.request_ids]
         x, labels = items[0].x, items[0].labels
         if len(items) > 1:
             try:

@@ -1,5 +1,10 @@
 """The operator's page as an ASGI app (Starlette): mount it in any ASGI application.
 
+The log is read on worker threads, never on the event loop, so ``log`` may be an
+:class:`~surprise_monitor.monitor.alarms.AlarmLog` or anything with its reading methods that
+blocks (e.g. a view of an alarm log held by another process,
+:class:`surprise_monitor.integrations.ray_serve.alarms.RemoteAlarmView`).
+
     from surprise_monitor.monitor.web import alarm_app
     app.mount("/alarms", alarm_app(alarm_log, monitor))   # FastAPI / Starlette
 
@@ -18,6 +23,7 @@ import math
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -29,7 +35,7 @@ from surprise_monitor.monitor.web.page import detail_page, list_page
 MAX_ID_DIGITS = 18
 
 
-def status_of(log: AlarmLog, monitor: Any | None) -> dict[str, Any]:
+def status_of(log: Any, monitor: Any | None) -> dict[str, Any]:
     """The header's figures: the nominal alarm rate, the metrics window's alarm rate, size and
     KS distance (``None`` without metrics), and the alarms recorded."""
     out: dict[str, Any] = {"alarm_rate": None, "window_alarm_rate": None, "window_size": None,
@@ -46,7 +52,7 @@ def status_of(log: AlarmLog, monitor: Any | None) -> dict[str, Any]:
 
 
 def alarm_app(
-    log: AlarmLog, monitor: Any | None = None, explain_timeout: float = 300.0
+    log: AlarmLog | Any, monitor: Any | None = None, explain_timeout: float = 300.0
 ) -> Starlette:
     """The page's ASGI app over ``log``; ``monitor`` (a ``SurpriseMonitor``) gives the header
     its alarm rate; an explanation taking longer than ``explain_timeout`` s is answered 504."""
@@ -67,24 +73,34 @@ def alarm_app(
         kind = request.query_params.get("kind") or None
         if kind is not None and kind not in KINDS:
             return PlainTextResponse(f"kind must be one of {', '.join(KINDS)}", status_code=400)
-        page = list_page(log.recent(cls, kind), status_of(log, monitor), base(request),
-                         log.class_names(), cls, kind)  # fmt: skip
-        return HTMLResponse(page)
+
+        def page() -> str:
+            return list_page(log.recent(cls, kind), status_of(log, monitor), base(request),
+                             log.class_names(), cls, kind)  # fmt: skip
+
+        return HTMLResponse(await run_in_threadpool(page))
 
     async def as_json(request: Request) -> Response:
-        records = [r.summary() for r in log.recent()]
-        return JSONResponse({"status": status_of(log, monitor), "alarms": records})
+        def listed() -> dict[str, Any]:
+            records = [r.summary() for r in log.recent()]
+            return {"status": status_of(log, monitor), "alarms": records}
+
+        return JSONResponse(await run_in_threadpool(listed))
 
     async def detail(request: Request) -> Response:
-        rec = record_of(request)
-        return HTMLResponse(detail_page(rec, base(request), log.explanation_if_ready(rec.id)))
+        def page() -> str:
+            rec = record_of(request)
+            return detail_page(rec, base(request), log.explanation_if_ready(rec.id))
+
+        return HTMLResponse(await run_in_threadpool(page))
 
     async def thumbnail(request: Request) -> Response:
-        return Response(record_of(request).thumbnail, media_type="image/png")
+        rec = await run_in_threadpool(record_of, request)
+        return Response(rec.thumbnail, media_type="image/png")
 
     async def explained(request: Request) -> tuple[bytes, dict[str, Any]]:
-        rec = record_of(request)
-        future = log.explanation(rec.id)
+        rec = await run_in_threadpool(record_of, request)
+        future = await run_in_threadpool(log.explanation, rec.id)
         if future is None:
             raise _NotFound(f"the input of alarm {rec.id} is no longer kept (the log keeps the "
                             f"newest {log.keep_inputs} inputs)")  # fmt: skip

@@ -125,9 +125,16 @@ def _row(rec: AlarmRecord, base: str) -> str:
         f'<td class="p">{_number(r.get("p_value"), ".4f")}</td><td>{kinds}</td>'
         f'<td class="filters">{escape(_filters(r.get("surprising_filters", [])))}</td>'
         f'<td class="filters">{escape(_filters(r.get("expected_filters", [])))}</td>'
-        f"<td>{escape(rec.request_id or '')}</td>"
+        f"<td>{escape(rec.request_id or '')}{_replica(rec)}</td>"
         f'<td><a class="explain" href="{escape(href)}">explain</a></td></tr>'
     )
+
+
+def _replica(rec: AlarmRecord) -> str:
+    """The replica that judged the alarm, under its request id (nothing with one process)."""
+    if not rec.replica:
+        return ""
+    return f'<br><small class="replica">replica {escape(rec.replica)}</small>'
 
 
 def _select(name: str, options: Sequence[str], chosen: str | None, label: str) -> str:
@@ -231,7 +238,8 @@ def detail_page(rec: AlarmRecord, base: str, explanation: Mapping[str, Any] | No
         f'<dt>score parts (tail rank)</dt><dd id="parts">{_parts(r.get("components"))}</dd>'
         f"<dt>time</dt><dd>{escape(_when(rec.time))}</dd>"
         f"<dt>request</dt><dd>{escape(rec.request_id or '')}</dd>"
-        f"<dt>table</dt><dd><code>{escape(rec.table_fingerprint[:16])}</code></dd></dl>"
+        + (f'<dt>replica</dt><dd id="replica">{escape(rec.replica)}</dd>' if rec.replica else "")
+        + f"<dt>table</dt><dd><code>{escape(rec.table_fingerprint[:16])}</code></dd></dl>"
     )
     figure = (
         f'<img id="figure" alt="explanation of alarm {rec.id}" src="{escape(href)}/explanation.png"'

@@ -40,7 +40,7 @@ import math
 import threading
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -132,13 +132,18 @@ def create_app(
     *,
     table: CalibrationTable | None = None,
     limits: Limits | None = None,
-    registry: CollectorRegistry = REGISTRY,
+    registry: CollectorRegistry | None = REGISTRY,
+    service: PredictionService | None = None,
+    alarm_view: Any | None = None,
 ) -> FastAPI:
     """The service: ``model`` answers, ``monitor`` (if any) watches, ``table`` (the monitor's by
     default) gives the input size, the class names and the image preprocessing; ``close()``
     on shutdown; ``limits``: the defaults of :class:`~surprise_monitor.serve.limits.Limits`
-    when not given. With the monitor's ``alarm_log`` the operator's page is mounted at
-    ``/alarms``. Routes are added by small functions, so others can be added beside them."""
+    when not given. With the monitor's ``alarm_log`` (or ``alarm_view``, something with its
+    reading methods) the operator's page is mounted at ``/alarms``; ``registry=None`` leaves
+    out ``/metrics`` (metrics exported another way). ``service`` replaces the default
+    :class:`PredictionService` (e.g. one that batches requests). Routes are added by small
+    functions, so others can be added beside them."""
     limits = limits if limits is not None else Limits()
     table = table if table is not None else (monitor.table if monitor is not None else None)
 
@@ -153,32 +158,42 @@ def create_app(
     app = FastAPI(title="surprise-monitor service", lifespan=lifespan)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    service = _Service(model, monitor, table, limits)
+    service = service if service is not None else PredictionService(model, monitor, table, limits)
     _add_routes(app, service, registry)
-    if monitor is not None and isinstance(monitor.alarm_log, AlarmLog):
+    if alarm_view is None and monitor is not None and isinstance(monitor.alarm_log, AlarmLog):
+        alarm_view = monitor.alarm_log
+    if alarm_view is not None:
         from surprise_monitor.monitor.web.app import alarm_app
 
-        app.mount("/alarms", alarm_app(monitor.alarm_log, monitor))
+        app.mount("/alarms", alarm_app(alarm_view, monitor))
     return app
 
 
-def _add_routes(app: FastAPI, service: _Service, registry: CollectorRegistry) -> None:
-    """``/healthz``, ``/metrics``, ``/predict`` and ``/predict/image``."""
+def _add_routes(
+    app: FastAPI, service: PredictionService, registry: CollectorRegistry | None
+) -> None:
+    """``/healthz``, ``/metrics`` (with a registry), ``/predict`` and ``/predict/image``."""
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         mode = service.monitor.sampling.mode if service.monitor is not None else "off"
         return {"status": "ok", "monitor": mode}
 
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    if registry is not None:
+
+        @app.get("/metrics")
+        def metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/predict")
-    def predict(req: PredictRequest, request: Request) -> dict[str, Any]:  # a worker thread
-        x = service.tensor(req.inputs)
-        labels = service.labels(req.labels, len(x))
-        return service.answer(x, labels, req.surprise, req.max_filters, _request_id(request))
+    async def predict(req: PredictRequest, request: Request) -> dict[str, Any]:
+        def parse() -> tuple[torch.Tensor, list[int] | None]:  # off the event loop
+            x = service.tensor(req.inputs)
+            return x, service.labels(req.labels, len(x))
+
+        x, labels = await run_in_threadpool(parse)
+        rid = _request_id(request)
+        return await service.answer_async(x, labels, req.surprise, req.max_filters, rid)
 
     @app.post("/predict/image")
     async def predict_image(
@@ -189,12 +204,13 @@ def _add_routes(app: FastAPI, service: _Service, registry: CollectorRegistry) ->
     ) -> dict[str, Any]:
         body, content_type = await request.body(), request.headers.get("content-type", "")
 
-        def work() -> dict[str, Any]:  # decoding and the model: off the event loop
+        def decode() -> tuple[torch.Tensor, list[int] | None]:  # off the event loop
             x = service.image(body, content_type)
-            labels = None if label is None else service.labels([label], 1)
-            return service.answer(x, labels, surprise, max_filters, _request_id(request))
+            return x, None if label is None else service.labels([label], 1)
 
-        return await run_in_threadpool(work)
+        x, labels = await run_in_threadpool(decode)
+        rid = _request_id(request)
+        return await service.answer_async(x, labels, surprise, max_filters, rid)
 
 
 _OPEN_LOCK = threading.Lock()  # warnings.catch_warnings swaps process-wide state
@@ -253,7 +269,7 @@ def _request_id(request: Request) -> str:
     return given or uuid.uuid4().hex
 
 
-class _Service:
+class PredictionService:
     """What the routes do: check inputs against the limits and the table, run the monitored
     model, shape the answer."""
 
@@ -375,11 +391,11 @@ class _Service:
         except ValueError as exc:
             raise HTTPException(422, f"this service cannot preprocess images: {exc}") from exc
 
-    def answer(
-        self, x: torch.Tensor, labels: list[int] | None, surprise: bool, max_filters: int,
-        request_id: str | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
-        """Predictions, class names, logits and (when asked) surprise summaries for ``x``."""
+    def run(
+        self, x: torch.Tensor, labels: list[int] | None, request_id: str | Sequence[str] | None
+    ) -> tuple[torch.Tensor, MonitorReport | None, list[int]]:
+        """The model's output for ``x`` (on the CPU, float), the monitor's report and the batch
+        rows it covers; HTTP 400 when the model itself cannot run the input."""
         try:
             x = x.to(self.device)
             if self.monitor is not None:
@@ -390,18 +406,41 @@ class _Service:
                     output, report, rows = self.model(x), None, []
         except Exception as exc:  # the model itself cannot run this input
             raise HTTPException(400, f"the model cannot run this input: {exc}") from exc
-        logits = output.float().cpu()
+        return output.float().cpu(), report, rows
+
+    def answer(
+        self, x: torch.Tensor, labels: list[int] | None, surprise: bool, max_filters: int,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Predictions, class names, logits and (when asked) surprise summaries for ``x``."""
+        logits, report, rows = self.run(x, labels, request_id)
+        return self.body(logits, report, rows, surprise, max_filters, request_id)
+
+    async def answer_async(
+        self, x: torch.Tensor, labels: list[int] | None, surprise: bool, max_filters: int,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """:meth:`answer` on a worker thread (a batching service overrides this)."""
+        return await run_in_threadpool(self.answer, x, labels, surprise, max_filters, request_id)
+
+    def body(
+        self, logits: torch.Tensor, report: MonitorReport | None, rows: list[int],
+        surprise: bool, max_filters: int, request_id: str | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The JSON answer for one request: ``logits`` ``[B, K]`` on the CPU, ``report`` of
+        the batch ``rows`` it covers."""
         predictions = logits.argmax(dim=1).tolist()
+        n = len(predictions)
         body: dict[str, Any] = {
             "predictions": predictions,
             "classes": [self.names[p] if p < len(self.names) else str(p) for p in predictions],
             "logits": [[v if math.isfinite(v) else None for v in row] for row in logits.tolist()],
-            **_alarm_fields(report, rows, len(x)),
+            **_alarm_fields(report, rows, n),
             "request_id": request_id,
             "surprise": None,
         }
         if surprise:
-            body["surprise"] = _summaries(report, rows, len(x), max_filters)
+            body["surprise"] = _summaries(report, rows, n, max_filters)
         return body
 
 

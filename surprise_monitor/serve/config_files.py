@@ -16,6 +16,7 @@ from surprise_monitor.monitor.files import atomic_write_bytes
 # The files, as paths relative to the config folder (and to the folder they are written to).
 CONFIG_FILES = (
     "alerts.yml",
+    "alerts-ray.yml",  # the same rules for Ray Serve's names and labels (serve/ray_rules.py)
     "grafana/dashboard.json",
     "grafana/provisioning.yml",
     "grafana/datasource.yml",

@@ -149,8 +149,18 @@ def _query(api: str, query: str) -> float | None:
 def _start_prometheus(url: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
     """Prometheus scraping ``url`` every second with the short rules; its API's URL once
     ready."""
+    target = f"    static_configs:\n      - targets: ['{url.removeprefix('http://')}']\n"
+    return start_prometheus(tmp_path, short_rules(RULES.read_text()), "model", target)
+
+
+def start_prometheus(
+    tmp_path: Path, rules_text: str, job: str, targets: str
+) -> tuple[subprocess.Popen, str]:
+    """Prometheus with the rules ``rules_text`` (checked by promtool first), scraping job
+    ``job`` at ``targets`` (its YAML lines: static or file service discovery) and evaluating
+    every second; its API's URL once ready. Bounded: 30 s to get ready."""
     rules = tmp_path / "rules.yml"
-    rules.write_text(short_rules(RULES.read_text()))
+    rules.write_text(rules_text)
     check = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True,
                            text=True, timeout=60)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
@@ -158,8 +168,7 @@ def _start_prometheus(url: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         f"rule_files:\n  - {rules}\n"
-        "scrape_configs:\n  - job_name: model\n"
-        f"    static_configs:\n      - targets: ['{url.removeprefix('http://')}']\n"
+        f"scrape_configs:\n  - job_name: {job}\n{targets}"
     )
     port = free_port()
     api = f"http://127.0.0.1:{port}"

@@ -596,3 +596,36 @@ def test_one_nan_input_does_not_unjudge_its_neighbours(calibrated, mode):
         assert _value(registry, "surprise_monitor_inputs_monitored_total") == len(good)
         alarmed = torch.nonzero(alone.alarm).flatten().tolist()
         assert recorded == [("r", int(alone.classes[j])) for j in alarmed]
+
+
+class _Ids:
+    """An alarm recorder that keeps each alarm's request id (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str | None] = []
+        self._lock = threading.Lock()
+
+    def record(self, report, x, request_id):
+        with self._lock:
+            self.ids.append(request_id)
+
+
+@pytest.mark.parametrize("mode", ["sync", "sampled", "async"])
+def test_one_request_id_per_input_goes_with_each_alarm(calibrated, mode):
+    """A batch joined from several requests (a serving engine's batcher) passes one id per
+    input; each alarm is recorded with its own input's id, in every mode."""
+    model, table = calibrated
+    noise = -5.0 + 9.4 * torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    ids = [f"req-{i}" for i in range(8)]
+    sampling = {"sync": Sampling(), "sampled": Sampling(every=2),
+                "async": Sampling(mode="async")}[mode]  # fmt: skip
+    recorder = _Ids()
+    with SurpriseMonitor(model, table, sampling=sampling, alarm_log=recorder) as monitor:
+        result = monitor.run(noise, request_id=ids)
+        monitor.flush()
+        with pytest.raises(ValueError, match="request_id has 3 ids for 8 inputs"):
+            monitor.run(noise, request_id=ids[:3])
+    judged = list(range(0, 8, 2)) if mode == "sampled" else list(range(8))
+    assert sorted(recorder.ids) == [ids[i] for i in judged]  # every noise input alarms
+    if mode != "async":
+        assert result.rows.tolist() == judged
