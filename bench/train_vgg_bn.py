@@ -1,6 +1,6 @@
 """Train the benchmark's second strong model, :class:`bench.strong_models.VGGBN`, on the CPU.
 
-    python -m bench.train_vgg_bn [--epochs 20] [--budget-min 600]
+    python -m bench.train_vgg_bn [--epochs 20] [--budget-min 600] [--resume]
 
 Recipe (what produced the cached weights): all 50,000 images of ``cifar10_train.npz``; random
 crops with 4-pixel reflection padding and horizontal flips per image; SGD with Nesterov momentum
@@ -8,7 +8,11 @@ crops with 4-pixel reflection padding and horizontal flips per image; SGD with N
 25% warm-up, batch 256), label smoothing 0.1, 20 epochs; bf16 autocast on the CPU, one thread
 (about 2 h 15 min on a shared 2-core EPYC). Test accuracy on test images 0..4,999 and
 5,000..9,999 is written to the JSON beside the float32 safetensors weights. The time budget stops
-training early (the schedule is then unfinished: rerun with fewer epochs instead).
+training early (the schedule is then unfinished: rerun with fewer epochs instead). After every
+epoch the whole training state (weights, optimiser, schedule, random generator, log) is saved
+atomically beside the weights (``vgg_bn.checkpoint.pt``, tensors only: loaded with
+``weights_only=True``); ``--resume`` continues from it, to the same weights as one uninterrupted
+run, and refuses a checkpoint made with other settings.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,8 +62,40 @@ def optimiser(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
 
 
+#: The settings a checkpoint must share with the run that resumes it.
+RESUME_KEYS = ("epochs", "width", "batch", "lr", "seed")
+
+
+def checkpoint_path() -> Path:
+    """Where the training state is saved after each epoch."""
+    return vgg_weights_path().with_name("vgg_bn.checkpoint.pt")
+
+
+def save_checkpoint(state: dict) -> None:
+    """Write the training state atomically."""
+    path = checkpoint_path()
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(args: argparse.Namespace) -> dict | None:
+    """The saved training state when ``--resume`` and one exists (``SystemExit`` when it was
+    made with other settings); else ``None``."""
+    path = checkpoint_path()
+    if not args.resume or not path.exists():
+        return None
+    state = torch.load(path, weights_only=True)
+    theirs = dict(zip(RESUME_KEYS, state["settings"].tolist(), strict=True))
+    ours = {k: float(getattr(args, k)) for k in RESUME_KEYS}
+    if theirs != ours:
+        raise SystemExit(f"--resume: {path} was made with {theirs}, not {ours}")
+    return state
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Train, save the weights atomically, return the record written beside them."""
+    """Train (from the checkpoint with ``--resume``), save the weights atomically, return the
+    record written beside them."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     train_split, test_split = load_cifar10("train"), load_cifar10("test")
@@ -71,8 +108,20 @@ def train(args: argparse.Namespace) -> dict:
         pct_start=0.25, div_factor=10, final_div_factor=200,
     )  # fmt: skip
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-    start, log = time.time(), []
-    for epoch in range(args.epochs):
+    start, log, first = time.time(), [], 0
+    state = load_checkpoint(args)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimiser"])
+        sched.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        log = [dict(zip(("epoch", "test_0_5000", "minutes"), row, strict=True))
+               for row in state["log"].tolist()]  # fmt: skip
+        log = [{**r, "epoch": int(r["epoch"])} for r in log]
+        first = len(log)
+        start -= 60 * (log[-1]["minutes"] if log else 0.0)
+        print(f"resumed after epoch {first}", flush=True)
+    for epoch in range(first, args.epochs):
         model.train()
         perm = torch.randperm(len(xtr), generator=gen)
         for s in range(0, len(xtr), args.batch):
@@ -88,6 +137,14 @@ def train(args: argparse.Namespace) -> dict:
         log.append({"epoch": epoch + 1, "test_0_5000": accuracy(model, xte[:5000], yte[:5000]),
                     "minutes": round(minutes, 1)})  # fmt: skip
         print(json.dumps(log[-1]), flush=True)
+        save_checkpoint({
+            "model": model.state_dict(), "optimiser": opt.state_dict(),
+            "schedule": sched.state_dict(), "generator": gen.get_state(),
+            "log": torch.tensor([[r["epoch"], r["test_0_5000"], r["minutes"]] for r in log],
+                                dtype=torch.float64),
+            "settings": torch.tensor([float(getattr(args, k)) for k in RESUME_KEYS],
+                                     dtype=torch.float64),
+        })  # fmt: skip
         if minutes > args.budget_min and epoch + 1 < args.epochs:
             print("time budget spent: stopping before the schedule ended", flush=True)
             break
@@ -127,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--budget-min", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the checkpoint of an interrupted run")  # fmt: skip
     record = train(ap.parse_args(argv))
     print(json.dumps({k: v for k, v in record.items() if k != "log"}), flush=True)
     return 0
