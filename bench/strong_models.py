@@ -2,9 +2,9 @@
 
 - ``resnet18``: ``../shared/models/cifar10_resnet18.safetensors`` (91% test accuracy; final
   convolution ``layer4.1.conv2``, 512 filters at 4x4), built by ``cifar_resnet.py`` beside it.
-- ``vgg_bn``: a VGG with batch norm trained here by :mod:`bench.train_vgg_bn` (recipe and
-  accuracy in the JSON beside the weights, cached under :func:`bench.cifar.cache_dir`; final
-  convolution ``features.24``, 384 filters at 4x4).
+- ``vgg_bn``: a VGG with batch norm trained here by :mod:`bench.train_vgg_bn` (weights committed
+  in ``bench/weights/``, recipe and accuracy in the JSON beside them; final convolution
+  ``features.24``, 384 filters at 4x4).
 
 Both were trained on all 50,000 CIFAR-10 training images, so the held-out images that calibrate
 thresholds come from the test file: :data:`HELDOUT` (test images 0..4,999) forms conformal nulls
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.cifar import cache_dir, find_data_dir
+from bench.cifar import find_data_dir
 
 MODELS_ENV = "SURPRISE_MODELS_DIR"
 HELDOUT = range(0, 5000)
@@ -72,20 +72,26 @@ class VGGBN(nn.Module):
         return self.classifier(self.features(x).mean(dim=(2, 3)))
 
 
+#: The committed weights (and their training record beside them, ``.json``): a new machine
+#: does not train the VGG again.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
 def vgg_weights_path() -> Path:
-    """Where :mod:`bench.train_vgg_bn` caches the VGG's weights."""
-    return cache_dir() / VGG_WEIGHTS
+    """Where :mod:`bench.train_vgg_bn` writes the VGG's weights: ``bench/weights/``, committed
+    with their record."""
+    return WEIGHTS_DIR / VGG_WEIGHTS
 
 
 def load_vgg_bn() -> nn.Module:
-    """The trained :class:`VGGBN` in eval mode; trains nothing (run ``python -m
-    bench.train_vgg_bn`` first: about two hours on two CPU cores)."""
+    """The trained :class:`VGGBN` in eval mode, from the committed weights; trains nothing
+    (``python -m bench.train_vgg_bn`` retrains them)."""
     from safetensors.torch import load_file
 
     path = vgg_weights_path()
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: no trained VGG; run `python -m bench.train_vgg_bn` (CPU, ~2 h) first"
+            f"{path}: no trained VGG; run `python -m bench.train_vgg_bn` (CPU, 35 min - 2 h) first"
         )
     model = VGGBN(VGG_WIDTH)
     model.load_state_dict(load_file(str(path)))

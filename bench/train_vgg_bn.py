@@ -10,7 +10,7 @@ crops with 4-pixel reflection padding and horizontal flips per image; SGD with N
 5,000..9,999 is written to the JSON beside the float32 safetensors weights. The time budget stops
 training early (the schedule is then unfinished: rerun with fewer epochs instead). After every
 epoch the whole training state (weights, optimiser, schedule, random generator, log) is saved
-atomically beside the weights (``vgg_bn.checkpoint.pt``, tensors only: loaded with
+atomically in the cache (``bench/.cache/vgg_bn.checkpoint.pt``, tensors only: loaded with
 ``weights_only=True``); ``--resume`` continues from it, to the same weights as one uninterrupted
 run, and refuses a checkpoint made with other settings.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.cifar import load_cifar10, to_tensor
+from bench.cifar import cache_dir, load_cifar10, to_tensor
 from bench.strong_models import VGG_WIDTH, VGGBN, vgg_weights_path
 
 
@@ -67,8 +67,8 @@ RESUME_KEYS = ("epochs", "width", "batch", "lr", "seed")
 
 
 def checkpoint_path() -> Path:
-    """Where the training state is saved after each epoch."""
-    return vgg_weights_path().with_name("vgg_bn.checkpoint.pt")
+    """Where the training state is saved after each epoch (the cache, not committed)."""
+    return cache_dir() / "vgg_bn.checkpoint.pt"
 
 
 def save_checkpoint(state: dict) -> None:

@@ -1,4 +1,5 @@
-"""Command line: ``python -m bench.explain [--images N] [--contrast N] [--seed S] [--out PATH]``."""
+"""Command line: ``python -m bench.explain [--model resnet18|vgg_bn] [--images N] [--contrast N]
+[--seed S] [--out PATH]``."""
 
 from __future__ import annotations
 
@@ -21,16 +22,18 @@ def log(msg: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the pointing benchmark on the ResNet-18 and write the JSON and markdown."""
-    p = argparse.ArgumentParser(description="Explanations that point at the cause (ResNet-18)")
+    """Run the pointing benchmark on one strong model and write the JSON and markdown."""
+    p = argparse.ArgumentParser(description="Explanations that point at the cause")
+    p.add_argument("--model", choices=("resnet18", "vgg_bn"), default="resnet18")
     p.add_argument("--images", type=int, default=3000, help="test images per artefact kind")
     p.add_argument("--contrast", type=int, default=100, help="non-alarmed images scored per kind")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(HERE / "results" / "resnet18.json"))
+    p.add_argument("--out", help="results JSON (default: results/MODEL.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = run(args.images, args.contrast, args.seed, log)
+    results = run(args.images, args.contrast, args.seed, log, args.model)
+    args.out = args.out or str(HERE / "results" / f"{args.model}.json")
     report.write(results, Path(args.out))
     print(report.markdown(results))
     return 0

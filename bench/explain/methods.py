@@ -13,6 +13,7 @@ The baselines run on a copy of the model, so the monitor's hooks never see their
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,12 +49,22 @@ def monitor_view(monitor: SurpriseMonitor, x: torch.Tensor, label: int) -> Monit
     )  # fmt: skip
 
 
-class Baselines:
-    """Grad-CAM, Grad-CAM++ and the vanilla gradient on a private copy of ``model``."""
+#: Grad-CAM's layer per strong model: the last convolutional block's output.
+CAM_LAYERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "resnet18": lambda m: m.layer4,
+    "vgg_bn": lambda m: m.features[-1],  # the ReLU after the final conv-BN (features.24-25)
+}
 
-    def __init__(self, model: nn.Module) -> None:
+
+class Baselines:
+    """Grad-CAM, Grad-CAM++ and the vanilla gradient on a private copy of ``model`` (Grad-CAM
+    on the layer ``cam_layer`` picks; ``layer4`` by default, the ResNet's)."""
+
+    def __init__(
+        self, model: nn.Module, cam_layer: Callable[[nn.Module], nn.Module] | None = None
+    ) -> None:
         self.model = copy.deepcopy(model).eval()
-        layers = [self.model.layer4]
+        layers = [(cam_layer or CAM_LAYERS["resnet18"])(self.model)]
         self.cams = {"gradcam": GradCAM(self.model, layers),
                      "gradcam++": GradCAMPlusPlus(self.model, layers)}  # fmt: skip
         self.saliency = Saliency(self.model)

@@ -41,10 +41,14 @@ def table(results: dict, group: str = "alarmed") -> str:
     return "\n".join(lines)
 
 
+MODEL_NAMES = {"resnet18": "ResNet-18", "vgg_bn": "VGG-BN"}
+
+
 def markdown(results: dict) -> str:
     """Both tables with a header line on the run."""
     return (
-        f"ResNet-18, {results['images_per_kind']} test images per artefact kind from test image "
+        f"{MODEL_NAMES.get(results['model'], results['model'])}, {results['images_per_kind']} "
+        f"test images per artefact kind from test image "
         f"{results['first_test_image']:,} on ({results['original_alarms']} originals alarmed and "
         f"were left out); alarm rate {results['alarm_rate']:.0%}; {results['seconds']:.0f} s.\n\n"
         f"On the images the artefact made alarm:\n\n{table(results)}\n\n"

@@ -22,9 +22,9 @@ HELDOUT = range(0, 2000)
 FIRST_EVAL = 5000
 
 
-def table_for(model: nn.Module, log: Callable[[str], None]) -> CalibrationTable:
-    """The ResNet-18's table from 3,000 training images with a null of test 0..1,999 (cached)."""
-    path = cache_dir() / f"explain-resnet18-table-{N_TRAIN}-null{len(HELDOUT)}.safetensors"
+def table_for(model: nn.Module, name: str, log: Callable[[str], None]) -> CalibrationTable:
+    """The model's table from 3,000 training images with a null of test 0..1,999 (cached)."""
+    path = cache_dir() / f"explain-{name}-table-{N_TRAIN}-null{len(HELDOUT)}.safetensors"
     if path.is_file():
         return CalibrationTable.load(path)
     train, test = load_cifar10("train", limit=N_TRAIN), load_cifar10("test")
@@ -118,14 +118,16 @@ def summarise(rows: list[dict[str, float | bool]]) -> dict:
     return out
 
 
-def run(n_images: int, contrast: int, seed: int, log: Callable[[str], None]) -> dict:
-    """The whole benchmark on the ResNet-18 (see the package docstring)."""
-    from bench.strong_models import load_resnet18
+def run(
+    n_images: int, contrast: int, seed: int, log: Callable[[str], None], name: str = "resnet18"
+) -> dict:
+    """The whole benchmark on the strong model ``name`` (see the package docstring)."""
+    from bench.strong_models import load_strong
 
     started = time.perf_counter()
-    model = load_resnet18()
-    base = methods.Baselines(model)
-    table = table_for(model, log)
+    model = load_strong(name)
+    base = methods.Baselines(model, methods.CAM_LAYERS[name])
+    table = table_for(model, name, log)
     test = load_cifar10("test")
     idx = slice(FIRST_EVAL, FIRST_EVAL + n_images)
     data = {"pixels": artefacts.pixels(test.images[idx]), "labels": test.labels[idx], "seed": seed}
@@ -136,7 +138,7 @@ def run(n_images: int, contrast: int, seed: int, log: Callable[[str], None]) -> 
         for kind in artefacts.KINDS:
             kinds[kind] = run_kind(kind, monitor, base, data, contrast, log)
     return {
-        "model": "resnet18", "images_per_kind": n_images, "first_test_image": FIRST_EVAL,
+        "model": name, "images_per_kind": n_images, "first_test_image": FIRST_EVAL,
         "contrast_per_kind": contrast, "seed": seed, "table_training_images": N_TRAIN,
         "null": [HELDOUT.start, HELDOUT.stop - 1],
         "alarm_rate": monitor.judge.thresholds.alarm_rate,

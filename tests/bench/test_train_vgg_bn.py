@@ -27,6 +27,7 @@ def tiny(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_vgg_bn, "load_cifar10", load)
     monkeypatch.setattr(train_vgg_bn, "vgg_weights_path", lambda: tmp_path / "vgg.safetensors")
+    monkeypatch.setattr(train_vgg_bn, "cache_dir", lambda: tmp_path)  # the checkpoint
     return tmp_path
 
 

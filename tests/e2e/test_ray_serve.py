@@ -192,7 +192,9 @@ def test_two_replicas_one_alarm_log_pooled_alert(saved_tiny_model, tmp_path, mon
             # (b) 10% noise: the pooled alarm-rate alert goes pending, then firing
             clients.noise = 1
             _wait_firing(api, RATE_ALERT, 90, {RATE_ALERT: []})
-            assert _query(api, RATIO) > 0.05
+            # once the 10 s window holds only noisy traffic the ratio is about 0.1 (it fires
+            # earlier, on a window still part normal: the limit is about 0.02)
+            _wait(lambda: (_query(api, RATIO) or 0.0) > 0.05, 30, "the ratio stayed below 0.05")
         assert not clients.errors, clients.errors[:3]
         assert killed is not None
         seen = sum(clients.alarms.values())
