@@ -2,15 +2,16 @@
 
     python -m bench.train_vgg_bn [--epochs 20] [--budget-min 600] [--resume]
 
-Recipe (what produced the cached weights): all 50,000 images of ``cifar10_train.npz``; random
-crops with 4-pixel reflection padding and horizontal flips per image; SGD with Nesterov momentum
-0.9, weight decay 5e-4 on conv / linear weights only, one-cycle learning rate (peak 0.2,
-25% warm-up, batch 256), label smoothing 0.1, 20 epochs; bf16 autocast on the CPU, one thread
-(about 2 h 15 min on a shared 2-core EPYC). Test accuracy on test images 0..4,999 and
-5,000..9,999 is written to the JSON beside the float32 safetensors weights. The time budget stops
-training early (the schedule is then unfinished: rerun with fewer epochs instead). After every
+Recipe (what produced the cached weights): all 50,000 images of ``cifar10_train.npz``; random crops
+with 4-pixel reflection padding and horizontal flips per image; SGD with Nesterov momentum 0.9,
+weight decay 5e-4 on conv / linear weights only, one-cycle learning rate (peak 0.2, 25% warm-up,
+batch 256), label smoothing 0.1, 20 epochs; bf16 autocast on the CPU, one thread (36 min on the
+2-core x86_64 machine of 2026-12-06; earlier 2 h 15 min on a busier 2-core EPYC). The weights and
+their record are committed in ``bench/weights/`` (its README). Test accuracy on test images 0..4,999
+and 5,000..9,999 is written to the JSON beside the float32 safetensors weights. The time budget
+stops training early (the schedule is then unfinished: rerun with fewer epochs instead). After every
 epoch the whole training state (weights, optimiser, schedule, random generator, log) is saved
-atomically in the cache (``bench/.cache/vgg_bn.checkpoint.pt``, tensors only: loaded with
+atomically in the cache (``vgg_bn.checkpoint.pt`` under :func:`bench.cifar.cache_dir`: loaded with
 ``weights_only=True``); ``--resume`` continues from it, to the same weights as one uninterrupted
 run, and refuses a checkpoint made with other settings.
 """
