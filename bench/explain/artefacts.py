@@ -43,14 +43,21 @@ def patch(
     return out, mask
 
 
+def _filled(
+    image: np.ndarray, rng: np.random.Generator, size: int, value: np.ndarray | float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size`` x ``size`` square of one colour ``value`` at a random place, and its mask."""
+    rows, cols, mask = _place(image, rng, size)
+    out = image.copy()
+    out[rows, cols] = value
+    return out, mask
+
+
 def magenta(
     image: np.ndarray, rng: np.random.Generator, donor: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """An 8x8 magenta square sticker."""
-    rows, cols, mask = _place(image, rng, 8)
-    out = image.copy()
-    out[rows, cols] = MAGENTA
-    return out, mask
+    return _filled(image, rng, 8, MAGENTA)
 
 
 def checker(
@@ -69,10 +76,7 @@ def dead_pixels(
     image: np.ndarray, rng: np.random.Generator, donor: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """A 6x6 block of dead (black) pixels."""
-    rows, cols, mask = _place(image, rng, 6)
-    out = image.copy()
-    out[rows, cols] = 0.0
-    return out, mask
+    return _filled(image, rng, 6, 0.0)
 
 
 def blur(

@@ -102,10 +102,6 @@ class MonitoredModel:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.service.run_joined, items)
 
-    def alarms_pending(self) -> int:
-        """Alarms this replica has not yet had acknowledged by the log (for tests / drains)."""
-        return self.recorder.pending() if self.recorder is not None else 0
-
     def __del__(self) -> None:
         if getattr(self, "recorder", None) is not None:
             self.recorder.close()
