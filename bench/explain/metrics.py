@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from surprise_monitor.monitor.explain import superpixels
+
 
 def pointing_hit(saliency: np.ndarray, mask: np.ndarray) -> bool:
     """Whether the argmax pixel of ``saliency`` (``[H, W]``) lies inside ``mask``; a constant map
@@ -36,3 +38,12 @@ def rate(k: int, n: int) -> dict[str, float | int]:
     """``k / n`` with its Wilson interval, as a JSON-ready dict."""
     low, high = wilson(k, n)
     return {"hits": k, "n": n, "rate": k / n if n else float("nan"), "low": low, "high": high}
+
+
+def top_region(saliency: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Bool ``[H, W]``: the superpixel of ``segments`` with the most saliency mass (the sum
+    over its pixels, as the monitor ranks its own regions); empty when every superpixel scores
+    the same (a constant map points at no region)."""
+    scores = np.bincount(segments.ravel(), weights=saliency.ravel(), minlength=segments.max() + 1)
+    top = superpixels.top_region(scores)
+    return np.zeros(segments.shape, bool) if top is None else segments == top

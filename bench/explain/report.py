@@ -41,6 +41,27 @@ def table(results: dict, group: str = "alarmed") -> str:
     return "\n".join(lines)
 
 
+def region_table(results: dict, group: str = "alarmed") -> str:
+    """Region-level pointing: whether each method's top superpixel (the monitor's explanation's
+    SLIC segments, each scored by the method's saliency mass) touches the artefact."""
+    names = (("monitor", "monitor"), ("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++"),
+             ("gradient", "gradient"))  # fmt: skip
+    head = (
+        "| artefact (images) | "
+        + " | ".join(f"{title} top region overlaps" for _, title in names)
+        + " | random superpixel |"
+    )
+    lines = [head, "|" + "---|" * (len(names) + 2)]
+    for kind, k in results["kinds"].items():
+        g = k[group]
+        if not g["n"] or "gradcam_region_overlaps" not in g:
+            lines.append(f"| {kind} ({g['n']}) |" + " - |" * (len(names) + 1))
+            continue
+        cells = " | ".join(_hits(g[f"{m}_region_overlaps"]) for m, _ in names)
+        lines.append(f"| {kind} ({g['n']}) | {cells} | {100 * g['random_superpixel']:.1f}% |")
+    return "\n".join(lines)
+
+
 MODEL_NAMES = {"resnet18": "ResNet-18", "vgg_bn": "VGG-BN"}
 
 
@@ -52,6 +73,8 @@ def markdown(results: dict) -> str:
         f"{results['first_test_image']:,} on ({results['original_alarms']} originals alarmed and "
         f"were left out); alarm rate {results['alarm_rate']:.0%}; {results['seconds']:.0f} s.\n\n"
         f"On the images the artefact made alarm:\n\n{table(results)}\n\n"
+        f"Region-level pointing on the same images (each method's top superpixel among the "
+        f"monitor's SLIC segments):\n\n{region_table(results)}\n\n"
         f"Contrast: up to {results['contrast_per_kind']} images per kind where it did not:\n\n"
         f"{table(results, 'not_alarmed')}\n"
     )

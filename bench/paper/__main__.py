@@ -2,7 +2,7 @@
 
 ``python -m bench.paper [--archs resnet18,vgg_bn] [--n-test N] [--only ranking,beta]``
 (``--only`` reruns some experiments and takes the others from ``bench/paper/results/``; by
-default the paper's four, Sections 4.1-4.5; ``atypical`` runs when named).
+default the paper's four, Sections 4.1-4.5; ``fix_choice`` and ``atypical`` run when named).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bench.cifar import cache_dir
-from bench.paper import atypical, beta, failures, fixing, ranking
+from bench.paper import atypical, beta, failures, fix_choice, fixing, ranking
 from bench.paper.common import (
     ARCH_TITLES,
     ARCHS,
@@ -38,7 +38,7 @@ from bench.paper.common import (
 from bench.paper.scores import BASELINE_SCORES, MONITOR_SCORES
 from bench.strong_models import training_record
 
-EXPERIMENTS = ("ranking", "beta", "failures", "fixing", "atypical")
+EXPERIMENTS = ("ranking", "beta", "failures", "fixing", "fix_choice", "atypical")
 #: What ``python -m bench.paper`` runs by default: the paper's experiments (Sections 4.1-4.5).
 PAPER_EXPERIMENTS = ("ranking", "beta", "failures", "fixing")
 
@@ -179,6 +179,7 @@ SECTIONS = (
     ("beta", "2. Beta against the class score (Section 4.2)"),
     ("failures", "3. Surprise and expectation for misclassified images (Sections 4.3-4.4)"),
     ("fixing", "4. Fixing failures by suppressing surprise (Section 4.5, Figure 9)"),
+    ("fix_choice", "4b. The fix with a surprising filter that fired (the explanation's choice)"),
     ("atypical", "5. Atypical inputs (not in the paper)"),
 )
 
@@ -207,6 +208,7 @@ def write_report(setups: Sequence[Setup], args: Any) -> str:
         "beta": lambda r: [beta.markdown(r)],
         "failures": lambda r: [failures.markdown(r)],
         "fixing": lambda r: [fixing.markdown(r)],
+        "fix_choice": lambda r: [fix_choice.markdown(r)],
         "atypical": lambda r: [atypical.markdown(r), "", *atypical_notes(r)],
     }
     for name, heading in SECTIONS:
@@ -260,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         store("failures", failures.run(setups, args.n_test, args.per_kind))
     if "fixing" in only:
         store("fixing", fixing.run(setups, args.n_test, args.upsample_images))
+    if "fix_choice" in only:
+        store("fix_choice", fix_choice.run(setups, args.n_test))
     if "atypical" in only:
         store("atypical", atypical.run(setups, args.n_test, args.n_ood))
     plots = (("ranking", ranking.plot), ("beta", beta.plot), ("fixing", fixing.plot),

@@ -396,7 +396,7 @@ def _diff(d: dict[str, float]) -> str:
     return f"{d['difference']:+.1f} +- {d['se']:.1f} (p {d['p_value']:.2g})"
 
 
-def _rate_row(title: str, label: str, s: dict[str, Any]) -> str:
+def rate_row(title: str, label: str, s: dict[str, Any]) -> str:
     """One table row: images, the three rates, the two paired differences."""
     rates = " | ".join(_cell(s["methods"][m]) for m in METHODS)
     return (
@@ -431,10 +431,10 @@ def markdown(results: dict[str, Any], figure: str | None = "fix-rate.png") -> st
         "filter_negative": "surprise filter alpha < 0",
     }
     for r in results.values():
-        lines.append(_rate_row(r["title"], "all misclassified", r["native"]))
+        lines.append(rate_row(r["title"], "all misclassified", r["native"]))
         for key, name in names.items():
             if key in r["native"]["subsets"]:
-                lines.append(_rate_row(r["title"], name, r["native"]["subsets"][key]))
+                lines.append(rate_row(r["title"], name, r["native"]["subsets"][key]))
     lines += [
         "",
         "How often some point of the sweep changes the prediction at all (to any class), and "
@@ -503,7 +503,7 @@ def markdown(results: dict[str, Any], figure: str | None = "fix-rate.png") -> st
     ]
     for r in results.values():
         for size, s in r["resolution"].items():
-            lines.append(_rate_row(r["title"], f"{size} x {size}", s))
+            lines.append(rate_row(r["title"], f"{size} x {size}", s))
     lines.append("")
     for r in results.values():
         direct = ", ".join(f"{k} x {k}: {v:.3f}" for k, v in r["direct_accuracy"].items())

@@ -12,7 +12,11 @@ The rule (:func:`choose_filter`), unless the caller names a filter:
 2. else the most expected filter (most negative ``alpha - mu``): its explanation is about an
    absence;
 3. else the highest-ranked surprising filter that did not fire, with no region drawn;
-4. else (nothing flagged) the filter with the highest percentile (``"unflagged"``).
+4. else (nothing flagged) the filter with the highest percentile among those that fired
+   (``"unflagged"``; when none fired, the highest percentile of all: its gradient is zero and
+   there is no region).
+
+A fix (:func:`most_surprising_filter`) takes step 1, else step 4.
 
 From step 2 on, ``Choice.note`` says "no surprising filter fired; the alarm comes from
 <component>", naming the alarm's component with the smallest tail rank
@@ -124,21 +128,34 @@ def choose_filter(
     if sur:
         why = f"most surprising of {len(sur)} surprising filters, none of which fired: no region"
         return Choice(sur[0], "surprise", why, note, region=False)
-    best = report.highest_percentile_filter(0)
+    best = highest_percentile_fired(report)
     return Choice(best, "unflagged", "no filter is flagged; the filter with the highest "
-                  "percentile", note)  # fmt: skip
+                  "percentile" + (" that fired" if fired(report, best) else ""),
+                  note)  # fmt: skip
 
 
 def most_surprising_filter(
     report: MonitorReport, table: CalibrationTable | None = None, surprise_pct: float = 99.9
 ) -> tuple[int, str]:
     """``(filter, kind)`` for sample 0: the best surprising filter that fired (as in
-    :func:`choose_filter`), else the highest-percentile one (``"unflagged"``; the fix then
-    checks that its gradient is not zero)."""
+    :func:`choose_filter`), else the highest-percentile one that fired (``"unflagged"``; when no
+    filter fired, the fix finds its gradient zero: no region)."""
     hot = [n for n in ranked_surprising(report, table, surprise_pct) if fired(report, n)]
     if hot:
         return hot[0], "surprise"
-    return report.highest_percentile_filter(0), "unflagged"
+    return highest_percentile_fired(report), "unflagged"
+
+
+def highest_percentile_fired(report: MonitorReport) -> int:
+    """Sample 0's filter with the highest percentile rank among those that fired (alpha > 0;
+    ties as :meth:`MonitorReport.highest_percentile_filter`: the larger ``alpha - mu``, then the
+    lower id), or the highest-percentile filter of all when none fired."""
+    alpha = report.alpha[0].double()
+    hot = [n for n in range(int(alpha.numel())) if float(alpha[n]) > 0.0]
+    if not hot:
+        return report.highest_percentile_filter(0)
+    pct, dev = report.percentile[0].double(), report.deviation[0].double()
+    return max(hot, key=lambda n: (float(pct[n]), float(dev[n]), -n))
 
 
 def kind_of(report: MonitorReport, filter: int) -> str:

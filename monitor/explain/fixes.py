@@ -6,8 +6,9 @@ For a misclassified image and its true label c:
    that flows only through the most surprising filter relative to c that **fired**
    (``alpha > P_cn(surprise_pct)`` and ``alpha > 0``, the furthest beyond the class's range, as
    in :func:`surprise_monitor.monitor.explain.choice.choose_filter`; when none fired, the filter
-   with the highest percentile rank, reported as ``filter_kind="unflagged"``). When that
-   gradient is zero (a filter that does not fire) there is no region to remove: the image is
+   with the highest percentile rank among those that fired, reported as
+   ``filter_kind="unflagged"``). When that gradient is zero (no filter fired) there is no
+   region to remove: the image is
    reported as not fixed, with ``note`` saying why, and no superpixel is zeroed (never
    superpixel 0 by a tie-break);
    ``method="vanilla"`` uses the plain input gradient of class c's score, through every filter

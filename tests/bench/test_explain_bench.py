@@ -93,3 +93,20 @@ def test_random_superpixel_chance_and_table():
              "gradcam_mass": 0.3, "gradcam++_mass": 0.3, "gradient_mass": 0.3}  # fmt: skip
     results = {"kinds": {"x": {"original_not_alarmed": 9, "alarmed": group}}}
     assert "| x (2 / 9) | 1/2 (9-91%) | 1 |" in report.table(results)
+
+
+def test_top_region_is_the_superpixel_with_the_most_mass():
+    segments = np.repeat(np.arange(4), 4).reshape(4, 4)  # one row per segment
+    saliency = np.zeros((4, 4))
+    saliency[1, :] = 1.0  # row 1: mass 4
+    saliency[3, 0] = 3.0  # row 3: the argmax pixel, but mass 3
+    region = metrics.top_region(saliency, segments)
+    assert region.sum() == 4 and region[1].all()
+    # a constant map singles out no region (never segment 0 by a tie-break)
+    assert not metrics.top_region(np.ones((4, 4)), segments).any()
+    cell = metrics.rate(1, 2)
+    group = {"n": 2, "random_superpixel": 0.25,
+             **{f"{m}_region_overlaps": cell for m in ("monitor", "gradcam", "gradcam++",
+                                                       "gradient")}}  # fmt: skip
+    text = report.region_table({"kinds": {"x": {"alarmed": group}}})
+    assert "| x (2) | 1/2 (9-91%) | 1/2 (9-91%) | 1/2 (9-91%) | 1/2 (9-91%) | 25.0% |" in text

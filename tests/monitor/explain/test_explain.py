@@ -12,7 +12,13 @@ from torch.utils.data import TensorDataset
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.options import TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
-from surprise_monitor.monitor.explain import choose_filter, explain, input_gradient, load_images
+from surprise_monitor.monitor.explain import (
+    choose_filter,
+    explain,
+    input_gradient,
+    load_images,
+    most_surprising_filter,
+)
 from surprise_monitor.monitor.explain.figures import (
     BOUNDARY_RGB,
     boundary_pixels,
@@ -216,6 +222,12 @@ def test_choose_filter_prefers_surprise_then_expectation_then_the_highest_percen
     r = _report([f] * 4, [f] * 4, [10, 97, 97, 50], [0, 0.1, 0.3, 0])
     assert choose_filter(r, None)[:2] == (2, "unflagged")
     assert choose_filter(r, 0)[:2] == (0, "unflagged")
+    # nothing flagged: the highest percentile among the filters that fired, not a silent one
+    r = _report([f] * 4, [f] * 4, [10, 99, 97, 50], [0, 0, 0.3, 0.1])
+    assert choose_filter(r, None)[:2] == (2, "unflagged") and r.highest_percentile_filter(0) == 1
+    assert most_surprising_filter(r) == (2, "unflagged")
+    silent = _report([f] * 3, [f] * 3, [10, 99, 50], [0, 0, 0])  # none fired: no region follows
+    assert most_surprising_filter(silent) == (1, "unflagged")
     with pytest.raises(ValueError, match="outside the layer's 4 filters"):
         choose_filter(r, 4)
 

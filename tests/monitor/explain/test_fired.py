@@ -137,11 +137,32 @@ def test_the_shares_say_how_sure_the_explanation_is(silent):
     assert f"region's share of the saliency {expl.region_share:.0%}" in caption
 
 
-def test_fix_without_a_fired_filter_says_it_cannot_fix(silent):
+def test_fix_without_a_fired_surprising_filter_uses_one_that_fired(silent):
+    """Only the silent filter is surprising: the fix falls back on the highest-percentile
+    filter that fired (not the silent one, whose percentile is higher), and removes regions."""
     model, table, probe, c = silent
     label = (c + 1) % table.num_classes
-    rigged = with_silent_surprise(table, label, _alpha(model, table, probe, label), only=True)
+    alpha = _alpha(model, table, probe, label)
+    rigged = with_silent_surprise(table, label, alpha, only=True)
     with SurpriseMonitor(model, rigged) as monitor:
+        report = monitor.inspect(probe, labels=torch.tensor([label]))
+        res = monitor.fix(probe, label)
+    assert report.highest_percentile_filter(0) == SILENT
+    pct = report.percentile[0].numpy()
+    hot = np.flatnonzero(report.alpha[0].numpy() > 0)
+    assert res.filter == int(hot[np.argmax(pct[hot])]) and res.filter_kind == "unflagged"
+    assert res.attempts and res.note == ""
+
+
+def test_fix_through_a_silent_filter_says_it_cannot_fix(silent, monkeypatch):
+    """When the filter a fix gets has an all-zero gradient (no filter fired), no superpixel is
+    removed and the note says why."""
+    from surprise_monitor.monitor.explain import fixes
+
+    model, table, probe, c = silent
+    label = (c + 1) % table.num_classes
+    monkeypatch.setattr(fixes, "most_surprising_filter", lambda *a: (SILENT, "unflagged"))
+    with SurpriseMonitor(model, table) as monitor:
         res = monitor.fix(probe, label)
     assert res.filter == SILENT and not res.fixed and res.attempts == [] and res.mask is None
     assert (
