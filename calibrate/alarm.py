@@ -117,7 +117,7 @@ def alarm_calibration(
         log.info("calibrate: no held-out images: the table has no conformal null (no alarms)")
         return alarm
     with_reference = replace(table, alarm=alarm, path=None, sha256="")
-    predicted, labelled, accuracy = _heldout_scores(
+    predicted, labelled, accuracy, classes = _heldout_scores(
         model, with_reference, heldout, backend, progress, **passes
     )
     found = {"images": int(predicted.numel()), "accuracy": accuracy, "source": heldout_source}
@@ -125,7 +125,12 @@ def alarm_calibration(
         "calibrate: conformal null from %d held-out images (accuracy %.4f)",
         predicted.numel(), accuracy,
     )  # fmt: skip
-    return alarm.with_nulls(predicted, labelled, found)
+    per_class = None
+    if options.class_null_min > 0:
+        per_class = (*classes, table.num_classes, options.class_null_min)
+    alarm = alarm.with_nulls(predicted, labelled, found, per_class)
+    _warn_pooled_classes(alarm)
+    return alarm
 
 
 # ----------------------------------------------------------------------- the images
@@ -355,11 +360,13 @@ def _heldout_scores(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Held-out scores judged against the predictions and against the labels, and the model's
-    accuracy on them (a second judgement only for the misclassified images)."""
+) -> tuple[torch.Tensor, torch.Tensor, float, tuple[torch.Tensor, torch.Tensor]]:
+    """Held-out scores judged against the predictions and against the labels, the model's
+    accuracy on them (a second judgement only for the misclassified images), and the classes
+    they were judged against (``(predictions, labels)``)."""
     judge = Judge(model, table, execution=Execution(backend=backend, check_fingerprint=False))
     predicted, labelled, hits = [], [], 0
+    predictions, labels = [], []
     try:
         batches = _counted(_heldout_batches(heldout, batch_size, num_workers),
                            stream_length(heldout), "held-out null", progress)  # fmt: skip
@@ -373,13 +380,34 @@ def _heldout_scores(
                 with_labels[wrong] = judge(x[rows], y[rows]).score
             predicted.append(report.score)
             labelled.append(with_labels)
+            predictions.append(report.classes.cpu())
+            labels.append(y.cpu())
             hits += len(y) - int(wrong.numel())
     finally:
         judge.close()
     if not predicted:
         raise ValueError("the held-out data is empty")
     scores = torch.cat(predicted)
-    return scores, torch.cat(labelled), hits / scores.numel()
+    classes = (torch.cat(predictions).long(), torch.cat(labels).long())
+    return scores, torch.cat(labelled), hits / scores.numel(), classes
+
+
+def _warn_pooled_classes(alarm: AlarmCalibration) -> None:
+    """Log which classes have too few held-out images for a null of their own (their alarms
+    use the pooled null, whose rate holds only on average over the classes)."""
+    for name, per_class in (("predicted as", alarm.class_null_predicted),
+                            ("labelled", alarm.class_null_labelled)):  # fmt: skip
+        if per_class is None:
+            continue
+        pooled = per_class.pooled_classes()
+        if pooled:
+            log.warning(
+                "calibrate: class(es) %s have fewer than %d held-out images %s them: their "
+                "alarms use the pooled null, whose alarm rate holds only on average over the "
+                "classes; add held-out images (--heldout) or lower --class-null-min / "
+                "class_null_min",
+                shortened(pooled), per_class.min_size, name,
+            )  # fmt: skip
 
 
 def _warn_thin_classes(counts: np.ndarray) -> None:

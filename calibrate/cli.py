@@ -125,6 +125,7 @@ def parser() -> argparse.ArgumentParser:
     add_option_arguments(a, AlarmOptions, {
         "profile_layers": "--profile-layers", "head_layer": "--head-layer",
         "reference_images": "--reference-images", "enabled": "--no-alarm",
+        "class_null_min": "--class-null-min",
     })  # fmt: skip
     add_option_arguments(p, TableOptions, {"top_k": "--top-k"})
     add_option_arguments(p, RunOptions, {"spill_dir": "--spill-dir"})
@@ -194,7 +195,7 @@ def _alarm_line(table: CalibrationTable) -> str:
     n, acc = alarm.null_predicted.size, alarm.heldout.get("accuracy", float("nan"))
     return (
         line + f"; null of {n} held-out images (model accuracy {acc:.4f} on them): alarms at "
-        f"rates down to {alarm.null_predicted.smallest_rate():.2g}"
+        f"rates down to {alarm.null_predicted.smallest_rate():.2g}; {alarm.class_nulls_summary()}"
     )
 
 

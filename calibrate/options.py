@@ -20,6 +20,7 @@ from typing import Any
 
 from surprise_monitor.calibrate.sketch import LogGrid
 from surprise_monitor.monitor.checks import non_negative_int, one_of, positive_int
+from surprise_monitor.monitor.conformal import DEFAULT_CLASS_NULL_MIN
 from surprise_monitor.monitor.options import Execution, help_of, option
 from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS, DEFAULT_CLASS_OUTPUT
 from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
@@ -141,9 +142,15 @@ class AlarmOptions:
         "training images (evenly spaced) behind the profile grids, the head statistics and the "
         "score reference",
     )
+    class_null_min: int = option(
+        DEFAULT_CLASS_NULL_MIN,
+        "held-out images a class needs for a conformal null of its own (Mondrian p-values: "
+        "each class's alarm rate holds); classes with fewer use the pooled null (0: pooled only)",
+    )
 
     def __post_init__(self) -> None:
         positive_int("reference_images", self.reference_images)
+        non_negative_int("class_null_min", self.class_null_min)
 
     @classmethod
     def of(cls, alarm: AlarmOptions | bool) -> AlarmOptions:

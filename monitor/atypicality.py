@@ -168,3 +168,43 @@ class ScoreReference:
 def fisher(ranks: torch.Tensor) -> torch.Tensor:
     """``-2 sum_j log r_j`` of ``[B, J]`` tail ranks: ``[B]``."""
     return -2.0 * torch.log(ranks).sum(dim=1)
+
+
+#: What each kind of atypicality tells an operator (:func:`alarm_kind`), by the score's
+#: component families: the final layer's expectation mass (the class's usual filters missing:
+#: low class evidence), the early stages' energies (low-level statistics: the camera, lighting,
+#: a corruption or the preprocessing changed), the head distance (high-level features unlike
+#: any class: an object the model does not know).
+ALARM_KINDS: dict[str, str] = {
+    "class_evidence": "low class evidence: the filters the class usually fires are missing at "
+    "the final layer",
+    "low_level": "low-level statistics unlike the training images: the camera, lighting, "
+    "a corruption or the preprocessing changed",
+    "features": "high-level features unlike any class: an object or scene the model does not know",
+}
+_FAMILY_OF_COMPONENT = {
+    ALPHA_COMPONENT: "class_evidence", STAGE_COMPONENT: "low_level", HEAD_COMPONENT: "features",
+}  # fmt: skip
+
+
+def component_family(name: str) -> str:
+    """The kind of atypicality (a key of :data:`ALARM_KINDS`) a component of the score measures
+    (``"stage_energy:layer1"`` -> ``"low_level"``); ``"other"`` for an unknown name."""
+    return _FAMILY_OF_COMPONENT.get(name.split(":", 1)[0], "other")
+
+
+def alarm_kind(names: Sequence[str], tail_ranks: Sequence[float]) -> str | None:
+    """The kind of atypicality behind one input's score: the component family whose smallest
+    tail rank, times the family's size (Bonferroni within the family, so a family of several
+    components is not favoured), is the smallest; ties go to the family listed first. ``None``
+    when no rank is finite."""
+    best: dict[str, float] = {}
+    size: dict[str, int] = {}
+    for name, rank in zip(names, tail_ranks, strict=True):
+        family = component_family(name)
+        size[family] = size.get(family, 0) + 1
+        if rank == rank:  # not NaN
+            best[family] = min(best.get(family, float("inf")), float(rank))
+    if not best:
+        return None
+    return min(best, key=lambda f: best[f] * size[f])

@@ -13,7 +13,7 @@ distribution. Computed on the scores' device with one ``searchsorted``: no host 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -101,3 +101,111 @@ def resampled_alarm_rate(
         rates[d] = (p <= rate).double().mean()
     return {"mean": float(rates.mean()), "p5": float(torch.quantile(rates, 0.05)),
             "p95": float(torch.quantile(rates, 0.95)), "draws": draws}  # fmt: skip
+
+
+#: Held-out images a class needs for a null of its own (below it, the pooled null serves it).
+DEFAULT_CLASS_NULL_MIN = 200
+
+
+@dataclass(frozen=True, eq=False)
+class ClassConditionalNull:
+    """Class-conditional (Mondrian) conformal nulls: the held-out scores of each class (the
+    class each held-out input was judged against: its prediction, or its label), each class's
+    p-value taken among its own, ``p = (1 + #{null_c >= s}) / (n_c + 1)``.
+
+    For normal traffic of class ``c`` (exchangeable with the held-out inputs of class ``c``),
+    ``P(p <= a | class c) <= a``: the alarm rate holds within each class, not only on average
+    over classes. A class with fewer than ``min_size`` held-out inputs is judged against the
+    pooled null instead (:meth:`p_values`' ``fallback``), which holds only on average.
+
+    Stored as each class's sorted scores one after the other (``scores [n]``, class 0 first)
+    and the classes' sizes (``sizes [K]``); kept on the device as a ``[K, M]`` matrix whose rows
+    are right-aligned and padded on the left with ``-inf``, so a batch costs one gather and one
+    batched ``searchsorted``, no host sync.
+    """
+
+    scores: torch.Tensor  # [n] float32: class 0's sorted scores, then class 1's, ...
+    sizes: torch.Tensor  # [K] int64: held-out inputs per class
+    min_size: int = DEFAULT_CLASS_NULL_MIN
+    padded: torch.Tensor = field(init=False, repr=False)  # [K, M] float32, -inf on the left
+
+    def __post_init__(self) -> None:
+        s, k = self.scores, self.sizes
+        if s.ndim != 1 or k.ndim != 1 or k.numel() == 0:
+            raise ValueError("class nulls need 1-D scores and 1-D per-class sizes")
+        if (
+            isinstance(self.min_size, bool)
+            or not isinstance(self.min_size, int)
+            or self.min_size < 1
+        ):
+            raise ValueError(
+                f"class nulls' min_size must be an integer >= 1, got {self.min_size!r}"
+            )
+        if bool((k < 0).any()) or int(k.sum()) != s.numel():
+            raise ValueError(
+                f"class null sizes must be >= 0 and sum to the {s.numel()} scores, got {k.tolist()}"
+            )
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError("the class nulls hold NaN or Inf scores")
+        width = max(int(k.max()), 1)
+        rows = torch.full((k.numel(), width), float("-inf"), dtype=torch.float32, device=s.device)
+        for c, part in enumerate(torch.split(s, k.tolist())):
+            if part.numel() > 1 and bool((part[1:] < part[:-1]).any()):
+                raise ValueError(f"class {c}'s null scores must be sorted ascending")
+            if part.numel():
+                rows[c, width - part.numel() :] = part
+        object.__setattr__(self, "padded", rows)
+
+    @classmethod
+    def of(
+        cls,
+        scores: torch.Tensor,
+        classes: torch.Tensor,
+        num_classes: int,
+        min_size: int = DEFAULT_CLASS_NULL_MIN,
+    ) -> ClassConditionalNull:
+        """The nulls of unsorted held-out ``scores [n]`` judged against ``classes [n]``."""
+        flat = torch.as_tensor(scores).detach().reshape(-1).float().cpu()
+        cls_ = torch.as_tensor(classes).detach().reshape(-1).long().cpu()
+        if cls_.numel() != flat.numel():
+            raise ValueError(f"{flat.numel()} scores but {cls_.numel()} classes")
+        if cls_.numel() and (int(cls_.min()) < 0 or int(cls_.max()) >= num_classes):
+            raise ValueError(f"classes must lie in [0, {num_classes})")
+        parts = [torch.sort(flat[cls_ == c]).values for c in range(num_classes)]
+        sizes = torch.tensor([p.numel() for p in parts], dtype=torch.int64)
+        return cls(torch.cat(parts).contiguous(), sizes, int(min_size))
+
+    @property
+    def num_classes(self) -> int:
+        """K, the classes."""
+        return int(self.sizes.numel())
+
+    @property
+    def own(self) -> torch.Tensor:
+        """``[K]`` bool: the classes with a null of their own (``sizes >= min_size``)."""
+        return self.sizes >= self.min_size
+
+    def pooled_classes(self) -> list[int]:
+        """The classes judged against the pooled null (too few held-out inputs)."""
+        return [int(c) for c in torch.nonzero(~self.own).flatten()]
+
+    def to(self, device: torch.device | str) -> ClassConditionalNull:
+        """The same nulls on ``device``."""
+        return ClassConditionalNull(self.scores.to(device), self.sizes.to(device), self.min_size)
+
+    def p_values(
+        self, scores: torch.Tensor, classes: torch.Tensor, fallback: torch.Tensor
+    ) -> torch.Tensor:
+        """Each score's p-value among its class's null (float32, on the scores' device), or
+        ``fallback``'s (the pooled p-value) for a class without a null of its own; a NaN score
+        gets ``1 / (n_c + 1)``, the most atypical."""
+        dev = scores.device
+        rows = self.padded.to(dev)
+        sizes = self.sizes.to(dev)
+        cls_ = classes.to(dev).long().clamp(0, self.num_classes - 1)
+        s = torch.nan_to_num(scores.to(torch.float32), nan=float("inf"))
+        below = torch.searchsorted(rows[cls_], s[:, None].contiguous(), right=False)[:, 0]
+        n_c = sizes[cls_]
+        above = (rows.shape[1] - below).clamp(max=n_c)  # padding lies below every finite score
+        own = (1.0 + above.to(torch.float32)) / (n_c.to(torch.float32) + 1.0)
+        return torch.where(n_c >= self.min_size, own, fallback.to(dev, torch.float32))

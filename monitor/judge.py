@@ -45,7 +45,7 @@ from surprise_monitor.monitor.atypicality import (
     expectation_mass,
     fisher,
 )
-from surprise_monitor.monitor.conformal import ConformalNull
+from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
 from surprise_monitor.monitor.cuda_graphs import StepGraphs
 from surprise_monitor.monitor.errors import SurpriseMonitorError
 from surprise_monitor.monitor.fingerprint import layer_fingerprint, model_fingerprint
@@ -60,6 +60,7 @@ from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.monitor.table_alarm import AlarmCalibration
 
 G = TypeVar("G")
+N = TypeVar("N", ConformalNull, ClassConditionalNull)
 
 
 class TableMismatchError(SurpriseMonitorError, ValueError):
@@ -159,6 +160,8 @@ class _AlarmTables:
     reference: ScoreReference | None
     null_predicted: ConformalNull | None
     null_labelled: ConformalNull | None
+    class_null_predicted: ClassConditionalNull | None  # per class (Mondrian), or None
+    class_null_labelled: ClassConditionalNull | None
 
 
 @dataclass(frozen=True)
@@ -439,7 +442,7 @@ class Judge:
         found = percentile_lookup(
             alpha, cls, tables, backend=self.execution.backend, check_values=False
         )
-        alarm = self._alarm(found.percentile, means, labels is not None)
+        alarm = self._alarm(found.percentile, means, labels is not None, cls)
         report = DeviceReport(
             logits=res.logits.float(),
             classes=cls,
@@ -499,10 +502,17 @@ class Judge:
             raise NonFiniteAlphaError(f"percentile_lookup: alpha has {bad} non-finite values")
 
     def _alarm(
-        self, alpha_percentile: torch.Tensor, means: list[torch.Tensor], labels_given: bool
+        self,
+        alpha_percentile: torch.Tensor,
+        means: list[torch.Tensor],
+        labels_given: bool,
+        classes: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """The score's components, the score, its p-value and the alarm of a batch (device
-        tensors; NaN / NaN / False where the table lacks the reference or the null)."""
+        tensors; NaN / NaN / False where the table lacks the reference or the null). The
+        p-value is taken among the held-out scores of the input's class (``classes``: the
+        label when given, else the prediction) when the table has per-class nulls and that
+        class enough held-out images, else among all of them."""
         b, dev = alpha_percentile.shape[0], alpha_percentile.device
         nan = torch.full((b,), float("nan"), device=dev)
         no = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -526,6 +536,9 @@ class Judge:
         if null is None:
             return _alarm_fields(score, nan, no, parts, ranks)
         p = null.p_values(score)
+        per_class = alarm.class_null_labelled if labels_given else alarm.class_null_predicted
+        if per_class is not None:
+            p = per_class.p_values(score, classes, fallback=p)
         return _alarm_fields(score, p, p <= self.thresholds.alarm_rate, parts, ranks)
 
     # ------------------------------------------------------------------ helpers
@@ -569,6 +582,8 @@ class Judge:
                     reference=None if a.reference is None else a.reference.to(device),
                     null_predicted=_on(a.null_predicted, device),
                     null_labelled=_on(a.null_labelled, device),
+                    class_null_predicted=_on(a.class_null_predicted, device),
+                    class_null_labelled=_on(a.class_null_labelled, device),
                 )
             return self._alarm_tables[device]
 
@@ -606,7 +621,7 @@ def _head_on(alarm: AlarmCalibration, device: torch.device) -> HeadDistance | No
     )
 
 
-def _on(null: ConformalNull | None, device: torch.device) -> ConformalNull | None:
+def _on(null: N | None, device: torch.device) -> N | None:
     """``null`` on ``device`` (``None`` stays ``None``)."""
     return None if null is None else null.to(device)
 

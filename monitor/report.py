@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from surprise_monitor.monitor.atypicality import alarm_kind
+
 
 @dataclass(frozen=True)
 class FlaggedFilter:
@@ -152,11 +154,23 @@ class MonitorReport:
             "p_value": _number(self.p_value[i]),
             "alarm": bool(self.alarm[i]),
             "components": self.component_parts(i),
+            "alarm_kind": self.alarm_kind(i) if bool(self.alarm[i]) else None,
             "surprise_count": len(sur),
             "expectation_count": len(exp),
             "surprising_filters": [f.to_dict() for f in sur[:max_filters]],
             "expected_filters": [f.to_dict() for f in exp[:max_filters]],
         }
+
+    def alarm_kind(self, i: int) -> str | None:
+        """The kind of atypicality behind input i's score (a key of
+        :data:`surprise_monitor.monitor.atypicality.ALARM_KINDS`: ``"class_evidence"``,
+        ``"low_level"``, ``"features"``): the component family that found it least like the
+        training images (:func:`~surprise_monitor.monitor.atypicality.alarm_kind`); ``None``
+        without component ranks. ``sample(i)["alarm_kind"]`` holds it for inputs that alarm."""
+        names = self.component_names or tuple(
+            f"component_{j}" for j in range(int(self.components.shape[1]))
+        )
+        return alarm_kind(names, self.component_ranks[i].tolist())
 
     def component_parts(self, i: int) -> dict[str, dict[str, float | None]]:
         """Input i's score components by name: ``{"value", "tail_rank"}`` each; the smallest

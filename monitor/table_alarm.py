@@ -17,7 +17,7 @@ import torch
 
 from surprise_monitor.kernels import check_percentile_grid
 from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference, component_names
-from surprise_monitor.monitor.conformal import ConformalNull
+from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
 from surprise_monitor.monitor.errors import SurpriseMonitorError
 
 #: Tensor name prefix in the file.
@@ -49,6 +49,10 @@ class AlarmCalibration:
             (the classes that had images).
         head_precision: ``[C, C]`` float32 pseudo-inverse of their shared (within-class)
             covariance.
+        class_null_predicted: the same held-out scores as ``null_predicted``, per predicted
+            class (Mondrian: each class's alarm rate holds; a class with too few held-out images
+            falls back to the pooled null), or ``None`` (pooled only).
+        class_null_labelled: per true label, beside ``null_labelled``.
     """
 
     score: str
@@ -62,6 +66,8 @@ class AlarmCalibration:
     head_layer: str = ""
     head_means: torch.Tensor | None = None
     head_precision: torch.Tensor | None = None
+    class_null_predicted: ClassConditionalNull | None = None
+    class_null_labelled: ClassConditionalNull | None = None
 
     @property
     def tap_layers(self) -> tuple[str, ...]:
@@ -85,13 +91,56 @@ class AlarmCalibration:
         """The null for inputs judged against labels (``True``) or predictions."""
         return self.null_labelled if labels_given else self.null_predicted
 
+    def class_null(self, labels_given: bool) -> ClassConditionalNull | None:
+        """The per-class nulls for inputs judged against labels (``True``) or predictions."""
+        return self.class_null_labelled if labels_given else self.class_null_predicted
+
+    @property
+    def class_null_min(self) -> int:
+        """Held-out images a class needs for a null of its own; 0 without per-class nulls."""
+        return 0 if self.class_null_predicted is None else self.class_null_predicted.min_size
+
+    def class_nulls_summary(self) -> str:
+        """How the p-values are taken, in one line: per predicted class (Mondrian), naming the
+        classes that fall back to the pooled null, or one pooled null."""
+        per_class = self.class_null_predicted
+        if per_class is None:
+            return "one pooled null for all classes (class_null_min 0)"
+        k, pooled = per_class.num_classes, per_class.pooled_classes()
+        line = (
+            f"per-class nulls (Mondrian) for {k - len(pooled)} of {k} predicted classes (>= "
+            f"{per_class.min_size} held-out images each)"
+        )
+        if pooled:
+            shown = ", ".join(str(c) for c in pooled[:10]) + (" ..." if len(pooled) > 10 else "")
+            line += (
+                f"; WARNING: {len(pooled)} class(es) ({shown}) have fewer and use the pooled "
+                "null, whose alarm rate holds only on average over the classes"
+            )
+        return line
+
     def with_nulls(
-        self, predicted: torch.Tensor, labelled: torch.Tensor, heldout: dict[str, Any]
+        self,
+        predicted: torch.Tensor,
+        labelled: torch.Tensor,
+        heldout: dict[str, Any],
+        classes: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
     ) -> AlarmCalibration:
-        """A copy with the nulls of held-out scores (unsorted) and their description."""
+        """A copy with the nulls of held-out scores (unsorted) and their description;
+        ``classes`` = ``(predicted classes, labels, num_classes, min_size)`` adds the
+        per-class (Mondrian) nulls."""
+        per_class: dict[str, ClassConditionalNull | None] = {
+            "class_null_predicted": None, "class_null_labelled": None,
+        }  # fmt: skip
+        if classes is not None:
+            pred, labels, k, least = classes
+            per_class = {
+                "class_null_predicted": ClassConditionalNull.of(predicted, pred, k, least),
+                "class_null_labelled": ClassConditionalNull.of(labelled, labels, k, least),
+            }
         return replace(
             self, null_predicted=ConformalNull.of(predicted),
-            null_labelled=ConformalNull.of(labelled), heldout=dict(heldout),
+            null_labelled=ConformalNull.of(labelled), heldout=dict(heldout), **per_class,
         )  # fmt: skip
 
     def validate(self, levels: torch.Tensor) -> None:
@@ -123,6 +172,26 @@ class AlarmCalibration:
             )
         if (self.null_predicted is None) != (self.null_labelled is None):
             raise AlarmTableError("null_predicted and null_labelled must be given together")
+        self._validate_class_nulls()
+
+    def _validate_class_nulls(self) -> None:
+        """:class:`AlarmTableError` when the per-class nulls do not fit the pooled ones."""
+        pairs = (
+            ("predicted", self.class_null_predicted, self.null_predicted),
+            ("labelled", self.class_null_labelled, self.null_labelled),
+        )
+        if (self.class_null_predicted is None) != (self.class_null_labelled is None):
+            raise AlarmTableError(
+                "class_null_predicted and class_null_labelled must be given together"
+            )
+        for name, per_class, pooled in pairs:
+            if per_class is None:
+                continue
+            if pooled is None or per_class.scores.numel() != pooled.size:
+                raise AlarmTableError(
+                    f"the per-class {name} nulls hold {per_class.scores.numel()} scores, the "
+                    f"pooled null {0 if pooled is None else pooled.size}"
+                )
 
     def _validate_head(self) -> None:
         """:class:`AlarmTableError` when the head layer and its statistics do not fit."""
@@ -159,6 +228,7 @@ class AlarmCalibration:
             "null": self.null_predicted is not None,
             "heldout": self.heldout,
             "head_layer": self.head_layer,
+            "class_null_min": self.class_null_min,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -175,6 +245,12 @@ class AlarmCalibration:
         if self.null_predicted is not None and self.null_labelled is not None:
             out[f"{PREFIX}null_predicted"] = self.null_predicted.scores
             out[f"{PREFIX}null_labelled"] = self.null_labelled.scores
+        for name, per_class in (
+            ("predicted", self.class_null_predicted), ("labelled", self.class_null_labelled),
+        ):  # fmt: skip
+            if per_class is not None:
+                out[f"{PREFIX}class_null_{name}"] = per_class.scores
+                out[f"{PREFIX}class_null_{name}_sizes"] = per_class.sizes
         return {k: v.detach().cpu().float().contiguous() for k, v in out.items()}
 
     @classmethod
@@ -205,14 +281,38 @@ class AlarmCalibration:
         if _field(meta, "null", bool):
             predicted = ConformalNull(_tensor(tensors, "null_predicted"))
             labelled = ConformalNull(_tensor(tensors, "null_labelled"))
+        class_nulls = _class_nulls(meta, tensors) if predicted is not None else (None, None)
         return cls(
             score=_field(meta, "score", str), profile_layers=tuple(layers),
             profile_quantiles=grids, reference=reference,
             reference_images=_field(meta, "reference_images", int),
             null_predicted=predicted, null_labelled=labelled,
             heldout=_field(meta, "heldout", dict), head_layer=head, head_means=head_means,
-            head_precision=head_precision,
+            head_precision=head_precision, class_null_predicted=class_nulls[0],
+            class_null_labelled=class_nulls[1],
         )  # fmt: skip
+
+
+def _class_nulls(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[ClassConditionalNull | None, ClassConditionalNull | None]:
+    """The per-class nulls of a table file (``None, None`` for a table without them: one made
+    before they existed, or with ``class_null_min`` 0)."""
+    least = _field(meta, "class_null_min", int) if "class_null_min" in meta else 0
+    if least == 0:
+        return None, None
+    out = []
+    for name in ("predicted", "labelled"):
+        sizes = _tensor(tensors, f"class_null_{name}_sizes")
+        if bool((sizes != sizes.round()).any()):
+            raise AlarmTableError(f"tensor 'alarm.class_null_{name}_sizes' must hold integers")
+        try:
+            out.append(
+                ClassConditionalNull(_tensor(tensors, f"class_null_{name}"), sizes.long(), least)
+            )
+        except ValueError as exc:
+            raise AlarmTableError(str(exc)) from exc
+    return out[0], out[1]
 
 
 def _field(meta: dict[str, Any], name: str, kind: type) -> Any:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bench.alarms import collect
+from bench.alarms.class_rates import class_rates
 from bench.alarms.report import markdown, plot_pvalues, plot_roc
 from bench.alarms.scores import Baselines, alarm_rate, all_scores, detection
 from bench.alarms.sets import PARTS, atypical_sets, cifar_part
@@ -65,6 +66,7 @@ def run_model(name: str, n: int) -> dict:
                 shown[images.name] = {"scores": scores, "p_value": judged["p_value"]}
             out["parts"][part] = {"in_distribution_images": len(inlier["score"]), "sets": sets}
             if part == "report":
+                out["class_rates"] = class_rates(table, inlier)
                 out["alarm_rates"] = {
                     "predicted": [alarm_rate(inlier["p_value"], r) for r in RATES],
                     "labelled": [alarm_rate(inlier["p_value_labelled"], r) for r in RATES],

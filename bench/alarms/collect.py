@@ -2,9 +2,11 @@
 
 Everything is cached under ``bench.cifar.cache_dir() / "alarms" / MODEL``: the alpha table (the
 long part: 50,000 training images), the table with its alarm part for the current score
-(``table-SCORE.safetensors``: made again from the alpha table when the score's formula changes),
+(``table-SCORE-classnullN.safetensors``: made again from the alpha table when the score's
+formula or the per-class nulls change),
 the training images' penultimate features (for the Mahalanobis and k-NN baselines) and, under
-``sets/SCORE/``, one ``.npz`` per (set, part) with what the benchmark reads of each input.
+``sets/SCORE-classnullN/``, one ``.npz`` per (set, part) with what the benchmark reads of each
+input.
 Delete the folder to start over.
 """
 
@@ -23,15 +25,20 @@ from torch.utils.data import TensorDataset
 from bench.alarms.sets import ImageSet
 from bench.cifar import cache_dir, data_source, load_cifar10, to_tensor
 from bench.strong_models import HELDOUT, load_strong
+from bench.strong_tables import table_path
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.alarm import alarm_calibration
 from surprise_monitor.calibrate.options import RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference, normal_scores
+from surprise_monitor.monitor.conformal import DEFAULT_CLASS_NULL_MIN
 from surprise_monitor.monitor.probe.layers import FINAL_CONV
 from surprise_monitor.monitor.table import CalibrationTable
 
 BATCH = 250
+#: What decides the cached tables and judgements: the score's formula and how p-values are
+#: taken (per class with at least this many held-out images: the library's default).
+TABLE_KIND = f"{SCORE_NAME}-classnull{DEFAULT_CLASS_NULL_MIN}"
 
 
 def folder(model_name: str) -> Path:
@@ -51,7 +58,7 @@ def head_of(model: nn.Module) -> nn.Linear:
 
 def table_of(model_name: str, model: nn.Module, log: Callable[[str], None]) -> CalibrationTable:
     """The model's table: all 50,000 training images, the held-out null of test 0..4,999."""
-    path = folder(model_name) / f"table-{SCORE_NAME}.safetensors"
+    path = folder(model_name) / f"table-{TABLE_KIND}.safetensors"
     alpha_path = folder(model_name) / "alpha_table.safetensors"
     if path.is_file():
         return CalibrationTable.load(path)
@@ -60,8 +67,10 @@ def table_of(model_name: str, model: nn.Module, log: Callable[[str], None]) -> C
     data = TensorDataset(to_tensor(train.images), torch.from_numpy(train.labels))
     heldout = TensorDataset(to_tensor(test.images[held]), torch.from_numpy(test.labels[held]))
     started = time.perf_counter()
-    if alpha_path.is_file():
-        table = CalibrationTable.load(alpha_path)
+    strong = table_path(model_name, model, "train")  # the same alpha table, if built already
+    source = alpha_path if alpha_path.is_file() else strong if strong.is_file() else None
+    if source is not None:
+        table = CalibrationTable.load(source)
         table.alarm = alarm_calibration(
             model,
             table,
@@ -110,7 +119,7 @@ def train_features(model_name: str, model: nn.Module) -> tuple[np.ndarray, np.nd
 def judged(model_name: str, monitor: SurpriseMonitor, images: ImageSet) -> dict[str, np.ndarray]:
     """What the monitor says of every image of a set (cached): see :func:`_judge`."""
     name = f"{images.part}__{images.name.replace(' ', '_')}.npz"
-    path = folder(model_name) / "sets" / SCORE_NAME / name
+    path = folder(model_name) / "sets" / TABLE_KIND / name
     if path.is_file():
         with np.load(path) as d:
             return {k: d[k] for k in d.files}

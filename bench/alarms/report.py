@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.alarms.class_rates import markdown as class_markdown
 from bench.alarms.scores import BASELINES, CANDIDATES, margin
 
 DEFAULT = next(iter(CANDIDATES))
@@ -34,6 +35,10 @@ def markdown(results: dict[str, Any], part: str = "report") -> str:
                 f"{r['rate']:.2%} ({r['alarms']}/{r['inputs']}; {r['ci_low']:.2%} - "
                 f"{r['ci_high']:.2%})"
             )
+    if "class_rates" in results:
+        names = results["class_rates"].get("class_names") or results.get("class_names")
+        lines += ["", "Alarm rate per class (report images):", ""]
+        lines.append(class_markdown({results["model"]: results["class_rates"]}, names))
     for r in results.get("resampled_alarm_rates", []):
         lines.append(
             f"- spread of one split: over {r['draws']} random re-splits of the null and "

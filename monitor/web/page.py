@@ -12,6 +12,7 @@ from html import escape
 from typing import Any
 
 from surprise_monitor.monitor.alarms.log import KINDS, AlarmRecord
+from surprise_monitor.monitor.atypicality import ALARM_KINDS
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;background:#fff}
@@ -112,6 +113,12 @@ def _row(rec: AlarmRecord, base: str) -> str:
     """One alarm's table row."""
     r = rec.report
     kinds = "".join(f'<span class="kind {escape(k)}">{escape(k)}</span>' for k in rec.kinds)
+    atypical = r.get("alarm_kind")
+    if atypical:
+        kinds = (
+            f'<span class="atypical" title="{escape(ALARM_KINDS.get(atypical, atypical))}">'
+            f"{escape(atypical.replace('_', ' '))}</span> " + kinds
+        )
     href = f"{base}/{rec.id}"
     return (
         f'<tr class="alarm" id="alarm-{rec.id}" data-id="{rec.id}" '
@@ -128,6 +135,14 @@ def _row(rec: AlarmRecord, base: str) -> str:
         f"<td>{escape(rec.request_id or '')}{_replica(rec)}</td>"
         f'<td><a class="explain" href="{escape(href)}">explain</a></td></tr>'
     )
+
+
+def _kind_text(report: Mapping[str, Any]) -> str:
+    """What the alarm's kind tells the operator (``report["alarm_kind"]``), or a dash."""
+    kind = report.get("alarm_kind")
+    if not kind:
+        return "\u2014"
+    return f"{kind.replace('_', ' ')}: {ALARM_KINDS.get(kind, 'another part of the score')}"
 
 
 def _replica(rec: AlarmRecord) -> str:
@@ -235,6 +250,7 @@ def detail_page(rec: AlarmRecord, base: str, explanation: Mapping[str, Any] | No
         f'<dl><dt>class</dt><dd id="class">{escape(rec.class_name)}</dd>'
         f"<dt>score</dt><dd>{_number(r.get('score'), '.4f')}</dd>"
         f"<dt>p-value</dt><dd>{_number(r.get('p_value'), '.5f')}</dd>"
+        f'<dt>kind of atypicality</dt><dd id="alarm-kind">{escape(_kind_text(r))}</dd>'
         f'<dt>score parts (tail rank)</dt><dd id="parts">{_parts(r.get("components"))}</dd>'
         f"<dt>time</dt><dd>{escape(_when(rec.time))}</dd>"
         f"<dt>request</dt><dd>{escape(rec.request_id or '')}</dd>"

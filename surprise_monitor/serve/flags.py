@@ -273,8 +273,11 @@ def startup_line(args: argparse.Namespace, table: CalibrationTable | None) -> st
     elif args.table:
         signed = "signed but " if getattr(table, "signed", False) else ""
         null += f", table {signed}not authenticated (no --table-key)"
-    return (f"{TOOL}: serving http://{_url_host(args.host)}:{args.port} on {args.device}; "
+    line = (f"{TOOL}: serving http://{_url_host(args.host)}:{args.port} on {args.device}; "
             f"model {model}; table {args.table or '(none)'}, {null}; {monitor}")  # fmt: skip
+    if alarm is not None and alarm.has_null and not args.no_monitor:
+        line += f"; p-values: {alarm.class_nulls_summary()}"
+    return line
 
 
 def _url_host(host: str) -> str:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import beta as beta_dist
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import TensorDataset
 
 from bench.alarms import report, scores, sets
 from bench.cifar import load_cifar10
@@ -101,3 +102,47 @@ def test_the_ablation_without_the_head_is_fishers_combination_of_the_other_compo
     np.testing.assert_allclose(got, -2 * np.log(ranks).sum(0), rtol=1e-5)
     without = SimpleNamespace(alarm=SimpleNamespace(reference=None, head_layer=""))
     assert "score_without_head" not in with_ablations({"components": parts}, without)
+
+
+def test_class_rates_per_class_against_numpy_and_the_pooled_null():
+    """Per-class rates of the monitor's (per-class) p-values and of the pooled null's, by
+    numpy counting, with the table's per-class null sizes; the markdown bolds a class whose
+    nominal rate lies outside its interval."""
+    from bench.alarms import class_rates
+    from surprise_monitor.calibrate import calibrate
+    from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
+    from surprise_monitor.monitor import SurpriseMonitor
+    from tests._models import class_images, trained_tiny_cnn
+
+    model = trained_tiny_cnn(steps=12)
+    x, y = class_images(1600, 3, seed=1)
+    table = calibrate(model, TensorDataset(x[:600], y[:600]),
+                      heldout=TensorDataset(x[600:1200], y[600:1200]), progress=False,
+                      run=RunOptions(batch_size=50),
+                      alarm=AlarmOptions(reference_images=300, class_null_min=100))  # fmt: skip
+    fresh, labels = x[1200:], y[1200:]
+    with SurpriseMonitor(model, table) as monitor:
+        r, rl = monitor.inspect(fresh), monitor.inspect(fresh, labels)
+    judged = {"score": r.score.numpy(), "p_value": r.p_value.numpy(),
+              "classes": r.classes.numpy(), "p_value_labelled": rl.p_value.numpy(),
+              "labels": labels.numpy()}  # fmt: skip
+    out = class_rates.class_rates(table, judged, rate=0.05)
+    pooled = table.alarm.null_predicted.p_values(r.score).numpy()
+    for c in range(3):
+        mine = r.classes.numpy() == c
+        got = out["predicted"]["per_class"][c]
+        assert (
+            got["inputs"] == mine.sum() and got["alarms"] == (r.p_value.numpy()[mine] <= 0.05).sum()
+        )
+        assert out["predicted"]["pooled_per_class"][c]["alarms"] == (pooled[mine] <= 0.05).sum()
+        assert got["holds"] == (got["ci_low"] <= 0.05 <= got["ci_high"])
+        lab = out["labelled"]["per_class"][c]
+        assert lab["alarms"] == (rl.p_value.numpy()[labels.numpy() == c] <= 0.05).sum()
+    assert out["predicted"]["heldout_per_class"] == table.alarm.class_null_predicted.sizes.tolist()
+    text = class_rates.markdown({"tiny": out}, ["a", "b", "c"])
+    assert "| judged against | a | b | c | all |" in text
+    assert "| **per-class null, predicted class** |" in text and "| pooled null" in text
+    made = {"tiny": {**out, "predicted": {**out["predicted"], "per_class": [
+        {**out["predicted"]["per_class"][0], "rate": 0.5, "ci_low": 0.4, "ci_high": 0.6,
+         "holds": False}, *out["predicted"]["per_class"][1:]]}}}  # fmt: skip
+    assert "| **50.0% (40.0%-60.0%)** |" in class_rates.markdown(made)

@@ -292,3 +292,89 @@ def test_profile_layers_can_be_named_or_switched_off():
     held = TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="held-out data is empty"):
         calibrate(model, data, progress=False, heldout=held)
+
+
+# ------------------------------------------------------------------ per-class (Mondrian) nulls
+def _mondrian(alarmed, least: int, caplog=None) -> CalibrationTable:
+    """The ``alarmed`` set-up calibrated again with ``class_null_min=least``."""
+    model, _, train, heldout = alarmed
+    return calibrate(
+        model, train, heldout=heldout, progress=False, run=RunOptions(batch_size=50),
+        alarm=AlarmOptions(reference_images=300, class_null_min=least),
+    )  # fmt: skip
+
+
+def test_per_class_nulls_are_each_classes_held_out_scores(alarmed, tmp_path):
+    model, _, _, heldout = alarmed
+    table = _mondrian(alarmed, 1)
+    x, y = heldout.tensors
+    with SurpriseMonitor(model, table) as monitor:
+        predicted, labelled = monitor.inspect(x), monitor.inspect(x, y)
+    a = table.alarm
+    for nulls, report, classes in (
+        (a.class_null_predicted, predicted, predicted.predictions), (a.class_null_labelled,
+        labelled, y),
+    ):  # fmt: skip
+        parts = torch.split(nulls.scores, nulls.sizes.tolist())
+        for c in range(3):
+            want = torch.sort(report.score[classes == c]).values
+            torch.testing.assert_close(parts[c], want)
+        # each held-out image's p-value is its rank among its own class's null
+        s, k = report.score.numpy(), classes.numpy()
+        want_p = [
+            (1 + np.sum(s[k == c] >= v)) / (np.sum(k == c) + 1) for v, c in zip(s, k, strict=True)
+        ]
+        np.testing.assert_allclose(report.p_value.numpy(), want_p, rtol=1e-6)
+    assert a.class_nulls_summary().startswith("per-class nulls (Mondrian) for 3 of 3")
+    loaded = CalibrationTable.load(table.save(tmp_path / "t.safetensors"))
+    assert loaded.alarm.metadata() == a.metadata() and loaded.alarm.class_null_min == 1
+    with SurpriseMonitor(model, loaded) as monitor:
+        assert torch.equal(monitor.inspect(x).p_value, predicted.p_value)
+
+
+def test_a_class_with_too_few_held_out_images_uses_the_pooled_null(alarmed, caplog):
+    model, pooled_table, _, heldout = alarmed
+    x = heldout.tensors[0]
+    with SurpriseMonitor(model, pooled_table) as monitor:
+        pooled = monitor.inspect(x)
+    counts = torch.bincount(pooled.predictions, minlength=3)
+    least = int(counts.max())  # every class below the largest falls back
+    with caplog.at_level(logging.WARNING):
+        table = _mondrian(alarmed, least)
+    thin = [c for c in range(3) if counts[c] < least]
+    assert thin and table.alarm.class_null_predicted.pooled_classes() == thin
+    assert f"class(es) {', '.join(map(str, thin))} have fewer than {least}" in caplog.text
+    assert "WARNING" in table.alarm.class_nulls_summary()
+    with SurpriseMonitor(model, table) as monitor:
+        report = monitor.inspect(x)
+    fell_back = torch.isin(report.predictions, torch.tensor(thin))
+    assert torch.equal(report.p_value[fell_back], pooled.p_value[fell_back])
+    assert not torch.equal(report.p_value[~fell_back], pooled.p_value[~fell_back])
+    off = _mondrian(alarmed, 0).alarm
+    assert off.class_null_predicted is None and off.class_null_min == 0
+    assert off.class_nulls_summary() == "one pooled null for all classes (class_null_min 0)"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["alarm"].update(class_null_min="x"), "'alarm.class_null_min' must be a int"),
+        (lambda m: m["alarm"].update(class_null_min=-1), "min_size must be an integer >= 1"),
+    ],
+)
+def test_bad_per_class_nulls_are_a_table_error(alarmed, tmp_path, edit, message):
+    table = _mondrian(alarmed, 1)
+    path = table.save(tmp_path / "t.safetensors")
+    resign(path, edit)
+    with pytest.raises(TableError, match=message):
+        CalibrationTable.load(path)
+    a = table.alarm
+    short = dataclasses.replace(
+        a.class_null_labelled,
+        scores=a.class_null_labelled.scores[:-1],
+        sizes=a.class_null_labelled.sizes - torch.tensor([0, 0, 1]),
+    )
+    with pytest.raises(AlarmTableError, match="per-class labelled nulls hold"):
+        dataclasses.replace(a, class_null_labelled=short).validate(table.levels)
+    with pytest.raises(AlarmTableError, match="must be given together"):
+        dataclasses.replace(a, class_null_labelled=None).validate(table.levels)

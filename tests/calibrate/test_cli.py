@@ -388,13 +388,15 @@ def test_the_flags_defaults_are_the_option_groups():
         "--data", "d", "--out", "o", "--class-output", "log_softmax", "--top-k", "3",
         "--workers", "2", "--batch-size", "7", "--amp", "--spill-dir", "s", "--no-alarm",
         "--reference-images", "99", "--checkpoint-dir", "c", "--resume",
-        "--checkpoint-every", "5",
+        "--checkpoint-every", "5", "--class-null-min", "0",
     ])  # fmt: skip
     assert options_from_args(TableOptions, args) == TableOptions("log_softmax", top_k=3)
     assert options_from_args(RunOptions, args) == RunOptions(
         batch_size=7, num_workers=2, amp=True, spill_dir="s"
     )
-    assert options_from_args(AlarmOptions, args) == AlarmOptions(False, reference_images=99)
+    assert options_from_args(AlarmOptions, args) == AlarmOptions(
+        False, reference_images=99, class_null_min=0
+    )
     assert options_from_args(CheckpointOptions, args) == CheckpointOptions("c", True, 5)
 
 
@@ -405,6 +407,7 @@ def test_the_flags_defaults_are_the_option_groups():
         (["--workers", "-1"], "--workers must be an integer >= 0, got -1"),
         (["--top-k", "0"], "--top-k must be an integer >= 1, got 0"),
         (["--reference-images", "0"], "--reference-images must be an integer >= 1, got 0"),
+        (["--class-null-min", "-2"], "--class-null-min must be an integer >= 0, got -2"),
         (
             ["--checkpoint-dir", "ck", "--checkpoint-every", "0"],
             "--checkpoint-every must be an integer >= 1, got 0",
@@ -428,3 +431,21 @@ def test_option_values_are_checked_with_their_flags_before_any_image_is_read(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"surprise-calibrate: error: {message}"), err
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_the_summary_says_which_classes_have_a_null_of_their_own(
+    image_folder, tiny_weights, tmp_path, capsys
+):
+    out = tmp_path / "table.safetensors"
+    args = _args(image_folder, out, tiny_weights, "--heldout", str(image_folder))
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "null of 15 held-out images" in text
+    assert (
+        "per-class nulls (Mondrian) for 0 of 3 predicted classes (>= 200 held-out images each); "
+        "WARNING: 3 class(es) (0, 1, 2) have fewer and use the pooled null" in text
+    )
+    assert CalibrationTable.load(out).alarm.class_null_min == 200
+    assert main([*args, "--class-null-min", "0"]) == 0
+    assert "one pooled null for all classes" in capsys.readouterr().out
+    assert CalibrationTable.load(out).alarm.class_null_predicted is None

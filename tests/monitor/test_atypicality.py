@@ -8,7 +8,10 @@ import torch
 from scipy.special import ndtri
 
 from surprise_monitor.monitor.atypicality import (
+    ALARM_KINDS,
     ScoreReference,
+    alarm_kind,
+    component_family,
     component_names,
     components,
     expectation_mass,
@@ -94,3 +97,37 @@ def test_a_bad_reference_is_refused():
         ScoreReference((torch.tensor([2.0, 1.0]),))
     with pytest.raises(ValueError, match="non-empty 1-D"):
         ScoreReference((torch.zeros(0),))
+
+
+def test_the_alarm_kind_is_the_family_with_the_smallest_adjusted_rank():
+    names = ["expectation_mass", "stage_energy:layer1", "stage_energy:layer2", "head_distance:l4"]
+    assert component_family("stage_energy:layer2") == "low_level"
+    assert component_family("head_distance:x") == "features" and component_family("z") == "other"
+    assert alarm_kind(names, [0.5, 0.001, 0.9, 0.5]) == "low_level"  # 0.002 after Bonferroni
+    assert alarm_kind(names, [0.0015, 0.001, 0.9, 0.5]) == "class_evidence"  # 0.0015 < 0.002
+    assert alarm_kind(names, [0.3, 0.2, 0.2, 0.01]) == "features"
+    assert alarm_kind(names, [float("nan"), float("nan"), 0.5, float("nan")]) == "low_level"
+    assert alarm_kind(names, [float("nan")] * 4) is None
+    assert alarm_kind(names, [0.01, 0.005, 0.9, 0.5]) == "class_evidence"  # a tie: listed first
+    assert set(ALARM_KINDS) == {"class_evidence", "low_level", "features"}
+
+
+def test_the_report_carries_the_alarm_kind_of_alarmed_inputs_only():
+    from surprise_monitor.monitor.report import MonitorReport
+
+    def report(alarm: bool) -> MonitorReport:
+        z = torch.zeros(1, 2)
+        return MonitorReport(
+            logits=z, classes=torch.tensor([0]), labels_given=False, alpha=z, mu=z,
+            percentile=z, surprise=z.bool(), expectation=z.bool(), beta=torch.zeros(1),
+            beta_percentile=torch.zeros(1), low_beta=torch.zeros(1, dtype=bool),
+            calibrated=torch.ones(1, dtype=bool), score=torch.ones(1),
+            p_value=torch.full((1,), 0.001), alarm=torch.tensor([alarm]),
+            components=torch.ones(1, 3), component_ranks=torch.tensor([[0.4, 0.3, 0.02]]),
+            layer="l", class_names=("a", "b"),
+            component_names=("expectation_mass", "stage_energy:s1", "head_distance:h"),
+        )  # fmt: skip
+
+    assert report(True).sample(0)["alarm_kind"] == "features"
+    assert report(False).sample(0)["alarm_kind"] is None
+    assert report(False).alarm_kind(0) == "features"

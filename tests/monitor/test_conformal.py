@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from surprise_monitor.monitor.conformal import ConformalNull, resampled_alarm_rate
+from surprise_monitor.monitor.conformal import (
+    ClassConditionalNull,
+    ConformalNull,
+    resampled_alarm_rate,
+)
 
 
 def oracle_p(null: np.ndarray, s: float) -> float:
@@ -94,3 +98,78 @@ def test_resampled_alarm_rate_counts_each_re_split_like_numpy():
     assert many["p5"] < many["mean"] < many["p95"]
     with pytest.raises(ValueError, match="alarm_rate must be a fraction"):
         resampled_alarm_rate(torch.zeros(3), torch.zeros(3), 1.5)
+
+
+# ------------------------------------------------------------------ per-class (Mondrian) nulls
+def test_class_p_values_match_the_per_class_counting_oracle():
+    rng = np.random.default_rng(2)
+    k, n = 4, 900
+    classes = rng.integers(0, k, size=n)
+    classes[classes == 3] = 2  # class 3 has no held-out input at all
+    scores = (np.round(rng.normal(size=n), 1) + classes).astype(np.float32)  # ties, shifted
+    nulls = ClassConditionalNull.of(torch.from_numpy(scores), torch.from_numpy(classes), k, 200)
+    assert nulls.sizes.tolist() == [int((classes == c).sum()) for c in range(k)]
+    assert nulls.pooled_classes() == [3]
+    q_cls = np.repeat(np.arange(k), 40)
+    queries = (rng.normal(size=q_cls.size) * 2 + q_cls).astype(np.float32)
+    queries[:3] = [scores[classes == 0][0], -99.0, 99.0]  # a tie, below all, above all
+    pooled = ConformalNull.of(torch.from_numpy(scores))
+    fallback = pooled.p_values(torch.from_numpy(queries))
+    found = nulls.p_values(torch.from_numpy(queries), torch.from_numpy(q_cls), fallback)
+    want = [
+        oracle_p(scores[classes == c], q) if c != 3 else oracle_p(scores, q)
+        for q, c in zip(queries, q_cls, strict=True)
+    ]
+    np.testing.assert_allclose(found.numpy(), np.array(want, np.float32), rtol=0, atol=1e-7)
+    assert found[2] == pytest.approx(1 / (nulls.sizes[0].item() + 1)) and found[1] == 1.0
+    nan = nulls.p_values(torch.tensor([float("nan")]), torch.tensor([1]), torch.tensor([0.5]))
+    assert nan.item() == pytest.approx(1 / (nulls.sizes[1].item() + 1))
+
+
+def test_a_class_below_the_minimum_uses_the_pooled_null():
+    scores, classes = torch.arange(10.0), torch.tensor([0] * 6 + [1] * 4)
+    nulls = ClassConditionalNull.of(scores, classes, 2, min_size=5)
+    fallback = torch.tensor([0.25, 0.75])
+    p = nulls.p_values(torch.tensor([5.5, 5.5]), torch.tensor([0, 1]), fallback)
+    assert p.tolist() == [pytest.approx(1 / 7), 0.75]  # class 0: its own 6; class 1: pooled
+    assert ClassConditionalNull.of(scores, classes, 2, min_size=4).pooled_classes() == []
+
+
+def test_per_class_nulls_hold_each_class_rate_where_the_pooled_null_does_not():
+    """The issue's case: one pooled null over classes whose scores differ lets the class with
+    high scores alarm at several times the nominal rate; per-class nulls hold every class's
+    rate within its binomial interval, and the overall rate too."""
+    g = torch.Generator().manual_seed(0)
+    k, per_class, rate = 5, 10_000, 0.01
+    shift = torch.tensor([0.0, 0.0, 0.3, 0.6, 1.2])  # class 4's normal inputs score higher
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cls = torch.arange(k).repeat_interleave(n)
+        return torch.randn(cls.numel(), generator=g) + shift[cls], cls
+
+    null_scores, null_cls = draw(per_class)
+    test_scores, test_cls = draw(2 * per_class)
+    pooled = ConformalNull.of(null_scores).p_values(test_scores)
+    nulls = ClassConditionalNull.of(null_scores, null_cls, k, 200)
+    mondrian = nulls.p_values(test_scores, test_cls, pooled)
+    n = 2 * per_class  # test inputs per class; the null's own draw moves a class's rate by
+    half = 1.96 * np.sqrt(rate * (1 - rate) / n) + 2 * np.sqrt(rate / per_class)  # ~sqrt(a/n)
+    for c in range(k):
+        mine = test_cls == c
+        assert abs(float((mondrian[mine] <= rate).float().mean()) - rate) < half, c
+    assert float((pooled[test_cls == 4] <= rate).float().mean()) > 3 * rate  # pooled: uneven
+    assert float((pooled[test_cls == 0] <= rate).float().mean()) < rate / 4
+    assert abs(float((mondrian <= rate).float().mean()) - rate) < 0.003
+
+
+def test_bad_class_nulls_are_refused():
+    with pytest.raises(ValueError, match="sum to"):
+        ClassConditionalNull(torch.arange(3.0), torch.tensor([1, 1]), 1)
+    with pytest.raises(ValueError, match="sorted"):
+        ClassConditionalNull(torch.tensor([2.0, 1.0]), torch.tensor([2]), 1)
+    with pytest.raises(ValueError, match="min_size"):
+        ClassConditionalNull(torch.tensor([1.0]), torch.tensor([1]), 0)
+    with pytest.raises(ValueError, match="lie in"):
+        ClassConditionalNull.of(torch.zeros(2), torch.tensor([0, 2]), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        ClassConditionalNull(torch.tensor([float("nan")]), torch.tensor([1]), 1)

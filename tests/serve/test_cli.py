@@ -94,7 +94,8 @@ def test_startup_line(saved_tiny_model):
     assert line.startswith("surprise-serve: serving http://127.0.0.1:8123 on cpu; ")
     assert "model tests._models:TinyCNN (weights " in line
     assert f"table {args[args.index('--table') + 1]}, held-out null of 2000 images" in line
-    assert line.endswith("monitor sync, alarm rate 0.05")
+    assert "; monitor sync, alarm rate 0.05; p-values: per-class nulls (Mondrian) for " in line
+    assert line.endswith("held-out images each)")  # every class has enough: no warning
     assert "\n" not in line
     bare = cli.parser().parse_args(
         ["--onnx", "m.onnx", "--no-monitor", "--host", "::1", "--sample-every", "4"]
@@ -103,8 +104,8 @@ def test_startup_line(saved_tiny_model):
     assert "http://[::1]:8000" in line and "model --onnx m.onnx;" in line
     assert "no held-out null (no input will alarm)" in line and line.endswith("monitor off")
     sampled = cli.parser().parse_args([*args, "--mode", "async", "--sample-every", "4"])
-    assert cli.startup_line(sampled, table).endswith(
-        "monitor async, alarm rate 0.01, one input in 4 judged"
+    assert "monitor async, alarm rate 0.01, one input in 4 judged; p-values: " in (
+        cli.startup_line(sampled, table)
     )
 
 

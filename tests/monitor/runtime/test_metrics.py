@@ -350,8 +350,9 @@ def test_alarm_series_without_a_null(calibrated):
 
     model, table = calibrated
     registry = CollectorRegistry()
+    nulls = ("null_predicted", "null_labelled", "class_null_predicted", "class_null_labelled")
     lean = dataclasses.replace(
-        table, alarm=dataclasses.replace(table.alarm, null_predicted=None, null_labelled=None)
+        table, alarm=dataclasses.replace(table.alarm, **dict.fromkeys(nulls))
     )
     with SurpriseMonitor(model, lean, metrics=registry) as monitor:
         monitor(mixed_inputs(8))

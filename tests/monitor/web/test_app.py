@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
 from surprise_monitor.monitor import AlarmLog, SurpriseMonitor
+from surprise_monitor.monitor.atypicality import ALARM_KINDS, alarm_kind
 from surprise_monitor.monitor.options import MetricsOptions
 from surprise_monitor.monitor.web.app import alarm_app
 from tests._models import SILENT, heldout_dataset, silent_photo_setup, with_silent_surprise
@@ -120,6 +121,12 @@ def test_thumbnails_json_and_explanations(served):
     ranked = sorted(parts, key=lambda name: parts[name]["tail_rank"])
     assert shown == ", ".join(f"{n} {parts[n]['tail_rank']:.4f}" for n in ranked)
     assert sorted(ranked) == sorted(report.component_names) and len(ranked) == 3
+    # the kind of atypicality: the family of the (Bonferroni-adjusted) smallest rank, in the
+    # JSON and on the page with what it means
+    kind = newest.report["alarm_kind"]
+    assert kind == alarm_kind(list(parts), [parts[n]["tail_rank"] for n in parts])
+    shown_kind = dom.text[dom.text.index("kind of atypicality") + 1]
+    assert shown_kind == f"{kind.replace('_', ' ')}: {ALARM_KINDS[kind]}"
     summary = client.get(f"/{newest.id}/explanation.json").json()
     assert summary["class"] == newest.report["class"]
     oldest = log.recent()[-1]  # its input left the log (keep_inputs=5)
