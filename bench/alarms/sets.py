@@ -13,6 +13,14 @@ in-distribution side of score selection; :data:`bench.strong_models.EVALUATION`
 - crops of scikit-image's photographs resized to 32 x 32: crops of one half of the photographs
   select, of the other half report;
 - uniform noise images (different seeds).
+
+:func:`family_sets` is the benchmark of *shift families* (for choosing a score by leaving one
+family, or one model, out): every kind and severity of :data:`bench.alarms.shifts.FAMILIES`
+applied to the part's CIFAR-10 images (as the corruptions above), ``semantic`` (Tiny ImageNet
+images of classes that CIFAR-10 lacks, split by class: the even-indexed classes select, the
+odd-indexed report, so the report's object classes were never seen at selection; and the
+photograph crops) and ``far`` (the MNIST family and uniform noise). :func:`families` names them.
+:func:`atypical_sets` is unchanged (the committed results came from it).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from bench.cifar import load_cifar10
+from bench.alarms import shifts
+from bench.cifar import find_data_dir, load_cifar10
 from bench.paper.atypical import SHIFTS, shift_images
 from bench.paper.common import gray_to_cifar, load_gray_npz
 from bench.strong_models import EVALUATION, HELDOUT
@@ -35,6 +44,14 @@ PHOTOS = (
     "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
     "retina", "colorwheel", "camera", "coins", "moon", "gravel", "brick", "grass", "clock", "cell",
 )  # fmt: skip
+
+#: Near-OOD natural images of other object classes (``shared/data/README.md``).
+TINYIMAGENET = "tinyimagenet_dev_32"
+#: The families :func:`family_sets` adds to :data:`bench.alarms.shifts.FAMILIES` -> set names.
+EXTRA_FAMILIES: dict[str, tuple[str, ...]] = {
+    "semantic": ("tinyimagenet", "photos"),
+    "far": (*FAR, "uniform"),
+}
 
 
 @dataclass(frozen=True)
@@ -100,3 +117,92 @@ def photo_crops(part: str, n: int) -> np.ndarray:
         crop = Image.fromarray(np.ascontiguousarray(img[y0 : y0 + side, x0 : x0 + side]))
         out[i] = np.asarray(crop.resize((32, 32), Image.BILINEAR))
     return out
+
+
+@dataclass(frozen=True)
+class FamilySet(ImageSet):
+    """An :class:`ImageSet` of the family benchmark: its ``family``, ``kind`` (the shift's, or
+    the source's for unshifted sets: ``tinyimagenet``, ``mnist``...) and ``severity`` (1..3;
+    ``None`` for an unshifted set)."""
+
+    family: str
+    kind: str
+    severity: int | None
+
+
+def set_name(kind: str, severity: int | None) -> str:
+    """A family set's name: the kind, with ``" s{severity}"`` where the kind has several."""
+    if severity is None or len(shifts.severities(kind)) == 1:
+        return kind
+    return f"{kind} s{severity}"
+
+
+def families() -> dict[str, list[str]]:
+    """family -> the names of its sets in :func:`family_sets` (same order); reads no data."""
+    out = {
+        family: [set_name(k, s) for k in kinds for s in shifts.severities(k)]
+        for family, kinds in shifts.FAMILIES.items()
+    }
+    out.update({family: list(names) for family, names in EXTRA_FAMILIES.items()})
+    return out
+
+
+def family_sets(part: str, n: int = 2000) -> list[FamilySet]:
+    """Every set of the family benchmark's ``part``, ``n`` images each, in :func:`families`'
+    order: the shifts of the part's first ``n`` CIFAR-10 images (held-out 0..n-1 for selection,
+    evaluation 5,000..5,000+n-1 for the report; their CIFAR-10 labels), ``semantic`` and ``far``
+    (labels -1). Deterministic: each shift's random numbers are seeded by part, kind and
+    severity."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    clean = cifar_part(part)
+    if not 1 <= n <= len(clean.images):
+        raise ValueError(f"n must be in 1..{len(clean.images)}, got {n}")
+    images, labels = clean.images[:n], clean.labels[:n]
+    out = []
+    for family, kinds in shifts.FAMILIES.items():
+        for kind in kinds:
+            for severity in shifts.severities(kind):
+                rng = np.random.default_rng(
+                    zlib.crc32(f"{part} {family} {kind} {severity}".encode())
+                )
+                shifted = shifts.shift(images, kind, severity, rng)
+                name = set_name(kind, severity)
+                out.append(FamilySet(name, part, shifted, labels, family, kind, severity))
+    none = -np.ones(n, np.int64)
+    tiny, _ = tinyimagenet_part(part, n)
+    out.append(FamilySet("tinyimagenet", part, tiny, none, "semantic", "tinyimagenet", None))
+    out.append(FamilySet("photos", part, photo_crops(part, n), none, "semantic", "photos", None))
+    for name in FAR:
+        x = gray_to_cifar(load_gray_npz(f"{name}_test", None))
+        half = len(x) // 2
+        if n > half:
+            raise ValueError(f"n must be at most {half} for {name} (half its images), got {n}")
+        x = x[:n] if part == "selection" else x[half : half + n]
+        out.append(FamilySet(name, part, x, none, "far", name, None))
+    rng = np.random.default_rng(11 if part == "selection" else 12)
+    noise = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    out.append(FamilySet("uniform", part, noise, none, "far", "uniform", None))
+    return out
+
+
+def tinyimagenet_part(part: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images of ``tinyimagenet_dev_32.npz`` (uint8 ``[n, 32, 32, 3]``) and their Tiny
+    ImageNet classes: drawn at random (fixed seed per part) from the even-indexed classes of
+    the file's sorted class list for selection, the odd-indexed for the report."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    path = find_data_dir() / f"{TINYIMAGENET}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (needed for the semantic sets)")
+    with np.load(path, allow_pickle=False) as d:
+        x, y = d["x"], d["y"].astype(np.int64)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
+        raise ValueError(f"{path}: expected uint8 [N, 32, 32, 3] images, got {x.dtype} {x.shape}")
+    classes = np.unique(y)[0 if part == "selection" else 1 :: 2]
+    rows = np.flatnonzero(np.isin(y, classes))
+    if n > len(rows):
+        raise ValueError(f"n must be at most {len(rows)} for the {part} part of {path}, got {n}")
+    rng = np.random.default_rng(zlib.crc32(f"{part} tinyimagenet".encode()))
+    rows = np.sort(rng.permutation(rows)[:n])
+    return x[rows], y[rows]
