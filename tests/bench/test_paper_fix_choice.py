@@ -41,11 +41,16 @@ def test_section_sets_the_new_choice_beside_the_papers():
                                   groups.items()}  # fmt: skip
     res["vgg_bn"]["choice_counts"] = {k: len(v) for k, v in groups.items()}
     text = fix_choice.markdown(res, before)
-    assert "| VGG-BN | paper's: most surprising, silent or not | 4 | 0.0% +- 0.0 |" in text
+    assert "| VGG-BN | paper's: most surprising, silent or not (Section 4.5's run of other " in text
     assert "| VGG-BN | **fired: the explanation's (now)** | 4 | 50.0% +- 25.0 |" in text
     assert "| VGG-BN | - a surprising filter that fired | 2 | 100.0% +- 0.0 |" in text
     # 4 failures; the paper's filter fired: unknown (no filter_alpha); 2 fired, 1 none, 1 no region
-    assert "| VGG-BN | 4 | - | 2 | 1 | 1 | +50.0 +- 25.0 |" in text
+    assert "| VGG-BN | 4 | - | 2 | 1 | 1 | -" in text  # other vanilla fixes: not the same run
+    same = {"vgg_bn": {"native": fixing.analyse([*ROWS[:2], *ROWS[2:]])}}
+    same["vgg_bn"]["native"]["methods"]["surprise"]["percent"] = 25.0
+    again = fix_choice.markdown(res, same)
+    assert "| VGG-BN | 4 | - | 2 | 1 | 1 | +25.0 +- " in again
+    assert "other weights" in text and "other weights" not in again
 
 
 def test_run_draws_no_region_from_a_silent_filter(tiny_strong):
