@@ -135,7 +135,12 @@ def test_class_rates_per_class_against_numpy_and_the_pooled_null():
             got["inputs"] == mine.sum() and got["alarms"] == (r.p_value.numpy()[mine] <= 0.05).sum()
         )
         assert out["predicted"]["pooled_per_class"][c]["alarms"] == (pooled[mine] <= 0.05).sum()
-        assert got["holds"] == (got["ci_low"] <= 0.05 <= got["ci_high"])
+        low, high = class_rates.exchangeable_range(table.alarm.null_predicted.size, got["inputs"],
+                                                   0.05)  # fmt: skip
+        if table.alarm.class_null_predicted.own[c]:
+            n_c = int(table.alarm.class_null_predicted.sizes[c])
+            low, high = class_rates.exchangeable_range(n_c, got["inputs"], 0.05)
+        assert got["expected"] == [low, high] and got["holds"] == (low <= got["alarms"] <= high)
         lab = out["labelled"]["per_class"][c]
         assert lab["alarms"] == (rl.p_value.numpy()[labels.numpy() == c] <= 0.05).sum()
     assert out["predicted"]["heldout_per_class"] == table.alarm.class_null_predicted.sizes.tolist()
@@ -143,6 +148,30 @@ def test_class_rates_per_class_against_numpy_and_the_pooled_null():
     assert "| judged against | a | b | c | all |" in text
     assert "| **per-class null, predicted class** |" in text and "| pooled null" in text
     made = {"tiny": {**out, "predicted": {**out["predicted"], "per_class": [
-        {**out["predicted"]["per_class"][0], "rate": 0.5, "ci_low": 0.4, "ci_high": 0.6,
-         "holds": False}, *out["predicted"]["per_class"][1:]]}}}  # fmt: skip
-    assert "| **50.0% (40.0%-60.0%)** |" in class_rates.markdown(made)
+        {**out["predicted"]["per_class"][0], "rate": 0.5, "alarms": 50, "inputs": 100,
+         "expected": [1, 9], "holds": False}, *out["predicted"]["per_class"][1:]]}}}  # fmt: skip
+    assert "| **50.0% (50/100; 1-9)** |" in class_rates.markdown(made)
+
+
+def test_the_exchangeable_range_matches_a_simulation_of_null_and_traffic():
+    """Draw a null of n exchangeable scores and m more, count the m whose conformal p-value is
+    at most the rate: the simulated count's 2.5% and 97.5% quantiles are the beta-binomial
+    range (within one count), wider than the binomial one at the nominal rate."""
+    from scipy.stats import binom
+
+    from bench.alarms import class_rates
+
+    rng = np.random.default_rng(0)
+    n, m, rate, draws = 499, 500, 0.01, 4000
+    counts = np.empty(draws)
+    for d in range(draws):
+        null = np.sort(rng.random(n))
+        test = rng.random(m)
+        above = n - np.searchsorted(null, test, side="left")
+        counts[d] = np.sum((1 + above) / (n + 1) <= rate)
+    low, high = class_rates.exchangeable_range(n, m, rate)
+    assert (
+        abs(np.quantile(counts, 0.025) - low) <= 1 and abs(np.quantile(counts, 0.975) - high) <= 1
+    )
+    assert high > binom(m, 0.01).ppf(0.975)  # the null's draw widens it
+    assert class_rates.exchangeable_range(50, 100, 0.01) == (0, 0)  # no score can alarm
