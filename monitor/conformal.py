@@ -13,6 +13,7 @@ distribution. Computed on the scores' device with one ``searchsorted``: no host 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -209,3 +210,46 @@ class ClassConditionalNull:
         above = (rows.shape[1] - below).clamp(max=n_c)  # padding lies below every finite score
         own = (1.0 + above.to(torch.float32)) / (n_c.to(torch.float32) + 1.0)
         return torch.where(n_c >= self.min_size, own, fallback.to(dev, torch.float32))
+
+
+def binomial_upper_tail(n: int, q: float, j: int) -> float:
+    """``P(Binomial(n, q) >= j)`` (float64, summed in log space)."""
+    if j <= 0:
+        return 1.0
+    if j > n:
+        return 0.0
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    log_q, log_r = math.log(q), math.log1p(-q)
+    lower = 0.0
+    for k in range(j):  # 1 - P(X < j); j is small where it matters (j <= q (n + 1))
+        log_pmf = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                   + k * log_q + (n - k) * log_r)  # fmt: skip
+        lower += math.exp(log_pmf)
+    return max(0.0, 1.0 - lower)
+
+
+def conditional_level(null_size: int, alarm_rate: float, confidence: float) -> float:
+    """The p-value threshold for a calibration-conditional guarantee (Vovk 2012; Bates et al.
+    2023, "Testing for outliers with conformal p-values"): with probability at least
+    ``confidence`` over the draw of the ``n = null_size`` held-out scores, alarms at
+    ``p <= level`` fire on at most ``alarm_rate`` of exchangeable normal inputs.
+
+    Alarming when ``p <= j / (n + 1)`` fires on a share ``U ~ Beta(j, n + 1 - j)`` of normal
+    inputs (the mass above the null's j-th largest score), and ``P(U <= a) = P(Binomial(n, a)
+    >= j)``; the level is the largest such ``j / (n + 1)`` with that probability at least
+    ``confidence`` (``0`` when none: the null is too small for that rate and confidence), plus
+    half a step so that float32 p-values compare exactly. ``confidence = 0`` gives the marginal
+    level, ``alarm_rate`` itself."""
+    rate = fraction("alarm_rate", alarm_rate)
+    if not 0.0 <= confidence < 1.0:
+        raise ValueError(f"alarm_confidence must be in [0, 1), got {confidence!r}")
+    if confidence == 0.0:
+        return rate
+    n = int(null_size)
+    for j in range(int(rate * (n + 1) + 1e-9), 0, -1):
+        if binomial_upper_tail(n, rate, j) >= confidence:
+            return (j + 0.5) / (n + 1)
+    return 0.5 / (n + 1)  # below the smallest p-value: nothing alarms

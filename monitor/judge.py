@@ -45,7 +45,11 @@ from surprise_monitor.monitor.atypicality import (
     expectation_mass,
     fisher,
 )
-from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
+from surprise_monitor.monitor.conformal import (
+    ClassConditionalNull,
+    ConformalNull,
+    conditional_level,
+)
 from surprise_monitor.monitor.cuda_graphs import StepGraphs
 from surprise_monitor.monitor.errors import SurpriseMonitorError
 from surprise_monitor.monitor.fingerprint import layer_fingerprint, model_fingerprint
@@ -162,6 +166,8 @@ class _AlarmTables:
     null_labelled: ConformalNull | None
     class_null_predicted: ClassConditionalNull | None  # per class (Mondrian), or None
     class_null_labelled: ClassConditionalNull | None
+    level_predicted: torch.Tensor | None  # [K] float32: each class's p-value threshold
+    level_labelled: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -539,7 +545,9 @@ class Judge:
         per_class = alarm.class_null_labelled if labels_given else alarm.class_null_predicted
         if per_class is not None:
             p = per_class.p_values(score, classes, fallback=p)
-        return _alarm_fields(score, p, p <= self.thresholds.alarm_rate, parts, ranks)
+        level = alarm.level_labelled if labels_given else alarm.level_predicted
+        assert level is not None
+        return _alarm_fields(score, p, p <= level[classes], parts, ranks)
 
     # ------------------------------------------------------------------ helpers
     def _check_shapes(
@@ -584,8 +592,30 @@ class Judge:
                     null_labelled=_on(a.null_labelled, device),
                     class_null_predicted=_on(a.class_null_predicted, device),
                     class_null_labelled=_on(a.class_null_labelled, device),
+                    level_predicted=self._levels(a, False, device),
+                    level_labelled=self._levels(a, True, device),
                 )
             return self._alarm_tables[device]
+
+    def _levels(
+        self, alarm: AlarmCalibration, labels_given: bool, device: torch.device
+    ) -> torch.Tensor | None:
+        """``[K]`` float32 p-value thresholds, one per class: ``alarm_rate`` (the marginal
+        guarantee), or with ``alarm_confidence`` the calibration-conditional level of the null
+        each class's p-values come from (its own, or the pooled one)
+        (:func:`~surprise_monitor.monitor.conformal.conditional_level`)."""
+        pooled = alarm.null(labels_given)
+        if pooled is None:
+            return None
+        t, k = self.thresholds, self.table.num_classes
+        sizes = [pooled.size] * k
+        per_class = alarm.class_null(labels_given)
+        if per_class is not None:
+            sizes = [
+                n if n >= per_class.min_size else pooled.size for n in per_class.sizes.tolist()
+            ]
+        levels = [conditional_level(n, t.alarm_rate, t.alarm_confidence) for n in sizes]
+        return torch.tensor(levels, dtype=torch.float32, device=device)
 
     def _tables_for(self, device: torch.device) -> LookupTable:
         """The table prepared on ``device`` (once per device, thread-safe): the alpha grid,

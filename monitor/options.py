@@ -86,11 +86,21 @@ class Thresholds:
         "the alarm's nominal false-alarm rate: an input alarms when its conformal p-value "
         "among the table's held-out images is at most this",
     )
+    alarm_confidence: float = option(
+        0.0,
+        "0: the false-alarm rate is at most alarm_rate on average over the draw of the "
+        "held-out images (marginal); c in (0, 1): with probability at least c over that draw "
+        "(calibration-conditional, Bates et al. 2023: a stricter p-value threshold per null)",
+    )
 
     def __post_init__(self) -> None:
         for name in ("surprise_pct", "expectation_pct", "low_beta_pct"):
             object.__setattr__(self, name, percentage(name, getattr(self, name)))
         object.__setattr__(self, "alarm_rate", fraction("alarm_rate", self.alarm_rate))
+        c = self.alarm_confidence
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0.0 <= c < 1.0:
+            raise OptionValueError("alarm_confidence", "a number in [0, 1), e.g. 0.9", c)
+        object.__setattr__(self, "alarm_confidence", float(c))
 
 
 @dataclass(frozen=True)

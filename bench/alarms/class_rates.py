@@ -30,24 +30,30 @@ from bench.alarms import collect
 from bench.alarms.scores import alarm_rate
 from bench.alarms.sets import cifar_part
 from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.conformal import conditional_level
 from surprise_monitor.monitor.options import Thresholds
 from surprise_monitor.monitor.table import CalibrationTable
 
 HERE = Path(__file__).resolve().parent
 RATE = 0.01
+#: The calibration-conditional confidence of the third row (``alarm_confidence``).
+CONFIDENCE = 0.9
 
 
-def exchangeable_range(null_size: int, inputs: int, rate: float) -> tuple[int, int]:
+def exchangeable_range(
+    null_size: int, inputs: int, rate: float, confidence: float = 0.0
+) -> tuple[int, int]:
     """The central 95% range of the alarm count among ``inputs`` exchangeable normal inputs
     whose p-values come from a null of ``null_size`` scores. Given the null, each input alarms
     with probability ``U``, the share of exchangeable scores above the null's threshold, which
     is ``Beta(j, n + 1 - j)`` with ``j = floor(rate (n + 1))`` over the null's draw (Vovk 2012;
     Bates et al. 2023); the count is then beta-binomial. Both draws count: a class's rate with
     500 held-out and 500 reported images moves by about 0.6 pp at 1%, not the 0.45 pp of the
-    binomial interval alone."""
+    binomial interval alone. With ``confidence``, the threshold is the calibration-conditional
+    level's ``j`` (:func:`surprise_monitor.monitor.conformal.conditional_level`)."""
     from scipy.stats import betabinom
 
-    j = int(rate * (null_size + 1) + 1e-9)
+    j = int(conditional_level(null_size, rate, confidence) * (null_size + 1) + 1e-9)
     if j < 1:
         return 0, 0
     dist = betabinom(inputs, j, null_size + 1 - j)
@@ -104,6 +110,20 @@ def class_rates(
             "overall": _with_range(alarm_rate(p, rate), n_pooled, rate),
             "per_class": per_class(p, classes, k, rate, used),
         }
+    nulls = alarm.class_null(False)
+    if nulls is not None:  # the calibration-conditional level (alarm_confidence 0.9)
+        sizes = [n if n >= nulls.min_size else n_pooled for n in nulls.sizes.tolist()]
+        level = np.array([conditional_level(n, rate, CONFIDENCE) for n in sizes])
+        p = judged["p_value"]
+        # p <= level is an alarm; alarm_rate(p', rate) counts p' <= rate, so map alarms to 0
+        hits = np.where(p <= level[judged["classes"]], 0.0, 1.0)
+        rows = per_class(hits, judged["classes"], k, rate)
+        for row, n in zip(rows, sizes, strict=True):
+            if row["inputs"]:
+                low, high = exchangeable_range(n, row["inputs"], rate, CONFIDENCE)
+                row.update(expected=[low, high], holds=low <= row["alarms"] <= high,
+                           exceeds_nominal=row["rate"] > rate)  # fmt: skip
+        out["predicted"]["conditional_per_class"] = rows
     out["predicted"]["pooled_overall"] = _with_range(alarm_rate(pooled, rate), n_pooled, rate)
     out["predicted"]["pooled_per_class"] = per_class(
         pooled, judged["classes"], k, rate, [n_pooled] * k
@@ -155,6 +175,12 @@ def markdown(results: dict[str, dict[str, Any]], names: Sequence[str] | None = N
             + " | ".join(_cell(r) for r in pred["per_class"])
             + f" | {_cell(pred['overall'])} |",
         ]
+        if "conditional_per_class" in pred:
+            lines.append(
+                f"| per-class null, predicted, confidence {CONFIDENCE:g} | "
+                + " | ".join(_cell(r) for r in pred["conditional_per_class"])
+                + " | - |"
+            )
         if "labelled" in res:
             lab = res["labelled"]
             lines.append(

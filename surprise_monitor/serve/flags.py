@@ -118,7 +118,9 @@ def _monitor_arguments(p: argparse.ArgumentParser) -> None:
         m, Sampling, {"mode": "--mode", "every": "--sample-every", "queue_size": "--queue-size",
                       "judge_batch": "--judge-batch"},
     )  # fmt: skip
-    add_option_arguments(m, Thresholds, {"alarm_rate": "--alarm-rate"})
+    add_option_arguments(
+        m, Thresholds, {"alarm_rate": "--alarm-rate", "alarm_confidence": "--alarm-confidence"}
+    )
     m.add_argument(
         "--no-fingerprint-check", action="store_true",
         help="use the table with a model whose weights changed since calibration (deliberately)",
@@ -261,6 +263,8 @@ def startup_line(args: argparse.Namespace, table: CalibrationTable | None) -> st
         monitor = "monitor off"
     else:
         monitor = f"monitor {args.mode}, alarm rate {args.alarm_rate:g}"
+        if args.alarm_confidence:
+            monitor += f" with probability {args.alarm_confidence:g} over the held-out draw"
         if args.every > 1:
             monitor += f", one input in {args.every} judged"
     alarm = table.alarm if table is not None else None

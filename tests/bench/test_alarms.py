@@ -144,6 +144,14 @@ def test_class_rates_per_class_against_numpy_and_the_pooled_null():
         lab = out["labelled"]["per_class"][c]
         assert lab["alarms"] == (rl.p_value.numpy()[labels.numpy() == c] <= 0.05).sum()
     assert out["predicted"]["heldout_per_class"] == table.alarm.class_null_predicted.sizes.tolist()
+    from surprise_monitor.monitor.conformal import conditional_level
+
+    nulls, n_all = table.alarm.class_null_predicted, table.alarm.null_predicted.size
+    for c, row in enumerate(out["predicted"]["conditional_per_class"]):
+        n_c = int(nulls.sizes[c]) if nulls.own[c] else n_all
+        level = conditional_level(n_c, 0.05, class_rates.CONFIDENCE)
+        mine = r.classes.numpy() == c
+        assert row["alarms"] == (r.p_value.numpy()[mine] <= level).sum()
     text = class_rates.markdown({"tiny": out}, ["a", "b", "c"])
     assert "| judged against | a | b | c | all |" in text
     assert "| **per-class null, predicted class** |" in text and "| pooled null" in text

@@ -378,3 +378,28 @@ def test_bad_per_class_nulls_are_a_table_error(alarmed, tmp_path, edit, message)
         dataclasses.replace(a, class_null_labelled=short).validate(table.levels)
     with pytest.raises(AlarmTableError, match="must be given together"):
         dataclasses.replace(a, class_null_labelled=None).validate(table.levels)
+
+
+def test_alarm_confidence_alarms_at_each_nulls_conditional_level(alarmed):
+    """With ``alarm_confidence`` the alarm is ``p <= level`` of the null each input's p-value
+    came from (its class's own, or the pooled one), the level from
+    :func:`conditional_level`; without it, ``p <= alarm_rate``."""
+    from surprise_monitor.monitor.conformal import conditional_level
+
+    model, _, _, heldout = alarmed
+    table = _mondrian(alarmed, 1)
+    x = torch.cat([heldout.tensors[0], 2 * torch.randn(100, 3, 8, 8)])
+    rate, sure = 0.05, Thresholds(alarm_rate=0.05, alarm_confidence=0.9)
+    with SurpriseMonitor(model, table, thresholds=sure) as monitor:
+        r = monitor.inspect(x)
+    nulls = table.alarm.class_null_predicted
+    levels = torch.tensor([conditional_level(int(n), rate, 0.9) for n in nulls.sizes])
+    assert torch.equal(r.alarm, r.p_value <= levels[r.classes])
+    assert (levels < rate).all() and r.alarm.any()
+    with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=rate)) as monitor:
+        marginal = monitor.inspect(x)
+    assert torch.equal(marginal.p_value, r.p_value)
+    assert torch.equal(marginal.alarm, marginal.p_value <= rate)
+    assert int(marginal.alarm.sum()) > int(r.alarm.sum())  # the conditional level is stricter
+    with pytest.raises(ValueError, match=r"alarm_confidence must be a number in \[0, 1\)"):
+        Thresholds(alarm_confidence=1.0)

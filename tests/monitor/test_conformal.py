@@ -9,6 +9,8 @@ import torch
 from surprise_monitor.monitor.conformal import (
     ClassConditionalNull,
     ConformalNull,
+    binomial_upper_tail,
+    conditional_level,
     resampled_alarm_rate,
 )
 
@@ -173,3 +175,47 @@ def test_bad_class_nulls_are_refused():
         ClassConditionalNull.of(torch.zeros(2), torch.tensor([0, 2]), 2)
     with pytest.raises(ValueError, match="NaN"):
         ClassConditionalNull(torch.tensor([float("nan")]), torch.tensor([1]), 1)
+
+
+# ------------------------------------------------------------ calibration-conditional level
+@pytest.mark.parametrize(
+    ("n", "rate", "confidence"),
+    [(999, 0.01, 0.9), (4999, 0.01, 0.95), (500, 0.05, 0.8), (5000, 0.001, 0.9)],
+)
+def test_conditional_level_is_the_largest_beta_quantile_below_the_rate(n, rate, confidence):
+    """scipy as the oracle: alarming at p <= j / (n + 1) fires on a Beta(j, n + 1 - j) share of
+    normal inputs; the level's j is the largest with P(share <= rate) >= confidence."""
+    from scipy.stats import beta, binom
+
+    level = conditional_level(n, rate, confidence)
+    j = int(level * (n + 1))  # level = (j + 0.5) / (n + 1)
+    assert level == pytest.approx((j + 0.5) / (n + 1)) and j <= rate * (n + 1)
+    if j:
+        assert beta.cdf(rate, j, n + 1 - j) >= confidence - 1e-9
+    assert beta.cdf(rate, j + 1, n - j) < confidence  # j + 1 would not hold
+    for k in (1, j, j + 1):
+        assert binomial_upper_tail(n, rate, k) == pytest.approx(binom.sf(k - 1, n, rate), abs=1e-9)
+    assert conditional_level(n, rate, 0.0) == rate  # marginal: the rate itself
+
+
+def test_conditional_level_holds_over_null_draws_where_the_marginal_does_not():
+    """Uniform scores: given a null, alarms at p <= level fire on the mass above the null's
+    j-th largest score. Over many nulls that share exceeds the rate in at most 1 - confidence
+    of the draws; at the marginal level it does in nearly half of them."""
+    rng = np.random.default_rng(3)
+    n, rate, confidence, draws = 999, 0.01, 0.9, 4000
+    j = int(conditional_level(n, rate, confidence) * (n + 1))
+    j0 = int(rate * (n + 1))
+    nulls = np.sort(rng.random((draws, n)), axis=1)
+    share = 1.0 - nulls[:, n - j]  # above the j-th largest
+    marginal = 1.0 - nulls[:, n - j0]
+    exceed = float(np.mean(share > rate))
+    assert exceed <= 1 - confidence + 3 * np.sqrt(0.1 * 0.9 / draws)
+    assert float(np.mean(marginal > rate)) > 0.35
+    assert abs(float(np.mean(marginal)) - j0 / (n + 1)) < 0.0005  # the marginal guarantee
+
+
+def test_bad_confidence_is_refused():
+    with pytest.raises(ValueError, match="alarm_confidence"):
+        conditional_level(100, 0.01, 1.0)
+    assert conditional_level(50, 0.01, 0.9) == pytest.approx(0.5 / 51)  # too small: no alarms

@@ -129,6 +129,12 @@ def test_monitor_from_args_maps_every_flag(calibrated):
         assert sum(monitored) == 2 and len(monitored) >= 1  # one input in 3, per class
         assert all("class" in s.labels for fam in registry.collect() for s in fam.samples
                    if s.name == "surprise_monitor_inputs_monitored_total")  # fmt: skip
+    sure = cli.parser().parse_args(["--table", "t", "--alarm-confidence", "0.9"])
+    with cli.monitor_from_args(sure, model, table, CollectorRegistry(), None) as monitor:
+        assert monitor.thresholds.alarm_confidence == 0.9
+    assert "alarm rate 0.01 with probability 0.9 over the held-out draw" in cli.startup_line(
+        sure, table
+    )
     async_args = cli.parser().parse_args(
         ["--table", "t", "--mode", "async", "--queue-size", "2", "--judge-batch", "8"]
     )
@@ -144,6 +150,10 @@ def test_monitor_from_args_maps_every_flag(calibrated):
         (
             ["--table", "t", "--alarm-rate", "1.5"],
             r"--alarm-rate must be a fraction in \(0, 1\), e\.g\. 0\.01, got 1\.5$",
+        ),
+        (
+            ["--table", "t", "--alarm-confidence", "1"],
+            r"--alarm-confidence must be a number in \[0, 1\), e\.g\. 0\.9, got 1\.0$",
         ),
         (["--table", "t", "--sample-every", "0"], "--sample-every must be an integer >= 1, got 0$"),
         (["--table", "t", "--queue-size", "0"], "--queue-size must be an integer >= 1, got 0$"),
