@@ -1,5 +1,5 @@
-"""Command line: ``python -m bench.explain [--model resnet18|vgg_bn] [--images N] [--contrast N]
-[--seed S] [--out PATH]``."""
+"""Command line: ``python -m bench.explain [--model MODEL] [--images N]
+[--contrast N] [--seed S] [--out PATH]`` (MODEL: resnet18, vgg_bn, vgg_plain, mobilenet)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from bench.explain import report
 from bench.explain.run import run
+from bench.strong_models import ALARM_MODELS
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,7 +25,7 @@ def log(msg: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the pointing benchmark on one strong model and write the JSON and markdown."""
     p = argparse.ArgumentParser(description="Explanations that point at the cause")
-    p.add_argument("--model", choices=("resnet18", "vgg_bn"), default="resnet18")
+    p.add_argument("--model", choices=ALARM_MODELS, default="resnet18")
     p.add_argument("--images", type=int, default=3000, help="test images per artefact kind")
     p.add_argument("--contrast", type=int, default=100, help="non-alarmed images scored per kind")
     p.add_argument("--seed", type=int, default=0)

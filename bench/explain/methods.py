@@ -53,6 +53,8 @@ def monitor_view(monitor: SurpriseMonitor, x: torch.Tensor, label: int) -> Monit
 CAM_LAYERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "resnet18": lambda m: m.layer4,
     "vgg_bn": lambda m: m.features[-1],  # the ReLU after the final conv-BN (features.24-25)
+    "vgg_plain": lambda m: m.features[-1],  # the ReLU after the final conv (features.17)
+    "mobilenet": lambda m: m.head,  # the 1x1 head conv-BN-ReLU6 (head.0 the final conv)
 }
 
 

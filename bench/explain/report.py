@@ -62,7 +62,8 @@ def region_table(results: dict, group: str = "alarmed") -> str:
     return "\n".join(lines)
 
 
-MODEL_NAMES = {"resnet18": "ResNet-18", "vgg_bn": "VGG-BN"}
+MODEL_NAMES = {"resnet18": "ResNet-18", "vgg_bn": "VGG-BN", "vgg_plain": "VGG (no BN)",
+               "mobilenet": "MobileNet"}  # fmt: skip
 
 
 def markdown(results: dict) -> str:
