@@ -1,0 +1,138 @@
+"""``python -m bench.alarms.families``: the shift-family benchmark of issue 20 on one or more
+alarm models, every candidate of :mod:`bench.alarms.combine` beside pytorch-ood's baselines.
+
+For each model: its benchmark table (:func:`bench.alarms.collect.table_of`: all 50,000
+training images, the per-class nulls from test images 0..4,999), the training references of
+the candidates' components (the table's score reference for the library's components; the
+50,000 training images' logits, from their cached penultimate features through the head, for
+``energy`` and ``max_logit``), then every set of :func:`bench.alarms.sets.family_sets` in both
+parts (``n`` images each) and the CIFAR-10 images of each part, judged once and cached under
+``alarms/MODEL/families/TABLE_KIND/nN/``. Written: ``results/families/MODEL.json`` with
+``parts[part]["sets"][set]`` = the set's family, kind, severity, images, the library alarm's
+rate at 1% and every score's AUROC / FPR95 (the format :mod:`bench.alarms.loo` reads:
+``python -m bench.alarms.loo --results bench/alarms/results/families``).
+
+Options: ``--models resnet18,vgg_bn,vgg_plain,mobilenet``, ``--n 500``, ``--threads 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.alarms import collect
+from bench.alarms.combine import References, candidate_scores
+from bench.alarms.scores import Baselines, detection
+from bench.alarms.sets import PARTS, ImageSet, cifar_part, family_sets
+from bench.strong_models import ALARM_MODELS, training_record
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.options import Thresholds
+
+HERE = Path(__file__).resolve().parent
+LIBRARY = "library default"
+
+
+def log(msg: str) -> None:
+    """A progress line with the time."""
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def references(name: str, model: torch.nn.Module, table: object) -> References:
+    """The candidates' training references of one model (see the module docstring)."""
+    alarm = table.alarm  # type: ignore[attr-defined]
+    cols = [r.numpy() for r in alarm.reference.sorted_components]
+    m = min(len(c) for c in cols)
+    feats, _ = collect.train_features(name, model)
+    head = collect.head_of(model)
+    with torch.no_grad():
+        logits = head(torch.from_numpy(feats).float()).numpy()
+    return References.of(np.stack([c[:m] for c in cols], axis=1), alarm.component_names(), logits)
+
+
+def judged(name: str, monitor: SurpriseMonitor, images: ImageSet, n: int) -> dict[str, np.ndarray]:
+    """:func:`bench.alarms.collect._judge` of a set, cached per (model, table kind, n, part,
+    set): a family set of ``n`` images never meets a set of the same name and other size."""
+    folder = collect.folder(name) / "families" / collect.TABLE_KIND / f"n{n}"
+    path = folder / f"{images.part}__{images.name.replace(' ', '_')}.npz"
+    if path.is_file():
+        with np.load(path) as d:
+            return {k: d[k] for k in d.files}
+    found = collect._judge(monitor, images)
+    folder.mkdir(parents=True, exist_ok=True)
+    collect._save(path, **found)
+    return found
+
+
+def all_scores(
+    found: dict[str, np.ndarray], refs: References, baselines: Baselines
+) -> dict[str, np.ndarray]:
+    """Every candidate's, the library's and every baseline's score of one judged set."""
+    out = {LIBRARY: np.asarray(found["score"], np.float64), **candidate_scores(found, refs)}
+    out.update(baselines.scores(found))
+    return out
+
+
+def run_model(name: str, n: int, say: Callable[[str], None] = log) -> dict:
+    """Every figure of one model (see the module docstring)."""
+    model = collect.load_model(name)
+    table = collect.table_of(name, model, say)
+    feats, labels = collect.train_features(name, model)
+    baselines = Baselines(feats, labels)
+    refs = references(name, model, table)
+    out: dict = {"model": name, "training": training_record(name), "n": n, "parts": {}}
+    with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=0.01)) as monitor:
+        for part in PARTS:
+            inlier = judged(name, monitor, cifar_part(part), n)
+            scores_in = all_scores(inlier, refs, baselines)
+            sets: dict = {}
+            for images in family_sets(part, n):
+                found = judged(name, monitor, images, n)
+                sets[images.name] = {
+                    "family": images.family, "kind": images.kind,
+                    "severity": images.severity, "images": len(images.images),
+                    "alarm_rate": float((found["p_value"] <= 0.01).mean()),
+                    "scores": detection(scores_in, all_scores(found, refs, baselines)),
+                }  # fmt: skip
+            say(f"{name}: {part}: {len(sets)} sets")
+            out["parts"][part] = {"in_distribution_images": len(inlier["score"]), "sets": sets}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: see the module docstring."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(ALARM_MODELS))
+    p.add_argument("--n", type=int, default=500, help="images per set")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(HERE / "results" / "families"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in args.models.split(","):
+        started = time.perf_counter()
+        results = run_model(name, args.n)
+        results["seconds"] = round(time.perf_counter() - started)
+        path = folder / f"{name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=_plain))
+        tmp.replace(path)
+        log(f"{name}: done in {results['seconds']} s -> {path}")
+    return 0
+
+
+def _plain(obj: object) -> object:
+    """JSON for numpy scalars."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(type(obj).__name__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
