@@ -57,7 +57,10 @@ def references(name: str, model: torch.nn.Module, table: object) -> References:
 
 def judged(name: str, monitor: SurpriseMonitor, images: ImageSet, n: int) -> dict[str, np.ndarray]:
     """:func:`bench.alarms.collect._judge` of a set, cached per (model, table kind, n, part,
-    set): a family set of ``n`` images never meets a set of the same name and other size."""
+    set): a family set of ``n`` images never meets a set of the same name and other size (the
+    CIFAR-10 images of a part, the same for every ``n``, share :func:`collect.judged`'s cache)."""
+    if images.name == "cifar10":  # the part's 5,000 CIFAR-10 images, whatever n: shared
+        return collect.judged(name, monitor, images)
     folder = collect.folder(name) / "families" / collect.TABLE_KIND / f"n{n}"
     path = folder / f"{images.part}__{images.name.replace(' ', '_')}.npz"
     if path.is_file():
