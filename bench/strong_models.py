@@ -61,31 +61,46 @@ def load_resnet18() -> nn.Module:
     return module.load(str(folder / "cifar10_resnet18.safetensors"))
 
 
-class VGGBN(nn.Module):
-    """VGG with batch norm for 32x32 inputs: 4 stages of two 3x3 conv-BN-ReLU (widths w, 2w,
-    4w, 8w) with max pooling between them, global average pooling and one linear layer.
-    The final convolution, ``features.24``, has ``8w`` filters at 4x4."""
+def vgg_features(width: int, batch_norm: bool) -> nn.Sequential:
+    """The VGGs' feature extractor for 32x32 inputs: 4 stages of two 3x3 convolutions (widths w,
+    2w, 4w, 8w; conv-BN-ReLU without conv biases with ``batch_norm``, else conv-ReLU) with max
+    pooling between the stages."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for stage, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        if stage:
+            layers.append(nn.MaxPool2d(2))
+        for _ in range(2):
+            layers.append(nn.Conv2d(cin, cout, 3, padding=1, bias=not batch_norm))
+            layers += [nn.BatchNorm2d(cout)] if batch_norm else []
+            layers.append(nn.ReLU(inplace=True))
+            cin = cout
+    return nn.Sequential(*layers)
 
-    def __init__(self, width: int = VGG_WIDTH, num_classes: int = 10) -> None:
+
+class _VGG(nn.Module):
+    """The VGGs' shared body: :func:`vgg_features`, global average pooling, one linear layer."""
+
+    def __init__(self, width: int, num_classes: int, batch_norm: bool) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        cin = 3
-        for stage, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            if stage:
-                layers.append(nn.MaxPool2d(2))
-            for _ in range(2):
-                layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                           nn.ReLU(inplace=True)]  # fmt: skip
-                cin = cout
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(cin, num_classes)
+        self.features = vgg_features(width, batch_norm)
+        self.classifier = nn.Linear(8 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_classes]`` of normalised images ``[B, 3, 32, 32]``."""
         return self.classifier(self.features(x).mean(dim=(2, 3)))
 
 
-class VGGPlain(nn.Module):
+class VGGBN(_VGG):
+    """VGG with batch norm for 32x32 inputs: 4 stages of two 3x3 conv-BN-ReLU (widths w, 2w,
+    4w, 8w) with max pooling between them, global average pooling and one linear layer.
+    The final convolution, ``features.24``, has ``8w`` filters at 4x4."""
+
+    def __init__(self, width: int = VGG_WIDTH, num_classes: int = 10) -> None:
+        super().__init__(width, num_classes, batch_norm=True)
+
+
+class VGGPlain(_VGG):
     """VGG without batch norm for 32x32 inputs: the layout of :class:`VGGBN` (4 stages of two 3x3
     conv-ReLU, widths w, 2w, 4w, 8w, max pooling between them, global average pooling, one linear
     layer), the convolutions with biases. Kaiming-normal initialisation (fan-in, ReLU gain) and zero
@@ -94,27 +109,13 @@ class VGGPlain(nn.Module):
     convolution, ``features.17``, has ``8w`` filters at 4x4."""
 
     def __init__(self, width: int = VGG_PLAIN_WIDTH, num_classes: int = 10) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        cin = 3
-        for stage, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            if stage:
-                layers.append(nn.MaxPool2d(2))
-            for _ in range(2):
-                layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
-                cin = cout
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(cin, num_classes)
+        super().__init__(width, num_classes, batch_norm=False)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, num_classes]`` of normalised images ``[B, 3, 32, 32]``."""
-        return self.classifier(self.features(x).mean(dim=(2, 3)))
 
 
 class Float32Conv2d(nn.Conv2d):

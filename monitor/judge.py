@@ -604,16 +604,10 @@ class Judge:
         guarantee), or with ``alarm_confidence`` the calibration-conditional level of the null
         each class's p-values come from (its own, or the pooled one)
         (:func:`~surprise_monitor.monitor.conformal.conditional_level`)."""
-        pooled = alarm.null(labels_given)
-        if pooled is None:
+        sizes = alarm.null_sizes(labels_given, self.table.num_classes)
+        if not sizes:
             return None
-        t, k = self.thresholds, self.table.num_classes
-        sizes = [pooled.size] * k
-        per_class = alarm.class_null(labels_given)
-        if per_class is not None:
-            sizes = [
-                n if n >= per_class.min_size else pooled.size for n in per_class.sizes.tolist()
-            ]
+        t = self.thresholds
         levels = [conditional_level(n, t.alarm_rate, t.alarm_confidence) for n in sizes]
         return torch.tensor(levels, dtype=torch.float32, device=device)
 

@@ -95,6 +95,19 @@ class AlarmCalibration:
         """The per-class nulls for inputs judged against labels (``True``) or predictions."""
         return self.class_null_labelled if labels_given else self.class_null_predicted
 
+    def null_sizes(self, labels_given: bool, num_classes: int) -> list[int]:
+        """Per class, how many held-out scores its p-values are taken among: its own null's
+        size when it has one (at least ``class_null_min`` images), else the pooled null's;
+        ``[]`` without a null."""
+        pooled = self.null(labels_given)
+        if pooled is None:
+            return []
+        per_class = self.class_null(labels_given)
+        if per_class is None:
+            return [pooled.size] * num_classes
+        least = per_class.min_size
+        return [n if n >= least else pooled.size for n in per_class.sizes.tolist()]
+
     @property
     def class_null_min(self) -> int:
         """Held-out images a class needs for a null of its own; 0 without per-class nulls."""

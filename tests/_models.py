@@ -337,3 +337,22 @@ def with_silent_surprise(table, cls: int, alpha: torch.Tensor, silent: int = SIL
     q[cls, silent] = torch.linspace(-2.001, -2.0, levels)
     mean[cls, silent] = -100.0
     return dataclasses.replace(table, quantiles=q, mean=mean)
+
+
+def tiny_vgg_bn(data_dir, steps: int) -> nn.Module:
+    """A :class:`bench.strong_models.VGGBN` of width 4 after ``steps`` Adam steps (seed 0) on the
+    fake CIFAR-10 training images in ``data_dir``, in eval mode."""
+    from bench.cifar import cifar10_dataset
+    from bench.strong_models import VGGBN
+
+    torch.manual_seed(0)
+    model = VGGBN(width=4)
+    x, y = cifar10_dataset("train", data_dir).tensors
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        batch = slice(32 * (step % 5), 32 * (step % 5) + 32)
+        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

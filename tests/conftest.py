@@ -17,6 +17,7 @@ from tests._models import (  # noqa: E402
     class_dataset,
     heldout_dataset,
     photo_crops,
+    tiny_vgg_bn,
     trained_tiny_cnn,
     write_photo_folder,
     write_tiny_weights,
@@ -94,24 +95,12 @@ def tiny_strong(fake_cifar, tmp_path, monkeypatch):
     data, the cache and the scripts' outputs (results, figures, report) in temporary folders;
     held-out tables on test images 0..19, reported on 20..39."""
     from bench import strong_tables
-    from bench.cifar import cifar10_dataset
     from bench.paper import __main__ as paper_main
     from bench.paper import common, failures
-    from bench.strong_models import VGGBN
 
     monkeypatch.setenv("SURPRISE_DATA_DIR", str(fake_cifar))
     monkeypatch.setenv("SURPRISE_MONITOR_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    model = VGGBN(width=4)
-    x, y = cifar10_dataset("train", fake_cifar).tensors
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(40):
-        batch = slice(32 * (step % 5), 32 * (step % 5) + 32)
-        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = tiny_vgg_bn(fake_cifar, steps=40)
     monkeypatch.setattr(common, "load_strong", lambda name: model)
     monkeypatch.setitem(strong_tables.SPLITS, "heldout", ("test", 0, 20, "true"))
     monkeypatch.setitem(strong_tables.SPLITS, "heldout_pred", ("test", 0, 20, "pred"))

@@ -20,12 +20,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.alarms import collect
 from bench.alarms.class_rates import class_rates
-from bench.alarms.report import markdown, plot_pvalues, plot_roc
+from bench.alarms.report import log, markdown, plain, plot_pvalues, plot_roc
 from bench.alarms.scores import Baselines, alarm_rate, all_scores, detection
 from bench.alarms.sets import PARTS, atypical_sets, cifar_part
 from bench.strong_models import STRONG_MODELS, training_record
@@ -35,11 +34,6 @@ from surprise_monitor.monitor.options import Thresholds
 
 HERE = Path(__file__).resolve().parent
 RATES = (0.01, 0.001)
-
-
-def log(msg: str) -> None:
-    """A progress line with the time."""
-    print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
 def run_model(name: str, n: int) -> dict:
@@ -107,17 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_roc(name, plots, figures / f"{name}-roc.png")
         plot_pvalues(name, plots, figures / f"{name}-pvalues.png")
         results["seconds"] = round(time.perf_counter() - started)
-        (out / f"{name}.json").write_text(json.dumps(results, indent=1, default=_plain))
+        (out / f"{name}.json").write_text(json.dumps(results, indent=1, default=plain))
         (out / f"{name}.md").write_text(markdown(results))
         log(f"{name}: done in {results['seconds']} s; {out / (name + '.md')}")
     return 0
-
-
-def _plain(obj: object) -> object:
-    """JSON for numpy scalars."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(type(obj).__name__)
 
 
 if __name__ == "__main__":

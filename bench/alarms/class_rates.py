@@ -104,7 +104,7 @@ def class_rates(
     for name, p, classes in views:
         nulls = alarm.class_null(name == "labelled")
         sizes = [n_pooled] * k if nulls is None else nulls.sizes.tolist()
-        used = [n if nulls is None or n >= nulls.min_size else n_pooled for n in sizes]
+        used = alarm.null_sizes(name == "labelled", k)
         out[name] = {
             "heldout_per_class": sizes,
             "overall": _with_range(alarm_rate(p, rate), n_pooled, rate),
@@ -112,7 +112,7 @@ def class_rates(
         }
     nulls = alarm.class_null(False)
     if nulls is not None:  # the calibration-conditional level (alarm_confidence 0.9)
-        sizes = [n if n >= nulls.min_size else n_pooled for n in nulls.sizes.tolist()]
+        sizes = alarm.null_sizes(False, k)
         level = np.array([conditional_level(n, rate, CONFIDENCE) for n in sizes])
         p = judged["p_value"]
         # p <= level is an alarm; alarm_rate(p', rate) counts p' <= rate, so map alarms to 0

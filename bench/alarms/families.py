@@ -28,6 +28,7 @@ import torch
 
 from bench.alarms import collect
 from bench.alarms.combine import References, candidate_scores
+from bench.alarms.report import log, plain
 from bench.alarms.scores import Baselines, detection
 from bench.alarms.sets import PARTS, ImageSet, cifar_part, family_sets
 from bench.strong_models import ALARM_MODELS, training_record
@@ -36,11 +37,6 @@ from surprise_monitor.monitor.options import Thresholds
 
 HERE = Path(__file__).resolve().parent
 LIBRARY = "library default"
-
-
-def log(msg: str) -> None:
-    """A progress line with the time."""
-    print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
 def references(name: str, model: torch.nn.Module, table: object) -> References:
@@ -124,17 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["seconds"] = round(time.perf_counter() - started)
         path = folder / f"{name}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=_plain))
+        tmp.write_text(json.dumps(results, indent=1, default=plain))
         tmp.replace(path)
         log(f"{name}: done in {results['seconds']} s -> {path}")
     return 0
-
-
-def _plain(obj: object) -> object:
-    """JSON for numpy scalars."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(type(obj).__name__)
 
 
 if __name__ == "__main__":

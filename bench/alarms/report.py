@@ -1,7 +1,8 @@
-"""Tables and figures of the alarm benchmark."""
+"""Tables, figures, JSON and progress lines of the alarm benchmark."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,18 @@ DEFAULT = next(iter(CANDIDATES))
 SHOWN = (DEFAULT, "without the head (v1)", "final layer: expectation mass", *BASELINES)
 ROC_SETS = ("mnist", "fashion_mnist", "notmnist", "photos", "blur 1", "jpeg 15")
 PVALUE_SETS = ("cifar10", "mnist", "photos", "contrast 0.25", "jpeg 15", "uniform")
+
+
+def log(msg: str) -> None:
+    """A progress line with the time."""
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def plain(obj: object) -> object:
+    """JSON for numpy scalars (``json.dumps(..., default=plain)``)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(type(obj).__name__)
 
 
 def markdown(results: dict[str, Any], part: str = "report") -> str:

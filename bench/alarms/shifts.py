@@ -302,14 +302,20 @@ def _downup(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     return _resize_each(x, int(x.shape[1] * c), Image.BILINEAR, Image.BILINEAR)
 
 
-def _jpeg(x: np.ndarray, quality: int, rng: np.random.Generator) -> np.ndarray:
-    """Re-compression as JPEG of ``quality`` (Pillow's defaults otherwise)."""
-    out = np.empty_like(x)
-    for i, img in enumerate(x):
+def jpeg_recompress(images: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` images compressed as JPEG of ``quality`` and decoded again
+    (Pillow's defaults otherwise)."""
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=int(quality))
         out[i] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     return out
+
+
+def _jpeg(x: np.ndarray, quality: int, rng: np.random.Generator) -> np.ndarray:
+    """Re-compression as JPEG of ``quality`` (Pillow's defaults otherwise)."""
+    return jpeg_recompress(x, quality)
 
 
 def _gaussian_noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:

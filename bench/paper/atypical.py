@@ -26,7 +26,6 @@ Run: ``python -m bench.paper.atypical [--data-dir DIR] [--n-test 5000] [--n-ood 
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Sequence
@@ -34,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import TensorDataset
 
 from bench import strong_tables
+from bench.alarms.shifts import jpeg_recompress
 from bench.cifar import load_cifar10, to_tensor
 from bench.paper.common import (
     CALIBRATION_SPLITS,
@@ -77,12 +76,7 @@ def shift_images(images: np.ndarray, kind: str, level: float, seed: int = 0) -> 
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 [N, H, W, C] images, got {images.dtype} {images.shape}")
     if kind == "jpeg":
-        out = np.empty_like(images)
-        for i, img in enumerate(images):
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="JPEG", quality=int(level))
-            out[i] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-        return out
+        return jpeg_recompress(images, int(level))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255.0
     if kind == "noise":
         g = torch.Generator().manual_seed(seed)

@@ -33,24 +33,8 @@ from typing import Any
 
 from bench.fix_rate import summarise
 from bench.paper import common
-from bench.paper.common import (
-    Setup,
-    arg_parser,
-    load_setup,
-    log,
-    parse,
-    store,
-    test_images,
-    test_logits,
-)
-from bench.paper.fixing import (
-    add_filter_alpha,
-    analyse,
-    compute_rows,
-    misclassified,
-    rate_row,
-    rows_path,
-)
+from bench.paper.common import Setup, arg_parser, load_setup, parse, store
+from bench.paper.fixing import analyse, native_rows, rate_row
 from surprise_monitor.monitor.explain import METHODS
 
 #: The rows' cache variant (beside Section 4.5's ``32``).
@@ -73,14 +57,7 @@ def choice_kind(row: dict[str, Any]) -> str:
 def run_model(setup: Setup, n_test: int | None) -> dict[str, Any]:
     """Every failure of one model, fixed with the explanation's filter choice."""
     started = time.perf_counter()
-    n = setup.n_test(n_test)
-    idx = misclassified(setup, n)
-    x, y = test_images(setup.data_dir, 0, n)
-    logits, _ = test_logits(setup)
-    log(f"fix_choice: {setup.arch}: {len(idx)} misclassified of {n} test images")
-    with setup.monitor("train") as mon:
-        rows = compute_rows(mon, x[idx], y[idx], idx, rows_path(setup, VARIANT), logits, log)
-        add_filter_alpha(mon, x[idx], y[idx], rows)
+    n, idx, _, _, _, rows = native_rows(setup, n_test, VARIANT, "fix_choice")
     used = [r for r in rows if "skipped" not in r]
     out: dict[str, Any] = {"title": setup.title, "test_images": n, "misclassified": len(idx)}
     out["native"] = analyse(rows)

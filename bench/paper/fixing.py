@@ -40,7 +40,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -277,21 +277,39 @@ def direct_accuracy(setup: Setup, size: int, n: int = 1000) -> float:
     return float((logits_of(setup.model, upsample(x, size)).argmax(1) == y).float().mean())
 
 
+class NativeRows(NamedTuple):
+    """Every failure among the first ``n`` test images at 32 x 32, with its fix rows."""
+
+    n: int
+    idx: list[int]  # the misclassified test images
+    x: torch.Tensor  # the first n test images (normalised)
+    y: torch.Tensor
+    logits: torch.Tensor  # every test image's logits
+    rows: list[dict[str, Any]]  # compute_rows of the failures, with filter_alpha
+
+
+def native_rows(setup: Setup, n_test: int | None, variant: str, experiment: str) -> NativeRows:
+    """The fix rows (:func:`compute_rows`, cached as ``variant``) of every failure among the
+    first ``n_test`` test images, judged with the training table, with ``filter_alpha``."""
+    n = setup.n_test(n_test)
+    idx = misclassified(setup, n)
+    x, y = test_images(setup.data_dir, 0, n)
+    logits, _ = test_logits(setup)
+    log(f"{experiment}: {setup.arch}: {len(idx)} misclassified of {n} test images")
+    with setup.monitor("train") as mon:
+        rows = compute_rows(mon, x[idx], y[idx], idx, rows_path(setup, variant), logits, log)
+        add_filter_alpha(mon, x[idx], y[idx], rows)
+    return NativeRows(n, idx, x, y, logits, rows)
+
+
 def run_model(
     setup: Setup, n_test: int | None, upsample_images: int, sizes: Sequence[int]
 ) -> dict[str, Any]:
     """The experiment for one model: every failure at 32 x 32, the first ``upsample_images``
     at each of ``sizes``."""
     started = time.perf_counter()
-    n = setup.n_test(n_test)
-    idx = misclassified(setup, n)
-    x, y = test_images(setup.data_dir, 0, n)
-    logits, _ = test_logits(setup)
-    log(f"fixing: {setup.arch}: {len(idx)} misclassified of {n} test images")
+    n, idx, x, y, logits, rows = native_rows(setup, n_test, NATIVE, "fixing")
     out: dict[str, Any] = {"title": setup.title, "test_images": n, "misclassified": len(idx)}
-    with setup.monitor("train") as mon:
-        rows = compute_rows(mon, x[idx], y[idx], idx, rows_path(setup, NATIVE), logits, log)
-        add_filter_alpha(mon, x[idx], y[idx], rows)
     out["native"] = analyse(rows)
     sub = idx[:upsample_images]
     t = time.perf_counter()

@@ -7,32 +7,19 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from bench.alarms import collect, families, loo, sets
 from bench.alarms.combine import CANDIDATES
 from bench.alarms.scores import BASELINES
+from tests._models import tiny_vgg_bn
 
 
 @pytest.fixture()
 def tiny_alarm_model(fake_data, tmp_path, monkeypatch):
     """A tiny VGG-BN trained a few steps on the fake CIFAR-10, as the benchmark's model; the
     cache in a temporary folder; the null from test images 0..19."""
-    from bench.cifar import cifar10_dataset
-    from bench.strong_models import VGGBN
-
     monkeypatch.setenv("SURPRISE_MONITOR_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    model = VGGBN(width=4)
-    x, y = cifar10_dataset("train", fake_data).tensors
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(20):
-        batch = slice(32 * (step % 5), 32 * (step % 5) + 32)
-        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = tiny_vgg_bn(fake_data, steps=20)
     monkeypatch.setattr(collect, "load_model", lambda name: model)
     monkeypatch.setattr(collect, "HELDOUT", range(0, 20))
     monkeypatch.setattr(families, "training_record", lambda name: {"fake": True})
