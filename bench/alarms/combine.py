@@ -12,7 +12,17 @@ atypical direction:
   ``MaxLogit`` conventions: high = atypical);
 - ``beta``, the paper's class evidence, whose p-value is its percentile among the class's
   training images, ``beta_percentile / 100`` clipped to ``[1/(m+1), 1]`` (lower tail: little
-  class evidence is atypical).
+  class evidence is atypical);
+- ``stage_mahalanobis:<layer>`` (:mod:`bench.alarms.stage_stats`, when the references carry
+  them): each profile layer's (and the head layer's) channel means' Mahalanobis distance from
+  the training images', against the distances of reference training images.
+
+A *gated* candidate (:attr:`Candidate.gate`) ranks first every input whose gate components'
+Fisher combination lies beyond a share :attr:`Candidate.gate_level` of the reference training
+images' (far beyond anything the training images show; ordered among themselves by how far),
+and every other input by its combiner over its kinds: a strong far-shift component cannot
+dilute the class-evidence score on the near shifts, where it carries nothing, yet still ranks
+the far shifts first.
 
 Each component has a default direction (:data:`DIRECTIONS`: upper, lower or two-sided) that a
 candidate may override: the head distance was measured running the wrong way on one model
@@ -50,6 +60,10 @@ UPPER, LOWER, TWO_SIDED = "upper", "lower", "two-sided"
 SIDES = (UPPER, LOWER, TWO_SIDED)
 #: The logit-space components and the paper's beta (kinds without a ``":layer"`` suffix).
 ENERGY, MAX_LOGIT, BETA = "energy", "max_logit", "beta"
+#: The far-shift distances of :mod:`bench.alarms.stage_stats`.
+STAGE_MAHALANOBIS = "stage_mahalanobis"
+#: Added to a gated input's score so that it ranks above every input the gate let through.
+GATE_OFFSET = 1e6
 #: Each component kind's atypical direction unless a candidate overrides it.
 DIRECTIONS: dict[str, str] = {
     ALPHA_COMPONENT: UPPER,
@@ -58,6 +72,7 @@ DIRECTIONS: dict[str, str] = {
     ENERGY: UPPER,
     MAX_LOGIT: UPPER,
     BETA: LOWER,
+    STAGE_MAHALANOBIS: UPPER,
 }
 #: The component families of :func:`two_level` (the names of ``atypicality.ALARM_KINDS``).
 FAMILIES: dict[str, str] = {
@@ -67,6 +82,7 @@ FAMILIES: dict[str, str] = {
     ALPHA_COMPONENT: "class_evidence",
     STAGE_COMPONENT: "low_level",
     HEAD_COMPONENT: "features",
+    STAGE_MAHALANOBIS: "low_level",
 }
 #: How far :func:`cauchy` keeps p-values from 0 and 1 (where ``tan`` is infinite).
 CAUCHY_EPS = 1e-15
@@ -168,14 +184,19 @@ class References:
     """Per component, the sorted values of the training reference images.
 
     ``sorted_values`` maps every component name (the library's, in its column order, then
-    ``energy`` and ``max_logit``) to its sorted reference; ``library`` lists the library's
-    names in the column order of a judged set's ``components``; ``beta_images`` is the ``m``
-    of beta's clip ``1/(m+1)``.
+    ``energy`` and ``max_logit``, then the stage distances) to its sorted reference;
+    ``library`` lists the library's names in the column order of a judged set's
+    ``components``; ``beta_images`` is the ``m`` of beta's clip ``1/(m+1)``; ``stage`` lists
+    the stage distances' names in the column order of a judged set's ``stage_mahalanobis``,
+    and ``rows`` their reference values per image (unsorted, one row per reference image: a
+    gate's level is a share of those images).
     """
 
     sorted_values: Mapping[str, np.ndarray]
     library: tuple[str, ...]
     beta_images: int
+    stage: tuple[str, ...] = ()
+    rows: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -184,9 +205,13 @@ class References:
         names: Sequence[str],
         train_logits: np.ndarray,
         beta_images: int | None = None,
+        stage_rows: np.ndarray | None = None,
+        stage_names: Sequence[str] = (),
     ) -> References:
         """The references from the training images' library components ``[m, J]`` (columns
-        named ``names``) and their logits ``[n, K]``; ``beta_images`` defaults to ``m``."""
+        named ``names``) and their logits ``[n, K]``; ``beta_images`` defaults to ``m``;
+        ``stage_rows [m', L]``: the reference images' stage distances (columns named
+        ``stage_names``), when the candidates use them."""
         comps = _finite("components", components)
         if comps.ndim != 2 or comps.shape[1] != len(names) or comps.shape[0] == 0:
             raise ValueError(f"components {comps.shape} do not match the {len(names)} names")
@@ -196,22 +221,50 @@ class References:
         for name, fn in LOGIT_COMPONENTS.items():
             values[name] = np.sort(fn(train_logits))
         m = comps.shape[0] if beta_images is None else int(beta_images)
-        return cls(values, tuple(names), m)
+        rows: dict[str, np.ndarray] = {}
+        if stage_rows is not None:
+            st = _finite("stage_rows", stage_rows)
+            if st.ndim != 2 or st.shape[1] != len(stage_names) or st.shape[0] == 0:
+                raise ValueError(f"stage rows {st.shape} do not match {len(stage_names)} names")
+            if any(kind_of(n) != STAGE_MAHALANOBIS for n in stage_names):
+                raise ValueError(f"stage names must be {STAGE_MAHALANOBIS}:<layer>")
+            rows = {n: st[:, j].copy() for j, n in enumerate(stage_names)}
+            values.update({n: np.sort(r) for n, r in rows.items()})
+        return cls(values, tuple(names), m, tuple(rows), rows)
 
     def names(self) -> list[str]:
-        """Every component with a p-value: the library's, ``energy``, ``max_logit``, ``beta``."""
-        return [*self.library, *LOGIT_COMPONENTS, BETA]
+        """Every component with a p-value: the library's, ``energy``, ``max_logit``, ``beta``,
+        then the stage distances (when there are any)."""
+        return [*self.library, *LOGIT_COMPONENTS, BETA, *self.stage]
 
     def values(self, judged: Mapping[str, np.ndarray], name: str) -> np.ndarray:
         """Component ``name`` of every input of a judged set (``[B]``; not for ``beta``)."""
         if name in LOGIT_COMPONENTS:
             return LOGIT_COMPONENTS[name](judged["logits"])
+        if name in self.stage:
+            found = np.asarray(judged[STAGE_MAHALANOBIS])
+            if found.ndim != 2 or found.shape[1] != len(self.stage):
+                raise ValueError(f"stage distances {found.shape} for {len(self.stage)} layers")
+            return found[:, self.stage.index(name)]
         if name not in self.library:
             raise KeyError(f"unknown component {name!r}; known: {self.names()}")
         comps = np.asarray(judged["components"])
         if comps.ndim != 2 or comps.shape[1] != len(self.library):
             raise ValueError(f"components {comps.shape} for a reference of {len(self.library)}")
         return comps[:, self.library.index(name)]
+
+    def gate_threshold(self, names: Sequence[str], level: float) -> float:
+        """The ``level`` quantile of the reference images' own Fisher log p-value
+        (:func:`fisher_log_p`) over the components ``names`` (upper tails, each reference
+        image ranked among all of them): an input at or below it lies beyond that share of the
+        reference images."""
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"the gate level must lie in (0, 1), got {level}")
+        missing = [n for n in names if n not in self.rows]
+        if missing or not names:
+            raise ValueError(f"no reference rows for gate components {missing or names}")
+        p = [upper_tail(self.sorted_values[n], self.rows[n]) for n in names]
+        return float(np.quantile(fisher_log_p(np.stack(p, axis=1)), level))
 
     def p_value(self, judged: Mapping[str, np.ndarray], name: str, direction: str) -> np.ndarray:
         """Component ``name``'s p-value ``[B]`` for every input of ``judged``, in ``direction``."""
@@ -239,6 +292,26 @@ def fisher(p: np.ndarray) -> np.ndarray:
     """Fisher's ``-2 sum_j log p_j`` of ``[B, J]`` p-values: ``[B]`` (dense: every component
     adds, so a strong one is diluted by uninformative ones)."""
     return -2.0 * np.log(_p_matrix(p)).sum(axis=1)
+
+
+def fisher_log_p(p: np.ndarray) -> np.ndarray:
+    """The log of Fisher's combined p-value of ``[B, J]`` p-values (the chi-square with ``2 J``
+    degrees of freedom's log survival function at :func:`fisher`): ``[B]``, decreasing in
+    Fisher's statistic, so it ranks as Fisher does and does not underflow."""
+    a = _p_matrix(p)
+    return chi2.logsf(fisher(a), 2 * a.shape[1])
+
+
+def gated(gate_log_p: np.ndarray, threshold: float, rest: np.ndarray) -> np.ndarray:
+    """``GATE_OFFSET - gate_log_p`` where ``gate_log_p <= threshold`` (beyond the gate: first,
+    ordered by how far), else ``rest`` (the candidate's combiner; must stay below the
+    offset): ``[B]``."""
+    g, r = np.asarray(gate_log_p, np.float64), np.asarray(rest, np.float64)
+    if g.shape != r.shape:
+        raise ValueError(f"gate {g.shape} and rest {r.shape} differ in shape")
+    if (r >= GATE_OFFSET).any():
+        raise ValueError("a combined score reaches the gate's offset")
+    return np.where(g <= threshold, GATE_OFFSET - g, r)
 
 
 def cauchy(p: np.ndarray) -> np.ndarray:
@@ -295,15 +368,21 @@ COMBINERS: dict[str, Callable[[np.ndarray, Sequence[str]], np.ndarray]] = {
 class Candidate:
     """A candidate score: the component ``kinds`` it combines (every component of a kind:
     ``stage_energy`` = each profile layer's), direction overrides ``sides`` (kind -> side) and
-    the ``combiner`` (a key of :data:`COMBINERS`)."""
+    the ``combiner`` (a key of :data:`COMBINERS`); with ``gate`` kinds, the inputs whose gate
+    components lie beyond a share ``gate_level`` of the reference images come first
+    (:func:`gated`)."""
 
     name: str
     kinds: tuple[str, ...]
     combiner: str
     sides: Mapping[str, str] = field(default_factory=dict)
+    gate: tuple[str, ...] = ()
+    gate_level: float = 0.01
 
     def __post_init__(self) -> None:
-        unknown = [k for k in (*self.kinds, *self.sides) if k not in DIRECTIONS]
+        unknown = [k for k in (*self.kinds, *self.sides, *self.gate) if k not in DIRECTIONS]
+        if not 0.0 < self.gate_level < 1.0:
+            raise ValueError(f"candidate {self.name!r}: gate_level must lie in (0, 1)")
         if unknown or self.combiner not in COMBINERS or not self.kinds:
             raise ValueError(f"candidate {self.name!r}: bad kinds {unknown} or combiner")
         if any(s not in SIDES for s in self.sides.values()):
@@ -314,11 +393,12 @@ class Candidate:
         kind = kind_of(name)
         return self.sides.get(kind, DIRECTIONS[kind])
 
-    def columns(self, available: Sequence[str]) -> list[str]:
-        """The components of ``available`` it combines (in ``available``'s order); refused when
-        one of its kinds has none."""
-        cols = [n for n in available if kind_of(n) in self.kinds]
-        missing = set(self.kinds) - {kind_of(n) for n in cols}
+    def columns(self, available: Sequence[str], gate: bool = False) -> list[str]:
+        """The components of ``available`` it combines (``gate``: its gate's), in
+        ``available``'s order; refused when one of the kinds has none."""
+        kinds = self.gate if gate else self.kinds
+        cols = [n for n in available if kind_of(n) in kinds]
+        missing = set(kinds) - {kind_of(n) for n in cols}
         if missing:
             raise ValueError(f"candidate {self.name!r}: no component of kind {sorted(missing)}")
         return cols
@@ -356,6 +436,18 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("beta alone", (BETA,), "min_p"),
 )
 
+#: The gated candidates (they need the stage distances of :mod:`bench.alarms.stage_stats`):
+#: beyond 1% (0.1%) of the reference images in the stage distances first, then energy, or
+#: energy with the final layer's expectation mass.
+GATED_CANDIDATES: tuple[Candidate, ...] = tuple(
+    Candidate(
+        f"gated {level:g}: {'+'.join(_SHORT[k] for k in kinds)}", kinds, "fisher",
+        gate=(STAGE_MAHALANOBIS,), gate_level=level,
+    )
+    for level in (0.01, 0.001)
+    for kinds in ((ENERGY,), (ENERGY, _MASS))
+)  # fmt: skip
+
 
 def candidate_scores(
     judged: Mapping[str, np.ndarray],
@@ -375,4 +467,12 @@ def candidate_scores(
                 cache[key] = references.p_value(judged, *key)
         p = np.stack([cache[(n, cand.direction(n))] for n in cols], axis=1)
         out[cand.name] = COMBINERS[cand.combiner](p, cols)
+        if cand.gate:
+            gate_cols = cand.columns(available, gate=True)
+            for name in gate_cols:
+                if (name, UPPER) not in cache:
+                    cache[(name, UPPER)] = references.p_value(judged, name, UPPER)
+            log_p = fisher_log_p(np.stack([cache[(n, UPPER)] for n in gate_cols], axis=1))
+            threshold = references.gate_threshold(gate_cols, cand.gate_level)
+            out[cand.name] = gated(log_p, threshold, out[cand.name])
     return out

@@ -7,9 +7,15 @@ the candidates' components (the table's score reference for the library's compon
 50,000 training images' logits, from their cached penultimate features through the head, for
 ``energy`` and ``max_logit``), then every set of :func:`bench.alarms.sets.family_sets` in both
 parts (``n`` images each) and the CIFAR-10 images of each part, judged once and cached under
-``alarms/MODEL/families/TABLE_KIND/nN/``. Written: ``results/families/MODEL.json`` with
-``parts[part]["sets"][set]`` = the set's family, kind, severity, images, the library alarm's
-rate at 1% and every score's AUROC / FPR95 (the format :mod:`bench.alarms.loo` reads:
+``alarms/MODEL/families/TABLE_KIND/nN/``, with their stage distances
+(:mod:`bench.alarms.stage_stats`, for the gated candidates) under
+``alarms/MODEL/families/stage_mahalanobis/nN/``. The ``nominal`` sets (the training
+augmentations, which must stay at chance) are judged against the *same* ``n`` images unshifted
+(the part's first ``n``), so a subset of unusual images does not pass for an effect of the
+augmentation; every other set against the part's 5,000 CIFAR-10 images. Written:
+``results/families/MODEL.json`` with ``parts[part]["sets"][set]`` = the set's family, kind,
+severity, images, the library alarm's rate at 1% and every score's AUROC / FPR95 (the
+format :mod:`bench.alarms.loo` reads:
 ``python -m bench.alarms.loo --results bench/alarms/results/families``).
 
 Options: ``--models resnet18,vgg_bn,vgg_plain,mobilenet``, ``--n 500``, ``--threads 1``.
@@ -26,21 +32,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.alarms import collect
-from bench.alarms.combine import References, candidate_scores
+from bench.alarms import collect, stage_stats
+from bench.alarms.combine import CANDIDATES, GATED_CANDIDATES, References, candidate_scores
 from bench.alarms.report import log, plain
 from bench.alarms.scores import Baselines, detection
 from bench.alarms.sets import PARTS, ImageSet, cifar_part, family_sets
+from bench.alarms.stage_stats import StageStatistics, names_of
 from bench.strong_models import ALARM_MODELS, training_record
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.options import Thresholds
 
 HERE = Path(__file__).resolve().parent
 LIBRARY = "library default"
+#: The family of the training augmentations (judged against the same images unshifted).
+NOMINAL = "nominal"
 
 
-def references(name: str, model: torch.nn.Module, table: object) -> References:
-    """The candidates' training references of one model (see the module docstring)."""
+def references(
+    name: str, model: torch.nn.Module, table: object, stages: StageStatistics | None = None
+) -> References:
+    """The candidates' training references of one model (see the module docstring), with the
+    stage distances' reference rows when ``stages`` is given."""
     alarm = table.alarm  # type: ignore[attr-defined]
     cols = [r.numpy() for r in alarm.reference.sorted_components]
     m = min(len(c) for c in cols)
@@ -48,7 +60,11 @@ def references(name: str, model: torch.nn.Module, table: object) -> References:
     head = collect.head_of(model)
     with torch.no_grad():
         logits = head(torch.from_numpy(feats).float()).numpy()
-    return References.of(np.stack([c[:m] for c in cols], axis=1), alarm.component_names(), logits)
+    rows, stage_names = (
+        (None, ()) if stages is None else (stages.reference, names_of(stages.layers))
+    )
+    comps = np.stack([c[:m] for c in cols], axis=1)
+    return References.of(comps, alarm.component_names(), logits, None, rows, stage_names)
 
 
 def judged(name: str, monitor: SurpriseMonitor, images: ImageSet, n: int) -> dict[str, np.ndarray]:
@@ -72,7 +88,9 @@ def all_scores(
     found: dict[str, np.ndarray], refs: References, baselines: Baselines
 ) -> dict[str, np.ndarray]:
     """Every candidate's, the library's and every baseline's score of one judged set."""
-    out = {LIBRARY: np.asarray(found["score"], np.float64), **candidate_scores(found, refs)}
+    candidates = CANDIDATES + (GATED_CANDIDATES if refs.stage else ())
+    out = {LIBRARY: np.asarray(found["score"], np.float64)}
+    out.update(candidate_scores(found, refs, candidates))
     out.update(baselines.scores(found))
     return out
 
@@ -83,20 +101,32 @@ def run_model(name: str, n: int, say: Callable[[str], None] = log) -> dict:
     table = collect.table_of(name, model, say)
     feats, labels = collect.train_features(name, model)
     baselines = Baselines(feats, labels)
-    refs = references(name, model, table)
+    stages = stage_stats.statistics(name, model, table)
+    refs = references(name, model, table, stages)
+    distances = collect.folder(name) / "families" / stage_stats.KIND / f"n{n}"
     out: dict = {"model": name, "training": training_record(name), "n": n, "parts": {}}
     with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=0.01)) as monitor:
         for part in PARTS:
-            inlier = judged(name, monitor, cifar_part(part), n)
+            clean = cifar_part(part)
+            inlier = judged(name, monitor, clean, n)
+            inlier[stage_stats.KIND] = stage_stats.set_distances(
+                name, model, stages, clean, distances
+            )
             scores_in = all_scores(inlier, refs, baselines)
             sets: dict = {}
             for images in family_sets(part, n):
                 found = judged(name, monitor, images, n)
+                found[stage_stats.KIND] = stage_stats.set_distances(
+                    name, model, stages, images, distances
+                )
+                reference = scores_in
+                if images.family == NOMINAL:  # against the same images, unshifted
+                    reference = {k: v[: len(images.images)] for k, v in scores_in.items()}
                 sets[images.name] = {
                     "family": images.family, "kind": images.kind,
                     "severity": images.severity, "images": len(images.images),
                     "alarm_rate": float((found["p_value"] <= 0.01).mean()),
-                    "scores": detection(scores_in, all_scores(found, refs, baselines)),
+                    "scores": detection(reference, all_scores(found, refs, baselines)),
                 }  # fmt: skip
             say(f"{name}: {part}: {len(sets)} sets")
             out["parts"][part] = {"in_distribution_images": len(inlier["score"]), "sets": sets}

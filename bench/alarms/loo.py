@@ -311,6 +311,62 @@ def leave_one_family_out(
     return out
 
 
+#: The families a user can make from their own held-out images (every family but the semantic
+#: near-OOD and the far sets): all that a calibration-time choice may look at.
+NOT_SYNTHETIC = (SEMANTIC, FAR_FAMILY)
+#: The documented variants a calibration may choose among (issue 20, item 2): the stage
+#: distances' gate, then energy alone or energy with the final layer's expectation mass.
+VARIANTS = ("gated 0.01: energy", "gated 0.01: energy+mass")
+
+
+def own_choice(
+    aurocs: Aurocs,
+    family_of: Mapping[str, str],
+    variants: Sequence[str] = VARIANTS,
+    held_family: str | None = None,
+) -> list[dict]:
+    """The calibration-time choice among ``variants``, one per model: by :func:`rule` on the
+    model's *own* selection part, synthetic sets only (families outside
+    :data:`NOT_SYNTHETIC`, and outside ``held_family`` when one is held out), reported on its
+    report part (only ``held_family``'s sets when one is held out). Each: ``model``,
+    ``chosen``, ``ranking``, ``rows`` and ``summary``. No other model's figure enters a
+    choice, and no semantic or far set: a user has neither."""
+    out = []
+    for model in aurocs:
+
+        def seen_set(s: str) -> bool:
+            """Whether the choice may look at selection set ``s``."""
+            family = family_of.get(s, "?")
+            return family not in NOT_SYNTHETIC and family != held_family
+
+        seen = {model: {s: v for s, v in aurocs[model]["selection"].items() if seen_set(s)}}
+        ranking = rank_candidates(seen, family_of, variants)
+        chosen = ranking[0]["name"]
+        keep = None if held_family is None else (lambda s: family_of.get(s, "?") == held_family)
+        rows = _held_out(aurocs[model]["report"], chosen, family_of, model, keep)
+        out.append({"model": model, "held_out": held_family or model, "chosen": chosen,
+                    "ranking": ranking, "rows": rows, "summary": summary(rows)})  # fmt: skip
+    return out
+
+
+def own_choice_by_family(
+    aurocs: Aurocs, family_of: Mapping[str, str], variants: Sequence[str] = VARIANTS
+) -> list[dict]:
+    """:func:`own_choice` with each family held out in turn (from every model's choice):
+    per family, every model's report sets of it under its own choice; ``chosen`` lists the
+    models' choices."""
+    held = list(
+        dict.fromkeys(family_of.get(s, "?") for m in aurocs for s in aurocs[m]["selection"])
+    )
+    out = []
+    for family in held:
+        per_model = own_choice(aurocs, family_of, variants, family)
+        rows = [r for rotation in per_model for r in rotation["rows"]]
+        chosen = ", ".join(f"{r['model']}: {r['chosen']}" for r in per_model)
+        out.append({"held_out": family, "chosen": chosen, "rows": rows, "summary": summary(rows)})
+    return out
+
+
 # --- Markdown -----------------------------------------------------------------------------
 
 
@@ -361,11 +417,27 @@ def _summary_line(rotation: dict) -> str:
     )
 
 
-def markdown(by_model: Sequence[dict], by_family: Sequence[dict] = ()) -> str:
+def markdown(
+    by_model: Sequence[dict],
+    by_family: Sequence[dict] = (),
+    own: Sequence[dict] = (),
+    own_by_family: Sequence[dict] = (),
+) -> str:
     """Tables for ``bench/README.md``: per held-out model, the chosen candidate and every
     report set's AUROC against the baselines with the checks marked; per held-out family the
-    same over every model; a summary line per rotation."""
-    out = ["## Leave one model out", ""]
+    same over every model; the same for each model's own (calibration-time) choice among the
+    variants; a summary line per rotation."""
+    out = []
+    if own:
+        out += ["## Each model's own choice among the variants (calibration time)", ""]
+        out += [_summary_line(r) for r in own]
+        for r in own:
+            out += ["", f"### {r['model']}: chose `{r['chosen']}` on its own synthetic sets", ""]
+            out += _table(r["rows"], with_model=False)
+        out += ["", "### Each family held out from every model's own choice", ""]
+        out += [_summary_line(r) for r in own_by_family]
+        out += [""]
+    out += ["## Leave one model out", ""]
     out += [_summary_line(r) for r in by_model]
     for r in by_model:
         seen = ", ".join(r["seen_models"])
@@ -379,6 +451,48 @@ def markdown(by_model: Sequence[dict], by_family: Sequence[dict] = ()) -> str:
             out += ["", f"### Held out: {r['held_out']}: `{r['chosen']}`", ""]
             out += _table(r["rows"], with_model=True)
     return "\n".join(out) + "\n"
+
+
+def family_table(
+    aurocs: Aurocs,
+    family_of: Mapping[str, str],
+    scores: Sequence[str],
+    own: Sequence[dict] = (),
+    part: str = "report",
+) -> str:
+    """Per model and score (``scores``, then the model's own choice when ``own`` is given):
+    the worst margin against the best logit baseline in each family of ``part`` (bold: beyond
+    the issue's tolerance), the MNIST family's minimum AUROC, the nominal sets' largest
+    ``|AUROC - 0.5|`` and the sets on which the score beats KNN and every logit baseline."""
+    fams = list(dict.fromkeys(family_of.get(s, "?") for m in aurocs for s in aurocs[m][part]))
+    fams = [f for f in fams if f != NOMINAL]
+    head = ["model", "score", *fams, "MNIST family (min)", "nominal (max abs(A-0.5))", "beats"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    chosen = {r["model"]: r["chosen"] for r in own}
+    for model, sets in aurocs.items():
+        shown = [(name, name) for name in scores]
+        if model in chosen:
+            shown.append((f"own choice: `{chosen[model]}`", chosen[model]))
+        for label, name in shown:
+            rows = [set_report(v, name, s, family_of.get(s, "?")) for s, v in sets[part].items()]
+            cells = [model, label if label.startswith("own") else f"`{name}`"]
+            for family in fams:
+                here = [r for r in rows if r["family"] == family]
+                worst = min(here, key=lambda r: r["margin"])
+                text = f"{worst['margin']:+.3f}"
+                cells.append(text if worst["within"] else f"**{text}**")
+            mnist = [r["auroc"] for r in rows if r["mnist_ok"] is not None]
+            low = min(mnist, default=float("nan"))
+            cells.append(f"{low:.3f}" if low >= MNIST_TARGET else f"**{low:.3f}**")
+            dev = max((r["nominal_deviation"] for r in rows if r["nominal_ok"] is not None),
+                      default=float("nan"))  # fmt: skip
+            cells.append(f"{dev:.3f}" if dev <= NOMINAL_TOLERANCE else f"**{dev:.3f}**")
+            scored = [r for r in rows if r["beats"] is not None]
+            won = sum(r["beats"] for r in scored)
+            text = f"{won} / {len(scored)}"
+            cells.append(text if 2 * won >= len(scored) else f"**{text}**")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # --- command line -------------------------------------------------------------------------
@@ -424,11 +538,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     family_of = family_map({s for m in aurocs.values() for part in m.values() for s in part})
     by_model = leave_one_model_out(aurocs, family_of)
     by_family = leave_one_family_out(aurocs, family_of)
+    everywhere = set(_everywhere(aurocs))
+    own = own_by_family = []
+    if set(VARIANTS) <= everywhere:
+        own = own_choice(aurocs, family_of)
+        own_by_family = own_choice_by_family(aurocs, family_of)
     out = Path(args.out) if args.out else folder / "loo.json"
     result = {"models": sorted(aurocs), "families": family_of, "by_model": by_model,
-              "by_family": by_family}  # fmt: skip
-    out.write_text(json.dumps(result, indent=1))
-    print(markdown(by_model, by_family))
+              "by_family": by_family, "own_choice": own,
+              "own_choice_by_family": own_by_family}  # fmt: skip
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(markdown(by_model, by_family, own, own_by_family))
+    if own:
+        shown = [s for s in ("library default", "Energy", "KNN", *VARIANTS) if s in everywhere
+                 or s in ("Energy", "KNN")]  # fmt: skip
+        print(family_table(aurocs, family_of, shown, own))
     return 0
 
 

@@ -253,3 +253,89 @@ def test_a_candidate_takes_every_layer_of_a_kind_whatever_its_names():
     assert cand.columns(names) == names[:5]
     with pytest.raises(ValueError, match="no component"):
         cand.columns(["expectation_mass", "energy"])
+
+
+STAGES = ("stage_mahalanobis:s1", "stage_mahalanobis:s2", "stage_mahalanobis:h")
+
+
+def _staged(rng: np.random.Generator) -> tuple[combine.References, np.ndarray]:
+    """References of 400 synthetic training images with stage distances of 300 reference
+    images (chi-square-like), and those rows."""
+    train = _judged(rng, 400)
+    rows = rng.chisquare(8, size=(300, len(STAGES)))
+    refs = combine.References.of(train["components"], NAMES, train["logits"], None, rows, STAGES)
+    return refs, rows
+
+
+def test_the_gate_threshold_is_a_share_of_the_reference_images_counted_by_hand():
+    refs, rows = _staged(_rng(11))
+    assert refs.names()[-3:] == list(STAGES)
+    # each reference image's upper tail among the 300, counted by hand; Fisher's p by hand
+    up = np.array([[(1 + (rows[:, j] >= v).sum()) / 301 for j, v in enumerate(r)] for r in rows])
+    stat = -2 * np.log(up).sum(axis=1)
+    log_p = np.log(chi2_sf(stat, 6))
+    assert refs.gate_threshold(list(STAGES), 0.01) == pytest.approx(np.quantile(log_p, 0.01))
+    # about 1% of the reference images lie at or beyond it
+    assert (log_p <= refs.gate_threshold(list(STAGES), 0.01)).mean() == pytest.approx(
+        0.01, abs=0.01
+    )
+    with pytest.raises(ValueError, match="no reference rows"):
+        refs.gate_threshold(["expectation_mass"], 0.01)
+    with pytest.raises(ValueError, match="gate level"):
+        refs.gate_threshold(list(STAGES), 1.0)
+    with pytest.raises(ValueError, match="stage rows"):
+        combine.References.of(np.zeros((5, 4)), NAMES, np.zeros((5, 10)), None, rows, STAGES[:2])
+
+
+def chi2_sf(x: np.ndarray, dof: int) -> np.ndarray:
+    """The chi-square survival function for even ``dof`` in closed form (an oracle that is not
+    scipy's): ``exp(-x/2) sum_{k < dof/2} (x/2)^k / k!``."""
+    half = np.asarray(x, np.float64) / 2
+    return np.exp(-half) * sum(half**k / math.factorial(k) for k in range(dof // 2))
+
+
+def test_a_gated_candidate_ranks_inputs_beyond_the_gate_first_and_the_rest_by_energy():
+    rng = _rng(12)
+    refs, rows = _staged(rng)
+    judged = _judged(rng, 50)
+    judged["stage_mahalanobis"] = rng.chisquare(8, size=(50, len(STAGES)))
+    far = [3, 17, 40]
+    judged["stage_mahalanobis"][far] = [[60.0, 55.0, 70.0], [80.0, 90.0, 85.0], [45.0, 12.0, 48.0]]
+    cand = combine.Candidate("gated", ("energy",), "fisher", gate=("stage_mahalanobis",))
+    got = combine.candidate_scores(judged, refs, [cand])["gated"]
+    # the three far inputs first, ordered by their tail ranks: beyond every reference image
+    # in all three distances ties (the ranks saturate at 1/301), one within range comes after
+    assert set(np.argsort(-got)[:3]) == set(far)
+    assert got[17] == got[3] > got[40]
+    # every other input in energy's order: exactly Fisher of energy's tail alone, unless gated
+    p = combine.upper_tail(refs.sorted_values["energy"], combine.energy(judged["logits"]))
+    gate_p = np.stack([refs.p_value(judged, n, "upper") for n in STAGES], axis=1)
+    beyond = combine.fisher_log_p(gate_p) <= refs.gate_threshold(list(STAGES), 0.01)
+    assert set(far) <= set(np.flatnonzero(beyond)) and beyond.sum() < 10
+    np.testing.assert_allclose(got[~beyond], -2 * np.log(p[~beyond]))
+    assert (got[beyond] > combine.GATE_OFFSET).all()
+    # a gated candidate needs the stage distances of the judged set
+    with pytest.raises(KeyError):
+        combine.candidate_scores({k: v for k, v in judged.items() if k != "stage_mahalanobis"},
+                                 refs, [cand])  # fmt: skip
+
+
+def test_gated_refuses_a_rest_that_reaches_the_offset():
+    with pytest.raises(ValueError, match="offset"):
+        combine.gated(np.zeros(2), -1.0, np.array([1.0, combine.GATE_OFFSET]))
+    with pytest.raises(ValueError, match="shape"):
+        combine.gated(np.zeros(2), -1.0, np.zeros(3))
+    np.testing.assert_allclose(
+        combine.gated(np.array([-5.0, -0.5]), -1.0, np.array([2.0, 3.0])),
+        [combine.GATE_OFFSET + 5.0, 3.0],
+    )
+
+
+def test_the_gated_candidates_are_declared_once():
+    names = [c.name for c in combine.GATED_CANDIDATES]
+    assert len(set(names)) == len(names) and not set(names) & {c.name for c in combine.CANDIDATES}
+    for c in combine.GATED_CANDIDATES:
+        assert c.gate == ("stage_mahalanobis",) and "energy" in c.kinds
+    assert {c.gate_level for c in combine.GATED_CANDIDATES} == {0.01, 0.001}
+    with pytest.raises(ValueError, match="gate_level"):
+        combine.Candidate("bad", ("energy",), "fisher", gate=("stage_mahalanobis",), gate_level=0)

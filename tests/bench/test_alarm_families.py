@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench.alarms import collect, families, loo, sets
-from bench.alarms.combine import CANDIDATES
+from bench.alarms.combine import CANDIDATES, GATED_CANDIDATES
 from bench.alarms.scores import BASELINES
 from tests._models import tiny_vgg_bn
 
@@ -43,7 +43,8 @@ def test_every_family_set_is_scored_by_every_candidate_and_baseline(tiny_alarm_m
         for name, entry in got.items():
             assert name in names[entry["family"]]
             scores = entry["scores"]
-            assert set(scores) == {families.LIBRARY, *(c.name for c in CANDIDATES), *BASELINES}
+            every = (*CANDIDATES, *GATED_CANDIDATES)
+            assert set(scores) == {families.LIBRARY, *(c.name for c in every), *BASELINES}
             aurocs = np.array([v["auroc"] for v in scores.values()])
             assert ((aurocs >= 0) & (aurocs <= 1)).all() and 0 <= entry["alarm_rate"] <= 1
     aurocs = loo.read_results([out / "tiny.json"])

@@ -273,3 +273,33 @@ def test_family_map_names_the_family_sets_and_the_earlier_sets():
     got = loo.family_map(["mnist", "tinyimagenet", "hflip", "translate s1", "noise 0.08"])
     assert got == {"mnist": "far", "tinyimagenet": "semantic", "hflip": "nominal",
                    "translate s1": "nominal", "noise 0.08": "noise"}  # fmt: skip
+
+
+def test_each_model_s_own_choice_sees_only_its_own_synthetic_selection_sets():
+    aurocs = _aurocs()
+    # on model C's own noise set "ok" is ahead of "good"; elsewhere "good" is
+    for part in loo.PARTS:
+        aurocs["C"][part]["gaussian_noise s2"]["good"] = 0.70
+    # semantic and far figures must not count: make "ok" best there on every model (unseen)
+    for m in MODELS:
+        aurocs[m]["selection"]["tinyimagenet"]["ok"] = 0.99
+    got = {r["model"]: r for r in loo.own_choice(aurocs, FAMILY_OF, ("good", "ok"))}
+    assert {m: r["chosen"] for m, r in got.items()} == {"A": "good", "B": "good", "C": "ok",
+                                                         "D": "good"}  # fmt: skip
+    # the choice looked at the model's own noise and nominal sets only
+    for r in got.values():
+        assert len(r["ranking"]) == 2
+    # reported on the model's own report part, every set
+    assert {row["set"] for row in got["D"]["rows"]} == set(FAMILY_OF)
+    assert {row["model"] for row in got["D"]["rows"]} == {"D"}
+    assert got["D"]["summary"]["missed"] == ["D/tinyimagenet"]
+    # a held-out family leaves every model's choice and is the only one reported
+    by_family = {
+        r["held_out"]: r for r in loo.own_choice_by_family(aurocs, FAMILY_OF, ("good", "ok"))
+    }
+    noise = by_family["noise"]
+    assert {row["set"] for row in noise["rows"]} == {"gaussian_noise s2"}
+    assert "C: good" in noise["chosen"]  # without its noise set C has nothing to prefer ok on
+    text = loo.markdown([], [], list(got.values()), list(by_family.values()))
+    assert "## Each model's own choice among the variants" in text
+    assert "### C: chose `ok` on its own synthetic sets" in text
