@@ -17,6 +17,10 @@ for the score and :mod:`surprise_monitor.monitor.conformal` for the p-values):
 3. *Conformal nulls* (with ``heldout``): the score of every held-out image judged as deployed,
    against its predicted class, and against its true label.
 
+With the gated score (``AlarmOptions(score=GATED_SCORE_NAME)``) pass 1 also fits each tapped
+layer's channel-mean mean and shrunk covariance (the stage distances), and pass 2 also sets the
+gate's threshold: the ``1 - GATE_LEVEL`` quantile of the reference images' own gate statistics.
+
 Under ``torchrun`` rank 0 makes all three and broadcasts the result to the other ranks: the
 tensors as tensors (:meth:`~surprise_monitor.calibrate.distributed.Comm.broadcast_tensors`), the
 metadata as JSON.
@@ -38,7 +42,12 @@ from tqdm.auto import tqdm
 from surprise_monitor.calibrate.distributed import Comm
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
 from surprise_monitor.calibrate.plan import split_batch, stream, stream_length
-from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference
+from surprise_monitor.monitor.atypicality import (
+    GATE_LEVEL,
+    GATED_SCORE_NAME,
+    ScoreReference,
+    fit_stage,
+)
 from surprise_monitor.monitor.judge import Judge
 from surprise_monitor.monitor.options import Execution
 from surprise_monitor.monitor.probe.hooks import get_module
@@ -101,18 +110,17 @@ def alarm_calibration(
     layers = _profile_layers(model, table, options.profile_layers, images, device)
     head = _head_layer(model, options.head_layer, layers, images, device)
     passes = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
-    grids, head_means, head_precision = _profile_grids(
+    grids, head_means, head_precision, tapped = _profile_grids(
         model, layers, head, _counted(images.half(0), images.size(0), "profile grids", progress),
         table.levels, num_classes=table.num_classes, **passes,
     )  # fmt: skip
     alarm = AlarmCalibration(
-        SCORE_NAME, tuple(layers), grids, None, images.count, head_layer=head,
-        head_means=head_means, head_precision=head_precision,
+        options.score, tuple(layers), grids, None, images.count, head_layer=head,
+        head_means=head_means, head_precision=head_precision, **_stage_fields(options, tapped),
     )  # fmt: skip
     with_grids = replace(table, alarm=alarm, path=None, sha256="")
     odd = _counted(images.half(1), images.size(1), "score reference", progress)
-    parts = _components(model, with_grids, odd, backend, **passes)
-    alarm = replace(alarm, reference=ScoreReference.of(parts))
+    alarm = _with_reference(alarm, _components(model, with_grids, odd, backend, **passes))
     if heldout is None:
         log.info("calibrate: no held-out images: the table has no conformal null (no alarms)")
         return alarm
@@ -275,12 +283,13 @@ def _profile_grids(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None]:
-    """Each profile layer's ``[C, Q]`` percentile grid of channel means over ``batches``, and
-    the head layer's class means and shared precision (``None`` without a head)."""
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None, list[np.ndarray]]:
+    """Each profile layer's ``[C, Q]`` percentile grid of channel means over ``batches``, the
+    head layer's class means and shared precision (``None`` without a head), and every tapped
+    layer's channel means ``[n, C]`` (profile layers, then the head)."""
     tapped = layers + ([head] if head else [])
     if not tapped:
-        return (), None, None
+        return (), None, None, []
     tap = ProfileTap(model, tapped)
     rows: list[list[np.ndarray]] = [[] for _ in tapped]
     labels: list[np.ndarray] = []
@@ -304,9 +313,36 @@ def _profile_grids(
         for m in means[: len(layers)]
     )
     if not head:
-        return grids, None, None
+        return grids, None, None, means
     head_means, precision = fit_head(means[-1], np.concatenate(labels), num_classes)
-    return grids, head_means, precision
+    return grids, head_means, precision, means
+
+
+def _stage_fields(options: AlarmOptions, tapped: list[np.ndarray]) -> dict[str, Any]:
+    """The gated score's fields of the alarm part (its evidence variant and each tapped
+    layer's stage statistics, from the channel means ``tapped``); none for the Fisher score."""
+    if options.score != GATED_SCORE_NAME:
+        return {}
+    if not tapped:
+        raise ValueError(f"the {GATED_SCORE_NAME} score needs profile or head layers")
+    stage = [fit_stage(torch.from_numpy(m)) for m in tapped]
+    return {"evidence": options.evidence, "stage_means": tuple(m for m, _ in stage),
+            "stage_precisions": tuple(p for _, p in stage)}  # fmt: skip
+
+
+def _with_reference(alarm: AlarmCalibration, parts: torch.Tensor) -> AlarmCalibration:
+    """``alarm`` with the score reference of the components ``parts [m, J]`` and, for the gated
+    score, the gate's threshold at the ``1 - GATE_LEVEL`` quantile of their own statistics."""
+    reference = ScoreReference.of(parts)
+    alarm = replace(alarm, reference=reference)
+    gate = alarm.gate()
+    if gate is None:
+        return alarm
+    threshold = gate.at_level(reference.ranks(parts.float())).threshold
+    log.info("calibrate: %s score, evidence %s, gate at statistic %.3f (beyond %g of the "
+             "reference images)", GATED_SCORE_NAME, alarm.evidence, threshold,
+             GATE_LEVEL)  # fmt: skip
+    return replace(alarm, gate_threshold=threshold)
 
 
 def fit_head(

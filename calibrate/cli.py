@@ -125,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
     add_option_arguments(a, AlarmOptions, {
         "profile_layers": "--profile-layers", "head_layer": "--head-layer",
         "reference_images": "--reference-images", "enabled": "--no-alarm",
-        "class_null_min": "--class-null-min",
+        "class_null_min": "--class-null-min", "score": "--alarm-score",
+        "evidence": "--alarm-evidence",
     })  # fmt: skip
     add_option_arguments(p, TableOptions, {"top_k": "--top-k"})
     add_option_arguments(p, RunOptions, {"spill_dir": "--spill-dir"})
@@ -185,10 +186,11 @@ def _alarm_line(table: CalibrationTable) -> str:
     alarm = table.alarm
     if alarm is None:
         return "alarm: not calibrated (--no-alarm)"
+    score = alarm.score + (f" (evidence {alarm.evidence})" if alarm.gated else "")
     line = (
-        f"alarm: profile layers {list(alarm.profile_layers) or 'none'}, head layer "
-        f"{alarm.head_layer or 'none'}, score reference from {alarm.reference_images} training "
-        "images"
+        f"alarm: score {score}, profile layers {list(alarm.profile_layers) or 'none'}, head "
+        f"layer {alarm.head_layer or 'none'}, score reference from {alarm.reference_images} "
+        "training images"
     )
     if alarm.null_predicted is None:
         return line + "; no --heldout images, so no null: the monitor raises no alarms"

@@ -19,6 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from surprise_monitor.calibrate.sketch import LogGrid
+from surprise_monitor.monitor.atypicality import (
+    DEFAULT_EVIDENCE,
+    EVIDENCE_VARIANTS,
+    GATED_SCORE_NAME,
+    SCORE_NAME,
+    SCORES,
+)
 from surprise_monitor.monitor.checks import non_negative_int, one_of, positive_int
 from surprise_monitor.monitor.conformal import DEFAULT_CLASS_NULL_MIN
 from surprise_monitor.monitor.options import Execution, help_of, option
@@ -147,10 +154,24 @@ class AlarmOptions:
         "held-out images a class needs for a conformal null of its own (Mondrian p-values: "
         "each class's alarm rate holds); classes with fewer use the pooled null (0: pooled only)",
     )
+    score: str = option(
+        SCORE_NAME,
+        f"the alarm's score: {SCORE_NAME} (Fisher's combination of the filter profile's "
+        f"components) or {GATED_SCORE_NAME} (inputs whose stage distances lie beyond all but "
+        "one in a hundred training images' first, then the class evidence: bench/README.md)",
+        choices=SCORES,
+    )
+    evidence: str = option(
+        DEFAULT_EVIDENCE,
+        f"the class evidence of the {GATED_SCORE_NAME} score: " + " or ".join(EVIDENCE_VARIANTS),
+        choices=tuple(EVIDENCE_VARIANTS),
+    )
 
     def __post_init__(self) -> None:
         positive_int("reference_images", self.reference_images)
         non_negative_int("class_null_min", self.class_null_min)
+        one_of("score", self.score, SCORES)
+        one_of("evidence", self.evidence, tuple(EVIDENCE_VARIANTS))
 
     @classmethod
     def of(cls, alarm: AlarmOptions | bool) -> AlarmOptions:

@@ -23,6 +23,24 @@ the components of an evenly spaced subset of the training images. The references
 weighting: the alarm's calibration comes from the conformal null of the score on held-out images
 (:mod:`surprise_monitor.monitor.conformal`). How this score was chosen, and what it was compared
 with, is in ``bench/alarms/PROTOCOL.md``.
+
+The *gated* score (:data:`GATED_SCORE_NAME`, opt-in: ``AlarmOptions(score=...)``; issue 20)
+adds two kinds of component:
+
+- ``energy``: ``-logsumexp(logits)``, the class evidence of the logits (pytorch-ood's
+  ``EnergyBased``);
+- ``stage_distance`` at each profile layer and the head layer: the Mahalanobis distance of the
+  layer's channel means from the training images' (class-agnostic, the covariance shrunk by
+  :data:`STAGE_SHRINK`; :class:`StageDistance`): far shifts move the channel means *together*,
+  which ``stage_energy``'s per-channel sum dilutes.
+
+and ranks first every input whose stage distances' Fisher combination lies beyond a share
+:data:`GATE_LEVEL` of the reference training images' (far beyond anything seen in training:
+``GATE_OFFSET +`` that statistic), every other input by the class evidence: Fisher's combination
+of the tail ranks of :data:`EVIDENCE_VARIANTS` (energy, or energy and the expectation mass).
+The stage distances carry nothing on near shifts (rotations, occlusion), where a soft combination
+with them diluted the class evidence; the gate keeps them out of those and ranks the far shifts
+first (``bench/README.md``, "Shift families and leave-one-out").
 """
 
 from __future__ import annotations
@@ -34,18 +52,49 @@ import torch
 
 #: Name of the score defined here (recorded in tables, so a future change of formula is refused).
 SCORE_NAME = "fisher-profile-v2"
+#: The gated score (opt-in; see the module docstring).
+GATED_SCORE_NAME = "gated-stage-energy-v1"
+#: Every score this library computes (the first is calibrate's default).
+SCORES = (SCORE_NAME, GATED_SCORE_NAME)
+#: The gated score's class-evidence variants: their component kinds.
+EVIDENCE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "energy": ("energy",),
+    "energy+mass": ("energy", "expectation_mass"),
+}
+DEFAULT_EVIDENCE = "energy"
+#: Share of the reference images beyond which the gate opens.
+GATE_LEVEL = 0.01
+#: Added to a gated input's statistic: above every class-evidence score (whose Fisher
+#: statistic is at most ``2 J log(m + 1)``).
+GATE_OFFSET = 1.0e4
+#: The stage distances' covariance shrinkage towards its mean eigenvalue.
+STAGE_SHRINK = 0.01
 #: Percent clip before the normal score: ranks of 0 or 100 (beyond the grid) become +-3.29.
 CLIP_PCT = 0.05
 #: The component at the monitored layer, and the name prefix of those at profile layers.
 ALPHA_COMPONENT = "expectation_mass"
 STAGE_COMPONENT = "stage_energy"
 HEAD_COMPONENT = "head_distance"
+ENERGY_COMPONENT = "energy"
+STAGE_DISTANCE_COMPONENT = "stage_distance"
 
 
-def component_names(profile_layers: Sequence[str], head_layer: str | None = None) -> list[str]:
-    """The components' names, in the order :func:`components` returns them."""
+def component_names(
+    profile_layers: Sequence[str], head_layer: str | None = None, score: str = SCORE_NAME
+) -> list[str]:
+    """The components' names, in the order :func:`components` returns them (for the gated
+    score then ``energy`` and a stage distance per profile layer and the head layer)."""
     names = [ALPHA_COMPONENT] + [f"{STAGE_COMPONENT}:{layer}" for layer in profile_layers]
-    return names + ([f"{HEAD_COMPONENT}:{head_layer}"] if head_layer else [])
+    names += [f"{HEAD_COMPONENT}:{head_layer}"] if head_layer else []
+    if score == GATED_SCORE_NAME:
+        tapped = [*profile_layers, *([head_layer] if head_layer else [])]
+        names += [ENERGY_COMPONENT] + [f"{STAGE_DISTANCE_COMPONENT}:{x}" for x in tapped]
+    return names
+
+
+def energy(logits: torch.Tensor) -> torch.Tensor:
+    """``-logsumexp(logits)`` of ``[B, K]`` logits: ``[B]`` float32 (high = little evidence)."""
+    return torch.logsumexp(logits.float(), dim=1).neg()
 
 
 def normal_scores(percentile: torch.Tensor) -> torch.Tensor:
@@ -91,6 +140,88 @@ class HeadDistance:
         quad = (fp * f).sum(dim=1, keepdim=True) - 2.0 * fp @ self.centred_means.T
         quad = quad + self.means_quad[None, :]
         return quad.min(dim=1).values.clamp(min=0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class StageDistance:
+    """Per tapped layer, ``(f - mean)^T precision (f - mean)`` of its channel means ``f``: the
+    class-agnostic Mahalanobis distance (one :class:`HeadDistance` with a single mean each)."""
+
+    layers: tuple[HeadDistance, ...]
+
+    @classmethod
+    def of(cls, means: Sequence[torch.Tensor], precisions: Sequence[torch.Tensor]) -> StageDistance:
+        """The distances to ``means`` (each ``[C]``) under ``precisions`` (each ``[C, C]``)."""
+        return cls(
+            tuple(HeadDistance.of(m[None, :], p) for m, p in zip(means, precisions, strict=True))
+        )
+
+    def __call__(self, channel_means: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[B, L]`` float32: each layer's distance of its ``[B, C]`` channel means."""
+        return torch.stack([d(f) for d, f in zip(self.layers, channel_means, strict=True)], dim=1)
+
+
+def fit_stage(
+    channel_means: torch.Tensor, shrink: float = STAGE_SHRINK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean ``[C]`` and the precision ``[C, C]`` (pseudo-inverse of the covariance shrunk as
+    ``(1 - s) S + s tr(S) / C I``) of ``[n, C]`` channel means, in float64; float32 results."""
+    f = channel_means.detach().double().cpu()
+    if f.ndim != 2 or f.shape[0] < 2 or not bool(torch.isfinite(f).all()):
+        raise ValueError(f"need finite [n >= 2, C] channel means, got {list(f.shape)}")
+    mean = f.mean(dim=0)
+    centred = f - mean
+    cov = centred.T @ centred / (f.shape[0] - 1)
+    c = cov.shape[0]
+    cov = (1.0 - shrink) * cov + shrink * torch.trace(cov) / c * torch.eye(c, dtype=cov.dtype)
+    precision = torch.linalg.pinv(cov, hermitian=True)
+    return mean.float().contiguous(), precision.float().contiguous()
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The gated score's columns and level: ``gate`` (the stage distances) and ``evidence``
+    (the class evidence) index the component columns; ``threshold`` is the Fisher statistic
+    of the gate's ranks beyond which an input counts as far (the ``1 - GATE_LEVEL`` quantile of
+    the reference images')."""
+
+    gate: tuple[int, ...]
+    evidence: tuple[int, ...]
+    threshold: float
+
+    @classmethod
+    def columns(cls, names: Sequence[str], variant: str, threshold: float = float("inf")) -> Gate:
+        """The gate over the ``stage_distance`` columns of ``names`` and the class evidence of
+        ``variant`` (a key of :data:`EVIDENCE_VARIANTS`)."""
+        if variant not in EVIDENCE_VARIANTS:
+            raise ValueError(
+                f"evidence variant must be one of {sorted(EVIDENCE_VARIANTS)}, got {variant!r}"
+            )
+        kinds = [n.split(":", 1)[0] for n in names]
+        gate = tuple(j for j, k in enumerate(kinds) if k == STAGE_DISTANCE_COMPONENT)
+        evidence = tuple(j for j, k in enumerate(kinds) if k in EVIDENCE_VARIANTS[variant])
+        if not gate or len(evidence) != len(EVIDENCE_VARIANTS[variant]):
+            raise ValueError(f"components {list(names)} lack the gated score's columns")
+        return cls(gate, evidence, float(threshold))
+
+    def statistic(self, ranks: torch.Tensor) -> torch.Tensor:
+        """Fisher's statistic of the gate's ranks: ``[B]``."""
+        return fisher(ranks[:, list(self.gate)])
+
+    def at_level(self, reference_ranks: torch.Tensor, level: float = GATE_LEVEL) -> Gate:
+        """The same gate with its threshold at the ``1 - level`` quantile of the reference
+        images' own statistics (``reference_ranks [m, J]``: their ranks among themselves)."""
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"the gate level must lie in (0, 1), got {level}")
+        stat = self.statistic(reference_ranks).double()
+        return Gate(self.gate, self.evidence, float(torch.quantile(stat, 1.0 - level)))
+
+    def score(self, ranks: torch.Tensor) -> torch.Tensor:
+        """``GATE_OFFSET + statistic`` where the gate opens, else Fisher's statistic of the
+        class evidence's ranks: ``[B]``."""
+        stat = self.statistic(ranks)
+        evidence = fisher(ranks[:, list(self.evidence)])
+        return torch.where(stat >= self.threshold, stat + GATE_OFFSET, evidence)
 
 
 def head_distance(
@@ -184,6 +315,7 @@ ALARM_KINDS: dict[str, str] = {
 }
 _FAMILY_OF_COMPONENT = {
     ALPHA_COMPONENT: "class_evidence", STAGE_COMPONENT: "low_level", HEAD_COMPONENT: "features",
+    ENERGY_COMPONENT: "class_evidence", STAGE_DISTANCE_COMPONENT: "low_level",
 }  # fmt: skip
 
 

@@ -39,9 +39,12 @@ from surprise_monitor.kernels import (
 from surprise_monitor.monitor.advice import advise
 from surprise_monitor.monitor.atypicality import (
     ALPHA_COMPONENT,
+    Gate,
     HeadDistance,
     ScoreReference,
+    StageDistance,
     components,
+    energy,
     expectation_mass,
     fisher,
 )
@@ -135,8 +138,8 @@ class DeviceReport:
     score: torch.Tensor  # [B] float32 atypicality (NaN without the table's score reference)
     p_value: torch.Tensor  # [B] float32 conformal p-value (NaN without the table's null)
     alarm: torch.Tensor  # [B] bool: p_value <= alarm_rate
-    components: torch.Tensor  # [B, 1 + L (+ 1)] float32 the score's components
-    component_ranks: torch.Tensor  # [B, 1 + L (+ 1)] float32 their tail ranks (NaN: no reference)
+    components: torch.Tensor  # [B, J] float32 the score's components (alarm.component_names())
+    component_ranks: torch.Tensor  # [B, J] float32 their tail ranks (NaN: no reference)
     nonfinite_input: torch.Tensor  # [] int64: input rows with NaN / Inf (device-side check)
     bad_labels: torch.Tensor  # [] int64: labels outside [0, K) (device-side check)
     nonfinite_alpha: torch.Tensor  # [] int64
@@ -162,6 +165,8 @@ class _AlarmTables:
     profile_grids: tuple[torch.Tensor, ...]  # per profile layer [C, Q] float32
     head: HeadDistance | None  # the head layer's distance to the class means
     reference: ScoreReference | None
+    stage: StageDistance | None  # the gated score's stage distances (None: Fisher score)
+    gate: Gate | None  # the gated score's columns and threshold (None: Fisher score)
     null_predicted: ConformalNull | None
     null_labelled: ConformalNull | None
     class_null_predicted: ClassConditionalNull | None  # per class (Mondrian), or None
@@ -448,7 +453,7 @@ class Judge:
         found = percentile_lookup(
             alpha, cls, tables, backend=self.execution.backend, check_values=False
         )
-        alarm = self._alarm(found.percentile, means, labels is not None, cls)
+        alarm = self._alarm(found.percentile, means, labels is not None, cls, res.logits)
         report = DeviceReport(
             logits=res.logits.float(),
             classes=cls,
@@ -513,9 +518,11 @@ class Judge:
         means: list[torch.Tensor],
         labels_given: bool,
         classes: torch.Tensor,
+        logits: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """The score's components, the score, its p-value and the alarm of a batch (device
-        tensors; NaN / NaN / False where the table lacks the reference or the null). The
+        tensors; NaN / NaN / False where the table lacks the reference or the null; the gated
+        score adds energy and the stage distances to the components). The
         p-value is taken among the held-out scores of the input's class (``classes``: the
         label when given, else the prediction) when the table has per-class nulls and that
         class enough held-out images, else among all of them."""
@@ -534,10 +541,13 @@ class Judge:
         if alarm.head is not None:
             head = alarm.head(means[-1])
         parts = components(alpha_percentile, stages, head)
+        if alarm.stage is not None:
+            extra = [energy(logits).to(dev)[:, None], alarm.stage(means)]
+            parts = torch.cat([parts, *extra], dim=1)
         if alarm.reference is None:
             return _alarm_fields(nan, nan, no, parts, torch.full_like(parts, float("nan")))
         ranks = alarm.reference.ranks(parts)
-        score = fisher(ranks)
+        score = fisher(ranks) if alarm.gate is None else alarm.gate.score(ranks)
         null = alarm.null_labelled if labels_given else alarm.null_predicted
         if null is None:
             return _alarm_fields(score, nan, no, parts, ranks)
@@ -588,6 +598,8 @@ class Judge:
                     profile_grids=tuple(g.to(device, torch.float32) for g in a.profile_quantiles),
                     head=_head_on(a, device),
                     reference=None if a.reference is None else a.reference.to(device),
+                    stage=_stage_on(a, device),
+                    gate=a.gate(),
                     null_predicted=_on(a.null_predicted, device),
                     null_labelled=_on(a.null_labelled, device),
                     class_null_predicted=_on(a.class_null_predicted, device),
@@ -642,6 +654,16 @@ def _head_on(alarm: AlarmCalibration, device: torch.device) -> HeadDistance | No
         return None
     return HeadDistance.of(
         alarm.head_means.to(device, torch.float32), alarm.head_precision.to(device, torch.float32)
+    )
+
+
+def _stage_on(alarm: AlarmCalibration, device: torch.device) -> StageDistance | None:
+    """The gated score's stage distances on ``device`` (``None`` for the Fisher score)."""
+    if not alarm.gated:
+        return None
+    return StageDistance.of(
+        [m.to(device, torch.float32) for m in alarm.stage_means],
+        [p.to(device, torch.float32) for p in alarm.stage_precisions],
     )
 
 

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from surprise_monitor.kernels import check_percentile_grid
-from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference, component_names
+from surprise_monitor.monitor.atypicality import (
+    EVIDENCE_VARIANTS,
+    GATED_SCORE_NAME,
+    SCORES,
+    Gate,
+    ScoreReference,
+    component_names,
+)
 from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
 from surprise_monitor.monitor.errors import SurpriseMonitorError
 
@@ -53,6 +60,14 @@ class AlarmCalibration:
             class (Mondrian: each class's alarm rate holds; a class with too few held-out images
             falls back to the pooled null), or ``None`` (pooled only).
         class_null_labelled: per true label, beside ``null_labelled``.
+        evidence: the gated score's class-evidence variant (a key of
+            :data:`~surprise_monitor.monitor.atypicality.EVIDENCE_VARIANTS`; ``""`` for the
+            Fisher score).
+        stage_means: the gated score's ``[C]`` float32 channel means per tapped layer (the
+            profile layers, then the head) over the training images of the grids.
+        stage_precisions: their ``[C, C]`` float32 shrunk-covariance inverses.
+        gate_threshold: the gate's Fisher statistic beyond which an input counts as far
+            (``None`` until the reference is made).
     """
 
     score: str
@@ -68,6 +83,23 @@ class AlarmCalibration:
     head_precision: torch.Tensor | None = None
     class_null_predicted: ClassConditionalNull | None = None
     class_null_labelled: ClassConditionalNull | None = None
+    evidence: str = ""
+    stage_means: tuple[torch.Tensor, ...] = ()
+    stage_precisions: tuple[torch.Tensor, ...] = ()
+    gate_threshold: float | None = None
+
+    @property
+    def gated(self) -> bool:
+        """Whether the score is the gated one."""
+        return self.score == GATED_SCORE_NAME
+
+    def gate(self) -> Gate | None:
+        """The gated score's :class:`~surprise_monitor.monitor.atypicality.Gate` (``None`` for
+        the Fisher score; an infinite threshold before the reference is made)."""
+        if not self.gated:
+            return None
+        threshold = float("inf") if self.gate_threshold is None else self.gate_threshold
+        return Gate.columns(self.component_names(), self.evidence, threshold)
 
     @property
     def tap_layers(self) -> tuple[str, ...]:
@@ -76,7 +108,7 @@ class AlarmCalibration:
 
     def component_names(self) -> list[str]:
         """The score's components, in the order of ``report.components``' columns."""
-        return component_names(self.profile_layers, self.head_layer)
+        return component_names(self.profile_layers, self.head_layer, self.score)
 
     @property
     def has_null(self) -> bool:
@@ -158,11 +190,12 @@ class AlarmCalibration:
 
     def validate(self, levels: torch.Tensor) -> None:
         """:class:`AlarmTableError` naming what does not fit (levels: the table's)."""
-        if self.score != SCORE_NAME:
+        if self.score not in SCORES:
             raise AlarmTableError(
-                f"alarm score {self.score!r} is not one this library computes ({SCORE_NAME!r}); "
+                f"alarm score {self.score!r} is not one this library computes ({list(SCORES)}); "
                 "calibrate again"
             )
+        self._validate_gate()
         if len(self.profile_quantiles) != len(self.profile_layers):
             raise AlarmTableError(
                 f"{len(self.profile_quantiles)} profile grids for "
@@ -206,6 +239,38 @@ class AlarmCalibration:
                     f"pooled null {0 if pooled is None else pooled.size}"
                 )
 
+    def _validate_gate(self) -> None:
+        """:class:`AlarmTableError` when the gated score's statistics do not fit."""
+        if not self.gated:
+            if self.evidence or self.stage_means or self.gate_threshold is not None:
+                raise AlarmTableError(f"the {self.score!r} score has no gate or evidence variant")
+            return
+        if self.evidence not in EVIDENCE_VARIANTS:
+            raise AlarmTableError(
+                f"evidence variant {self.evidence!r} is not one of {sorted(EVIDENCE_VARIANTS)}"
+            )
+        taps = len(self.tap_layers)
+        if not taps:
+            raise AlarmTableError("the gated score needs profile or head layers")
+        if len(self.stage_means) != taps or len(self.stage_precisions) != taps:
+            raise AlarmTableError(
+                f"{len(self.stage_means)} stage means and {len(self.stage_precisions)} "
+                f"precisions for {taps} profile and head layers"
+            )
+        for name, mean, precision in zip(
+            self.tap_layers, self.stage_means, self.stage_precisions, strict=True
+        ):
+            c = mean.shape[0] if mean.ndim == 1 else -1
+            if c < 1 or tuple(precision.shape) != (c, c):
+                raise AlarmTableError(
+                    f"the stage statistics of {name!r} must be [C] and [C, C], got "
+                    f"{list(mean.shape)} and {list(precision.shape)}"
+                )
+            if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(precision).all()):
+                raise AlarmTableError(f"the stage statistics of {name!r} must be finite")
+        if self.reference is not None and self.gate_threshold is None:
+            raise AlarmTableError("the gated score's reference needs its gate threshold")
+
     def _validate_head(self) -> None:
         """:class:`AlarmTableError` when the head layer and its statistics do not fit."""
         given = (self.head_means is not None, self.head_precision is not None)
@@ -242,6 +307,11 @@ class AlarmCalibration:
             "heldout": self.heldout,
             "head_layer": self.head_layer,
             "class_null_min": self.class_null_min,
+            **(
+                {"evidence": self.evidence, "gate_threshold": self.gate_threshold}
+                if self.gated
+                else {}
+            ),
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -255,6 +325,11 @@ class AlarmCalibration:
         if self.head_means is not None and self.head_precision is not None:
             out[f"{PREFIX}head_means"] = self.head_means
             out[f"{PREFIX}head_precision"] = self.head_precision
+        for i, (mean, precision) in enumerate(
+            zip(self.stage_means, self.stage_precisions, strict=True)
+        ):
+            out[f"{PREFIX}stage_mean.{i}"] = mean
+            out[f"{PREFIX}stage_precision.{i}"] = precision
         if self.null_predicted is not None and self.null_labelled is not None:
             out[f"{PREFIX}null_predicted"] = self.null_predicted.scores
             out[f"{PREFIX}null_labelled"] = self.null_labelled.scores
@@ -284,9 +359,22 @@ class AlarmCalibration:
             )
         head_means = _tensor(tensors, "head_means") if head else None
         head_precision = _tensor(tensors, "head_precision") if head else None
+        score = _field(meta, "score", str)
+        gated = score == GATED_SCORE_NAME
+        taps = len(layers) + (1 if head else 0)
+        stage_means = tuple(
+            _tensor(tensors, f"stage_mean.{i}") for i in range(taps if gated else 0)
+        )
+        stage_precisions = tuple(
+            _tensor(tensors, f"stage_precision.{i}") for i in range(taps if gated else 0)
+        )
+        evidence = _field(meta, "evidence", str) if gated else ""
+        threshold = None
+        if gated and meta.get("gate_threshold") is not None:
+            threshold = float(_field(meta, "gate_threshold", float))
         reference = None
         if _field(meta, "reference", bool):
-            count = len(component_names(layers, head))
+            count = len(component_names(layers, head, score))
             reference = ScoreReference(
                 tuple(_tensor(tensors, f"reference.{j}") for j in range(count))
             )
@@ -296,13 +384,14 @@ class AlarmCalibration:
             labelled = ConformalNull(_tensor(tensors, "null_labelled"))
         class_nulls = _class_nulls(meta, tensors) if predicted is not None else (None, None)
         return cls(
-            score=_field(meta, "score", str), profile_layers=tuple(layers),
+            score=score, profile_layers=tuple(layers),
             profile_quantiles=grids, reference=reference,
             reference_images=_field(meta, "reference_images", int),
             null_predicted=predicted, null_labelled=labelled,
             heldout=_field(meta, "heldout", dict), head_layer=head, head_means=head_means,
             head_precision=head_precision, class_null_predicted=class_nulls[0],
-            class_null_labelled=class_nulls[1],
+            class_null_labelled=class_nulls[1], evidence=evidence, stage_means=stage_means,
+            stage_precisions=stage_precisions, gate_threshold=threshold,
         )  # fmt: skip
 
 

@@ -28,7 +28,7 @@ from bench.strong_models import HELDOUT, load_strong
 from bench.strong_tables import table_path
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.alarm import alarm_calibration
-from surprise_monitor.calibrate.options import RunOptions, TableOptions
+from surprise_monitor.calibrate.options import AlarmOptions, RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference, normal_scores
 from surprise_monitor.monitor.conformal import DEFAULT_CLASS_NULL_MIN
@@ -39,6 +39,11 @@ BATCH = 250
 #: What decides the cached tables and judgements: the score's formula and how p-values are
 #: taken (per class with at least this many held-out images: the library's default).
 TABLE_KIND = f"{SCORE_NAME}-classnull{DEFAULT_CLASS_NULL_MIN}"
+
+
+def table_kind(score: str = SCORE_NAME) -> str:
+    """The cache name of the tables (and judged sets) of the library's ``score``."""
+    return f"{score}-classnull{DEFAULT_CLASS_NULL_MIN}"
 
 
 def folder(model_name: str) -> Path:
@@ -56,9 +61,12 @@ def head_of(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def table_of(model_name: str, model: nn.Module, log: Callable[[str], None]) -> CalibrationTable:
-    """The model's table: all 50,000 training images, the held-out null of test 0..4,999."""
-    path = folder(model_name) / f"table-{TABLE_KIND}.safetensors"
+def table_of(
+    model_name: str, model: nn.Module, log: Callable[[str], None], score: str = SCORE_NAME
+) -> CalibrationTable:
+    """The model's table: all 50,000 training images, the held-out null of test 0..4,999, the
+    library's ``score`` (its default unless named)."""
+    path = folder(model_name) / f"table-{table_kind(score)}.safetensors"
     alpha_path = folder(model_name) / "alpha_table.safetensors"
     if path.is_file():
         return CalibrationTable.load(path)
@@ -76,6 +84,7 @@ def table_of(model_name: str, model: nn.Module, log: Callable[[str], None]) -> C
             table,
             data,
             heldout,
+            AlarmOptions(score=score),
             run=RunOptions(batch_size=BATCH),
             device=torch.device("cpu"),
         )
@@ -88,6 +97,7 @@ def table_of(model_name: str, model: nn.Module, log: Callable[[str], None]) -> C
             layer=FINAL_CONV,  # the layer the recorded results were measured at
             table=TableOptions(class_names=train.class_names, data_source=data_source("train")),
             run=RunOptions(batch_size=BATCH),
+            alarm=AlarmOptions(score=score),
         )
         replace(table, alarm=None, path=None, sha256="").save(alpha_path)
     table = replace(table, path=None, sha256="")
@@ -116,10 +126,13 @@ def train_features(model_name: str, model: nn.Module) -> tuple[np.ndarray, np.nd
     return feats, train.labels
 
 
-def judged(model_name: str, monitor: SurpriseMonitor, images: ImageSet) -> dict[str, np.ndarray]:
-    """What the monitor says of every image of a set (cached): see :func:`_judge`."""
+def judged(
+    model_name: str, monitor: SurpriseMonitor, images: ImageSet, kind: str = TABLE_KIND
+) -> dict[str, np.ndarray]:
+    """What the monitor says of every image of a set (cached under the monitor's table
+    ``kind``): see :func:`_judge`."""
     name = f"{images.part}__{images.name.replace(' ', '_')}.npz"
-    path = folder(model_name) / "sets" / TABLE_KIND / name
+    path = folder(model_name) / "sets" / kind / name
     if path.is_file():
         with np.load(path) as d:
             return {k: d[k] for k in d.files}

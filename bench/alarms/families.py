@@ -18,7 +18,9 @@ severity, images, the library alarm's rate at 1% and every score's AUROC / FPR95
 format :mod:`bench.alarms.loo` reads:
 ``python -m bench.alarms.loo --results bench/alarms/results/families``).
 
-Options: ``--models resnet18,vgg_bn,vgg_plain,mobilenet``, ``--n 500``, ``--threads 1``.
+Options: ``--models resnet18,vgg_bn,vgg_plain,mobilenet``, ``--n 500``, ``--threads 1``,
+``--score gated-stage-energy-v1`` (the library's gated score judges the sets: the results carry
+its two evidence variants, ``library energy`` and ``library energy+mass``, and the baselines).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from bench.alarms.sets import PARTS, ImageSet, cifar_part, family_sets
 from bench.alarms.stage_stats import StageStatistics, names_of
 from bench.strong_models import ALARM_MODELS, training_record
 from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, SCORE_NAME, SCORES, Gate
 from surprise_monitor.monitor.options import Thresholds
 
 HERE = Path(__file__).resolve().parent
@@ -67,13 +70,16 @@ def references(
     return References.of(comps, alarm.component_names(), logits, None, rows, stage_names)
 
 
-def judged(name: str, monitor: SurpriseMonitor, images: ImageSet, n: int) -> dict[str, np.ndarray]:
-    """:func:`bench.alarms.collect._judge` of a set, cached per (model, table kind, n, part,
-    set): a family set of ``n`` images never meets a set of the same name and other size (the
-    CIFAR-10 images of a part, the same for every ``n``, share :func:`collect.judged`'s cache)."""
+def judged(
+    name: str, monitor: SurpriseMonitor, images: ImageSet, n: int, kind: str = collect.TABLE_KIND
+) -> dict[str, np.ndarray]:
+    """:func:`bench.alarms.collect._judge` of a set, cached per (model, table ``kind``, n,
+    part, set): a family set of ``n`` images never meets a set of the same name and other size
+    (the CIFAR-10 images of a part, the same for every ``n``, share :func:`collect.judged`'s
+    cache)."""
     if images.name == "cifar10":  # the part's 5,000 CIFAR-10 images, whatever n: shared
-        return collect.judged(name, monitor, images)
-    folder = collect.folder(name) / "families" / collect.TABLE_KIND / f"n{n}"
+        return collect.judged(name, monitor, images, kind)
+    folder = collect.folder(name) / "families" / kind / f"n{n}"
     path = folder / f"{images.part}__{images.name.replace(' ', '_')}.npz"
     if path.is_file():
         with np.load(path) as d:
@@ -95,30 +101,62 @@ def all_scores(
     return out
 
 
-def run_model(name: str, n: int, say: Callable[[str], None] = log) -> dict:
-    """Every figure of one model (see the module docstring)."""
+def library_scores(
+    found: dict[str, np.ndarray], table: object, baselines: Baselines
+) -> dict[str, np.ndarray]:
+    """The library's gated score in each class-evidence variant (``"library <variant>"``; the
+    same components, reference and gate: only the evidence columns differ) and every
+    baseline's score of one judged set."""
+    alarm = table.alarm  # type: ignore[attr-defined]
+    ranks = alarm.reference.ranks(torch.from_numpy(found["components"]).float())
+    out = {
+        f"library {v}": Gate.columns(alarm.component_names(), v, alarm.gate_threshold)
+        .score(ranks)
+        .double()
+        .numpy()
+        for v in EVIDENCE_VARIANTS
+    }
+    out.update(baselines.scores(found))
+    return out
+
+
+def run_model(name: str, n: int, say: Callable[[str], None] = log, score: str = SCORE_NAME) -> dict:
+    """Every figure of one model (see the module docstring); with the library's gated
+    ``score``, its two variants and the baselines only (:func:`library_scores`)."""
     model = collect.load_model(name)
-    table = collect.table_of(name, model, say)
+    table = collect.table_of(name, model, say, score)
+    kind = collect.table_kind(score)
     feats, labels = collect.train_features(name, model)
     baselines = Baselines(feats, labels)
-    stages = stage_stats.statistics(name, model, table)
-    refs = references(name, model, table, stages)
-    distances = collect.folder(name) / "families" / stage_stats.KIND / f"n{n}"
-    out: dict = {"model": name, "training": training_record(name), "n": n, "parts": {}}
+    scorer: Callable[[dict[str, np.ndarray], ImageSet], dict[str, np.ndarray]]
+    if score == SCORE_NAME:
+        stages = stage_stats.statistics(name, model, table)
+        refs = references(name, model, table, stages)
+        distances = collect.folder(name) / "families" / stage_stats.KIND / f"n{n}"
+
+        def scorer(found: dict[str, np.ndarray], images: ImageSet) -> dict[str, np.ndarray]:
+            """The candidates', the library's and the baselines' scores (stage distances
+            added to ``found``)."""
+            found[stage_stats.KIND] = stage_stats.set_distances(
+                name, model, stages, images, distances
+            )
+            return all_scores(found, refs, baselines)
+    else:
+
+        def scorer(found: dict[str, np.ndarray], images: ImageSet) -> dict[str, np.ndarray]:
+            """The library's variants' and the baselines' scores."""
+            return library_scores(found, table, baselines)
+
+    out: dict = {"model": name, "training": training_record(name), "n": n, "score": score,
+                 "parts": {}}  # fmt: skip
     with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=0.01)) as monitor:
         for part in PARTS:
             clean = cifar_part(part)
-            inlier = judged(name, monitor, clean, n)
-            inlier[stage_stats.KIND] = stage_stats.set_distances(
-                name, model, stages, clean, distances
-            )
-            scores_in = all_scores(inlier, refs, baselines)
+            inlier = judged(name, monitor, clean, n, kind)
+            scores_in = scorer(inlier, clean)
             sets: dict = {}
             for images in family_sets(part, n):
-                found = judged(name, monitor, images, n)
-                found[stage_stats.KIND] = stage_stats.set_distances(
-                    name, model, stages, images, distances
-                )
+                found = judged(name, monitor, images, n, kind)
                 reference = scores_in
                 if images.family == NOMINAL:  # against the same images, unshifted
                     reference = {k: v[: len(images.images)] for k, v in scores_in.items()}
@@ -126,7 +164,7 @@ def run_model(name: str, n: int, say: Callable[[str], None] = log) -> dict:
                     "family": images.family, "kind": images.kind,
                     "severity": images.severity, "images": len(images.images),
                     "alarm_rate": float((found["p_value"] <= 0.01).mean()),
-                    "scores": detection(reference, all_scores(found, refs, baselines)),
+                    "scores": detection(reference, scorer(found, images)),
                 }  # fmt: skip
             say(f"{name}: {part}: {len(sets)} sets")
             out["parts"][part] = {"in_distribution_images": len(inlier["score"]), "sets": sets}
@@ -139,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(ALARM_MODELS))
     p.add_argument("--n", type=int, default=500, help="images per set")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--score", default=SCORE_NAME, choices=SCORES,
+                   help="the library score whose table judges the sets")  # fmt: skip
     p.add_argument("--out", default=str(HERE / "results" / "families"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         started = time.perf_counter()
-        results = run_model(name, args.n)
+        results = run_model(name, args.n, score=args.score)
         results["seconds"] = round(time.perf_counter() - started)
         path = folder / f"{name}.json"
         tmp = path.with_suffix(".tmp")

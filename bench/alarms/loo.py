@@ -527,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results", default=str(HERE / "results"), help="folder of MODEL.json")
     p.add_argument("--models", default="", help="comma-separated (default: every results file)")
     p.add_argument("--out", default=None, help="default: RESULTS/loo.json")
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help="what each model's own choice is among"
+    )
     args = p.parse_args(argv)
     folder = Path(args.results)
     names = [m for m in args.models.split(",") if m]
@@ -539,10 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     by_model = leave_one_model_out(aurocs, family_of)
     by_family = leave_one_family_out(aurocs, family_of)
     everywhere = set(_everywhere(aurocs))
+    variants = [v for v in args.variants.split(",") if v]
     own = own_by_family = []
-    if set(VARIANTS) <= everywhere:
-        own = own_choice(aurocs, family_of)
-        own_by_family = own_choice_by_family(aurocs, family_of)
+    if variants and set(variants) <= everywhere:
+        own = own_choice(aurocs, family_of, variants)
+        own_by_family = own_choice_by_family(aurocs, family_of, variants)
     out = Path(args.out) if args.out else folder / "loo.json"
     result = {"models": sorted(aurocs), "families": family_of, "by_model": by_model,
               "by_family": by_family, "own_choice": own,
@@ -552,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp.replace(out)
     print(markdown(by_model, by_family, own, own_by_family))
     if own:
-        shown = [s for s in ("library default", "Energy", "KNN", *VARIANTS) if s in everywhere
+        shown = [s for s in ("library default", "Energy", "KNN", *variants) if s in everywhere
                  or s in ("Energy", "KNN")]  # fmt: skip
         print(family_table(aurocs, family_of, shown, own))
     return 0

@@ -53,3 +53,25 @@ def test_every_family_set_is_scored_by_every_candidate_and_baseline(tiny_alarm_m
     again = families.run_model("tiny", 4, lambda msg: None)
     first = data["parts"]["report"]["sets"]["mnist"]["scores"][families.LIBRARY]["auroc"]
     assert again["parts"]["report"]["sets"]["mnist"]["scores"][families.LIBRARY]["auroc"] == first
+
+
+def test_the_library_s_gated_score_judges_the_sets_in_both_variants(tiny_alarm_model, tmp_path):
+    pytest.importorskip("skimage")
+    from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME
+
+    got = families.run_model("tiny", 4, lambda msg: None, score=GATED_SCORE_NAME)
+    assert got["score"] == GATED_SCORE_NAME
+    entry = got["parts"]["report"]["sets"]["mnist"]["scores"]
+    assert set(entry) == {"library energy", "library energy+mass", *BASELINES}
+    # the variant the table was calibrated with (energy, the default) is the monitor's score
+    model = tiny_alarm_model
+    table = collect.table_of("tiny", model, lambda msg: None, GATED_SCORE_NAME)
+    assert table.alarm.score == GATED_SCORE_NAME and table.alarm.evidence == "energy"
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    path = collect.folder("tiny") / "sets" / kind / "report__cifar10.npz"  # mostly not gated
+    with np.load(path) as d:
+        found = {k: d[k] for k in d.files}
+    scores = families.library_scores(found, table, families.Baselines(
+        *collect.train_features("tiny", model)))  # fmt: skip
+    np.testing.assert_allclose(scores["library energy"], found["score"], rtol=1e-6)
+    assert not np.allclose(scores["library energy+mass"], found["score"])

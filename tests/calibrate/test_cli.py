@@ -449,3 +449,21 @@ def test_the_summary_says_which_classes_have_a_null_of_their_own(
     assert main([*args, "--class-null-min", "0"]) == 0
     assert "one pooled null for all classes" in capsys.readouterr().out
     assert CalibrationTable.load(out).alarm.class_null_predicted is None
+
+
+def test_cli_calibrates_the_gated_score_when_asked(image_folder, tiny_weights, tmp_path, capsys):
+    from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME
+
+    out = tmp_path / "table.safetensors"
+    flags = ("--alarm-score", GATED_SCORE_NAME, "--alarm-evidence", "energy+mass")
+    assert main(_args(image_folder, out, tiny_weights, *flags)) == 0
+    assert f"alarm: score {GATED_SCORE_NAME} (evidence energy+mass), profile layers" in (
+        capsys.readouterr().out
+    )
+    alarm = CalibrationTable.load(out).alarm
+    assert alarm.score == GATED_SCORE_NAME and alarm.evidence == "energy+mass"
+    assert alarm.gate_threshold is not None and len(alarm.stage_means) == 2
+    # a score this library does not compute is refused by argparse, naming the flag
+    with pytest.raises(SystemExit):
+        main(_args(image_folder, out, tiny_weights, "--alarm-score", "fisher-profile-v9"))
+    assert "--alarm-score" in capsys.readouterr().err

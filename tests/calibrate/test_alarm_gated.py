@@ -1,0 +1,192 @@
+"""The gated score (``AlarmOptions(score=GATED_SCORE_NAME)``) against independent computations:
+the stage statistics against numpy on channel means read off the model, energy against scipy,
+the gate's threshold and every score against tail ranks counted by hand, the file round trip,
+the alarm rate on fresh inputs and a far input ranked first."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from torch.utils.data import TensorDataset
+
+from surprise_monitor.calibrate import calibrate
+from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.atypicality import (
+    GATE_LEVEL,
+    GATE_OFFSET,
+    GATED_SCORE_NAME,
+    STAGE_SHRINK,
+    component_family,
+)
+from surprise_monitor.monitor.checks import OptionValueError
+from surprise_monitor.monitor.table import CalibrationTable, TableError
+from surprise_monitor.monitor.table_alarm import AlarmTableError
+from tests._checks import resign
+from tests._models import class_images, trained_tiny_cnn
+
+IMAGES, _LABELS = class_images(4000, 3, seed=1)
+PICKED = np.unique(np.linspace(0, 599, 300).round().astype(int))
+
+
+@pytest.fixture(scope="module")
+def gated():
+    """A trained tiny CNN calibrated with the gated score on 600 images (300 reference
+    images), with a null of 400 held-out ones."""
+    model = trained_tiny_cnn(steps=12)
+    train = TensorDataset(IMAGES[:600], _LABELS[:600])
+    heldout = TensorDataset(IMAGES[600:1000], _LABELS[600:1000])
+    table = calibrate(
+        model, train, heldout=heldout, progress=False, run=RunOptions(batch_size=50),
+        alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME, evidence="energy+mass"),
+    )  # fmt: skip
+    return model, table
+
+
+def _channel_means(model, x: torch.Tensor) -> list[np.ndarray]:
+    """The tiny CNN's profile layer's and head layer's channel means, computed directly."""
+    with torch.no_grad():
+        first = model.features[1](model.features[0](x))
+        head = model.features(x)
+    return [first.mean(dim=(2, 3)).double().numpy(), head.mean(dim=(2, 3)).double().numpy()]
+
+
+def _tail(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``(1 + #{reference >= v}) / (m + 1)`` per value, counted."""
+    return np.array([(1 + np.sum(reference >= v)) / (reference.size + 1) for v in values])
+
+
+def test_the_stage_statistics_are_numpys_on_the_even_half(gated):
+    model, table = gated
+    alarm = table.alarm
+    assert alarm.score == GATED_SCORE_NAME and alarm.evidence == "energy+mass"
+    assert alarm.component_names() == [
+        "expectation_mass", "stage_energy:features.1", "head_distance:features", "energy",
+        "stage_distance:features.1", "stage_distance:features",
+    ]  # fmt: skip
+    assert [component_family(n) for n in alarm.component_names()[3:]] == [
+        "class_evidence", "low_level", "low_level",
+    ]  # fmt: skip
+    for j, f in enumerate(_channel_means(model, IMAGES[PICKED[0::2]])):
+        cov = np.cov(f, rowvar=False)
+        c = cov.shape[0]
+        cov = (1 - STAGE_SHRINK) * cov + STAGE_SHRINK * np.trace(cov) / c * np.eye(c)
+        np.testing.assert_allclose(alarm.stage_means[j].numpy(), f.mean(0), rtol=1e-5, atol=1e-6)
+        want = np.linalg.inv(cov)
+        np.testing.assert_allclose(
+            alarm.stage_precisions[j].numpy(), want, rtol=1e-3, atol=1e-4 * np.abs(want).max()
+        )
+
+
+def test_energy_and_the_stage_distances_of_a_report(gated):
+    model, table = gated
+    x = IMAGES[1000:1040]
+    with SurpriseMonitor(model, table) as monitor:
+        r = monitor.inspect(x)
+    comps = r.components.double().numpy()
+    np.testing.assert_allclose(comps[:, 3], -logsumexp(r.logits.double().numpy(), axis=1),
+                               rtol=1e-5)  # fmt: skip
+    a = table.alarm
+    for j, f in enumerate(_channel_means(model, x)):
+        d = f - a.stage_means[j].double().numpy()
+        want = np.einsum("bi,ij,bj->b", d, a.stage_precisions[j].double().numpy(), d)
+        np.testing.assert_allclose(comps[:, 4 + j], want, rtol=1e-3, atol=1e-3)
+
+
+def test_the_gate_threshold_and_every_score_by_hand(gated):
+    model, table = gated
+    a = table.alarm
+    refs = [r.double().numpy() for r in a.reference.sorted_components]
+    # the reference images' own gate statistics: their stage distances' ranks among themselves
+    with SurpriseMonitor(model, dataclasses.replace(table, alarm=dataclasses.replace(
+            a, reference=None, gate_threshold=None, null_predicted=None, null_labelled=None,
+            class_null_predicted=None, class_null_labelled=None))) as plain:  # fmt: skip
+        x, y = IMAGES[PICKED[1::2]], _LABELS[PICKED[1::2]]
+        rows = plain.inspect(x, y).components.double().numpy()
+    stat = -2 * sum(np.log(_tail(refs[j], rows[:, j])) for j in (4, 5))
+    assert a.gate_threshold == pytest.approx(np.quantile(stat, 1 - GATE_LEVEL), rel=1e-5)
+    # scores of fresh inputs: the gate's statistic plus the offset beyond it, else Fisher's
+    # combination of energy's and the expectation mass's ranks
+    with SurpriseMonitor(model, table) as monitor:
+        r = monitor.inspect(IMAGES[1000:1200])
+    comps = r.components.double().numpy()
+    ranks = np.stack([_tail(refs[j], comps[:, j]) for j in range(6)], axis=1)
+    np.testing.assert_allclose(r.component_ranks.numpy(), ranks, rtol=1e-5)
+    gate = -2 * np.log(ranks[:, [4, 5]]).sum(1)
+    evidence = -2 * np.log(ranks[:, [0, 3]]).sum(1)
+    far = gate >= a.gate_threshold
+    want = np.where(far, gate + GATE_OFFSET, evidence)
+    np.testing.assert_allclose(r.score.numpy(), want, rtol=1e-5)
+    assert far.mean() < 0.1  # in distribution the gate rarely opens
+
+
+def test_a_far_input_is_ranked_first_and_fresh_inputs_alarm_at_the_nominal_rate(gated):
+    model, table = gated
+    with SurpriseMonitor(model, table) as monitor:
+        fresh = monitor.inspect(IMAGES[1000:3000])
+        far = monitor.inspect(IMAGES[3000:3050] * 25.0)  # far outside the training range
+    assert (far.score > GATE_OFFSET).all() and far.alarm.all()
+    rate = float(fresh.alarm.float().mean())
+    assert rate <= 0.01 + 3 * np.sqrt(0.01 * 0.99 / 2000)  # conformal: at most nominal
+
+
+def test_the_gated_table_survives_save_and_load(gated, tmp_path):
+    model, table = gated
+    path = table.save(tmp_path / "t.safetensors")
+    back = CalibrationTable.load(path).alarm
+    a = table.alarm
+    assert back.score == a.score and back.evidence == a.evidence
+    assert back.gate_threshold == a.gate_threshold
+    for m, n in zip(back.stage_means + back.stage_precisions,
+                    a.stage_means + a.stage_precisions, strict=True):  # fmt: skip
+        assert torch.equal(m, n)
+    with SurpriseMonitor(model, CalibrationTable.load(path)) as monitor:
+        again = monitor.inspect(IMAGES[1000:1020]).score
+    with SurpriseMonitor(model, table) as monitor:
+        assert torch.equal(again, monitor.inspect(IMAGES[1000:1020]).score)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["alarm"].update(evidence="logits"), "evidence variant 'logits' is not one"),
+        (lambda m: m["alarm"].update(gate_threshold=None), "needs its gate threshold"),
+        (lambda m: m["alarm"].pop("evidence") and None, "'alarm.evidence' is missing"),
+    ],
+)
+def test_a_bad_gated_alarm_part_is_a_table_error(gated, tmp_path, edit, message):
+    _, table = gated
+    path = table.save(tmp_path / "t.safetensors")
+    resign(path, edit)
+    with pytest.raises(TableError, match=message):
+        CalibrationTable.load(path)
+
+
+def test_bad_stage_statistics_are_refused(gated):
+    _, table = gated
+    a = table.alarm
+    for change, message in [
+        ({"stage_means": a.stage_means[:1]}, "1 stage means and 2 precisions for 2"),
+        ({"stage_precisions": (a.stage_precisions[1], a.stage_precisions[1])},
+         r"must be \[C\] and \[C, C\]"),
+        ({"stage_means": (a.stage_means[0] * float("nan"), a.stage_means[1])}, "finite"),
+        ({"score": "fisher-profile-v2"}, "has no gate or evidence variant"),
+    ]:  # fmt: skip
+        with pytest.raises(AlarmTableError, match=message):
+            dataclasses.replace(a, **change).validate(table.levels)
+
+
+def test_the_options_refuse_an_unknown_score_or_evidence():
+    with pytest.raises(OptionValueError, match="score"):
+        AlarmOptions(score="fisher-profile-v9")
+    with pytest.raises(OptionValueError, match="evidence"):
+        AlarmOptions(evidence="beta")
+    with pytest.raises(ValueError, match="needs profile or head layers"):
+        calibrate(
+            trained_tiny_cnn(steps=1), TensorDataset(IMAGES[:40], _LABELS[:40]), progress=False,
+            alarm=AlarmOptions(score=GATED_SCORE_NAME, profile_layers="none", head_layer="none"),
+        )  # fmt: skip
