@@ -206,7 +206,7 @@ class Gate:
 
     def statistic(self, ranks: torch.Tensor) -> torch.Tensor:
         """Fisher's statistic of the gate's ranks: ``[B]``."""
-        return fisher(ranks[:, list(self.gate)])
+        return fisher(_columns(ranks, self.gate))
 
     def at_level(self, reference_ranks: torch.Tensor, level: float = GATE_LEVEL) -> Gate:
         """The same gate with its threshold at the ``1 - level`` quantile of the reference
@@ -220,8 +220,14 @@ class Gate:
         """``GATE_OFFSET + statistic`` where the gate opens, else Fisher's statistic of the
         class evidence's ranks: ``[B]``."""
         stat = self.statistic(ranks)
-        evidence = fisher(ranks[:, list(self.evidence)])
+        evidence = fisher(_columns(ranks, self.evidence))
         return torch.where(stat >= self.threshold, stat + GATE_OFFSET, evidence)
+
+
+def _columns(values: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
+    """``values[:, columns]`` by basic indexing only (no index tensor made from a list: safe
+    inside a CUDA graph's capture)."""
+    return torch.stack([values[:, j] for j in columns], dim=1)
 
 
 def head_distance(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from scipy.special import ndtri
 
+from surprise_monitor.monitor import atypicality
 from surprise_monitor.monitor.atypicality import (
     ALARM_KINDS,
     ScoreReference,
@@ -131,3 +134,54 @@ def test_the_report_carries_the_alarm_kind_of_alarmed_inputs_only():
     assert report(True).sample(0)["alarm_kind"] == "features"
     assert report(False).sample(0)["alarm_kind"] is None
     assert report(False).alarm_kind(0) == "features"
+
+
+def test_energy_is_minus_logsumexp():
+    from scipy.special import logsumexp
+
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(3)) * 4
+    want = -logsumexp(logits.double().numpy(), axis=1)
+    np.testing.assert_allclose(atypicality.energy(logits).numpy(), want, rtol=1e-6)
+
+
+def test_the_stage_distance_is_the_class_agnostic_mahalanobis_of_fit_stage():
+    g = torch.Generator().manual_seed(4)
+    f = torch.randn(300, 5, generator=g) @ torch.randn(5, 5, generator=g)
+    mean, precision = atypicality.fit_stage(f, shrink=0.2)
+    x = f.double().numpy()
+    cov = np.cov(x, rowvar=False)
+    cov = 0.8 * cov + 0.2 * np.trace(cov) / 5 * np.eye(5)
+    np.testing.assert_allclose(precision.numpy(), np.linalg.inv(cov), rtol=1e-4, atol=1e-5)
+    y = torch.randn(4, 5, generator=g) * 3
+    d = y.double().numpy() - x.mean(0)
+    want = np.einsum("bi,ij,bj->b", d, np.linalg.inv(cov), d)
+    got = atypicality.StageDistance.of([mean, mean], [precision, precision])([y, y])
+    assert got.shape == (4, 2)
+    np.testing.assert_allclose(got[:, 1].numpy(), want, rtol=1e-4)
+    with pytest.raises(ValueError, match="channel means"):
+        atypicality.fit_stage(f[:1])
+
+
+def test_the_gate_ranks_far_inputs_first_and_the_rest_by_the_evidence():
+    names = ["expectation_mass", "stage_energy:a", "energy", "stage_distance:a",
+             "stage_distance:b"]  # fmt: skip
+    gate = atypicality.Gate.columns(names, "energy")
+    assert gate.gate == (3, 4) and gate.evidence == (2,) and gate.threshold == float("inf")
+    assert atypicality.Gate.columns(names, "energy+mass").evidence == (0, 2)
+    ranks = torch.tensor([[0.5, 0.5, 0.01, 0.5, 0.5], [0.5, 0.5, 0.5, 0.001, 0.002],
+                          [0.5, 0.5, 0.2, 0.3, 0.4]])  # fmt: skip
+    reference = torch.rand(200, 5, generator=torch.Generator().manual_seed(5)) * 0.98 + 0.02
+    at = gate.at_level(reference, 0.05)
+    stat = -2 * torch.log(reference[:, 3:]).sum(1).double()
+    assert at.threshold == pytest.approx(float(torch.quantile(stat, 0.95)))
+    got = at.score(ranks)
+    far = -2 * math.log(0.001) - 2 * math.log(0.002)
+    assert got[1].item() == pytest.approx(atypicality.GATE_OFFSET + far, rel=1e-6)
+    assert got[0].item() == pytest.approx(-2 * math.log(0.01), rel=1e-6)
+    assert got[2].item() == pytest.approx(-2 * math.log(0.2), rel=1e-6)
+    with pytest.raises(ValueError, match="evidence variant"):
+        atypicality.Gate.columns(names, "beta")
+    with pytest.raises(ValueError, match="lack the gated score"):
+        atypicality.Gate.columns(names[:3], "energy")
+    with pytest.raises(ValueError, match="gate level"):
+        gate.at_level(reference, 0.0)
