@@ -56,6 +56,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from bench.alarms.report import family_sets_markdown
 from bench.alarms.sets import FAR, families
 
 HERE = Path(__file__).resolve().parent
@@ -559,6 +560,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown = [s for s in ("library default", "Energy", "KNN", *variants) if s in everywhere
                  or s in ("Energy", "KNN")]  # fmt: skip
         print(family_table(aurocs, family_of, shown, own))
+        tables = [s for s in ("library default", *variants) if s in everywhere]
+        pages = [
+            family_sets_markdown(json.loads(p.read_text()), tables)
+            for p in paths
+            if p.name != "loo.json" and p.stem in aurocs
+        ]
+        (out.parent / "sets.md").write_text(
+            "# Every set: AUROC / FPR95 and the alarm rate at 1% (`python -m bench.alarms.loo`)"
+            "\n\n" + "\n".join(pages)
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from bench.alarms.class_rates import markdown as class_markdown
 from bench.alarms.scores import BASELINES, CANDIDATES, margin
+from surprise_monitor.monitor.atypicality import SCORE_NAME
 
 DEFAULT = next(iter(CANDIDATES))
 SHOWN = (DEFAULT, "without the head (v1)", "final layer: expectation mass", *BASELINES)
@@ -58,6 +59,24 @@ def markdown(results: dict[str, Any], part: str = "report") -> str:
             f"evaluation images, nominal {r['nominal']:.1%}: mean {r['mean']:.2%} (5-95%: "
             f"{r['p5']:.2%} - {r['p95']:.2%}; ranks only: the same for any score without ties)"
         )
+    return "\n".join(lines) + "\n"
+
+
+def family_sets_markdown(results: dict[str, Any], scores: list[str], part: str = "report") -> str:
+    """Every set of one model's family benchmark (``python -m bench.alarms.families``
+    results): each of ``scores`` and every baseline as AUROC / FPR95, and the alarm rate at
+    nominal 1% of the table's own score (the library's, as the monitor judged the set)."""
+    sets = results["parts"][part]["sets"]
+    shown = [*scores, *(b for b in BASELINES if b not in scores)]
+    head = "| set | family | " + " | ".join(shown) + " | alarm rate at 1% |"
+    rule = "|---|---|" + "---:|" * (len(shown) + 1)
+    title = f"### {results['model']} ({part} part, {results.get('score', SCORE_NAME)} table)"
+    lines = [title, "", "AUROC / FPR95 per set:", "", head, rule]
+    for name, found in sets.items():
+        s = found["scores"]
+        cells = [f"{s[k]['auroc']:.3f} / {s[k]['fpr95']:.3f}" for k in shown]
+        lines.append(f"| {name} | {found['family']} | " + " | ".join(cells)
+                     + f" | {found['alarm_rate']:.1%} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
