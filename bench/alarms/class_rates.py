@@ -30,6 +30,7 @@ from bench.alarms import collect
 from bench.alarms.scores import alarm_rate
 from bench.alarms.sets import cifar_part
 from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.atypicality import SCORE_NAME, SCORES
 from surprise_monitor.monitor.conformal import conditional_level
 from surprise_monitor.monitor.options import Thresholds
 from surprise_monitor.monitor.table import CalibrationTable
@@ -192,12 +193,13 @@ def markdown(results: dict[str, dict[str, Any]], names: Sequence[str] | None = N
     return "\n".join(lines)
 
 
-def run_model(name: str, log: Any = print) -> dict[str, Any]:
-    """The per-class rates of one model (its table and judged report images are cached)."""
+def run_model(name: str, log: Any = print, score: str = SCORE_NAME) -> dict[str, Any]:
+    """The per-class rates of one model with the library's ``score`` (its table and judged
+    report images are cached)."""
     model = collect.load_model(name)
-    table = collect.table_of(name, model, log)
+    table = collect.table_of(name, model, log, score)
     with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=RATE)) as monitor:
-        judged = collect.judged(name, monitor, cifar_part("report"))
+        judged = collect.judged(name, monitor, cifar_part("report"), collect.table_kind(score))
     res = class_rates(table, judged)
     res["class_names"] = list(table.class_names or [])
     return res
@@ -211,13 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(STRONG_MODELS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results" / "class_rates.json"))
+    p.add_argument("--score", default=SCORE_NAME, choices=SCORES, help="the library's score")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.is_file() else {}
     for name in args.models.split(","):
         started = time.perf_counter()
-        results[name] = run_model(name)
+        results[name] = run_model(name, score=args.score)
+        results[name]["score"] = args.score
         results[name]["seconds"] = round(time.perf_counter() - started)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
