@@ -40,9 +40,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from surprise_monitor.calibrate.distributed import Comm
+from surprise_monitor.calibrate.evidence_choice import CHOICE_IMAGES, SHIFTS, choose
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
 from surprise_monitor.calibrate.plan import split_batch, stream, stream_length
 from surprise_monitor.monitor.atypicality import (
+    DEFAULT_EVIDENCE,
     GATE_LEVEL,
     GATED_SCORE_NAME,
     ScoreReference,
@@ -125,10 +127,16 @@ def alarm_calibration(
         log.info("calibrate: no held-out images: the table has no conformal null (no alarms)")
         return alarm
     with_reference = replace(table, alarm=alarm, path=None, sha256="")
-    predicted, labelled, accuracy, classes = _heldout_scores(
-        model, with_reference, heldout, backend, progress, **passes
-    )
+    auto = alarm.gated and options.evidence == AUTO
+    predicted, labelled, accuracy, classes, choice = _heldout_scores(
+        model, with_reference, heldout, backend, progress, **passes,
+        choice_images=CHOICE_IMAGES if auto else 0,
+    )  # fmt: skip
     found = {"images": int(predicted.numel()), "accuracy": accuracy, "source": heldout_source}
+    if choice is not None:
+        alarm, predicted, labelled, worst = _with_chosen_evidence(alarm, choice)
+        found["evidence_choice"] = {"images": CHOICE_IMAGES, "shifts": list(SHIFTS),
+                                    "worst_margin": worst}  # fmt: skip
     log.info(
         "calibrate: conformal null from %d held-out images (accuracy %.4f)",
         predicted.numel(), accuracy,
@@ -326,8 +334,25 @@ def _stage_fields(options: AlarmOptions, tapped: list[np.ndarray]) -> dict[str, 
     if not tapped:
         raise ValueError(f"the {GATED_SCORE_NAME} score needs profile or head layers")
     stage = [fit_stage(torch.from_numpy(m)) for m in tapped]
-    return {"evidence": options.evidence, "stage_means": tuple(m for m, _ in stage),
+    evidence = DEFAULT_EVIDENCE if options.evidence == AUTO else options.evidence  # until chosen
+    return {"evidence": evidence, "stage_means": tuple(m for m, _ in stage),
             "stage_precisions": tuple(p for _, p in stage)}  # fmt: skip
+
+
+def _with_chosen_evidence(
+    alarm: AlarmCalibration, choice: _Choice
+) -> tuple[AlarmCalibration, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """``alarm`` with the evidence variant chosen on the held-out images' shifts, the null
+    images' scores (predicted, labelled) in that variant, and each variant's worst margin."""
+    variant, worst = choice.chosen(alarm)
+    log.info("calibrate: evidence %s chosen on %d held-out images and %d shifts (worst margin "
+             "against the best logit score: %s); they are left out of the null", variant,
+             CHOICE_IMAGES, len(SHIFTS),
+             ", ".join(f"{v} {m:+.3f}" for v, m in worst.items()))  # fmt: skip
+    alarm = replace(alarm, evidence=variant)
+    gate = alarm.gate()
+    assert gate is not None and choice.null_ranks is not None
+    return alarm, gate.score(choice.null_ranks[0]), gate.score(choice.null_ranks[1]), worst
 
 
 def _with_reference(alarm: AlarmCalibration, parts: torch.Tensor) -> AlarmCalibration:
@@ -396,36 +421,87 @@ def _heldout_scores(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, float, tuple[torch.Tensor, torch.Tensor]]:
+    choice_images: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, float, tuple[torch.Tensor, torch.Tensor], _Choice | None]:
     """Held-out scores judged against the predictions and against the labels, the model's
-    accuracy on them (a second judgement only for the misclassified images), and the classes
-    they were judged against (``(predictions, labels)``)."""
+    accuracy on them (a second judgement only for the misclassified images), the classes
+    they were judged against (``(predictions, labels)``), and with ``choice_images`` the
+    judgements of the first that many images, as they are and shifted
+    (:mod:`~surprise_monitor.calibrate.evidence_choice`), which the null leaves out."""
     judge = Judge(model, table, execution=Execution(backend=backend, check_fingerprint=False))
-    predicted, labelled, hits = [], [], 0
-    predictions, labels = [], []
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("p", "l", "pr", "lr", "c", "y")}
+    choice = _Choice() if choice_images > 0 else None
+    hits, taken = 0, 0
     try:
         batches = _counted(_heldout_batches(heldout, batch_size, num_workers),
                            stream_length(heldout), "held-out null", progress)  # fmt: skip
         for x, y in batches:
             x, y = x.to(device), y.to(device)
+            if choice is not None and taken < choice_images:
+                k = min(choice_images - taken, len(x))
+                choice.add(judge, x[:k])
+                taken += k
+                x, y = x[k:], y[k:]
+                if not len(x):
+                    continue
             report = judge(x)
             wrong = torch.nonzero(report.classes != y.cpu()).flatten()
-            with_labels = report.score.clone()
+            with_labels, label_ranks = report.score.clone(), report.component_ranks.clone()
             if wrong.numel():
-                rows = wrong.to(device)
-                with_labels[wrong] = judge(x[rows], y[rows]).score
-            predicted.append(report.score)
-            labelled.append(with_labels)
-            predictions.append(report.classes.cpu())
-            labels.append(y.cpu())
+                again = judge(x[wrong.to(device)], y[wrong.to(device)])
+                with_labels[wrong], label_ranks[wrong] = again.score, again.component_ranks
+            for key, v in (
+                ("p", report.score),
+                ("l", with_labels),
+                ("pr", report.component_ranks),
+                ("lr", label_ranks),
+                ("c", report.classes.cpu()),
+                ("y", y.cpu()),
+            ):
+                rows[key].append(v)  # fmt: skip
             hits += len(y) - int(wrong.numel())
     finally:
         judge.close()
-    if not predicted:
-        raise ValueError("the held-out data is empty")
-    scores = torch.cat(predicted)
-    classes = (torch.cat(predictions).long(), torch.cat(labels).long())
-    return scores, torch.cat(labelled), hits / scores.numel(), classes
+    if not rows["p"]:
+        raise ValueError("the held-out data is empty" + (" after the images the evidence "
+                         "variant is chosen on" if choice is not None else ""))  # fmt: skip
+    out = {k: torch.cat(v) for k, v in rows.items()}
+    if choice is not None:
+        choice.null_ranks = (out["pr"], out["lr"])
+    classes = (out["c"].long(), out["y"].long())
+    return out["p"], out["l"], hits / out["p"].numel(), classes, choice
+
+
+class _Choice:
+    """The judgements the evidence variant is chosen on: ``clean`` and per shift ``(ranks,
+    logits)``; and the null images' ranks (predicted, labelled), to score them with the
+    chosen variant."""
+
+    def __init__(self) -> None:
+        self.clean: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.shifted: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {
+            name: [] for name in SHIFTS
+        }
+        self.null_ranks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, judge: Judge, x: torch.Tensor) -> None:
+        """Judge ``x`` as it is and under every shift (against the predictions)."""
+        r = judge(x)
+        self.clean.append((r.component_ranks, r.logits))
+        for name, shift in SHIFTS.items():
+            r = judge(shift(x))
+            self.shifted[name].append((r.component_ranks, r.logits))
+
+    def chosen(self, alarm: AlarmCalibration) -> tuple[str, dict[str, float]]:
+        """The variant :func:`~surprise_monitor.calibrate.evidence_choice.choose` picks."""
+
+        def cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+            """The parts' ranks and logits, each concatenated."""
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+        assert alarm.gate_threshold is not None
+        shifted = {name: cat(parts) for name, parts in self.shifted.items()}
+        return choose(alarm.component_names(), alarm.gate_threshold, cat(self.clean), shifted)
 
 
 def _warn_pooled_classes(alarm: AlarmCalibration) -> None:

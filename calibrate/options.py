@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surprise_monitor.calibrate.evidence_choice import AUTO as AUTO_EVIDENCE
 from surprise_monitor.calibrate.sketch import LogGrid
 from surprise_monitor.monitor.atypicality import (
     DEFAULT_EVIDENCE,
@@ -163,15 +164,18 @@ class AlarmOptions:
     )
     evidence: str = option(
         DEFAULT_EVIDENCE,
-        f"the class evidence of the {GATED_SCORE_NAME} score: " + " or ".join(EVIDENCE_VARIANTS),
-        choices=tuple(EVIDENCE_VARIANTS),
+        f"the class evidence of the {GATED_SCORE_NAME} score: "
+        + ", ".join(EVIDENCE_VARIANTS)
+        + " or auto (chosen on shifts of the first 500 held-out images, which the null then "
+        "leaves out)",
+        choices=(*EVIDENCE_VARIANTS, AUTO_EVIDENCE),
     )
 
     def __post_init__(self) -> None:
         positive_int("reference_images", self.reference_images)
         non_negative_int("class_null_min", self.class_null_min)
         one_of("score", self.score, SCORES)
-        one_of("evidence", self.evidence, tuple(EVIDENCE_VARIANTS))
+        one_of("evidence", self.evidence, (*EVIDENCE_VARIANTS, AUTO_EVIDENCE))
 
     @classmethod
     def of(cls, alarm: AlarmOptions | bool) -> AlarmOptions:

@@ -1,0 +1,122 @@
+"""The evidence variant chosen on the held-out images' shifts: the AUROC against scikit-learn,
+the logit scores against pytorch-ood, the shifts by hand, the rule on synthetic judgements, and
+a calibration with ``evidence="auto"`` re-judged from outside."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import TensorDataset
+
+from surprise_monitor.calibrate import calibrate
+from surprise_monitor.calibrate import evidence_choice as ec
+from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME
+from surprise_monitor.monitor.checks import OptionValueError
+from tests._models import class_images, trained_tiny_cnn
+
+
+def test_auroc_is_scikit_learn_s_with_ties():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (40,), generator=g).float()
+    b = torch.randint(1, 7, (30,), generator=g).float()
+    want = roc_auc_score(np.r_[np.zeros(40), np.ones(30)], np.r_[a.numpy(), b.numpy()])
+    assert ec.auroc(a, b) == pytest.approx(want)
+    with pytest.raises(ValueError, match="inliers and outliers"):
+        ec.auroc(a, b[:0])
+
+
+def test_logit_scores_are_pytorch_ood_s():
+    from pytorch_ood.detector import EnergyBased, MaxLogit, MaxSoftmax
+
+    z = torch.randn(8, 5, generator=torch.Generator().manual_seed(1)) * 3
+    got = ec.logit_scores(z)
+    torch.testing.assert_close(got["MSP"].float(), MaxSoftmax.score(z))
+    torch.testing.assert_close(got["MaxLogit"].float(), MaxLogit.score(z))
+    torch.testing.assert_close(got["Energy"].float(), EnergyBased.score(z))
+
+
+def test_the_shifts_by_hand():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    for name, shift in ec.SHIFTS.items():
+        y = shift(x)
+        assert y.shape == x.shape and torch.isfinite(y).all() and not torch.equal(y, x), name
+    torch.testing.assert_close(ec.SHIFTS["rotate90"](x)[0, 0, 0], x[0, 0, :, -1])
+    torch.testing.assert_close(ec.SHIFTS["upside down"](x)[0, 0, 0], x[0, 0, -1])
+    torch.testing.assert_close(ec.SHIFTS["grey"](x)[:, 2], x.mean(dim=1))
+    torch.testing.assert_close(ec.SHIFTS["blur"](x)[1, 1, 4, 4], x[1, 1, 2:7, 2:7].mean())
+    occluded = ec.SHIFTS["occlusion"](x)
+    torch.testing.assert_close(occluded[0, :, 2:6, 2:6], x[0].mean().expand(3, 4, 4))
+    torch.testing.assert_close(occluded[0, :, 0], x[0, :, 0])
+    means = x.mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(ec.SHIFTS["contrast"](x), means + 0.5 * (x - means))
+
+
+NAMES = ["expectation_mass", "stage_energy:a", "energy", "stage_distance:a"]
+
+
+def _judged(mass: torch.Tensor, energy: torch.Tensor, logits: torch.Tensor) -> tuple:
+    """``(ranks, logits)`` with the given mass and energy ranks (the gate's rank 0.5: shut)."""
+    ranks = torch.stack([mass, torch.full_like(mass, 0.5), energy, torch.full_like(mass, 0.5)], 1)
+    return ranks, logits
+
+
+def test_choose_takes_the_best_worst_margin_and_energy_on_a_tie():
+    g = torch.Generator().manual_seed(3)
+    u = lambda n: torch.rand(n, generator=g) * 0.98 + 0.01  # noqa: E731
+    z = torch.randn(200, 4, generator=g)
+    clean = _judged(u(200), u(200), z)
+    # the shifted images: energy's rank and the logits unchanged (AUROC ~0.5 for both), the mass
+    # much smaller (atypical): energy+mass sees the shift, energy does not
+    shifted = {"s": _judged(u(200) * 0.05, u(200), z.clone())}
+    chosen, worst = ec.choose(NAMES, 1e9, clean, shifted)
+    assert chosen == "energy+mass" and worst["energy+mass"] > worst["energy"]
+    # worst margins by hand: the variant's AUROC minus the best logit score's
+    gate_shut = lambda r, cols: -2 * torch.log(r[:, cols]).sum(1)  # noqa: E731
+    base = max(roc_auc_score(np.r_[np.zeros(200), np.ones(200)], np.r_[v.numpy(), w.numpy()])
+               for v, w in zip(ec.logit_scores(z).values(), ec.logit_scores(z).values(),
+                               strict=True))  # fmt: skip
+    a = ec.auroc(gate_shut(clean[0], [0, 2]), gate_shut(shifted["s"][0], [0, 2]))
+    assert worst["energy+mass"] == pytest.approx(a - base)
+    # identical judgements: a tie, which goes to energy
+    chosen, worst = ec.choose(NAMES, 1e9, clean, {"same": clean})
+    assert chosen == "energy" and worst["energy"] == pytest.approx(worst["energy+mass"])
+    with pytest.raises(ValueError, match="no shifted"):
+        ec.choose(NAMES, 1e9, clean, {})
+
+
+def test_a_calibration_with_auto_evidence_re_judged_from_outside():
+    model = trained_tiny_cnn(steps=12)
+    x, y = class_images(4000, 3, seed=1)
+    table = calibrate(
+        model, TensorDataset(x[:600], y[:600]), heldout=TensorDataset(x[600:1600], y[600:1600]),
+        progress=False, run=RunOptions(batch_size=64),
+        alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME, evidence="auto"),
+    )  # fmt: skip
+    alarm = table.alarm
+    record = alarm.heldout["evidence_choice"]
+    assert record["images"] == ec.CHOICE_IMAGES and record["shifts"] == list(ec.SHIFTS)
+    first, rest = x[600 : 600 + ec.CHOICE_IMAGES], x[600 + ec.CHOICE_IMAGES : 1600]
+    with SurpriseMonitor(model, table) as monitor:
+        clean = monitor.inspect(first)
+        shifted = {n: monitor.inspect(s(first)) for n, s in ec.SHIFTS.items()}
+        null = monitor.inspect(rest)
+    chosen, worst = ec.choose(
+        alarm.component_names(), alarm.gate_threshold,
+        (clean.component_ranks, clean.logits),
+        {n: (r.component_ranks, r.logits) for n, r in shifted.items()},
+    )  # fmt: skip
+    assert alarm.evidence == chosen
+    assert record["worst_margin"] == pytest.approx(worst, abs=1e-6)
+    # the null: the other held-out images only, scored with the chosen variant
+    assert alarm.null_predicted.size == 1000 - ec.CHOICE_IMAGES
+    torch.testing.assert_close(alarm.null_predicted.scores, torch.sort(null.score).values)
+
+
+def test_auto_is_an_evidence_option():
+    assert AlarmOptions(score=GATED_SCORE_NAME, evidence="auto").evidence == "auto"
+    with pytest.raises(OptionValueError, match="evidence"):
+        AlarmOptions(evidence="beta")
