@@ -112,13 +112,14 @@ def alarm_calibration(
     layers = _profile_layers(model, table, options.profile_layers, images, device)
     head = _head_layer(model, options.head_layer, layers, images, device)
     passes = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
-    grids, head_means, head_precision, tapped = _profile_grids(
+    grids, head_means, head_precision, stage = _profile_grids(
         model, layers, head, _counted(images.half(0), images.size(0), "profile grids", progress),
-        table.levels, num_classes=table.num_classes, **passes,
+        table.levels, num_classes=table.num_classes, stage=options.score == GATED_SCORE_NAME,
+        **passes,
     )  # fmt: skip
     alarm = AlarmCalibration(
         options.score, tuple(layers), grids, None, images.count, head_layer=head,
-        head_means=head_means, head_precision=head_precision, **_stage_fields(options, tapped),
+        head_means=head_means, head_precision=head_precision, **_stage_fields(options, stage),
     )  # fmt: skip
     with_grids = replace(table, alarm=alarm, path=None, sha256="")
     odd = _counted(images.half(1), images.size(1), "score reference", progress)
@@ -126,6 +127,24 @@ def alarm_calibration(
     if heldout is None:
         log.info("calibrate: no held-out images: the table has no conformal null (no alarms)")
         return alarm
+    return _with_heldout(
+        model, table, alarm, heldout, options, backend, progress, heldout_source, passes
+    )
+
+
+def _with_heldout(
+    model: nn.Module,
+    table: CalibrationTable,
+    alarm: AlarmCalibration,
+    heldout: DataLoader | Dataset,
+    options: AlarmOptions,
+    backend: str,
+    progress: bool,
+    heldout_source: dict[str, Any] | None,
+    passes: dict[str, Any],
+) -> AlarmCalibration:
+    """``alarm`` with its conformal nulls from ``heldout`` (pass 3), and with
+    ``evidence="auto"`` the evidence variant chosen on the first held-out images' shifts."""
     with_reference = replace(table, alarm=alarm, path=None, sha256="")
     auto = alarm.gated and options.evidence == AUTO
     predicted, labelled, accuracy, classes, choice = _heldout_scores(
@@ -288,13 +307,20 @@ def _profile_grids(
     levels: torch.Tensor,
     *,
     num_classes: int,
+    stage: bool = False,
     batch_size: int,
     num_workers: int,
     device: torch.device,
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None, list[np.ndarray]]:
+) -> tuple[
+    tuple[torch.Tensor, ...],
+    torch.Tensor | None,
+    torch.Tensor | None,
+    list[tuple[torch.Tensor, torch.Tensor]],
+]:
     """Each profile layer's ``[C, Q]`` percentile grid of channel means over ``batches``, the
-    head layer's class means and shared precision (``None`` without a head), and every tapped
-    layer's channel means ``[n, C]`` (profile layers, then the head)."""
+    head layer's class means and shared precision (``None`` without a head), and with
+    ``stage`` every tapped layer's stage statistics (:func:`fit_stage`: profile layers, then
+    the head; the channel means themselves are not kept)."""
     tapped = layers + ([head] if head else [])
     if not tapped:
         return (), None, None, []
@@ -320,20 +346,22 @@ def _profile_grids(
         torch.from_numpy(np.percentile(m, lv, axis=0).T.astype(np.float32)).contiguous()
         for m in means[: len(layers)]
     )
+    fits = [fit_stage(torch.from_numpy(m)) for m in means] if stage else []
     if not head:
-        return grids, None, None, means
+        return grids, None, None, fits
     head_means, precision = fit_head(means[-1], np.concatenate(labels), num_classes)
-    return grids, head_means, precision, means
+    return grids, head_means, precision, fits
 
 
-def _stage_fields(options: AlarmOptions, tapped: list[np.ndarray]) -> dict[str, Any]:
+def _stage_fields(
+    options: AlarmOptions, stage: list[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, Any]:
     """The gated score's fields of the alarm part (its evidence variant and each tapped
-    layer's stage statistics, from the channel means ``tapped``); none for the Fisher score."""
+    layer's stage statistics ``stage``); none for the Fisher score."""
     if options.score != GATED_SCORE_NAME:
         return {}
-    if not tapped:
+    if not stage:
         raise ValueError(f"the {GATED_SCORE_NAME} score needs profile or head layers")
-    stage = [fit_stage(torch.from_numpy(m)) for m in tapped]
     evidence = DEFAULT_EVIDENCE if options.evidence == AUTO else options.evidence  # until chosen
     return {"evidence": evidence, "stage_means": tuple(m for m, _ in stage),
             "stage_precisions": tuple(p for _, p in stage)}  # fmt: skip
