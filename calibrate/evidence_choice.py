@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, Gate
+from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, Gate, energy
 
 #: Held-out images the choice is made on (taken from the start of the held-out stream and left
 #: out of the null).
@@ -95,15 +95,11 @@ def auroc(inlier: torch.Tensor, outlier: torch.Tensor) -> float:
     a, b = inlier.double().flatten(), outlier.double().flatten()
     if a.numel() == 0 or b.numel() == 0:
         raise ValueError("auroc needs inliers and outliers")
-    both = torch.cat([a, b])
-    order = torch.argsort(both)
-    ranks = torch.empty_like(both)
-    ranks[order] = torch.arange(1, both.numel() + 1, dtype=both.dtype)
-    for v in torch.unique(both):  # mid-ranks of ties
-        tied = both == v
-        if int(tied.sum()) > 1:
-            ranks[tied] = ranks[tied].mean()
-    r = ranks[a.numel() :].sum() - b.numel() * (b.numel() + 1) / 2
+    both = torch.sort(torch.cat([a, b])).values
+    below = torch.searchsorted(both, b, right=False)  # values below each outlier's
+    at_most = torch.searchsorted(both, b, right=True)
+    mid_ranks = (below + at_most + 1).double() / 2.0  # 1-based, ties sharing their mean rank
+    r = mid_ranks.sum() - b.numel() * (b.numel() + 1) / 2
     return float(r / (a.numel() * b.numel()))
 
 
@@ -114,7 +110,7 @@ def logit_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     return {
         "MSP": -torch.softmax(z, dim=1).max(dim=1).values,
         "MaxLogit": -z.max(dim=1).values,
-        "Energy": -torch.logsumexp(z, dim=1),
+        "Energy": energy(logits),
     }
 
 
@@ -129,16 +125,18 @@ def choose(
     [B, K])`` of the judged images; ``names`` the components' names, ``threshold`` the gate's."""
     if not shifted:
         raise ValueError("no shifted images to choose on")
-    worst: dict[str, float] = {}
     base_in = logit_scores(clean[1])
+    best = {  # per shift, the best logit score's AUROC (the same for every variant)
+        name: max(auroc(base_in[k], v) for k, v in logit_scores(logits).items())
+        for name, (_, logits) in shifted.items()
+    }
+    worst: dict[str, float] = {}
     for variant in EVIDENCE_VARIANTS:
         gate = Gate.columns(names, variant, threshold)
         score_in = gate.score(clean[0].float())
-        margins = []
-        for ranks, logits in shifted.values():
-            base_out = logit_scores(logits)
-            best = max(auroc(base_in[k], base_out[k]) for k in base_in)
-            margins.append(auroc(score_in, gate.score(ranks.float())) - best)
-        worst[variant] = min(margins)
+        worst[variant] = min(
+            auroc(score_in, gate.score(ranks.float())) - best[name]
+            for name, (ranks, _) in shifted.items()
+        )
     chosen = max(EVIDENCE_VARIANTS, key=lambda v: (round(worst[v], 9), -list(worst).index(v)))
     return chosen, worst
