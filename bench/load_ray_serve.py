@@ -3,6 +3,7 @@
 
 Usage: ``python bench/load_ray_serve.py [--model resnet18] [--size 32] [--seconds 10]
 [--rounds 3] [--concurrency 4] [--batches 1,16] [--replicas 1,2] [--max-batch-size 16]
+[--batch-wait-timeout-s 0.005]
 [--replica-cpus 1] [--threads 0] [--ingress proxy|haproxy] [--out FILE]``.
 
 Builds the torchvision model with random weights (10 classes) and a calibration table on random
@@ -24,7 +25,13 @@ which a 2-core machine cannot give it. Prints a JSON line per cell and round, th
 of medians over the rounds with each Ray row's ratio to serve.py's row of the same monitor setting
 and request size (the median of the per-round ratios), of the whole application, per replica and per
 serving CPU-second; the acceptance criterion is a monitored per-replica ratio of at least 0.9.
-``--out FILE`` writes every cell and row as JSON.
+``--out FILE`` writes every cell and row as JSON. ``--pin`` (one replica) gives serve.py and the
+replica one core each, the same core, and puts the client, Ray's processes and the ingress on the
+other: wall-clock throughput per replica against serve.py's on equal CPU.
+``--throughput-optimized`` starts Ray in its high-throughput mode
+(``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``; with ``--ingress haproxy`` what Ray's documentation
+recommends for high request rates; measured here, not supported by the application: see the
+README).
 
 Client, serve.py, Ray's processes (GCS, raylet, Serve's controller and proxy) and the replicas
 all share this machine's cores, so on a 2-core machine two replicas cannot show two cores' worth
@@ -54,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._serve_process import free_port, start_service, stop_process  # noqa: E402
 from bench.load_serve import burst, prepare  # noqa: E402
+from surprise_monitor.integrations.ray_serve.batching import DEFAULT_BATCH_WAIT_S  # noqa: E402
 
 #: CPUs of the local Ray cluster.
 RAY_CPUS = 2
@@ -124,6 +132,20 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+#: The core of the serving process (serve.py's, or the replica's) under ``--pin``.
+SERVING_CORE = 1
+
+
+def pin_tasks(pids: list[int], core: int) -> None:
+    """Every thread of the processes onto ``core`` (threads started later inherit it)."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                os.sched_setaffinity(int(task.name), {core})
+            except OSError:
+                pass  # a thread that ended meanwhile
+
+
 def measure(
     client: httpx.Client, url: str, body: str, batch: int, concurrency: int, seconds: float,
     server: list[int], ingress: list[int],
@@ -152,7 +174,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,16", help="inputs per request")
     p.add_argument("--replicas", default="1,2", help="Ray Serve replica counts")
     p.add_argument("--max-batch-size", type=int, default=16, help="Serve's @serve.batch size")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.0)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=DEFAULT_BATCH_WAIT_S,
+                   help="how long a Serve batch waits for more requests")  # fmt: skip
     p.add_argument("--replica-cpus", type=float, default=1.0, help="num_cpus per Ray replica")
     p.add_argument(
         "--threads", type=int, default=0, help="surprise-serve --threads for both (0: default)"
@@ -160,6 +183,14 @@ def main() -> None:
     p.add_argument(
         "--ingress", choices=("proxy", "haproxy"), default="proxy",
         help="Serve's HTTP ingress: its Python proxy, or HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--throughput-optimized", action="store_true",
+        help="Ray's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pin", action="store_true",
+        help="one core each: serve.py and the replica on core 1, everything else on core 0",
     )  # fmt: skip
     p.add_argument("--out", type=Path, help="write the result JSON here")
     args = p.parse_args()
@@ -171,6 +202,10 @@ def main() -> None:
             raise SystemExit(
                 f"{n} replicas x {args.replica_cpus} CPUs do not fit Ray's {RAY_CPUS} CPUs"
             )
+    if args.pin and (replica_counts != [1] or (os.cpu_count() or 1) < 2):
+        raise SystemExit("--pin measures one replica against serve.py: --replicas 1, 2+ cores")
+    if args.pin:
+        os.sched_setaffinity(0, {0})  # this process and all it starts: core 0
     configs = [Config("serve.py", 1, False), Config("serve.py", 1, True)]
     configs += [Config("ray", n, m) for n in replica_counts for m in (False, True)]
     bodies = {}
@@ -193,6 +228,8 @@ def main() -> None:
             flags = model_args if monitor else [*model_args, "--no-monitor"]
             proc, urls[monitor] = start_service(flags, folder / f"serve-{monitor}.log")
             serve_pids[monitor] = proc.pid
+            if args.pin:
+                pin_tasks([proc.pid], SERVING_CORE)
             stack.callback(stop_process, proc)
 
         import ray
@@ -205,6 +242,8 @@ def main() -> None:
         )
         if args.ingress == "haproxy":
             os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        if args.throughput_optimized:
+            os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
         ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
         stack.callback(ray.shutdown)
         port = free_port()
@@ -231,6 +270,8 @@ def main() -> None:
                         wait_ready(client, url)
                         server, ingress = pids_titled(REPLICA_TITLE), pids_titled(*INGRESS_TITLES)
                         assert len(server) == config.replicas, server
+                        if args.pin:
+                            pin_tasks(server, SERVING_CORE)
                     else:
                         url = urls[config.monitor]
                         server, ingress = [serve_pids[config.monitor]], []
@@ -252,8 +293,13 @@ def main() -> None:
     rows = summarise(cells, configs, batches)
     print(f"\n{args.model} {args.size}x{args.size}, {args.concurrency} client threads, "
           f"medians of {args.rounds} rounds of {args.seconds:g} s per cell; Ray: "
-          f"{args.replica_cpus:g} CPU per replica, max_batch_size {args.max_batch_size}; "
-          f"{os.cpu_count()} cores shared by client and servers\n")  # fmt: skip
+          f"{args.replica_cpus:g} CPU per replica, max_batch_size {args.max_batch_size}, "
+          f"batch wait {1000 * args.batch_wait_timeout_s:g} ms; "
+          + (f"pinned: serve.py and the replica on core {SERVING_CORE}, everything else on "
+             "core 0" if args.pin else f"{os.cpu_count()} cores shared by client and servers")
+          + f"; ingress {args.ingress}"
+          + (", RAY_SERVE_THROUGHPUT_OPTIMIZED=1" if args.throughput_optimized else "")
+          + "\n")  # fmt: skip
     print(table(rows))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,11 +40,18 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from surprise_monitor.calibrate.distributed import Comm
-from surprise_monitor.calibrate.evidence_choice import CHOICE_IMAGES, SHIFTS, choose
+from surprise_monitor.calibrate.evidence_choice import (
+    AUTO_MIN_HELDOUT,
+    CHOICE_IMAGES,
+    SHIFTS,
+    choose,
+)
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
 from surprise_monitor.calibrate.plan import split_batch, stream, stream_length
+from surprise_monitor.calibrate.score_choice import AUTO_SCORE, choose_score, too_few_images
 from surprise_monitor.monitor.atypicality import (
     DEFAULT_EVIDENCE,
+    FISHER_SCORE_NAME,
     GATE_LEVEL,
     GATED_SCORE_NAME,
     ScoreReference,
@@ -114,9 +121,10 @@ def alarm_calibration(
     passes = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
     grids, head_means, head_precision, stage = _profile_grids(
         model, layers, head, _counted(images.half(0), images.size(0), "profile grids", progress),
-        table.levels, num_classes=table.num_classes, stage=options.score == GATED_SCORE_NAME,
-        **passes,
+        table.levels, num_classes=table.num_classes,
+        stage=options.score in (GATED_SCORE_NAME, AUTO_SCORE), **passes,
     )  # fmt: skip
+    options = _with_score(options, stage, images.size(0))
     alarm = AlarmCalibration(
         options.score, tuple(layers), grids, None, images.count, head_layer=head,
         head_means=head_means, head_precision=head_precision, **_stage_fields(options, stage),
@@ -147,11 +155,19 @@ def _with_heldout(
     ``evidence="auto"`` the evidence variant chosen on the first held-out images' shifts."""
     with_reference = replace(table, alarm=alarm, path=None, sha256="")
     auto = alarm.gated and options.evidence == AUTO
+    too_few = auto and (stream_length(heldout) or AUTO_MIN_HELDOUT) < AUTO_MIN_HELDOUT
     predicted, labelled, accuracy, classes, choice = _heldout_scores(
         model, with_reference, heldout, backend, progress, **passes,
-        choice_images=CHOICE_IMAGES if auto else 0,
+        choice_images=CHOICE_IMAGES if auto and not too_few else 0,
     )  # fmt: skip
     found = {"images": int(predicted.numel()), "accuracy": accuracy, "source": heldout_source}
+    if too_few:
+        why = (
+            f"the held-out data has {stream_length(heldout)} images, fewer than the "
+            f"{AUTO_MIN_HELDOUT} the automatic choice needs: evidence {alarm.evidence}"
+        )
+        log.warning("calibrate: %s", why)
+        found["evidence_choice"] = {"skipped": why}
     if choice is not None:
         alarm, predicted, labelled, worst = _with_chosen_evidence(alarm, choice)
         found["evidence_choice"] = {"images": CHOICE_IMAGES, "shifts": list(SHIFTS),
@@ -353,6 +369,21 @@ def _profile_grids(
     return grids, head_means, precision, fits
 
 
+def _with_score(
+    options: AlarmOptions, stage: list[tuple[torch.Tensor, torch.Tensor]], images: int
+) -> AlarmOptions:
+    """``options`` with the score :func:`~surprise_monitor.calibrate.score_choice.choose_score`
+    takes (said in the log; a warning where ``auto`` falls back to the Fisher score)."""
+    channels = [int(mean.numel()) for mean, _ in stage]
+    score, why = choose_score(options.score, channels, images)
+    if options.score == AUTO_SCORE:
+        say = log.warning if score == FISHER_SCORE_NAME else log.info
+        say("calibrate: alarm score %s (--alarm-score auto): %s", score, why)
+    elif score == GATED_SCORE_NAME and channels and too_few_images(channels, images):
+        log.warning("calibrate: %s", too_few_images(channels, images))
+    return replace(options, score=score)
+
+
 def _stage_fields(
     options: AlarmOptions, stage: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[str, Any]:
@@ -361,7 +392,10 @@ def _stage_fields(
     if options.score != GATED_SCORE_NAME:
         return {}
     if not stage:
-        raise ValueError(f"the {GATED_SCORE_NAME} score needs profile or head layers")
+        raise ValueError(
+            f"the {GATED_SCORE_NAME} score needs profile or head layers; without them use "
+            f"score={FISHER_SCORE_NAME!r}"
+        )
     evidence = DEFAULT_EVIDENCE if options.evidence == AUTO else options.evidence  # until chosen
     return {"evidence": evidence, "stage_means": tuple(m for m, _ in stage),
             "stage_precisions": tuple(p for _, p in stage)}  # fmt: skip

@@ -41,6 +41,7 @@ from surprise_monitor.calibrate.preflight import (
 from surprise_monitor.calibrate.sketch import LogGrid
 from surprise_monitor.kernels.defaults import DEFAULT_SURPRISE_PCT
 from surprise_monitor.monitor.advice import advise, cli_message
+from surprise_monitor.monitor.atypicality import FISHER_SCORE_NAME, GATED_SCORE_NAME
 from surprise_monitor.monitor.checks import OptionValueError
 from surprise_monitor.monitor.loading.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from surprise_monitor.monitor.loading.model_args import (
@@ -186,7 +187,8 @@ def _alarm_line(table: CalibrationTable) -> str:
     alarm = table.alarm
     if alarm is None:
         return "alarm: not calibrated (--no-alarm)"
-    score = alarm.score + (f" (evidence {alarm.evidence})" if alarm.gated else "")
+    score = alarm.score + (f" (evidence {alarm.evidence}{_chosen(alarm.heldout or {})})"
+                           if alarm.gated else "")  # fmt: skip
     line = (
         f"alarm: score {score}, profile layers {list(alarm.profile_layers) or 'none'}, head "
         f"layer {alarm.head_layer or 'none'}, score reference from {alarm.reference_images} "
@@ -199,6 +201,17 @@ def _alarm_line(table: CalibrationTable) -> str:
         line + f"; null of {n} held-out images (model accuracy {acc:.4f} on them): alarms at "
         f"rates down to {alarm.null_predicted.smallest_rate():.2g}; {alarm.class_nulls_summary()}"
     )
+
+
+def _chosen(heldout: dict) -> str:
+    """How ``--alarm-evidence auto`` came to the evidence variant ("" when it was named)."""
+    choice = heldout.get("evidence_choice")
+    if not choice:
+        return ""
+    if "skipped" in choice:
+        return ": --alarm-evidence auto skipped, " + choice["skipped"].split(":")[0]
+    return (f": chosen by --alarm-evidence auto on {choice['images']} held-out images and "
+            f"{len(choice['shifts'])} synthetic shifts")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,6 +343,16 @@ def _options(
         AlarmOptions, args, profile_layers=_profile_layers(args.profile_layers),
         head_layer=_head_layer(args.head_layer, model),
     )  # fmt: skip
+    if (
+        alarm.enabled
+        and alarm.score == GATED_SCORE_NAME
+        and alarm.profile_layers == "none"
+        and alarm.head_layer == "none"
+    ):
+        raise ValueError(
+            f"--alarm-score {GATED_SCORE_NAME} needs --profile-layers or --head-layer; with "
+            f"both 'none' use --alarm-score {FISHER_SCORE_NAME} (or auto, which picks it)"
+        )
     return {
         "table": table,
         "run": options_from_args(RunOptions, args, approximate=grid),

@@ -1,6 +1,6 @@
 """The gated score's class-evidence variant, chosen on the user's own held-out images (issue 20).
 
-``AlarmOptions(score="gated-stage-energy-v1", evidence="auto")``: the first
+``AlarmOptions(evidence="auto")`` (the default): the first
 :data:`CHOICE_IMAGES` held-out images (not part of the null) are judged as they are and under
 each synthetic shift of :data:`SHIFTS` (made from those images: no other data), and each variant
 of :data:`~surprise_monitor.monitor.atypicality.EVIDENCE_VARIANTS` is scored from the same
@@ -31,6 +31,10 @@ from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, Gate, energy
 CHOICE_IMAGES = 500
 #: ``evidence="auto"``.
 AUTO = "auto"
+#: Held-out images (when the held-out data's length is known) ``auto`` needs to choose: the
+#: choice's and as many again for the null. With fewer, calibration keeps
+#: :data:`~surprise_monitor.monitor.atypicality.DEFAULT_EVIDENCE` and says so.
+AUTO_MIN_HELDOUT = 2 * CHOICE_IMAGES
 
 
 def _rotate(x: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from surprise_monitor.calibrate.evidence_choice import AUTO as AUTO_EVIDENCE
+from surprise_monitor.calibrate.evidence_choice import AUTO_MIN_HELDOUT, CHOICE_IMAGES
+from surprise_monitor.calibrate.score_choice import AUTO_SCORE, STAGE_IMAGES_PER_CHANNEL
 from surprise_monitor.calibrate.sketch import LogGrid
 from surprise_monitor.monitor.atypicality import (
     DEFAULT_EVIDENCE,
     EVIDENCE_VARIANTS,
+    FISHER_SCORE_NAME,
     GATED_SCORE_NAME,
-    SCORE_NAME,
     SCORES,
 )
 from surprise_monitor.monitor.checks import non_negative_int, one_of, positive_int
@@ -156,25 +158,28 @@ class AlarmOptions:
         "each class's alarm rate holds); classes with fewer use the pooled null (0: pooled only)",
     )
     score: str = option(
-        SCORE_NAME,
-        f"the alarm's score: {SCORE_NAME} (Fisher's combination of the filter profile's "
-        f"components) or {GATED_SCORE_NAME} (inputs whose stage distances lie beyond all but "
-        "one in a hundred training images' first, then the class evidence: bench/README.md)",
-        choices=SCORES,
+        AUTO_SCORE,
+        f"the alarm's score: {GATED_SCORE_NAME} (inputs whose stage distances lie beyond all but "
+        "one in a hundred training images' first, then the class evidence: bench/README.md), "
+        f"{FISHER_SCORE_NAME} (Fisher's combination of the filter profile's components, the "
+        f"score before issue 20) or auto (the first where the reference images number at least "
+        f"{STAGE_IMAGES_PER_CHANNEL}x the tapped layers' channels, else the second)",
+        choices=(*SCORES, AUTO_SCORE),
     )
     evidence: str = option(
-        DEFAULT_EVIDENCE,
+        AUTO_EVIDENCE,
         f"the class evidence of the {GATED_SCORE_NAME} score: "
         + ", ".join(EVIDENCE_VARIANTS)
-        + " or auto (chosen on shifts of the first 500 held-out images, which the null then "
-        "leaves out)",
+        + f" or auto (chosen on shifts of the first {CHOICE_IMAGES} held-out images, which the "
+        f"null then leaves out; {DEFAULT_EVIDENCE} when the held-out data has fewer than "
+        f"{AUTO_MIN_HELDOUT} images)",
         choices=(*EVIDENCE_VARIANTS, AUTO_EVIDENCE),
     )
 
     def __post_init__(self) -> None:
         positive_int("reference_images", self.reference_images)
         non_negative_int("class_null_min", self.class_null_min)
-        one_of("score", self.score, SCORES)
+        one_of("score", self.score, (*SCORES, AUTO_SCORE))
         one_of("evidence", self.evidence, (*EVIDENCE_VARIANTS, AUTO_EVIDENCE))
 
     @classmethod

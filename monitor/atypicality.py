@@ -17,14 +17,16 @@ An input's *percentile profile* is the rank of each of its values among the cali
   covariance (Lee et al. 2018, as pytorch-ood's ``Mahalanobis``): high-level features unlike
   any class's.
 
-The score combines the components' tail probabilities among training images (Fisher): ``score = -2
-sum_j log r_j`` with ``r_j = (1 + #{reference_j >= component_j}) / (m_j + 1)``, the references being
-the components of an evenly spaced subset of the training images. The references fix only the
+The Fisher score (:data:`FISHER_SCORE_NAME`, the default until issue 20) combines the
+components' tail probabilities among training images: ``score = -2 sum_j log r_j`` with
+``r_j = (1 + #{reference_j >= component_j}) / (m_j + 1)``, the references being the components
+of an evenly spaced subset of the training images. The references fix only the
 weighting: the alarm's calibration comes from the conformal null of the score on held-out images
 (:mod:`surprise_monitor.monitor.conformal`). How this score was chosen, and what it was compared
 with, is in ``bench/alarms/PROTOCOL.md``.
 
-The *gated* score (:data:`GATED_SCORE_NAME`, opt-in: ``AlarmOptions(score=...)``; issue 20)
+The *gated* score (:data:`GATED_SCORE_NAME`; issue 20; calibrate's default where the reference
+images suffice: ``surprise_monitor.calibrate.score_choice``)
 adds two kinds of component:
 
 - ``energy``: ``-logsumexp(logits)``, the class evidence of the logits (pytorch-ood's
@@ -50,12 +52,13 @@ from dataclasses import dataclass
 
 import torch
 
-#: Name of the score defined here (recorded in tables, so a future change of formula is refused).
-SCORE_NAME = "fisher-profile-v2"
-#: The gated score (opt-in; see the module docstring).
+#: Names of the scores defined here (recorded in tables, so a change of formula is refused); a
+#: table without a score name is of the Fisher score.
+FISHER_SCORE_NAME = "fisher-profile-v2"
+#: The gated score (see the module docstring).
 GATED_SCORE_NAME = "gated-stage-energy-v1"
-#: Every score this library computes (the first is calibrate's default).
-SCORES = (SCORE_NAME, GATED_SCORE_NAME)
+#: Every score this library computes.
+SCORES = (FISHER_SCORE_NAME, GATED_SCORE_NAME)
 #: The gated score's class-evidence variants: their component kinds.
 EVIDENCE_VARIANTS: dict[str, tuple[str, ...]] = {
     "energy": ("energy",),
@@ -80,7 +83,7 @@ STAGE_DISTANCE_COMPONENT = "stage_distance"
 
 
 def component_names(
-    profile_layers: Sequence[str], head_layer: str | None = None, score: str = SCORE_NAME
+    profile_layers: Sequence[str], head_layer: str | None = None, score: str = FISHER_SCORE_NAME
 ) -> list[str]:
     """The components' names, in the order :func:`components` returns them (for the gated
     score then ``energy`` and a stage distance per profile layer and the head layer)."""
@@ -313,8 +316,8 @@ def fisher(ranks: torch.Tensor) -> torch.Tensor:
 #: a corruption or the preprocessing changed), the head distance (high-level features unlike
 #: any class: an object the model does not know).
 ALARM_KINDS: dict[str, str] = {
-    "class_evidence": "low class evidence: the filters the class usually fires are missing at "
-    "the final layer",
+    "class_evidence": "low class evidence: the logits are low for every class, or the filters "
+    "the class usually fires are missing at the final layer",
     "low_level": "low-level statistics unlike the training images: the camera, lighting, "
     "a corruption or the preprocessing changed",
     "features": "high-level features unlike any class: an object or scene the model does not know",
@@ -331,11 +334,18 @@ def component_family(name: str) -> str:
     return _FAMILY_OF_COMPONENT.get(name.split(":", 1)[0], "other")
 
 
-def alarm_kind(names: Sequence[str], tail_ranks: Sequence[float]) -> str | None:
-    """The kind of atypicality behind one input's score: the component family whose smallest
-    tail rank, times the family's size (Bonferroni within the family, so a family of several
-    components is not favoured), is the smallest; ties go to the family listed first. ``None``
-    when no rank is finite."""
+def alarm_kind(
+    names: Sequence[str], tail_ranks: Sequence[float], score: float | None = None
+) -> str | None:
+    """The kind of atypicality behind one input's score. Of the gated score (``names`` with
+    ``energy``; ``score`` given): where the gate opened (``score >= GATE_OFFSET``) the stage
+    distance with the smallest tail rank names it (``features`` at the head layer, else
+    ``low_level``), else ``class_evidence`` (the class evidence ranked it). Otherwise the
+    component family whose smallest tail rank, times the family's size (Bonferroni within the
+    family, so a family of several components is not favoured), is the smallest; ties go to the
+    family listed first. ``None`` when no rank is finite."""
+    if score is not None and ENERGY_COMPONENT in names and score == score:
+        return _gated_kind(names, tail_ranks, score >= GATE_OFFSET)
     best: dict[str, float] = {}
     size: dict[str, int] = {}
     for name, rank in zip(names, tail_ranks, strict=True):
@@ -346,3 +356,19 @@ def alarm_kind(names: Sequence[str], tail_ranks: Sequence[float]) -> str | None:
     if not best:
         return None
     return min(best, key=lambda f: best[f] * size[f])
+
+
+def _gated_kind(names: Sequence[str], tail_ranks: Sequence[float], gate_open: bool) -> str | None:
+    """:func:`alarm_kind` of the gated score: the furthest stage distance where the gate
+    opened (the head layer's: ``features``), else ``class_evidence``."""
+    if not gate_open:
+        return "class_evidence"
+    head = {n.split(":", 1)[1] for n in names if n.startswith(HEAD_COMPONENT + ":")}
+    distances = [
+        (float(r), n.split(":", 1)[1])
+        for n, r in zip(names, tail_ranks, strict=True)
+        if n.startswith(STAGE_DISTANCE_COMPONENT + ":") and r == r
+    ]
+    if not distances:
+        return "low_level"
+    return "features" if min(distances)[1] in head else "low_level"

@@ -165,12 +165,14 @@ class MonitorReport:
         """The kind of atypicality behind input i's score (a key of
         :data:`surprise_monitor.monitor.atypicality.ALARM_KINDS`: ``"class_evidence"``,
         ``"low_level"``, ``"features"``): the component family that found it least like the
-        training images (:func:`~surprise_monitor.monitor.atypicality.alarm_kind`); ``None``
+        training images, or of the gated score the part that ranked it (the stage distances
+        where the gate opened, else the class evidence)
+        (:func:`~surprise_monitor.monitor.atypicality.alarm_kind`); ``None``
         without component ranks. ``sample(i)["alarm_kind"]`` holds it for inputs that alarm."""
         names = self.component_names or tuple(
             f"component_{j}" for j in range(int(self.components.shape[1]))
         )
-        return alarm_kind(names, self.component_ranks[i].tolist())
+        return alarm_kind(names, self.component_ranks[i].tolist(), float(self.score[i]))
 
     def component_parts(self, i: int) -> dict[str, dict[str, float | None]]:
         """Input i's score components by name: ``{"value", "tail_rank"}`` each; the smallest

@@ -40,8 +40,8 @@ class AlarmCalibration:
     """What the alarm needs beyond the alpha table.
 
     Attributes:
-        score: the score's formula (:data:`surprise_monitor.monitor.atypicality.SCORE_NAME` when
-        made here).
+        score: the score's formula (one of :data:`surprise_monitor.monitor.atypicality.SCORES`;
+        a table without one is of the Fisher score).
         profile_layers: the activation-profile layers, in forward order.
         profile_quantiles: per layer ``[C, Q]`` float32 percentiles of each channel's spatial
             mean over training images (any class), at the table's alpha levels.

@@ -31,14 +31,15 @@ CIFAR_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 def calibrated():
     """A trained 3-class TinyCNN and its table on 600 images of its training classes, with a
     conformal null of 2,000 held-out images of the same distribution (:func:`heldout_dataset`),
-    so its reports carry p-values and alarms.
+    so its reports carry p-values and alarms. The calibrate defaults: the gated score, its
+    evidence chosen on 500 more held-out images (``--alarm-evidence auto``).
 
     Shared by the whole session: a test that changes the table must restore it."""
     from surprise_monitor.calibrate import calibrate
 
     model = trained_tiny_cnn(num_classes=3, seed=1)
     table = calibrate(
-        model, class_dataset(600, 3, seed=1), heldout=heldout_dataset(2000), progress=False
+        model, class_dataset(600, 3, seed=1), heldout=heldout_dataset(2500), progress=False
     )
     return model, table
 

@@ -30,7 +30,7 @@ from bench.alarms import collect
 from bench.alarms.scores import alarm_rate
 from bench.alarms.sets import cifar_part
 from surprise_monitor.monitor import SurpriseMonitor
-from surprise_monitor.monitor.atypicality import SCORE_NAME, SCORES
+from surprise_monitor.monitor.atypicality import FISHER_SCORE_NAME, SCORES
 from surprise_monitor.monitor.conformal import conditional_level
 from surprise_monitor.monitor.options import Thresholds
 from surprise_monitor.monitor.table import CalibrationTable
@@ -193,7 +193,7 @@ def markdown(results: dict[str, dict[str, Any]], names: Sequence[str] | None = N
     return "\n".join(lines)
 
 
-def run_model(name: str, log: Any = print, score: str = SCORE_NAME) -> dict[str, Any]:
+def run_model(name: str, log: Any = print, score: str = FISHER_SCORE_NAME) -> dict[str, Any]:
     """The per-class rates of one model with the library's ``score`` (its table and judged
     report images are cached)."""
     model = collect.load_model(name)
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(STRONG_MODELS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results" / "class_rates.json"))
-    p.add_argument("--score", default=SCORE_NAME, choices=SCORES, help="the library's score")
+    p.add_argument("--score", default=FISHER_SCORE_NAME, choices=SCORES, help="the library's score")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = Path(args.out)

@@ -30,7 +30,7 @@ from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.alarm import alarm_calibration
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
-from surprise_monitor.monitor.atypicality import SCORE_NAME, ScoreReference, normal_scores
+from surprise_monitor.monitor.atypicality import FISHER_SCORE_NAME, ScoreReference, normal_scores
 from surprise_monitor.monitor.conformal import DEFAULT_CLASS_NULL_MIN
 from surprise_monitor.monitor.probe.layers import FINAL_CONV
 from surprise_monitor.monitor.table import CalibrationTable
@@ -38,10 +38,10 @@ from surprise_monitor.monitor.table import CalibrationTable
 BATCH = 250
 #: What decides the cached tables and judgements: the score's formula and how p-values are
 #: taken (per class with at least this many held-out images: the library's default).
-TABLE_KIND = f"{SCORE_NAME}-classnull{DEFAULT_CLASS_NULL_MIN}"
+TABLE_KIND = f"{FISHER_SCORE_NAME}-classnull{DEFAULT_CLASS_NULL_MIN}"
 
 
-def table_kind(score: str = SCORE_NAME) -> str:
+def table_kind(score: str = FISHER_SCORE_NAME) -> str:
     """The cache name of the tables (and judged sets) of the library's ``score``."""
     return f"{score}-classnull{DEFAULT_CLASS_NULL_MIN}"
 
@@ -62,7 +62,7 @@ def head_of(model: nn.Module) -> nn.Linear:
 
 
 def table_of(
-    model_name: str, model: nn.Module, log: Callable[[str], None], score: str = SCORE_NAME
+    model_name: str, model: nn.Module, log: Callable[[str], None], score: str = FISHER_SCORE_NAME
 ) -> CalibrationTable:
     """The model's table: all 50,000 training images, the held-out null of test 0..4,999, the
     library's ``score`` (its default unless named)."""

@@ -51,8 +51,8 @@ from scipy.stats import chi2
 
 from surprise_monitor.monitor.atypicality import (
     ALPHA_COMPONENT,
+    FISHER_SCORE_NAME,
     HEAD_COMPONENT,
-    SCORE_NAME,
     STAGE_COMPONENT,
 )
 
@@ -426,7 +426,7 @@ COMPONENT_SETS: tuple[tuple[str, ...], ...] = (
 
 #: Every candidate of the leave-one-out selection, the library's current default first.
 CANDIDATES: tuple[Candidate, ...] = (
-    Candidate(SCORE_NAME, (_MASS, _STAGES, _HEAD), "fisher"),  # one-sided: the current score
+    Candidate(FISHER_SCORE_NAME, (_MASS, _STAGES, _HEAD), "fisher"),  # one-sided: the current score
     *(
         _combined(c, kinds)
         for kinds in COMPONENT_SETS

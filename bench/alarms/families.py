@@ -42,7 +42,7 @@ from bench.alarms.sets import PARTS, ImageSet, cifar_part, family_sets
 from bench.alarms.stage_stats import StageStatistics, names_of
 from bench.strong_models import ALARM_MODELS, training_record
 from surprise_monitor.monitor import SurpriseMonitor
-from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, SCORE_NAME, SCORES, Gate
+from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, FISHER_SCORE_NAME, SCORES, Gate
 from surprise_monitor.monitor.options import Thresholds
 
 HERE = Path(__file__).resolve().parent
@@ -120,7 +120,9 @@ def library_scores(
     return out
 
 
-def run_model(name: str, n: int, say: Callable[[str], None] = log, score: str = SCORE_NAME) -> dict:
+def run_model(
+    name: str, n: int, say: Callable[[str], None] = log, score: str = FISHER_SCORE_NAME
+) -> dict:
     """Every figure of one model (see the module docstring); with the library's gated
     ``score``, its two variants and the baselines only (:func:`library_scores`)."""
     model = collect.load_model(name)
@@ -129,7 +131,7 @@ def run_model(name: str, n: int, say: Callable[[str], None] = log, score: str = 
     feats, labels = collect.train_features(name, model)
     baselines = Baselines(feats, labels)
     scorer: Callable[[dict[str, np.ndarray], ImageSet], dict[str, np.ndarray]]
-    if score == SCORE_NAME:
+    if score == FISHER_SCORE_NAME:
         stages = stage_stats.statistics(name, model, table)
         refs = references(name, model, table, stages)
         distances = collect.folder(name) / "families" / stage_stats.KIND / f"n{n}"
@@ -177,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(ALARM_MODELS))
     p.add_argument("--n", type=int, default=500, help="images per set")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--score", default=SCORE_NAME, choices=SCORES,
+    p.add_argument("--score", default=FISHER_SCORE_NAME, choices=SCORES,
                    help="the library score whose table judges the sets")  # fmt: skip
     p.add_argument("--out", default=str(HERE / "results" / "families"))
     args = p.parse_args(argv)

@@ -10,7 +10,7 @@ import numpy as np
 
 from bench.alarms.class_rates import markdown as class_markdown
 from bench.alarms.scores import BASELINES, CANDIDATES, margin
-from surprise_monitor.monitor.atypicality import SCORE_NAME
+from surprise_monitor.monitor.atypicality import FISHER_SCORE_NAME
 
 DEFAULT = next(iter(CANDIDATES))
 SHOWN = (DEFAULT, "without the head (v1)", "final layer: expectation mass", *BASELINES)
@@ -70,7 +70,7 @@ def family_sets_markdown(results: dict[str, Any], scores: list[str], part: str =
     shown = [*scores, *(b for b in BASELINES if b not in scores)]
     head = "| set | family | " + " | ".join(shown) + " | alarm rate at 1% |"
     rule = "|---|---|" + "---:|" * (len(shown) + 1)
-    title = f"### {results['model']} ({part} part, {results.get('score', SCORE_NAME)} table)"
+    title = f"### {results['model']} ({part} part, {results.get('score', FISHER_SCORE_NAME)} table)"
     lines = [title, "", "AUROC / FPR95 per set:", "", head, rule]
     for name, found in sets.items():
         s = found["scores"]

@@ -15,6 +15,7 @@ from bench.explain import artefacts, methods, metrics
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.atypicality import FISHER_SCORE_NAME
 from surprise_monitor.monitor.table import CalibrationTable
 
 N_TRAIN = 3000
@@ -37,7 +38,8 @@ def table_for(model: nn.Module, name: str, log: Callable[[str], None]) -> Calibr
     table = calibrate(
         model, calib, heldout=held, progress=False, run=RunOptions(batch_size=250),
         table=TableOptions(data_source=data_source("train", limit=N_TRAIN)),
-        alarm=AlarmOptions(class_null_min=0),  # one pooled null, as the recorded runs
+        # the Fisher score and one pooled null, as the recorded runs
+        alarm=AlarmOptions(score=FISHER_SCORE_NAME, class_null_min=0),
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)

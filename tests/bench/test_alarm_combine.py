@@ -198,7 +198,7 @@ def test_references_p_values_against_the_tails():
 def test_candidates_are_declared_once_and_well_formed():
     names = [c.name for c in combine.CANDIDATES]
     assert len(set(names)) == len(names)
-    assert names[0] == atypicality.SCORE_NAME
+    assert names[0] == atypicality.FISHER_SCORE_NAME
     default = combine.CANDIDATES[0]
     assert default.combiner == "fisher" and not default.sides
     assert set(default.kinds) == {"expectation_mass", "stage_energy", "head_distance"}
@@ -226,7 +226,7 @@ def test_candidate_scores_on_a_synthetic_judged_set():
         torch.from_numpy(np.asarray(_judged(_rng(9), 400)["components"]))
     )
     want = lib.score(torch.from_numpy(judged["components"])).numpy()
-    np.testing.assert_allclose(got[atypicality.SCORE_NAME], want, rtol=1e-5)
+    np.testing.assert_allclose(got[atypicality.FISHER_SCORE_NAME], want, rtol=1e-5)
     # energy alone: -log of energy's upper tail
     p = combine.upper_tail(refs.sorted_values["energy"], combine.energy(judged["logits"]))
     np.testing.assert_allclose(got["energy alone"], -np.log(p))

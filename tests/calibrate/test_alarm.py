@@ -15,7 +15,7 @@ from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.alarm import fit_head
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
 from surprise_monitor.monitor import SurpriseMonitor
-from surprise_monitor.monitor.atypicality import SCORE_NAME, components, head_distance
+from surprise_monitor.monitor.atypicality import FISHER_SCORE_NAME, components, head_distance
 from surprise_monitor.monitor.options import Thresholds
 from surprise_monitor.monitor.table import CalibrationTable, TableError
 from surprise_monitor.monitor.table_alarm import AlarmTableError
@@ -30,9 +30,15 @@ def _split(start: int, stop: int) -> TensorDataset:
     return TensorDataset(x[start:stop], y[start:stop])
 
 
+def fisher(**options: object) -> AlarmOptions:
+    """Alarm options of the Fisher score (whose components these tests count)."""
+    return AlarmOptions(score=FISHER_SCORE_NAME, **options)
+
+
 @pytest.fixture(scope="module")
 def alarmed(tmp_path_factory):
-    """A trained tiny CNN calibrated on 600 images, with a null of 400 held-out ones."""
+    """A trained tiny CNN calibrated on 600 images, with a null of 400 held-out ones (the Fisher
+    score's pipeline; the gated score's: test_alarm_gated.py)."""
     model = trained_tiny_cnn(steps=12)  # under-trained: some held-out images misclassified
     train = _split(0, 600)
     heldout = _split(600, 1000)
@@ -42,7 +48,7 @@ def alarmed(tmp_path_factory):
         heldout=heldout,
         progress=False,
         run=RunOptions(batch_size=50),
-        alarm=AlarmOptions(reference_images=300),
+        alarm=fisher(reference_images=300),
     )
     return model, table, train, heldout
 
@@ -50,7 +56,7 @@ def alarmed(tmp_path_factory):
 def test_the_profile_grid_is_numpys_percentiles_of_the_even_half(alarmed):
     model, table, train, _ = alarmed
     alarm = table.alarm
-    assert alarm.score == SCORE_NAME and alarm.profile_layers == ("features.1",)
+    assert alarm.score == FISHER_SCORE_NAME and alarm.profile_layers == ("features.1",)
     picked = np.unique(np.linspace(0, 599, 300).round().astype(int))
     x = train.tensors[0][picked[0::2]]
     with torch.no_grad():
@@ -259,34 +265,34 @@ def test_bad_head_statistics_are_refused(alarmed):
 def test_the_head_layer_can_be_named_or_switched_off():
     model = seeded(TinyCNN(num_classes=3)).eval()
     data = DataLoader(class_dataset(60, 3), batch_size=20)
-    none = calibrate(model, data, progress=False, alarm=AlarmOptions(head_layer="none"))
+    none = calibrate(model, data, progress=False, alarm=fisher(head_layer="none"))
     assert none.alarm.head_layer == "" and none.alarm.head_means is None
     assert len(none.alarm.reference.sorted_components) == 2
     with SurpriseMonitor(model, none) as monitor:
         assert monitor.inspect(torch.randn(4, 3, 8, 8)).components.shape == (4, 2)
-    named = calibrate(model, data, progress=False, alarm=AlarmOptions(head_layer="features.3"))
+    named = calibrate(model, data, progress=False, alarm=fisher(head_layer="features.3"))
     assert named.alarm.head_layer == "features.3"
     assert named.alarm.component_names()[-1] == "head_distance:features.3"
     with pytest.raises(ValueError, match="no module named 'nope'"):
-        calibrate(model, data, progress=False, alarm=AlarmOptions(head_layer="nope"))
+        calibrate(model, data, progress=False, alarm=fisher(head_layer="nope"))
     with pytest.raises(ValueError, match="'features.1' is also a profile layer"):
-        calibrate(model, data, progress=False, alarm=AlarmOptions(head_layer="features.1"))
+        calibrate(model, data, progress=False, alarm=fisher(head_layer="features.1"))
 
 
 def test_profile_layers_can_be_named_or_switched_off():
     model = seeded(TinyCNN(num_classes=3)).eval()
     data = DataLoader(class_dataset(60, 3), batch_size=20)
     named = calibrate(
-        model, data, progress=False, alarm=AlarmOptions(profile_layers=["features.0", "features.1"])
+        model, data, progress=False, alarm=fisher(profile_layers=["features.0", "features.1"])
     )
     assert named.alarm.profile_layers == ("features.0", "features.1")
     assert len(named.alarm.reference.sorted_components) == 4  # + expectation mass, head
-    none = calibrate(model, data, progress=False, alarm=AlarmOptions(profile_layers="none"))
+    none = calibrate(model, data, progress=False, alarm=fisher(profile_layers="none"))
     assert none.alarm.profile_layers == () and len(none.alarm.reference.sorted_components) == 2
     with pytest.raises(ValueError, match="no module named 'nope'"):
-        calibrate(model, data, progress=False, alarm=AlarmOptions(profile_layers=["nope"]))
+        calibrate(model, data, progress=False, alarm=fisher(profile_layers=["nope"]))
     with pytest.raises(ValueError, match="profile_layers must be 'auto', 'none'"):
-        calibrate(model, data, progress=False, alarm=AlarmOptions(profile_layers="all"))
+        calibrate(model, data, progress=False, alarm=fisher(profile_layers="all"))
     with pytest.raises(TypeError, match="heldout must be a torch DataLoader or Dataset"):
         calibrate(model, data, progress=False, heldout=[1, 2])
     held = TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
@@ -300,7 +306,7 @@ def _mondrian(alarmed, least: int, caplog=None) -> CalibrationTable:
     model, _, train, heldout = alarmed
     return calibrate(
         model, train, heldout=heldout, progress=False, run=RunOptions(batch_size=50),
-        alarm=AlarmOptions(reference_images=300, class_null_min=least),
+        alarm=fisher(reference_images=300, class_null_min=least),
     )  # fmt: skip
 
 

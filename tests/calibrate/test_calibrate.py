@@ -176,8 +176,14 @@ def test_calibrate_takes_at_most_ten_parameters_and_the_groups_whole():
         run=RunOptions(batch_size=5), alarm=AlarmOptions(enabled=False),
     )  # fmt: skip
     assert table.top_k == 2 and table.class_names == ["a", "b"] and table.alarm is None
-    bare_alarm = AlarmOptions(profile_layers="none", head_layer="none")
+    bare_alarm = AlarmOptions(
+        profile_layers="none", head_layer="none", score="gated-stage-energy-v1"
+    )
+    with pytest.raises(ValueError, match="needs profile or head layers.*fisher-profile-v2"):
+        calibrate(model, data, progress=False, alarm=bare_alarm)
+    bare_alarm = AlarmOptions(profile_layers="none", head_layer="none")  # auto: the Fisher score
     with_alarm = calibrate(model, data, progress=False, alarm=bare_alarm)
+    assert with_alarm.alarm.score == "fisher-profile-v2"
     assert with_alarm.alarm.profile_layers == () and with_alarm.alarm.head_layer == ""
     torch.testing.assert_close(with_alarm.quantiles, table.quantiles)  # batch size: no effect
     assert CheckpointOptions("d").every == 100  # the defaults live in the groups only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -467,3 +468,36 @@ def test_cli_calibrates_the_gated_score_when_asked(image_folder, tiny_weights, t
     with pytest.raises(SystemExit):
         main(_args(image_folder, out, tiny_weights, "--alarm-score", "fisher-profile-v9"))
     assert "--alarm-score" in capsys.readouterr().err
+
+
+def test_the_default_score_and_evidence_say_how_they_were_reached(
+    image_folder, tiny_weights, tmp_path, capsys, caplog
+):
+    """``--alarm-score auto`` / ``--alarm-evidence auto`` (the defaults) on a small folder: the 8
+    images of the profile pass are too few for the stage distances of 16 channels, so auto takes the
+    Fisher score and warns why; the gated score named, the summary says the evidence choice
+    was skipped (too few held-out images). Both layers off is refused for the gated score."""
+    from surprise_monitor.monitor.atypicality import FISHER_SCORE_NAME, GATED_SCORE_NAME
+
+    out = tmp_path / "table.safetensors"
+    held = ("--heldout", str(image_folder))
+    with caplog.at_level(logging.WARNING):
+        assert main(_args(image_folder, out, tiny_weights, *held)) == 0
+    assert CalibrationTable.load(out).alarm.score == FISHER_SCORE_NAME
+    assert f"alarm: score {FISHER_SCORE_NAME}, profile layers" in capsys.readouterr().out
+    assert (
+        f"alarm score {FISHER_SCORE_NAME} (--alarm-score auto): the stage distances would rest "
+        "on 8 reference images for 16 channels (they need 32"
+    ) in caplog.text
+    gated = (*held, "--alarm-score", GATED_SCORE_NAME)
+    assert main(_args(image_folder, out, tiny_weights, *gated)) == 0
+    alarm = CalibrationTable.load(out).alarm
+    assert alarm.heldout["evidence_choice"]["skipped"].endswith("evidence energy")
+    assert (
+        f"alarm: score {GATED_SCORE_NAME} (evidence energy: --alarm-evidence auto skipped, the "
+        "held-out data has 15 images, fewer than the 1000 the automatic choice needs)"
+    ) in capsys.readouterr().out
+    off = ("--profile-layers", "none", "--head-layer", "none", "--alarm-score", GATED_SCORE_NAME)
+    assert main(_args(image_folder, out, tiny_weights, *off)) == 2
+    err = capsys.readouterr().err
+    assert f"--alarm-score {GATED_SCORE_NAME} needs --profile-layers or --head-layer" in err

@@ -12,6 +12,8 @@ from scipy.special import ndtri
 from surprise_monitor.monitor import atypicality
 from surprise_monitor.monitor.atypicality import (
     ALARM_KINDS,
+    GATE_OFFSET,
+    GATED_SCORE_NAME,
     ScoreReference,
     alarm_kind,
     component_family,
@@ -113,6 +115,28 @@ def test_the_alarm_kind_is_the_family_with_the_smallest_adjusted_rank():
     assert alarm_kind(names, [float("nan")] * 4) is None
     assert alarm_kind(names, [0.01, 0.005, 0.9, 0.5]) == "class_evidence"  # a tie: listed first
     assert set(ALARM_KINDS) == {"class_evidence", "low_level", "features"}
+
+
+def test_the_gated_scores_kind_is_the_part_that_ranked_the_input():
+    """Gate open: the furthest stage distance (the head layer's means features); gate shut:
+    the class evidence, whatever the other components' ranks."""
+    names = component_names(["layer1"], "layer4", GATED_SCORE_NAME)
+    assert names[-3:] == ["energy", "stage_distance:layer1", "stage_distance:layer4"]
+    ranks = {n: 0.5 for n in names}
+
+    def kind(score: float, **given: float) -> str | None:
+        row = {**ranks, **{k.replace("__", ":"): v for k, v in given.items()}}
+        return alarm_kind(names, [row[n] for n in names], score)
+
+    opened = GATE_OFFSET + 12.0
+    assert kind(opened, stage_distance__layer1=0.001, stage_distance__layer4=0.01) == "low_level"
+    assert kind(opened, stage_distance__layer1=0.01, stage_distance__layer4=0.001) == "features"
+    # shut: the class evidence ranked it, even where a Fisher component's rank is smallest
+    assert kind(9.0, stage_energy__layer1=1e-4, head_distance__layer4=1e-4) == "class_evidence"
+    # without the score (or NaN) the Fisher rule over the families
+    fisher_rule = {**ranks, "expectation_mass": 0.01}
+    assert alarm_kind(names, [fisher_rule[n] for n in names]) == "class_evidence"
+    assert kind(float("nan"), stage_energy__layer1=1e-4) == "low_level"
 
 
 def test_the_report_carries_the_alarm_kind_of_alarmed_inputs_only():

@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve import Application
 
 from surprise_monitor.integrations.ray_serve.alarms import AlarmLogServer
+from surprise_monitor.integrations.ray_serve.batching import DEFAULT_BATCH_WAIT_S
 from surprise_monitor.integrations.ray_serve.deployment import MonitoredModel
 
 #: ``serve run`` keys that configure the deployment (not ``surprise-serve`` flags).
@@ -45,15 +46,18 @@ def build_app(
     argv: Sequence[str],
     *,
     max_batch_size: int = 16,
-    batch_wait_timeout_s: float = 0.0,
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
     **deployment_options: Any,
 ) -> Application:
     """The application: replicas of the monitored model (``argv``: ``surprise-serve``'s flags,
     checked here first) and the alarm log (``--alarm-log N``, ``--alarm-audit FILE``).
 
     ``max_batch_size`` requests are joined into one monitored call at most; a batch waits up to
-    ``batch_wait_timeout_s`` for more (0: it takes what has queued while the last batch ran,
-    which keeps a replica busy without idling on a timer). ``deployment_options`` go to Serve's
+    ``batch_wait_timeout_s`` for more (:data:`DEFAULT_BATCH_WAIT_S`). Serve forms the next batch
+    as soon as a request arrives, even while the last one still runs, so with 0 only requests
+    that arrive together are joined: at one input per request a replica then runs one input at
+    a time (measured: 0.66-0.92 of serve.py's throughput on one core, 1.00-1.02 with 5 ms;
+    bench/README.md). ``deployment_options`` go to Serve's
     ``deployment.options`` for the model replicas: ``num_replicas`` (default 1),
     ``ray_actor_options`` (default ``{"num_cpus": 1}``; ``num_gpus`` for a GPU),
     ``max_ongoing_requests`` (default 64), ``autoscaling_config``, ``logging_config``, ...

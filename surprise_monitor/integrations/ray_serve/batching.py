@@ -16,6 +16,9 @@ from fastapi import HTTPException
 from surprise_monitor.monitor.report import MonitorReport
 from surprise_monitor.serve.app import PredictionService
 
+#: Seconds a batch waits for more requests by default: about one monitored forward and
+#: backward pass of a small batch on a CPU core, the most a lone request is delayed.
+DEFAULT_BATCH_WAIT_S = 0.005
 #: One request's part of a batch: inputs, labels (or None), request id.
 Item = tuple[torch.Tensor, "list[int] | None", "str | None"]
 #: One request's answer from a batch: logits on the CPU, its report, the rows it covers.

@@ -27,7 +27,12 @@ from surprise_monitor.integrations.ray_serve.alarms import (
     RemoteAlarmView,
     ReplicaAlarmRecorder,
 )
-from surprise_monitor.integrations.ray_serve.batching import Answer, BatchedService, Item
+from surprise_monitor.integrations.ray_serve.batching import (
+    DEFAULT_BATCH_WAIT_S,
+    Answer,
+    BatchedService,
+    Item,
+)
 from surprise_monitor.integrations.ray_serve.metrics import RayMetricsRegistry
 from surprise_monitor.monitor.loading.model_args import model_from_args
 
@@ -49,7 +54,7 @@ class MonitoredModel:
 
     def __init__(
         self, argv: list[str], alarm_log: Any = None, max_batch_size: int = 16,
-        batch_wait_timeout_s: float = 0.0,
+        batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
     ) -> None:  # fmt: skip
         from surprise_monitor.serve import flags
         from surprise_monitor.serve.limits import MIB, Limits

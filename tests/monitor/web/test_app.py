@@ -120,11 +120,12 @@ def test_thumbnails_json_and_explanations(served):
     shown = "".join(dom.text[dom.text.index("score parts (tail rank)") + 1 :][:1])
     ranked = sorted(parts, key=lambda name: parts[name]["tail_rank"])
     assert shown == ", ".join(f"{n} {parts[n]['tail_rank']:.4f}" for n in ranked)
-    assert sorted(ranked) == sorted(report.component_names) and len(ranked) == 3
-    # the kind of atypicality: the family of the (Bonferroni-adjusted) smallest rank, in the
+    assert sorted(ranked) == sorted(report.component_names) and len(ranked) == 6  # gated
+    # the kind of atypicality (of the gated score: the part that ranked the input), in the
     # JSON and on the page with what it means
     kind = newest.report["alarm_kind"]
-    assert kind == alarm_kind(list(parts), [parts[n]["tail_rank"] for n in parts])
+    ranks = [parts[n]["tail_rank"] for n in parts]
+    assert kind == alarm_kind(list(parts), ranks, newest.report["score"])
     shown_kind = dom.text[dom.text.index("kind of atypicality") + 1]
     assert shown_kind == f"{kind.replace('_', ' ')}: {ALARM_KINDS[kind]}"
     summary = client.get(f"/{newest.id}/explanation.json").json()
