@@ -155,7 +155,8 @@ def _with_heldout(
     ``evidence="auto"`` the evidence variant chosen on the first held-out images' shifts."""
     with_reference = replace(table, alarm=alarm, path=None, sha256="")
     auto = alarm.gated and options.evidence == AUTO
-    too_few = auto and (stream_length(heldout) or AUTO_MIN_HELDOUT) < AUTO_MIN_HELDOUT
+    length = stream_length(heldout)
+    too_few = auto and (length or AUTO_MIN_HELDOUT) < AUTO_MIN_HELDOUT
     predicted, labelled, accuracy, classes, choice = _heldout_scores(
         model, with_reference, heldout, backend, progress, **passes,
         choice_images=CHOICE_IMAGES if auto and not too_few else 0,
@@ -163,7 +164,7 @@ def _with_heldout(
     found = {"images": int(predicted.numel()), "accuracy": accuracy, "source": heldout_source}
     if too_few:
         why = (
-            f"the held-out data has {stream_length(heldout)} images, fewer than the "
+            f"the held-out data has {length} images, fewer than the "
             f"{AUTO_MIN_HELDOUT} the automatic choice needs: evidence {alarm.evidence}"
         )
         log.warning("calibrate: %s", why)
@@ -376,11 +377,12 @@ def _with_score(
     takes (said in the log; a warning where ``auto`` falls back to the Fisher score)."""
     channels = [int(mean.numel()) for mean, _ in stage]
     score, why = choose_score(options.score, channels, images)
+    thin = too_few_images(channels, images) if channels else None
     if options.score == AUTO_SCORE:
         say = log.warning if score == FISHER_SCORE_NAME else log.info
         say("calibrate: alarm score %s (--alarm-score auto): %s", score, why)
-    elif score == GATED_SCORE_NAME and channels and too_few_images(channels, images):
-        log.warning("calibrate: %s", too_few_images(channels, images))
+    elif score == GATED_SCORE_NAME and thin is not None:
+        log.warning("calibrate: %s", thin)
     return replace(options, score=score)
 
 

@@ -56,8 +56,8 @@ def build_app(
     ``batch_wait_timeout_s`` for more (:data:`DEFAULT_BATCH_WAIT_S`). Serve forms the next batch
     as soon as a request arrives, even while the last one still runs, so with 0 only requests
     that arrive together are joined: at one input per request a replica then runs one input at
-    a time (measured: 0.66-0.92 of serve.py's throughput on one core, 1.00-1.02 with 5 ms;
-    bench/README.md). ``deployment_options`` go to Serve's
+    a time (measured behind HAProxy, one core each: 0.82-0.92 of serve.py's throughput without
+    the wait, 1.02-1.14 with 5 ms; bench/README.md). ``deployment_options`` go to Serve's
     ``deployment.options`` for the model replicas: ``num_replicas`` (default 1),
     ``ray_actor_options`` (default ``{"num_cpus": 1}``; ``num_gpus`` for a GPU),
     ``max_ongoing_requests`` (default 64), ``autoscaling_config``, ``logging_config``, ...
