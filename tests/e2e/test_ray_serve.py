@@ -182,7 +182,9 @@ def test_two_replicas_one_alarm_log_pooled_alert(saved_tiny_model, tmp_path, mon
     args = [*args[: args.index("--table")], "--table", str(ready.save(tmp_path / "t.safetensors"))]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     SD_FILE.unlink(missing_ok=True)
-    ray.init(num_cpus=2, include_dashboard=True, _metrics_export_port=free_port(),
+    # a port of its own for each cluster's dashboard: the one before may still hold 8265
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(),
+             _metrics_export_port=free_port(),
              _system_config={"metrics_report_interval_ms": 1000}, log_to_driver=False)  # fmt: skip
     prometheus = None
     try:
