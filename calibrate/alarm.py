@@ -51,6 +51,7 @@ from surprise_monitor.calibrate.plan import split_batch, stream, stream_length
 from surprise_monitor.calibrate.score_choice import AUTO_SCORE, choose_score, too_few_images
 from surprise_monitor.monitor.atypicality import (
     DEFAULT_EVIDENCE,
+    EXPONENTIAL_TAIL,
     FISHER_SCORE_NAME,
     GATE_LEVEL,
     GATED_SCORE_NAME,
@@ -422,7 +423,7 @@ def _with_chosen_evidence(
 def _with_reference(alarm: AlarmCalibration, parts: torch.Tensor) -> AlarmCalibration:
     """``alarm`` with the score reference of the components ``parts [m, J]`` and, for the gated
     score, the gate's threshold at the ``1 - GATE_LEVEL`` quantile of their own statistics."""
-    reference = ScoreReference.of(parts)
+    reference = ScoreReference.of(parts, EXPONENTIAL_TAIL)
     alarm = replace(alarm, reference=reference)
     gate = alarm.gate()
     if gate is None:

@@ -254,6 +254,18 @@ def components(
     return torch.stack(parts, dim=1)
 
 
+#: How a reference turns a value into its tail rank: ``"step"``, the share of reference values
+#: at least as high (every value beyond all but one training image ties), or ``"exponential"``
+#: (tables calibrated since stop 32): interpolated between the reference values and, above the
+#: :data:`TAIL_POINTS`-th highest, an exponential tail fitted to the values above it, so that
+#: inputs beyond every training image keep their order.
+STEP_TAIL, EXPONENTIAL_TAIL = "step", "exponential"
+TAILS = (STEP_TAIL, EXPONENTIAL_TAIL)
+#: How many of the highest reference values fit the exponential tail (fewer on a reference of
+#: under ten times as many values: a tenth of it, at least one).
+TAIL_POINTS = 50
+
+
 def tail_ranks(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``(1 + #{reference >= v}) / (m + 1)`` for ``values [B]`` against a sorted ``reference
     [m]`` (float32, on ``values``' device)."""
@@ -263,14 +275,47 @@ def tail_ranks(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (1.0 + (m - below).float()) / float(m + 1)
 
 
+def exponential_tail_ranks(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Continuous tail ranks of ``values [B]`` against a sorted ``reference [m]`` (float32, on
+    ``values``' device): ``(1 + m - F(v)) / (m + 1)`` where ``F`` interpolates the count of
+    reference values below ``v`` linearly between them, and above ``u``, the ``k``-th highest
+    reference value (``k`` = :data:`TAIL_POINTS`), ``(1 + k) / (m + 1) * exp(-(v - u) / s)``
+    with ``s`` the mean excess of the ``k - 1`` values above ``u`` (the exponential tail's
+    maximum-likelihood scale; the two pieces meet at ``u``). Equal to :func:`tail_ranks` at
+    the reference values below ``u`` (without ties); decreasing above it down to float32's
+    smallest normal number (so that ``log`` stays finite)."""
+    ref = reference.to(values.device).float()
+    v = values.float().contiguous()
+    m = ref.numel()
+    if m < 2:  # nothing to interpolate or fit
+        return tail_ranks(ref, v)
+    k = max(1, min(TAIL_POINTS, m // 10))
+    hi = torch.searchsorted(ref, v, right=False).clamp(1, max(m - 1, 1))
+    left, right = ref[hi - 1], ref[hi]
+    step = (right - left).clamp_min(torch.finfo(torch.float32).tiny)
+    below = (hi - 1).float() + ((v - left) / step).clamp(0.0, 1.0)
+    below = torch.where(v <= ref[0], torch.zeros_like(below), below)
+    body = (1.0 + m - below) / float(m + 1)
+    u = ref[m - k]
+    scale = (ref[m - k + 1 :] - u).mean() if k > 1 else torch.ones((), device=ref.device)
+    scale = torch.nan_to_num(scale, nan=1.0).clamp_min(torch.finfo(torch.float32).eps)
+    tail = (1.0 + k) / float(m + 1) * torch.exp(-(v - u) / scale)
+    tiny = torch.finfo(torch.float32).tiny  # exp underflows far out: keep log(rank) finite
+    return torch.where(v > u, tail, body).clamp(tiny, 1.0)
+
+
 @dataclass(frozen=True, eq=False)
 class ScoreReference:
     """The components of training images (each ``[m_j]`` float32, sorted ascending), one per
-    component in :func:`component_names` order, that weight the components in the score."""
+    component in :func:`component_names` order, that weight the components in the score, and
+    how a value's tail rank is read from them (``tail``, one of :data:`TAILS`)."""
 
     sorted_components: tuple[torch.Tensor, ...]
+    tail: str = STEP_TAIL
 
     def __post_init__(self) -> None:
+        if self.tail not in TAILS:
+            raise ValueError(f"the reference's tail must be one of {list(TAILS)}: {self.tail!r}")
         for j, ref in enumerate(self.sorted_components):
             if ref.ndim != 1 or ref.numel() == 0:
                 raise ValueError(f"score reference {j} must be a non-empty 1-D tensor")
@@ -278,14 +323,15 @@ class ScoreReference:
                 raise ValueError(f"score reference {j} must be finite and sorted ascending")
 
     @classmethod
-    def of(cls, component_rows: torch.Tensor) -> ScoreReference:
+    def of(cls, component_rows: torch.Tensor, tail: str = STEP_TAIL) -> ScoreReference:
         """The reference of the components ``[m, 1 + L]`` of training images."""
         cols = component_rows.detach().float().cpu()
-        return cls(tuple(torch.sort(cols[:, j]).values.contiguous() for j in range(cols.shape[1])))
+        sorted_cols = (torch.sort(cols[:, j]).values.contiguous() for j in range(cols.shape[1]))
+        return cls(tuple(sorted_cols), tail)
 
     def to(self, device: torch.device | str) -> ScoreReference:
         """The same reference on ``device``."""
-        return ScoreReference(tuple(r.to(device) for r in self.sorted_components))
+        return ScoreReference(tuple(r.to(device) for r in self.sorted_components), self.tail)
 
     def ranks(self, component_values: torch.Tensor) -> torch.Tensor:
         """Each component's tail rank ``r_j`` among the reference's (``[B, J]`` float32): small
@@ -295,9 +341,8 @@ class ScoreReference:
                 f"{component_values.shape[1]} components for a reference of "
                 f"{len(self.sorted_components)}"
             )
-        cols = [
-            tail_ranks(ref, component_values[:, j]) for j, ref in enumerate(self.sorted_components)
-        ]
+        rank = exponential_tail_ranks if self.tail == EXPONENTIAL_TAIL else tail_ranks
+        cols = [rank(ref, component_values[:, j]) for j, ref in enumerate(self.sorted_components)]
         return torch.stack(cols, dim=1)
 
     def score(self, component_values: torch.Tensor) -> torch.Tensor:

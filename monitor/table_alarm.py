@@ -20,6 +20,8 @@ from surprise_monitor.monitor.atypicality import (
     EVIDENCE_VARIANTS,
     GATED_SCORE_NAME,
     SCORES,
+    STEP_TAIL,
+    TAILS,
     Gate,
     ScoreReference,
     component_names,
@@ -303,6 +305,7 @@ class AlarmCalibration:
             "profile_layers": list(self.profile_layers),
             "reference_images": int(self.reference_images),
             "reference": self.reference is not None,
+            **({"reference_tail": self.reference.tail} if self.reference is not None else {}),
             "null": self.null_predicted is not None,
             "heldout": self.heldout,
             "head_layer": self.head_layer,
@@ -375,8 +378,14 @@ class AlarmCalibration:
         reference = None
         if _field(meta, "reference", bool):
             count = len(component_names(layers, head, score))
+            tail = _field(meta, "reference_tail", str) if "reference_tail" in meta else STEP_TAIL
+            if tail not in TAILS:
+                raise AlarmTableError(
+                    f"metadata field 'alarm.reference_tail' must be one of {list(TAILS)}, "
+                    f"got {tail!r}"
+                )
             reference = ScoreReference(
-                tuple(_tensor(tensors, f"reference.{j}") for j in range(count))
+                tuple(_tensor(tensors, f"reference.{j}") for j in range(count)), tail
             )
         predicted = labelled = None
         if _field(meta, "null", bool):

@@ -120,3 +120,21 @@ def run_in_threads(work: Callable[[int], None], count: int, timeout: float = 120
     assert not any(th.is_alive() for th in pool), f"a thread still runs after {timeout} s"
     if errors:
         raise errors[0]
+
+
+def exponential_tail(reference, values, points: int = 50):
+    """Numpy oracle of ``atypicality.exponential_tail_ranks``: ``np.interp`` of the count of
+    reference values below each value, and above the ``k``-th highest reference value ``u``
+    an exponential tail ``(1 + k) / (m + 1) * exp(-(v - u) / s)``, ``s`` the mean excess of the
+    values above ``u``; clipped to ``[float32 tiny, 1]``."""
+    import numpy as np
+
+    ref = np.sort(np.asarray(reference, np.float64))
+    v = np.asarray(values, np.float64)
+    m = ref.size
+    k = max(1, min(points, m // 10))
+    body = (1 + m - np.interp(v, ref, np.arange(m))) / (m + 1)
+    u = ref[m - k]
+    s = np.mean(ref[m - k + 1 :] - u) if k > 1 else 1.0
+    tail = (1 + k) / (m + 1) * np.exp(-(v - u) / s)
+    return np.clip(np.where(v > u, tail, body), np.finfo(np.float32).tiny, 1.0)

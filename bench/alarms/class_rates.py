@@ -132,6 +132,46 @@ def class_rates(
     return out
 
 
+def resplit_rates(
+    scores: np.ndarray,
+    classes: np.ndarray,
+    k: int,
+    rate: float = RATE,
+    splits: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How the per-class rates move with the draw of the null: ``splits`` random halvings of
+    the judged images (``scores``, ``classes``: every image's score and the class it was
+    judged against; the scores do not depend on the null), each half's per-class conformal
+    null (:func:`surprise_monitor.monitor.conformal` p-values, ``(1 + #{null >= s}) / (n + 1)``
+    counted here with numpy) judging the other half. Per class: the mean rate and the share of
+    splits whose count lies in :func:`exchangeable_range` (95% by construction when the
+    classes' p-values are valid); ``all_hold``: the share of splits where every class's does.
+    One fixed split is one draw of this; the same images judged by several models draw
+    together."""
+    s = np.asarray(scores, np.float64)
+    c = np.asarray(classes)
+    rng = np.random.default_rng(seed)
+    holds = np.zeros((splits, k), bool)
+    rates = np.full((splits, k), np.nan)
+    for i in range(splits):
+        order = rng.permutation(s.size)
+        null, judged = order[: s.size // 2], order[s.size // 2 :]
+        for cls in range(k):
+            ref = np.sort(s[null][c[null] == cls])
+            mine = s[judged][c[judged] == cls]
+            if ref.size == 0 or mine.size == 0:
+                continue
+            p = (1 + ref.size - np.searchsorted(ref, mine, side="left")) / (ref.size + 1)
+            alarms = int((p <= rate).sum())
+            low, high = exchangeable_range(ref.size, mine.size, rate)
+            holds[i, cls], rates[i, cls] = low <= alarms <= high, alarms / mine.size
+    return {"splits": splits, "seed": seed, "nominal": rate,
+            "mean_rate": np.nanmean(rates, axis=0).round(6).tolist(),
+            "within_range": holds.mean(axis=0).round(4).tolist(),
+            "all_hold": float(holds.all(axis=1).mean())}  # fmt: skip
+
+
 def _with_range(r: dict, null_size: int, rate: float) -> dict:
     """An overall rate with its exchangeable range and ``holds`` (see :func:`per_class`)."""
     low, high = exchangeable_range(null_size, r["inputs"], rate)
@@ -195,13 +235,18 @@ def markdown(results: dict[str, dict[str, Any]], names: Sequence[str] | None = N
 
 def run_model(name: str, log: Any = print, score: str = FISHER_SCORE_NAME) -> dict[str, Any]:
     """The per-class rates of one model with the library's ``score`` (its table and judged
-    report images are cached)."""
+    report images are cached), and their spread over re-drawn nulls (:func:`resplit_rates`, on
+    the judged null and report images together)."""
     model = collect.load_model(name)
     table = collect.table_of(name, model, log, score)
+    kind = collect.table_kind(score)
     with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=RATE)) as monitor:
-        judged = collect.judged(name, monitor, cifar_part("report"), collect.table_kind(score))
+        judged = collect.judged(name, monitor, cifar_part("report"), kind)
+        null_part = collect.judged(name, monitor, cifar_part("selection"), kind)
     res = class_rates(table, judged)
     res["class_names"] = list(table.class_names or [])
+    both = [np.concatenate([null_part[f], judged[f]]) for f in ("score", "classes")]
+    res["resplits"] = resplit_rates(*both, table.num_classes)
     return res
 
 

@@ -30,20 +30,30 @@ from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate.alarm import alarm_calibration
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions, TableOptions
 from surprise_monitor.monitor import SurpriseMonitor
-from surprise_monitor.monitor.atypicality import FISHER_SCORE_NAME, ScoreReference, normal_scores
+from surprise_monitor.monitor.atypicality import (
+    EXPONENTIAL_TAIL,
+    FISHER_SCORE_NAME,
+    ScoreReference,
+    normal_scores,
+)
 from surprise_monitor.monitor.conformal import DEFAULT_CLASS_NULL_MIN
 from surprise_monitor.monitor.probe.layers import FINAL_CONV
 from surprise_monitor.monitor.table import CalibrationTable
 
 BATCH = 250
-#: What decides the cached tables and judgements: the score's formula and how p-values are
-#: taken (per class with at least this many held-out images: the library's default).
-TABLE_KIND = f"{FISHER_SCORE_NAME}-classnull{DEFAULT_CLASS_NULL_MIN}"
 
 
 def table_kind(score: str = FISHER_SCORE_NAME) -> str:
-    """The cache name of the tables (and judged sets) of the library's ``score``."""
-    return f"{score}-classnull{DEFAULT_CLASS_NULL_MIN}"
+    """The cache name of the tables (and judged sets) of the library's ``score``: what decides
+    them is the score's formula, how its tail ranks are read (the exponential tail calibration
+    gives since stop 32; the step-rank tables of the committed results before it were cached
+    without the suffix) and how p-values are taken (per class with at least this many held-out
+    images: the library's default)."""
+    return f"{score}-classnull{DEFAULT_CLASS_NULL_MIN}-{EXPONENTIAL_TAIL}"
+
+
+#: The cache name of the Fisher score's tables.
+TABLE_KIND = table_kind()
 
 
 def folder(model_name: str) -> Path:

@@ -183,3 +183,23 @@ def test_the_exchangeable_range_matches_a_simulation_of_null_and_traffic():
     )
     assert high > binom(m, 0.01).ppf(0.975)  # the null's draw widens it
     assert class_rates.exchangeable_range(50, 100, 0.01) == (0, 0)  # no score can alarm
+
+
+def test_resplits_of_exchangeable_scores_hold_and_ties_silence_a_class():
+    """Re-drawn halvings: with continuous exchangeable scores each class alarms at about the
+    nominal rate and its count lies in the exchangeable range in about 95% of the splits; a
+    class whose scores all tie never alarms (every p-value is at least one half), the silence
+    that step tail ranks gave the images beyond every training image."""
+    from bench.alarms import class_rates
+
+    rng = np.random.default_rng(1)
+    classes = rng.integers(0, 3, size=6000)
+    scores = rng.normal(size=6000)
+    scores[classes == 2] = 7.0  # every score of class 2 ties
+    out = class_rates.resplit_rates(scores, classes, 3, rate=0.01, splits=300, seed=2)
+    assert out["splits"] == 300 and out["nominal"] == 0.01
+    for c in (0, 1):
+        assert 0.007 < out["mean_rate"][c] < 0.0105
+        assert 0.9 <= out["within_range"][c] <= 1.0
+    assert out["mean_rate"][2] == 0.0
+    assert out["all_hold"] <= min(out["within_range"])

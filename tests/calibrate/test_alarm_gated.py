@@ -26,7 +26,7 @@ from surprise_monitor.monitor.atypicality import (
 from surprise_monitor.monitor.checks import OptionValueError
 from surprise_monitor.monitor.table import CalibrationTable, TableError
 from surprise_monitor.monitor.table_alarm import AlarmTableError
-from tests._checks import resign
+from tests._checks import exponential_tail, resign
 from tests._models import class_images, trained_tiny_cnn
 
 IMAGES, _LABELS = class_images(4000, 3, seed=1)
@@ -56,8 +56,8 @@ def _channel_means(model, x: torch.Tensor) -> list[np.ndarray]:
 
 
 def _tail(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``(1 + #{reference >= v}) / (m + 1)`` per value, counted."""
-    return np.array([(1 + np.sum(reference >= v)) / (reference.size + 1) for v in values])
+    """The exponential tail ranks new tables use (numpy oracle)."""
+    return exponential_tail(reference, values)
 
 
 def test_the_stage_statistics_are_numpys_on_the_even_half(gated):
@@ -140,6 +140,7 @@ def test_the_gated_table_survives_save_and_load(gated, tmp_path):
     back = CalibrationTable.load(path).alarm
     a = table.alarm
     assert back.score == a.score and back.evidence == a.evidence
+    assert back.reference.tail == a.reference.tail == "exponential"
     assert back.gate_threshold == a.gate_threshold
     for m, n in zip(back.stage_means + back.stage_precisions,
                     a.stage_means + a.stage_precisions, strict=True):  # fmt: skip
@@ -156,6 +157,7 @@ def test_the_gated_table_survives_save_and_load(gated, tmp_path):
         (lambda m: m["alarm"].update(evidence="logits"), "evidence variant 'logits' is not one"),
         (lambda m: m["alarm"].update(gate_threshold=None), "needs its gate threshold"),
         (lambda m: m["alarm"].pop("evidence") and None, "'alarm.evidence' is missing"),
+        (lambda m: m["alarm"].update(reference_tail="pareto"), "'alarm.reference_tail' must be"),
     ],
 )
 def test_a_bad_gated_alarm_part_is_a_table_error(gated, tmp_path, edit, message):

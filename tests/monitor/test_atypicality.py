@@ -12,6 +12,7 @@ from scipy.special import ndtri
 from surprise_monitor.monitor import atypicality
 from surprise_monitor.monitor.atypicality import (
     ALARM_KINDS,
+    EXPONENTIAL_TAIL,
     GATE_OFFSET,
     GATED_SCORE_NAME,
     ScoreReference,
@@ -25,6 +26,7 @@ from surprise_monitor.monitor.atypicality import (
     stage_energy,
     tail_ranks,
 )
+from tests._checks import exponential_tail
 
 
 def oracle_z(pct: np.ndarray) -> np.ndarray:
@@ -95,6 +97,42 @@ def test_the_score_is_fishers_combination_of_tail_ranks():
     np.testing.assert_allclose(reference.score(torch.from_numpy(q)).numpy(), want, rtol=1e-5)
     with pytest.raises(ValueError, match="2 components for a reference of 3"):
         reference.score(torch.zeros(4, 2))
+
+
+def test_exponential_tail_ranks_against_numpy():
+    """Interpolated between the reference values, an exponential tail above the 50th highest:
+    numpy's oracle everywhere, the step ranks at the reference values below it, and no ties
+    among values beyond every training value (where the step ranks all read ``1 / (m + 1)``)."""
+    g = np.random.default_rng(4)
+    ref = np.sort(g.gamma(2.0, size=2000)).astype(np.float32)
+    values = np.concatenate([g.gamma(2.0, size=300), ref.max() + g.uniform(0, 5, size=50),
+                             [-1.0, 0.0, 1e4]]).astype(np.float32)  # fmt: skip
+    got = atypicality.exponential_tail_ranks(torch.from_numpy(ref), torch.from_numpy(values))
+    np.testing.assert_allclose(got.numpy(), exponential_tail(ref, values), rtol=2e-5)
+    body = torch.from_numpy(ref[:1900:37])  # reference values below the tail's threshold
+    torch.testing.assert_close(
+        atypicality.exponential_tail_ranks(torch.from_numpy(ref), body),
+        tail_ranks(torch.from_numpy(ref), body), rtol=1e-5, atol=1e-7,
+    )  # fmt: skip
+    beyond = got.numpy()[300:350]
+    order = np.argsort(values[300:350])
+    assert (np.diff(beyond[order]) < 0).all()  # strictly decreasing, no ties
+    assert beyond.max() < 51 / 2001 and got[-3] == 1.0 and 0 < got[-1] < 1e-30
+    # a reference of one value: the step ranks
+    one = atypicality.exponential_tail_ranks(torch.tensor([1.0]), torch.tensor([0.0, 2.0]))
+    assert one.tolist() == [1.0, 0.5]
+
+
+def test_the_reference_reads_its_tail():
+    g = np.random.default_rng(5)
+    rows = torch.from_numpy(g.normal(size=(500, 2)).astype(np.float32))
+    q = torch.tensor([[9.0, 0.0], [8.0, 0.1]])
+    step, smooth = ScoreReference.of(rows), ScoreReference.of(rows, EXPONENTIAL_TAIL)
+    assert step.tail == "step" and smooth.to("cpu").tail == EXPONENTIAL_TAIL
+    assert step.ranks(q)[0, 0] == step.ranks(q)[1, 0] == 1 / 501  # tied beyond the reference
+    assert smooth.ranks(q)[0, 0] < smooth.ranks(q)[1, 0] < 1 / 501
+    with pytest.raises(ValueError, match="tail must be one of"):
+        ScoreReference(step.sorted_components, "gaussian")
 
 
 def test_a_bad_reference_is_refused():
