@@ -19,8 +19,9 @@ An input's *percentile profile* is the rank of each of its values among the cali
 
 The Fisher score (:data:`FISHER_SCORE_NAME`, the default until issue 20) combines the
 components' tail probabilities among training images: ``score = -2 sum_j log r_j`` with
-``r_j = (1 + #{reference_j >= component_j}) / (m_j + 1)``, the references being the components
-of an evenly spaced subset of the training images. The references fix only the
+``r_j = (1 + #{reference_j >= component_j}) / (m_j + 1)`` (tables calibrated since stop 32 read
+it with an exponential tail: :func:`exponential_tail_ranks`), the references being the
+components of an evenly spaced subset of the training images. The references fix only the
 weighting: the alarm's calibration comes from the conformal null of the score on held-out images
 (:mod:`surprise_monitor.monitor.conformal`). How this score was chosen, and what it was compared
 with, is in ``bench/alarms/PROTOCOL.md``.
@@ -290,15 +291,14 @@ def exponential_tail_ranks(reference: torch.Tensor, values: torch.Tensor) -> tor
     if m < 2:  # nothing to interpolate or fit
         return tail_ranks(ref, v)
     k = max(1, min(TAIL_POINTS, m // 10))
-    hi = torch.searchsorted(ref, v, right=False).clamp(1, max(m - 1, 1))
+    hi = torch.searchsorted(ref, v, right=False).clamp(1, m - 1)  # at or below ref[0]: 0
     left, right = ref[hi - 1], ref[hi]
     step = (right - left).clamp_min(torch.finfo(torch.float32).tiny)
     below = (hi - 1).float() + ((v - left) / step).clamp(0.0, 1.0)
-    below = torch.where(v <= ref[0], torch.zeros_like(below), below)
     body = (1.0 + m - below) / float(m + 1)
     u = ref[m - k]
     scale = (ref[m - k + 1 :] - u).mean() if k > 1 else torch.ones((), device=ref.device)
-    scale = torch.nan_to_num(scale, nan=1.0).clamp_min(torch.finfo(torch.float32).eps)
+    scale = scale.clamp_min(torch.finfo(torch.float32).eps)
     tail = (1.0 + k) / float(m + 1) * torch.exp(-(v - u) / scale)
     tiny = torch.finfo(torch.float32).tiny  # exp underflows far out: keep log(rank) finite
     return torch.where(v > u, tail, body).clamp(tiny, 1.0)
