@@ -19,7 +19,9 @@ for the score and :mod:`surprise_monitor.monitor.conformal` for the p-values):
 
 With the gated score (``AlarmOptions(score=GATED_SCORE_NAME)``) pass 1 also fits each tapped
 layer's channel-mean mean and shrunk covariance (the stage distances), and pass 2 also sets the
-gate's threshold: the ``1 - GATE_LEVEL`` quantile of the reference images' own gate statistics.
+gate's threshold: the ``1 - gate_level`` quantile of the reference images' own gate statistics
+(``AlarmOptions.gate_level``; :data:`~surprise_monitor.monitor.atypicality.GATE_LEVEL` unless
+named).
 
 Under ``torchrun`` rank 0 makes all three and broadcasts the result to the other ranks: the
 tensors as tensors (:meth:`~surprise_monitor.calibrate.distributed.Comm.broadcast_tensors`), the
@@ -401,7 +403,8 @@ def _stage_fields(
         )
     evidence = DEFAULT_EVIDENCE if options.evidence == AUTO else options.evidence  # until chosen
     return {"evidence": evidence, "stage_means": tuple(m for m, _ in stage),
-            "stage_precisions": tuple(p for _, p in stage)}  # fmt: skip
+            "stage_precisions": tuple(p for _, p in stage),
+            "gate_level": options.gate_level}  # fmt: skip
 
 
 def _with_chosen_evidence(
@@ -422,16 +425,17 @@ def _with_chosen_evidence(
 
 def _with_reference(alarm: AlarmCalibration, parts: torch.Tensor) -> AlarmCalibration:
     """``alarm`` with the score reference of the components ``parts [m, J]`` and, for the gated
-    score, the gate's threshold at the ``1 - GATE_LEVEL`` quantile of their own statistics."""
+    score, the gate's threshold at the ``1 - gate_level`` quantile of their own statistics."""
     reference = ScoreReference.of(parts, EXPONENTIAL_TAIL)
     alarm = replace(alarm, reference=reference)
     gate = alarm.gate()
     if gate is None:
         return alarm
-    threshold = gate.at_level(reference.ranks(parts.float())).threshold
+    level = GATE_LEVEL if alarm.gate_level is None else alarm.gate_level
+    threshold = gate.at_level(reference.ranks(parts.float()), level).threshold
     log.info("calibrate: %s score, evidence %s, gate at statistic %.3f (beyond %g of the "
              "reference images)", GATED_SCORE_NAME, alarm.evidence, threshold,
-             GATE_LEVEL)  # fmt: skip
+             level)  # fmt: skip
     return replace(alarm, gate_threshold=threshold)
 
 

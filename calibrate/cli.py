@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
         "profile_layers": "--profile-layers", "head_layer": "--head-layer",
         "reference_images": "--reference-images", "enabled": "--no-alarm",
         "class_null_min": "--class-null-min", "score": "--alarm-score",
-        "evidence": "--alarm-evidence",
+        "evidence": "--alarm-evidence", "gate_level": "--gate-level",
     })  # fmt: skip
     add_option_arguments(p, TableOptions, {"top_k": "--top-k"})
     add_option_arguments(p, RunOptions, {"spill_dir": "--spill-dir"})
@@ -194,6 +194,8 @@ def _alarm_line(table: CalibrationTable) -> str:
         f"layer {alarm.head_layer or 'none'}, score reference from {alarm.reference_images} "
         "training images"
     )
+    if alarm.gated and alarm.gate_level is not None:
+        line += f" (the gate opens on {alarm.gate_level:g} of them: --gate-level)"
     if alarm.null_predicted is None:
         return line + "; no --heldout images, so no null: the monitor raises no alarms"
     n, acc = alarm.null_predicted.size, alarm.heldout.get("accuracy", float("nan"))

@@ -26,10 +26,11 @@ from surprise_monitor.monitor.atypicality import (
     DEFAULT_EVIDENCE,
     EVIDENCE_VARIANTS,
     FISHER_SCORE_NAME,
+    GATE_LEVEL,
     GATED_SCORE_NAME,
     SCORES,
 )
-from surprise_monitor.monitor.checks import non_negative_int, one_of, positive_int
+from surprise_monitor.monitor.checks import fraction, non_negative_int, one_of, positive_int
 from surprise_monitor.monitor.conformal import DEFAULT_CLASS_NULL_MIN
 from surprise_monitor.monitor.options import Execution, help_of, option
 from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS, DEFAULT_CLASS_OUTPUT
@@ -175,8 +176,17 @@ class AlarmOptions:
         f"{AUTO_MIN_HELDOUT} images)",
         choices=(*EVIDENCE_VARIANTS, AUTO_EVIDENCE),
     )
+    gate_level: float = option(
+        GATE_LEVEL,
+        f"the {GATED_SCORE_NAME} score's gate: the share of the reference images whose stage "
+        "distances open it (ranked first). At the alarm rate you run, the gate takes about this "
+        "share of the alarms, the class evidence the rest: a level below the alarm rate (e.g. "
+        "half) leaves near shifts (rotations, occlusion, contrast) more of them and far ones a "
+        "little less (bench/README.md, 'The gate's level')",
+    )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "gate_level", fraction("gate_level", self.gate_level))
         positive_int("reference_images", self.reference_images)
         non_negative_int("class_null_min", self.class_null_min)
         one_of("score", self.score, (*SCORES, AUTO_SCORE))

@@ -70,6 +70,10 @@ class AlarmCalibration:
         stage_precisions: their ``[C, C]`` float32 shrunk-covariance inverses.
         gate_threshold: the gate's Fisher statistic beyond which an input counts as far
             (``None`` until the reference is made).
+        gate_level: the share of the reference images beyond that threshold (the
+            calibration's ``AlarmOptions.gate_level``; ``None`` for the Fisher score and for
+            gated tables made before it was recorded, whose level was
+            :data:`~surprise_monitor.monitor.atypicality.GATE_LEVEL`).
     """
 
     score: str
@@ -89,6 +93,7 @@ class AlarmCalibration:
     stage_means: tuple[torch.Tensor, ...] = ()
     stage_precisions: tuple[torch.Tensor, ...] = ()
     gate_threshold: float | None = None
+    gate_level: float | None = None
 
     @property
     def gated(self) -> bool:
@@ -244,7 +249,8 @@ class AlarmCalibration:
     def _validate_gate(self) -> None:
         """:class:`AlarmTableError` when the gated score's statistics do not fit."""
         if not self.gated:
-            if self.evidence or self.stage_means or self.gate_threshold is not None:
+            gate = (self.gate_threshold, self.gate_level)
+            if self.evidence or self.stage_means or gate != (None, None):
                 raise AlarmTableError(f"the {self.score!r} score has no gate or evidence variant")
             return
         if self.evidence not in EVIDENCE_VARIANTS:
@@ -272,6 +278,8 @@ class AlarmCalibration:
                 raise AlarmTableError(f"the stage statistics of {name!r} must be finite")
         if self.reference is not None and self.gate_threshold is None:
             raise AlarmTableError("the gated score's reference needs its gate threshold")
+        if self.gate_level is not None and not 0.0 < self.gate_level < 1.0:
+            raise AlarmTableError(f"gate_level must lie in (0, 1), got {self.gate_level}")
 
     def _validate_head(self) -> None:
         """:class:`AlarmTableError` when the head layer and its statistics do not fit."""
@@ -311,7 +319,11 @@ class AlarmCalibration:
             "head_layer": self.head_layer,
             "class_null_min": self.class_null_min,
             **(
-                {"evidence": self.evidence, "gate_threshold": self.gate_threshold}
+                {
+                    "evidence": self.evidence,
+                    "gate_threshold": self.gate_threshold,
+                    "gate_level": self.gate_level,
+                }
                 if self.gated
                 else {}
             ),
@@ -375,6 +387,9 @@ class AlarmCalibration:
         threshold = None
         if gated and meta.get("gate_threshold") is not None:
             threshold = float(_field(meta, "gate_threshold", float))
+        level = None
+        if gated and meta.get("gate_level") is not None:
+            level = float(_field(meta, "gate_level", float))
         reference = None
         if _field(meta, "reference", bool):
             count = len(component_names(layers, head, score))
@@ -400,7 +415,7 @@ class AlarmCalibration:
             heldout=_field(meta, "heldout", dict), head_layer=head, head_means=head_means,
             head_precision=head_precision, class_null_predicted=class_nulls[0],
             class_null_labelled=class_nulls[1], evidence=evidence, stage_means=stage_means,
-            stage_precisions=stage_precisions, gate_threshold=threshold,
+            stage_precisions=stage_precisions, gate_threshold=threshold, gate_level=level,
         )  # fmt: skip
 
 

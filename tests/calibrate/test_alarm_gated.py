@@ -97,17 +97,26 @@ def test_energy_and_the_stage_distances_of_a_report(gated):
         np.testing.assert_allclose(comps[:, 4 + j], want, rtol=1e-3, atol=1e-3)
 
 
-def test_the_gate_threshold_and_every_score_by_hand(gated):
-    model, table = gated
+def _reference_gate_statistics(model, table) -> np.ndarray:
+    """The reference images' own gate statistics, by hand: their stage distances' ranks among
+    themselves (the odd half of the picked training images, read off a table without the
+    alarm's reference)."""
     a = table.alarm
     refs = [r.double().numpy() for r in a.reference.sorted_components]
-    # the reference images' own gate statistics: their stage distances' ranks among themselves
     with SurpriseMonitor(model, dataclasses.replace(table, alarm=dataclasses.replace(
             a, reference=None, gate_threshold=None, null_predicted=None, null_labelled=None,
             class_null_predicted=None, class_null_labelled=None))) as plain:  # fmt: skip
         x, y = IMAGES[PICKED[1::2]], _LABELS[PICKED[1::2]]
         rows = plain.inspect(x, y).components.double().numpy()
-    stat = -2 * sum(np.log(_tail(refs[j], rows[:, j])) for j in (4, 5))
+    return -2 * sum(np.log(_tail(refs[j], rows[:, j])) for j in (4, 5))
+
+
+def test_the_gate_threshold_and_every_score_by_hand(gated):
+    model, table = gated
+    a = table.alarm
+    refs = [r.double().numpy() for r in a.reference.sorted_components]
+    stat = _reference_gate_statistics(model, table)
+    assert a.gate_level == GATE_LEVEL
     assert a.gate_threshold == pytest.approx(np.quantile(stat, 1 - GATE_LEVEL), rel=1e-5)
     # scores of fresh inputs: the gate's statistic plus the offset beyond it, else Fisher's
     # combination of energy's and the expectation mass's ranks
@@ -134,6 +143,32 @@ def test_a_far_input_is_ranked_first_and_fresh_inputs_alarm_at_the_nominal_rate(
     assert rate <= 0.01 + 3 * np.sqrt(0.01 * 0.99 / 2000)  # conformal: at most nominal
 
 
+def test_the_gate_opens_on_the_share_of_reference_images_asked_for(gated):
+    """``AlarmOptions(gate_level=...)``: the threshold at that quantile of the reference
+    images' own statistics; more inputs open a wider gate, and the null holds the rate."""
+    model, default = gated
+    train = TensorDataset(IMAGES[:600], _LABELS[:600])
+    heldout = TensorDataset(IMAGES[600:1000], _LABELS[600:1000])
+    table = calibrate(
+        model, train, heldout=heldout, progress=False, run=RunOptions(batch_size=50),
+        alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME, evidence="energy+mass",
+                           gate_level=0.1),
+    )  # fmt: skip
+    a = table.alarm
+    stat = _reference_gate_statistics(model, table)
+    assert a.gate_level == 0.1
+    assert a.gate_threshold == pytest.approx(np.quantile(stat, 0.9), rel=1e-5)
+    assert a.gate_threshold < default.alarm.gate_threshold
+    with SurpriseMonitor(model, table) as wide, SurpriseMonitor(model, default) as narrow:
+        fresh_wide = wide.inspect(IMAGES[1000:3000])
+        fresh_narrow = narrow.inspect(IMAGES[1000:3000])
+    opened = float((fresh_wide.score > GATE_OFFSET).float().mean())
+    assert opened > float((fresh_narrow.score > GATE_OFFSET).float().mean())
+    assert 0.05 < opened < 0.2  # about the level: fresh images are like the reference ones
+    rate = float(fresh_wide.alarm.float().mean())
+    assert rate <= 0.01 + 3 * np.sqrt(0.01 * 0.99 / 2000)  # conformal: at most nominal
+
+
 def test_the_gated_table_survives_save_and_load(gated, tmp_path):
     model, table = gated
     path = table.save(tmp_path / "t.safetensors")
@@ -141,7 +176,7 @@ def test_the_gated_table_survives_save_and_load(gated, tmp_path):
     a = table.alarm
     assert back.score == a.score and back.evidence == a.evidence
     assert back.reference.tail == a.reference.tail == "exponential"
-    assert back.gate_threshold == a.gate_threshold
+    assert back.gate_threshold == a.gate_threshold and back.gate_level == a.gate_level
     for m, n in zip(back.stage_means + back.stage_precisions,
                     a.stage_means + a.stage_precisions, strict=True):  # fmt: skip
         assert torch.equal(m, n)
@@ -151,6 +186,18 @@ def test_the_gated_table_survives_save_and_load(gated, tmp_path):
         assert torch.equal(again, monitor.inspect(IMAGES[1000:1020]).score)
 
 
+def test_a_gated_table_from_before_the_level_was_recorded_judges_as_before(gated, tmp_path):
+    model, table = gated
+    path = table.save(tmp_path / "t.safetensors")
+    resign(path, lambda m: m["alarm"].pop("gate_level") and None)
+    old = CalibrationTable.load(path)
+    assert old.alarm.gate_level is None
+    assert old.alarm.gate_threshold == table.alarm.gate_threshold
+    with SurpriseMonitor(model, old) as before, SurpriseMonitor(model, table) as now:
+        assert torch.equal(before.inspect(IMAGES[1000:1020]).score,
+                           now.inspect(IMAGES[1000:1020]).score)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -158,6 +205,8 @@ def test_the_gated_table_survives_save_and_load(gated, tmp_path):
         (lambda m: m["alarm"].update(gate_threshold=None), "needs its gate threshold"),
         (lambda m: m["alarm"].pop("evidence") and None, "'alarm.evidence' is missing"),
         (lambda m: m["alarm"].update(reference_tail="pareto"), "'alarm.reference_tail' must be"),
+        (lambda m: m["alarm"].update(gate_level="1%"), "'alarm.gate_level' must be a float"),
+        (lambda m: m["alarm"].update(gate_level=1.5), r"gate_level must lie in \(0, 1\)"),
     ],
 )
 def test_a_bad_gated_alarm_part_is_a_table_error(gated, tmp_path, edit, message):
@@ -187,6 +236,8 @@ def test_the_options_refuse_an_unknown_score_or_evidence():
         AlarmOptions(score="fisher-profile-v9")
     with pytest.raises(OptionValueError, match="evidence"):
         AlarmOptions(evidence="beta")
+    with pytest.raises(OptionValueError, match="gate_level must be a fraction in"):
+        AlarmOptions(gate_level=0.0)
     with pytest.raises(ValueError, match="needs profile or head layers"):
         calibrate(
             trained_tiny_cnn(steps=1), TensorDataset(IMAGES[:40], _LABELS[:40]), progress=False,

@@ -409,6 +409,7 @@ def test_the_flags_defaults_are_the_option_groups():
         (["--top-k", "0"], "--top-k must be an integer >= 1, got 0"),
         (["--reference-images", "0"], "--reference-images must be an integer >= 1, got 0"),
         (["--class-null-min", "-2"], "--class-null-min must be an integer >= 0, got -2"),
+        (["--gate-level", "1"], "--gate-level must be a fraction in (0, 1), e.g. 0.01, got 1.0"),
         (
             ["--checkpoint-dir", "ck", "--checkpoint-every", "0"],
             "--checkpoint-every must be an integer >= 1, got 0",
@@ -456,14 +457,16 @@ def test_cli_calibrates_the_gated_score_when_asked(image_folder, tiny_weights, t
     from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME
 
     out = tmp_path / "table.safetensors"
-    flags = ("--alarm-score", GATED_SCORE_NAME, "--alarm-evidence", "energy+mass")
+    flags = ("--alarm-score", GATED_SCORE_NAME, "--alarm-evidence", "energy+mass",
+             "--gate-level", "0.05")  # fmt: skip
     assert main(_args(image_folder, out, tiny_weights, *flags)) == 0
-    assert f"alarm: score {GATED_SCORE_NAME} (evidence energy+mass), profile layers" in (
-        capsys.readouterr().out
-    )
+    text = capsys.readouterr().out
+    assert f"alarm: score {GATED_SCORE_NAME} (evidence energy+mass), profile layers" in text
+    assert "(the gate opens on 0.05 of them: --gate-level)" in text
     alarm = CalibrationTable.load(out).alarm
     assert alarm.score == GATED_SCORE_NAME and alarm.evidence == "energy+mass"
     assert alarm.gate_threshold is not None and len(alarm.stage_means) == 2
+    assert alarm.gate_level == 0.05
     # a score this library does not compute is refused by argparse, naming the flag
     with pytest.raises(SystemExit):
         main(_args(image_folder, out, tiny_weights, "--alarm-score", "fisher-profile-v9"))

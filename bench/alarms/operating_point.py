@@ -1,0 +1,191 @@
+"""``python -m bench.alarms.operating_point``: what an operator gets at the alarm rate they run
+(nominal 1%), per shift family, with the gate at several levels and with Energy alone.
+
+AUROC ranks a set over every threshold; an operator runs one. The gated score ranks first every
+input whose stage distances lie beyond a share ``gate_level`` of the reference images
+(``AlarmOptions.gate_level``), so at an alarm rate near that share the gate takes nearly all the
+alarms and near shifts, which do not move the stage distances, get few. For each model, the
+report part of the shift-family benchmark (``n`` images per set, judged and cached by
+:mod:`bench.alarms.families` with the library's gated table) is scored by:
+
+- ``library``: the table's own score (its evidence variant, the gate at the level it was
+  calibrated with, on the training reference);
+- ``gate L``: the same components and evidence with the gate's threshold at the ``1 - L``
+  quantile of the null part's own gate statistics (the training reference's rows are not
+  cached, so the held-out images stand in for them; ``gate 0.01`` beside ``library`` shows how
+  closely);
+- ``Energy alone``: pytorch-ood's energy of the logits, the one-line baseline.
+
+Every score's p-values come from per-class (Mondrian) nulls of the null part's scores (test
+images 0..4,999, a class's own null from 200 images, else the pooled null:
+:class:`~surprise_monitor.monitor.conformal.ClassConditionalNull`, the library's). Written:
+``results/operating_point.json`` (per model, per score: each family's mean alarm rate at 1%
+over its sets, its mean and lowest AUROC, and the report part's normal images' rate) and the table
+``bench/README.md`` quotes. Options: ``--models``, ``--n 200``, ``--levels 0.005,0.01,0.015``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.alarms import collect
+from bench.alarms.report import log
+from bench.alarms.sets import PARTS, families
+from bench.paper.metrics import auroc
+from bench.strong_models import ALARM_MODELS
+from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME, Gate, energy
+from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
+
+HERE = Path(__file__).resolve().parent
+RATE = 0.01
+LEVELS = (0.005, 0.01, 0.015)
+LIBRARY, ENERGY = "library", "Energy alone"
+#: The family of the training augmentations (judged against the same images unshifted).
+NOMINAL = "nominal"
+NULL_PART, REPORT_PART = PARTS
+
+
+def gate_label(level: float) -> str:
+    """The name of the gate-at-``level`` score."""
+    return f"gate {level:g}"
+
+
+def rescored(
+    found: dict[str, np.ndarray], gate: Gate, reference, thresholds: dict[float, float]
+) -> dict[str, np.ndarray]:
+    """The library's, each ``gate L``'s (``thresholds[L]``) and Energy's score of one judged
+    set (``found``: :func:`bench.alarms.collect._judge`'s arrays; ``reference``: the table's
+    :class:`~surprise_monitor.monitor.atypicality.ScoreReference`)."""
+    ranks = reference.ranks(torch.from_numpy(found["components"]).float())
+    out = {LIBRARY: np.asarray(found["score"], np.float64)}
+    for level, threshold in thresholds.items():
+        at = Gate(gate.gate, gate.evidence, threshold)
+        out[gate_label(level)] = at.score(ranks).double().numpy()
+    out[ENERGY] = energy(torch.from_numpy(found["logits"])).double().numpy()
+    return out
+
+
+def gate_thresholds(
+    null_found: dict[str, np.ndarray], gate: Gate, reference, levels: Sequence[float]
+) -> dict[float, float]:
+    """Each level's threshold: the ``1 - level`` quantile of the null images' gate statistics."""
+    ranks = reference.ranks(torch.from_numpy(null_found["components"]).float())
+    stat = gate.statistic(ranks).double()
+    return {lv: float(torch.quantile(stat, 1.0 - lv)) for lv in levels}
+
+
+def alarm_share(
+    null_scores: np.ndarray,
+    null_classes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    num_classes: int,
+    rate: float = RATE,
+) -> float:
+    """The share of ``scores`` (judged against ``classes``) whose per-class conformal p-value
+    among ``null_scores`` (of ``null_classes``) is at most ``rate``."""
+    null = ClassConditionalNull.of(
+        torch.from_numpy(null_scores), torch.from_numpy(null_classes), num_classes
+    )
+    s = torch.from_numpy(np.asarray(scores, np.float32))
+    pooled = ConformalNull.of(torch.from_numpy(null_scores)).p_values(s)
+    p = null.p_values(s, torch.from_numpy(classes), pooled)
+    return float((p <= rate).double().mean())
+
+
+def run_model(name: str, n: int = 200, levels: Sequence[float] = LEVELS) -> dict:
+    """Every family's alarm rate at :data:`RATE` and AUROC for one model (module docstring)."""
+    model = collect.load_model(name)
+    table = collect.table_of(name, model, log, GATED_SCORE_NAME)
+    alarm = table.alarm
+    gate, reference, k = alarm.gate(), alarm.reference, table.num_classes
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    sets_dir = collect.folder(name) / "families" / kind / f"n{n}"
+
+    def load(path: Path) -> dict[str, np.ndarray]:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: run python -m bench.alarms.families first")
+        with np.load(path) as d:
+            return {key: d[key] for key in d.files}
+
+    null = load(collect.folder(name) / "sets" / kind / f"{NULL_PART}__cifar10.npz")
+    thresholds = gate_thresholds(null, gate, reference, levels)
+    null_scores = rescored(null, gate, reference, thresholds)
+    clean = load(collect.folder(name) / "sets" / kind / f"{REPORT_PART}__cifar10.npz")
+    clean_scores = rescored(clean, gate, reference, thresholds)
+
+    def share(scores: dict[str, np.ndarray], classes: np.ndarray) -> dict[str, float]:
+        return {s: alarm_share(null_scores[s], null["classes"], v, classes, k)
+                for s, v in scores.items()}  # fmt: skip
+
+    by_family: dict[str, dict[str, list[float]]] = {}
+    for family, names in families().items():
+        fam = by_family.setdefault(family, {})
+        for set_name in names:
+            found = load(sets_dir / f"{REPORT_PART}__{set_name.replace(' ', '_')}.npz")
+            scores = rescored(found, gate, reference, thresholds)
+            for s, r in share(scores, found["classes"]).items():
+                fam.setdefault(f"rate:{s}", []).append(r)
+            inlier = clean_scores if family != NOMINAL else {  # the same images, unshifted
+                s: v[: len(found["classes"])] for s, v in clean_scores.items()}  # fmt: skip
+            for s, v in scores.items():
+                fam.setdefault(f"auroc:{s}", []).append(auroc(inlier[s], v))
+    return {
+        "model": name, "evidence": alarm.evidence, "n": n,
+        "library_gate_level": alarm.gate_level, "thresholds": thresholds,
+        "library_threshold": alarm.gate_threshold,
+        "normal_rate": share(clean_scores, clean["classes"]),
+        "families": {f: {**{key: float(np.mean(v)) for key, v in d.items()},
+                         **{f"auroc_min:{key[6:]}": float(np.min(v))
+                            for key, v in d.items() if key.startswith("auroc:")}}
+                     for f, d in by_family.items()},
+    }  # fmt: skip
+
+
+def markdown(results: dict[str, dict]) -> str:
+    """Per model, a row per score: the normal images' rate and each family's alarm rate at
+    :data:`RATE` (AUROC below it)."""
+    lines = []
+    for name, r in results.items():
+        fams = list(r["families"])
+        scores = list(r["normal_rate"])
+        lines += [f"**{name}** (evidence {r['evidence']}): alarms at nominal 1%, % of each "
+                  "family's images (mean over its sets); AUROC beneath", "",
+                  "| score | normal | " + " | ".join(fams) + " |",
+                  "|---|---:|" + "---:|" * len(fams)]  # fmt: skip
+        for s in scores:
+            rates = " | ".join(
+                f"{100 * r['families'][f][f'rate:{s}']:.1f} ({r['families'][f][f'auroc:{s}']:.3f})"
+                for f in fams
+            )
+            lines.append(f"| {s} | {100 * r['normal_rate'][s]:.2f} | {rates} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m bench.alarms.operating_point")
+    p.add_argument("--models", default=",".join(ALARM_MODELS))
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--levels", default=",".join(f"{lv:g}" for lv in LEVELS))
+    p.add_argument("--out", default=str(HERE / "results" / "operating_point.json"))
+    args = p.parse_args(argv)
+    levels = [float(v) for v in args.levels.split(",")]
+    results = {m: run_model(m, args.n, levels) for m in args.models.split(",")}
+    out = Path(args.out)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(out)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
