@@ -33,6 +33,8 @@ from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import (
     EXPONENTIAL_TAIL,
     FISHER_SCORE_NAME,
+    GATE_LEVEL,
+    GATED_SCORE_NAME,
     ScoreReference,
     normal_scores,
 )
@@ -43,13 +45,17 @@ from surprise_monitor.monitor.table import CalibrationTable
 BATCH = 250
 
 
-def table_kind(score: str = FISHER_SCORE_NAME) -> str:
+def table_kind(score: str = FISHER_SCORE_NAME, gate_level: float = GATE_LEVEL) -> str:
     """The cache name of the tables (and judged sets) of the library's ``score``: what decides
     them is the score's formula, how its tail ranks are read (the exponential tail calibration
     gives since stop 32; the step-rank tables of the committed results before it were cached
-    without the suffix) and how p-values are taken (per class with at least this many held-out
-    images: the library's default)."""
-    return f"{score}-classnull{DEFAULT_CLASS_NULL_MIN}-{EXPONENTIAL_TAIL}"
+    without the suffix), how p-values are taken (per class with at least this many held-out
+    images: the library's default) and, for the gated score at another than the default gate
+    level, that level (``AlarmOptions.gate_level``)."""
+    kind = f"{score}-classnull{DEFAULT_CLASS_NULL_MIN}-{EXPONENTIAL_TAIL}"
+    if score == GATED_SCORE_NAME and gate_level != GATE_LEVEL:
+        kind += f"-gate{gate_level:g}"
+    return kind
 
 
 #: The cache name of the Fisher score's tables.
@@ -72,11 +78,15 @@ def head_of(model: nn.Module) -> nn.Linear:
 
 
 def table_of(
-    model_name: str, model: nn.Module, log: Callable[[str], None], score: str = FISHER_SCORE_NAME
+    model_name: str,
+    model: nn.Module,
+    log: Callable[[str], None],
+    score: str = FISHER_SCORE_NAME,
+    gate_level: float = GATE_LEVEL,
 ) -> CalibrationTable:
     """The model's table: all 50,000 training images, the held-out null of test 0..4,999, the
-    library's ``score`` (its default unless named)."""
-    path = folder(model_name) / f"table-{table_kind(score)}.safetensors"
+    library's ``score`` (its default unless named; the gated score's gate at ``gate_level``)."""
+    path = folder(model_name) / f"table-{table_kind(score, gate_level)}.safetensors"
     alpha_path = folder(model_name) / "alpha_table.safetensors"
     if path.is_file():
         return CalibrationTable.load(path)
@@ -94,7 +104,7 @@ def table_of(
             table,
             data,
             heldout,
-            AlarmOptions(score=score),
+            AlarmOptions(score=score, gate_level=gate_level),
             run=RunOptions(batch_size=BATCH),
             device=torch.device("cpu"),
         )
@@ -107,7 +117,7 @@ def table_of(
             layer=FINAL_CONV,  # the layer the recorded results were measured at
             table=TableOptions(class_names=train.class_names, data_source=data_source("train")),
             run=RunOptions(batch_size=BATCH),
-            alarm=AlarmOptions(score=score),
+            alarm=AlarmOptions(score=score, gate_level=gate_level),
         )
         replace(table, alarm=None, path=None, sha256="").save(alpha_path)
     table = replace(table, path=None, sha256="")

@@ -20,7 +20,9 @@ format :mod:`bench.alarms.loo` reads:
 
 Options: ``--models resnet18,vgg_bn,vgg_plain,mobilenet``, ``--n 500``, ``--threads 1``,
 ``--score gated-stage-energy-v1`` (the library's gated score judges the sets: the results carry
-its two evidence variants, ``library energy`` and ``library energy+mass``, and the baselines).
+its two evidence variants, ``library energy`` and ``library energy+mass``, and the baselines),
+``--gate-level 0.005`` (its gate's level, ``AlarmOptions.gate_level``: a table and judged sets
+of their own).
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ from bench.alarms.sets import PARTS, ImageSet, cifar_part, family_sets
 from bench.alarms.stage_stats import StageStatistics, names_of
 from bench.strong_models import ALARM_MODELS, training_record
 from surprise_monitor.monitor import SurpriseMonitor
-from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, FISHER_SCORE_NAME, SCORES, Gate
+from surprise_monitor.monitor.atypicality import (
+    EVIDENCE_VARIANTS,
+    FISHER_SCORE_NAME,
+    GATE_LEVEL,
+    SCORES,
+    Gate,
+)
 from surprise_monitor.monitor.options import Thresholds
 
 HERE = Path(__file__).resolve().parent
@@ -121,13 +129,18 @@ def library_scores(
 
 
 def run_model(
-    name: str, n: int, say: Callable[[str], None] = log, score: str = FISHER_SCORE_NAME
+    name: str,
+    n: int,
+    say: Callable[[str], None] = log,
+    score: str = FISHER_SCORE_NAME,
+    gate_level: float = GATE_LEVEL,
 ) -> dict:
     """Every figure of one model (see the module docstring); with the library's gated
-    ``score``, its two variants and the baselines only (:func:`library_scores`)."""
+    ``score``, its two variants and the baselines only (:func:`library_scores`), its gate at
+    ``gate_level``."""
     model = collect.load_model(name)
-    table = collect.table_of(name, model, say, score)
-    kind = collect.table_kind(score)
+    table = collect.table_of(name, model, say, score, gate_level)
+    kind = collect.table_kind(score, gate_level)
     feats, labels = collect.train_features(name, model)
     baselines = Baselines(feats, labels)
     scorer: Callable[[dict[str, np.ndarray], ImageSet], dict[str, np.ndarray]]
@@ -150,7 +163,7 @@ def run_model(
             return library_scores(found, table, baselines)
 
     out: dict = {"model": name, "training": training_record(name), "n": n, "score": score,
-                 "parts": {}}  # fmt: skip
+                 "gate_level": table.alarm.gate_level, "parts": {}}  # fmt: skip
     with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=0.01)) as monitor:
         for part in PARTS:
             clean = cifar_part(part)
@@ -181,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--score", default=FISHER_SCORE_NAME, choices=SCORES,
                    help="the library score whose table judges the sets")  # fmt: skip
+    p.add_argument("--gate-level", type=float, default=GATE_LEVEL,
+                   help="the gated score's gate level (AlarmOptions.gate_level)")  # fmt: skip
     p.add_argument("--out", default=str(HERE / "results" / "families"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -188,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         started = time.perf_counter()
-        results = run_model(name, args.n, score=args.score)
+        results = run_model(name, args.n, score=args.score, gate_level=args.gate_level)
         results["seconds"] = round(time.perf_counter() - started)
         path = folder / f"{name}.json"
         tmp = path.with_suffix(".tmp")

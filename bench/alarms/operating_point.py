@@ -14,7 +14,10 @@ report part of the shift-family benchmark (``n`` images per set, judged and cach
   quantile of the null part's own gate statistics (the training reference's rows are not
   cached, so the held-out images stand in for them; ``gate 0.01`` beside ``library`` shows how
   closely);
-- ``Energy alone``: pytorch-ood's energy of the logits, the one-line baseline.
+- ``Energy alone``: pytorch-ood's energy of the logits, the one-line baseline;
+- ``library, gate L``: the score of a table calibrated with its gate at ``L`` (``python -m
+  bench.alarms.families --score gated-stage-energy-v1 --gate-level L``) judging the same
+  images, where those sets are cached: what the ``gate L`` rows stand in for.
 
 Every score's p-values come from per-class (Mondrian) nulls of the null part's scores (test
 images 0..4,999, a class's own null from 200 images, else the pooled null:
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,7 @@ from bench.paper.metrics import auroc
 from bench.strong_models import ALARM_MODELS
 from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME, Gate, energy
 from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
+from surprise_monitor.monitor.table import CalibrationTable
 
 HERE = Path(__file__).resolve().parent
 RATE = 0.01
@@ -99,52 +103,91 @@ def alarm_share(
     return float((p <= rate).double().mean())
 
 
-def run_model(name: str, n: int = 200, levels: Sequence[float] = LEVELS) -> dict:
-    """Every family's alarm rate at :data:`RATE` and AUROC for one model (module docstring)."""
-    model = collect.load_model(name)
-    table = collect.table_of(name, model, log, GATED_SCORE_NAME)
-    alarm = table.alarm
-    gate, reference, k = alarm.gate(), alarm.reference, table.num_classes
-    kind = collect.table_kind(GATED_SCORE_NAME)
-    sets_dir = collect.folder(name) / "families" / kind / f"n{n}"
+def _load(path: Path) -> dict[str, np.ndarray]:
+    """A judged set's cached arrays."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run python -m bench.alarms.families first")
+    with np.load(path) as d:
+        return {key: d[key] for key in d.files}
 
-    def load(path: Path) -> dict[str, np.ndarray]:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: run python -m bench.alarms.families first")
-        with np.load(path) as d:
-            return {key: d[key] for key in d.files}
 
-    null = load(collect.folder(name) / "sets" / kind / f"{NULL_PART}__cifar10.npz")
-    thresholds = gate_thresholds(null, gate, reference, levels)
-    null_scores = rescored(null, gate, reference, thresholds)
-    clean = load(collect.folder(name) / "sets" / kind / f"{REPORT_PART}__cifar10.npz")
-    clean_scores = rescored(clean, gate, reference, thresholds)
+Scorer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def tally(name: str, kind: str, n: int, scorer: Scorer, k: int) -> dict:
+    """The report part's normal images' alarm rate and each family's alarm rates and AUROCs
+    (every set's, in :func:`bench.alarms.sets.families`' order) of every score ``scorer``
+    gives, from the sets judged by the table ``kind``; p-values among the same scores of that
+    kind's null part."""
+    root = collect.folder(name)
+    null = _load(root / "sets" / kind / f"{NULL_PART}__cifar10.npz")
+    null_scores = scorer(null)
+    clean = _load(root / "sets" / kind / f"{REPORT_PART}__cifar10.npz")
+    clean_scores = scorer(clean)
 
     def share(scores: dict[str, np.ndarray], classes: np.ndarray) -> dict[str, float]:
         return {s: alarm_share(null_scores[s], null["classes"], v, classes, k)
                 for s, v in scores.items()}  # fmt: skip
 
-    by_family: dict[str, dict[str, list[float]]] = {}
+    out: dict = {"normal_rate": share(clean_scores, clean["classes"]), "families": {}}
     for family, names in families().items():
-        fam = by_family.setdefault(family, {})
+        fam = out["families"].setdefault(family, {})
         for set_name in names:
-            found = load(sets_dir / f"{REPORT_PART}__{set_name.replace(' ', '_')}.npz")
-            scores = rescored(found, gate, reference, thresholds)
+            found = _load(root / "families" / kind / f"n{n}" /
+                          f"{REPORT_PART}__{set_name.replace(' ', '_')}.npz")  # fmt: skip
+            scores = scorer(found)
             for s, r in share(scores, found["classes"]).items():
                 fam.setdefault(f"rate:{s}", []).append(r)
             inlier = clean_scores if family != NOMINAL else {  # the same images, unshifted
                 s: v[: len(found["classes"])] for s, v in clean_scores.items()}  # fmt: skip
             for s, v in scores.items():
                 fam.setdefault(f"auroc:{s}", []).append(auroc(inlier[s], v))
+    return out
+
+
+def _summary(sets: dict[str, list[float]]) -> dict[str, float]:
+    """Means of a family's per-set figures, and the lowest AUROC of each score."""
+    lowest = {f"auroc_min:{key[6:]}": float(np.min(v)) for key, v in sets.items()
+              if key.startswith("auroc:")}  # fmt: skip
+    return {**{key: float(np.mean(v)) for key, v in sets.items()}, **lowest}
+
+
+def calibrated_label(level: float) -> str:
+    """The name of the rows of a table calibrated with its gate at ``level``."""
+    return f"library, gate {level:g}"
+
+
+def run_model(name: str, n: int = 200, levels: Sequence[float] = LEVELS) -> dict:
+    """Every family's alarm rate at :data:`RATE` and AUROC for one model (module docstring),
+    with the rows of tables calibrated at the other ``levels`` where their sets are cached."""
+    model = collect.load_model(name)
+    table = collect.table_of(name, model, log, GATED_SCORE_NAME)
+    alarm = table.alarm
+    gate, reference, k = alarm.gate(), alarm.reference, table.num_classes
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    null = _load(collect.folder(name) / "sets" / kind / f"{NULL_PART}__cifar10.npz")
+    thresholds = gate_thresholds(null, gate, reference, levels)
+    out = tally(name, kind, n, lambda f: rescored(f, gate, reference, thresholds), k)
+    calibrated = {}
+    for level in levels:
+        other = collect.table_kind(GATED_SCORE_NAME, level)
+        if other == kind or not (collect.folder(name) / "families" / other / f"n{n}").is_dir():
+            continue
+        label = calibrated_label(level)
+        rows = tally(
+            name, other, n, lambda f, lb=label: {lb: np.asarray(f["score"], np.float64)}, k
+        )
+        out["normal_rate"].update(rows["normal_rate"])
+        for family, sets in rows["families"].items():
+            out["families"][family].update(sets)
+        path = collect.folder(name) / f"table-{other}.safetensors"
+        calibrated[f"{level:g}"] = CalibrationTable.load(path).alarm.gate_threshold
     return {
         "model": name, "evidence": alarm.evidence, "n": n,
         "library_gate_level": alarm.gate_level, "thresholds": thresholds,
-        "library_threshold": alarm.gate_threshold,
-        "normal_rate": share(clean_scores, clean["classes"]),
-        "families": {f: {**{key: float(np.mean(v)) for key, v in d.items()},
-                         **{f"auroc_min:{key[6:]}": float(np.min(v))
-                            for key, v in d.items() if key.startswith("auroc:")}}
-                     for f, d in by_family.items()},
+        "library_threshold": alarm.gate_threshold, "calibrated_thresholds": calibrated,
+        "normal_rate": out["normal_rate"],
+        "families": {f: _summary(d) for f, d in out["families"].items()},
     }  # fmt: skip
 
 

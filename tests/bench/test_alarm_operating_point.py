@@ -94,3 +94,45 @@ def test_the_markdown_table_shows_each_family_rate_and_auroc():
     assert "| score | normal | far |" in text
     assert "| library | 0.90 | 90.0 (0.990) |" in text
     assert "| Energy alone | 1.10 | 5.0 (0.800) |" in text
+
+
+def test_tally_reads_every_family_set_and_judges_nominal_sets_against_the_same_images(
+    tmp_path, monkeypatch
+):
+    """A fake cache: the null and the report part's CIFAR-10 images exchangeable, every shifted
+    set shifted by its index; the nominal sets are the report images' first ``n`` themselves."""
+    from bench.alarms import collect
+    from bench.alarms.sets import families
+    from bench.paper.metrics import auroc
+
+    monkeypatch.setattr(collect, "folder", lambda name: tmp_path / name)
+    rng = np.random.default_rng(2)
+    n, kind, root = 50, "k", tmp_path / "m"
+    (root / "sets" / kind).mkdir(parents=True)
+    (root / "families" / kind / f"n{n}").mkdir(parents=True)
+
+    def save(path, scores, classes):
+        np.savez(path, score=scores, classes=classes)
+
+    null, clean = rng.normal(size=1000), rng.normal(size=600)
+    save(root / "sets" / kind / "selection__cifar10.npz", null, rng.integers(0, 2, 1000))
+    save(root / "sets" / kind / "report__cifar10.npz", clean, rng.integers(0, 2, 600))
+    made = {}
+    for i, name in enumerate(n for names in families().values() for n in names):
+        scores = clean[:n] if name == "hflip" else rng.normal(size=n) + 0.05 * i
+        made[name] = scores
+        save(root / "families" / kind / f"n{n}" / f"report__{name.replace(' ', '_')}.npz", scores,
+             rng.integers(0, 2, n))  # fmt: skip
+    out = op.tally("m", kind, n, lambda f: {"s": f["score"]}, 2)
+    assert set(out["families"]) == set(families())
+    far = families()["far"]
+    want = [auroc(clean, made[name]) for name in far]
+    assert out["families"]["far"]["auroc:s"] == pytest.approx(want)
+    nominal = families()["nominal"]
+    assert out["families"]["nominal"]["auroc:s"][nominal.index("hflip")] == pytest.approx(0.5)
+    with (
+        np.load(root / "sets" / kind / "report__cifar10.npz") as c,
+        np.load(root / "sets" / kind / "selection__cifar10.npz") as z,
+    ):
+        rate = op.alarm_share(z["score"], z["classes"], c["score"], c["classes"], 2)
+    assert out["normal_rate"]["s"] == rate
