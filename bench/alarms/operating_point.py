@@ -22,8 +22,12 @@ report part of the shift-family benchmark (``n`` images per set, judged and cach
 Every score's p-values come from per-class (Mondrian) nulls of the null part's scores (test
 images 0..4,999, a class's own null from 200 images, else the pooled null:
 :class:`~surprise_monitor.monitor.conformal.ClassConditionalNull`, the library's). Written:
-``results/operating_point.json`` (per model, per score: each family's mean alarm rate at 1%
-over its sets, its mean and lowest AUROC, and the report part's normal images' rate) and the table
+``results/operating_point.json`` (``models``: per model, per score, each family's mean alarm
+rate at 1% over its sets, its mean and lowest AUROC, and the report part's normal images' rate;
+``level_leave_one_model_out``: the gate level :mod:`bench.alarms.loo`'s rule picks for each
+held-out model from the other models' selection parts, among the levels whose family results
+(``--families``: ``gated/`` for the default level, ``gated_gateL/`` for the others) every
+model has, with the issue's checks on the held-out report part) and the table
 ``bench/README.md`` quotes. Options: ``--models``, ``--n 200``, ``--levels 0.005,0.01,0.015``.
 """
 
@@ -37,12 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.alarms import collect
+from bench.alarms import collect, loo
 from bench.alarms.report import log
 from bench.alarms.sets import PARTS, families
 from bench.paper.metrics import auroc
 from bench.strong_models import ALARM_MODELS
-from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME, Gate, energy
+from surprise_monitor.monitor.atypicality import GATE_LEVEL, GATED_SCORE_NAME, Gate, energy
 from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
 from surprise_monitor.monitor.table import CalibrationTable
 
@@ -191,6 +195,36 @@ def run_model(name: str, n: int = 200, levels: Sequence[float] = LEVELS) -> dict
     }  # fmt: skip
 
 
+def level_aurocs(by_level: dict[float, loo.Aurocs], evidence: dict[tuple[str, float], str]) -> dict:
+    """``aurocs[model][part][set][score]`` (:mod:`bench.alarms.loo`'s) with one candidate per
+    gate level, ``gate L``: the AUROC of the table calibrated at ``L`` in its own evidence
+    variant (``evidence[(model, L)]``), beside the baselines (the same at every level)."""
+    levels = sorted(by_level)
+    models = set.intersection(*(set(by_level[lv]) for lv in levels))
+    out: dict = {}
+    for m in sorted(models):
+        out[m] = {}
+        for part in loo.PARTS:
+            sets = by_level[levels[0]][m][part]
+            out[m][part] = {
+                name: {**{b: scores[b] for b in loo.BASELINES if b in scores},
+                       **{gate_label(lv): by_level[lv][m][part][name][
+                           f"library {evidence[(m, lv)]}"] for lv in levels}}
+                for name, scores in sets.items()
+            }  # fmt: skip
+    return out
+
+
+def level_leave_one_model_out(aurocs: dict) -> list[dict]:
+    """:func:`bench.alarms.loo.leave_one_model_out` among the gate levels of
+    :func:`level_aurocs`: each held-out model's level chosen by the benchmark's rule on the
+    other models' selection parts, reported with the issue's checks on its report part."""
+    family_of = loo.family_map({s for m in aurocs.values() for p in m.values() for s in p})
+    labels = [c for c in next(iter(next(iter(aurocs.values()))["report"].values()))
+              if c.startswith("gate ")]  # fmt: skip
+    return loo.leave_one_model_out(aurocs, family_of, labels)
+
+
 def markdown(results: dict[str, dict]) -> str:
     """Per model, a row per score: the normal images' rate and each family's alarm rate at
     :data:`RATE` (AUROC below it)."""
@@ -212,21 +246,54 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _level_rotations(models: Sequence[str], levels: Sequence[float], folder: Path) -> list:
+    """The leave-one-model-out rotations over the gate levels whose family results are in
+    ``folder`` for every model (each table's evidence read from the cache); [] when fewer
+    than two levels and two models have them."""
+    by_level, evidence = {}, {}
+    for lv in levels:
+        sub = folder / ("gated" if lv == GATE_LEVEL else f"gated_gate{lv:g}")
+        paths = [sub / f"{m}.json" for m in models]
+        if not all(p.is_file() for p in paths):
+            continue
+        by_level[lv] = loo.read_results(paths)
+        for m in models:
+            path = (
+                collect.folder(m) / f"table-{collect.table_kind(GATED_SCORE_NAME, lv)}.safetensors"
+            )
+            evidence[(m, lv)] = CalibrationTable.load(path).alarm.evidence
+    if len(by_level) < 2 or len(models) < 2:
+        return []
+    rotations = level_leave_one_model_out(level_aurocs(by_level, evidence))
+    for r in rotations:
+        print(
+            f"held out {r['held_out']}: {r['chosen']} chosen; on its report part "
+            f"{json.dumps(r['summary'])}"
+        )
+    return [{k: r[k] for k in ("held_out", "chosen", "summary")} for r in rotations]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m bench.alarms.operating_point")
     p.add_argument("--models", default=",".join(ALARM_MODELS))
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--levels", default=",".join(f"{lv:g}" for lv in LEVELS))
+    p.add_argument("--families", default=str(HERE / "results" / "families"),
+                   help="where the families benchmark's gated results are: gated/ (the "
+                   "default level) and gated_gateL/")  # fmt: skip
     p.add_argument("--out", default=str(HERE / "results" / "operating_point.json"))
     args = p.parse_args(argv)
     levels = [float(v) for v in args.levels.split(",")]
-    results = {m: run_model(m, args.n, levels) for m in args.models.split(",")}
+    models = args.models.split(",")
+    results = {m: run_model(m, args.n, levels) for m in models}
+    print(markdown(results))
+    rotations = _level_rotations(models, levels, Path(args.families))
     out = Path(args.out)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.write_text(json.dumps({"models": results, "level_leave_one_model_out": rotations},
+                              indent=1) + "\n")  # fmt: skip
     tmp.replace(out)
-    print(markdown(results))
     return 0
 
 

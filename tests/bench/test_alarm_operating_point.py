@@ -136,3 +136,32 @@ def test_tally_reads_every_family_set_and_judges_nominal_sets_against_the_same_i
     ):
         rate = op.alarm_share(z["score"], z["classes"], c["score"], c["classes"], 2)
     assert out["normal_rate"]["s"] == rate
+
+
+def test_the_level_leave_one_out_takes_each_tables_own_variant_and_the_benchmarks_rule():
+    """Two levels of three models: the wide gate is the only one whose MNIST set reaches 0.95,
+    so the rule takes it wherever it is seen; each candidate is the table's own variant."""
+
+    def results(mnist: float, variant_shift: float) -> dict:
+        sets = {
+            "mnist": {"MSP": 0.8, "MaxLogit": 0.8, "Energy": 0.8, "KNN": 0.9,
+                      "library energy": mnist, "library energy+mass": mnist - variant_shift},
+            "rotate90": {"MSP": 0.7, "MaxLogit": 0.7, "Energy": 0.7, "KNN": 0.6,
+                         "library energy": 0.71, "library energy+mass": 0.6},
+        }  # fmt: skip
+        return {part: sets for part in ("selection", "report")}
+
+    by_level = {
+        0.005: {m: results(0.90, 0.5) for m in ("a", "b", "c")},
+        0.015: {m: results(0.97, 0.5) for m in ("a", "b", "c")},
+    }
+    evidence = {(m, lv): "energy" for m in ("a", "b", "c") for lv in by_level}
+    aurocs = op.level_aurocs(by_level, evidence)
+    assert aurocs["a"]["report"]["mnist"]["gate 0.005"] == 0.90
+    assert aurocs["a"]["report"]["mnist"]["gate 0.015"] == 0.97
+    assert aurocs["a"]["report"]["rotate90"]["Energy"] == 0.7
+    rotations = op.level_leave_one_model_out(aurocs)
+    assert [r["chosen"] for r in rotations] == ["gate 0.015"] * 3
+    assert all(r["summary"]["mnist_ok"] and r["summary"]["within"] for r in rotations)
+    evidence[("b", 0.015)] = "energy+mass"  # b's wide table chose the other variant
+    assert op.level_aurocs(by_level, evidence)["b"]["report"]["mnist"]["gate 0.015"] == 0.47
