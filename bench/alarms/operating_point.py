@@ -46,7 +46,13 @@ from bench.alarms.report import log
 from bench.alarms.sets import PARTS, families
 from bench.paper.metrics import auroc
 from bench.strong_models import ALARM_MODELS
-from surprise_monitor.monitor.atypicality import GATE_LEVEL, GATED_SCORE_NAME, Gate, energy
+from surprise_monitor.monitor.atypicality import (
+    GATE_LEVEL,
+    GATED_SCORE_NAME,
+    Gate,
+    ScoreReference,
+    energy,
+)
 from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
 from surprise_monitor.monitor.table import CalibrationTable
 
@@ -54,8 +60,6 @@ HERE = Path(__file__).resolve().parent
 RATE = 0.01
 LEVELS = (0.005, 0.01, 0.015)
 LIBRARY, ENERGY = "library", "Energy alone"
-#: The family of the training augmentations (judged against the same images unshifted).
-NOMINAL = "nominal"
 NULL_PART, REPORT_PART = PARTS
 
 
@@ -65,7 +69,10 @@ def gate_label(level: float) -> str:
 
 
 def rescored(
-    found: dict[str, np.ndarray], gate: Gate, reference, thresholds: dict[float, float]
+    found: dict[str, np.ndarray],
+    gate: Gate,
+    reference: ScoreReference,
+    thresholds: dict[float, float],
 ) -> dict[str, np.ndarray]:
     """The library's, each ``gate L``'s (``thresholds[L]``) and Energy's score of one judged
     set (``found``: :func:`bench.alarms.collect._judge`'s arrays; ``reference``: the table's
@@ -80,7 +87,10 @@ def rescored(
 
 
 def gate_thresholds(
-    null_found: dict[str, np.ndarray], gate: Gate, reference, levels: Sequence[float]
+    null_found: dict[str, np.ndarray],
+    gate: Gate,
+    reference: ScoreReference,
+    levels: Sequence[float],
 ) -> dict[float, float]:
     """Each level's threshold: the ``1 - level`` quantile of the null images' gate statistics."""
     ranks = reference.ranks(torch.from_numpy(null_found["components"]).float())
@@ -142,7 +152,7 @@ def tally(name: str, kind: str, n: int, scorer: Scorer, k: int) -> dict:
             scores = scorer(found)
             for s, r in share(scores, found["classes"]).items():
                 fam.setdefault(f"rate:{s}", []).append(r)
-            inlier = clean_scores if family != NOMINAL else {  # the same images, unshifted
+            inlier = clean_scores if family != loo.NOMINAL else {  # the same images, unshifted
                 s: v[: len(found["classes"])] for s, v in clean_scores.items()}  # fmt: skip
             for s, v in scores.items():
                 fam.setdefault(f"auroc:{s}", []).append(auroc(inlier[s], v))
