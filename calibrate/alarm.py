@@ -21,7 +21,11 @@ With the gated score (``AlarmOptions(score=GATED_SCORE_NAME)``) pass 1 also fits
 layer's channel-mean mean and shrunk covariance (the stage distances), and pass 2 also sets the
 gate's threshold: the ``1 - gate_level`` quantile of the reference images' own gate statistics
 (``AlarmOptions.gate_level``; :data:`~surprise_monitor.monitor.atypicality.GATE_LEVEL` unless
-named).
+named). Pass 3 first judges the held-out images the evidence variant is chosen on
+(``evidence="auto"``, :mod:`~surprise_monitor.calibrate.evidence_choice`) or a learned variant
+is fitted on (``evidence="learned"`` or ``"learned+mass"``,
+:mod:`~surprise_monitor.calibrate.evidence_fit`), as they are and shifted; the null leaves them
+out.
 
 Under ``torchrun`` rank 0 makes all three and broadcasts the result to the other ranks: the
 tensors as tensors (:meth:`~surprise_monitor.calibrate.distributed.Comm.broadcast_tensors`), the
@@ -48,6 +52,7 @@ from surprise_monitor.calibrate.evidence_choice import (
     SHIFTS,
     choose,
 )
+from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
 from surprise_monitor.calibrate.plan import split_batch, stream, stream_length
 from surprise_monitor.calibrate.score_choice import AUTO_SCORE, choose_score, too_few_images
@@ -60,7 +65,9 @@ from surprise_monitor.monitor.atypicality import (
     ScoreReference,
     fit_stage,
 )
+from surprise_monitor.monitor.checks import OptionValueError
 from surprise_monitor.monitor.judge import Judge
+from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS, LearnedEvidence
 from surprise_monitor.monitor.options import Execution
 from surprise_monitor.monitor.probe.hooks import get_module
 from surprise_monitor.monitor.probe.profiles import DEFAULT_STAGES, ProfileTap, stage_layers
@@ -158,11 +165,20 @@ def _with_heldout(
     ``evidence="auto"`` the evidence variant chosen on the first held-out images' shifts."""
     with_reference = replace(table, alarm=alarm, path=None, sha256="")
     auto = alarm.gated and options.evidence == AUTO
+    learn = alarm.gated and options.evidence in LEARNED_VARIANTS
     length = stream_length(heldout)
-    too_few = auto and (length or AUTO_MIN_HELDOUT) < AUTO_MIN_HELDOUT
+    too_few = (auto or learn) and (length or AUTO_MIN_HELDOUT) < AUTO_MIN_HELDOUT
+    if learn and too_few:
+        raise OptionValueError(
+            "evidence",
+            f"another variant than {options.evidence!r} (fitted on {CHOICE_IMAGES} held-out "
+            f"images, with as many again for the null) for held-out data of {length} images, "
+            f"fewer than {AUTO_MIN_HELDOUT}",
+            options.evidence,
+        )
     predicted, labelled, accuracy, classes, choice = _heldout_scores(
         model, with_reference, heldout, backend, progress, **passes,
-        choice_images=CHOICE_IMAGES if auto and not too_few else 0,
+        choice_images=CHOICE_IMAGES if (auto or learn) and not too_few else 0,
     )  # fmt: skip
     found = {"images": int(predicted.numel()), "accuracy": accuracy, "source": heldout_source}
     if too_few:
@@ -173,9 +189,10 @@ def _with_heldout(
         log.warning("calibrate: %s", why)
         found["evidence_choice"] = {"skipped": why}
     if choice is not None:
-        alarm, predicted, labelled, worst = _with_chosen_evidence(alarm, choice)
+        asked = options.evidence if learn else None
+        alarm, predicted, labelled, worst = _with_chosen_evidence(alarm, choice, asked)
         found["evidence_choice"] = {"images": CHOICE_IMAGES, "shifts": list(SHIFTS),
-                                    "worst_margin": worst}  # fmt: skip
+                                    "worst_margin": worst, "asked": options.evidence}  # fmt: skip
     log.info(
         "calibrate: conformal null from %d held-out images (accuracy %.4f)",
         predicted.numel(), accuracy,
@@ -401,23 +418,30 @@ def _stage_fields(
             f"the {GATED_SCORE_NAME} score needs profile or head layers; without them use "
             f"score={FISHER_SCORE_NAME!r}"
         )
-    evidence = DEFAULT_EVIDENCE if options.evidence == AUTO else options.evidence  # until chosen
+    evidence = options.evidence
+    if evidence == AUTO or evidence in LEARNED_VARIANTS:  # until chosen, or fitted
+        evidence = DEFAULT_EVIDENCE
     return {"evidence": evidence, "stage_means": tuple(m for m, _ in stage),
             "stage_precisions": tuple(p for _, p in stage),
             "gate_level": options.gate_level}  # fmt: skip
 
 
 def _with_chosen_evidence(
-    alarm: AlarmCalibration, choice: _Choice
+    alarm: AlarmCalibration, choice: _Choice, asked: str | None = None
 ) -> tuple[AlarmCalibration, torch.Tensor, torch.Tensor, dict[str, float]]:
-    """``alarm`` with the evidence variant chosen on the held-out images' shifts, the null
-    images' scores (predicted, labelled) in that variant, and each variant's worst margin."""
+    """``alarm`` with the evidence variant chosen on the held-out images' shifts (or
+    ``asked``, a learned variant), fitted where it is a learned one, the null images' scores
+    (predicted, labelled) in that variant, and each variant's worst margin."""
     variant, worst = choice.chosen(alarm)
-    log.info("calibrate: evidence %s chosen on %d held-out images and %d shifts (worst margin "
+    learn = asked is not None
+    if asked is not None:
+        variant = asked
+    log.info("calibrate: evidence %s %s on %d held-out images and %d shifts (worst margin "
              "against the best logit score: %s); they are left out of the null", variant,
-             CHOICE_IMAGES, len(SHIFTS),
+             "fitted" if learn else "chosen", CHOICE_IMAGES, len(SHIFTS),
              ", ".join(f"{v} {m:+.3f}" for v, m in worst.items()))  # fmt: skip
-    alarm = replace(alarm, evidence=variant)
+    learned = choice.fitted(alarm) if variant in LEARNED_VARIANTS else None
+    alarm = replace(alarm, evidence=variant, learned=learned)
     gate = alarm.gate()
     assert gate is not None and choice.null_ranks is not None
     return alarm, gate.score(choice.null_ranks[0]), gate.score(choice.null_ranks[1]), worst
@@ -563,14 +587,26 @@ class _Choice:
 
     def chosen(self, alarm: AlarmCalibration) -> tuple[str, dict[str, float]]:
         """The variant :func:`~surprise_monitor.calibrate.evidence_choice.choose` picks."""
-
-        def cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-            """The parts' ranks and logits, each concatenated."""
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
         assert alarm.gate_threshold is not None
-        shifted = {name: cat(parts) for name, parts in self.shifted.items()}
-        return choose(alarm.component_names(), alarm.gate_threshold, cat(self.clean), shifted)
+        shifted = {name: _cat(parts) for name, parts in self.shifted.items()}
+        names, threshold = alarm.component_names(), alarm.gate_threshold
+        return choose(names, threshold, _cat(self.clean), shifted, _floor(alarm))
+
+    def fitted(self, alarm: AlarmCalibration) -> LearnedEvidence:
+        """The ``learned`` evidence fitted on every judged image (clean and shifted)."""
+        shifted = {name: _cat(parts)[0] for name, parts in self.shifted.items()}
+        return fit_learned_evidence(_cat(self.clean)[0], shifted, _floor(alarm))
+
+
+def _cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parts' ranks and logits, each concatenated."""
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _floor(alarm: AlarmCalibration) -> float:
+    """``1/(m + 1)`` of the score reference's smallest component reference (``m`` values)."""
+    assert alarm.reference is not None
+    return 1.0 / (min(r.numel() for r in alarm.reference.sorted_components) + 1)
 
 
 def _warn_pooled_classes(alarm: AlarmCalibration) -> None:

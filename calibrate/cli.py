@@ -43,6 +43,7 @@ from surprise_monitor.kernels.defaults import DEFAULT_SURPRISE_PCT
 from surprise_monitor.monitor.advice import advise, cli_message
 from surprise_monitor.monitor.atypicality import FISHER_SCORE_NAME, GATED_SCORE_NAME
 from surprise_monitor.monitor.checks import OptionValueError
+from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS
 from surprise_monitor.monitor.loading.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from surprise_monitor.monitor.loading.model_args import (
     add_model_arguments,
@@ -50,6 +51,7 @@ from surprise_monitor.monitor.loading.model_args import (
     model_from_args,
 )
 from surprise_monitor.monitor.options import (
+    FLAGS_DEST,
     add_option_arguments,
     add_renamed_flags,
     options_from_args,
@@ -212,7 +214,10 @@ def _chosen(heldout: dict) -> str:
         return ""
     if "skipped" in choice:
         return ": --alarm-evidence auto skipped, " + choice["skipped"].split(":")[0]
-    return (f": chosen by --alarm-evidence auto on {choice['images']} held-out images and "
+    asked = choice.get("asked")
+    how = (f"fitted by --alarm-evidence {asked}" if asked in LEARNED_VARIANTS
+           else "chosen by --alarm-evidence auto")  # fmt: skip
+    return (f": {how} on {choice['images']} held-out images and "
             f"{len(choice['shifts'])} synthetic shifts")  # fmt: skip
 
 
@@ -294,10 +299,20 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
             return 0
         out = table.save(out, key=key)
     except (ValueError, TypeError, OSError) as exc:
-        print(f"surprise-calibrate: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"surprise-calibrate: error: {_one_line(_flag_worded(exc, args))}", file=sys.stderr)
         return 2
     print(summary(table, out, seconds, signed=key is not None))
     return 0
+
+
+def _flag_worded(exc: BaseException, args: argparse.Namespace) -> BaseException:
+    """``exc`` worded with its flag where an option's value failed during the run (e.g.
+    ``--alarm-evidence learned`` on too few held-out images)."""
+    if isinstance(exc, OptionValueError):
+        flag = (getattr(args, FLAGS_DEST, None) or {}).get(exc.option)
+        if flag is not None and getattr(exc, "cli_message", None) is None:
+            advise(exc, exc.worded_for(flag))
+    return exc
 
 
 def _sign_key(args: argparse.Namespace) -> bytes | None:

@@ -8,13 +8,20 @@ components (one judgement serves every variant). The rule is the benchmark's
 (``bench/alarms/loo.py``): the variant whose *worst margin* over the shifts, its AUROC minus the
 best of MSP / MaxLogit / Energy (from the same logits), is highest; ties go to the first
 variant listed (``energy``). On the benchmark's four models this picked what their own shifted
-sets picked (``bench/README.md``).
+sets picked (``bench/README.md``). The learned variants
+(:mod:`~surprise_monitor.monitor.learned_evidence`) compete with margins cross-fitted
+(:func:`learned_margins`): their fit never sees the images, or the family of shift, it is
+measured on.
 
 The shifts work on the model's input tensors ``[B, C, H, W]`` as the data loader gives them
 (normalised or not): turned a quarter and upside down, channel mean (grey), contrast
 halved around each image's mean, a 5 x 5 box blur, Gaussian noise of a fifth of the images'
 spread, down- and up-sampled by two, and a centred square of a quarter of the area set to the
-image's mean (occlusion).
+image's mean (occlusion); since stop 34 also colours inverted (within each image's range), the
+channels rotated by one, brightness raised by half the image's spread, saturation doubled,
+impulse noise (3% of the values to the image's minimum, 3% to its maximum) and pixelation
+(4 x 4 blocks). On single-channel images the colour shifts but inversion and brightness leave
+the images as they are (a margin of 0 for every variant).
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
 from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, Gate, energy
+from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS, LearnedEvidence
 
 #: Held-out images the choice is made on (taken from the start of the held-out stream and left
 #: out of the null).
@@ -71,6 +80,35 @@ def _down_up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
 
+def _invert(x: torch.Tensor) -> torch.Tensor:
+    """Each image's values mirrored within its own range (colours inverted)."""
+    low = x.amin(dim=(1, 2, 3), keepdim=True)
+    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    return low + high - x
+
+
+def _saturate(x: torch.Tensor) -> torch.Tensor:
+    """Each pixel's distance from its channel mean doubled (saturation)."""
+    grey = x.mean(dim=1, keepdim=True)
+    return grey + 2.0 * (x - grey)
+
+
+def _impulse(x: torch.Tensor) -> torch.Tensor:
+    """3% of the values set to their image's minimum and 3% to its maximum (a fixed seed)."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    u = torch.rand(x.shape, generator=g).to(x.device)
+    low = x.amin(dim=(1, 2, 3), keepdim=True).expand_as(x)
+    high = x.amax(dim=(1, 2, 3), keepdim=True).expand_as(x)
+    return torch.where(u < 0.03, low, torch.where(u > 0.97, high, x))
+
+
+def _pixelate(x: torch.Tensor) -> torch.Tensor:
+    """Averaged over 4 x 4 blocks (area) and blown up again (nearest)."""
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, size=(max(1, h // 4), max(1, w // 4)), mode="area")
+    return F.interpolate(small, size=(h, w), mode="nearest")
+
+
 def _occlude(x: torch.Tensor) -> torch.Tensor:
     """A centred square of a quarter of the area set to each image's mean."""
     h, w = x.shape[-2:]
@@ -90,7 +128,24 @@ SHIFTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "noise": _noise,
     "down-up": _down_up,
     "occlusion": _occlude,
+    "invert": _invert,
+    "channel order": lambda x: torch.roll(x, 1, dims=1),
+    "brightness": lambda x: x + 0.5 * x.std(dim=(1, 2, 3), keepdim=True),
+    "saturation": _saturate,
+    "impulse": _impulse,
+    "pixelate": _pixelate,
 }
+
+#: The shifts' families: the ``learned`` variant's margin on a shift is measured with every
+#: shift of its family left out of the fit (a kind of shift the fit never saw).
+SHIFT_FAMILIES = {
+    "rotate90": "geometry", "upside down": "geometry", "grey": "colour", "contrast": "contrast",
+    "blur": "blur", "noise": "noise", "down-up": "resolution", "occlusion": "occlusion",
+    "invert": "colour", "channel order": "colour", "brightness": "colour",
+    "saturation": "colour", "impulse": "noise", "pixelate": "resolution",
+}  # fmt: skip
+#: Cross-fitting folds of the ``learned`` variant's margins (the images alternate between them).
+FOLDS = 2
 
 
 def auroc(inlier: torch.Tensor, outlier: torch.Tensor) -> float:
@@ -123,10 +178,13 @@ def choose(
     threshold: float,
     clean: tuple[torch.Tensor, torch.Tensor],
     shifted: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    floor: float | None = None,
 ) -> tuple[str, dict[str, float]]:
     """The variant with the highest worst margin (see the module docstring) and every
     variant's worst margin. ``clean`` and each ``shifted[name]`` are ``(ranks [B, J], logits
-    [B, K])`` of the judged images; ``names`` the components' names, ``threshold`` the gate's."""
+    [B, K])`` of the judged images (the same images in the same order); ``names`` the
+    components' names, ``threshold`` the gate's; with ``floor`` (``1/(m + 1)`` of the
+    components' reference) the learned variants compete too (:func:`learned_margins`)."""
     if not shifted:
         raise ValueError("no shifted images to choose on")
     base_in = logit_scores(clean[1])
@@ -136,11 +194,53 @@ def choose(
     }
     worst: dict[str, float] = {}
     for variant in EVIDENCE_VARIANTS:
+        if variant in LEARNED_VARIANTS:
+            continue
         gate = Gate.columns(names, variant, threshold)
         score_in = gate.score(clean[0].float())
         worst[variant] = min(
             auroc(score_in, gate.score(ranks.float())) - best[name]
             for name, (ranks, _) in shifted.items()
         )
-    chosen = max(EVIDENCE_VARIANTS, key=lambda v: (round(worst[v], 9), -list(worst).index(v)))
+    if floor is not None:
+        learned = learned_margins(names, threshold, clean, shifted, floor)
+        worst.update({v: min(m.values()) for v, m in learned.items()})
+    chosen = max(worst, key=lambda v: (round(worst[v], 9), -list(worst).index(v)))
     return chosen, worst
+
+
+def learned_margins(
+    names: Sequence[str],
+    threshold: float,
+    clean: tuple[torch.Tensor, torch.Tensor],
+    shifted: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    floor: float,
+) -> dict[str, dict[str, float]]:
+    """Per learned variant and shift, its margin over the best logit score, cross-fitted:
+    for each of :data:`FOLDS` folds (the images alternating), fitted on the other folds' clean
+    images and their shifts *outside the shift's family* (:data:`SHIFT_FAMILIES`), measured on
+    this fold's clean and shifted images; the folds' margins averaged."""
+    fold = torch.arange(len(clean[0])) % FOLDS
+    family = {name: SHIFT_FAMILIES.get(name, name) for name in shifted}
+    fits: dict[tuple[str, int], LearnedEvidence] = {}
+    margins: dict[str, dict[str, float]] = {v: {} for v in LEARNED_VARIANTS}
+    for name, (ranks, logits) in shifted.items():
+        train = {n: r for n, (r, _) in shifted.items() if family[n] != family[name]}
+        train = train or {n: r for n, (r, _) in shifted.items()}  # one family: all of it
+        sums = dict.fromkeys(LEARNED_VARIANTS, 0.0)
+        for k in range(FOLDS):
+            fit, held = fold != k, fold == k
+            key = (family[name], k)
+            if key not in fits:
+                fits[key] = fit_learned_evidence(
+                    clean[0][fit], {n: r[fit] for n, r in train.items()}, floor
+                )
+            base_in, base_out = logit_scores(clean[1][held]), logit_scores(logits[held])
+            best = max(auroc(base_in[s], base_out[s]) for s in base_in)
+            for variant in LEARNED_VARIANTS:
+                gate = Gate.columns(names, variant, threshold, fits[key])
+                a = auroc(gate.score(clean[0][held].float()), gate.score(ranks[held].float()))
+                sums[variant] += (a - best) / FOLDS
+        for variant in LEARNED_VARIANTS:
+            margins[variant][name] = sums[variant]
+    return margins

@@ -32,6 +32,7 @@ from surprise_monitor.monitor.atypicality import (
 )
 from surprise_monitor.monitor.checks import fraction, non_negative_int, one_of, positive_int
 from surprise_monitor.monitor.conformal import DEFAULT_CLASS_NULL_MIN
+from surprise_monitor.monitor.learned_evidence import LEARNED_EVIDENCE, LEARNED_WITH_MASS
 from surprise_monitor.monitor.options import Execution, help_of, option
 from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS, DEFAULT_CLASS_OUTPUT
 from surprise_monitor.monitor.table import DEFAULT_BETA_LEVELS, DEFAULT_LEVELS
@@ -173,7 +174,9 @@ class AlarmOptions:
         + ", ".join(EVIDENCE_VARIANTS)
         + f" or auto (chosen on shifts of the first {CHOICE_IMAGES} held-out images, which the "
         f"null then leaves out; {DEFAULT_EVIDENCE} when the held-out data has fewer than "
-        f"{AUTO_MIN_HELDOUT} images)",
+        f"{AUTO_MIN_HELDOUT} images). {LEARNED_EVIDENCE}: energy and a logistic regression over "
+        f"every component's two-sided tail ranks, fitted on those shifts; {LEARNED_WITH_MASS}: "
+        "the same and the expectation mass",
         choices=(*EVIDENCE_VARIANTS, AUTO_EVIDENCE),
     )
     gate_level: float = option(

@@ -40,7 +40,9 @@ adds two kinds of component:
 and ranks first every input whose stage distances' Fisher combination lies beyond a share
 :data:`GATE_LEVEL` of the reference training images' (far beyond anything seen in training:
 ``GATE_OFFSET +`` that statistic), every other input by the class evidence: Fisher's combination
-of the tail ranks of :data:`EVIDENCE_VARIANTS` (energy, or energy and the expectation mass).
+of the tail ranks of :data:`EVIDENCE_VARIANTS` (energy, or energy and the expectation mass;
+the learned variants add the rank of a logistic regression over every component's tail ranks,
+fitted at calibration: :mod:`surprise_monitor.monitor.learned_evidence`).
 The stage distances carry nothing on near shifts (rotations, occlusion), where a soft combination
 with them diluted the class evidence; the gate keeps them out of those and ranks the far shifts
 first (``bench/README.md``, "Shift families and leave-one-out").
@@ -49,9 +51,24 @@ first (``bench/README.md``, "Shift families and leave-one-out").
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from surprise_monitor.monitor.learned_evidence import (
+    LEARNED_EVIDENCE,
+    LEARNED_VARIANTS,
+    LEARNED_WITH_MASS,
+    LearnedEvidence,
+)
+from surprise_monitor.monitor.tails import (
+    EXPONENTIAL_TAIL as EXPONENTIAL_TAIL,
+)
+from surprise_monitor.monitor.tails import STEP_TAIL as STEP_TAIL
+from surprise_monitor.monitor.tails import TAIL_POINTS as TAIL_POINTS
+from surprise_monitor.monitor.tails import TAILS as TAILS
+from surprise_monitor.monitor.tails import exponential_tail_ranks as exponential_tail_ranks
+from surprise_monitor.monitor.tails import tail_ranks as tail_ranks
 
 #: Names of the scores defined here (recorded in tables, so a change of formula is refused); a
 #: table without a score name is of the Fisher score.
@@ -61,9 +78,14 @@ GATED_SCORE_NAME = "gated-stage-energy-v1"
 #: Every score this library computes.
 SCORES = (FISHER_SCORE_NAME, GATED_SCORE_NAME)
 #: The gated score's class-evidence variants: their component kinds.
+#: ``learned`` adds a logistic regression over every component's two-sided tail rank, fitted at
+#: calibration (:mod:`surprise_monitor.monitor.learned_evidence`), to energy's rank;
+#: ``learned+mass`` to energy's and the expectation mass's.
 EVIDENCE_VARIANTS: dict[str, tuple[str, ...]] = {
     "energy": ("energy",),
     "energy+mass": ("energy", "expectation_mass"),
+    LEARNED_EVIDENCE: ("energy",),
+    LEARNED_WITH_MASS: ("energy", "expectation_mass"),
 }
 DEFAULT_EVIDENCE = "energy"
 #: Share of the reference images beyond which the gate opens.
@@ -187,26 +209,50 @@ class Gate:
     """The gated score's columns and level: ``gate`` (the stage distances) and ``evidence``
     (the class evidence) index the component columns; ``threshold`` is the Fisher statistic
     of the gate's ranks beyond which an input counts as far (the ``1 - GATE_LEVEL`` quantile of
-    the reference images')."""
+    the reference images'); ``learned`` the fitted evidence of the ``learned`` variant, whose
+    rank joins the evidence columns' (``None`` for the other variants)."""
 
     gate: tuple[int, ...]
     evidence: tuple[int, ...]
     threshold: float
+    learned: LearnedEvidence | None = None
 
     @classmethod
-    def columns(cls, names: Sequence[str], variant: str, threshold: float = float("inf")) -> Gate:
+    def columns(
+        cls,
+        names: Sequence[str],
+        variant: str,
+        threshold: float = float("inf"),
+        learned: LearnedEvidence | None = None,
+    ) -> Gate:
         """The gate over the ``stage_distance`` columns of ``names`` and the class evidence of
-        ``variant`` (a key of :data:`EVIDENCE_VARIANTS`)."""
+        ``variant`` (a key of :data:`EVIDENCE_VARIANTS`; ``learned`` needs its fit)."""
         if variant not in EVIDENCE_VARIANTS:
             raise ValueError(
                 f"evidence variant must be one of {sorted(EVIDENCE_VARIANTS)}, got {variant!r}"
+            )
+        if (variant in LEARNED_VARIANTS) != (learned is not None):
+            raise ValueError(
+                f"the evidence variants {list(LEARNED_VARIANTS)}, and they alone, need a fitted "
+                "LearnedEvidence"
+            )
+        if learned is not None and learned.components != len(names):
+            raise ValueError(
+                f"the learned evidence was fitted on {learned.components} components, the "
+                f"score has {len(names)}"
             )
         kinds = [n.split(":", 1)[0] for n in names]
         gate = tuple(j for j, k in enumerate(kinds) if k == STAGE_DISTANCE_COMPONENT)
         evidence = tuple(j for j, k in enumerate(kinds) if k in EVIDENCE_VARIANTS[variant])
         if not gate or len(evidence) != len(EVIDENCE_VARIANTS[variant]):
             raise ValueError(f"components {list(names)} lack the gated score's columns")
-        return cls(gate, evidence, float(threshold))
+        return cls(gate, evidence, float(threshold), learned)
+
+    def to(self, device: torch.device | str) -> Gate:
+        """The same gate with the learned evidence's tensors on ``device``."""
+        if self.learned is None:
+            return self
+        return replace(self, learned=self.learned.to(device))
 
     def statistic(self, ranks: torch.Tensor) -> torch.Tensor:
         """Fisher's statistic of the gate's ranks: ``[B]``."""
@@ -218,13 +264,21 @@ class Gate:
         if not 0.0 < level < 1.0:
             raise ValueError(f"the gate level must lie in (0, 1), got {level}")
         stat = self.statistic(reference_ranks).double()
-        return Gate(self.gate, self.evidence, float(torch.quantile(stat, 1.0 - level)))
+        return replace(self, threshold=float(torch.quantile(stat, 1.0 - level)))
+
+    def evidence_ranks(self, ranks: torch.Tensor) -> torch.Tensor:
+        """The class evidence's tail ranks: the evidence columns, then the learned
+        evidence's rank with that variant: ``[B, E]``."""
+        columns = _columns(ranks, self.evidence)
+        if self.learned is None:
+            return columns
+        return torch.cat([columns, self.learned.tail_ranks(ranks)[:, None]], dim=1)
 
     def score(self, ranks: torch.Tensor) -> torch.Tensor:
         """``GATE_OFFSET + statistic`` where the gate opens, else Fisher's statistic of the
         class evidence's ranks: ``[B]``."""
         stat = self.statistic(ranks)
-        evidence = fisher(_columns(ranks, self.evidence))
+        evidence = fisher(self.evidence_ranks(ranks))
         return torch.where(stat >= self.threshold, stat + GATE_OFFSET, evidence)
 
 
@@ -253,55 +307,6 @@ def components(
     if head_distances is not None:
         parts.append(head_distances.float())
     return torch.stack(parts, dim=1)
-
-
-#: How a reference turns a value into its tail rank: ``"step"``, the share of reference values
-#: at least as high (every value beyond all but one training image ties), or ``"exponential"``
-#: (tables calibrated since stop 32): interpolated between the reference values and, above the
-#: :data:`TAIL_POINTS`-th highest, an exponential tail fitted to the values above it, so that
-#: inputs beyond every training image keep their order.
-STEP_TAIL, EXPONENTIAL_TAIL = "step", "exponential"
-TAILS = (STEP_TAIL, EXPONENTIAL_TAIL)
-#: How many of the highest reference values fit the exponential tail (fewer on a reference of
-#: under ten times as many values: a tenth of it, at least one).
-TAIL_POINTS = 50
-
-
-def tail_ranks(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``(1 + #{reference >= v}) / (m + 1)`` for ``values [B]`` against a sorted ``reference
-    [m]`` (float32, on ``values``' device)."""
-    ref = reference.to(values.device)
-    below = torch.searchsorted(ref, values.float().contiguous(), right=False)
-    m = ref.numel()
-    return (1.0 + (m - below).float()) / float(m + 1)
-
-
-def exponential_tail_ranks(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Continuous tail ranks of ``values [B]`` against a sorted ``reference [m]`` (float32, on
-    ``values``' device): ``(1 + m - F(v)) / (m + 1)`` where ``F`` interpolates the count of
-    reference values below ``v`` linearly between them, and above ``u``, the ``k``-th highest
-    reference value (``k`` = :data:`TAIL_POINTS`), ``(1 + k) / (m + 1) * exp(-(v - u) / s)``
-    with ``s`` the mean excess of the ``k - 1`` values above ``u`` (the exponential tail's
-    maximum-likelihood scale; the two pieces meet at ``u``). Equal to :func:`tail_ranks` at
-    the reference values below ``u`` (without ties); decreasing above it down to float32's
-    smallest normal number (so that ``log`` stays finite)."""
-    ref = reference.to(values.device).float()
-    v = values.float().contiguous()
-    m = ref.numel()
-    if m < 2:  # nothing to interpolate or fit
-        return tail_ranks(ref, v)
-    k = max(1, min(TAIL_POINTS, m // 10))
-    hi = torch.searchsorted(ref, v, right=False).clamp(1, m - 1)  # at or below ref[0]: 0
-    left, right = ref[hi - 1], ref[hi]
-    step = (right - left).clamp_min(torch.finfo(torch.float32).tiny)
-    below = (hi - 1).float() + ((v - left) / step).clamp(0.0, 1.0)
-    body = (1.0 + m - below) / float(m + 1)
-    u = ref[m - k]
-    scale = (ref[m - k + 1 :] - u).mean() if k > 1 else torch.ones((), device=ref.device)
-    scale = scale.clamp_min(torch.finfo(torch.float32).eps)
-    tail = (1.0 + k) / float(m + 1) * torch.exp(-(v - u) / scale)
-    tiny = torch.finfo(torch.float32).tiny  # exp underflows far out: keep log(rank) finite
-    return torch.where(v > u, tail, body).clamp(tiny, 1.0)
 
 
 @dataclass(frozen=True, eq=False)

@@ -599,7 +599,7 @@ class Judge:
                     head=_head_on(a, device),
                     reference=None if a.reference is None else a.reference.to(device),
                     stage=_stage_on(a, device),
-                    gate=a.gate(),
+                    gate=_gate_on(a, device),
                     null_predicted=_on(a.null_predicted, device),
                     null_labelled=_on(a.null_labelled, device),
                     class_null_predicted=_on(a.class_null_predicted, device),
@@ -665,6 +665,12 @@ def _stage_on(alarm: AlarmCalibration, device: torch.device) -> StageDistance | 
         [m.to(device, torch.float32) for m in alarm.stage_means],
         [p.to(device, torch.float32) for p in alarm.stage_precisions],
     )
+
+
+def _gate_on(alarm: AlarmCalibration, device: torch.device) -> Gate | None:
+    """The gated score's gate, its learned evidence on ``device`` (``None`` for Fisher's)."""
+    gate = alarm.gate()
+    return None if gate is None else gate.to(device)
 
 
 def _on(null: N | None, device: torch.device) -> N | None:

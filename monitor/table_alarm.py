@@ -28,6 +28,7 @@ from surprise_monitor.monitor.atypicality import (
 )
 from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
 from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS, LearnedEvidence
 
 #: Tensor name prefix in the file.
 PREFIX = "alarm."
@@ -74,6 +75,8 @@ class AlarmCalibration:
             calibration's ``AlarmOptions.gate_level``; ``None`` for the Fisher score and for
             gated tables made before it was recorded, whose level was
             :data:`~surprise_monitor.monitor.atypicality.GATE_LEVEL`).
+        learned: the fitted class evidence of the ``learned`` variant
+            (:class:`~surprise_monitor.monitor.learned_evidence.LearnedEvidence`), else ``None``.
     """
 
     score: str
@@ -94,6 +97,7 @@ class AlarmCalibration:
     stage_precisions: tuple[torch.Tensor, ...] = ()
     gate_threshold: float | None = None
     gate_level: float | None = None
+    learned: LearnedEvidence | None = None
 
     @property
     def gated(self) -> bool:
@@ -106,7 +110,7 @@ class AlarmCalibration:
         if not self.gated:
             return None
         threshold = float("inf") if self.gate_threshold is None else self.gate_threshold
-        return Gate.columns(self.component_names(), self.evidence, threshold)
+        return Gate.columns(self.component_names(), self.evidence, threshold, self.learned)
 
     @property
     def tap_layers(self) -> tuple[str, ...]:
@@ -250,12 +254,22 @@ class AlarmCalibration:
         """:class:`AlarmTableError` when the gated score's statistics do not fit."""
         if not self.gated:
             gate = (self.gate_threshold, self.gate_level)
-            if self.evidence or self.stage_means or gate != (None, None):
+            if self.evidence or self.stage_means or gate != (None, None) or self.learned:
                 raise AlarmTableError(f"the {self.score!r} score has no gate or evidence variant")
             return
         if self.evidence not in EVIDENCE_VARIANTS:
             raise AlarmTableError(
                 f"evidence variant {self.evidence!r} is not one of {sorted(EVIDENCE_VARIANTS)}"
+            )
+        if (self.evidence in LEARNED_VARIANTS) != (self.learned is not None):
+            raise AlarmTableError(
+                f"the evidence variants {list(LEARNED_VARIANTS)}, and they alone, need their "
+                "fitted weights (alarm.learned_weights)"
+            )
+        if self.learned is not None and self.learned.components != len(self.component_names()):
+            raise AlarmTableError(
+                f"the learned evidence has weights for {self.learned.components} components, "
+                f"the score has {len(self.component_names())}"
             )
         taps = len(self.tap_layers)
         if not taps:
@@ -323,6 +337,7 @@ class AlarmCalibration:
                     "evidence": self.evidence,
                     "gate_threshold": self.gate_threshold,
                     "gate_level": self.gate_level,
+                    **_learned_metadata(self.learned),
                 }
                 if self.gated
                 else {}
@@ -345,6 +360,9 @@ class AlarmCalibration:
         ):
             out[f"{PREFIX}stage_mean.{i}"] = mean
             out[f"{PREFIX}stage_precision.{i}"] = precision
+        if self.learned is not None:
+            out[f"{PREFIX}learned_weights"] = self.learned.weights
+            out[f"{PREFIX}learned_reference"] = self.learned.reference
         if self.null_predicted is not None and self.null_labelled is not None:
             out[f"{PREFIX}null_predicted"] = self.null_predicted.scores
             out[f"{PREFIX}null_labelled"] = self.null_labelled.scores
@@ -390,6 +408,7 @@ class AlarmCalibration:
         level = None
         if gated and meta.get("gate_level") is not None:
             level = float(_field(meta, "gate_level", float))
+        learned = _learned(meta, tensors) if evidence in LEARNED_VARIANTS else None
         reference = None
         if _field(meta, "reference", bool):
             count = len(component_names(layers, head, score))
@@ -416,7 +435,28 @@ class AlarmCalibration:
             head_precision=head_precision, class_null_predicted=class_nulls[0],
             class_null_labelled=class_nulls[1], evidence=evidence, stage_means=stage_means,
             stage_precisions=stage_precisions, gate_threshold=threshold, gate_level=level,
+            learned=learned,
         )  # fmt: skip
+
+
+def _learned_metadata(learned: LearnedEvidence | None) -> dict[str, float]:
+    """The learned evidence's scalars for the table's metadata (nothing without one)."""
+    if learned is None:
+        return {}
+    return {"learned_bias": learned.bias, "learned_floor": learned.floor}
+
+
+def _learned(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LearnedEvidence:
+    """The learned evidence of a table file (:class:`AlarmTableError` naming what is wrong)."""
+    try:
+        return LearnedEvidence(
+            _tensor(tensors, "learned_weights"), float(_field(meta, "learned_bias", float)),
+            float(_field(meta, "learned_floor", float)), _tensor(tensors, "learned_reference"),
+        )  # fmt: skip
+    except ValueError as exc:
+        if isinstance(exc, AlarmTableError):
+            raise
+        raise AlarmTableError(str(exc)) from exc
 
 
 def _class_nulls(

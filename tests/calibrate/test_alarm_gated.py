@@ -24,6 +24,7 @@ from surprise_monitor.monitor.atypicality import (
     component_family,
 )
 from surprise_monitor.monitor.checks import OptionValueError
+from surprise_monitor.monitor.learned_evidence import LearnedEvidence
 from surprise_monitor.monitor.table import CalibrationTable, TableError
 from surprise_monitor.monitor.table_alarm import AlarmTableError
 from tests._checks import exponential_tail, resign
@@ -207,6 +208,7 @@ def test_a_gated_table_from_before_the_level_was_recorded_judges_as_before(gated
         (lambda m: m["alarm"].update(reference_tail="pareto"), "'alarm.reference_tail' must be"),
         (lambda m: m["alarm"].update(gate_level="1%"), "'alarm.gate_level' must be a float"),
         (lambda m: m["alarm"].update(gate_level=1.5), r"gate_level must lie in \(0, 1\)"),
+        (lambda m: m["alarm"].update(evidence="learned"), "lacks tensor 'alarm.learned_weights'"),
     ],
 )
 def test_a_bad_gated_alarm_part_is_a_table_error(gated, tmp_path, edit, message):
@@ -217,15 +219,25 @@ def test_a_bad_gated_alarm_part_is_a_table_error(gated, tmp_path, edit, message)
         CalibrationTable.load(path)
 
 
+def _learned(components: int) -> LearnedEvidence:
+    """A learned evidence of ``components`` components (weights 1, bias 0)."""
+    return LearnedEvidence(torch.ones(2 * components), 0.0, 0.01, torch.arange(4.0))
+
+
 def test_bad_stage_statistics_are_refused(gated):
     _, table = gated
     a = table.alarm
+    j = len(a.component_names())
     for change, message in [
         ({"stage_means": a.stage_means[:1]}, "1 stage means and 2 precisions for 2"),
         ({"stage_precisions": (a.stage_precisions[1], a.stage_precisions[1])},
          r"must be \[C\] and \[C, C\]"),
         ({"stage_means": (a.stage_means[0] * float("nan"), a.stage_means[1])}, "finite"),
         ({"score": "fisher-profile-v2"}, "has no gate or evidence variant"),
+        ({"evidence": "learned"}, "and they alone, need their fitted weights"),
+        ({"learned": _learned(j)}, "and they alone, need their fitted weights"),
+        ({"evidence": "learned", "learned": _learned(j + 1)},
+         f"weights for {j + 1} components, the score has {j}"),
     ]:  # fmt: skip
         with pytest.raises(AlarmTableError, match=message):
             dataclasses.replace(a, **change).validate(table.levels)

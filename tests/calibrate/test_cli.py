@@ -500,6 +500,9 @@ def test_the_default_score_and_evidence_say_how_they_were_reached(
         f"alarm: score {GATED_SCORE_NAME} (evidence energy: --alarm-evidence auto skipped, the "
         "held-out data has 15 images, fewer than the 1000 the automatic choice needs)"
     ) in capsys.readouterr().out
+    learned = (*gated, "--alarm-evidence", "learned")
+    assert main(_args(image_folder, out, tiny_weights, *learned)) == 2
+    assert "--alarm-evidence must be another variant than 'learned'" in capsys.readouterr().err
     off = ("--profile-layers", "none", "--head-layer", "none", "--alarm-score", GATED_SCORE_NAME)
     assert main(_args(image_folder, out, tiny_weights, *off)) == 2
     err = capsys.readouterr().err

@@ -14,7 +14,7 @@ from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate import evidence_choice as ec
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
 from surprise_monitor.monitor import SurpriseMonitor
-from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME
+from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, GATED_SCORE_NAME
 from surprise_monitor.monitor.checks import OptionValueError
 from tests._models import class_images, trained_tiny_cnn
 
@@ -53,6 +53,21 @@ def test_the_shifts_by_hand():
     torch.testing.assert_close(occluded[0, :, 0], x[0, :, 0])
     means = x.mean(dim=(1, 2, 3), keepdim=True)
     torch.testing.assert_close(ec.SHIFTS["contrast"](x), means + 0.5 * (x - means))
+    lo, hi = x[0].min(), x[0].max()
+    torch.testing.assert_close(ec.SHIFTS["invert"](x)[0], lo + hi - x[0])
+    torch.testing.assert_close(ec.SHIFTS["channel order"](x)[:, [1, 2, 0]], x)
+    torch.testing.assert_close(ec.SHIFTS["brightness"](x)[1], x[1] + 0.5 * x[1].std())
+    grey = x.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(ec.SHIFTS["saturation"](x), grey + 2 * (x - grey))
+    pix = ec.SHIFTS["pixelate"](x)
+    torch.testing.assert_close(pix[0, 1, 4:8, 0:4], x[0, 1, 4:8, 0:4].mean().expand(4, 4))
+    hit = ec.SHIFTS["impulse"](x) != x
+    share = float(hit.float().mean())
+    assert 0.02 < share < 0.1  # ~6% of the values, set to each image's min or max
+    out = ec.SHIFTS["impulse"](x)[hit].reshape(-1)
+    extremes = torch.cat([x.amin(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3))])
+    assert torch.isin(out, extremes).all()
+    assert set(ec.SHIFT_FAMILIES) == set(ec.SHIFTS)
 
 
 NAMES = ["expectation_mass", "stage_energy:a", "energy", "stage_distance:a"]
@@ -108,8 +123,9 @@ def test_a_calibration_with_auto_evidence_re_judged_from_outside():
         alarm.component_names(), alarm.gate_threshold,
         (clean.component_ranks, clean.logits),
         {n: (r.component_ranks, r.logits) for n, r in shifted.items()},
+        1.0 / (min(r.numel() for r in alarm.reference.sorted_components) + 1),
     )  # fmt: skip
-    assert alarm.evidence == chosen
+    assert alarm.evidence == chosen and set(worst) == set(EVIDENCE_VARIANTS)
     assert record["worst_margin"] == pytest.approx(worst, abs=1e-6)
     # the null: the other held-out images only, scored with the chosen variant
     assert alarm.null_predicted.size == 1000 - ec.CHOICE_IMAGES

@@ -1,0 +1,241 @@
+"""``python -m bench.alarms.learned``: the gated score's ``learned`` class evidence (issue 20)
+on the benchmark's models, fitted as calibration fits it, and held out the honest way.
+
+For each model: its benchmark table (:func:`bench.alarms.collect.table_of`, the gated score at
+the default gate level, its evidence chosen by ``auto`` among the fixed variants) judges the
+first :data:`~surprise_monitor.calibrate.evidence_choice.CHOICE_IMAGES` held-out images (test
+images 0..499, the images calibration's choice takes) as they are and under every synthetic
+shift of :data:`~surprise_monitor.calibrate.evidence_choice.SHIFTS` (cached under
+``alarms/MODEL/learned/TABLE_KIND/``). From their component ranks:
+
+- ``learned`` and ``learned+mass``: the library's fit
+  (:func:`surprise_monitor.calibrate.evidence_fit.fit_learned_evidence`) on every shift, as
+  ``AlarmOptions(evidence="learned")`` makes it;
+- ``..., family held out``: for each benchmark set of a family the synthetic shifts cover
+  (geometry, photometric, contrast, blur, noise, resolution, occlusion), the fit *without* the
+  synthetic shifts of that family (:data:`FAMILY_OF`): a kind of shift the fit never saw; the
+  semantic, far and nominal sets are scored by the fit on every shift;
+- ``table's evidence``: the table's own variant (what ``auto`` chose among the fixed ones);
+- the baselines (:class:`bench.alarms.scores.Baselines`) on the same images;
+
+each on the judged sets of ``bench.alarms.families`` (cached: run it first) of the ``report``
+part, against that part's CIFAR-10 images (the ``nominal`` sets against the same images
+unshifted), with :mod:`bench.alarms.loo`'s checks and summary per model. Also what
+``evidence="auto"`` would choose with ``learned`` among the candidates, from the same judged
+choice images (:func:`surprise_monitor.calibrate.evidence_choice.choose`, cross-fitted margins).
+
+Written: ``results/learned.json``; printed: the Markdown summary for ``bench/README.md``.
+Options: ``--models resnet18,vgg_bn,vgg_plain,mobilenet``, ``--n 200`` (the families' set size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.alarms import collect, loo
+from bench.alarms.report import log
+from bench.alarms.scores import Baselines, detection
+from bench.cifar import load_cifar10, to_tensor
+from bench.strong_models import ALARM_MODELS, HELDOUT
+from surprise_monitor.calibrate.evidence_choice import CHOICE_IMAGES, SHIFT_FAMILIES, SHIFTS, choose
+from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
+from surprise_monitor.monitor import SurpriseMonitor
+from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME, Gate
+from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS, LearnedEvidence
+from surprise_monitor.monitor.table import CalibrationTable
+
+HERE = Path(__file__).resolve().parent
+FAMILIES_RESULTS = HERE / "results" / "families" / "gated"
+#: Benchmark family -> the synthetic shifts' family (``SHIFT_FAMILIES``) left out of its fit.
+FAMILY_OF = {
+    "geometry": "geometry", "photometric": "colour", "contrast": "contrast", "blur": "blur",
+    "noise": "noise", "resolution": "resolution", "occlusion": "occlusion",
+}  # fmt: skip
+TABLE = "table's evidence"
+HELD_OUT = ", family held out"
+#: The scores reported: the table's variant, then each learned variant fitted on every shift
+#: and with the set's family held out.
+SCORES = (TABLE, *(v + h for v in LEARNED_VARIANTS for h in ("", HELD_OUT)))
+
+Judged = tuple[torch.Tensor, torch.Tensor]  # (component ranks [B, J], logits [B, K])
+
+
+def choice_judgements(
+    name: str, model: torch.nn.Module, table: CalibrationTable
+) -> tuple[Judged, dict[str, Judged]]:
+    """The choice images' ``(ranks, logits)``, clean and per shift (cached)."""
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    path = collect.folder(name) / "learned" / kind / f"choice{CHOICE_IMAGES}.npz"
+    found: dict[str, np.ndarray] = {}
+    if path.is_file():
+        with np.load(path) as d:
+            found = {k: d[k] for k in d.files}
+    todo = {k: f for k, f in {"clean": lambda v: v, **SHIFTS}.items() if f"{k}.ranks" not in found}
+    if todo:  # shifts added since the cache was made
+        test = load_cifar10("test")
+        x = to_tensor(test.images[HELDOUT.start : HELDOUT.start + CHOICE_IMAGES])
+        with SurpriseMonitor(model, table) as monitor:
+            for key, shift in todo.items():
+                r = [
+                    monitor.inspect(shift(x[s : s + collect.BATCH]))
+                    for s in range(0, len(x), collect.BATCH)
+                ]
+                found[f"{key}.ranks"] = torch.cat([p.component_ranks for p in r]).numpy()
+                found[f"{key}.logits"] = torch.cat([p.logits for p in r]).numpy()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        collect._save(path, **found)
+    got = {k: torch.from_numpy(v) for k, v in found.items()}
+    clean = (got["clean.ranks"], got["clean.logits"])
+    return clean, {s: (got[f"{s}.ranks"], got[f"{s}.logits"]) for s in SHIFTS}
+
+
+def fits(
+    clean: Judged, shifted: Mapping[str, Judged], floor: float
+) -> dict[str | None, LearnedEvidence]:
+    """The fit on every shift (key ``None``) and, per synthetic family, without its shifts."""
+    out: dict[str | None, LearnedEvidence] = {}
+    for family in [None, *sorted(set(SHIFT_FAMILIES.values()))]:
+        kept = {s: r for s, (r, _) in shifted.items() if SHIFT_FAMILIES[s] != family}
+        out[family] = fit_learned_evidence(clean[0], kept, floor)
+    return out
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    """A cached judged set."""
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
+def run_model(name: str, n: int = 200, say: Callable[[str], None] = log) -> dict:
+    """Every figure of one model (see the module docstring)."""
+    model = collect.load_model(name)
+    table = collect.table_of(name, model, say, GATED_SCORE_NAME)
+    alarm = table.alarm
+    assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
+    clean, shifted = choice_judgements(name, model, table)
+    floor = 1.0 / (min(r.numel() for r in alarm.reference.sorted_components) + 1)
+    fitted = fits(clean, shifted, floor)
+    names, threshold = alarm.component_names(), alarm.gate_threshold
+    chosen, worst = choose(names, threshold, clean, shifted, floor)
+    gates = {
+        (v, f): Gate.columns(names, v, threshold, e)
+        for f, e in fitted.items()
+        for v in LEARNED_VARIANTS
+    }
+    table_gate = alarm.gate()
+    assert table_gate is not None
+    baselines = Baselines(*collect.train_features(name, model))
+
+    def scores(found: dict[str, np.ndarray], family: str | None) -> dict[str, np.ndarray]:
+        """The library scores (the held-out fits for ``family``) and the baselines."""
+        ranks = alarm.reference.ranks(torch.from_numpy(found["components"]).float())
+        out = {TABLE: table_gate.score(ranks)}
+        for v in LEARNED_VARIANTS:
+            out[v] = gates[(v, None)].score(ranks)
+            out[v + HELD_OUT] = gates[(v, family)].score(ranks)
+        out = {k: v.double().numpy() for k, v in out.items()}
+        out.update(baselines.scores(found))
+        return out
+
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    meta = json.loads((FAMILIES_RESULTS / f"{name}.json").read_text())["parts"]["report"]["sets"]
+    inlier = _load(collect.folder(name) / "sets" / kind / "report__cifar10.npz")
+    sets: dict = {}
+    for set_name, info in meta.items():
+        family = FAMILY_OF.get(info["family"])
+        path = (
+            collect.folder(name)
+            / "families"
+            / kind
+            / f"n{n}"
+            / f"report__{set_name.replace(' ', '_')}.npz"
+        )
+        found = _load(path)
+        reference = scores(inlier, family)
+        if info["family"] == loo.NOMINAL:
+            reference = {k: v[: len(found["score"])] for k, v in reference.items()}
+        sets[set_name] = {
+            "family": info["family"],
+            "scores": detection(reference, scores(found, family)),
+        }
+    say(f"{name}: {len(sets)} report sets; auto would choose {chosen}")
+    return {"model": name, "n": n, "table_evidence": alarm.evidence, "auto_choice": chosen,
+            "worst_margin": worst, "sets": sets}  # fmt: skip
+
+
+def summary(result: dict) -> dict[str, dict]:
+    """Per library score, :func:`bench.alarms.loo.summary` of its report sets, with the worst
+    margin and the MNIST family's minimum AUROC."""
+    out = {}
+    for score in SCORES:
+        rows = []
+        for set_name, info in result["sets"].items():
+            aurocs = {k: v["auroc"] for k, v in info["scores"].items()}
+            row = loo.set_report(aurocs, score, set_name, info["family"])
+            rows.append({**row, "model": result["model"]})
+        s = loo.summary(rows)
+        s["worst_margin"] = (
+            min(r["margin"] + r["tolerance"] for r in rows if r["tolerance"] is not None) + 0.0
+        )
+        s["worst_set"] = min(
+            (r for r in rows if r["tolerance"] is not None),
+            key=lambda r: r["margin"] + r["tolerance"],
+        )["set"]
+        s["mnist_min"] = min((r["auroc"] for r in rows if r["mnist_ok"] is not None), default=None)
+        s["nominal_max"] = max(
+            (r["nominal_deviation"] for r in rows if r["nominal_deviation"] is not None),
+            default=None,
+        )
+        out[score] = s
+    return out
+
+
+def markdown(results: Mapping[str, dict]) -> str:
+    """The summary table: per model and score, the beats, the worst set's margin plus its
+    tolerance (and the set), the MNIST family's minimum and the nominal sets' largest
+    deviation; then each variant's worst margin on the synthetic shifts of the choice images
+    (the learned ones cross-fitted) and what ``auto`` picks."""
+    lines = [
+        "| model | score | beats every baseline | worst set's margin + tolerance (>= 0 passes) "
+        "| MNIST family min | nominal max dev. | passed |",
+        "|---|---|---:|---|---:|---:|---|",
+    ]
+    for name, result in results.items():
+        for score, s in summary(result).items():
+            label = f"{score} ({result['table_evidence']})" if score == TABLE else score
+            lines.append(
+                f"| {name} | {label} | {s['beats']} / {s['beats_of']} | {s['worst_margin']:+.3f} "
+                f"({s['worst_set']}) | {s['mnist_min']:.3f} | {s['nominal_max']:.3f} | "
+                f"{'yes' if s['passed'] else 'no'} |"
+            )
+    variants = list(next(iter(results.values()))["worst_margin"])
+    lines += ["", "| model | " + " | ".join(variants) + " | auto chooses |",
+              "|---|" + "---:|" * len(variants) + "---|"]  # fmt: skip
+    for name, result in results.items():
+        cells = " | ".join(f"{result['worst_margin'][v]:+.3f}" for v in variants)
+        lines.append(f"| {name} | {cells} | {result['auto_choice']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m bench.alarms.learned", description=__doc__)
+    parser.add_argument("--models", default=",".join(ALARM_MODELS))
+    parser.add_argument("--n", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = {name: run_model(name, args.n) for name in args.models.split(",")}
+    out = HERE / "results" / "learned.json"
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

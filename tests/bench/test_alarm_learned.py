@@ -1,0 +1,56 @@
+"""bench.alarms.learned: the fits with each synthetic family held out against the library's
+fit by hand, and the summary's checks against bench.alarms.loo's on a made-up result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.alarms import learned, loo
+from surprise_monitor.calibrate.evidence_choice import SHIFT_FAMILIES
+from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
+
+
+def test_each_family_s_fit_leaves_out_exactly_its_shifts():
+    g = torch.Generator().manual_seed(0)
+    u = lambda: torch.rand(120, 3, generator=g) * 0.98 + 0.01  # noqa: E731
+    clean = (u(), torch.zeros(120, 2))
+    shifted = {name: (u() * (0.2 + 0.05 * i), None) for i, name in enumerate(SHIFT_FAMILIES)}
+    fits = learned.fits(clean, shifted, 0.01)
+    assert set(fits) == {None, *SHIFT_FAMILIES.values()}
+    kept = {n: r for n, (r, _) in shifted.items() if SHIFT_FAMILIES[n] != "colour"}
+    assert len(kept) == len(shifted) - 5  # grey, invert, channel order, brightness, saturation
+    torch.testing.assert_close(
+        fits["colour"].weights, fit_learned_evidence(clean[0], kept, 0.01).weights
+    )
+    every = fit_learned_evidence(clean[0], {n: r for n, (r, _) in shifted.items()}, 0.01)
+    torch.testing.assert_close(fits[None].weights, every.weights)
+    assert not torch.allclose(fits["colour"].weights, every.weights)
+
+
+def _set(family: str, score: float, baselines: tuple[float, float, float, float]) -> dict:
+    names = ("MSP", "MaxLogit", "Energy", "KNN")
+    aurocs = {**dict(zip(names, baselines, strict=True)), **dict.fromkeys(learned.SCORES, score)}
+    return {"family": family, "scores": {k: {"auroc": v, "fpr95": 0.5} for k, v in aurocs.items()}}
+
+
+def test_the_summary_applies_loo_s_checks():
+    result = {
+        "model": "m", "table_evidence": "energy", "auto_choice": "energy",
+        "worst_margin": {"energy": -0.01, "learned": -0.02},
+        "sets": {
+            "a": _set("geometry", 0.80, (0.70, 0.75, 0.78, 0.60)),  # beats every baseline
+            "b": _set("occlusion", 0.70, (0.70, 0.72, 0.74, 0.60)),  # 0.04 behind: missed
+            "mnist": _set("far", 0.96, (0.70, 0.75, 0.78, 0.90)),
+            "flip": _set("nominal", 0.52, (0.5, 0.5, 0.5, 0.5)),
+        },
+    }  # fmt: skip
+    s = learned.summary(result)[learned.TABLE]
+    assert (s["beats"], s["beats_of"]) == (2, 3) and s["within"] is False
+    assert s["worst_set"] == "b" and s["worst_margin"] == pytest.approx(0.70 - 0.74 + 0.03)
+    assert s["mnist_min"] == pytest.approx(0.96) and s["nominal_max"] == pytest.approx(0.02)
+    assert s["passed"] is False and s["missed"] == ["m/b"]
+    text = learned.markdown({"m": result})
+    assert "| m | table's evidence (energy) | 2 / 3 | -0.010 (b) | 0.960 | 0.020 | no |" in text
+    assert "| m | -0.010 | -0.020 | energy |" in text
+    assert loo.MNIST_TARGET == 0.95  # the far set above is the MNIST family's

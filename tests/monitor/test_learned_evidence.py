@@ -1,0 +1,96 @@
+"""The learned evidence at inference: its features and decision by hand (numpy), its rank
+against the exponential-tail oracle, the gate's score with it, and what it refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from surprise_monitor.monitor import atypicality
+from surprise_monitor.monitor.learned_evidence import (
+    LEARNED_EVIDENCE,
+    LearnedEvidence,
+    rank_features,
+)
+from tests._checks import exponential_tail
+
+NAMES = ["expectation_mass", "stage_energy:a", "energy", "stage_distance:a"]
+FLOOR = 1.0 / 101
+
+
+def _evidence(seed: int = 0) -> LearnedEvidence:
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randn(2 * len(NAMES), generator=g)
+    reference = torch.sort(torch.randn(300, generator=g) * 2).values
+    return LearnedEvidence(weights, 0.3, FLOOR, reference)
+
+
+def _ranks(n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(n, len(NAMES), generator=g)
+    r[0, 0], r[1, 1], r[2, 3] = 1e-6, 1.0, 1e-7  # beyond the floor, at the top; a far input
+    return r
+
+
+def test_the_features_by_hand():
+    r = _ranks(20).numpy().astype(np.float64)
+    up = np.clip(r, FLOOR, 1.0)
+    low = np.clip(1.0 - up + FLOOR, FLOOR, 1.0)
+    want = np.concatenate([-np.log(up), -np.log(low)], axis=1)
+    got = rank_features(torch.from_numpy(r).float(), FLOOR)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert got.shape == (20, 8) and float(got.max()) <= -np.log(FLOOR) + 1e-5
+    assert float(got[0, 0]) == pytest.approx(-np.log(FLOOR), rel=1e-6)  # clipped at the floor
+
+
+def test_the_decision_and_its_rank_by_hand():
+    e, r = _evidence(), _ranks(30)
+    x = rank_features(r, FLOOR).double().numpy()
+    decision = x @ e.weights.double().numpy() + e.bias
+    np.testing.assert_allclose(e.decision(r).numpy(), decision, rtol=1e-5, atol=1e-5)
+    want = exponential_tail(e.reference.double().numpy(), decision)
+    np.testing.assert_allclose(e.tail_ranks(r).numpy(), want, rtol=1e-4, atol=1e-6)
+    assert e.components == len(NAMES)
+
+
+def test_the_gate_ranks_by_energy_and_the_learned_rank():
+    e, r = _evidence(), _ranks(40)
+    gate = atypicality.Gate.columns(NAMES, LEARNED_EVIDENCE, 25.0, e)
+    assert gate.evidence == (2,) and gate.gate == (3,)
+    stat = -2 * np.log(r[:, 3].double().numpy())
+    shut = -2 * (np.log(r[:, 2].double().numpy()) + np.log(e.tail_ranks(r).double().numpy()))
+    want = np.where(stat >= 25.0, stat + atypicality.GATE_OFFSET, shut)
+    np.testing.assert_allclose(gate.score(r).double().numpy(), want, rtol=1e-5)
+    assert (stat >= 25.0).any() and (stat < 25.0).any()
+    moved = gate.to("cpu")
+    assert moved.learned is not None and torch.equal(moved.score(r), gate.score(r))
+    assert atypicality.Gate.columns(NAMES, "energy").to("cpu").learned is None
+
+
+def test_the_gate_refuses_a_learned_variant_without_its_fit_and_a_fit_elsewhere():
+    with pytest.raises(ValueError, match="and they alone, need a fitted LearnedEvidence"):
+        atypicality.Gate.columns(NAMES, LEARNED_EVIDENCE)
+    with pytest.raises(ValueError, match="and they alone, need a fitted LearnedEvidence"):
+        atypicality.Gate.columns(NAMES, "energy", learned=_evidence())
+    with pytest.raises(ValueError, match="fitted on 4 components, the score has 3"):
+        atypicality.Gate.columns(NAMES[1:], LEARNED_EVIDENCE, learned=_evidence())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"weights": torch.ones(7)}, r"must be \[2J\]"),
+        ({"weights": torch.ones(2, 4)}, r"must be \[2J\]"),
+        ({"reference": torch.tensor([2.0, 1.0, 3.0])}, "sorted ascending"),
+        ({"reference": torch.tensor([1.0])}, "at least 2 values"),
+        ({"bias": float("nan")}, "must be finite"),
+        ({"weights": torch.full((8,), float("inf"))}, "must be finite"),
+        ({"floor": 0.0}, r"floor must lie in \(0, 1\)"),
+    ],
+)
+def test_a_bad_learned_evidence_is_refused(change, message):
+    e = _evidence()
+    fields = {"weights": e.weights, "bias": e.bias, "floor": e.floor, "reference": e.reference}
+    with pytest.raises(ValueError, match=message):
+        LearnedEvidence(**{**fields, **change})
