@@ -403,7 +403,24 @@ def _with_score(
         say("calibrate: alarm score %s (--alarm-score auto): %s", score, why)
     elif score == GATED_SCORE_NAME and thin is not None:
         log.warning("calibrate: %s", thin)
+    if score == FISHER_SCORE_NAME:
+        _warn_unused_gated_options(options)
     return replace(options, score=score)
+
+
+def _warn_unused_gated_options(options: AlarmOptions) -> None:
+    """Warn where options of the gated score were set for a table of the Fisher score (they
+    do nothing there)."""
+    unused = []
+    if options.gate_level != GATE_LEVEL:
+        unused.append(f"--gate-level / gate_level {options.gate_level:g}")
+    if options.evidence != AUTO:
+        unused.append(f"--alarm-evidence / evidence {options.evidence}")
+    if unused:
+        log.warning(
+            "calibrate: %s: the %s score has no gate or class-evidence variant, so this does "
+            "nothing", " and ".join(unused), FISHER_SCORE_NAME,
+        )  # fmt: skip
 
 
 def _stage_fields(

@@ -57,3 +57,26 @@ def test_a_named_gated_score_on_too_few_images_is_kept_with_a_warning(caplog):
         )  # fmt: skip
     assert table.alarm.score == GATED_SCORE_NAME
     assert "the stage distances would rest on 20 reference images for 16 channels" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"gate_level": 0.005}, "--gate-level / gate_level 0.005: the fisher-profile-v2 score"),
+        ({"evidence": "learned"}, "--alarm-evidence / evidence learned: the fisher-profile-v2"),
+        ({}, None),
+    ],
+)
+def test_gated_options_on_a_fisher_table_are_said_to_do_nothing(options, said, caplog):
+    """``auto`` falls back to the Fisher score on 40 reference images: a gate level or an
+    evidence variant asked for does nothing there, and the log says so (and only then)."""
+    model = seeded(TinyCNN(num_classes=3)).eval()
+    with caplog.at_level(logging.WARNING, logger="surprise_monitor.calibrate"):
+        table = calibrate(
+            model, class_dataset(240, 3), progress=False,
+            alarm=AlarmOptions(reference_images=40, **options),
+        )  # fmt: skip
+    assert table.alarm.score == FISHER_SCORE_NAME
+    assert ("so this does nothing" in caplog.text) == (said is not None)
+    if said is not None:
+        assert said in caplog.text
