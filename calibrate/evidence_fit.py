@@ -41,8 +41,16 @@ def logistic_fit(
     for features ``x [n, D]``, labels ``y [n]`` in ``{0, 1}`` and ``weights [n]``."""
     if not c > 0:
         raise ValueError(f"the regularisation C must be > 0, got {c}")
-    x, w = x.double(), weights.double()
-    sign = y.double() * 2.0 - 1.0
+    with torch.inference_mode(False), torch.enable_grad():  # whatever mode the caller is in
+        return _minimise(x.detach().clone().double(), y.detach().clone().double(),
+                         weights.detach().clone().double(), c)  # fmt: skip
+
+
+def _minimise(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, c: float
+) -> tuple[torch.Tensor, float]:
+    """:func:`logistic_fit` on float64 tensors, with autograd on."""
+    sign = y * 2.0 - 1.0
     params = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
         [params], lr=1.0, max_iter=MAX_ITERATIONS, tolerance_grad=1e-10,

@@ -54,6 +54,11 @@ def test_the_fit_is_scikit_learn_s_weighted_logistic_regression(c):
     assert bias == pytest.approx(float(want.intercept_[0]), abs=1e-4)
     with pytest.raises(ValueError, match="C must be > 0"):
         ef.logistic_fit(x, y, w, 0.0)
+    with torch.inference_mode():  # a caller in inference mode gets the same fit
+        again = ef.logistic_fit(x.clone(), y.clone(), w.clone(), c)
+    torch.testing.assert_close(again[0], coef)
+    with torch.no_grad():
+        torch.testing.assert_close(ef.logistic_fit(x, y, w, c)[0], coef)
 
 
 def _judged(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
