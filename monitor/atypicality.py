@@ -60,6 +60,7 @@ from surprise_monitor.monitor.learned_evidence import (
     LEARNED_VARIANTS,
     LEARNED_WITH_MASS,
     LearnedEvidence,
+    rank_features,
 )
 from surprise_monitor.monitor.tails import (
     EXPONENTIAL_TAIL as EXPONENTIAL_TAIL,
@@ -385,17 +386,22 @@ def component_family(name: str) -> str:
 
 
 def alarm_kind(
-    names: Sequence[str], tail_ranks: Sequence[float], score: float | None = None
+    names: Sequence[str],
+    tail_ranks: Sequence[float],
+    score: float | None = None,
+    learned: LearnedEvidence | None = None,
 ) -> str | None:
     """The kind of atypicality behind one input's score. Of the gated score (``names`` with
     ``energy``; ``score`` given): where the gate opened (``score >= GATE_OFFSET``) the stage
     distance with the smallest tail rank names it (``features`` at the head layer, else
-    ``low_level``), else ``class_evidence`` (the class evidence ranked it). Otherwise the
+    ``low_level``), else ``class_evidence`` (the class evidence ranked it); with a
+    ``learned`` evidence whose rank is below energy's, the family of the component whose
+    feature adds most to its decision (:func:`learned_kind`). Otherwise the
     component family whose smallest tail rank, times the family's size (Bonferroni within the
     family, so a family of several components is not favoured), is the smallest; ties go to the
     family listed first. ``None`` when no rank is finite."""
     if score is not None and ENERGY_COMPONENT in names and score == score:
-        return _gated_kind(names, tail_ranks, score >= GATE_OFFSET)
+        return _gated_kind(names, tail_ranks, score >= GATE_OFFSET, learned)
     best: dict[str, float] = {}
     size: dict[str, int] = {}
     for name, rank in zip(names, tail_ranks, strict=True):
@@ -408,11 +414,16 @@ def alarm_kind(
     return min(best, key=lambda f: best[f] * size[f])
 
 
-def _gated_kind(names: Sequence[str], tail_ranks: Sequence[float], gate_open: bool) -> str | None:
+def _gated_kind(
+    names: Sequence[str],
+    tail_ranks: Sequence[float],
+    gate_open: bool,
+    learned: LearnedEvidence | None = None,
+) -> str | None:
     """:func:`alarm_kind` of the gated score: the furthest stage distance where the gate
-    opened (the head layer's: ``features``), else ``class_evidence``."""
+    opened (the head layer's: ``features``), else the class evidence's kind."""
     if not gate_open:
-        return "class_evidence"
+        return "class_evidence" if learned is None else learned_kind(names, tail_ranks, learned)
     head = {n.split(":", 1)[1] for n in names if n.startswith(HEAD_COMPONENT + ":")}
     distances = [
         (float(r), n.split(":", 1)[1])
@@ -422,3 +433,24 @@ def _gated_kind(names: Sequence[str], tail_ranks: Sequence[float], gate_open: bo
     if not distances:
         return "low_level"
     return "features" if min(distances)[1] in head else "low_level"
+
+
+def learned_kind(
+    names: Sequence[str], tail_ranks: Sequence[float], learned: LearnedEvidence
+) -> str:
+    """The kind behind a class evidence with a learned part (the gate shut): ``class_evidence``
+    where energy's tail rank is at most the learned rank (energy ranked the input), else the
+    family (:func:`component_family`) of the component whose feature adds most to the learned
+    decision (``weight * feature``, either tail); a component of no known family, or a NaN
+    rank, gives ``class_evidence``."""
+    ranks = torch.tensor([list(tail_ranks)], dtype=torch.float32)
+    if not bool(torch.isfinite(ranks).all()) or ENERGY_COMPONENT not in names:
+        return "class_evidence"
+    learned = learned.to("cpu")
+    energy_rank = float(ranks[0, list(names).index(ENERGY_COMPONENT)])
+    if energy_rank <= float(learned.tail_ranks(ranks)[0]):
+        return "class_evidence"
+    contribution = rank_features(ranks, learned.floor)[0] * learned.weights.float()
+    j = int(torch.argmax(contribution)) % len(names)
+    family = component_family(names[j])
+    return "class_evidence" if family == "other" else family

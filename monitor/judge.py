@@ -493,6 +493,7 @@ class Judge:
             class_names=tuple(self.table.class_names),
             alarm_rate=self.thresholds.alarm_rate,
             component_names=self.component_names,
+            learned=None if self.table.alarm is None else self.table.alarm.learned,
         )
 
     def _raise_checks(self, host: DeviceReport, batch: Batch | None) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from surprise_monitor.monitor.atypicality import alarm_kind
+from surprise_monitor.monitor.learned_evidence import LearnedEvidence
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class MonitorReport:
     class_names: tuple[str, ...]
     alarm_rate: float = float("nan")  # the nominal false-alarm rate the alarms were set at
     component_names: tuple[str, ...] = ()  # the components' names, in column order
+    learned: LearnedEvidence | None = None  # the table's learned evidence (its alarm kinds)
 
     def __len__(self) -> int:
         return int(self.classes.shape[0])
@@ -172,7 +174,8 @@ class MonitorReport:
         names = self.component_names or tuple(
             f"component_{j}" for j in range(int(self.components.shape[1]))
         )
-        return alarm_kind(names, self.component_ranks[i].tolist(), float(self.score[i]))
+        ranks = self.component_ranks[i].tolist()
+        return alarm_kind(names, ranks, float(self.score[i]), self.learned)
 
     def component_parts(self, i: int) -> dict[str, dict[str, float | None]]:
         """Input i's score components by name: ``{"value", "tail_rank"}`` each; the smallest

@@ -94,3 +94,31 @@ def test_a_bad_learned_evidence_is_refused(change, message):
     fields = {"weights": e.weights, "bias": e.bias, "floor": e.floor, "reference": e.reference}
     with pytest.raises(ValueError, match=message):
         LearnedEvidence(**{**fields, **change})
+
+
+def test_the_alarm_kind_names_the_part_that_ranked_an_input():
+    """Gate shut: energy's rank at most the learned one -> class evidence; else the family of
+    the component whose feature adds most to the decision (weights by hand); gate open: the
+    stage distance, whatever the learned evidence says."""
+    names = ["expectation_mass", "stage_energy:a", "head_distance:h", "energy", "stage_distance:a"]
+    weights = torch.zeros(10)
+    weights[1] = 2.0  # stage_energy:a's upper tail
+    weights[2] = 1.0  # head_distance:h's upper tail
+    reference = torch.sort(torch.randn(500, generator=torch.Generator().manual_seed(5))).values
+    e = LearnedEvidence(weights, -1.0, 1.0 / 301, reference)
+    shut = 1.0  # a score below GATE_OFFSET
+    # the stage energy far out, energy typical: the learned rank is smaller -> low level
+    ranks = [0.5, 1e-3, 0.5, 0.6, 0.5]
+    assert float(e.tail_ranks(torch.tensor([ranks]))[0]) < 0.6
+    assert atypicality.alarm_kind(names, ranks, shut, e) == "low_level"
+    assert atypicality.alarm_kind(names, ranks, shut) == "class_evidence"  # no learned part
+    # the head distance out further than the stage energy: 1.0 * 5.7 > 2.0 * 0.7 -> features
+    ranks = [0.5, 0.5, 1.0 / 301, 0.6, 0.5]
+    assert atypicality.alarm_kind(names, ranks, shut, e) == "features"
+    # energy more atypical than the learned rank: class evidence
+    ranks = [0.5, 0.5, 0.5, 1e-6, 0.5]
+    assert float(e.tail_ranks(torch.tensor([ranks]))[0]) > 1e-6
+    assert atypicality.alarm_kind(names, ranks, shut, e) == "class_evidence"
+    # the gate open: the stage distance names it
+    assert atypicality.alarm_kind(names, ranks, atypicality.GATE_OFFSET + 1, e) == "low_level"
+    assert atypicality.alarm_kind(names, [float("nan")] * 5, shut, e) == "class_evidence"
