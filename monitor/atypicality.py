@@ -267,19 +267,20 @@ class Gate:
         stat = self.statistic(reference_ranks).double()
         return replace(self, threshold=float(torch.quantile(stat, 1.0 - level)))
 
-    def evidence_ranks(self, ranks: torch.Tensor) -> torch.Tensor:
-        """The class evidence's tail ranks: the evidence columns, then the learned
-        evidence's rank with that variant: ``[B, E]``."""
-        columns = _columns(ranks, self.evidence)
+    def evidence_statistic(self, ranks: torch.Tensor) -> torch.Tensor:
+        """Fisher's statistic of the class evidence's ranks, the learned rank (with that
+        variant) weighted by its ``rank_weight``: ``[B]``."""
+        evidence = fisher(_columns(ranks, self.evidence))
         if self.learned is None:
-            return columns
-        return torch.cat([columns, self.learned.tail_ranks(ranks)[:, None]], dim=1)
+            return evidence
+        learned = fisher(self.learned.tail_ranks(ranks)[:, None])
+        return evidence + self.learned.rank_weight * learned
 
     def score(self, ranks: torch.Tensor) -> torch.Tensor:
-        """``GATE_OFFSET + statistic`` where the gate opens, else Fisher's statistic of the
-        class evidence's ranks: ``[B]``."""
+        """``GATE_OFFSET + statistic`` where the gate opens, else the class evidence's
+        statistic (:meth:`evidence_statistic`): ``[B]``."""
         stat = self.statistic(ranks)
-        evidence = fisher(self.evidence_ranks(ranks))
+        evidence = self.evidence_statistic(ranks)
         return torch.where(stat >= self.threshold, stat + GATE_OFFSET, evidence)
 
 
@@ -395,7 +396,7 @@ def alarm_kind(
     ``energy``; ``score`` given): where the gate opened (``score >= GATE_OFFSET``) the stage
     distance with the smallest tail rank names it (``features`` at the head layer, else
     ``low_level``), else ``class_evidence`` (the class evidence ranked it); with a
-    ``learned`` evidence whose rank is below energy's, the family of the component whose
+    ``learned`` evidence whose term outweighs energy's, the family of the component whose
     feature adds most to its decision (:func:`learned_kind`). Otherwise the
     component family whose smallest tail rank, times the family's size (Bonferroni within the
     family, so a family of several components is not favoured), is the smallest; ties go to the
@@ -439,7 +440,8 @@ def learned_kind(
     names: Sequence[str], tail_ranks: Sequence[float], learned: LearnedEvidence
 ) -> str:
     """The kind behind a class evidence with a learned part (the gate shut): ``class_evidence``
-    where energy's tail rank is at most the learned rank (energy ranked the input), else the
+    where energy's term in the Fisher sum is at least the learned rank's (energy's rank at
+    most the learned rank to the power of its weight: energy ranked the input), else the
     family (:func:`component_family`) of the component whose feature adds most to the learned
     decision (``weight * feature``, either tail); a component of no known family, or a NaN
     rank, gives ``class_evidence``."""
@@ -448,7 +450,7 @@ def learned_kind(
         return "class_evidence"
     learned = learned.to("cpu")
     energy_rank = float(ranks[0, list(names).index(ENERGY_COMPONENT)])
-    if energy_rank <= float(learned.tail_ranks(ranks)[0]):
+    if energy_rank <= float(learned.tail_ranks(ranks)[0]) ** learned.rank_weight:
         return "class_evidence"
     contribution = rank_features(ranks, learned.floor)[0] * learned.weights.float()
     j = int(torch.argmax(contribution)) % len(names)

@@ -9,8 +9,9 @@ direction reverses on some model still counts), each clipped to the step ranks' 
 ``[1/(m + 1), 1]``: ``2 J`` features between 0 and ``log(m + 1)``, bounded so that no weight,
 of either sign, lets one extreme component decide alone. The regression's decision value
 ``w . x + b`` is ranked among the decision values of the held-out images it was fitted on
-(an exponential tail above the highest, as the components'), and that rank is
-Fisher-combined with energy's in the gated score's class evidence.
+(an exponential tail above the highest, as the components'), and that rank joins energy's in
+the gated score's class evidence with a weight ``rank_weight`` in Fisher's sum
+(:data:`RANK_WEIGHT`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from surprise_monitor.monitor.tails import exponential_tail_ranks
 LEARNED_EVIDENCE = "learned"
 LEARNED_WITH_MASS = "learned+mass"
 LEARNED_VARIANTS = (LEARNED_EVIDENCE, LEARNED_WITH_MASS)
+#: The learned rank's weight in the evidence's Fisher sum (``-2 w log r``): half, so that on a
+#: kind of shift the fit never saw it dilutes energy's rank less (chosen by leave-one-model-out
+#: among 0.25, 0.5 and 1 on the benchmark's selection part: ``bench/alarms/PROTOCOL.md``,
+#: "Stop 34").
+RANK_WEIGHT = 0.5
 
 
 def rank_features(ranks: torch.Tensor, floor: float) -> torch.Tensor:
@@ -46,12 +52,14 @@ class LearnedEvidence:
         bias: the intercept.
         floor: ``1 / (m + 1)`` of the components' reference (``m`` images).
         reference: ``[n]`` float32 decision values of the clean held-out images, ascending.
+        rank_weight: the learned rank's weight in the evidence's Fisher sum.
     """
 
     weights: torch.Tensor
     bias: float
     floor: float
     reference: torch.Tensor
+    rank_weight: float = RANK_WEIGHT
 
     def __post_init__(self) -> None:
         if self.weights.ndim != 1 or self.weights.numel() % 2 or self.weights.numel() == 0:
@@ -69,6 +77,10 @@ class LearnedEvidence:
             raise ValueError("the learned evidence's reference must be sorted ascending")
         if not 0.0 < self.floor < 1.0:
             raise ValueError(f"the learned evidence's floor must lie in (0, 1), got {self.floor}")
+        if not 0.0 < self.rank_weight <= 1.0:
+            raise ValueError(
+                f"the learned evidence's rank weight must lie in (0, 1], got {self.rank_weight}"
+            )
 
     @property
     def components(self) -> int:
@@ -78,8 +90,9 @@ class LearnedEvidence:
     def to(self, device: torch.device | str) -> LearnedEvidence:
         """The same evidence with its tensors on ``device``."""
         return LearnedEvidence(
-            self.weights.to(device), self.bias, self.floor, self.reference.to(device)
-        )
+            self.weights.to(device), self.bias, self.floor, self.reference.to(device),
+            self.rank_weight,
+        )  # fmt: skip
 
     def decision(self, ranks: torch.Tensor) -> torch.Tensor:
         """``w . x + b`` of ``[B, J]`` tail ranks: ``[B]`` (high = like the shifts)."""

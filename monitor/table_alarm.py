@@ -443,7 +443,10 @@ def _learned_metadata(learned: LearnedEvidence | None) -> dict[str, float]:
     """The learned evidence's scalars for the table's metadata (nothing without one)."""
     if learned is None:
         return {}
-    return {"learned_bias": learned.bias, "learned_floor": learned.floor}
+    return {
+        "learned_bias": learned.bias, "learned_floor": learned.floor,
+        "learned_rank_weight": learned.rank_weight,
+    }  # fmt: skip
 
 
 def _learned(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LearnedEvidence:
@@ -452,6 +455,7 @@ def _learned(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LearnedE
         return LearnedEvidence(
             _tensor(tensors, "learned_weights"), float(_field(meta, "learned_bias", float)),
             float(_field(meta, "learned_floor", float)), _tensor(tensors, "learned_reference"),
+            float(_field(meta, "learned_rank_weight", float)),
         )  # fmt: skip
     except ValueError as exc:
         if isinstance(exc, AlarmTableError):

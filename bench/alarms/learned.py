@@ -18,9 +18,14 @@ shift of :data:`~surprise_monitor.calibrate.evidence_choice.SHIFTS` (cached unde
 - ``table's evidence``: the table's own variant (what ``auto`` chose among the fixed ones);
 - the baselines (:class:`bench.alarms.scores.Baselines`) on the same images;
 
-each on the judged sets of ``bench.alarms.families`` (cached: run it first) of the ``report``
-part, against that part's CIFAR-10 images (the ``nominal`` sets against the same images
-unshifted), with :mod:`bench.alarms.loo`'s checks and summary per model. Also what
+each on the judged sets of ``bench.alarms.families`` (cached: run it first) of both parts,
+against that part's CIFAR-10 images (the selection part's without the first 500, which the
+fits saw; the ``nominal`` sets against the same images unshifted), with
+:mod:`bench.alarms.loo`'s checks and summary per model on the report part. **The learned
+rank's weight** in the evidence's Fisher sum (``RANK_WEIGHT``) is chosen by
+:func:`bench.alarms.loo.leave_one_model_out` among the fixed variants and the learned ones at
+each of :data:`WEIGHTS` (family held out): on the other models' selection part, reported on
+the held-out model's report part (:func:`weight_rotations`). Also what
 ``evidence="auto"`` would choose with ``learned`` among the candidates, from the same judged
 choice images (:func:`surprise_monitor.calibrate.evidence_choice.choose`, cross-fitted margins).
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +46,18 @@ import torch
 
 from bench.alarms import collect, loo
 from bench.alarms.report import log
-from bench.alarms.scores import Baselines, detection
+from bench.alarms.scores import Baselines, alarm_rate, detection
 from bench.cifar import load_cifar10, to_tensor
 from bench.strong_models import ALARM_MODELS, HELDOUT
 from surprise_monitor.calibrate.evidence_choice import CHOICE_IMAGES, SHIFT_FAMILIES, SHIFTS, choose
 from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME, Gate
+from surprise_monitor.monitor.conformal import (
+    DEFAULT_CLASS_NULL_MIN,
+    ClassConditionalNull,
+    ConformalNull,
+)
 from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS, LearnedEvidence
 from surprise_monitor.monitor.table import CalibrationTable
 
@@ -62,6 +73,11 @@ HELD_OUT = ", family held out"
 #: The scores reported: the table's variant, then each learned variant fitted on every shift
 #: and with the set's family held out.
 SCORES = (TABLE, *(v + h for v in LEARNED_VARIANTS for h in ("", HELD_OUT)))
+#: The fixed evidence variants (no fit).
+FIXED = ("energy", "energy+mass")
+#: The learned rank's weights the leave-one-model-out chooses among.
+WEIGHTS = (0.25, 0.5, 1.0)
+PARTS = ("selection", "report")
 
 Judged = tuple[torch.Tensor, torch.Tensor]  # (component ranks [B, J], logits [B, K])
 
@@ -112,22 +128,22 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         return {k: d[k] for k in d.files}
 
 
-def run_model(name: str, n: int = 200, say: Callable[[str], None] = log) -> dict:
-    """Every figure of one model (see the module docstring)."""
+def run_model(
+    name: str, n: int = 200, say: Callable[[str], None] = log, weights: Sequence[float] = WEIGHTS
+) -> dict:
+    """Every figure of one model (see the module docstring): both parts' sets, each scored by
+    the table's variant, the fixed variants, the learned ones (all shifts and family held out)
+    and, for the leave-one-model-out on the rank's weight, the learned ones with the family held
+    out at each of ``weights``."""
     model = collect.load_model(name)
     table = collect.table_of(name, model, say, GATED_SCORE_NAME)
     alarm = table.alarm
     assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
     clean, shifted = choice_judgements(name, model, table)
     floor = 1.0 / (min(r.numel() for r in alarm.reference.sorted_components) + 1)
-    fitted = fits(clean, shifted, floor)
     names, threshold = alarm.component_names(), alarm.gate_threshold
     chosen, worst = choose(names, threshold, clean, shifted, floor)
-    gates = {
-        (v, f): Gate.columns(names, v, threshold, e)
-        for f, e in fitted.items()
-        for v in LEARNED_VARIANTS
-    }
+    gates = _gates(names, threshold, fits(clean, shifted, floor), weights)
     table_gate = alarm.gate()
     assert table_gate is not None
     baselines = Baselines(*collect.train_features(name, model))
@@ -136,37 +152,120 @@ def run_model(name: str, n: int = 200, say: Callable[[str], None] = log) -> dict
         """The library scores (the held-out fits for ``family``) and the baselines."""
         ranks = alarm.reference.ranks(torch.from_numpy(found["components"]).float())
         out = {TABLE: table_gate.score(ranks)}
-        for v in LEARNED_VARIANTS:
-            out[v] = gates[(v, None)].score(ranks)
-            out[v + HELD_OUT] = gates[(v, family)].score(ranks)
+        out.update({v: Gate.columns(names, v, threshold).score(ranks) for v in FIXED})
+        for (label, fit), gate in gates.items():
+            if fit == family or (fit is None and label in LEARNED_VARIANTS):
+                out[label] = gate.score(ranks)
         out = {k: v.double().numpy() for k, v in out.items()}
         out.update(baselines.scores(found))
         return out
 
+    parts = {part: _part(name, n, part, scores) for part in PARTS}
+    say(f"{name}: {len(parts['report'])} report sets; auto would choose {chosen}")
+    return {"model": name, "n": n, "table_evidence": alarm.evidence, "auto_choice": chosen,
+            "worst_margin": worst, "sets": parts["report"], "parts": parts}  # fmt: skip
+
+
+def _gates(
+    names: Sequence[str],
+    threshold: float,
+    fitted: Mapping[str | None, LearnedEvidence],
+    weights: Sequence[float],
+) -> dict[tuple[str, str | None], Gate]:
+    """``(score label, fit's held-out family)`` -> gate: each learned variant at the library's
+    rank weight on every fit (the label without or with :data:`HELD_OUT`), and at each of
+    ``weights`` on the held-out fits (:func:`weight_label`)."""
+    out = {}
+    for family, e in fitted.items():
+        for v in LEARNED_VARIANTS:
+            # the fit on every shift serves the sets of no synthetic family as "held out" too
+            labels = [v + HELD_OUT] if family is not None else [v, v + HELD_OUT]
+            for label in labels:
+                out[(label, family)] = Gate.columns(names, v, threshold, e)
+            for w in weights:
+                weighted = replace(e, rank_weight=w)
+                out[(weight_label(v, w), family)] = Gate.columns(names, v, threshold, weighted)
+    return out
+
+
+def weight_label(variant: str, weight: float) -> str:
+    """The label of a learned variant at rank weight ``weight``, its family held out."""
+    return f"{variant} w{weight:g}{HELD_OUT}"
+
+
+def _part(
+    name: str, n: int, part: str, scores: Callable[[dict[str, np.ndarray], str | None], dict]
+) -> dict:
+    """One part's sets: family and every score's AUROC / FPR95 against the part's CIFAR-10
+    images (of the selection part without the first ``CHOICE_IMAGES``, which the fits saw);
+    the ``nominal`` sets against the same images unshifted."""
     kind = collect.table_kind(GATED_SCORE_NAME)
-    meta = json.loads((FAMILIES_RESULTS / f"{name}.json").read_text())["parts"]["report"]["sets"]
-    inlier = _load(collect.folder(name) / "sets" / kind / "report__cifar10.npz")
+    meta = json.loads((FAMILIES_RESULTS / f"{name}.json").read_text())["parts"][part]["sets"]
+    inlier = _load(collect.folder(name) / "sets" / kind / f"{part}__cifar10.npz")
+    unseen = {k: v[CHOICE_IMAGES:] if part == "selection" else v for k, v in inlier.items()}
     sets: dict = {}
     for set_name, info in meta.items():
         family = FAMILY_OF.get(info["family"])
-        path = (
-            collect.folder(name)
-            / "families"
-            / kind
-            / f"n{n}"
-            / f"report__{set_name.replace(' ', '_')}.npz"
-        )
-        found = _load(path)
-        reference = scores(inlier, family)
-        if info["family"] == loo.NOMINAL:
-            reference = {k: v[: len(found["score"])] for k, v in reference.items()}
+        file = f"{part}__{set_name.replace(' ', '_')}.npz"
+        found = _load(collect.folder(name) / "families" / kind / f"n{n}" / file)
+        if info["family"] == loo.NOMINAL:  # the same images, unshifted
+            same = {k: v[: len(found["score"])] for k, v in inlier.items()}
+            reference = scores(same, family)
+        else:
+            reference = scores(unseen, family)
         sets[set_name] = {
             "family": info["family"],
             "scores": detection(reference, scores(found, family)),
         }
-    say(f"{name}: {len(sets)} report sets; auto would choose {chosen}")
-    return {"model": name, "n": n, "table_evidence": alarm.evidence, "auto_choice": chosen,
-            "worst_margin": worst, "sets": sets}  # fmt: skip
+    return sets
+
+
+def alarm_rates(name: str, variant: str, rate: float = 0.01) -> dict:
+    """The alarm rate at nominal ``rate`` of the table's gated score in ``variant`` (a learned
+    one fitted on every shift of the choice images) on the report part's CIFAR-10 images, with
+    per-class (Mondrian) nulls of the table's held-out images 500..4,999 (the null calibration
+    makes; the pooled null for a class with fewer than ``DEFAULT_CLASS_NULL_MIN``): overall and
+    per predicted class, each with its exact 95% interval (``bench.alarms.scores.alarm_rate``)."""
+    model = collect.load_model(name)
+    table = collect.table_of(name, model, log, GATED_SCORE_NAME)
+    alarm = table.alarm
+    assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
+    learned = None
+    if variant in LEARNED_VARIANTS:
+        clean, shifted = choice_judgements(name, model, table)
+        floor = 1.0 / (min(r.numel() for r in alarm.reference.sorted_components) + 1)
+        learned = fits(clean, shifted, floor)[None]
+    gate = Gate.columns(alarm.component_names(), variant, alarm.gate_threshold, learned)
+    kind = collect.table_kind(GATED_SCORE_NAME)
+
+    def judged(part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A part's CIFAR-10 images' scores in ``variant`` and predicted classes."""
+        found = _load(collect.folder(name) / "sets" / kind / f"{part}__cifar10.npz")
+        ranks = alarm.reference.ranks(torch.from_numpy(found["components"]).float())
+        return gate.score(ranks), torch.from_numpy(found["classes"]).long()
+
+    null, null_classes = (t[CHOICE_IMAGES:] for t in judged("selection"))
+    scores, classes = judged("report")
+    k = table.num_classes
+    per_class = ClassConditionalNull.of(null, null_classes, k, DEFAULT_CLASS_NULL_MIN)
+    p = per_class.p_values(scores, classes, ConformalNull.of(null).p_values(scores)).numpy()
+    c = classes.numpy()
+    per = [alarm_rate(p[c == j], rate) for j in range(k) if (c == j).any()]
+    return {"variant": variant, "overall": alarm_rate(p, rate), "per_class": per}
+
+
+def weight_rotations(results: Mapping[str, dict], weights: Sequence[float] = WEIGHTS) -> list:
+    """:func:`bench.alarms.loo.leave_one_model_out` over the fixed variants and the learned
+    ones (family held out) at each rank weight: chosen on the other models' selection parts,
+    reported on the held-out model's report part."""
+    aurocs = {
+        m: {part: {s: {k: v["auroc"] for k, v in info["scores"].items()}
+                   for s, info in r["parts"][part].items()} for part in PARTS}
+        for m, r in results.items()
+    }  # fmt: skip
+    family_of = {s: info["family"] for r in results.values() for s, info in r["sets"].items()}
+    candidates = [*FIXED, *(weight_label(v, w) for v in LEARNED_VARIANTS for w in weights)]
+    return loo.leave_one_model_out(aurocs, family_of, candidates)
 
 
 def summary(result: dict) -> dict[str, dict]:
@@ -220,6 +319,29 @@ def markdown(results: Mapping[str, dict]) -> str:
     for name, result in results.items():
         cells = " | ".join(f"{result['worst_margin'][v]:+.3f}" for v in variants)
         lines.append(f"| {name} | {cells} | {result['auto_choice']} |")
+    lines += ["", "| held out | chosen on the other models' selection part | beats | slack | "
+              "MNIST ok | passed |", "|---|---|---:|---:|---|---|"]  # fmt: skip
+    lines += ["", "| model | auto's variant | alarms at nominal 1% (95% interval) | "
+              "classes outside their interval |", "|---|---|---|---:|"]  # fmt: skip
+    for name, result in results.items():
+        if "alarm_rates" not in result:
+            continue
+        r = result["alarm_rates"]
+        o = r["overall"]
+        outside = sum(not c["ci_low"] <= 0.01 <= c["ci_high"] for c in r["per_class"])
+        lines.append(
+            f"| {name} | {r['variant']} | {100 * o['rate']:.2f}% ({100 * o['ci_low']:.2f}-"
+            f"{100 * o['ci_high']:.2f}%) | {outside} of {len(r['per_class'])} |"
+        )
+    rotations = weight_rotations(results) if len(results) > 1 else []
+    for rot in rotations:
+        s = rot["summary"]
+        slack = min(r["margin"] + r["tolerance"] for r in rot["rows"] if r["tolerance"] is not None)
+        lines.append(
+            f"| {rot['held_out']} | {rot['chosen']} | {s['beats']} / {s['beats_of']} | "
+            f"{slack:+.3f} | {'yes' if s['mnist_ok'] else 'no'} | "
+            f"{'yes' if s['passed'] else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -231,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {name: run_model(name, args.n) for name in args.models.split(",")}
+    for name, result in results.items():
+        result["alarm_rates"] = alarm_rates(name, result["auto_choice"])
     out = HERE / "results" / "learned.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))

@@ -54,3 +54,27 @@ def test_the_summary_applies_loo_s_checks():
     assert "| m | table's evidence (energy) | 2 / 3 | -0.010 (b) | 0.960 | 0.020 | no |" in text
     assert "| m | -0.010 | -0.020 | energy |" in text
     assert loo.MNIST_TARGET == 0.95  # the far set above is the MNIST family's
+
+
+def test_the_weight_is_chosen_on_the_other_models_selection_part():
+    """Two made-up models: the learned evidence at weight 0.5 wins every set of model a's
+    selection part, at 0.25 every set of b's; each rotation reports the other's choice."""
+    labels = [*learned.FIXED, *(learned.weight_label(v, w) for v in ("learned", "learned+mass")
+                                for w in learned.WEIGHTS)]  # fmt: skip
+
+    def part(best: str) -> dict:
+        aurocs = {**dict.fromkeys(labels, 0.70), best: 0.90}
+        aurocs.update(MSP=0.75, MaxLogit=0.76, Energy=0.78, KNN=0.70)
+        scores = {k: {"auroc": v, "fpr95": 0.5} for k, v in aurocs.items()}
+        return {"x": {"family": "geometry", "scores": scores},
+                "y": {"family": "blur", "scores": scores}}  # fmt: skip
+
+    a_best, b_best = learned.weight_label("learned", 0.5), learned.weight_label("learned", 0.25)
+    results = {
+        m: {"sets": part(best), "parts": {"selection": part(best), "report": part(best)}}
+        for m, best in (("a", a_best), ("b", b_best))
+    }
+    rotations = {r["held_out"]: r for r in learned.weight_rotations(results)}
+    assert rotations["a"]["chosen"] == b_best and rotations["b"]["chosen"] == a_best
+    # a's report part, scored with b's choice: 0.70 everywhere, 0.08 behind Energy
+    assert rotations["a"]["summary"]["within"] is False and rotations["a"]["summary"]["beats"] == 0

@@ -59,7 +59,9 @@ def test_the_gate_ranks_by_energy_and_the_learned_rank():
     gate = atypicality.Gate.columns(NAMES, LEARNED_EVIDENCE, 25.0, e)
     assert gate.evidence == (2,) and gate.gate == (3,)
     stat = -2 * np.log(r[:, 3].double().numpy())
-    shut = -2 * (np.log(r[:, 2].double().numpy()) + np.log(e.tail_ranks(r).double().numpy()))
+    learned = np.log(e.tail_ranks(r).double().numpy())
+    shut = -2 * (np.log(r[:, 2].double().numpy()) + e.rank_weight * learned)
+    assert e.rank_weight == 0.5  # the default: half a component's weight
     want = np.where(stat >= 25.0, stat + atypicality.GATE_OFFSET, shut)
     np.testing.assert_allclose(gate.score(r).double().numpy(), want, rtol=1e-5)
     assert (stat >= 25.0).any() and (stat < 25.0).any()
@@ -87,11 +89,13 @@ def test_the_gate_refuses_a_learned_variant_without_its_fit_and_a_fit_elsewhere(
         ({"bias": float("nan")}, "must be finite"),
         ({"weights": torch.full((8,), float("inf"))}, "must be finite"),
         ({"floor": 0.0}, r"floor must lie in \(0, 1\)"),
+        ({"rank_weight": 0.0}, r"rank weight must lie in \(0, 1\]"),
     ],
 )
 def test_a_bad_learned_evidence_is_refused(change, message):
     e = _evidence()
-    fields = {"weights": e.weights, "bias": e.bias, "floor": e.floor, "reference": e.reference}
+    fields = {"weights": e.weights, "bias": e.bias, "floor": e.floor, "reference": e.reference,
+              "rank_weight": e.rank_weight}  # fmt: skip
     with pytest.raises(ValueError, match=message):
         LearnedEvidence(**{**fields, **change})
 
@@ -107,9 +111,10 @@ def test_the_alarm_kind_names_the_part_that_ranked_an_input():
     reference = torch.sort(torch.randn(500, generator=torch.Generator().manual_seed(5))).values
     e = LearnedEvidence(weights, -1.0, 1.0 / 301, reference)
     shut = 1.0  # a score below GATE_OFFSET
-    # the stage energy far out, energy typical: the learned rank is smaller -> low level
+    # the stage energy far out, energy typical: the learned term (-2 * 0.5 * log r) outweighs
+    # energy's (-2 log 0.6) -> low level
     ranks = [0.5, 1e-3, 0.5, 0.6, 0.5]
-    assert float(e.tail_ranks(torch.tensor([ranks]))[0]) < 0.6
+    assert float(e.tail_ranks(torch.tensor([ranks]))[0]) ** e.rank_weight < 0.6
     assert atypicality.alarm_kind(names, ranks, shut, e) == "low_level"
     assert atypicality.alarm_kind(names, ranks, shut) == "class_evidence"  # no learned part
     # the head distance out further than the stage energy: 1.0 * 5.7 > 2.0 * 0.7 -> features
@@ -117,7 +122,7 @@ def test_the_alarm_kind_names_the_part_that_ranked_an_input():
     assert atypicality.alarm_kind(names, ranks, shut, e) == "features"
     # energy more atypical than the learned rank: class evidence
     ranks = [0.5, 0.5, 0.5, 1e-6, 0.5]
-    assert float(e.tail_ranks(torch.tensor([ranks]))[0]) > 1e-6
+    assert float(e.tail_ranks(torch.tensor([ranks]))[0]) ** e.rank_weight > 1e-6
     assert atypicality.alarm_kind(names, ranks, shut, e) == "class_evidence"
     # the gate open: the stage distance names it
     assert atypicality.alarm_kind(names, ranks, atypicality.GATE_OFFSET + 1, e) == "low_level"
