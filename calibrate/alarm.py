@@ -621,9 +621,10 @@ def _cat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, 
 
 
 def _floor(alarm: AlarmCalibration) -> float:
-    """``1/(m + 1)`` of the score reference's smallest component reference (``m`` values)."""
+    """The score reference's ``rank_floor`` (``1 / (m + 1)``; the learned evidence's features'
+    clip)."""
     assert alarm.reference is not None
-    return 1.0 / (min(r.numel() for r in alarm.reference.sorted_components) + 1)
+    return alarm.reference.rank_floor
 
 
 def _warn_pooled_classes(alarm: AlarmCalibration) -> None:

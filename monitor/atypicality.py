@@ -340,6 +340,12 @@ class ScoreReference:
         """The same reference on ``device``."""
         return ScoreReference(tuple(r.to(device) for r in self.sorted_components), self.tail)
 
+    @property
+    def rank_floor(self) -> float:
+        """``1 / (m + 1)`` of its smallest component reference (``m`` values): the smallest
+        step tail rank (the learned evidence's features are clipped to it)."""
+        return 1.0 / (min(r.numel() for r in self.sorted_components) + 1)
+
     def ranks(self, component_values: torch.Tensor) -> torch.Tensor:
         """Each component's tail rank ``r_j`` among the reference's (``[B, J]`` float32): small
         when the input is more atypical in that component than most training images."""

@@ -140,7 +140,7 @@ def run_model(
     alarm = table.alarm
     assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
     clean, shifted = choice_judgements(name, model, table)
-    floor = 1.0 / (min(r.numel() for r in alarm.reference.sorted_components) + 1)
+    floor = alarm.reference.rank_floor
     names, threshold = alarm.component_names(), alarm.gate_threshold
     chosen, worst = choose(names, threshold, clean, shifted, floor)
     gates = _gates(names, threshold, fits(clean, shifted, floor), weights)

@@ -127,3 +127,11 @@ def test_the_alarm_kind_names_the_part_that_ranked_an_input():
     # the gate open: the stage distance names it
     assert atypicality.alarm_kind(names, ranks, atypicality.GATE_OFFSET + 1, e) == "low_level"
     assert atypicality.alarm_kind(names, [float("nan")] * 5, shut, e) == "class_evidence"
+
+
+def test_the_rank_floor_is_that_of_the_smallest_reference():
+    reference = atypicality.ScoreReference((torch.arange(9.0), torch.arange(4.0)))
+    assert reference.rank_floor == pytest.approx(1.0 / 5)  # 4 values: the smallest step rank
+    assert float(atypicality.tail_ranks(torch.arange(4.0), torch.tensor([9.0]))) == pytest.approx(
+        reference.rank_floor
+    )
