@@ -77,6 +77,22 @@ def head_of(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def table_file(
+    model_name: str, score: str = FISHER_SCORE_NAME, gate_level: float = GATE_LEVEL
+) -> Path:
+    """Where :func:`table_of` caches the model's table of ``score`` at ``gate_level``."""
+    return folder(model_name) / f"table-{table_kind(score, gate_level)}.safetensors"
+
+
+def load_judged(path: Path) -> dict[str, np.ndarray]:
+    """A judged set's cached arrays (``FileNotFoundError`` naming the benchmark that makes
+    them when the file is missing)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run python -m bench.alarms.families first")
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
 def table_of(
     model_name: str,
     model: nn.Module,
@@ -86,7 +102,7 @@ def table_of(
 ) -> CalibrationTable:
     """The model's table: all 50,000 training images, the held-out null of test 0..4,999, the
     library's ``score`` (its default unless named; the gated score's gate at ``gate_level``)."""
-    path = folder(model_name) / f"table-{table_kind(score, gate_level)}.safetensors"
+    path = table_file(model_name, score, gate_level)
     alpha_path = folder(model_name) / "alpha_table.safetensors"
     if path.is_file():
         return CalibrationTable.load(path)
@@ -154,8 +170,7 @@ def judged(
     name = f"{images.part}__{images.name.replace(' ', '_')}.npz"
     path = folder(model_name) / "sets" / kind / name
     if path.is_file():
-        with np.load(path) as d:
-            return {k: d[k] for k in d.files}
+        return load_judged(path)
     found = _judge(monitor, images)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(path, **found)

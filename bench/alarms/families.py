@@ -91,8 +91,7 @@ def judged(
     folder = collect.folder(name) / "families" / kind / f"n{n}"
     path = folder / f"{images.part}__{images.name.replace(' ', '_')}.npz"
     if path.is_file():
-        with np.load(path) as d:
-            return {k: d[k] for k in d.files}
+        return collect.load_judged(path)
     found = collect._judge(monitor, images)
     folder.mkdir(parents=True, exist_ok=True)
     collect._save(path, **found)

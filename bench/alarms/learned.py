@@ -122,12 +122,6 @@ def fits(
     return out
 
 
-def _load(path: Path) -> dict[str, np.ndarray]:
-    """A cached judged set."""
-    with np.load(path) as d:
-        return {k: d[k] for k in d.files}
-
-
 def run_model(
     name: str, n: int = 200, say: Callable[[str], None] = log, weights: Sequence[float] = WEIGHTS
 ) -> dict:
@@ -162,8 +156,14 @@ def run_model(
 
     parts = {part: _part(name, n, part, scores) for part in PARTS}
     say(f"{name}: {len(parts['report'])} report sets; auto would choose {chosen}")
+    if chosen in LEARNED_VARIANTS:
+        auto_gate = gates[(chosen, None)]  # fitted on every shift, as calibration fits it
+    else:
+        auto_gate = Gate.columns(names, chosen, threshold)
+    rates = alarm_rates(name, table, auto_gate)
     return {"model": name, "n": n, "table_evidence": alarm.evidence, "auto_choice": chosen,
-            "worst_margin": worst, "sets": parts["report"], "parts": parts}  # fmt: skip
+            "worst_margin": worst, "sets": parts["report"], "parts": parts,
+            "alarm_rates": {"variant": chosen, **rates}}  # fmt: skip
 
 
 def _gates(
@@ -201,13 +201,13 @@ def _part(
     the ``nominal`` sets against the same images unshifted."""
     kind = collect.table_kind(GATED_SCORE_NAME)
     meta = json.loads((FAMILIES_RESULTS / f"{name}.json").read_text())["parts"][part]["sets"]
-    inlier = _load(collect.folder(name) / "sets" / kind / f"{part}__cifar10.npz")
+    inlier = collect.load_judged(collect.folder(name) / "sets" / kind / f"{part}__cifar10.npz")
     unseen = {k: v[CHOICE_IMAGES:] if part == "selection" else v for k, v in inlier.items()}
     sets: dict = {}
     for set_name, info in meta.items():
         family = FAMILY_OF.get(info["family"])
         file = f"{part}__{set_name.replace(' ', '_')}.npz"
-        found = _load(collect.folder(name) / "families" / kind / f"n{n}" / file)
+        found = collect.load_judged(collect.folder(name) / "families" / kind / f"n{n}" / file)
         if info["family"] == loo.NOMINAL:  # the same images, unshifted
             same = {k: v[: len(found["score"])] for k, v in inlier.items()}
             reference = scores(same, family)
@@ -220,28 +220,21 @@ def _part(
     return sets
 
 
-def alarm_rates(name: str, variant: str, rate: float = 0.01) -> dict:
-    """The alarm rate at nominal ``rate`` of the table's gated score in ``variant`` (a learned
-    one fitted on every shift of the choice images) on the report part's CIFAR-10 images, with
-    per-class (Mondrian) nulls of the table's held-out images 500..4,999 (the null calibration
-    makes; the pooled null for a class with fewer than ``DEFAULT_CLASS_NULL_MIN``): overall and
-    per predicted class, each with its exact 95% interval (``bench.alarms.scores.alarm_rate``)."""
-    model = collect.load_model(name)
-    table = collect.table_of(name, model, log, GATED_SCORE_NAME)
+def alarm_rates(name: str, table: CalibrationTable, gate: Gate, rate: float = 0.01) -> dict:
+    """The alarm rate at nominal ``rate`` of ``gate``'s score (over ``table``'s reference) on
+    the report part's CIFAR-10 images, with per-class (Mondrian) nulls of the table's held-out
+    images 500..4,999 (the null calibration makes; the pooled null for a class with fewer than
+    ``DEFAULT_CLASS_NULL_MIN``): overall and per predicted class, each with its exact 95%
+    interval (``bench.alarms.scores.alarm_rate``)."""
     alarm = table.alarm
-    assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
-    learned = None
-    if variant in LEARNED_VARIANTS:
-        clean, shifted = choice_judgements(name, model, table)
-        floor = 1.0 / (min(r.numel() for r in alarm.reference.sorted_components) + 1)
-        learned = fits(clean, shifted, floor)[None]
-    gate = Gate.columns(alarm.component_names(), variant, alarm.gate_threshold, learned)
+    assert alarm is not None and alarm.reference is not None
+    reference = alarm.reference
     kind = collect.table_kind(GATED_SCORE_NAME)
 
     def judged(part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A part's CIFAR-10 images' scores in ``variant`` and predicted classes."""
-        found = _load(collect.folder(name) / "sets" / kind / f"{part}__cifar10.npz")
-        ranks = alarm.reference.ranks(torch.from_numpy(found["components"]).float())
+        """A part's CIFAR-10 images' scores and predicted classes."""
+        found = collect.load_judged(collect.folder(name) / "sets" / kind / f"{part}__cifar10.npz")
+        ranks = reference.ranks(torch.from_numpy(found["components"]).float())
         return gate.score(ranks), torch.from_numpy(found["classes"]).long()
 
     null, null_classes = (t[CHOICE_IMAGES:] for t in judged("selection"))
@@ -251,7 +244,7 @@ def alarm_rates(name: str, variant: str, rate: float = 0.01) -> dict:
     p = per_class.p_values(scores, classes, ConformalNull.of(null).p_values(scores)).numpy()
     c = classes.numpy()
     per = [alarm_rate(p[c == j], rate) for j in range(k) if (c == j).any()]
-    return {"variant": variant, "overall": alarm_rate(p, rate), "per_class": per}
+    return {"overall": alarm_rate(p, rate), "per_class": per}
 
 
 def weight_rotations(results: Mapping[str, dict], weights: Sequence[float] = WEIGHTS) -> list:
@@ -268,6 +261,13 @@ def weight_rotations(results: Mapping[str, dict], weights: Sequence[float] = WEI
     return loo.leave_one_model_out(aurocs, family_of, candidates)
 
 
+def _slack(rows: Sequence[dict]) -> dict:
+    """The row whose margin plus tolerance (:func:`bench.alarms.loo.set_report`'s) is
+    smallest: the set closest to failing the margin check (nominal sets excepted)."""
+    return min((r for r in rows if r["tolerance"] is not None),
+               key=lambda r: r["margin"] + r["tolerance"])  # fmt: skip
+
+
 def summary(result: dict) -> dict[str, dict]:
     """Per library score, :func:`bench.alarms.loo.summary` of its report sets, with the worst
     margin and the MNIST family's minimum AUROC."""
@@ -279,13 +279,9 @@ def summary(result: dict) -> dict[str, dict]:
             row = loo.set_report(aurocs, score, set_name, info["family"])
             rows.append({**row, "model": result["model"]})
         s = loo.summary(rows)
-        s["worst_margin"] = (
-            min(r["margin"] + r["tolerance"] for r in rows if r["tolerance"] is not None) + 0.0
-        )
-        s["worst_set"] = min(
-            (r for r in rows if r["tolerance"] is not None),
-            key=lambda r: r["margin"] + r["tolerance"],
-        )["set"]
+        worst = _slack(rows)
+        s["worst_margin"] = worst["margin"] + worst["tolerance"] + 0.0  # no -0.0
+        s["worst_set"] = worst["set"]
         s["mnist_min"] = min((r["auroc"] for r in rows if r["mnist_ok"] is not None), default=None)
         s["nominal_max"] = max(
             (r["nominal_deviation"] for r in rows if r["nominal_deviation"] is not None),
@@ -336,7 +332,8 @@ def markdown(results: Mapping[str, dict]) -> str:
     rotations = weight_rotations(results) if len(results) > 1 else []
     for rot in rotations:
         s = rot["summary"]
-        slack = min(r["margin"] + r["tolerance"] for r in rot["rows"] if r["tolerance"] is not None)
+        worst = _slack(rot["rows"])
+        slack = worst["margin"] + worst["tolerance"]
         lines.append(
             f"| {rot['held_out']} | {rot['chosen']} | {s['beats']} / {s['beats_of']} | "
             f"{slack:+.3f} | {'yes' if s['mnist_ok'] else 'no'} | "
@@ -351,12 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(ALARM_MODELS))
     parser.add_argument("--n", type=int, default=200)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {name: run_model(name, args.n) for name in args.models.split(",")}
-    for name, result in results.items():
-        result["alarm_rates"] = alarm_rates(name, result["auto_choice"])
     out = HERE / "results" / "learned.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(out)
     print(markdown(results))
     return 0
 

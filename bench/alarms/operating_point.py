@@ -117,14 +117,6 @@ def alarm_share(
     return float((p <= rate).double().mean())
 
 
-def _load(path: Path) -> dict[str, np.ndarray]:
-    """A judged set's cached arrays."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: run python -m bench.alarms.families first")
-    with np.load(path) as d:
-        return {key: d[key] for key in d.files}
-
-
 Scorer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -134,9 +126,9 @@ def tally(name: str, kind: str, n: int, scorer: Scorer, k: int) -> dict:
     gives, from the sets judged by the table ``kind``; p-values among the same scores of that
     kind's null part."""
     root = collect.folder(name)
-    null = _load(root / "sets" / kind / f"{NULL_PART}__cifar10.npz")
+    null = collect.load_judged(root / "sets" / kind / f"{NULL_PART}__cifar10.npz")
     null_scores = scorer(null)
-    clean = _load(root / "sets" / kind / f"{REPORT_PART}__cifar10.npz")
+    clean = collect.load_judged(root / "sets" / kind / f"{REPORT_PART}__cifar10.npz")
     clean_scores = scorer(clean)
 
     def share(scores: dict[str, np.ndarray], classes: np.ndarray) -> dict[str, float]:
@@ -147,7 +139,7 @@ def tally(name: str, kind: str, n: int, scorer: Scorer, k: int) -> dict:
     for family, names in families().items():
         fam = out["families"].setdefault(family, {})
         for set_name in names:
-            found = _load(root / "families" / kind / f"n{n}" /
+            found = collect.load_judged(root / "families" / kind / f"n{n}" /
                           f"{REPORT_PART}__{set_name.replace(' ', '_')}.npz")  # fmt: skip
             scores = scorer(found)
             for s, r in share(scores, found["classes"]).items():
@@ -179,7 +171,7 @@ def run_model(name: str, n: int = 200, levels: Sequence[float] = LEVELS) -> dict
     alarm = table.alarm
     gate, reference, k = alarm.gate(), alarm.reference, table.num_classes
     kind = collect.table_kind(GATED_SCORE_NAME)
-    null = _load(collect.folder(name) / "sets" / kind / f"{NULL_PART}__cifar10.npz")
+    null = collect.load_judged(collect.folder(name) / "sets" / kind / f"{NULL_PART}__cifar10.npz")
     thresholds = gate_thresholds(null, gate, reference, levels)
     out = tally(name, kind, n, lambda f: rescored(f, gate, reference, thresholds), k)
     calibrated = {}
@@ -194,7 +186,7 @@ def run_model(name: str, n: int = 200, levels: Sequence[float] = LEVELS) -> dict
         out["normal_rate"].update(rows["normal_rate"])
         for family, sets in rows["families"].items():
             out["families"][family].update(sets)
-        path = collect.folder(name) / f"table-{other}.safetensors"
+        path = collect.table_file(name, GATED_SCORE_NAME, level)
         calibrated[f"{level:g}"] = CalibrationTable.load(path).alarm.gate_threshold
     return {
         "model": name, "evidence": alarm.evidence, "n": n,
@@ -268,9 +260,7 @@ def _level_rotations(models: Sequence[str], levels: Sequence[float], folder: Pat
             continue
         by_level[lv] = loo.read_results(paths)
         for m in models:
-            path = (
-                collect.folder(m) / f"table-{collect.table_kind(GATED_SCORE_NAME, lv)}.safetensors"
-            )
+            path = collect.table_file(m, GATED_SCORE_NAME, lv)
             evidence[(m, lv)] = CalibrationTable.load(path).alarm.evidence
     if len(by_level) < 2 or len(models) < 2:
         return []
