@@ -397,18 +397,24 @@ def alarm_kind(
     tail_ranks: Sequence[float],
     score: float | None = None,
     learned: LearnedEvidence | None = None,
+    evidence: str = LEARNED_EVIDENCE,
 ) -> str | None:
     """The kind of atypicality behind one input's score. Of the gated score (``names`` with
     ``energy``; ``score`` given): where the gate opened (``score >= GATE_OFFSET``) the stage
     distance with the smallest tail rank names it (``features`` at the head layer, else
     ``low_level``), else ``class_evidence`` (the class evidence ranked it); with a
-    ``learned`` evidence whose term outweighs energy's, the family of the component whose
-    feature adds most to its decision (:func:`learned_kind`). Otherwise the
+    ``learned`` evidence whose term outweighs every Fisher term of the variant ``evidence``
+    (a key of :data:`EVIDENCE_VARIANTS`), the family of the component whose feature adds most
+    to its decision (:func:`learned_kind`). Otherwise the
     component family whose smallest tail rank, times the family's size (Bonferroni within the
     family, so a family of several components is not favoured), is the smallest; ties go to the
     family listed first. ``None`` when no rank is finite."""
     if score is not None and ENERGY_COMPONENT in names and score == score:
-        return _gated_kind(names, tail_ranks, score >= GATE_OFFSET, learned)
+        if score >= GATE_OFFSET:
+            return _opened_kind(names, tail_ranks)
+        if learned is None:
+            return "class_evidence"
+        return learned_kind(names, tail_ranks, learned, EVIDENCE_VARIANTS.get(evidence, ()))
     best: dict[str, float] = {}
     size: dict[str, int] = {}
     for name, rank in zip(names, tail_ranks, strict=True):
@@ -421,16 +427,9 @@ def alarm_kind(
     return min(best, key=lambda f: best[f] * size[f])
 
 
-def _gated_kind(
-    names: Sequence[str],
-    tail_ranks: Sequence[float],
-    gate_open: bool,
-    learned: LearnedEvidence | None = None,
-) -> str | None:
-    """:func:`alarm_kind` of the gated score: the furthest stage distance where the gate
-    opened (the head layer's: ``features``), else the class evidence's kind."""
-    if not gate_open:
-        return "class_evidence" if learned is None else learned_kind(names, tail_ranks, learned)
+def _opened_kind(names: Sequence[str], tail_ranks: Sequence[float]) -> str:
+    """:func:`alarm_kind` of the gated score where the gate opened: the furthest stage
+    distance's (the head layer's: ``features``, else ``low_level``)."""
     head = {n.split(":", 1)[1] for n in names if n.startswith(HEAD_COMPONENT + ":")}
     distances = [
         (float(r), n.split(":", 1)[1])
@@ -443,20 +442,25 @@ def _gated_kind(
 
 
 def learned_kind(
-    names: Sequence[str], tail_ranks: Sequence[float], learned: LearnedEvidence
+    names: Sequence[str],
+    tail_ranks: Sequence[float],
+    learned: LearnedEvidence,
+    evidence: Sequence[str] = (ENERGY_COMPONENT,),
 ) -> str:
     """The kind behind a class evidence with a learned part (the gate shut): ``class_evidence``
-    where energy's term in the Fisher sum is at least the learned rank's (energy's rank at
-    most the learned rank to the power of its weight: energy ranked the input), else the
-    family (:func:`component_family`) of the component whose feature adds most to the learned
-    decision (``weight * feature``, either tail); a component of no known family, or a NaN
-    rank, gives ``class_evidence``."""
+    where the largest Fisher term of the ``evidence`` columns (component kinds: energy's, and
+    the expectation mass's for ``learned+mass``) is at least the learned rank's (the smallest
+    such rank at most the learned rank to the power of its weight: the fixed evidence ranked
+    the input), else the family (:func:`component_family`) of the component whose feature adds
+    most to the learned decision (``weight * feature``, either tail); a component of no known
+    family, no evidence column, or a NaN rank gives ``class_evidence``."""
     ranks = torch.tensor([list(tail_ranks)], dtype=torch.float32)
-    if not bool(torch.isfinite(ranks).all()) or ENERGY_COMPONENT not in names:
+    columns = [j for j, n in enumerate(names) if n.split(":", 1)[0] in evidence]
+    if not bool(torch.isfinite(ranks).all()) or not columns:
         return "class_evidence"
     learned = learned.to("cpu")
-    energy_rank = float(ranks[0, list(names).index(ENERGY_COMPONENT)])
-    if energy_rank <= float(learned.tail_ranks(ranks)[0]) ** learned.rank_weight:
+    evidence_rank = min(float(ranks[0, j]) for j in columns)
+    if evidence_rank <= float(learned.tail_ranks(ranks)[0]) ** learned.rank_weight:
         return "class_evidence"
     contribution = rank_features(ranks, learned.floor)[0] * learned.weights.float()
     j = int(torch.argmax(contribution)) % len(names)

@@ -39,6 +39,7 @@ from surprise_monitor.kernels import (
 from surprise_monitor.monitor.advice import advise
 from surprise_monitor.monitor.atypicality import (
     ALPHA_COMPONENT,
+    DEFAULT_EVIDENCE,
     Gate,
     HeadDistance,
     ScoreReference,
@@ -494,6 +495,7 @@ class Judge:
             alarm_rate=self.thresholds.alarm_rate,
             component_names=self.component_names,
             learned=None if self.table.alarm is None else self.table.alarm.learned,
+            evidence=(self.table.alarm.evidence if self.table.alarm else "") or DEFAULT_EVIDENCE,
         )
 
     def _raise_checks(self, host: DeviceReport, batch: Batch | None) -> None:

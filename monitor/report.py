@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from surprise_monitor.monitor.atypicality import alarm_kind
+from surprise_monitor.monitor.atypicality import DEFAULT_EVIDENCE, alarm_kind
 from surprise_monitor.monitor.learned_evidence import LearnedEvidence
 
 
@@ -65,6 +65,7 @@ class MonitorReport:
     alarm_rate: float = float("nan")  # the nominal false-alarm rate the alarms were set at
     component_names: tuple[str, ...] = ()  # the components' names, in column order
     learned: LearnedEvidence | None = None  # the table's learned evidence (its alarm kinds)
+    evidence: str = DEFAULT_EVIDENCE  # the gated score's evidence variant (its alarm kinds)
 
     def __len__(self) -> int:
         return int(self.classes.shape[0])
@@ -175,7 +176,7 @@ class MonitorReport:
             f"component_{j}" for j in range(int(self.components.shape[1]))
         )
         ranks = self.component_ranks[i].tolist()
-        return alarm_kind(names, ranks, float(self.score[i]), self.learned)
+        return alarm_kind(names, ranks, float(self.score[i]), self.learned, self.evidence)
 
     def component_parts(self, i: int) -> dict[str, dict[str, float | None]]:
         """Input i's score components by name: ``{"value", "tail_rank"}`` each; the smallest

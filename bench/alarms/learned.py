@@ -317,6 +317,16 @@ def markdown(results: Mapping[str, dict]) -> str:
         lines.append(f"| {name} | {cells} | {result['auto_choice']} |")
     lines += ["", "| held out | chosen on the other models' selection part | beats | slack | "
               "MNIST ok | passed |", "|---|---|---:|---:|---|---|"]  # fmt: skip
+    rotations = weight_rotations(results) if len(results) > 1 else []
+    for rot in rotations:
+        s = rot["summary"]
+        worst = _slack(rot["rows"])
+        slack = worst["margin"] + worst["tolerance"]
+        lines.append(
+            f"| {rot['held_out']} | {rot['chosen']} | {s['beats']} / {s['beats_of']} | "
+            f"{slack:+.3f} | {'yes' if s['mnist_ok'] else 'no'} | "
+            f"{'yes' if s['passed'] else 'no'} |"
+        )
     lines += ["", "| model | auto's variant | alarms at nominal 1% (95% interval) | "
               "classes outside their interval |", "|---|---|---|---:|"]  # fmt: skip
     for name, result in results.items():
@@ -328,16 +338,6 @@ def markdown(results: Mapping[str, dict]) -> str:
         lines.append(
             f"| {name} | {r['variant']} | {100 * o['rate']:.2f}% ({100 * o['ci_low']:.2f}-"
             f"{100 * o['ci_high']:.2f}%) | {outside} of {len(r['per_class'])} |"
-        )
-    rotations = weight_rotations(results) if len(results) > 1 else []
-    for rot in rotations:
-        s = rot["summary"]
-        worst = _slack(rot["rows"])
-        slack = worst["margin"] + worst["tolerance"]
-        lines.append(
-            f"| {rot['held_out']} | {rot['chosen']} | {s['beats']} / {s['beats_of']} | "
-            f"{slack:+.3f} | {'yes' if s['mnist_ok'] else 'no'} | "
-            f"{'yes' if s['passed'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 

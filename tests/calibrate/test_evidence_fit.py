@@ -142,11 +142,11 @@ def test_a_calibration_with_learned_evidence_refitted_from_outside(tmp_path, var
     torch.testing.assert_close(alarm.learned.reference, again.reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(alarm.null_predicted.scores, torch.sort(null.score).values)
     # the report carries the fit, so its alarm kinds can name what the learned part weighed
-    assert torch.equal(null.learned.weights, alarm.learned.weights)
+    assert torch.equal(null.learned.weights, alarm.learned.weights) and null.evidence == variant
     names = alarm.component_names()
     for i in range(20):
         ranks, score = null.component_ranks[i].tolist(), float(null.score[i])
-        assert null.alarm_kind(i) == alarm_kind(names, ranks, score, alarm.learned)
+        assert null.alarm_kind(i) == alarm_kind(names, ranks, score, alarm.learned, variant)
     # the table keeps the fit
     back = CalibrationTable.load(table.save(tmp_path / "t.safetensors"))
     assert torch.equal(back.alarm.learned.weights, alarm.learned.weights)

@@ -129,6 +129,25 @@ def test_the_alarm_kind_names_the_part_that_ranked_an_input():
     assert atypicality.alarm_kind(names, [float("nan")] * 5, shut, e) == "class_evidence"
 
 
+def test_the_alarm_kind_of_learned_with_mass_weighs_the_mass_term_too():
+    """``learned+mass``: an input the expectation mass ranked (its term beats the learned
+    rank's) is class evidence, though the learned term outweighs energy's; ``learned`` (no
+    mass in its Fisher sum) names the learned part's family for the same ranks."""
+    names = ["expectation_mass", "stage_energy:a", "head_distance:h", "energy", "stage_distance:a"]
+    weights = torch.zeros(10)
+    weights[1] = 2.0  # stage_energy:a's upper tail
+    reference = torch.sort(torch.randn(500, generator=torch.Generator().manual_seed(5))).values
+    e = LearnedEvidence(weights, -1.0, 1.0 / 301, reference)
+    ranks = [1e-6, 1e-3, 0.5, 0.6, 0.5]  # mass far out, the stage energy out, energy typical
+    learned_term = float(e.tail_ranks(torch.tensor([ranks]))[0]) ** e.rank_weight
+    assert 1e-6 < learned_term < 0.6  # beats energy's term, not the mass's
+    assert atypicality.alarm_kind(names, ranks, 1.0, e, "learned") == "low_level"
+    assert atypicality.alarm_kind(names, ranks, 1.0, e, "learned+mass") == "class_evidence"
+    assert atypicality.learned_kind(names, ranks, e, ()) == "class_evidence"  # no column
+    ranks[0] = 0.5  # the mass typical: the learned part's family again
+    assert atypicality.alarm_kind(names, ranks, 1.0, e, "learned+mass") == "low_level"
+
+
 def test_the_rank_floor_is_that_of_the_smallest_reference():
     reference = atypicality.ScoreReference((torch.arange(9.0), torch.arange(4.0)))
     assert reference.rank_floor == pytest.approx(1.0 / 5)  # 4 values: the smallest step rank
