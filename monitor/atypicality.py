@@ -397,7 +397,7 @@ def alarm_kind(
     tail_ranks: Sequence[float],
     score: float | None = None,
     learned: LearnedEvidence | None = None,
-    evidence: str = LEARNED_EVIDENCE,
+    evidence: str = DEFAULT_EVIDENCE,
 ) -> str | None:
     """The kind of atypicality behind one input's score. Of the gated score (``names`` with
     ``energy``; ``score`` given): where the gate opened (``score >= GATE_OFFSET``) the stage
