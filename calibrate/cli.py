@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -271,6 +272,19 @@ def _main(args: argparse.Namespace) -> int:
             if code == 0:
                 torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+            if code == 0:
+                _leave_rank()
+
+
+def _leave_rank() -> NoReturn:
+    """End a finished ``torchrun`` rank at once, its output flushed: the interpreter's teardown
+    can abort a rank whose work is done ("terminate called without an active exception", from
+    a thread of the gloo group; seen in 2 of about 10 two-rank test runs), and ``torchrun``
+    then reports the whole run failed although the table was written."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run(args: argparse.Namespace, info: DistInfo) -> int:

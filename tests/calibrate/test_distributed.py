@@ -221,3 +221,24 @@ def test_torchrun_two_ranks_equal_one_process(image_folder, heldout_folder, tiny
     assert torch.equal(a.counts, b.counts) and torch.equal(a.top_indices, b.top_indices)
     torch.testing.assert_close(a.mean, b.mean, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(a.quantiles, b.quantiles, rtol=1e-6, atol=1e-9)
+
+
+def test_a_finished_rank_leaves_with_its_output_flushed():
+    """``_leave_rank`` ends the process at once (no teardown: an atexit handler never runs)
+    with status 0, and what the rank printed or logged, unterminated lines included, is out."""
+    code = (
+        "import atexit, logging, sys\n"
+        "from surprise_monitor.calibrate import cli\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "logging.getLogger('x').info('logged')\n"
+        "print('summary', end='')\n"
+        "sys.stderr.write('warned')\n"
+        "cli._leave_rank()\n"
+        "print('not reached')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(), cwd=ROOT, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "summary"
+    assert res.stderr == "logged\nwarned"
