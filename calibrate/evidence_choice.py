@@ -187,26 +187,46 @@ def choose(
     components' reference) the learned variants compete too (:func:`learned_margins`)."""
     if not shifted:
         raise ValueError("no shifted images to choose on")
-    base_in = logit_scores(clean[1])
-    best = {  # per shift, the best logit score's AUROC (the same for every variant)
-        name: max(auroc(base_in[k], v) for k, v in logit_scores(logits).items())
-        for name, (_, logits) in shifted.items()
+    gates = {
+        v: Gate.columns(names, v, threshold) for v in EVIDENCE_VARIANTS if v not in LEARNED_VARIANTS
     }
-    worst: dict[str, float] = {}
-    for variant in EVIDENCE_VARIANTS:
-        if variant in LEARNED_VARIANTS:
-            continue
-        gate = Gate.columns(names, variant, threshold)
-        score_in = gate.score(clean[0].float())
-        worst[variant] = min(
-            auroc(score_in, gate.score(ranks.float())) - best[name]
-            for name, (ranks, _) in shifted.items()
-        )
+    clean_scores = {v: g.score(clean[0].float()) for v, g in gates.items()}
+    shifted_scores = {
+        name: {v: g.score(ranks.float()) for v, g in gates.items()}
+        for name, (ranks, _) in shifted.items()
+    }
+    logits = {name: lg for name, (_, lg) in shifted.items()}
+    margins = shift_margins(clean_scores, shifted_scores, clean[1], logits)
+    worst = {v: min(m.values()) for v, m in margins.items()}
     if floor is not None:
         learned = learned_margins(names, threshold, clean, shifted, floor)
         worst.update({v: min(m.values()) for v, m in learned.items()})
-    chosen = max(worst, key=lambda v: (round(worst[v], 9), -list(worst).index(v)))
-    return chosen, worst
+    return highest_worst(worst), worst
+
+
+def shift_margins(
+    clean: Mapping[str, torch.Tensor],
+    shifted: Mapping[str, Mapping[str, torch.Tensor]],
+    clean_logits: torch.Tensor,
+    shifted_logits: Mapping[str, torch.Tensor],
+) -> dict[str, dict[str, float]]:
+    """Per score and shift, the score's margin: its AUROC minus the best of MSP / MaxLogit /
+    Energy from the same logits. ``clean`` and each ``shifted[shift]`` map a score's name to
+    the images' values; ``clean_logits`` and ``shifted_logits[shift]`` are their logits."""
+    base_in = logit_scores(clean_logits)
+    out: dict[str, dict[str, float]] = {k: {} for k in clean}
+    for name, scores in shifted.items():
+        base_out = logit_scores(shifted_logits[name])
+        best = max(auroc(base_in[k], base_out[k]) for k in base_in)
+        for k in clean:
+            out[k][name] = auroc(clean[k], scores[k]) - best
+    return out
+
+
+def highest_worst(worst: Mapping[str, float]) -> str:
+    """The variant of the highest worst margin (to 1e-9); ties go to the first listed."""
+    order = list(worst)
+    return max(order, key=lambda v: (round(worst[v], 9), -order.index(v)))
 
 
 def learned_margins(

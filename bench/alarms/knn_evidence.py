@@ -44,9 +44,9 @@ from bench.strong_models import ALARM_MODELS, HELDOUT
 from surprise_monitor.calibrate.evidence_choice import (
     CHOICE_IMAGES,
     SHIFTS,
-    auroc,
+    highest_worst,
     learned_margins,
-    logit_scores,
+    shift_margins,
 )
 from surprise_monitor.monitor.atypicality import GATE_OFFSET, GATED_SCORE_NAME, Gate, fisher
 from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS
@@ -61,8 +61,6 @@ NEIGHBOUR = 10
 VARIANTS = {"energy+knn": "energy", "energy+mass+knn": "energy+mass"}
 #: The KNN rank's weights in the Fisher sum.
 WEIGHTS = (0.5, 1.0)
-#: The library's fixed evidence variants.
-FIXED = ("energy", "energy+mass")
 #: The AUROCs read from ``results/learned.json`` beside the new ones.
 KEPT = ("MSP", "MaxLogit", "Energy", "Mahalanobis", "KNN", "energy", "energy+mass",
         "learned, family held out", "learned+mass, family held out")  # fmt: skip
@@ -149,25 +147,6 @@ def choice_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str, t
     return out
 
 
-def shift_margins(
-    clean: Mapping[str, torch.Tensor],
-    shifted: Mapping[str, Mapping[str, torch.Tensor]],
-    clean_logits: torch.Tensor,
-    shifted_logits: Mapping[str, torch.Tensor],
-) -> dict[str, dict[str, float]]:
-    """Per score and shift, its margin: its AUROC minus the best of MSP / MaxLogit / Energy
-    (``evidence_choice.choose``'s). ``clean`` and each ``shifted[name]`` map a score to the
-    images' values; the logits give the baselines'."""
-    base_in = logit_scores(clean_logits)
-    out: dict[str, dict[str, float]] = {k: {} for k in clean}
-    for name, scores in shifted.items():
-        base_out = logit_scores(shifted_logits[name])
-        best = max(auroc(base_in[k], base_out[k]) for k in base_in)
-        for k in clean:
-            out[k][name] = auroc(clean[k], scores[k]) - best
-    return out
-
-
 #: The rules ``auto`` could follow, each picking a variant from its synthetic margins: the
 #: library's (the highest worst margin), and two that reward more than the worst shift: among
 #: the variants whose worst margin is within the issue's tolerance for such sets
@@ -178,28 +157,27 @@ RULES = ("worst", "tolerance, then mean", "tolerance, then wins")
 def pick(margins: Mapping[str, Mapping[str, float]], rule: str) -> str:
     """The variant ``rule`` (one of :data:`RULES`) picks; ties go to the first listed."""
     worst = {k: min(m.values()) for k, m in margins.items()}
+    if rule == RULES[0]:  # the library's own
+        return highest_worst(worst)
     mean = {k: sum(m.values()) / len(m) for k, m in margins.items()}
     wins = {k: sum(v > 0 for v in m.values()) for k, m in margins.items()}
-    if rule == RULES[0]:
-        key = {k: (round(worst[k], 9),) for k in margins}
-    else:
-        ok = {k for k in margins if worst[k] >= -loo.OTHER_TOLERANCE} or set(margins)
-        second = {k: (wins[k], round(mean[k], 9)) for k in margins}
-        key = {k: (k in ok, *((round(mean[k], 9),) if rule == RULES[1] else second[k]))
-               for k in margins}  # fmt: skip
+    ok = {k for k in margins if worst[k] >= -loo.OTHER_TOLERANCE} or set(margins)
+    second = {k: (wins[k], round(mean[k], 9)) for k in margins}
+    key = {k: (k in ok, *((round(mean[k], 9),) if rule == RULES[1] else second[k]))
+           for k in margins}  # fmt: skip
     order = list(margins)
     return max(order, key=lambda k: (*key[k], -order.index(k)))
 
 
 def run_model(name: str, n: int = 200) -> dict:
-    """Both parts' AUROCs of the new scores (see the module docstring) and their worst
-    synthetic margins on the choice images."""
+    """Both parts' AUROCs of the new scores (see the module docstring), every variant's
+    margin on each synthetic shift of the choice images, and each rule's pick."""
     model = collect.load_model(name)
     table = collect.table_of(name, model, log, GATED_SCORE_NAME)
     alarm = table.alarm
     assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
     names, threshold = alarm.component_names(), alarm.gate_threshold
-    gates = {v: Gate.columns(names, v, threshold) for v in set(VARIANTS.values())}
+    gates = {v: Gate.columns(names, v, threshold) for v in (*learned.FIXED, *VARIANTS.values())}
     knn = KnnRank.fit(torch.from_numpy(collect.train_features(name, model)[0]))
 
     def scores(found: dict[str, np.ndarray], family: str | None) -> dict[str, np.ndarray]:
@@ -216,7 +194,7 @@ def run_model(name: str, n: int = 200) -> dict:
     judged = {"clean": clean[0], **{s: r for s, (r, _) in shifted.items()}}
     new = {}
     for k, r in judged.items():
-        new[k] = {v: Gate.columns(names, v, threshold).score(r.float()) for v in FIXED}
+        new[k] = {v: gates[v].score(r.float()) for v in learned.FIXED}
         new[k].update(gated_scores(gates, r.float(), knn.ranks(feats[k])))
     margins = shift_margins(
         new["clean"],
@@ -256,13 +234,12 @@ def checks(aurocs: Mapping[str, Mapping[str, float]], family_of: Mapping[str, st
     return out
 
 
-def _verdicts(result: dict, library: dict, score: str) -> list[str]:
-    """Each part's ``beats / slack / MNIST min / passed`` of ``score``."""
-    both = merged(result, library)
-    family_of = {s: i["family"] for s, i in library["parts"]["report"].items()}
+def _verdicts(both: dict, family_of: Mapping[str, str], score: str, model: str) -> list[str]:
+    """Each part's ``beats / slack / MNIST min / passed`` of ``score`` (``both``:
+    :func:`merged`'s AUROCs)."""
     cells = []
     for part in learned.PARTS:
-        c = checks(both[part], family_of, score, result["model"])
+        c = checks(both[part], family_of, score, model)
         cells.append(f"{c['beats']} / {c['slack']:+.3f} / {c['mnist_min']:.3f} / "
                      f"{'yes' if c['passed'] else 'no'}")  # fmt: skip
     return cells
@@ -273,9 +250,11 @@ def markdown(results: Mapping[str, dict], library: Mapping[str, dict]) -> str:
     variant's worst / mean margin and shifts won on the choice images; what each rule picks."""
     lines = ["| model | score | selection: beats / slack / MNIST min / passed | "
              "report: beats / slack / MNIST min / passed |", "|---|---|---|---|"]  # fmt: skip
-    for name, result in results.items():
+    both = {name: merged(result, library[name]) for name, result in results.items()}
+    family_of = {s: i["family"] for r in library.values() for s, i in r["parts"]["report"].items()}
+    for name in results:
         for score in (*KEPT[5:], *LABELS):
-            cells = _verdicts(result, library[name], score)
+            cells = _verdicts(both[name], family_of, score, name)
             lines.append(f"| {name} | {score} | {cells[0]} | {cells[1]} |")
     variants = list(next(iter(results.values()))["margins"])
     lines += ["", "| model | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
@@ -290,7 +269,7 @@ def markdown(results: Mapping[str, dict], library: Mapping[str, dict]) -> str:
     for name, result in results.items():
         for rule, chosen in result["picks"].items():
             score = f"{chosen}{learned.HELD_OUT}" if chosen in LEARNED_VARIANTS else chosen
-            cells = _verdicts(result, library[name], score)
+            cells = _verdicts(both[name], family_of, score, name)
             lines.append(f"| {name} | {rule} | {chosen} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 

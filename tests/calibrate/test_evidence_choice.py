@@ -136,3 +136,20 @@ def test_auto_is_an_evidence_option():
     assert AlarmOptions(score=GATED_SCORE_NAME, evidence="auto").evidence == "auto"
     with pytest.raises(OptionValueError, match="evidence"):
         AlarmOptions(evidence="beta")
+
+
+def test_each_shift_s_margin_is_the_score_s_auroc_minus_the_best_logit_one():
+    """AUROCs by scikit-learn: the score's minus the best of MSP / MaxLogit / Energy."""
+
+    def sk(a: torch.Tensor, b: torch.Tensor) -> float:
+        return roc_auc_score([0] * len(a) + [1] * len(b), torch.cat([a, b]).double().numpy())
+
+    g = torch.Generator().manual_seed(1)
+    clean_logits, out_logits = torch.randn(50, 3, generator=g), torch.randn(40, 3, generator=g)
+    clean = {"s": torch.randn(50, generator=g)}
+    shifted = {"a": {"s": torch.randn(40, generator=g) + 1.0}, "b": {"s": torch.randn(40)}}
+    margins = ec.shift_margins(clean, shifted, clean_logits, {"a": out_logits, "b": out_logits})
+    base_in, base_out = ec.logit_scores(clean_logits), ec.logit_scores(out_logits)
+    best = max(sk(base_in[k], base_out[k]) for k in base_in)
+    for n in ("a", "b"):
+        assert margins["s"][n] == pytest.approx(sk(clean["s"], shifted[n]["s"]) - best)
