@@ -49,8 +49,10 @@ from surprise_monitor.calibrate.distributed import Comm
 from surprise_monitor.calibrate.evidence_choice import (
     AUTO_MIN_HELDOUT,
     CHOICE_IMAGES,
+    RULE,
     SHIFTS,
-    choose,
+    choice_margins,
+    pick,
 )
 from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
@@ -62,11 +64,13 @@ from surprise_monitor.monitor.atypicality import (
     FISHER_SCORE_NAME,
     GATE_LEVEL,
     GATED_SCORE_NAME,
+    KNN_VARIANTS,
     ScoreReference,
     fit_stage,
 )
 from surprise_monitor.monitor.checks import OptionValueError
 from surprise_monitor.monitor.judge import Judge
+from surprise_monitor.monitor.knn_distance import KnnDistance
 from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS, LearnedEvidence
 from surprise_monitor.monitor.options import Execution
 from surprise_monitor.monitor.probe.hooks import get_module
@@ -129,7 +133,7 @@ def alarm_calibration(
     layers = _profile_layers(model, table, options.profile_layers, images, device)
     head = _head_layer(model, options.head_layer, layers, images, device)
     passes = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
-    grids, head_means, head_precision, stage = _profile_grids(
+    grids, head_means, head_precision, stage, head_rows = _profile_grids(
         model, layers, head, _counted(images.half(0), images.size(0), "profile grids", progress),
         table.levels, num_classes=table.num_classes,
         stage=options.score in (GATED_SCORE_NAME, AUTO_SCORE), **passes,
@@ -138,6 +142,7 @@ def alarm_calibration(
     alarm = AlarmCalibration(
         options.score, tuple(layers), grids, None, images.count, head_layer=head,
         head_means=head_means, head_precision=head_precision, **_stage_fields(options, stage),
+        knn=_knn_bank(options, head_rows),
     )  # fmt: skip
     with_grids = replace(table, alarm=alarm, path=None, sha256="")
     odd = _counted(images.half(1), images.size(1), "score reference", progress)
@@ -190,9 +195,9 @@ def _with_heldout(
         found["evidence_choice"] = {"skipped": why}
     if choice is not None:
         asked = options.evidence if learn else None
-        alarm, predicted, labelled, worst = _with_chosen_evidence(alarm, choice, asked)
+        alarm, predicted, labelled, margins = _with_chosen_evidence(alarm, choice, asked)
         found["evidence_choice"] = {"images": CHOICE_IMAGES, "shifts": list(SHIFTS),
-                                    "worst_margin": worst, "asked": options.evidence}  # fmt: skip
+                                    "rule": RULE, **margins, "asked": options.evidence}  # fmt: skip
     log.info(
         "calibrate: conformal null from %d held-out images (accuracy %.4f)",
         predicted.numel(), accuracy,
@@ -206,6 +211,12 @@ def _with_heldout(
 
 
 # ----------------------------------------------------------------------- the images
+def evenly_spaced(total: int, limit: int) -> np.ndarray:
+    """At most ``limit`` distinct positions of ``range(total)``, evenly spaced, ascending (all
+    of them when ``limit >= total``)."""
+    return np.unique(np.linspace(0, total - 1, min(limit, total)).round().astype(int))
+
+
 class _ReferenceImages:
     """An evenly spaced subset of the training data (the first images of an iterable one)."""
 
@@ -224,7 +235,7 @@ class _ReferenceImages:
             self.indices = None
             self.count = limit
         else:
-            picked = np.unique(np.linspace(0, total - 1, min(limit, total)).round().astype(int))
+            picked = evenly_spaced(total, limit)
             self.indices = picked
             self.count = int(picked.size)
 
@@ -353,14 +364,16 @@ def _profile_grids(
     torch.Tensor | None,
     torch.Tensor | None,
     list[tuple[torch.Tensor, torch.Tensor]],
+    torch.Tensor | None,
 ]:
     """Each profile layer's ``[C, Q]`` percentile grid of channel means over ``batches``, the
-    head layer's class means and shared precision (``None`` without a head), and with
-    ``stage`` every tapped layer's stage statistics (:func:`fit_stage`: profile layers, then
-    the head; the channel means themselves are not kept)."""
+    head layer's class means and shared precision (``None`` without a head), with ``stage``
+    every tapped layer's stage statistics (:func:`fit_stage`: profile layers, then the head),
+    and the head layer's channel means themselves ``[n, C]`` (the KNN bank's source; ``None``
+    without a head)."""
     tapped = layers + ([head] if head else [])
     if not tapped:
-        return (), None, None, []
+        return (), None, None, [], None
     tap = ProfileTap(model, tapped)
     rows: list[list[np.ndarray]] = [[] for _ in tapped]
     labels: list[np.ndarray] = []
@@ -385,9 +398,31 @@ def _profile_grids(
     )
     fits = [fit_stage(torch.from_numpy(m)) for m in means] if stage else []
     if not head:
-        return grids, None, None, fits
+        return grids, None, None, fits, None
     head_means, precision = fit_head(means[-1], np.concatenate(labels), num_classes)
-    return grids, head_means, precision, fits
+    return grids, head_means, precision, fits, torch.from_numpy(means[-1])
+
+
+def _knn_bank(options: AlarmOptions, head_rows: torch.Tensor | None) -> KnnDistance | None:
+    """The gated score's KNN bank: at most ``options.knn_bank`` of the head layer's channel
+    means ``head_rows [n, C]``, evenly spaced (``None`` for the Fisher score, without a head or
+    with ``knn_bank`` 0; a named ``+knn`` variant of the gated score then is refused, naming
+    the option)."""
+    if options.score != GATED_SCORE_NAME:
+        return None
+    if head_rows is None or options.knn_bank == 0:
+        if options.evidence in KNN_VARIANTS:
+            why = ("--knn-bank / knn_bank 0" if options.knn_bank == 0
+                   else "no head layer: --head-layer / head_layer none")  # fmt: skip
+            raise OptionValueError(
+                "evidence", f"a variant without the KNN component ({why})", options.evidence
+            )
+        return None
+    picked = evenly_spaced(int(head_rows.shape[0]), options.knn_bank)
+    knn = KnnDistance.of(head_rows[torch.from_numpy(picked)])
+    log.info("calibrate: KNN bank of %d training images' head features (the %dth nearest)",
+             knn.bank.shape[0], knn.k)  # fmt: skip
+    return knn
 
 
 def _with_score(
@@ -445,23 +480,26 @@ def _stage_fields(
 
 def _with_chosen_evidence(
     alarm: AlarmCalibration, choice: _Choice, asked: str | None = None
-) -> tuple[AlarmCalibration, torch.Tensor, torch.Tensor, dict[str, float]]:
+) -> tuple[AlarmCalibration, torch.Tensor, torch.Tensor, dict[str, dict[str, float]]]:
     """``alarm`` with the evidence variant chosen on the held-out images' shifts (or
     ``asked``, a learned variant), fitted where it is a learned one, the null images' scores
-    (predicted, labelled) in that variant, and each variant's worst margin."""
-    variant, worst = choice.chosen(alarm)
-    learn = asked is not None
-    if asked is not None:
-        variant = asked
-    log.info("calibrate: evidence %s %s on %d held-out images and %d shifts (worst margin "
-             "against the best logit score: %s); they are left out of the null", variant,
-             "fitted" if learn else "chosen", CHOICE_IMAGES, len(SHIFTS),
-             ", ".join(f"{v} {m:+.3f}" for v, m in worst.items()))  # fmt: skip
+    (predicted, labelled) in that variant, and each variant's worst and mean margins."""
+    margins = choice.margins(alarm)
+    variant = pick(margins) if asked is None else asked
+    summary = {
+        "worst_margin": {v: min(m.values()) for v, m in margins.items()},
+        "mean_margin": {v: sum(m.values()) / len(m) for v, m in margins.items()},
+    }
+    log.info("calibrate: evidence %s %s on %d held-out images and %d shifts (mean / worst "
+             "margin against the best logit score: %s); they are left out of the null",
+             variant, "fitted" if asked else "chosen", CHOICE_IMAGES, len(SHIFTS),
+             ", ".join(f"{v} {summary['mean_margin'][v]:+.3f} / {m:+.3f}"
+                       for v, m in summary["worst_margin"].items()))  # fmt: skip
     learned = choice.fitted(alarm) if variant in LEARNED_VARIANTS else None
     alarm = replace(alarm, evidence=variant, learned=learned)
     gate = alarm.gate()
     assert gate is not None and choice.null_ranks is not None
-    return alarm, gate.score(choice.null_ranks[0]), gate.score(choice.null_ranks[1]), worst
+    return alarm, gate.score(choice.null_ranks[0]), gate.score(choice.null_ranks[1]), summary
 
 
 def _with_reference(alarm: AlarmCalibration, parts: torch.Tensor) -> AlarmCalibration:
@@ -602,12 +640,13 @@ class _Choice:
             r = judge(shift(x))
             self.shifted[name].append((r.component_ranks, r.logits))
 
-    def chosen(self, alarm: AlarmCalibration) -> tuple[str, dict[str, float]]:
-        """The variant :func:`~surprise_monitor.calibrate.evidence_choice.choose` picks."""
+    def margins(self, alarm: AlarmCalibration) -> dict[str, dict[str, float]]:
+        """Every variant's margin on each shift
+        (:func:`~surprise_monitor.calibrate.evidence_choice.choice_margins`)."""
         assert alarm.gate_threshold is not None
         shifted = {name: _cat(parts) for name, parts in self.shifted.items()}
         names, threshold = alarm.component_names(), alarm.gate_threshold
-        return choose(names, threshold, _cat(self.clean), shifted, _floor(alarm))
+        return choice_margins(names, threshold, _cat(self.clean), shifted, _floor(alarm))
 
     def fitted(self, alarm: AlarmCalibration) -> LearnedEvidence:
         """The ``learned`` evidence fitted on every judged image (clean and shifted)."""

@@ -131,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
         "reference_images": "--reference-images", "enabled": "--no-alarm",
         "class_null_min": "--class-null-min", "score": "--alarm-score",
         "evidence": "--alarm-evidence", "gate_level": "--gate-level",
+        "knn_bank": "--knn-bank",
     })  # fmt: skip
     add_option_arguments(p, TableOptions, {"top_k": "--top-k"})
     add_option_arguments(p, RunOptions, {"spill_dir": "--spill-dir"})
@@ -199,6 +200,9 @@ def _alarm_line(table: CalibrationTable) -> str:
     )
     if alarm.gated and alarm.gate_level is not None:
         line += f" (the gate opens on {alarm.gate_level:g} of them: --gate-level)"
+    if alarm.knn is not None:
+        line += (f", KNN bank of {alarm.knn.bank.shape[0]} images' head features (distance to "
+                 f"the {alarm.knn.k}th nearest: --knn-bank)")  # fmt: skip
     if alarm.null_predicted is None:
         return line + "; no --heldout images, so no null: the monitor raises no alarms"
     n, acc = alarm.null_predicted.size, alarm.heldout.get("accuracy", float("nan"))

@@ -32,6 +32,7 @@ from surprise_monitor.monitor.atypicality import (
 )
 from surprise_monitor.monitor.checks import fraction, non_negative_int, one_of, positive_int
 from surprise_monitor.monitor.conformal import DEFAULT_CLASS_NULL_MIN
+from surprise_monitor.monitor.knn_distance import BANK, NEIGHBOUR
 from surprise_monitor.monitor.learned_evidence import LEARNED_EVIDENCE, LEARNED_WITH_MASS
 from surprise_monitor.monitor.options import Execution, help_of, option
 from surprise_monitor.monitor.probe.class_output import CLASS_OUTPUTS, DEFAULT_CLASS_OUTPUT
@@ -176,8 +177,16 @@ class AlarmOptions:
         f"null then leaves out; {DEFAULT_EVIDENCE} when the held-out data has fewer than "
         f"{AUTO_MIN_HELDOUT} images). {LEARNED_EVIDENCE}: energy and a logistic regression over "
         f"every component's two-sided tail ranks, fitted on those shifts; {LEARNED_WITH_MASS}: "
-        "the same and the expectation mass",
+        "the same and the expectation mass; the +knn variants add the nearest-neighbour "
+        "distance (a table with a KNN bank)",
         choices=(*EVIDENCE_VARIANTS, AUTO_EVIDENCE),
+    )
+    knn_bank: int = option(
+        BANK,
+        f"training images whose head-layer features the {GATED_SCORE_NAME} score keeps for its "
+        f"nearest-neighbour component (the distance to the {NEIGHBOUR}th nearest; taken evenly "
+        "from the reference images' half behind the head statistics); 0: no such component "
+        "and no +knn evidence variant",
     )
     gate_level: float = option(
         GATE_LEVEL,
@@ -192,6 +201,7 @@ class AlarmOptions:
         object.__setattr__(self, "gate_level", fraction("gate_level", self.gate_level))
         positive_int("reference_images", self.reference_images)
         non_negative_int("class_null_min", self.class_null_min)
+        non_negative_int("knn_bank", self.knn_bank)
         one_of("score", self.score, (*SCORES, AUTO_SCORE))
         one_of("evidence", self.evidence, (*EVIDENCE_VARIANTS, AUTO_EVIDENCE))
 

@@ -28,21 +28,26 @@ with, is in ``bench/alarms/PROTOCOL.md``.
 
 The *gated* score (:data:`GATED_SCORE_NAME`; issue 20; calibrate's default where the reference
 images suffice: ``surprise_monitor.calibrate.score_choice``)
-adds two kinds of component:
+adds these kinds of component:
 
 - ``energy``: ``-logsumexp(logits)``, the class evidence of the logits (pytorch-ood's
   ``EnergyBased``);
 - ``stage_distance`` at each profile layer and the head layer: the Mahalanobis distance of the
   layer's channel means from the training images' (class-agnostic, the covariance shrunk by
   :data:`STAGE_SHRINK`; :class:`StageDistance`): far shifts move the channel means *together*,
-  which ``stage_energy``'s per-channel sum dilutes.
+  which ``stage_energy``'s per-channel sum dilutes;
+- ``knn_distance`` at the head layer (tables with a KNN bank, the default since stop 36):
+  the distance of the unit head features to the 10th nearest of a bank of training images'
+  (KNN's score, pytorch-ood's ``KNN``; :mod:`surprise_monitor.monitor.knn_distance`): features
+  unlike the training images', without a class mean or a covariance;
 
 and ranks first every input whose stage distances' Fisher combination lies beyond a share
 :data:`GATE_LEVEL` of the reference training images' (far beyond anything seen in training:
 ``GATE_OFFSET +`` that statistic), every other input by the class evidence: Fisher's combination
-of the tail ranks of :data:`EVIDENCE_VARIANTS` (energy, or energy and the expectation mass;
-the learned variants add the rank of a logistic regression over every component's tail ranks,
-fitted at calibration: :mod:`surprise_monitor.monitor.learned_evidence`).
+of the tail ranks of :data:`EVIDENCE_VARIANTS` (energy, or energy and the expectation mass,
+each with or without the nearest-neighbour distance; the learned variants add the rank of a
+logistic regression over every component's tail ranks, fitted at calibration:
+:mod:`surprise_monitor.monitor.learned_evidence`).
 The stage distances carry nothing on near shifts (rotations, occlusion), where a soft combination
 with them diluted the class evidence; the gate keeps them out of those and ranks the far shifts
 first (``bench/README.md``, "Shift families and leave-one-out").
@@ -82,12 +87,18 @@ SCORES = (FISHER_SCORE_NAME, GATED_SCORE_NAME)
 #: ``learned`` adds a logistic regression over every component's two-sided tail rank, fitted at
 #: calibration (:mod:`surprise_monitor.monitor.learned_evidence`), to energy's rank;
 #: ``learned+mass`` to energy's and the expectation mass's.
+#: The ``+knn`` variants add the nearest-neighbour distance's rank (tables with a KNN bank:
+#: :mod:`surprise_monitor.monitor.knn_distance`).
 EVIDENCE_VARIANTS: dict[str, tuple[str, ...]] = {
     "energy": ("energy",),
     "energy+mass": ("energy", "expectation_mass"),
     LEARNED_EVIDENCE: ("energy",),
     LEARNED_WITH_MASS: ("energy", "expectation_mass"),
+    "energy+knn": ("energy", "knn_distance"),
+    "energy+mass+knn": ("energy", "expectation_mass", "knn_distance"),
 }
+#: The variants that need the table's KNN bank.
+KNN_VARIANTS = tuple(v for v, kinds in EVIDENCE_VARIANTS.items() if "knn_distance" in kinds)
 DEFAULT_EVIDENCE = "energy"
 #: Share of the reference images beyond which the gate opens.
 GATE_LEVEL = 0.01
@@ -104,18 +115,24 @@ STAGE_COMPONENT = "stage_energy"
 HEAD_COMPONENT = "head_distance"
 ENERGY_COMPONENT = "energy"
 STAGE_DISTANCE_COMPONENT = "stage_distance"
+KNN_COMPONENT = "knn_distance"
 
 
 def component_names(
-    profile_layers: Sequence[str], head_layer: str | None = None, score: str = FISHER_SCORE_NAME
+    profile_layers: Sequence[str],
+    head_layer: str | None = None,
+    score: str = FISHER_SCORE_NAME,
+    knn: bool = False,
 ) -> list[str]:
     """The components' names, in the order :func:`components` returns them (for the gated
-    score then ``energy`` and a stage distance per profile layer and the head layer)."""
+    score then ``energy`` and a stage distance per profile layer and the head layer, and with
+    ``knn`` (a table with a KNN bank) the head layer's nearest-neighbour distance)."""
     names = [ALPHA_COMPONENT] + [f"{STAGE_COMPONENT}:{layer}" for layer in profile_layers]
     names += [f"{HEAD_COMPONENT}:{head_layer}"] if head_layer else []
     if score == GATED_SCORE_NAME:
         tapped = [*profile_layers, *([head_layer] if head_layer else [])]
         names += [ENERGY_COMPONENT] + [f"{STAGE_DISTANCE_COMPONENT}:{x}" for x in tapped]
+        names += [f"{KNN_COMPONENT}:{head_layer}"] if knn and head_layer else []
     return names
 
 
@@ -243,6 +260,11 @@ class Gate:
                 f"score has {len(names)}"
             )
         kinds = [n.split(":", 1)[0] for n in names]
+        if variant in KNN_VARIANTS and KNN_COMPONENT not in kinds:
+            raise ValueError(
+                f"evidence variant {variant!r} needs the {KNN_COMPONENT} component: a table "
+                "calibrated with a KNN bank (knn_bank > 0, a head layer)"
+            )
         gate = tuple(j for j, k in enumerate(kinds) if k == STAGE_DISTANCE_COMPONENT)
         evidence = tuple(j for j, k in enumerate(kinds) if k in EVIDENCE_VARIANTS[variant])
         if not gate or len(evidence) != len(EVIDENCE_VARIANTS[variant]):
@@ -383,6 +405,7 @@ ALARM_KINDS: dict[str, str] = {
 _FAMILY_OF_COMPONENT = {
     ALPHA_COMPONENT: "class_evidence", STAGE_COMPONENT: "low_level", HEAD_COMPONENT: "features",
     ENERGY_COMPONENT: "class_evidence", STAGE_DISTANCE_COMPONENT: "low_level",
+    KNN_COMPONENT: "features",
 }  # fmt: skip
 
 
@@ -402,7 +425,9 @@ def alarm_kind(
     """The kind of atypicality behind one input's score. Of the gated score (``names`` with
     ``energy``; ``score`` given): where the gate opened (``score >= GATE_OFFSET``) the stage
     distance with the smallest tail rank names it (``features`` at the head layer, else
-    ``low_level``), else ``class_evidence`` (the class evidence ranked it); with a
+    ``low_level``), else the class evidence's column with the smallest tail rank
+    (:func:`evidence_kind`: ``class_evidence``, or ``features`` for the ``+knn`` variants'
+    nearest-neighbour distance); with a
     ``learned`` evidence whose term outweighs every Fisher term of the variant ``evidence``
     (a key of :data:`EVIDENCE_VARIANTS`), the family of the component whose feature adds most
     to its decision (:func:`learned_kind`). Otherwise the
@@ -412,9 +437,10 @@ def alarm_kind(
     if score is not None and ENERGY_COMPONENT in names and score == score:
         if score >= GATE_OFFSET:
             return _opened_kind(names, tail_ranks)
+        kinds = EVIDENCE_VARIANTS.get(evidence, (ENERGY_COMPONENT,))
         if learned is None:
-            return "class_evidence"
-        return learned_kind(names, tail_ranks, learned, EVIDENCE_VARIANTS.get(evidence, ()))
+            return evidence_kind(names, tail_ranks, kinds)
+        return learned_kind(names, tail_ranks, learned, kinds)
     best: dict[str, float] = {}
     size: dict[str, int] = {}
     for name, rank in zip(names, tail_ranks, strict=True):
@@ -441,15 +467,31 @@ def _opened_kind(names: Sequence[str], tail_ranks: Sequence[float]) -> str:
     return "features" if min(distances)[1] in head else "low_level"
 
 
+def evidence_kind(
+    names: Sequence[str], tail_ranks: Sequence[float], evidence: Sequence[str] = (ENERGY_COMPONENT,)
+) -> str:
+    """The kind behind a class evidence of fixed columns (the component kinds ``evidence``):
+    the family of the column with the smallest tail rank (ties: the first listed), so a
+    ``+knn`` variant's input ranked by its nearest-neighbour distance is ``features``;
+    ``class_evidence`` without such a column or with a NaN rank among them."""
+    found = [(float(r), j) for j, (n, r) in enumerate(zip(names, tail_ranks, strict=True))
+             if n.split(":", 1)[0] in evidence]  # fmt: skip
+    if not found or any(r != r for r, _ in found):
+        return "class_evidence"
+    family = component_family(names[min(found)[1]])
+    return "class_evidence" if family == "other" else family
+
+
 def learned_kind(
     names: Sequence[str],
     tail_ranks: Sequence[float],
     learned: LearnedEvidence,
     evidence: Sequence[str] = (ENERGY_COMPONENT,),
 ) -> str:
-    """The kind behind a class evidence with a learned part (the gate shut): ``class_evidence``
-    where the largest Fisher term of the ``evidence`` columns (component kinds: energy's, and
-    the expectation mass's for ``learned+mass``) is at least the learned rank's (the smallest
+    """The kind behind a class evidence with a learned part (the gate shut): the fixed
+    columns' kind (:func:`evidence_kind`) where the largest Fisher term of the ``evidence``
+    columns (component kinds: energy's, and the expectation mass's for ``learned+mass``) is
+    at least the learned rank's (the smallest
     such rank at most the learned rank to the power of its weight: the fixed evidence ranked
     the input), else the family (:func:`component_family`) of the component whose feature adds
     most to the learned decision (``weight * feature``, either tail); a component of no known
@@ -461,7 +503,7 @@ def learned_kind(
     learned = learned.to("cpu")
     evidence_rank = min(float(ranks[0, j]) for j in columns)
     if evidence_rank <= float(learned.tail_ranks(ranks)[0]) ** learned.rank_weight:
-        return "class_evidence"
+        return evidence_kind(names, tail_ranks, evidence)
     contribution = rank_features(ranks, learned.floor)[0] * learned.weights.float()
     j = int(torch.argmax(contribution)) % len(names)
     family = component_family(names[j])

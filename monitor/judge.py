@@ -58,6 +58,7 @@ from surprise_monitor.monitor.cuda_graphs import StepGraphs
 from surprise_monitor.monitor.errors import SurpriseMonitorError
 from surprise_monitor.monitor.fingerprint import layer_fingerprint, model_fingerprint
 from surprise_monitor.monitor.host_copy import to_host
+from surprise_monitor.monitor.knn_distance import KnnDistance
 from surprise_monitor.monitor.loading.models import model_device, model_dtype
 from surprise_monitor.monitor.options import Execution, Thresholds, renamed_keywords
 from surprise_monitor.monitor.probe.grad_amap_probe import GradAMapProbe, ModelRaised, ProbeResult
@@ -167,6 +168,7 @@ class _AlarmTables:
     head: HeadDistance | None  # the head layer's distance to the class means
     reference: ScoreReference | None
     stage: StageDistance | None  # the gated score's stage distances (None: Fisher score)
+    knn: KnnDistance | None  # the gated score's nearest-neighbour distance (None: no bank)
     gate: Gate | None  # the gated score's columns and threshold (None: Fisher score)
     null_predicted: ConformalNull | None
     null_labelled: ConformalNull | None
@@ -546,6 +548,8 @@ class Judge:
         parts = components(alpha_percentile, stages, head)
         if alarm.stage is not None:
             extra = [energy(logits).to(dev)[:, None], alarm.stage(means)]
+            if alarm.knn is not None:
+                extra.append(alarm.knn(means[-1])[:, None])
             parts = torch.cat([parts, *extra], dim=1)
         if alarm.reference is None:
             return _alarm_fields(nan, nan, no, parts, torch.full_like(parts, float("nan")))
@@ -602,6 +606,7 @@ class Judge:
                     head=_head_on(a, device),
                     reference=None if a.reference is None else a.reference.to(device),
                     stage=_stage_on(a, device),
+                    knn=None if a.knn is None else a.knn.to(device),
                     gate=_gate_on(a, device),
                     null_predicted=_on(a.null_predicted, device),
                     null_labelled=_on(a.null_labelled, device),

@@ -19,6 +19,7 @@ from surprise_monitor.kernels import check_percentile_grid
 from surprise_monitor.monitor.atypicality import (
     EVIDENCE_VARIANTS,
     GATED_SCORE_NAME,
+    KNN_VARIANTS,
     SCORES,
     STEP_TAIL,
     TAILS,
@@ -28,6 +29,7 @@ from surprise_monitor.monitor.atypicality import (
 )
 from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
 from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.knn_distance import KnnDistance
 from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS, LearnedEvidence
 
 #: Tensor name prefix in the file.
@@ -77,6 +79,10 @@ class AlarmCalibration:
             :data:`~surprise_monitor.monitor.atypicality.GATE_LEVEL`).
         learned: the fitted class evidence of the ``learned`` variant
             (:class:`~surprise_monitor.monitor.learned_evidence.LearnedEvidence`), else ``None``.
+        knn: the gated score's nearest-neighbour component: a bank of training images' unit
+            head features and its neighbour
+            (:class:`~surprise_monitor.monitor.knn_distance.KnnDistance`), else ``None`` (no
+            such component: tables made before it, or ``knn_bank=0``).
     """
 
     score: str
@@ -98,6 +104,7 @@ class AlarmCalibration:
     gate_threshold: float | None = None
     gate_level: float | None = None
     learned: LearnedEvidence | None = None
+    knn: KnnDistance | None = None
 
     @property
     def gated(self) -> bool:
@@ -119,7 +126,9 @@ class AlarmCalibration:
 
     def component_names(self) -> list[str]:
         """The score's components, in the order of ``report.components``' columns."""
-        return component_names(self.profile_layers, self.head_layer, self.score)
+        return component_names(
+            self.profile_layers, self.head_layer, self.score, knn=self.knn is not None
+        )
 
     @property
     def has_null(self) -> bool:
@@ -254,13 +263,15 @@ class AlarmCalibration:
         """:class:`AlarmTableError` when the gated score's statistics do not fit."""
         if not self.gated:
             gate = (self.gate_threshold, self.gate_level)
-            if self.evidence or self.stage_means or gate != (None, None) or self.learned:
+            extra = self.learned is not None or self.knn is not None
+            if self.evidence or self.stage_means or gate != (None, None) or extra:
                 raise AlarmTableError(f"the {self.score!r} score has no gate or evidence variant")
             return
         if self.evidence not in EVIDENCE_VARIANTS:
             raise AlarmTableError(
                 f"evidence variant {self.evidence!r} is not one of {sorted(EVIDENCE_VARIANTS)}"
             )
+        self._validate_knn()
         if (self.evidence in LEARNED_VARIANTS) != (self.learned is not None):
             raise AlarmTableError(
                 f"the evidence variants {list(LEARNED_VARIANTS)}, and they alone, need their "
@@ -294,6 +305,27 @@ class AlarmCalibration:
             raise AlarmTableError("the gated score's reference needs its gate threshold")
         if self.gate_level is not None and not 0.0 < self.gate_level < 1.0:
             raise AlarmTableError(f"gate_level must lie in (0, 1), got {self.gate_level}")
+
+    def _validate_knn(self) -> None:
+        """:class:`AlarmTableError` when the KNN bank or a ``+knn`` variant does not fit."""
+        if self.evidence in KNN_VARIANTS and self.knn is None:
+            raise AlarmTableError(
+                f"evidence variant {self.evidence!r} needs the table's KNN bank (alarm.knn_bank)"
+            )
+        if self.knn is None:
+            return
+        if not self.head_layer or self.head_means is None:
+            raise AlarmTableError("the KNN bank needs the head layer whose features it holds")
+        if self.knn.channels != self.head_means.shape[1]:
+            raise AlarmTableError(
+                f"the KNN bank has {self.knn.channels} channels, the head layer "
+                f"{self.head_means.shape[1]}"
+            )
+        if not bool(torch.isfinite(self.knn.bank).all()):
+            raise AlarmTableError("the KNN bank must be finite")
+        norms = self.knn.bank.double().norm(dim=1)
+        if bool(((norms - 1.0).abs() > 1e-3).any()):
+            raise AlarmTableError("the KNN bank's rows must have unit length")
 
     def _validate_head(self) -> None:
         """:class:`AlarmTableError` when the head layer and its statistics do not fit."""
@@ -338,6 +370,7 @@ class AlarmCalibration:
                     "gate_threshold": self.gate_threshold,
                     "gate_level": self.gate_level,
                     **_learned_metadata(self.learned),
+                    **({"knn_k": self.knn.k} if self.knn is not None else {}),
                 }
                 if self.gated
                 else {}
@@ -360,6 +393,8 @@ class AlarmCalibration:
         ):
             out[f"{PREFIX}stage_mean.{i}"] = mean
             out[f"{PREFIX}stage_precision.{i}"] = precision
+        if self.knn is not None:
+            out[f"{PREFIX}knn_bank"] = self.knn.bank
         if self.learned is not None:
             out[f"{PREFIX}learned_weights"] = self.learned.weights
             out[f"{PREFIX}learned_reference"] = self.learned.reference
@@ -409,9 +444,10 @@ class AlarmCalibration:
         if gated and meta.get("gate_level") is not None:
             level = float(_field(meta, "gate_level", float))
         learned = _learned(meta, tensors) if evidence in LEARNED_VARIANTS else None
+        knn = _knn(meta, tensors) if gated and "knn_k" in meta else None
         reference = None
         if _field(meta, "reference", bool):
-            count = len(component_names(layers, head, score))
+            count = len(component_names(layers, head, score, knn=knn is not None))
             tail = _field(meta, "reference_tail", str) if "reference_tail" in meta else STEP_TAIL
             if tail not in TAILS:
                 raise AlarmTableError(
@@ -435,8 +471,18 @@ class AlarmCalibration:
             head_precision=head_precision, class_null_predicted=class_nulls[0],
             class_null_labelled=class_nulls[1], evidence=evidence, stage_means=stage_means,
             stage_precisions=stage_precisions, gate_threshold=threshold, gate_level=level,
-            learned=learned,
+            learned=learned, knn=knn,
         )  # fmt: skip
+
+
+def _knn(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> KnnDistance:
+    """The KNN bank of a table file (:class:`AlarmTableError` naming what is wrong)."""
+    try:
+        return KnnDistance(_tensor(tensors, "knn_bank"), _field(meta, "knn_k", int))
+    except ValueError as exc:
+        if isinstance(exc, AlarmTableError):
+            raise
+        raise AlarmTableError(str(exc)) from exc
 
 
 def _learned_metadata(learned: LearnedEvidence | None) -> dict[str, float]:

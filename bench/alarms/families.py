@@ -20,7 +20,8 @@ format :mod:`bench.alarms.loo` reads:
 
 Options: ``--models resnet18,vgg_bn,vgg_plain,mobilenet``, ``--n 500``, ``--threads 1``,
 ``--score gated-stage-energy-v1`` (the library's gated score judges the sets: the results carry
-its two evidence variants, ``library energy`` and ``library energy+mass``, and the baselines),
+its evidence variants without a fit, ``library energy`` and ``library energy+mass``, with a
+KNN bank also ``library energy+knn`` and ``library energy+mass+knn``, and the baselines),
 ``--gate-level 0.005`` (its gate's level, ``AlarmOptions.gate_level``: a table and judged sets
 of their own).
 """
@@ -43,15 +44,14 @@ from bench.alarms.scores import Baselines, detection
 from bench.alarms.sets import PARTS, ImageSet, cifar_part, family_sets
 from bench.alarms.stage_stats import StageStatistics, names_of
 from bench.strong_models import ALARM_MODELS, training_record
+from surprise_monitor.calibrate.evidence_choice import fixed_variants
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import (
-    EVIDENCE_VARIANTS,
     FISHER_SCORE_NAME,
     GATE_LEVEL,
     SCORES,
     Gate,
 )
-from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS
 from surprise_monitor.monitor.options import Thresholds
 
 HERE = Path(__file__).resolve().parent
@@ -122,8 +122,7 @@ def library_scores(
         .score(ranks)
         .double()
         .numpy()
-        for v in EVIDENCE_VARIANTS
-        if v not in LEARNED_VARIANTS  # fitted on shifted images: bench.alarms.learned
+        for v in fixed_variants(alarm.component_names())  # the learned: bench.alarms.learned
     }
     out.update(baselines.scores(found))
     return out

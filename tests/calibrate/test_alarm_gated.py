@@ -24,6 +24,7 @@ from surprise_monitor.monitor.atypicality import (
     component_family,
 )
 from surprise_monitor.monitor.checks import OptionValueError
+from surprise_monitor.monitor.knn_distance import KnnDistance
 from surprise_monitor.monitor.learned_evidence import LearnedEvidence
 from surprise_monitor.monitor.table import CalibrationTable, TableError
 from surprise_monitor.monitor.table_alarm import AlarmTableError
@@ -67,10 +68,10 @@ def test_the_stage_statistics_are_numpys_on_the_even_half(gated):
     assert alarm.score == GATED_SCORE_NAME and alarm.evidence == "energy+mass"
     assert alarm.component_names() == [
         "expectation_mass", "stage_energy:features.1", "head_distance:features", "energy",
-        "stage_distance:features.1", "stage_distance:features",
+        "stage_distance:features.1", "stage_distance:features", "knn_distance:features",
     ]  # fmt: skip
     assert [component_family(n) for n in alarm.component_names()[3:]] == [
-        "class_evidence", "low_level", "low_level",
+        "class_evidence", "low_level", "low_level", "features",
     ]  # fmt: skip
     for j, f in enumerate(_channel_means(model, IMAGES[PICKED[0::2]])):
         cov = np.cov(f, rowvar=False)
@@ -96,6 +97,62 @@ def test_energy_and_the_stage_distances_of_a_report(gated):
         d = f - a.stage_means[j].double().numpy()
         want = np.einsum("bi,ij,bj->b", d, a.stage_precisions[j].double().numpy(), d)
         np.testing.assert_allclose(comps[:, 4 + j], want, rtol=1e-3, atol=1e-3)
+
+
+def _knn_oracle(bank: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """The distance of each row of ``x`` to the ``k``-th nearest row of ``bank``, both scaled
+    to unit rows (numpy, every distance computed)."""
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    d = np.linalg.norm(unit(x)[:, None, :] - unit(bank)[None, :, :], axis=2)
+    return np.sort(d, axis=1)[:, k - 1]
+
+
+def test_the_knn_component_is_numpys_on_the_head_means(gated):
+    """The bank: the head layer's channel means of the even half (all 150: fewer than
+    ``knn_bank``); the reference column: the odd half's distances; a report's column: the
+    distance to the 10th nearest bank row."""
+    model, table = gated
+    a = table.alarm
+    bank = _channel_means(model, IMAGES[PICKED[0::2]])[1]
+    assert a.knn is not None and a.knn.k == 10 and a.knn.bank.shape == bank.shape
+    np.testing.assert_allclose(
+        a.knn.bank.double().numpy(), bank / np.linalg.norm(bank, axis=1, keepdims=True),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    odd = _channel_means(model, IMAGES[PICKED[1::2]])[1]
+    reference = a.reference.sorted_components[-1].double().numpy()
+    np.testing.assert_allclose(reference, np.sort(_knn_oracle(bank, odd, 10)), rtol=1e-4, atol=1e-5)
+    x = IMAGES[1000:1040]
+    with SurpriseMonitor(model, table) as monitor:
+        column = monitor.inspect(x).components[:, -1].double().numpy()
+    want = _knn_oracle(bank, _channel_means(model, x)[1], 10)
+    np.testing.assert_allclose(column, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_knn_bank_s_size_is_the_users(gated):
+    """``knn_bank``: that many of the even half's rows, evenly spaced; 0: no KNN component,
+    and a named ``+knn`` variant refused naming the option."""
+    model, _ = gated
+    train = TensorDataset(IMAGES[:600], _LABELS[:600])
+    run = RunOptions(batch_size=50)
+    small = calibrate(model, train, progress=False, run=run,
+                      alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME,
+                                         evidence="energy", knn_bank=40)).alarm  # fmt: skip
+    bank = _channel_means(model, IMAGES[PICKED[0::2]])[1]
+    rows = np.unique(np.linspace(0, len(bank) - 1, 40).round().astype(int))
+    np.testing.assert_allclose(
+        small.knn.bank.double().numpy(),
+        bank[rows] / np.linalg.norm(bank[rows], axis=1, keepdims=True), rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    none = calibrate(model, train, progress=False, run=run,
+                     alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME,
+                                        evidence="energy", knn_bank=0)).alarm  # fmt: skip
+    assert none.knn is None and not any("knn" in n for n in none.component_names())
+    with pytest.raises(OptionValueError, match=r"evidence must be a variant without the KNN "
+                       r"component \(--knn-bank / knn_bank 0\), got 'energy\+knn'"):  # fmt: skip
+        calibrate(model, train, progress=False, run=run,
+                  alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME,
+                                     evidence="energy+knn", knn_bank=0))  # fmt: skip
 
 
 def _reference_gate_statistics(model, table) -> np.ndarray:
@@ -124,7 +181,7 @@ def test_the_gate_threshold_and_every_score_by_hand(gated):
     with SurpriseMonitor(model, table) as monitor:
         r = monitor.inspect(IMAGES[1000:1200])
     comps = r.components.double().numpy()
-    ranks = np.stack([_tail(refs[j], comps[:, j]) for j in range(6)], axis=1)
+    ranks = np.stack([_tail(refs[j], comps[:, j]) for j in range(len(refs))], axis=1)
     np.testing.assert_allclose(r.component_ranks.numpy(), ranks, rtol=1e-5)
     gate = -2 * np.log(ranks[:, [4, 5]]).sum(1)
     evidence = -2 * np.log(ranks[:, [0, 3]]).sum(1)
@@ -209,6 +266,8 @@ def test_a_gated_table_from_before_the_level_was_recorded_judges_as_before(gated
         (lambda m: m["alarm"].update(gate_level="1%"), "'alarm.gate_level' must be a float"),
         (lambda m: m["alarm"].update(gate_level=1.5), r"gate_level must lie in \(0, 1\)"),
         (lambda m: m["alarm"].update(evidence="learned"), "lacks tensor 'alarm.learned_weights'"),
+        (lambda m: m["alarm"].update(knn_k=0), r"KNN neighbour must lie in \[1, 150\]"),
+        (lambda m: m["alarm"].update(knn_k=2.5), "'alarm.knn_k' must be a int"),
     ],
 )
 def test_a_bad_gated_alarm_part_is_a_table_error(gated, tmp_path, edit, message):
@@ -238,6 +297,9 @@ def test_bad_stage_statistics_are_refused(gated):
         ({"learned": _learned(j)}, "and they alone, need their fitted weights"),
         ({"evidence": "learned", "learned": _learned(j + 1)},
          f"weights for {j + 1} components, the score has {j}"),
+        ({"evidence": "energy+knn", "knn": None}, "needs the table's KNN bank"),
+        ({"knn": KnnDistance(a.knn.bank[:, :3])}, "KNN bank has 3 channels, the head layer 16"),
+        ({"knn": KnnDistance(a.knn.bank * 2.0)}, "rows must have unit length"),
     ]:  # fmt: skip
         with pytest.raises(AlarmTableError, match=message):
             dataclasses.replace(a, **change).validate(table.levels)

@@ -410,6 +410,7 @@ def test_the_flags_defaults_are_the_option_groups():
         (["--reference-images", "0"], "--reference-images must be an integer >= 1, got 0"),
         (["--class-null-min", "-2"], "--class-null-min must be an integer >= 0, got -2"),
         (["--gate-level", "1"], "--gate-level must be a fraction in (0, 1), e.g. 0.01, got 1.0"),
+        (["--knn-bank", "-1"], "--knn-bank must be an integer >= 0, got -1"),
         (
             ["--checkpoint-dir", "ck", "--checkpoint-every", "0"],
             "--checkpoint-every must be an integer >= 1, got 0",
@@ -467,6 +468,18 @@ def test_cli_calibrates_the_gated_score_when_asked(image_folder, tiny_weights, t
     assert alarm.score == GATED_SCORE_NAME and alarm.evidence == "energy+mass"
     assert alarm.gate_threshold is not None and len(alarm.stage_means) == 2
     assert alarm.gate_level == 0.05
+    # the KNN bank: every reference image of the even half here, and its size said
+    assert alarm.knn is not None and alarm.component_names()[-1].startswith("knn_distance:")
+    rows = alarm.knn.bank.shape[0]
+    assert f"KNN bank of {rows} images' head features (distance to the {alarm.knn.k}th" in text
+    assert main(_args(image_folder, out, tiny_weights, *flags, "--knn-bank", "0")) == 0
+    assert (
+        "KNN bank" not in capsys.readouterr().out and CalibrationTable.load(out).alarm.knn is None
+    )
+    assert main(_args(image_folder, out, tiny_weights, "--alarm-score", GATED_SCORE_NAME,
+                      "--alarm-evidence", "energy+knn", "--knn-bank", "0")) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--alarm-evidence must be a variant without the KNN component (--knn-bank" in err
     # a score this library does not compute is refused by argparse, naming the flag
     with pytest.raises(SystemExit):
         main(_args(image_folder, out, tiny_weights, "--alarm-score", "fisher-profile-v9"))

@@ -108,9 +108,10 @@ def test_a_calibration_with_auto_evidence_re_judged_from_outside():
     x, y = class_images(4000, 3, seed=1)
     table = calibrate(
         model, TensorDataset(x[:600], y[:600]), heldout=TensorDataset(x[600:1600], y[600:1600]),
-        progress=False, run=RunOptions(batch_size=64),
+        progress=False, run=RunOptions(batch_size=ec.CHOICE_IMAGES),
         alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME, evidence="auto"),
     )  # fmt: skip
+    # one batch of the choice images: the noise shifts draw per batch, as re-judged below
     alarm = table.alarm
     record = alarm.heldout["evidence_choice"]
     assert record["images"] == ec.CHOICE_IMAGES and record["shifts"] == list(ec.SHIFTS)
@@ -127,6 +128,14 @@ def test_a_calibration_with_auto_evidence_re_judged_from_outside():
     )  # fmt: skip
     assert alarm.evidence == chosen and set(worst) == set(EVIDENCE_VARIANTS)
     assert record["worst_margin"] == pytest.approx(worst, abs=1e-6)
+    every = ec.choice_margins(
+        alarm.component_names(), alarm.gate_threshold, (clean.component_ranks, clean.logits),
+        {n: (r.component_ranks, r.logits) for n, r in shifted.items()},
+        1.0 / (min(r.numel() for r in alarm.reference.sorted_components) + 1),
+    )  # fmt: skip
+    mean = {v: sum(m.values()) / len(m) for v, m in every.items()}
+    assert record["rule"] == ec.RULE == "mean" and chosen == max(mean, key=mean.get)
+    assert record["mean_margin"] == pytest.approx(mean, abs=1e-6)
     # the null: the other held-out images only, scored with the chosen variant
     assert alarm.null_predicted.size == 1000 - ec.CHOICE_IMAGES
     torch.testing.assert_close(alarm.null_predicted.scores, torch.sort(null.score).values)
@@ -153,3 +162,31 @@ def test_each_shift_s_margin_is_the_score_s_auroc_minus_the_best_logit_one():
     best = max(sk(base_in[k], base_out[k]) for k in base_in)
     for n in ("a", "b"):
         assert margins["s"][n] == pytest.approx(sk(clean["s"], shifted[n]["s"]) - best)
+
+
+def test_each_rule_picks_by_hand():
+    margins = {
+        "safe": {"a": 0.001, "b": 0.000, "c": -0.001},  # the best worst margin
+        "bold": {"a": 0.060, "b": 0.050, "c": -0.025},  # within 0.03: the best mean
+        "many": {"a": 0.010, "b": 0.010, "c": 0.010},  # the best worst and worst + mean
+        "wild": {"a": 0.300, "b": 0.300, "c": -0.040},  # beyond the tolerance: the best mean
+    }
+    picks = {rule: ec.pick(margins, rule) for rule in ec.RULES}
+    assert picks == {"worst": "many", "mean": "wild", "tolerance, then mean": "bold",
+                     "worst + mean": "wild", "median": "wild"}  # fmt: skip
+    del margins["wild"]
+    assert ec.pick(margins, "worst + mean") == "many"  # 0.01 + 0.01 > -0.025 + 0.0283
+    assert ec.pick(margins, "median") == "bold"
+    even = {"x": {"a": 0.0, "b": 0.1, "c": 0.2, "d": 0.9}, "y": {"a": 0.16, "b": 0.16}}
+    assert ec.pick(even, "median") == "y"  # x's median: (0.1 + 0.2) / 2 = 0.15
+    tied = {"first": {"a": 0.01}, "second": {"a": 0.01}}
+    assert {ec.pick(tied, rule) for rule in ec.RULES} == {"first"}
+    with pytest.raises(ValueError, match="rule must be one of"):
+        ec.pick(tied, "best")
+
+
+def test_the_knn_variants_compete_only_with_their_component():
+    assert ec.fixed_variants(NAMES) == ["energy", "energy+mass"]
+    assert ec.fixed_variants([*NAMES, "knn_distance:h"]) == [
+        "energy", "energy+mass", "energy+knn", "energy+mass+knn",
+    ]  # fmt: skip

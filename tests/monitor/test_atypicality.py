@@ -20,6 +20,7 @@ from surprise_monitor.monitor.atypicality import (
     component_family,
     component_names,
     components,
+    evidence_kind,
     expectation_mass,
     head_distance,
     normal_scores,
@@ -247,3 +248,30 @@ def test_the_gate_ranks_far_inputs_first_and_the_rest_by_the_evidence():
         atypicality.Gate.columns(names[:3], "energy")
     with pytest.raises(ValueError, match="gate level"):
         gate.at_level(reference, 0.0)
+
+
+def test_the_knn_variants_kind_is_the_evidence_column_that_ranked_the_input():
+    """Gate shut, ``+knn`` variant: the nearest-neighbour distance's rank smallest among the
+    evidence columns -> features; energy's or the mass's -> class evidence; a tie -> the
+    first listed (energy); a NaN among them -> class evidence; the variants without the
+    component are unchanged."""
+    names = component_names(["layer1"], "layer4", GATED_SCORE_NAME, knn=True)
+    assert names[-2:] == ["stage_distance:layer4", "knn_distance:layer4"]
+    assert (
+        component_names(["layer1"], "", GATED_SCORE_NAME, knn=True)[-1] == "stage_distance:layer1"
+    )
+    base = {n: 0.5 for n in names}
+
+    def kind(evidence: str, **given: float) -> str | None:
+        row = {**base, **{k.replace("__", ":"): v for k, v in given.items()}}
+        return alarm_kind(names, [row[n] for n in names], 9.0, None, evidence)
+
+    assert kind("energy+knn", knn_distance__layer4=1e-3, energy=0.2) == "features"
+    assert kind("energy+knn", knn_distance__layer4=0.2, energy=1e-3) == "class_evidence"
+    assert kind("energy+mass+knn", knn_distance__layer4=1e-3, expectation_mass=1e-4) == (
+        "class_evidence"
+    )
+    assert kind("energy+knn", knn_distance__layer4=0.2, energy=0.2) == "class_evidence"
+    assert kind("energy+knn", knn_distance__layer4=float("nan")) == "class_evidence"
+    assert kind("energy", knn_distance__layer4=1e-6) == "class_evidence"  # not in its evidence
+    assert evidence_kind(names, [base[n] for n in names], ()) == "class_evidence"

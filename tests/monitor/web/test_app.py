@@ -120,7 +120,7 @@ def test_thumbnails_json_and_explanations(served):
     shown = "".join(dom.text[dom.text.index("score parts (tail rank)") + 1 :][:1])
     ranked = sorted(parts, key=lambda name: parts[name]["tail_rank"])
     assert shown == ", ".join(f"{n} {parts[n]['tail_rank']:.4f}" for n in ranked)
-    assert sorted(ranked) == sorted(report.component_names) and len(ranked) == 6  # gated
+    assert sorted(ranked) == sorted(report.component_names) and len(ranked) == 7  # gated, KNN
     # the kind of atypicality (of the gated score: the part that ranked the input), in the
     # JSON and on the page with what it means
     kind = newest.report["alarm_kind"]
