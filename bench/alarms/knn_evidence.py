@@ -1,26 +1,29 @@
-"""``python -m bench.alarms.knn_evidence``: a nearest-neighbour distance in the gated score's
-class evidence, measured on the benchmark before the library computes it (issue 20: a lead).
+"""``python -m bench.alarms.knn_evidence``: the library's nearest-neighbour component and its
+``+knn`` evidence variants on the benchmark's four models (issue 20), and what each rule for
+``evidence="auto"`` would pick, with a leave-one-model-out of the rule.
 
-The component is KNN's score (Sun et al. 2022, "Out-of-distribution detection with deep nearest
-neighbors"; pytorch-ood's ``KNN``): the Euclidean distance from an input's L2-normalised
-penultimate features (the classifier's input) to the ``k``-th nearest of the normalised features
-of training images ``0..M-1``. It is read as an upper tail rank among the same distances of
-training images ``M..2M-1`` (the library's exponential tail,
-:func:`~surprise_monitor.monitor.tails.exponential_tail_ranks`). ``M`` = 10,000 is the size of
-the gated table's reference; ``k`` = 10 is the paper's 50 for 50,000 CIFAR-10 images scaled to
-the bank. Each benchmark table's gate stays in front; behind it the class evidence is Fisher's
-sum of energy's rank (``energy+knn``), or of energy's and the expectation mass's
-(``energy+mass+knn``), and the KNN rank at weight ``w`` (:data:`WEIGHTS`).
+**The table.** Each model's benchmark table (the gated score, cached by
+``bench.alarms.families``) gains the KNN component as calibration adds it (:func:`with_knn`):
+:class:`~surprise_monitor.monitor.knn_distance.KnnDistance` over the head layer's channel means
+of the even half of the reference images (the positions
+:func:`~surprise_monitor.calibrate.alarm.evenly_spaced` gives calibration among the 50,000
+training images), its reference column the odd half's distances. The four models' classifiers
+read the head layer's channel means (a global average pool, then the dense layer), so those
+are the cached penultimate features; the module checks it on each model (the head distance of
+the cached features against the judged sets' ``head_distance`` column).
 
-Per model (its benchmark table, the gated score, as ``bench.alarms.learned`` reads it): both
-parts' sets of ``bench.alarms.families`` (cached: run it first), against the part's CIFAR-10
-images (the selection part's without the first 500, which calibration's choice takes), with
-:mod:`bench.alarms.loo`'s checks. The baselines' and the library's variants' AUROCs on the same
-sets are ``results/learned.json``'s (run ``bench.alarms.learned`` first). And what
-``evidence="auto"`` would see: every variant's margin on each synthetic shift of the choice
-images (test images 0..499; their penultimate features taken by a hook, in the batches
-calibration uses; the learned variants' cross-fitted as the library's choice does), and the
-variant each of three rules would pick (:data:`RULES`: the library's and two hypotheses).
+**The figures.** From the judged sets of ``bench.alarms.families`` (components and features,
+cached: run it first), with the KNN column added as the judge adds it: both parts' AUROCs of
+every evidence variant the table now serves (:data:`VARIANTS`: the fixed four, and the learned
+two with the KNN rank among their inputs, each family held out as ``bench.alarms.learned``
+holds it out), against the part's CIFAR-10 images (the selection part's without the first 500,
+which calibration's choice takes), with :mod:`bench.alarms.loo`'s checks; the baselines'
+AUROCs are ``results/learned.json``'s on the same sets. And what ``auto`` sees: every variant's
+margin on each synthetic shift of the choice images (test images 0..499, their features by a
+hook in the judgements' batches; the learned ones cross-fitted, as the library's choice does),
+each rule's pick (:data:`RULES`), and the leave-one-model-out of the rule
+(:func:`rule_rotations`: chosen on the other three models' selection part, by the checks
+passed and then the sets of beats; reported on the held-out model's report part).
 
 Written: ``results/knn_evidence.json``; printed: the Markdown summary for ``bench/README.md``.
 Options: ``--models`` (the four), ``--n 200`` (the families' set size).
@@ -30,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,92 +42,85 @@ import torch
 
 from bench.alarms import collect, learned, loo
 from bench.alarms.report import log
+from bench.alarms.scores import alarm_rate
 from bench.cifar import load_cifar10, to_tensor
 from bench.strong_models import ALARM_MODELS, HELDOUT
+from surprise_monitor.calibrate.alarm import evenly_spaced
 from surprise_monitor.calibrate.evidence_choice import (
     CHOICE_IMAGES,
+    RULE,
+    RULES,
     SHIFTS,
-    highest_worst,
-    learned_margins,
-    shift_margins,
+    choice_margins,
+    fixed_variants,
+    pick,
 )
-from surprise_monitor.monitor.atypicality import GATE_OFFSET, GATED_SCORE_NAME, Gate, fisher
+from surprise_monitor.calibrate.options import DEFAULT_REFERENCE_IMAGES
+from surprise_monitor.monitor.atypicality import (
+    GATED_SCORE_NAME,
+    KNN_VARIANTS,
+    Gate,
+    HeadDistance,
+    ScoreReference,
+)
+from surprise_monitor.monitor.conformal import (
+    DEFAULT_CLASS_NULL_MIN,
+    ClassConditionalNull,
+    ConformalNull,
+)
+from surprise_monitor.monitor.knn_distance import BANK, KnnDistance
 from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS
-from surprise_monitor.monitor.tails import exponential_tail_ranks
+from surprise_monitor.monitor.table import CalibrationTable
 
 HERE = Path(__file__).resolve().parent
-#: Training images in the bank, and as many after them for the reference distances.
-BANK = 10_000
-#: The neighbour whose distance is the score.
-NEIGHBOUR = 10
-#: New variant -> the library's evidence variant whose Fisher sum the KNN rank joins.
-VARIANTS = {"energy+knn": "energy", "energy+mass+knn": "energy+mass"}
-#: The KNN rank's weights in the Fisher sum.
-WEIGHTS = (0.5, 1.0)
-#: The AUROCs read from ``results/learned.json`` beside the new ones.
-KEPT = ("MSP", "MaxLogit", "Energy", "Mahalanobis", "KNN", "energy", "energy+mass",
-        "learned, family held out", "learned+mass, family held out")  # fmt: skip
-_CHUNK = 1000
+#: The baselines read from ``results/learned.json`` beside the library's variants.
+BASELINES = ("MSP", "MaxLogit", "Energy", "Mahalanobis", "KNN")
+#: Every evidence variant of a table with the KNN bank, as the parts' scores are labelled.
+VARIANTS = (
+    "energy", "energy+mass", *KNN_VARIANTS, *(v + learned.HELD_OUT for v in LEARNED_VARIANTS)
+)  # fmt: skip
+Judged = tuple[torch.Tensor, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class KnnRank:
-    """The KNN component: a bank of normalised features, the ``k``-th neighbour, and the
-    sorted reference distances the tail ranks are read against."""
-
-    bank: torch.Tensor  # [M, D] float32, rows of unit length
-    reference: torch.Tensor  # [m] float32, ascending
-    k: int
-
-    @classmethod
-    def fit(cls, features: torch.Tensor, size: int = BANK, k: int = NEIGHBOUR) -> KnnRank:
-        """Bank ``features[:size]``; reference: the distances of ``features[size:2 size]``."""
-        if len(features) < 2 * size or not 1 <= k <= size:
-            raise ValueError(f"need 2 x {size} feature rows and 1 <= k <= {size}")
-        bank = torch.nn.functional.normalize(features[:size].float(), dim=1)
-        fitted = cls(bank, torch.zeros(1), k)
-        reference = torch.sort(fitted.distances(features[size : 2 * size])).values
-        return cls(bank, reference.contiguous(), k)
-
-    def distances(self, features: torch.Tensor) -> torch.Tensor:
-        """``[B]`` distances from the normalised ``features [B, D]`` to their ``k``-th nearest
-        bank row (from the cosine similarity: ``sqrt(2 - 2 s)``)."""
-        z = torch.nn.functional.normalize(torch.as_tensor(features).float(), dim=1)
-        out = []
-        for s in range(0, len(z), _CHUNK):
-            kth = (z[s : s + _CHUNK] @ self.bank.T).topk(self.k, dim=1).values[:, -1]
-            out.append((2.0 - 2.0 * kth).clamp_min(0.0).sqrt())
-        return torch.cat(out) if out else torch.zeros(0)
-
-    def ranks(self, features: torch.Tensor) -> torch.Tensor:
-        """``[B]`` upper tail ranks of the distances among the reference's."""
-        return exponential_tail_ranks(self.reference, self.distances(features))
-
-
-def label(variant: str, weight: float) -> str:
-    """A new score's name: ``"energy+knn w1"``."""
-    return f"{variant} w{weight:g}"
-
-
-LABELS = tuple(label(v, w) for v in VARIANTS for w in WEIGHTS)
-
-
-def gated_scores(
-    gates: Mapping[str, Gate], ranks: torch.Tensor, knn_ranks: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Every new score of inputs with component ``ranks [B, J]`` and KNN ranks ``[B]``: the
-    gate's statistic plus :data:`GATE_OFFSET` where it opens, else the base variant's Fisher
-    statistic plus ``w`` times the KNN rank's (float64). ``gates``: base variant -> gate."""
-    out = {}
-    for variant, base in VARIANTS.items():
-        gate = gates[base]
-        stat = gate.statistic(ranks).double()
-        evidence = gate.evidence_statistic(ranks).double()
-        knn = fisher(knn_ranks.double()[:, None])
-        for w in WEIGHTS:
-            score = evidence + w * knn
-            out[label(variant, w)] = torch.where(stat >= gate.threshold, stat + GATE_OFFSET, score)
+def with_knn(table: CalibrationTable, features: np.ndarray) -> CalibrationTable:
+    """``table`` with the KNN component as calibration adds it, from the training images'
+    head features ``features [50000, C]`` (the reference images' even half: the bank; the odd
+    half: the reference column), its evidence variant ``energy`` until one is chosen (a
+    learned fit of the table's has a column too few)."""
+    alarm = table.alarm
+    assert alarm is not None and alarm.reference is not None
+    positions = evenly_spaced(len(features), DEFAULT_REFERENCE_IMAGES)
+    even, odd = positions[0::2], positions[1::2]
+    f = torch.from_numpy(features)
+    knn = KnnDistance.of(f[torch.from_numpy(even[evenly_spaced(len(even), BANK)])])
+    column = torch.sort(knn(f[torch.from_numpy(odd)])).values.contiguous()
+    reference = ScoreReference((*alarm.reference.sorted_components, column), alarm.reference.tail)
+    alarm = replace(alarm, knn=knn, reference=reference, evidence="energy", learned=None)
+    out = replace(table, alarm=alarm, path=None, sha256="")
+    assert out.alarm is not None
+    out.alarm.validate(out.levels)
     return out
+
+
+def check_features(table: CalibrationTable, found: Mapping[str, np.ndarray]) -> float:
+    """The largest relative gap between the judged ``head_distance`` column and the head
+    distance of the cached features (0 when the features are the head's channel means)."""
+    alarm = table.alarm
+    assert alarm is not None and alarm.head_means is not None and alarm.head_precision is not None
+    column = alarm.component_names().index(f"head_distance:{alarm.head_layer}")
+    head = HeadDistance.of(alarm.head_means, alarm.head_precision)
+    mine = head(torch.from_numpy(found["features"]).float()).double()
+    judged = torch.from_numpy(found["components"][:, column]).double()
+    return float(((mine - judged).abs() / judged.abs().clamp_min(1.0)).max())
+
+
+def knn_ranks(table: CalibrationTable, features: torch.Tensor) -> torch.Tensor:
+    """``[B]`` tail ranks of the KNN distances of ``features [B, C]`` (the table's last
+    column)."""
+    alarm = table.alarm
+    assert alarm is not None and alarm.knn is not None and alarm.reference is not None
+    column = ScoreReference(alarm.reference.sorted_components[-1:], alarm.reference.tail)
+    return column.ranks(alarm.knn(features.float())[:, None])[:, 0]
 
 
 def choice_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -147,79 +143,119 @@ def choice_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str, t
     return out
 
 
-#: The rules ``auto`` could follow, each picking a variant from its synthetic margins: the
-#: library's (the highest worst margin), and two that reward more than the worst shift: among
-#: the variants whose worst margin is within the issue's tolerance for such sets
-#: (``loo.OTHER_TOLERANCE``), the highest mean margin, or the most shifts won (ties: the mean).
-RULES = ("worst", "tolerance, then mean", "tolerance, then wins")
-
-
-def pick(margins: Mapping[str, Mapping[str, float]], rule: str) -> str:
-    """The variant ``rule`` (one of :data:`RULES`) picks; ties go to the first listed."""
-    worst = {k: min(m.values()) for k, m in margins.items()}
-    if rule == RULES[0]:  # the library's own
-        return highest_worst(worst)
-    mean = {k: sum(m.values()) / len(m) for k, m in margins.items()}
-    wins = {k: sum(v > 0 for v in m.values()) for k, m in margins.items()}
-    ok = {k for k in margins if worst[k] >= -loo.OTHER_TOLERANCE} or set(margins)
-    second = {k: (wins[k], round(mean[k], 9)) for k in margins}
-    key = {k: (k in ok, *((round(mean[k], 9),) if rule == RULES[1] else second[k]))
-           for k in margins}  # fmt: skip
-    order = list(margins)
-    return max(order, key=lambda k: (*key[k], -order.index(k)))
-
-
 def run_model(name: str, n: int = 200) -> dict:
-    """Both parts' AUROCs of the new scores (see the module docstring), every variant's
-    margin on each synthetic shift of the choice images, and each rule's pick."""
+    """Both parts' AUROCs of every variant, the choice images' margins, each rule's pick and
+    the feature check (see the module docstring)."""
     model = collect.load_model(name)
     table = collect.table_of(name, model, log, GATED_SCORE_NAME)
+    clean, shifted = learned.choice_judgements(name, model, table)
+    table = with_knn(table, collect.train_features(name, model)[0])
     alarm = table.alarm
     assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
-    names, threshold = alarm.component_names(), alarm.gate_threshold
-    gates = {v: Gate.columns(names, v, threshold) for v in (*learned.FIXED, *VARIANTS.values())}
-    knn = KnnRank.fit(torch.from_numpy(collect.train_features(name, model)[0]))
-
-    def scores(found: dict[str, np.ndarray], family: str | None) -> dict[str, np.ndarray]:
-        """The new scores of a judged set."""
-        ranks = alarm.reference.ranks(torch.from_numpy(found["components"]).float())
-        knn_ranks = knn.ranks(torch.from_numpy(found["features"]))
-        return {k: v.numpy() for k, v in gated_scores(gates, ranks, knn_ranks).items()}
-
-    parts = {part: learned._part(name, n, part, scores) for part in learned.PARTS}
-    clean, shifted = learned.choice_judgements(name, model, table)
     test = load_cifar10("test")
     x = to_tensor(test.images[HELDOUT.start : HELDOUT.start + CHOICE_IMAGES])
     feats = choice_features(model, x)
-    judged = {"clean": clean[0], **{s: r for s, (r, _) in shifted.items()}}
-    new = {}
-    for k, r in judged.items():
-        new[k] = {v: gates[v].score(r.float()) for v in learned.FIXED}
-        new[k].update(gated_scores(gates, r.float(), knn.ranks(feats[k])))
-    margins = shift_margins(
-        new["clean"],
-        {s: new[s] for s in SHIFTS},
-        clean[1],
-        {s: lg for s, (_, lg) in shifted.items()},
-    )
+
+    def extended(key: str, judged: Judged) -> Judged:
+        """The judged choice images' ranks with the KNN rank's column."""
+        return torch.cat([judged[0], knn_ranks(table, feats[key])[:, None]], dim=1), judged[1]
+
+    clean = extended("clean", clean)
+    shifted = {s: extended(s, j) for s, j in shifted.items()}
+    names, threshold = alarm.component_names(), alarm.gate_threshold
     floor = alarm.reference.rank_floor
-    margins.update(learned_margins(names, threshold, clean, shifted, floor))
+    margins = choice_margins(names, threshold, clean, shifted, floor)
+    gates = learned._gates(names, threshold, learned.fits(clean, shifted, floor), ())
+    fixed = {v: Gate.columns(names, v, threshold) for v in fixed_variants(names)}
+    gap = 0.0
+
+    def columns(found: dict[str, np.ndarray]) -> torch.Tensor:
+        """A judged set's components with the KNN distance's column, as the judge adds it."""
+        knn = alarm.knn(torch.from_numpy(found["features"]).float())[:, None]
+        return torch.cat([torch.from_numpy(found["components"]).float(), knn], dim=1)
+
+    def scores(found: dict[str, np.ndarray], family: str | None) -> dict[str, np.ndarray]:
+        """Every variant's score of a judged set (the held-out fits for ``family``)."""
+        nonlocal gap
+        gap = max(gap, check_features(table, found))
+        ranks = alarm.reference.ranks(columns(found))
+        out = {v: g.score(ranks) for v, g in fixed.items()}
+        for (label, fit), gate in gates.items():
+            if fit == family and label.endswith(learned.HELD_OUT):
+                out[label] = gate.score(ranks)
+        return {k: v.double().numpy() for k, v in out.items()}
+
+    parts = {part: learned._part(name, n, part, scores) for part in learned.PARTS}
     aurocs = {p: {s: {k: v["auroc"] for k, v in info["scores"].items()}
                   for s, info in sets.items()} for p, sets in parts.items()}  # fmt: skip
-    return {"model": name, "n": n, "bank": BANK, "k": NEIGHBOUR, "aurocs": aurocs,
-            "margins": margins, "picks": {rule: pick(margins, rule) for rule in RULES}}  # fmt: skip
+    log(f"{name}: features = head channel means to {gap:.1e} (relative, head distance)")
+    chosen = pick(margins, RULE)  # what the library's choice picks
+    gate = gates[(chosen, None)] if chosen in LEARNED_VARIANTS else fixed[chosen]
+    rates = learned.alarm_rates(name, table, gate, columns=columns)
+
+    def gate_of(family: str | None) -> Gate:
+        """The pick's gate as the parts score it (a learned fit without ``family``)."""
+        return gates[(label_of(chosen), family)] if chosen in LEARNED_VARIANTS else gate
+
+    per_set = {s: {**info["scores"][label_of(chosen)], "alarms": r}
+               for (s, info), r in zip(parts["report"].items(),
+                                       set_rates(name, n, table, gate_of, columns).values(),
+                                       strict=True)}  # fmt: skip
+    return {"model": name, "n": n, "bank": int(alarm.knn.bank.shape[0]), "k": alarm.knn.k,
+            "feature_gap": gap, "aurocs": aurocs, "margins": margins,
+            "picks": {rule: pick(margins, rule) for rule in RULES},
+            "alarm_rates": {"variant": chosen, "rule": RULE, **rates},
+            "pick_sets": per_set}  # fmt: skip
+
+
+def set_rates(
+    name: str,
+    n: int,
+    table: CalibrationTable,
+    gate_of: Callable[[str | None], Gate],
+    columns: Callable[[dict[str, np.ndarray]], torch.Tensor],
+    rate: float = 0.01,
+) -> dict[str, dict]:
+    """Per report set, the share of its images that alarm at nominal ``rate``: p-values among
+    the null of held-out images 500..4,999 (per predicted class, pooled where a class has fewer
+    than ``DEFAULT_CLASS_NULL_MIN``), each set scored by ``gate_of(its synthetic family)``."""
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    assert table.alarm is not None and table.alarm.reference is not None
+    reference = table.alarm.reference
+    meta = json.loads((learned.FAMILIES_RESULTS / f"{name}.json").read_text())
+    null_set = collect.load_judged(collect.folder(name) / "sets" / kind / "selection__cifar10.npz")
+    null_ranks = reference.ranks(columns(null_set))[CHOICE_IMAGES:]
+    null_classes = torch.from_numpy(null_set["classes"]).long()[CHOICE_IMAGES:]
+    out = {}
+    for set_name, info in meta["parts"]["report"]["sets"].items():
+        gate = gate_of(learned.FAMILY_OF.get(info["family"]))
+        null = gate.score(null_ranks)
+        file = f"report__{set_name.replace(' ', '_')}.npz"
+        found = collect.load_judged(collect.folder(name) / "families" / kind / f"n{n}" / file)
+        scores = gate.score(reference.ranks(columns(found)))
+        classes = torch.from_numpy(found["classes"]).long()
+        per_class = ClassConditionalNull.of(null, null_classes, table.num_classes,
+                                            DEFAULT_CLASS_NULL_MIN)  # fmt: skip
+        p = per_class.p_values(scores, classes, ConformalNull.of(null).p_values(scores))
+        out[set_name] = alarm_rate(p.numpy(), rate)
+    return out
 
 
 def merged(result: dict, library: dict) -> dict[str, dict[str, dict[str, float]]]:
-    """part -> set -> score -> AUROC: the new scores' and :data:`KEPT`'s from
-    ``results/learned.json``'s model entry ``library``."""
+    """part -> set -> score -> AUROC: the variants' and the :data:`BASELINES`' (from
+    ``results/learned.json``'s model entry ``library``)."""
     out: dict = {}
     for part, sets in result["aurocs"].items():
         out[part] = {}
         for s, new in sets.items():
             kept = library["parts"][part][s]["scores"]
-            out[part][s] = {**{k: kept[k]["auroc"] for k in KEPT}, **new}
+            out[part][s] = {**{k: kept[k]["auroc"] for k in BASELINES}, **new}
     return out
+
+
+def label_of(variant: str) -> str:
+    """The parts' score label of an evidence variant (the learned ones: family held out)."""
+    return variant + learned.HELD_OUT if variant in LEARNED_VARIANTS else variant
 
 
 def checks(aurocs: Mapping[str, Mapping[str, float]], family_of: Mapping[str, str], score: str,
@@ -234,44 +270,115 @@ def checks(aurocs: Mapping[str, Mapping[str, float]], family_of: Mapping[str, st
     return out
 
 
-def _verdicts(both: dict, family_of: Mapping[str, str], score: str, model: str) -> list[str]:
-    """Each part's ``beats / slack / MNIST min / passed`` of ``score`` (``both``:
-    :func:`merged`'s AUROCs)."""
-    cells = []
-    for part in learned.PARTS:
-        c = checks(both[part], family_of, score, model)
-        cells.append(f"{c['beats']} / {c['slack']:+.3f} / {c['mnist_min']:.3f} / "
-                     f"{'yes' if c['passed'] else 'no'}")  # fmt: skip
-    return cells
+def best_rule(
+    results: Mapping[str, dict], models: Sequence[str], verdict: Callable[[str, str, str], dict]
+) -> tuple[str, tuple[int, int]]:
+    """The rule of :data:`RULES` whose picks pass the most checks on ``models``' selection
+    part, then beat the baselines on the most sets (ties: the first listed), and those two
+    counts. ``verdict(model, part, variant)``: that part's checks."""
+
+    def key(rule: str) -> tuple[int, int]:
+        """Checks passed, then sets of beats, on the models' selection part."""
+        found = [verdict(m, "selection", results[m]["picks"][rule]) for m in models]
+        return sum(bool(c["passed"]) for c in found), sum(c["beats"] for c in found)
+
+    rule = max(RULES, key=lambda r: (*key(r), -RULES.index(r)))
+    return rule, key(rule)
+
+
+def rule_rotations(
+    results: Mapping[str, dict], verdict: Callable[[str, str, str], dict]
+) -> list[dict]:
+    """Leave one model out of the rule: for each model, :func:`best_rule` on the other
+    models, and that rule's pick on the held-out model with its report part's verdict."""
+    out = []
+    for held in results:
+        rule, seen = best_rule(results, [m for m in results if m != held], verdict)
+        chosen = results[held]["picks"][rule]
+        out.append({"held_out": held, "rule": rule, "seen": seen, "picks": chosen,
+                    "report": verdict(held, "report", chosen)})  # fmt: skip
+    return out
+
+
+def _cell(c: dict) -> str:
+    """``beats / slack / MNIST min / passed`` of one part."""
+    return (f"{c['beats']} / {c['slack']:+.3f} / {c['mnist_min']:.3f} / "
+            f"{'yes' if c['passed'] else 'no'}")  # fmt: skip
 
 
 def markdown(results: Mapping[str, dict], library: Mapping[str, dict]) -> str:
-    """Per model and score, each part's beats, slack, MNIST minimum and verdict; each
-    variant's worst / mean margin and shifts won on the choice images; what each rule picks."""
-    lines = ["| model | score | selection: beats / slack / MNIST min / passed | "
-             "report: beats / slack / MNIST min / passed |", "|---|---|---|---|"]  # fmt: skip
+    """Per model and variant, each part's beats, slack, MNIST minimum and verdict; each
+    variant's worst / mean / median margin and shifts won on the choice images; what each rule
+    picks; the leave-one-model-out of the rule."""
     both = {name: merged(result, library[name]) for name, result in results.items()}
     family_of = {s: i["family"] for r in library.values() for s, i in r["parts"]["report"].items()}
+
+    def verdict(model: str, part: str, variant: str) -> dict:
+        """One part's checks of a variant on a model."""
+        return checks(both[model][part], family_of, label_of(variant), model)
+
+    lines = ["| model | variant | selection: beats / slack / MNIST min / passed | "
+             "report: beats / slack / MNIST min / passed |", "|---|---|---|---|"]  # fmt: skip
     for name in results:
-        for score in (*KEPT[5:], *LABELS):
-            cells = _verdicts(both[name], family_of, score, name)
-            lines.append(f"| {name} | {score} | {cells[0]} | {cells[1]} |")
+        for v in (*fixed_variants(["knn_distance:h"]), *LEARNED_VARIANTS):
+            cells = [_cell(verdict(name, part, v)) for part in learned.PARTS]
+            lines.append(f"| {name} | {v} | {cells[0]} | {cells[1]} |")
     variants = list(next(iter(results.values()))["margins"])
     lines += ["", "| model | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for name, result in results.items():
         cells = []
         for v in variants:
-            m = list(result["margins"][v].values())
+            m = sorted(result["margins"][v].values())
             won = sum(x > 0 for x in m)
-            cells.append(f"{min(m):+.3f} / {sum(m) / len(m):+.3f} / {won}")
+            cells.append(f"{m[0]:+.3f} / {sum(m) / len(m):+.3f} / {m[len(m) // 2]:+.3f} / {won}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| model | rule | picks | selection | report |", "|---|---|---|---|---|"]
     for name, result in results.items():
         for rule, chosen in result["picks"].items():
-            score = f"{chosen}{learned.HELD_OUT}" if chosen in LEARNED_VARIANTS else chosen
-            cells = _verdicts(both[name], family_of, score, name)
+            cells = [_cell(verdict(name, part, chosen)) for part in learned.PARTS]
             lines.append(f"| {name} | {rule} | {chosen} | {cells[0]} | {cells[1]} |")
+    lines += ["", "| held out | rule chosen on the other three (passed, beats) | picks | report |",
+              "|---|---|---|---|"]  # fmt: skip
+    for rot in rule_rotations(results, verdict) if len(results) > 1 else []:
+        seen = f"{rot['rule']} ({rot['seen'][0]}, {rot['seen'][1]})"
+        lines.append(f"| {rot['held_out']} | {seen} | {rot['picks']} | {_cell(rot['report'])} |")
+    lines += ["", "| model | the library's pick (rule) | alarms at nominal 1% (95% interval) | "
+              "classes outside their interval |", "|---|---|---|---:|"]  # fmt: skip
+    for name, result in results.items():
+        r = result["alarm_rates"]
+        o = r["overall"]
+        outside = sum(not c["ci_low"] <= 0.01 <= c["ci_high"] for c in r["per_class"])
+        lines.append(f"| {name} | {r['variant']} ({r['rule']}) | {100 * o['rate']:.2f}% "
+                     f"({100 * o['ci_low']:.2f}-{100 * o['ci_high']:.2f}%) | {outside} of "
+                     f"{len(r['per_class'])} |")  # fmt: skip
+    for name, result in results.items():
+        lines += ["", *pick_table(name, result, library[name])]
+    rule, seen = best_rule(results, list(results), verdict)
+    lines += ["", f"On every model's selection part: `{rule}` ({seen[0]} passed, {seen[1]} sets "
+              "of beats)."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def pick_table(name: str, result: dict, library: dict) -> list[str]:
+    """Every report set of a model: the library's pick's AUROC, FPR95 and alarms at nominal 1%
+    against each baseline's AUROC / FPR95 (``library``: ``results/learned.json``'s entry), its
+    margin over the best logit baseline, and whether it beats KNN and the logit baselines."""
+    chosen = result["alarm_rates"]["variant"]
+    lines = [f"**{name}**, `auto`'s pick `{chosen}` on the report part (AUROC / FPR95; alarms "
+             "at nominal 1%)", "",
+             "| set | family | pick | alarms | " + " | ".join(BASELINES) + " | margin | beats |",
+             "|---|---|---|---:|" + "---|" * len(BASELINES) + "---:|---|"]  # fmt: skip
+    for s, mine in result["pick_sets"].items():
+        kept = library["parts"]["report"][s]
+        base = kept["scores"]
+        row = loo.set_report({**{b: base[b]["auroc"] for b in BASELINES}, "x": mine["auroc"]},
+                             "x", s, kept["family"])  # fmt: skip
+        cells = " | ".join(f"{base[b]['auroc']:.3f} / {base[b]['fpr95']:.2f}" for b in BASELINES)
+        beats = "-" if row["beats"] is None else ("yes" if row["beats"] else "no")
+        lines.append(f"| {s} | {kept['family']} | {mine['auroc']:.3f} / {mine['fpr95']:.2f} | "
+                     f"{100 * mine['alarms']['rate']:.1f}% | {cells} | {row['margin']:+.3f} | "
+                     f"{beats} |")  # fmt: skip
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

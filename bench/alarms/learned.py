@@ -220,12 +220,19 @@ def _part(
     return sets
 
 
-def alarm_rates(name: str, table: CalibrationTable, gate: Gate, rate: float = 0.01) -> dict:
+def alarm_rates(
+    name: str,
+    table: CalibrationTable,
+    gate: Gate,
+    rate: float = 0.01,
+    columns: Callable[[dict[str, np.ndarray]], torch.Tensor] | None = None,
+) -> dict:
     """The alarm rate at nominal ``rate`` of ``gate``'s score (over ``table``'s reference) on
     the report part's CIFAR-10 images, with per-class (Mondrian) nulls of the table's held-out
     images 500..4,999 (the null calibration makes; the pooled null for a class with fewer than
     ``DEFAULT_CLASS_NULL_MIN``): overall and per predicted class, each with its exact 95%
-    interval (``bench.alarms.scores.alarm_rate``)."""
+    interval (``bench.alarms.scores.alarm_rate``). ``columns``: a judged set's components
+    (default: as judged)."""
     alarm = table.alarm
     assert alarm is not None and alarm.reference is not None
     reference = alarm.reference
@@ -234,7 +241,8 @@ def alarm_rates(name: str, table: CalibrationTable, gate: Gate, rate: float = 0.
     def judged(part: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A part's CIFAR-10 images' scores and predicted classes."""
         found = collect.load_judged(collect.folder(name) / "sets" / kind / f"{part}__cifar10.npz")
-        ranks = reference.ranks(torch.from_numpy(found["components"]).float())
+        parts = torch.from_numpy(found["components"]) if columns is None else columns(found)
+        ranks = reference.ranks(parts.float())
         return gate.score(ranks), torch.from_numpy(found["classes"]).long()
 
     null, null_classes = (t[CHOICE_IMAGES:] for t in judged("selection"))

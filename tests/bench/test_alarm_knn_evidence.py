@@ -1,73 +1,60 @@
-"""bench.alarms.knn_evidence: the KNN component against pytorch-ood's KNN, the gated scores and
-the rules' picks by hand."""
+"""bench.alarms.knn_evidence: the benchmark's KNN table equals the library's calibration, the
+feature check, the checks and the leave-one-model-out of the rule by hand."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from bench.alarms import knn_evidence as ke
-from surprise_monitor.monitor.atypicality import GATE_OFFSET, Gate
-from surprise_monitor.monitor.tails import exponential_tail_ranks
+from surprise_monitor.calibrate import calibrate
+from surprise_monitor.calibrate.evidence_choice import RULES
+from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
+from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME
+from tests._models import class_images, trained_tiny_cnn
 
 
-def test_the_distance_is_pytorch_ood_s_knn_score_on_the_bank():
-    pytest.importorskip("sklearn")
-    from pytorch_ood.detector import KNN
-
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(400, 16, generator=g) + 0.5
-    knn = ke.KnnRank.fit(feats, size=150, k=7)
-    oracle = KNN(None, k=7).fit_features(feats[:150], torch.zeros(150, dtype=torch.long))
-    x = torch.randn(60, 16, generator=g) * 2.0
-    expected = np.asarray(oracle.predict_features(x), np.float64)
-    np.testing.assert_allclose(knn.distances(x).numpy(), expected, rtol=1e-4, atol=1e-5)
-    # the reference: the next 150 images' distances, sorted; ranks read with the library's tail
-    ref = np.sort(np.asarray(oracle.predict_features(feats[150:300]), np.float64))
-    np.testing.assert_allclose(knn.reference.numpy(), ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(
-        knn.ranks(x), exponential_tail_ranks(knn.reference, knn.distances(x))
-    )
-    with pytest.raises(ValueError, match="2 x 300"):
-        ke.KnnRank.fit(feats, size=300)
+def _head_means(model, x: torch.Tensor) -> np.ndarray:
+    """The tiny CNN's head layer's channel means (its classifier's input)."""
+    with torch.no_grad():
+        return model.features(x).mean(dim=(2, 3)).numpy()
 
 
-def test_the_gated_scores_add_the_weighted_knn_term_behind_the_gate():
-    names = ["expectation_mass", "energy", "stage_distance:a", "stage_distance:h"]
-    gates = {v: Gate.columns(names, v, threshold=6.0) for v in ("energy", "energy+mass")}
-    ranks = torch.tensor([[0.5, 0.2, 0.5, 0.5], [0.5, 0.2, 1e-3, 1e-3], [0.01, 0.9, 0.4, 0.6]])
-    knn = torch.tensor([0.05, 0.5, 0.3])
-    out = ke.gated_scores(gates, ranks, knn)
-    assert set(out) == set(ke.LABELS)
-    fisher = lambda *r: -2.0 * sum(math.log(v) for v in r)  # noqa: E731
-    gate_stat = fisher(1e-3, 1e-3)
-    assert gate_stat > 6.0 > fisher(0.5, 0.5)  # the second input opens the gate
-    for w in ke.WEIGHTS:
-        e = out[ke.label("energy+knn", w)].tolist()
-        assert e[0] == pytest.approx(fisher(0.2) + w * fisher(0.05))
-        assert e[1] == pytest.approx(gate_stat + GATE_OFFSET)
-        m = out[ke.label("energy+mass+knn", w)].tolist()
-        assert m[2] == pytest.approx(fisher(0.01, 0.9) + w * fisher(0.3))
-
-
-def test_each_rule_picks_by_hand():
-    margins = {
-        "safe": {"a": 0.001, "b": 0.000, "c": -0.001},  # the best worst margin
-        "bold": {"a": 0.060, "b": 0.050, "c": -0.025},  # within 0.03: the best mean
-        "many": {"a": 0.010, "b": 0.010, "c": 0.010},  # wins all three, a smaller mean
-        "wild": {"a": 0.300, "b": 0.300, "c": -0.040},  # beyond the tolerance
-    }
-    picks = {rule: ke.pick(margins, rule) for rule in ke.RULES}
-    assert picks == {"worst": "many", "tolerance, then mean": "bold",
-                     "tolerance, then wins": "many"}  # fmt: skip
-    del margins["many"]
-    assert ke.pick(margins, "worst") == "safe"
-    assert ke.pick(margins, "tolerance, then wins") == "bold"  # 2 wins each: the mean
-    tied = {"first": {"a": 0.01}, "second": {"a": 0.01}}
-    assert {ke.pick(tied, rule) for rule in ke.RULES} == {"first"}
+def test_the_bench_s_knn_table_is_the_library_s_calibration():
+    """A table calibrated without the bank, given it by ``with_knn`` from every training
+    image's head features, equals the table calibrated with it (600 images: all of them are
+    reference images, as all 50,000 are not in the benchmark, hence the default's size)."""
+    model = trained_tiny_cnn(steps=12)
+    x, y = class_images(1000, 3, seed=1)
+    kwargs = {"progress": False, "run": RunOptions(batch_size=50)}
+    train, options = TensorDataset(x[:600], y[:600]), {"score": GATED_SCORE_NAME,
+                                                        "evidence": "energy"}  # fmt: skip
+    built = calibrate(model, train, alarm=AlarmOptions(**options), **kwargs).alarm
+    plain = calibrate(model, train, alarm=AlarmOptions(knn_bank=0, **options), **kwargs)
+    table = ke.with_knn(plain, _head_means(model, x[:600]))
+    got = table.alarm
+    assert got.component_names() == built.component_names()
+    assert got.knn.k == built.knn.k and torch.allclose(got.knn.bank, built.knn.bank, atol=1e-6)
+    for a, b in zip(got.reference.sorted_components, built.reference.sorted_components,
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    feats = torch.from_numpy(_head_means(model, x[600:]))
+    direct = ke.ScoreReference(built.reference.sorted_components[-1:], "exponential")
+    torch.testing.assert_close(ke.knn_ranks(table, feats),
+                               direct.ranks(built.knn(feats)[:, None])[:, 0])  # fmt: skip
+    # the feature check: 0 for the head's channel means, not for other features
+    names = got.component_names()
+    found = {"features": _head_means(model, x[600:700]),
+             "components": np.zeros((100, len(names)), np.float32)}  # fmt: skip
+    head = ke.HeadDistance.of(got.head_means, got.head_precision)
+    found["components"][:, names.index("head_distance:features")] = head(
+        torch.from_numpy(found["features"])
+    ).numpy()
+    assert ke.check_features(table, found) < 1e-6
+    found["features"] = found["features"] * 1.5
+    assert ke.check_features(table, found) > 0.1
 
 
 def test_the_checks_are_loo_s():
@@ -82,3 +69,26 @@ def test_the_checks_are_loo_s():
     assert (c["beats"], c["beats_of"]) == (2, 3) and c["passed"] is False
     assert c["slack"] == pytest.approx(0.74 - 0.78 + 0.03)
     assert c["mnist_min"] == pytest.approx(0.96)
+
+
+def test_the_rule_is_chosen_on_the_other_models():
+    """Each model held out gets the rule whose picks pass most (then beat most) on the
+    others' selection part, and its pick's report verdict."""
+    picks = {
+        "m1": {r: "good" if r == "median" else "bad" for r in RULES},
+        "m2": {r: "good" if r in ("median", "mean") else "bad" for r in RULES},
+        "m3": {r: "good" if r == "mean" else "bad" for r in RULES},
+    }
+    results = {m: {"picks": p} for m, p in picks.items()}
+    beats = {"good": 30, "bad": 10}
+
+    def verdict(model: str, part: str, variant: str) -> dict:
+        return {"passed": variant == "good", "beats": beats[variant] + (part == "report")}
+
+    rotations = {r["held_out"]: r for r in ke.rule_rotations(results, verdict)}
+    assert rotations["m1"]["rule"] == "mean"  # on m2 and m3: mean passes both
+    assert rotations["m1"]["seen"] == (2, 60) and rotations["m1"]["picks"] == "bad"
+    assert rotations["m1"]["report"] == {"passed": False, "beats": 11}
+    assert rotations["m3"]["rule"] == "median" and rotations["m3"]["picks"] == "bad"
+    assert rotations["m2"]["rule"] == "mean"  # a tie (1 each): the first listed
+    assert rotations["m2"]["report"]["passed"] is True
