@@ -491,11 +491,11 @@ def learned_kind(
     """The kind behind a class evidence with a learned part (the gate shut): the fixed
     columns' kind (:func:`evidence_kind`) where the largest Fisher term of the ``evidence``
     columns (component kinds: energy's, and the expectation mass's for ``learned+mass``) is
-    at least the learned rank's (the smallest
-    such rank at most the learned rank to the power of its weight: the fixed evidence ranked
-    the input), else the family (:func:`component_family`) of the component whose feature adds
-    most to the learned decision (``weight * feature``, either tail); a component of no known
-    family, no evidence column, or a NaN rank gives ``class_evidence``."""
+    at least the learned rank's (the smallest such rank at most the learned rank to the power
+    of its weight: the fixed evidence ranked the input), else the family
+    (:func:`component_family`) of the component whose feature adds most to the learned
+    decision (``weight * feature``, either tail); a component of no known family, no evidence
+    column, or a NaN rank gives ``class_evidence``."""
     ranks = torch.tensor([list(tail_ranks)], dtype=torch.float32)
     columns = [j for j, n in enumerate(names) if n.split(":", 1)[0] in evidence]
     if not bool(torch.isfinite(ranks).all()) or not columns:

@@ -231,8 +231,8 @@ def alarm_rates(
     the report part's CIFAR-10 images, with per-class (Mondrian) nulls of the table's held-out
     images 500..4,999 (the null calibration makes; the pooled null for a class with fewer than
     ``DEFAULT_CLASS_NULL_MIN``): overall and per predicted class, each with its exact 95%
-    interval (``bench.alarms.scores.alarm_rate``). ``columns``: a judged set's components
-    (default: as judged)."""
+    interval (``bench.alarms.scores.alarm_rate``) and, per class, the size of the null its
+    p-values came from. ``columns``: a judged set's components (default: as judged)."""
     alarm = table.alarm
     assert alarm is not None and alarm.reference is not None
     reference = alarm.reference
@@ -251,7 +251,10 @@ def alarm_rates(
     per_class = ClassConditionalNull.of(null, null_classes, k, DEFAULT_CLASS_NULL_MIN)
     p = per_class.p_values(scores, classes, ConformalNull.of(null).p_values(scores)).numpy()
     c = classes.numpy()
-    per = [alarm_rate(p[c == j], rate) for j in range(k) if (c == j).any()]
+    sizes = per_class.sizes.tolist()
+    per = [{**alarm_rate(p[c == j], rate), "class": j,
+            "null_size": sizes[j] if sizes[j] >= per_class.min_size else len(null)}
+           for j in range(k) if (c == j).any()]  # fmt: skip
     return {"overall": alarm_rate(p, rate), "per_class": per}
 
 

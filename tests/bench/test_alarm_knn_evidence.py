@@ -92,3 +92,13 @@ def test_the_rule_is_chosen_on_the_other_models():
     assert rotations["m3"]["rule"] == "median" and rotations["m3"]["picks"] == "bad"
     assert rotations["m2"]["rule"] == "mean"  # a tie (1 each): the first listed
     assert rotations["m2"]["report"]["passed"] is True
+
+
+def test_a_class_count_is_judged_against_the_exchangeable_range():
+    from scipy.stats import betabinom
+
+    j = int(0.01 * 501)  # the null's threshold index at 1% for 500 held-out scores
+    low, high = betabinom(400, j, 501 - j).ppf([0.025, 0.975]).astype(int)
+    row = {"null_size": 500, "inputs": 400}
+    assert ke.in_range({**row, "alarms": int(low)}) and ke.in_range({**row, "alarms": int(high)})
+    assert not ke.in_range({**row, "alarms": int(high) + 1})
