@@ -52,6 +52,7 @@ from surprise_monitor.calibrate.evidence_choice import (
     RULE,
     SHIFTS,
     choice_margins,
+    margin_summary,
     pick,
 )
 from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
@@ -142,7 +143,7 @@ def alarm_calibration(
     alarm = AlarmCalibration(
         options.score, tuple(layers), grids, None, images.count, head_layer=head,
         head_means=head_means, head_precision=head_precision, **_stage_fields(options, stage),
-        knn=_knn_bank(options, head_rows),
+        knn=knn_bank(options, head_rows),
     )  # fmt: skip
     with_grids = replace(table, alarm=alarm, path=None, sha256="")
     odd = _counted(images.half(1), images.size(1), "score reference", progress)
@@ -403,7 +404,7 @@ def _profile_grids(
     return grids, head_means, precision, fits, torch.from_numpy(means[-1])
 
 
-def _knn_bank(options: AlarmOptions, head_rows: torch.Tensor | None) -> KnnDistance | None:
+def knn_bank(options: AlarmOptions, head_rows: torch.Tensor | None) -> KnnDistance | None:
     """The gated score's KNN bank: at most ``options.knn_bank`` of the head layer's channel
     means ``head_rows [n, C]``, evenly spaced (``None`` for the Fisher score, without a head or
     with ``knn_bank`` 0; a named ``+knn`` variant of the gated score then is refused, naming
@@ -486,10 +487,7 @@ def _with_chosen_evidence(
     (predicted, labelled) in that variant, and each variant's worst and mean margins."""
     margins = choice.margins(alarm)
     variant = pick(margins) if asked is None else asked
-    summary = {
-        "worst_margin": {v: min(m.values()) for v, m in margins.items()},
-        "mean_margin": {v: sum(m.values()) / len(m) for v, m in margins.items()},
-    }
+    summary = margin_summary(margins)
     log.info("calibrate: evidence %s %s on %d held-out images and %d shifts (mean / worst "
              "margin against the best logit score: %s); they are left out of the null",
              variant, "fitted" if asked else "chosen", CHOICE_IMAGES, len(SHIFTS),

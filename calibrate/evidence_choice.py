@@ -226,7 +226,16 @@ def choose(
     """The variant :data:`RULE` picks from the margins (:func:`choice_margins`) and every
     variant's worst margin."""
     margins = choice_margins(names, threshold, clean, shifted, floor)
-    return pick(margins), {v: min(m.values()) for v, m in margins.items()}
+    return pick(margins), margin_summary(margins)["worst_margin"]
+
+
+def margin_summary(margins: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each variant's worst (``"worst_margin"``) and mean (``"mean_margin"``) margin over the
+    shifts, from ``margins`` (variant -> shift -> margin)."""
+    return {
+        "worst_margin": {v: min(m.values()) for v, m in margins.items()},
+        "mean_margin": {v: sum(m.values()) / len(m) for v, m in margins.items()},
+    }
 
 
 def choice_margins(

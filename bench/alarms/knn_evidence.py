@@ -46,7 +46,7 @@ from bench.alarms.report import log
 from bench.alarms.scores import alarm_rate
 from bench.cifar import load_cifar10, to_tensor
 from bench.strong_models import ALARM_MODELS, HELDOUT
-from surprise_monitor.calibrate.alarm import evenly_spaced
+from surprise_monitor.calibrate.alarm import evenly_spaced, knn_bank
 from surprise_monitor.calibrate.evidence_choice import (
     CHOICE_IMAGES,
     RULE,
@@ -56,7 +56,7 @@ from surprise_monitor.calibrate.evidence_choice import (
     fixed_variants,
     pick,
 )
-from surprise_monitor.calibrate.options import DEFAULT_REFERENCE_IMAGES
+from surprise_monitor.calibrate.options import DEFAULT_REFERENCE_IMAGES, AlarmOptions
 from surprise_monitor.monitor.atypicality import (
     GATED_SCORE_NAME,
     KNN_VARIANTS,
@@ -67,9 +67,7 @@ from surprise_monitor.monitor.atypicality import (
 from surprise_monitor.monitor.conformal import (
     DEFAULT_CLASS_NULL_MIN,
     ClassConditionalNull,
-    ConformalNull,
 )
-from surprise_monitor.monitor.knn_distance import BANK, KnnDistance
 from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS
 from surprise_monitor.monitor.table import CalibrationTable
 
@@ -93,7 +91,8 @@ def with_knn(table: CalibrationTable, features: np.ndarray) -> CalibrationTable:
     positions = evenly_spaced(len(features), DEFAULT_REFERENCE_IMAGES)
     even, odd = positions[0::2], positions[1::2]
     f = torch.from_numpy(features)
-    knn = KnnDistance.of(f[torch.from_numpy(even[evenly_spaced(len(even), BANK)])])
+    knn = knn_bank(AlarmOptions(score=GATED_SCORE_NAME), f[torch.from_numpy(even)])
+    assert knn is not None
     column = torch.sort(knn(f[torch.from_numpy(odd)])).values.contiguous()
     reference = ScoreReference((*alarm.reference.sorted_components, column), alarm.reference.tail)
     alarm = replace(alarm, knn=knn, reference=reference, evidence="energy", learned=None)
@@ -227,18 +226,20 @@ def set_rates(
     null_set = collect.load_judged(collect.folder(name) / "sets" / kind / "selection__cifar10.npz")
     null_ranks = reference.ranks(columns(null_set))[CHOICE_IMAGES:]
     null_classes = torch.from_numpy(null_set["classes"]).long()[CHOICE_IMAGES:]
+    nulls: dict[str | None, ClassConditionalNull] = {}  # per synthetic family: its gate's null
     out = {}
     for set_name, info in meta["parts"]["report"]["sets"].items():
-        gate = gate_of(learned.FAMILY_OF.get(info["family"]))
-        null = gate.score(null_ranks)
+        family = learned.FAMILY_OF.get(info["family"])
+        gate = gate_of(family)
+        if family not in nulls:
+            nulls[family] = ClassConditionalNull.of(
+                gate.score(null_ranks), null_classes, table.num_classes, DEFAULT_CLASS_NULL_MIN
+            )
         file = f"report__{set_name.replace(' ', '_')}.npz"
         found = collect.load_judged(collect.folder(name) / "families" / kind / f"n{n}" / file)
         scores = gate.score(reference.ranks(columns(found)))
         classes = torch.from_numpy(found["classes"]).long()
-        per_class = ClassConditionalNull.of(null, null_classes, table.num_classes,
-                                            DEFAULT_CLASS_NULL_MIN)  # fmt: skip
-        p = per_class.p_values(scores, classes, ConformalNull.of(null).p_values(scores))
-        out[set_name] = alarm_rate(p.numpy(), rate)
+        out[set_name] = alarm_rate(learned.mondrian_p_values(nulls[family], scores, classes), rate)
     return out
 
 
@@ -261,14 +262,10 @@ def label_of(variant: str) -> str:
 
 def checks(aurocs: Mapping[str, Mapping[str, float]], family_of: Mapping[str, str], score: str,
            model: str) -> dict:  # fmt: skip
-    """:func:`bench.alarms.loo.summary` of ``score`` over one part's sets, with the worst set's
-    margin plus tolerance (``slack``) and the MNIST family's minimum."""
-    rows = [{"model": model, **loo.set_report(a, score, s, family_of[s])}
-            for s, a in aurocs.items()]  # fmt: skip
-    out = loo.summary(rows)
-    out["slack"] = min(r["margin"] + r["tolerance"] for r in rows if r["tolerance"] is not None)
-    out["mnist_min"] = min(r["auroc"] for r in rows if r["mnist_ok"] is not None)
-    return out
+    """:func:`bench.alarms.learned.checked` of ``score`` over one part's sets (``worst_margin``:
+    the worst set's margin plus tolerance; ``mnist_min``: the MNIST family's minimum)."""
+    return learned.checked([{"model": model, **loo.set_report(a, score, s, family_of[s])}
+                            for s, a in aurocs.items()])  # fmt: skip
 
 
 def best_rule(
@@ -311,7 +308,7 @@ def in_range(c: dict, rate: float = 0.01) -> bool:
 
 def _cell(c: dict) -> str:
     """``beats / slack / MNIST min / passed`` of one part."""
-    return (f"{c['beats']} / {c['slack']:+.3f} / {c['mnist_min']:.3f} / "
+    return (f"{c['beats']} / {c['worst_margin']:+.3f} / {c['mnist_min']:.3f} / "
             f"{'yes' if c['passed'] else 'no'}")  # fmt: skip
 
 

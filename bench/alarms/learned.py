@@ -249,13 +249,22 @@ def alarm_rates(
     scores, classes = judged("report")
     k = table.num_classes
     per_class = ClassConditionalNull.of(null, null_classes, k, DEFAULT_CLASS_NULL_MIN)
-    p = per_class.p_values(scores, classes, ConformalNull.of(null).p_values(scores)).numpy()
+    p = mondrian_p_values(per_class, scores, classes)
     c = classes.numpy()
     sizes = per_class.sizes.tolist()
     per = [{**alarm_rate(p[c == j], rate), "class": j,
             "null_size": sizes[j] if sizes[j] >= per_class.min_size else len(null)}
            for j in range(k) if (c == j).any()]  # fmt: skip
     return {"overall": alarm_rate(p, rate), "per_class": per}
+
+
+def mondrian_p_values(
+    per_class: ClassConditionalNull, scores: torch.Tensor, classes: torch.Tensor
+) -> np.ndarray:
+    """The p-values of ``scores`` among the held-out scores of their ``classes`` (the pooled
+    null's for a class with too few), as the monitor takes them."""
+    pooled = ConformalNull.of(per_class.scores).p_values(scores)
+    return per_class.p_values(scores, classes, pooled).numpy()
 
 
 def weight_rotations(results: Mapping[str, dict], weights: Sequence[float] = WEIGHTS) -> list:
@@ -279,9 +288,25 @@ def _slack(rows: Sequence[dict]) -> dict:
                key=lambda r: r["margin"] + r["tolerance"])  # fmt: skip
 
 
+def checked(rows: Sequence[dict]) -> dict:
+    """:func:`bench.alarms.loo.summary` of one score's set rows (:func:`bench.alarms.loo.
+    set_report`'s), with the set closest to failing the margin check (``worst_margin``: its
+    margin plus tolerance; ``worst_set``), the MNIST family's minimum AUROC and the nominal
+    sets' largest deviation from 0.5."""
+    s = loo.summary(rows)
+    worst = _slack(rows)
+    s["worst_margin"] = worst["margin"] + worst["tolerance"] + 0.0  # no -0.0
+    s["worst_set"] = worst["set"]
+    s["mnist_min"] = min((r["auroc"] for r in rows if r["mnist_ok"] is not None), default=None)
+    s["nominal_max"] = max(
+        (r["nominal_deviation"] for r in rows if r["nominal_deviation"] is not None),
+        default=None,
+    )
+    return s
+
+
 def summary(result: dict) -> dict[str, dict]:
-    """Per library score, :func:`bench.alarms.loo.summary` of its report sets, with the worst
-    margin and the MNIST family's minimum AUROC."""
+    """Per library score, :func:`checked` of its report sets."""
     out = {}
     for score in SCORES:
         rows = []
@@ -289,15 +314,7 @@ def summary(result: dict) -> dict[str, dict]:
             aurocs = {k: v["auroc"] for k, v in info["scores"].items()}
             row = loo.set_report(aurocs, score, set_name, info["family"])
             rows.append({**row, "model": result["model"]})
-        s = loo.summary(rows)
-        worst = _slack(rows)
-        s["worst_margin"] = worst["margin"] + worst["tolerance"] + 0.0  # no -0.0
-        s["worst_set"] = worst["set"]
-        s["mnist_min"] = min((r["auroc"] for r in rows if r["mnist_ok"] is not None), default=None)
-        s["nominal_max"] = max(
-            (r["nominal_deviation"] for r in rows if r["nominal_deviation"] is not None),
-            default=None,
-        )
+        s = checked(rows)
         out[score] = s
     return out
 

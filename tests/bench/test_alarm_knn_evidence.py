@@ -67,7 +67,7 @@ def test_the_checks_are_loo_s():
     family_of = {"a": "geometry", "b": "occlusion", "mnist": "far"}
     c = ke.checks(aurocs, family_of, "x", "m")
     assert (c["beats"], c["beats_of"]) == (2, 3) and c["passed"] is False
-    assert c["slack"] == pytest.approx(0.74 - 0.78 + 0.03)
+    assert c["worst_margin"] == pytest.approx(0.74 - 0.78 + 0.03)
     assert c["mnist_min"] == pytest.approx(0.96)
 
 
