@@ -17,21 +17,25 @@ cached: run it first), with the KNN column added as the judge adds it: both part
 every evidence variant the table now serves (:data:`VARIANTS`: the fixed four, and the learned
 two with the KNN rank among their inputs, each family held out as ``bench.alarms.learned``
 holds it out), against the part's CIFAR-10 images (the selection part's without the first 500,
-which calibration's choice takes), with :mod:`bench.alarms.loo`'s checks; the baselines'
-AUROCs are ``results/learned.json``'s on the same sets. And what ``auto`` sees: every variant's
-margin on each synthetic shift of the choice images (test images 0..499, their features by a
-hook in the judgements' batches; the learned ones cross-fitted, as the library's choice does),
-each rule's pick (:data:`RULES`), and the leave-one-model-out of the rule
+which calibration's choice takes), with :mod:`bench.alarms.loo`'s checks, beside pytorch-ood's
+baselines on the same images (:class:`bench.alarms.scores.Baselines`). And what ``auto`` sees:
+every variant's margin on each synthetic shift of the choice images (test images 0..499, their
+features by a hook in the judgements' batches; the learned ones cross-fitted, as the library's
+choice does), each rule's pick (:data:`RULES`), and the leave-one-model-out of the rule
 (:func:`rule_rotations`: chosen on the other three models' selection part, by the checks
-passed and then the sets of beats; reported on the held-out model's report part).
+passed and then the sets of beats; reported on the held-out model's report part). For the
+library's pick, the share of paired bootstrap draws of each part that pass every check
+(:mod:`bench.alarms.resampled`).
 
 Written: ``results/knn_evidence.json``; printed: the Markdown summary for ``bench/README.md``.
-Options: ``--models`` (the four), ``--n 200`` (the families' set size).
+Options: ``--models`` (the four), ``--n 500`` (the families' set size: the judged sets of
+``bench.alarms.families --n N``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -43,7 +47,8 @@ import torch
 from bench.alarms import collect, learned, loo
 from bench.alarms.class_rates import exchangeable_range
 from bench.alarms.report import log
-from bench.alarms.scores import alarm_rate
+from bench.alarms.resampled import CHECKS, pass_shares, resampled_checks
+from bench.alarms.scores import Baselines, alarm_rate, detection
 from bench.cifar import load_cifar10, to_tensor
 from bench.strong_models import ALARM_MODELS, HELDOUT
 from surprise_monitor.calibrate.alarm import evenly_spaced, knn_bank
@@ -72,7 +77,7 @@ from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS
 from surprise_monitor.monitor.table import CalibrationTable
 
 HERE = Path(__file__).resolve().parent
-#: The baselines read from ``results/learned.json`` beside the library's variants.
+#: The baselines beside the library's variants.
 BASELINES = ("MSP", "MaxLogit", "Energy", "Mahalanobis", "KNN")
 #: Every evidence variant of a table with the KNN bank, as the parts' scores are labelled.
 VARIANTS = (
@@ -143,7 +148,7 @@ def choice_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str, t
     return out
 
 
-def run_model(name: str, n: int = 200) -> dict:
+def run_model(name: str, n: int = 500) -> dict:
     """Both parts' AUROCs of every variant, the choice images' margins, each rule's pick and
     the feature check (see the module docstring)."""
     model = collect.load_model(name)
@@ -174,8 +179,11 @@ def run_model(name: str, n: int = 200) -> dict:
         knn = alarm.knn(torch.from_numpy(found["features"]).float())[:, None]
         return torch.cat([torch.from_numpy(found["components"]).float(), knn], dim=1)
 
+    baselines = memoised(Baselines(*collect.train_features(name, model)))
+
     def scores(found: dict[str, np.ndarray], family: str | None) -> dict[str, np.ndarray]:
-        """Every variant's score of a judged set (the held-out fits for ``family``)."""
+        """Every variant's score of a judged set (the held-out fits for ``family``) and every
+        baseline's."""
         nonlocal gap
         gap = max(gap, check_features(table, found))
         ranks = alarm.reference.ranks(columns(found))
@@ -183,13 +191,18 @@ def run_model(name: str, n: int = 200) -> dict:
         for (label, fit), gate in gates.items():
             if fit == family and label.endswith(learned.HELD_OUT):
                 out[label] = gate.score(ranks)
-        return {k: v.double().numpy() for k, v in out.items()}
+        return {**{k: v.double().numpy() for k, v in out.items()}, **baselines(found)}
 
-    parts = {part: learned._part(name, n, part, scores) for part in learned.PARTS}
-    aurocs = {p: {s: {k: v["auroc"] for k, v in info["scores"].items()}
-                  for s, info in sets.items()} for p, sets in parts.items()}  # fmt: skip
-    log(f"{name}: features = head channel means to {gap:.1e} (relative, head distance)")
     chosen = pick(margins, RULE)  # what the library's choice picks
+    parts, aurocs, resampled = {}, {}, {}
+    for part in learned.PARTS:
+        per_image = learned.part_scores(name, n, part, scores)
+        parts[part] = {s: {"family": f, "scores": detection(r, x)}
+                       for s, (f, r, x) in per_image.items()}  # fmt: skip
+        aurocs[part] = {s: {k: v["auroc"] for k, v in info["scores"].items()}
+                        for s, info in parts[part].items()}  # fmt: skip
+        resampled[part] = pass_shares(resampled_checks(per_image, label_of(chosen), name))
+    log(f"{name}: features = head channel means to {gap:.1e} (relative, head distance)")
     gate = gates[(chosen, None)] if chosen in LEARNED_VARIANTS else fixed[chosen]
     rates = learned.alarm_rates(name, table, gate, columns=columns)
 
@@ -197,15 +210,35 @@ def run_model(name: str, n: int = 200) -> dict:
         """The pick's gate as the parts score it (a learned fit without ``family``)."""
         return gates[(label_of(chosen), family)] if chosen in LEARNED_VARIANTS else gate
 
-    per_set = {s: {**info["scores"][label_of(chosen)], "alarms": r}
+    per_set = {s: {**info["scores"][label_of(chosen)], "alarms": r, "family": info["family"],
+                   "baselines": {b: info["scores"][b] for b in BASELINES}}
                for (s, info), r in zip(parts["report"].items(),
                                        set_rates(name, n, table, gate_of, columns).values(),
                                        strict=True)}  # fmt: skip
     return {"model": name, "n": n, "bank": int(alarm.knn.bank.shape[0]), "k": alarm.knn.k,
-            "feature_gap": gap, "aurocs": aurocs, "margins": margins,
-            "picks": {rule: pick(margins, rule) for rule in RULES},
+            "feature_gap": gap, "aurocs": aurocs,
+            "families": {s: i["family"] for s, i in parts["report"].items()},
+            "margins": margins, "picks": {rule: pick(margins, rule) for rule in RULES},
             "alarm_rates": {"variant": chosen, "rule": RULE, **rates},
-            "pick_sets": per_set}  # fmt: skip
+            "pick_sets": per_set, "resampled": resampled}  # fmt: skip
+
+
+def memoised(baselines: Baselines) -> Callable[[Mapping[str, np.ndarray]], dict]:
+    """``baselines.scores`` remembered per judged set's features (a part's CIFAR-10 images are
+    every set's reference: their KNN scores are taken once, not once per set)."""
+    seen: dict[str, dict[str, np.ndarray]] = {}
+
+    def scores(found: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The baselines' scores of ``found``."""
+        digest = hashlib.sha256()
+        for field in ("features", "logits"):
+            digest.update(np.ascontiguousarray(found[field]).tobytes())
+        key = digest.hexdigest()
+        if key not in seen:
+            seen[key] = baselines.scores(dict(found))
+        return seen[key]
+
+    return scores
 
 
 def set_rates(
@@ -243,18 +276,6 @@ def set_rates(
     return out
 
 
-def merged(result: dict, library: dict) -> dict[str, dict[str, dict[str, float]]]:
-    """part -> set -> score -> AUROC: the variants' and the :data:`BASELINES`' (from
-    ``results/learned.json``'s model entry ``library``)."""
-    out: dict = {}
-    for part, sets in result["aurocs"].items():
-        out[part] = {}
-        for s, new in sets.items():
-            kept = library["parts"][part][s]["scores"]
-            out[part][s] = {**{k: kept[k]["auroc"] for k in BASELINES}, **new}
-    return out
-
-
 def label_of(variant: str) -> str:
     """The parts' score label of an evidence variant (the learned ones: family held out)."""
     return variant + learned.HELD_OUT if variant in LEARNED_VARIANTS else variant
@@ -268,33 +289,47 @@ def checks(aurocs: Mapping[str, Mapping[str, float]], family_of: Mapping[str, st
                             for s, a in aurocs.items()])  # fmt: skip
 
 
-def best_rule(
+def rule_ranking(
     results: Mapping[str, dict], models: Sequence[str], verdict: Callable[[str, str, str], dict]
-) -> tuple[str, tuple[int, int]]:
-    """The rule of :data:`RULES` whose picks pass the most checks on ``models``' selection
-    part, then beat the baselines on the most sets (ties: the first listed), and those two
-    counts. ``verdict(model, part, variant)``: that part's checks."""
+) -> list[tuple[str, tuple[int, int]]]:
+    """The rules of :data:`RULES`, best first, each with its picks' count of checks passed on
+    ``models``' selection part and then of sets where they beat the baselines (ties: the
+    first listed). ``verdict(model, part, variant)``: that part's checks."""
 
     def key(rule: str) -> tuple[int, int]:
         """Checks passed, then sets of beats, on the models' selection part."""
         found = [verdict(m, "selection", results[m]["picks"][rule]) for m in models]
         return sum(bool(c["passed"]) for c in found), sum(c["beats"] for c in found)
 
-    rule = max(RULES, key=lambda r: (*key(r), -RULES.index(r)))
-    return rule, key(rule)
+    ranked = sorted(RULES, key=lambda r: (*key(r), -RULES.index(r)), reverse=True)
+    return [(r, key(r)) for r in ranked]
+
+
+def best_rule(
+    results: Mapping[str, dict], models: Sequence[str], verdict: Callable[[str, str, str], dict]
+) -> tuple[str, tuple[int, int]]:
+    """The first of :func:`rule_ranking` and its two counts."""
+    return rule_ranking(results, models, verdict)[0]
 
 
 def rule_rotations(
     results: Mapping[str, dict], verdict: Callable[[str, str, str], dict]
 ) -> list[dict]:
     """Leave one model out of the rule: for each model, :func:`best_rule` on the other
-    models, and that rule's pick on the held-out model with its report part's verdict."""
+    models, and that rule's pick on the held-out model with its report part's verdict; and
+    the closest call (``runner_up``: the best-ranked rule that picks otherwise on the held-out
+    model, its counts, pick and verdict; ``None`` when every rule picks the same)."""
     out = []
     for held in results:
-        rule, seen = best_rule(results, [m for m in results if m != held], verdict)
-        chosen = results[held]["picks"][rule]
+        ranked = rule_ranking(results, [m for m in results if m != held], verdict)
+        (rule, seen), picks = ranked[0], results[held]["picks"]
+        chosen = picks[rule]
+        other = next(((r, k) for r, k in ranked if picks[r] != chosen), None)
+        runner_up = None if other is None else {
+            "rule": other[0], "seen": other[1], "picks": picks[other[0]],
+            "report": verdict(held, "report", picks[other[0]])}  # fmt: skip
         out.append({"held_out": held, "rule": rule, "seen": seen, "picks": chosen,
-                    "report": verdict(held, "report", chosen)})  # fmt: skip
+                    "report": verdict(held, "report", chosen), "runner_up": runner_up})  # fmt: skip
     return out
 
 
@@ -312,16 +347,16 @@ def _cell(c: dict) -> str:
             f"{'yes' if c['passed'] else 'no'}")  # fmt: skip
 
 
-def markdown(results: Mapping[str, dict], library: Mapping[str, dict]) -> str:
+def markdown(results: Mapping[str, dict]) -> str:
     """Per model and variant, each part's beats, slack, MNIST minimum and verdict; each
     variant's worst / mean / median margin and shifts won on the choice images; what each rule
-    picks; the leave-one-model-out of the rule."""
-    both = {name: merged(result, library[name]) for name, result in results.items()}
-    family_of = {s: i["family"] for r in library.values() for s, i in r["parts"]["report"].items()}
+    picks; the leave-one-model-out of the rule; the pick's alarm rates, its share of resamples
+    passing and its every report set."""
 
     def verdict(model: str, part: str, variant: str) -> dict:
         """One part's checks of a variant on a model."""
-        return checks(both[model][part], family_of, label_of(variant), model)
+        result = results[model]
+        return checks(result["aurocs"][part], result["families"], label_of(variant), model)
 
     lines = ["| model | variant | selection: beats / slack / MNIST min / passed | "
              "report: beats / slack / MNIST min / passed |", "|---|---|---|---|"]  # fmt: skip
@@ -343,11 +378,17 @@ def markdown(results: Mapping[str, dict], library: Mapping[str, dict]) -> str:
         for rule, chosen in result["picks"].items():
             cells = [_cell(verdict(name, part, chosen)) for part in learned.PARTS]
             lines.append(f"| {name} | {rule} | {chosen} | {cells[0]} | {cells[1]} |")
-    lines += ["", "| held out | rule chosen on the other three (passed, beats) | picks | report |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| held out | rule chosen on the other three (passed, beats) | picks | report | "
+              "closest rule picking otherwise (passed, beats): its pick, report |",
+              "|---|---|---|---|---|"]  # fmt: skip
     for rot in rule_rotations(results, verdict) if len(results) > 1 else []:
         seen = f"{rot['rule']} ({rot['seen'][0]}, {rot['seen'][1]})"
-        lines.append(f"| {rot['held_out']} | {seen} | {rot['picks']} | {_cell(rot['report'])} |")
+        other = rot["runner_up"]
+        alt = "-" if other is None else (f"{other['rule']} ({other['seen'][0]}, "
+                                         f"{other['seen'][1]}): {other['picks']}, "
+                                         f"{_cell(other['report'])}")  # fmt: skip
+        lines.append(f"| {rot['held_out']} | {seen} | {rot['picks']} | {_cell(rot['report'])} "
+                     f"| {alt} |")  # fmt: skip
     lines += ["", "| model | the library's pick (rule) | alarms at nominal 1% (95% interval) | "
               "classes whose interval leaves out 1% | classes outside the exchangeable range |",
               "|---|---|---|---:|---:|"]  # fmt: skip
@@ -359,31 +400,37 @@ def markdown(results: Mapping[str, dict], library: Mapping[str, dict]) -> str:
         lines.append(f"| {name} | {r['variant']} ({r['rule']}) | {100 * o['rate']:.2f}% "
                      f"({100 * o['ci_low']:.2f}-{100 * o['ci_high']:.2f}%) | {outside} of "
                      f"{len(r['per_class'])} | {off} of {len(r['per_class'])} |")  # fmt: skip
+    lines += ["", "| model | the library's pick | part | resamples passing every check | "
+              "margins | MNIST family | nominal sets | beats on half |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, result in results.items():
-        lines += ["", *pick_table(name, result, library[name])]
+        for part, shares in result["resampled"].items():
+            cells = " | ".join(f"{shares[c]:.2f}" for c in ("passed", *CHECKS[:-1]))
+            lines.append(f"| {name} | {result['alarm_rates']['variant']} | {part} | {cells} |")
+    for name, result in results.items():
+        lines += ["", *pick_table(name, result)]
     rule, seen = best_rule(results, list(results), verdict)
     lines += ["", f"On every model's selection part: `{rule}` ({seen[0]} passed, {seen[1]} sets "
               "of beats)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def pick_table(name: str, result: dict, library: dict) -> list[str]:
+def pick_table(name: str, result: dict) -> list[str]:
     """Every report set of a model: the library's pick's AUROC, FPR95 and alarms at nominal 1%
-    against each baseline's AUROC / FPR95 (``library``: ``results/learned.json``'s entry), its
-    margin over the best logit baseline, and whether it beats KNN and the logit baselines."""
+    against each baseline's AUROC / FPR95, its margin over the best logit baseline, and whether
+    it beats KNN and the logit baselines."""
     chosen = result["alarm_rates"]["variant"]
     lines = [f"**{name}**, `auto`'s pick `{chosen}` on the report part (AUROC / FPR95; alarms "
              "at nominal 1%)", "",
              "| set | family | pick | alarms | " + " | ".join(BASELINES) + " | margin | beats |",
              "|---|---|---|---:|" + "---|" * len(BASELINES) + "---:|---|"]  # fmt: skip
     for s, mine in result["pick_sets"].items():
-        kept = library["parts"]["report"][s]
-        base = kept["scores"]
+        base = mine["baselines"]
         row = loo.set_report({**{b: base[b]["auroc"] for b in BASELINES}, "x": mine["auroc"]},
-                             "x", s, kept["family"])  # fmt: skip
+                             "x", s, mine["family"])  # fmt: skip
         cells = " | ".join(f"{base[b]['auroc']:.3f} / {base[b]['fpr95']:.2f}" for b in BASELINES)
         beats = "-" if row["beats"] is None else ("yes" if row["beats"] else "no")
-        lines.append(f"| {s} | {kept['family']} | {mine['auroc']:.3f} / {mine['fpr95']:.2f} | "
+        lines.append(f"| {s} | {mine['family']} | {mine['auroc']:.3f} / {mine['fpr95']:.2f} | "
                      f"{100 * mine['alarms']['rate']:.1f}% | {cells} | {row['margin']:+.3f} | "
                      f"{beats} |")  # fmt: skip
     return lines
@@ -395,15 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m bench.alarms.knn_evidence", description=__doc__
     )
     parser.add_argument("--models", default=",".join(ALARM_MODELS))
-    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--n", type=int, default=500)
     args = parser.parse_args(argv)
-    library = json.loads((HERE / "results" / "learned.json").read_text())
     results = {name: run_model(name, args.n) for name in args.models.split(",")}
     out = HERE / "results" / "knn_evidence.json"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(out)
-    print(markdown(results, library))
+    print(markdown(results))
     return 0
 
 

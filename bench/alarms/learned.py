@@ -193,12 +193,13 @@ def weight_label(variant: str, weight: float) -> str:
     return f"{variant} w{weight:g}{HELD_OUT}"
 
 
-def _part(
+def part_scores(
     name: str, n: int, part: str, scores: Callable[[dict[str, np.ndarray], str | None], dict]
-) -> dict:
-    """One part's sets: family and every score's AUROC / FPR95 against the part's CIFAR-10
-    images (of the selection part without the first ``CHOICE_IMAGES``, which the fits saw);
-    the ``nominal`` sets against the same images unshifted."""
+) -> dict[str, tuple[str, dict, dict]]:
+    """One part's sets: set -> (its family, the per-image scores of its reference, its own):
+    the reference the part's CIFAR-10 images (of the selection part without the first
+    ``CHOICE_IMAGES``, which the fits saw); for the ``nominal`` sets the same images unshifted,
+    image for image."""
     kind = collect.table_kind(GATED_SCORE_NAME)
     meta = json.loads((FAMILIES_RESULTS / f"{name}.json").read_text())["parts"][part]["sets"]
     inlier = collect.load_judged(collect.folder(name) / "sets" / kind / f"{part}__cifar10.npz")
@@ -213,11 +214,17 @@ def _part(
             reference = scores(same, family)
         else:
             reference = scores(unseen, family)
-        sets[set_name] = {
-            "family": info["family"],
-            "scores": detection(reference, scores(found, family)),
-        }
+        sets[set_name] = (info["family"], reference, scores(found, family))
     return sets
+
+
+def _part(
+    name: str, n: int, part: str, scores: Callable[[dict[str, np.ndarray], str | None], dict]
+) -> dict:
+    """One part's sets (:func:`part_scores`): family and every score's AUROC / FPR95 against
+    the set's reference."""
+    found = part_scores(name, n, part, scores)
+    return {s: {"family": f, "scores": detection(r, x)} for s, (f, r, x) in found.items()}
 
 
 def alarm_rates(

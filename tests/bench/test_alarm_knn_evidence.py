@@ -92,6 +92,16 @@ def test_the_rule_is_chosen_on_the_other_models():
     assert rotations["m3"]["rule"] == "median" and rotations["m3"]["picks"] == "bad"
     assert rotations["m2"]["rule"] == "mean"  # a tie (1 each): the first listed
     assert rotations["m2"]["report"]["passed"] is True
+    # the closest call: the best-ranked rule picking otherwise on the held-out model
+    # on m2, median ties with mean but picks as mean does: the closest other pick is worst's
+    assert rotations["m2"]["runner_up"] == {
+        "rule": "worst", "seen": (0, 20), "picks": "bad",
+        "report": {"passed": False, "beats": 11}}  # fmt: skip
+    assert rotations["m1"]["runner_up"] == {
+        "rule": "median", "seen": (1, 40), "picks": "good",
+        "report": {"passed": True, "beats": 31}}  # fmt: skip
+    same = {m: {"picks": dict.fromkeys(RULES, "good")} for m in picks}
+    assert all(r["runner_up"] is None for r in ke.rule_rotations(same, verdict))
 
 
 def test_a_class_count_is_judged_against_the_exchangeable_range():
@@ -102,3 +112,26 @@ def test_a_class_count_is_judged_against_the_exchangeable_range():
     row = {"null_size": 500, "inputs": 400}
     assert ke.in_range({**row, "alarms": int(low)}) and ke.in_range({**row, "alarms": int(high)})
     assert not ke.in_range({**row, "alarms": int(high) + 1})
+
+
+def test_the_baselines_are_scored_once_per_set():
+    """``memoised`` gives the baselines' own scores, computing them once per distinct judged
+    set (a part's CIFAR-10 images are every set's reference), and again for other features."""
+    from bench.alarms.scores import Baselines
+
+    rng = np.random.default_rng(0)
+    feats, labels = rng.normal(size=(300, 8)).astype(np.float32), rng.integers(0, 3, 300)
+    baselines = Baselines(feats, labels, k=5)
+    calls = []
+    original = baselines.scores
+    baselines.scores = lambda found: calls.append(1) or original(found)  # type: ignore[method-assign]
+    scores = ke.memoised(baselines)
+    found = {"features": feats[:40], "logits": rng.normal(size=(40, 3)).astype(np.float32)}
+    first = scores(found)
+    again = scores({k: v.copy() for k, v in found.items()})
+    direct = original(found)
+    assert len(calls) == 1 and first is again
+    for name, values in direct.items():
+        np.testing.assert_array_equal(first[name], values)
+    scores({**found, "logits": found["logits"] + 1.0})
+    assert len(calls) == 2
