@@ -406,9 +406,9 @@ def _profile_grids(
 
 def knn_bank(options: AlarmOptions, head_rows: torch.Tensor | None) -> KnnDistance | None:
     """The gated score's KNN bank: at most ``options.knn_bank`` of the head layer's channel
-    means ``head_rows [n, C]``, evenly spaced (``None`` for the Fisher score, without a head or
-    with ``knn_bank`` 0; a named ``+knn`` variant of the gated score then is refused, naming
-    the option)."""
+    means ``head_rows [n, C]``, evenly spaced, less those that are all 0 (``None`` for the
+    Fisher score, without a head, with ``knn_bank`` 0 or with no nonzero row, the last with a
+    warning; a named ``+knn`` variant of the gated score then is refused, naming why)."""
     if options.score != GATED_SCORE_NAME:
         return None
     if head_rows is None or options.knn_bank == 0:
@@ -420,7 +420,14 @@ def knn_bank(options: AlarmOptions, head_rows: torch.Tensor | None) -> KnnDistan
             )
         return None
     picked = evenly_spaced(int(head_rows.shape[0]), options.knn_bank)
-    knn = KnnDistance.of(head_rows[torch.from_numpy(picked)])
+    try:
+        knn = KnnDistance.of(head_rows[torch.from_numpy(picked)])
+    except ValueError as e:  # every picked image's head features are 0: nothing to be near
+        if options.evidence in KNN_VARIANTS:
+            raise OptionValueError("evidence", f"a variant without the KNN component ({e})",
+                                   options.evidence) from e  # fmt: skip
+        log.warning("calibrate: no KNN component: %s", e)
+        return None
     log.info("calibrate: KNN bank of %d training images' head features (the %dth nearest)",
              knn.bank.shape[0], knn.k)  # fmt: skip
     return knn

@@ -57,8 +57,17 @@ class KnnDistance:
 
     @classmethod
     def of(cls, features: torch.Tensor, k: int = NEIGHBOUR) -> KnnDistance:
-        """The bank of ``features [M, C]`` (scaled to unit rows), ``k`` capped at ``M``."""
-        bank = unit_rows(features.detach()).contiguous()
+        """The bank of ``features [M, C]`` scaled to unit rows, ``k`` capped at the rows kept.
+        A zero row (an image whose head channels are all 0, as dead ReLUs give) has no
+        direction to be near and is left out; a ``ValueError`` when no row is left."""
+        rows = features.detach().float()
+        rows = rows[torch.linalg.vector_norm(rows, dim=1) > 0]
+        if rows.shape[0] == 0:
+            raise ValueError(
+                f"the KNN bank needs a training image whose head features are not all 0; "
+                f"all {features.shape[0]} are"
+            )
+        bank = unit_rows(rows).contiguous()
         return cls(bank, min(k, int(bank.shape[0])))
 
     @property
@@ -72,7 +81,8 @@ class KnnDistance:
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """``[B]`` float32 distances of ``features [B, C]`` to their ``k``-th nearest bank row
-        (in :data:`CHUNK`-row blocks; no host sync). The neighbour is found by cosine
+        (in :data:`CHUNK`-row blocks; no host sync; a zero row is 1 from every bank row, as far
+        as an orthogonal one). The neighbour is found by cosine
         similarity, its distance then taken from the difference of the two rows: ``sqrt(2 -
         2 s)`` loses float32's digits where ``s`` is near 1, and with them the row's
         independence of the batch it came in."""

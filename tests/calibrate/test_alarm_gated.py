@@ -155,6 +155,28 @@ def test_the_knn_bank_s_size_is_the_users(gated):
                                      evidence="energy+knn", knn_bank=0))  # fmt: skip
 
 
+def test_dead_images_are_left_out_of_the_knn_bank(caplog):
+    """Head rows that are all 0 (an untrained model's dead ReLUs) have no direction: the bank
+    keeps the others; with none left there is no KNN component, said in a warning, and a named
+    ``+knn`` variant is refused saying why."""
+    from surprise_monitor.calibrate.alarm import knn_bank
+
+    rows = torch.rand(20, 4) + 0.1
+    rows[3] = rows[11] = 0.0
+    options = AlarmOptions(score=GATED_SCORE_NAME, evidence="energy")
+    knn = knn_bank(options, rows)
+    alive = torch.cat([rows[:3], rows[4:11], rows[12:]])
+    torch.testing.assert_close(knn.bank, alive / alive.norm(dim=1, keepdim=True))
+    with caplog.at_level("WARNING"):
+        assert knn_bank(options, torch.zeros(20, 4)) is None
+    assert "no KNN component" in caplog.text and "all 20 are" in caplog.text
+    named = dataclasses.replace(options, evidence="energy+knn")
+    with pytest.raises(OptionValueError, match=r"evidence must be a variant without the KNN "
+                       r"component \(the KNN bank needs a training image whose head features "
+                       r"are not all 0; all 20 are\), got 'energy\+knn'"):  # fmt: skip
+        knn_bank(named, torch.zeros(20, 4))
+
+
 def _reference_gate_statistics(model, table) -> np.ndarray:
     """The reference images' own gate statistics, by hand: their stage distances' ranks among
     themselves (the odd half of the picked training images, read off a table without the

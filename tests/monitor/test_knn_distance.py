@@ -50,3 +50,26 @@ def test_chunks_and_a_bank_row_itself():
 def test_a_bad_bank_or_neighbour_is_refused(bank, k, message):
     with pytest.raises(ValueError, match=message):
         kd.KnnDistance(bank, k)
+
+
+def test_a_zero_row_is_left_out_of_the_bank_and_is_1_from_it():
+    """Images whose head features are all 0 (dead ReLUs) have no direction: the bank keeps the
+    others (unit rows, ``k`` capped at them) and gives pytorch-ood's score on them; a zero
+    input is at distance 1 from every bank row; a bank of zero rows only is refused."""
+    pytest.importorskip("sklearn")
+    from pytorch_ood.detector import KNN
+
+    g = torch.Generator().manual_seed(2)
+    rows = torch.rand(40, 6, generator=g) + 0.1
+    rows[::4] = 0.0  # 10 dead images
+    knn = kd.KnnDistance.of(rows, k=35)
+    alive = rows[rows.norm(dim=1) > 0]
+    assert knn.bank.shape == (30, 6) and knn.k == 30
+    torch.testing.assert_close(knn.bank.norm(dim=1), torch.ones(30))
+    x = torch.randn(12, 6, generator=g)
+    oracle = KNN(None, k=30).fit_features(alive, torch.zeros(30, dtype=torch.long))
+    np.testing.assert_allclose(knn(x).numpy(), np.asarray(oracle.predict_features(x)),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(knn(torch.zeros(3, 6)), torch.ones(3))
+    with pytest.raises(ValueError, match="all 5 are"):
+        kd.KnnDistance.of(torch.zeros(5, 6))
