@@ -29,6 +29,7 @@ the images as they are (a margin of 0 for every variant).
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -200,14 +201,12 @@ def pick(margins: Mapping[str, Mapping[str, float]], rule: str = RULE) -> str:
     -> margin); values are compared to 1e-9 and ties go to the first listed."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
-    ordered = {k: sorted(m.values()) for k, m in margins.items()}
-    worst = {k: m[0] for k, m in ordered.items()}
-    mean = {k: sum(m) / len(m) for k, m in ordered.items()}
+    summary = margin_summary(margins)
+    worst, mean = summary["worst_margin"], summary["mean_margin"]
     value = {
         "worst": worst, "mean": mean, "tolerance, then mean": mean,
         "worst + mean": {k: worst[k] + mean[k] for k in margins},
-        "median": {k: m[len(m) // 2] if len(m) % 2 else (m[len(m) // 2 - 1] + m[len(m) // 2]) / 2
-                   for k, m in ordered.items()},
+        "median": {k: statistics.median(m.values()) for k, m in margins.items()},
     }[rule]  # fmt: skip
     eligible = list(margins)
     if rule == "tolerance, then mean":
