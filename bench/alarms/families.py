@@ -10,10 +10,10 @@ parts (``n`` images each) and the CIFAR-10 images of each part, judged once and 
 ``alarms/MODEL/families/TABLE_KIND/nN/``, with their stage distances
 (:mod:`bench.alarms.stage_stats`, for the gated candidates) under
 ``alarms/MODEL/families/stage_mahalanobis/nN/``. The ``nominal`` sets (the training
-augmentations, which must stay at chance) are judged against the *same* ``n`` images unshifted
-(the part's first ``n``), so a subset of unusual images does not pass for an effect of the
-augmentation; every other set against the part's 5,000 CIFAR-10 images. Written:
-``results/families/MODEL.json`` with ``parts[part]["sets"][set]`` = the set's family, kind,
+augmentations, which must stay at chance) are judged against the *same* ``n`` images
+unshifted (:func:`bench.alarms.sets.base_rows`), so a subset of unusual images does not pass
+for an effect of the augmentation; every other set against the part's 5,000 CIFAR-10 images.
+Written: ``results/families/MODEL.json`` with ``parts[part]["sets"][set]`` = the set's family, kind,
 severity, images, the library alarm's rate at 1% and every score's AUROC / FPR95 (the
 format :mod:`bench.alarms.loo` reads:
 ``python -m bench.alarms.loo --results bench/alarms/results/families``).
@@ -41,7 +41,7 @@ from bench.alarms import collect, stage_stats
 from bench.alarms.combine import CANDIDATES, GATED_CANDIDATES, References, candidate_scores
 from bench.alarms.report import log, plain
 from bench.alarms.scores import Baselines, detection
-from bench.alarms.sets import PARTS, ImageSet, cifar_part, family_sets
+from bench.alarms.sets import PARTS, ImageSet, base_rows, cache_stem, cifar_part, family_sets
 from bench.alarms.stage_stats import StageStatistics, names_of
 from bench.strong_models import ALARM_MODELS, training_record
 from surprise_monitor.calibrate.evidence_choice import fixed_variants
@@ -89,7 +89,7 @@ def judged(
     if images.name == "cifar10":  # the part's 5,000 CIFAR-10 images, whatever n: shared
         return collect.judged(name, monitor, images, kind)
     folder = collect.folder(name) / "families" / kind / f"n{n}"
-    path = folder / f"{images.part}__{images.name.replace(' ', '_')}.npz"
+    path = folder / f"{cache_stem(images.part, images.name)}.npz"
     if path.is_file():
         return collect.load_judged(path)
     found = collect._judge(monitor, images)
@@ -174,7 +174,8 @@ def run_model(
                 found = judged(name, monitor, images, n, kind)
                 reference = scores_in
                 if images.family == NOMINAL:  # against the same images, unshifted
-                    reference = {k: v[: len(images.images)] for k, v in scores_in.items()}
+                    rows = base_rows(part, len(images.images))
+                    reference = {k: v[rows] for k, v in scores_in.items()}
                 sets[images.name] = {
                     "family": images.family, "kind": images.kind,
                     "severity": images.severity, "images": len(images.images),

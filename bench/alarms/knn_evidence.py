@@ -49,6 +49,7 @@ from bench.alarms.class_rates import exchangeable_range
 from bench.alarms.report import log
 from bench.alarms.resampled import CHECKS, pass_shares, resampled_checks
 from bench.alarms.scores import Baselines, alarm_rate, detection
+from bench.alarms.sets import cache_stem
 from bench.cifar import load_cifar10, to_tensor
 from bench.strong_models import ALARM_MODELS, HELDOUT
 from surprise_monitor.calibrate.alarm import evenly_spaced, knn_bank
@@ -268,7 +269,7 @@ def set_rates(
             nulls[family] = ClassConditionalNull.of(
                 gate.score(null_ranks), null_classes, table.num_classes, DEFAULT_CLASS_NULL_MIN
             )
-        file = f"report__{set_name.replace(' ', '_')}.npz"
+        file = f"{cache_stem('report', set_name)}.npz"
         found = collect.load_judged(collect.folder(name) / "families" / kind / f"n{n}" / file)
         scores = gate.score(reference.ranks(columns(found)))
         classes = torch.from_numpy(found["classes"]).long()

@@ -47,6 +47,7 @@ import torch
 from bench.alarms import collect, loo
 from bench.alarms.report import log
 from bench.alarms.scores import Baselines, alarm_rate, detection
+from bench.alarms.sets import base_rows, cache_stem
 from bench.cifar import load_cifar10, to_tensor
 from bench.strong_models import ALARM_MODELS, HELDOUT
 from surprise_monitor.calibrate.evidence_choice import CHOICE_IMAGES, SHIFT_FAMILIES, SHIFTS, choose
@@ -207,10 +208,10 @@ def part_scores(
     sets: dict = {}
     for set_name, info in meta.items():
         family = FAMILY_OF.get(info["family"])
-        file = f"{part}__{set_name.replace(' ', '_')}.npz"
+        file = f"{cache_stem(part, set_name)}.npz"
         found = collect.load_judged(collect.folder(name) / "families" / kind / f"n{n}" / file)
         if info["family"] == loo.NOMINAL:  # the same images, unshifted
-            same = {k: v[: len(found["score"])] for k, v in inlier.items()}
+            same = {k: v[base_rows(part, len(found["score"]))] for k, v in inlier.items()}
             reference = scores(same, family)
         else:
             reference = scores(unseen, family)

@@ -43,7 +43,7 @@ import torch
 
 from bench.alarms import collect, loo
 from bench.alarms.report import log
-from bench.alarms.sets import PARTS, families
+from bench.alarms.sets import PARTS, base_rows, cache_stem, families
 from bench.paper.metrics import auroc
 from bench.strong_models import ALARM_MODELS
 from surprise_monitor.monitor.atypicality import (
@@ -140,12 +140,13 @@ def tally(name: str, kind: str, n: int, scorer: Scorer, k: int) -> dict:
         fam = out["families"].setdefault(family, {})
         for set_name in names:
             found = collect.load_judged(root / "families" / kind / f"n{n}" /
-                          f"{REPORT_PART}__{set_name.replace(' ', '_')}.npz")  # fmt: skip
+                                        f"{cache_stem(REPORT_PART, set_name)}.npz")  # fmt: skip
             scores = scorer(found)
             for s, r in share(scores, found["classes"]).items():
                 fam.setdefault(f"rate:{s}", []).append(r)
+            rows = base_rows(REPORT_PART, len(found["classes"]))
             inlier = clean_scores if family != loo.NOMINAL else {  # the same images, unshifted
-                s: v[: len(found["classes"])] for s, v in clean_scores.items()}  # fmt: skip
+                s: v[rows] for s, v in clean_scores.items()}  # fmt: skip
             for s, v in scores.items():
                 fam.setdefault(f"auroc:{s}", []).append(auroc(inlier[s], v))
     return out

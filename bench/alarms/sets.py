@@ -16,7 +16,8 @@ in-distribution side of score selection; :data:`bench.strong_models.EVALUATION`
 
 :func:`family_sets` is the benchmark of *shift families* (for choosing a score by leaving one
 family, or one model, out): every kind and severity of :data:`bench.alarms.shifts.FAMILIES`
-applied to the part's CIFAR-10 images (as the corruptions above), ``semantic`` (Tiny ImageNet
+applied to the part's CIFAR-10 images from :func:`base_rows` on (the selection part's after
+calibration's choice images, :data:`SELECTION_BASE`), ``semantic`` (Tiny ImageNet
 images of classes that CIFAR-10 lacks, split by class: the even-indexed classes select, the
 odd-indexed report, so the report's object classes were never seen at selection; and the
 photograph crops) and ``far`` (the MNIST family and uniform noise). :func:`families` names them.
@@ -36,6 +37,7 @@ from bench.cifar import find_data_dir, load_cifar10
 from bench.paper.atypical import SHIFTS, shift_images
 from bench.paper.common import gray_to_cifar, load_gray_npz
 from bench.strong_models import EVALUATION, HELDOUT
+from surprise_monitor.calibrate.evidence_choice import CHOICE_IMAGES
 
 PARTS = ("selection", "report")
 FAR = ("mnist", "fashion_mnist", "notmnist")
@@ -52,6 +54,14 @@ EXTRA_FAMILIES: dict[str, tuple[str, ...]] = {
     "semantic": ("tinyimagenet", "photos"),
     "far": (*FAR, "uniform"),
 }
+
+
+#: The first of the selection part's CIFAR-10 images (held-out images) that its shifted sets are
+#: made from. Calibration's evidence choice takes held-out images 0..CHOICE_IMAGES-1 (its learned
+#: fit is fitted on them as clean images), and the selection part's CIFAR-10 side leaves them
+#: out; so its shifts start after them too (until stop 37 they started at 0: the fit's own clean
+#: images, shifted, were judged against it). The report part's shifts start at its first image.
+SELECTION_BASE = CHOICE_IMAGES
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,23 @@ class FamilySet(ImageSet):
     severity: int | None
 
 
+def base_rows(part: str, n: int) -> slice:
+    """The rows of ``part``'s CIFAR-10 images (:func:`cifar_part`) that its ``n``-image shifted
+    sets are made from: from :data:`SELECTION_BASE` in the selection part, from 0 in the
+    report part. The nominal sets are judged against the same rows unshifted."""
+    start = SELECTION_BASE if part == "selection" else 0
+    return slice(start, start + n)
+
+
+def cache_stem(part: str, set_name: str) -> str:
+    """A judged set's cache file stem: ``part__set`` (spaces as underscores), the part written
+    ``selection-from{start}`` where its shifted sets start past image 0 (:func:`base_rows`), so
+    that no set judged from other base images is read back."""
+    start = base_rows(part, 1).start
+    label = f"{part}-from{start}" if start else part
+    return f"{label}__{set_name.replace(' ', '_')}"
+
+
 def set_name(kind: str, severity: int | None) -> str:
     """A family set's name: the kind, with ``" s{severity}"`` where the kind has several."""
     if severity is None or len(shifts.severities(kind)) == 1:
@@ -149,16 +176,17 @@ def families() -> dict[str, list[str]]:
 
 def family_sets(part: str, n: int = 2000) -> list[FamilySet]:
     """Every set of the family benchmark's ``part``, ``n`` images each, in :func:`families`'
-    order: the shifts of the part's first ``n`` CIFAR-10 images (held-out 0..n-1 for selection,
-    evaluation 5,000..5,000+n-1 for the report; their CIFAR-10 labels), ``semantic`` and ``far``
-    (labels -1). Deterministic: each shift's random numbers are seeded by part, kind and
-    severity."""
+    order: the shifts of the part's CIFAR-10 images at :func:`base_rows` (held-out
+    500..500+n-1 for selection, evaluation 5,000..5,000+n-1 for the report; their CIFAR-10
+    labels), ``semantic`` and ``far`` (labels -1). Deterministic: each shift's random numbers
+    are seeded by part, kind and severity."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     clean = cifar_part(part)
-    if not 1 <= n <= len(clean.images):
-        raise ValueError(f"n must be in 1..{len(clean.images)}, got {n}")
-    images, labels = clean.images[:n], clean.labels[:n]
+    rows = base_rows(part, n)
+    if not 1 <= n <= len(clean.images) - rows.start:
+        raise ValueError(f"n must be in 1..{len(clean.images) - rows.start}, got {n}")
+    images, labels = clean.images[rows], clean.labels[rows]
     out = []
     for family, kinds in shifts.FAMILIES.items():
         for kind in kinds:

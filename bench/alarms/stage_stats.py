@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from bench.alarms import collect
-from bench.alarms.sets import ImageSet
+from bench.alarms.sets import ImageSet, cache_stem
 from bench.cifar import load_cifar10, to_tensor
 
 #: Training images used: the first half fits, the second half is the reference.
@@ -164,7 +164,7 @@ def set_distances(
     name: str, model: nn.Module, stats: StageStatistics, images: ImageSet, folder: Path
 ) -> np.ndarray:
     """``[B, L]`` distances of a judged set's images, cached in ``folder``."""
-    path = folder / f"{images.part}__{images.name.replace(' ', '_')}.npz"
+    path = folder / f"{cache_stem(images.part, images.name)}.npz"
     if path.is_file():
         with np.load(path) as d:
             return d["distances"]

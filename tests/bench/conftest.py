@@ -12,8 +12,9 @@ CLASSES = (3, 5, 8, 13, 21, 34)  # Tiny ImageNet class indices of the fake file,
 
 @pytest.fixture()
 def fake_data(fake_cifar, monkeypatch):
-    """The fake CIFAR-10 folder (40 test images: selection 0..19, report 20..39) with small
-    MNIST-family files (20 images each) and a fake ``tinyimagenet_dev_32.npz``."""
+    """The fake CIFAR-10 folder (40 test images: selection 0..19, report 20..39; the selection
+    part's shifted sets from its image 5 on) with small MNIST-family files (20 images each) and
+    a fake ``tinyimagenet_dev_32.npz``."""
     rng = np.random.default_rng(7)
     for name in sets.FAR:
         x = rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
@@ -25,4 +26,5 @@ def fake_data(fake_cifar, monkeypatch):
     monkeypatch.setenv("SURPRISE_DATA_DIR", str(fake_cifar))
     monkeypatch.setattr(sets, "HELDOUT", range(0, 20))
     monkeypatch.setattr(sets, "EVALUATION", range(20, 40))
+    monkeypatch.setattr(sets, "SELECTION_BASE", 5)
     return fake_cifar

@@ -76,3 +76,33 @@ def test_the_library_s_gated_score_judges_the_sets_in_both_variants(tiny_alarm_m
         *collect.train_features("tiny", model)))  # fmt: skip
     np.testing.assert_allclose(scores["library energy"], found["score"], rtol=1e-6)
     assert not np.allclose(scores["library energy+mass"], found["score"])
+
+
+def test_the_selection_part_shifts_the_images_after_the_choice_images(
+    tiny_alarm_model, monkeypatch
+):
+    pytest.importorskip("skimage")
+    from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME
+
+    pairs: dict[str, tuple[dict, dict]] = {}  # call -> (the reference's scores, the set's)
+    detection = families.detection
+
+    def spy(inlier: dict, outlier: dict) -> dict:
+        pairs[f"{len(pairs)}"] = (inlier, outlier)
+        return detection(inlier, outlier)
+
+    monkeypatch.setattr(families, "detection", spy)
+    got = families.run_model("tiny", 4, lambda msg: None, score=GATED_SCORE_NAME)
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    folder = collect.folder("tiny") / "families" / kind / "n4"
+    # the selection part's shifted sets are cached under their base's start (5: the fixture's)
+    assert (folder / "selection-from5__grey_patch_s1.npz").is_file()
+    assert not (folder / "selection__grey_patch_s1.npz").exists()
+    assert (folder / "report__grey_patch_s1.npz").is_file()
+    # a nominal set is judged against its own base images unshifted: the part's images 5..8;
+    # a shifted set against all 20
+    names = list(got["parts"]["selection"]["sets"])  # the selection part's sets come first
+    grey, _ = pairs[f"{names.index('grey_patch s1')}"]
+    flipped, _ = pairs[f"{names.index('hflip')}"]
+    assert len(grey["library energy"]) == 20
+    np.testing.assert_array_equal(flipped["library energy"], grey["library energy"][5:9])

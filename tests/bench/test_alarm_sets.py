@@ -176,7 +176,7 @@ def test_family_sets_on_a_fake_data_folder(fake_data):
     assert names["far"] == ["mnist", "fashion_mnist", "notmnist", "uniform"]
     parts = {part: sets.family_sets(part, n) for part in sets.PARTS}
     for part, got in parts.items():
-        first = 0 if part == "selection" else 20
+        first = 5 if part == "selection" else 20  # past the selection part's choice images
         assert [(s.family, s.name) for s in got] == [(f, x) for f, xs in names.items() for x in xs]
         for s in got:
             assert isinstance(s, sets.ImageSet) and s.part == part
@@ -197,5 +197,20 @@ def test_family_sets_on_a_fake_data_folder(fake_data):
     )
     with pytest.raises(ValueError, match="n must be in 1..20"):
         sets.family_sets("report", 21)
+    with pytest.raises(ValueError, match="n must be in 1..15"):  # 20 images, from image 5
+        sets.family_sets("selection", 16)
     with pytest.raises(ValueError, match="part must be one of"):
         sets.family_sets("train")
+
+
+def test_the_selection_parts_shifts_leave_out_calibrations_choice_images():
+    from surprise_monitor.calibrate.evidence_choice import CHOICE_IMAGES
+
+    # the learned evidence is fitted on held-out images 0..CHOICE_IMAGES-1 as clean images
+    assert sets.SELECTION_BASE == CHOICE_IMAGES
+    assert sets.base_rows("selection", 500) == slice(CHOICE_IMAGES, CHOICE_IMAGES + 500)
+    assert sets.base_rows("report", 500) == slice(0, 500)
+    # a set judged from other base images is never read back: the selection part's stem says
+    # where its base starts, the report part's is as before
+    assert sets.cache_stem("selection", "grey_patch s2") == "selection-from500__grey_patch_s2"
+    assert sets.cache_stem("report", "grey_patch s2") == "report__grey_patch_s2"
