@@ -84,11 +84,11 @@ def test_the_selection_part_shifts_the_images_after_the_choice_images(
     pytest.importorskip("skimage")
     from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME
 
-    pairs: dict[str, tuple[dict, dict]] = {}  # call -> (the reference's scores, the set's)
+    calls: list[tuple[dict, dict]] = []  # (the reference's scores, the set's), in order
     detection = families.detection
 
     def spy(inlier: dict, outlier: dict) -> dict:
-        pairs[f"{len(pairs)}"] = (inlier, outlier)
+        calls.append((inlier, outlier))
         return detection(inlier, outlier)
 
     monkeypatch.setattr(families, "detection", spy)
@@ -102,7 +102,7 @@ def test_the_selection_part_shifts_the_images_after_the_choice_images(
     # a nominal set is judged against its own base images unshifted: the part's images 5..8;
     # a shifted set against all 20
     names = list(got["parts"]["selection"]["sets"])  # the selection part's sets come first
-    grey, _ = pairs[f"{names.index('grey_patch s1')}"]
-    flipped, _ = pairs[f"{names.index('hflip')}"]
+    grey, _ = calls[names.index("grey_patch s1")]
+    flipped, _ = calls[names.index("hflip")]
     assert len(grey["library energy"]) == 20
     np.testing.assert_array_equal(flipped["library energy"], grey["library energy"][5:9])

@@ -78,3 +78,36 @@ def test_the_weight_is_chosen_on_the_other_models_selection_part():
     assert rotations["a"]["chosen"] == b_best and rotations["b"]["chosen"] == a_best
     # a's report part, scored with b's choice: 0.70 everywhere, 0.08 behind Energy
     assert rotations["a"]["summary"]["within"] is False and rotations["a"]["summary"]["beats"] == 0
+
+
+def test_part_scores_judges_each_set_against_the_right_images(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+
+    from bench.alarms import collect, sets
+    from surprise_monitor.calibrate.evidence_choice import CHOICE_IMAGES
+    from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME
+
+    monkeypatch.setattr(collect, "folder", lambda name: tmp_path / name)
+    monkeypatch.setattr(learned, "FAMILIES_RESULTS", tmp_path / "results")
+    meta = {"hflip": {"family": "nominal"}, "grey_patch s1": {"family": "occlusion"}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "m.json").write_text(
+        json.dumps({"parts": {"selection": {"sets": meta}}})
+    )
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    (tmp_path / "m" / "sets" / kind).mkdir(parents=True)
+    inlier = np.arange(CHOICE_IMAGES + 100, dtype=np.float64)  # image i scores i
+    np.savez(tmp_path / "m" / "sets" / kind / "selection__cifar10.npz", score=inlier)
+    judged = tmp_path / "m" / "families" / kind / "n4"
+    judged.mkdir(parents=True)
+    for name in meta:
+        np.savez(judged / f"{sets.cache_stem('selection', name)}.npz", score=-np.ones(4))
+    got = learned.part_scores("m", 4, "selection", lambda found, family: {"s": found["score"]})
+    assert got["hflip"][0] == "nominal" and got["grey_patch s1"][0] == "occlusion"
+    # the nominal set against its own base images unshifted (held-out images 500..503)
+    np.testing.assert_array_equal(got["hflip"][1]["s"], inlier[CHOICE_IMAGES : CHOICE_IMAGES + 4])
+    # a shifted set against the part's images the choice did not take (500..599)
+    np.testing.assert_array_equal(got["grey_patch s1"][1]["s"], inlier[CHOICE_IMAGES:])
+    np.testing.assert_array_equal(got["grey_patch s1"][2]["s"], -np.ones(4))
