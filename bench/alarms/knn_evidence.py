@@ -48,7 +48,7 @@ from bench.alarms import collect, learned, loo
 from bench.alarms.class_rates import exchangeable_range
 from bench.alarms.report import log
 from bench.alarms.resampled import CHECKS, pass_shares, resampled_checks
-from bench.alarms.scores import Baselines, alarm_rate, detection
+from bench.alarms.scores import Baselines, alarm_rate
 from bench.alarms.sets import cache_stem
 from bench.cifar import load_cifar10, to_tensor
 from bench.strong_models import ALARM_MODELS, HELDOUT
@@ -198,8 +198,7 @@ def run_model(name: str, n: int = 500) -> dict:
     parts, aurocs, resampled = {}, {}, {}
     for part in learned.PARTS:
         per_image = learned.part_scores(name, n, part, scores)
-        parts[part] = {s: {"family": f, "scores": detection(r, x)}
-                       for s, (f, r, x) in per_image.items()}  # fmt: skip
+        parts[part] = learned.detections(per_image)
         aurocs[part] = {s: {k: v["auroc"] for k, v in info["scores"].items()}
                         for s, info in parts[part].items()}  # fmt: skip
         resampled[part] = pass_shares(resampled_checks(per_image, label_of(chosen), name))

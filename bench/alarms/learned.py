@@ -219,13 +219,17 @@ def part_scores(
     return sets
 
 
+def detections(found: Mapping[str, tuple[str, dict, dict]]) -> dict:
+    """:func:`part_scores`' sets as family and every score's AUROC / FPR95 against the set's
+    reference."""
+    return {s: {"family": f, "scores": detection(r, x)} for s, (f, r, x) in found.items()}
+
+
 def _part(
     name: str, n: int, part: str, scores: Callable[[dict[str, np.ndarray], str | None], dict]
 ) -> dict:
-    """One part's sets (:func:`part_scores`): family and every score's AUROC / FPR95 against
-    the set's reference."""
-    found = part_scores(name, n, part, scores)
-    return {s: {"family": f, "scores": detection(r, x)} for s, (f, r, x) in found.items()}
+    """One part's sets (:func:`part_scores`), as :func:`detections`."""
+    return detections(part_scores(name, n, part, scores))
 
 
 def alarm_rates(
