@@ -23,7 +23,8 @@ gate's threshold: the ``1 - gate_level`` quantile of the reference images' own g
 (``AlarmOptions.gate_level``; :data:`~surprise_monitor.monitor.atypicality.GATE_LEVEL` unless
 named). Pass 3 first judges the held-out images the evidence variant is chosen on
 (``evidence="auto"``, :mod:`~surprise_monitor.calibrate.evidence_choice`) or a learned variant
-is fitted on (``evidence="learned"`` or ``"learned+mass"``,
+is fitted on (``evidence="learned"``, ``"learned+knn"`` and the like, and the default
+``"preferred"``, the default: ``learned+knn`` where the table has a KNN bank, else ``auto``;
 :mod:`~surprise_monitor.calibrate.evidence_fit`), as they are and shifted; the null leaves them
 out.
 
@@ -49,11 +50,13 @@ from surprise_monitor.calibrate.distributed import Comm
 from surprise_monitor.calibrate.evidence_choice import (
     AUTO_MIN_HELDOUT,
     CHOICE_IMAGES,
+    PREFERRED,
     RULE,
     SHIFTS,
     choice_margins,
     margin_summary,
     pick,
+    resolved,
 )
 from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
 from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
@@ -168,13 +171,15 @@ def _with_heldout(
     passes: dict[str, Any],
 ) -> AlarmCalibration:
     """``alarm`` with its conformal nulls from ``heldout`` (pass 3), and with
-    ``evidence="auto"`` the evidence variant chosen on the first held-out images' shifts."""
+    ``evidence="auto"`` the evidence variant chosen on the first held-out images' shifts (a
+    learned variant, ``"preferred"`` included, fitted on them)."""
     with_reference = replace(table, alarm=alarm, path=None, sha256="")
-    auto = alarm.gated and options.evidence == AUTO
-    learn = alarm.gated and options.evidence in LEARNED_VARIANTS
+    evidence = resolved(options.evidence, alarm.knn is not None)
+    auto = alarm.gated and evidence == AUTO
+    learn = alarm.gated and evidence in LEARNED_VARIANTS
     length = stream_length(heldout)
     too_few = (auto or learn) and (length or AUTO_MIN_HELDOUT) < AUTO_MIN_HELDOUT
-    if learn and too_few:
+    if learn and too_few and options.evidence != PREFERRED:
         raise OptionValueError(
             "evidence",
             f"another variant than {options.evidence!r} (fitted on {CHOICE_IMAGES} held-out "
@@ -188,17 +193,19 @@ def _with_heldout(
     )  # fmt: skip
     found = {"images": int(predicted.numel()), "accuracy": accuracy, "source": heldout_source}
     if too_few:
+        how = "automatic choice" if auto else f"fit of the {evidence} evidence"
         why = (
             f"the held-out data has {length} images, fewer than the "
-            f"{AUTO_MIN_HELDOUT} the automatic choice needs: evidence {alarm.evidence}"
+            f"{AUTO_MIN_HELDOUT} the {how} needs: evidence {alarm.evidence}"
         )
         log.warning("calibrate: %s", why)
-        found["evidence_choice"] = {"skipped": why}
+        found["evidence_choice"] = {"skipped": why, "asked": options.evidence}
     if choice is not None:
-        asked = options.evidence if learn else None
+        asked = evidence if learn else None
         alarm, predicted, labelled, margins = _with_chosen_evidence(alarm, choice, asked)
         found["evidence_choice"] = {"images": CHOICE_IMAGES, "shifts": list(SHIFTS),
-                                    "rule": RULE, **margins, "asked": options.evidence}  # fmt: skip
+                                    "rule": RULE, **margins, "asked": options.evidence,
+                                    "resolved": evidence}  # fmt: skip
     log.info(
         "calibrate: conformal null from %d held-out images (accuracy %.4f)",
         predicted.numel(), accuracy,
@@ -457,7 +464,7 @@ def _warn_unused_gated_options(options: AlarmOptions) -> None:
     unused = []
     if options.gate_level != GATE_LEVEL:
         unused.append(f"--gate-level / gate_level {options.gate_level:g}")
-    if options.evidence != AUTO:
+    if options.evidence != PREFERRED:
         unused.append(f"--alarm-evidence / evidence {options.evidence}")
     if unused:
         log.warning(
@@ -479,7 +486,7 @@ def _stage_fields(
             f"score={FISHER_SCORE_NAME!r}"
         )
     evidence = options.evidence
-    if evidence == AUTO or evidence in LEARNED_VARIANTS:  # until chosen, or fitted
+    if evidence in (AUTO, PREFERRED) or evidence in LEARNED_VARIANTS:  # until chosen
         evidence = DEFAULT_EVIDENCE
     return {"evidence": evidence, "stage_means": tuple(m for m, _ in stage),
             "stage_precisions": tuple(p for _, p in stage),

@@ -213,15 +213,16 @@ def _alarm_line(table: CalibrationTable) -> str:
 
 
 def _chosen(heldout: dict) -> str:
-    """How ``--alarm-evidence auto`` came to the evidence variant ("" when it was named)."""
+    """How ``--alarm-evidence`` came to the evidence variant ("" when a fixed one was named)."""
     choice = heldout.get("evidence_choice")
     if not choice:
         return ""
+    asked = choice.get("asked", "auto")  # tables before stop 39 say it only when not skipped
     if "skipped" in choice:
-        return ": --alarm-evidence auto skipped, " + choice["skipped"].split(":")[0]
-    asked = choice.get("asked")
-    how = (f"fitted by --alarm-evidence {asked}" if asked in LEARNED_VARIANTS
-           else "chosen by --alarm-evidence auto")  # fmt: skip
+        return f": --alarm-evidence {asked} skipped, " + choice["skipped"].split(":")[0]
+    variant = choice.get("resolved", asked)  # tables before stop 39 lack "resolved"
+    how = (f"fitted by --alarm-evidence {asked}" if variant in LEARNED_VARIANTS
+           else f"chosen by --alarm-evidence {asked}")  # fmt: skip
     return (f": {how} on {choice['images']} held-out images and "
             f"{len(choice['shifts'])} synthetic shifts")  # fmt: skip
 

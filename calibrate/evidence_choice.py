@@ -1,6 +1,9 @@
 """The gated score's class-evidence variant, chosen on the user's own held-out images (issue 20).
 
-``AlarmOptions(evidence="auto")`` (the default): the first
+``AlarmOptions(evidence="preferred")`` (the default since stop 39, :func:`resolved`) takes
+:data:`DEFAULT_VARIANT`, ``learned+knn``, where the table has the nearest-neighbour component
+(its fit made on the images below), and the choice below where it has not.
+``AlarmOptions(evidence="auto")`` (the default until stop 38): the first
 :data:`CHOICE_IMAGES` held-out images (not part of the null) are judged as they are and under
 each synthetic shift of :data:`SHIFTS` (made from those images: no other data), and each variant
 of :data:`~surprise_monitor.monitor.atypicality.EVIDENCE_VARIANTS` is scored from the same
@@ -43,13 +46,25 @@ from surprise_monitor.monitor.atypicality import (
     Gate,
     energy,
 )
-from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS, LearnedEvidence
+from surprise_monitor.monitor.learned_evidence import (
+    LEARNED_VARIANTS,
+    LEARNED_WITH_KNN,
+    LearnedEvidence,
+)
 
 #: Held-out images the choice is made on (taken from the start of the held-out stream and left
 #: out of the null).
 CHOICE_IMAGES = 500
 #: ``evidence="auto"``.
 AUTO = "auto"
+#: ``evidence="preferred"`` (the option's default since stop 39): :data:`DEFAULT_VARIANT` where
+#: the table has the nearest-neighbour component, else :data:`AUTO`'s choice (:func:`resolved`).
+PREFERRED = "preferred"
+#: The variant ``preferred`` stands for on a table with a KNN bank: chosen by leave-one-model-out
+#: among the fixed and learned variants on the benchmark's selection part, and on each held-out
+#: model's report part it passed every check of issue 20 (``bench/alarms/PROTOCOL.md``,
+#: "Stop 39").
+DEFAULT_VARIANT = LEARNED_WITH_KNN
 #: Held-out images (when the held-out data's length is known) ``auto`` needs to choose: the
 #: choice's and as many again for the null. With fewer, calibration keeps
 #: :data:`~surprise_monitor.monitor.atypicality.DEFAULT_EVIDENCE` and says so.
@@ -264,12 +279,26 @@ def choice_margins(
     return margins
 
 
-def fixed_variants(names: Sequence[str]) -> list[str]:
-    """The variants without a fit that components ``names`` serve: every one but the learned,
-    the ``+knn`` ones only with the nearest-neighbour component."""
+def resolved(evidence: str, knn: bool) -> str:
+    """What ``AlarmOptions.evidence`` stands for on a table with (``knn``) or without the
+    nearest-neighbour component: ``preferred`` is :data:`DEFAULT_VARIANT` or :data:`AUTO`;
+    anything else is itself."""
+    if evidence != PREFERRED:
+        return evidence
+    return DEFAULT_VARIANT if knn else AUTO
+
+
+def served_variants(names: Sequence[str]) -> list[str]:
+    """The variants components ``names`` serve: every one, the ``+knn`` ones only with the
+    nearest-neighbour component."""
     knn = any(n.split(":", 1)[0] == KNN_COMPONENT for n in names)
-    return [v for v in EVIDENCE_VARIANTS
-            if v not in LEARNED_VARIANTS and (knn or v not in KNN_VARIANTS)]  # fmt: skip
+    return [v for v in EVIDENCE_VARIANTS if knn or v not in KNN_VARIANTS]
+
+
+def fixed_variants(names: Sequence[str]) -> list[str]:
+    """The variants without a fit that components ``names`` serve (:func:`served_variants` but
+    the learned)."""
+    return [v for v in served_variants(names) if v not in LEARNED_VARIANTS]
 
 
 def shift_margins(
@@ -305,11 +334,12 @@ def learned_margins(
     fold = torch.arange(len(clean[0])) % FOLDS
     family = {name: SHIFT_FAMILIES.get(name, name) for name in shifted}
     fits: dict[tuple[str, int], LearnedEvidence] = {}
-    margins: dict[str, dict[str, float]] = {v: {} for v in LEARNED_VARIANTS}
+    variants = [v for v in served_variants(names) if v in LEARNED_VARIANTS]
+    margins: dict[str, dict[str, float]] = {v: {} for v in variants}
     for name, (ranks, logits) in shifted.items():
         train = {n: r for n, (r, _) in shifted.items() if family[n] != family[name]}
         train = train or {n: r for n, (r, _) in shifted.items()}  # one family: all of it
-        sums = dict.fromkeys(LEARNED_VARIANTS, 0.0)
+        sums = dict.fromkeys(variants, 0.0)
         for k in range(FOLDS):
             fit, held = fold != k, fold == k
             key = (family[name], k)
@@ -319,10 +349,10 @@ def learned_margins(
                 )
             base_in, base_out = logit_scores(clean[1][held]), logit_scores(logits[held])
             best = max(auroc(base_in[s], base_out[s]) for s in base_in)
-            for variant in LEARNED_VARIANTS:
+            for variant in variants:
                 gate = Gate.columns(names, variant, threshold, fits[key])
                 a = auroc(gate.score(clean[0][held].float()), gate.score(ranks[held].float()))
                 sums[variant] += (a - best) / FOLDS
-        for variant in LEARNED_VARIANTS:
+        for variant in variants:
             margins[variant][name] = sums[variant]
     return margins

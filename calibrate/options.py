@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from surprise_monitor.calibrate.evidence_choice import AUTO as AUTO_EVIDENCE
-from surprise_monitor.calibrate.evidence_choice import AUTO_MIN_HELDOUT, CHOICE_IMAGES
+from surprise_monitor.calibrate.evidence_choice import (
+    AUTO_MIN_HELDOUT,
+    CHOICE_IMAGES,
+    DEFAULT_VARIANT,
+    PREFERRED,
+)
 from surprise_monitor.calibrate.score_choice import AUTO_SCORE, STAGE_IMAGES_PER_CHANNEL
 from surprise_monitor.calibrate.sketch import LogGrid
 from surprise_monitor.monitor.atypicality import (
@@ -170,16 +175,17 @@ class AlarmOptions:
         choices=(*SCORES, AUTO_SCORE),
     )
     evidence: str = option(
-        AUTO_EVIDENCE,
+        PREFERRED,
         f"the class evidence of the {GATED_SCORE_NAME} score: "
         + ", ".join(EVIDENCE_VARIANTS)
-        + f" or auto (chosen on shifts of the first {CHOICE_IMAGES} held-out images, which the "
-        f"null then leaves out; {DEFAULT_EVIDENCE} when the held-out data has fewer than "
+        + f", auto (chosen on shifts of the first {CHOICE_IMAGES} held-out images, which the "
+        f"null then leaves out) or {PREFERRED} ({DEFAULT_VARIANT} where the table has a KNN "
+        f"bank, else auto; either way {DEFAULT_EVIDENCE} when the held-out data has fewer than "
         f"{AUTO_MIN_HELDOUT} images). {LEARNED_EVIDENCE}: energy and a logistic regression over "
         f"every component's two-sided tail ranks, fitted on those shifts; {LEARNED_WITH_MASS}: "
         "the same and the expectation mass; the +knn variants add the nearest-neighbour "
         "distance (a table with a KNN bank)",
-        choices=(*EVIDENCE_VARIANTS, AUTO_EVIDENCE),
+        choices=(*EVIDENCE_VARIANTS, AUTO_EVIDENCE, PREFERRED),
     )
     knn_bank: int = option(
         BANK,
@@ -203,7 +209,7 @@ class AlarmOptions:
         non_negative_int("class_null_min", self.class_null_min)
         non_negative_int("knn_bank", self.knn_bank)
         one_of("score", self.score, (*SCORES, AUTO_SCORE))
-        one_of("evidence", self.evidence, (*EVIDENCE_VARIANTS, AUTO_EVIDENCE))
+        one_of("evidence", self.evidence, (*EVIDENCE_VARIANTS, AUTO_EVIDENCE, PREFERRED))
 
     @classmethod
     def of(cls, alarm: AlarmOptions | bool) -> AlarmOptions:

@@ -63,7 +63,9 @@ import torch
 from surprise_monitor.monitor.learned_evidence import (
     LEARNED_EVIDENCE,
     LEARNED_VARIANTS,
+    LEARNED_WITH_KNN,
     LEARNED_WITH_MASS,
+    LEARNED_WITH_MASS_KNN,
     LearnedEvidence,
     rank_features,
 )
@@ -88,7 +90,8 @@ SCORES = (FISHER_SCORE_NAME, GATED_SCORE_NAME)
 #: calibration (:mod:`surprise_monitor.monitor.learned_evidence`), to energy's rank;
 #: ``learned+mass`` to energy's and the expectation mass's.
 #: The ``+knn`` variants add the nearest-neighbour distance's rank (tables with a KNN bank:
-#: :mod:`surprise_monitor.monitor.knn_distance`).
+#: :mod:`surprise_monitor.monitor.knn_distance`); ``learned+knn`` (since stop 39) is the
+#: default's variant on such tables (``surprise_monitor.calibrate.evidence_choice.PREFERRED``).
 EVIDENCE_VARIANTS: dict[str, tuple[str, ...]] = {
     "energy": ("energy",),
     "energy+mass": ("energy", "expectation_mass"),
@@ -96,6 +99,8 @@ EVIDENCE_VARIANTS: dict[str, tuple[str, ...]] = {
     LEARNED_WITH_MASS: ("energy", "expectation_mass"),
     "energy+knn": ("energy", "knn_distance"),
     "energy+mass+knn": ("energy", "expectation_mass", "knn_distance"),
+    LEARNED_WITH_KNN: ("energy", "knn_distance"),
+    LEARNED_WITH_MASS_KNN: ("energy", "expectation_mass", "knn_distance"),
 }
 #: The variants that need the table's KNN bank.
 KNN_VARIANTS = tuple(v for v, kinds in EVIDENCE_VARIANTS.items() if "knn_distance" in kinds)

@@ -23,10 +23,13 @@ import torch
 from surprise_monitor.monitor.tails import exponential_tail_ranks
 
 #: The evidence variants' names (``AlarmOptions(evidence=LEARNED_EVIDENCE)``): Fisher-combined
-#: with energy's rank, or with energy's and the expectation mass's.
+#: with energy's rank, or with energy's and the expectation mass's; the ``+knn`` ones with the
+#: nearest-neighbour distance's rank too (since stop 39; tables with a KNN bank).
 LEARNED_EVIDENCE = "learned"
 LEARNED_WITH_MASS = "learned+mass"
-LEARNED_VARIANTS = (LEARNED_EVIDENCE, LEARNED_WITH_MASS)
+LEARNED_WITH_KNN = "learned+knn"
+LEARNED_WITH_MASS_KNN = "learned+mass+knn"
+LEARNED_VARIANTS = (LEARNED_EVIDENCE, LEARNED_WITH_MASS, LEARNED_WITH_KNN, LEARNED_WITH_MASS_KNN)
 #: The learned rank's weight in the evidence's Fisher sum (``-2 w log r``): half, so that on a
 #: kind of shift the fit never saw it dilutes energy's rank less (chosen by leave-one-model-out
 #: among 0.25, 0.5 and 1 on the benchmark's selection part: ``bench/alarms/PROTOCOL.md``,

@@ -32,7 +32,8 @@ def calibrated():
     """A trained 3-class TinyCNN and its table on 600 images of its training classes, with a
     conformal null of 2,000 held-out images of the same distribution (:func:`heldout_dataset`),
     so its reports carry p-values and alarms. The calibrate defaults: the gated score, its
-    evidence chosen on 500 more held-out images (``--alarm-evidence auto``).
+    evidence ``learned+knn`` fitted on 500 more held-out images (``--alarm-evidence preferred``
+    on a table with a KNN bank).
 
     Shared by the whole session: a test that changes the table must restore it."""
     from surprise_monitor.calibrate import calibrate

@@ -1,5 +1,7 @@
 """``python -m bench.alarms.knn_evidence``: the library's nearest-neighbour component and its
-``+knn`` evidence variants on the benchmark's four models (issue 20), and what each rule for
+``+knn`` evidence variants on the benchmark's four models (issue 20); the default variant by
+leave-one-model-out (:func:`variant_rotations`, since stop 39: the library's default on a
+table with a KNN bank is its pick, ``learned+knn``); and what each rule for
 ``evidence="auto"`` would pick, with a leave-one-model-out of the rule.
 
 **The table.** Each model's benchmark table (the gated score, cached by
@@ -15,17 +17,19 @@ the cached features against the judged sets' ``head_distance`` column).
 **The figures.** From the judged sets of ``bench.alarms.families`` (components and features,
 cached: run it first), with the KNN column added as the judge adds it: both parts' AUROCs of
 every evidence variant the table now serves (:data:`VARIANTS`: the fixed four, and the learned
-two with the KNN rank among their inputs, each family held out as ``bench.alarms.learned``
-holds it out), against the part's CIFAR-10 images (the selection part's without the first 500,
-which calibration's choice takes), with :mod:`bench.alarms.loo`'s checks, beside pytorch-ood's
-baselines on the same images (:class:`bench.alarms.scores.Baselines`). And what ``auto`` sees:
-every variant's margin on each synthetic shift of the choice images (test images 0..499, their
-features by a hook in the judgements' batches; the learned ones cross-fitted, as the library's
-choice does), each rule's pick (:data:`RULES`), and the leave-one-model-out of the rule
-(:func:`rule_rotations`: chosen on the other three models' selection part, by the checks
-passed and then the sets of beats; reported on the held-out model's report part). For the
-library's pick, the share of paired bootstrap draws of each part that pass every check
-(:mod:`bench.alarms.resampled`).
+four with the KNN rank among their inputs, two of them with its column too, each family held
+out as ``bench.alarms.learned`` holds it out), against the part's CIFAR-10 images (the
+selection part's without the first 500, which calibration's choice takes), with
+:mod:`bench.alarms.loo`'s checks, beside pytorch-ood's baselines on the same images
+(:class:`bench.alarms.scores.Baselines`). And what ``auto`` sees: every variant's margin on
+each synthetic shift of the choice images (test images 0..499, their features by a hook in the
+judgements' batches; the learned ones cross-fitted, as the library's choice does), each rule's
+pick (:data:`RULES`), and the leave-one-model-out of the rule (:func:`rule_rotations`: chosen
+on the other three models' selection part, by the checks passed and then the sets of beats;
+reported on the held-out model's report part). For the library's pick, the share of paired
+bootstrap draws of each part that pass every check (:mod:`bench.alarms.resampled`), and its
+alarm rates against the range exchangeable inputs give with these per-class nulls
+(:func:`bench.alarms.class_rates.overall_range`).
 
 Written: ``results/knn_evidence.json``; printed: the Markdown summary for ``bench/README.md``.
 Options: ``--models`` (the four), ``--n 500`` (the families' set size: the judged sets of
@@ -45,7 +49,7 @@ import numpy as np
 import torch
 
 from bench.alarms import collect, learned, loo
-from bench.alarms.class_rates import exchangeable_range
+from bench.alarms.class_rates import exchangeable_range, overall_range
 from bench.alarms.report import log
 from bench.alarms.resampled import CHECKS, pass_shares, resampled_checks
 from bench.alarms.scores import Baselines, alarm_rate
@@ -55,12 +59,13 @@ from bench.strong_models import ALARM_MODELS, HELDOUT
 from surprise_monitor.calibrate.alarm import evenly_spaced, knn_bank
 from surprise_monitor.calibrate.evidence_choice import (
     CHOICE_IMAGES,
-    RULE,
+    PREFERRED,
     RULES,
     SHIFTS,
     choice_margins,
     fixed_variants,
     pick,
+    resolved,
 )
 from surprise_monitor.calibrate.options import DEFAULT_REFERENCE_IMAGES, AlarmOptions
 from surprise_monitor.monitor.atypicality import (
@@ -194,7 +199,7 @@ def run_model(name: str, n: int = 500) -> dict:
                 out[label] = gate.score(ranks)
         return {**{k: v.double().numpy() for k, v in out.items()}, **baselines(found)}
 
-    chosen = pick(margins, RULE)  # what the library's choice picks
+    chosen = resolved(PREFERRED, knn=True)  # the library's default on a table with a KNN bank
     parts, aurocs, resampled = {}, {}, {}
     for part in learned.PARTS:
         per_image = learned.part_scores(name, n, part, scores)
@@ -219,7 +224,7 @@ def run_model(name: str, n: int = 500) -> dict:
             "feature_gap": gap, "aurocs": aurocs,
             "families": {s: i["family"] for s, i in parts["report"].items()},
             "margins": margins, "picks": {rule: pick(margins, rule) for rule in RULES},
-            "alarm_rates": {"variant": chosen, "rule": RULE, **rates},
+            "alarm_rates": {"variant": chosen, "rule": PREFERRED, **rates},
             "pick_sets": per_set, "resampled": resampled}  # fmt: skip
 
 
@@ -333,6 +338,29 @@ def rule_rotations(
     return out
 
 
+def variant_rotations(results: Mapping[str, dict], with_auto: bool = False) -> list[dict]:
+    """:func:`bench.alarms.loo.leave_one_model_out` (the third round's rule: the MNIST gate,
+    the nominal sets, the highest worst margin, the most sets beaten) over every evidence
+    variant (the learned ones with the set's family out of the fit) and, ``with_auto``, over
+    ``auto`` under each rule as well (``auto:<rule>``: on each model, the variant that rule
+    picks there): chosen on the other models' selection part, reported on the held-out
+    model's report part."""
+    aurocs: dict = {}
+    for m, r in results.items():
+        aurocs[m] = {}
+        for part, sets in r["aurocs"].items():
+            extra = {f"auto:{rule}": label_of(v) for rule, v in r["picks"].items()}
+            aurocs[m][part] = {s: {**a, **({k: a[v] for k, v in extra.items()}
+                                           if with_auto else {})}
+                               for s, a in sets.items()}  # fmt: skip
+    family_of = {s: f for r in results.values() for s, f in r["families"].items()}
+    first = next(iter(results.values()))["aurocs"]["selection"]
+    candidates = [v for v in VARIANTS if v in next(iter(first.values()))]
+    if with_auto:
+        candidates += [f"auto:{rule}" for rule in RULES]
+    return loo.leave_one_model_out(aurocs, family_of, candidates)
+
+
 def in_range(c: dict, rate: float = 0.01) -> bool:
     """Whether a class's alarm count (``learned.alarm_rates``' per-class entry) lies in the
     central 95% range for exchangeable normal inputs, the null's draw included
@@ -389,17 +417,8 @@ def markdown(results: Mapping[str, dict]) -> str:
                                          f"{_cell(other['report'])}")  # fmt: skip
         lines.append(f"| {rot['held_out']} | {seen} | {rot['picks']} | {_cell(rot['report'])} "
                      f"| {alt} |")  # fmt: skip
-    lines += ["", "| model | the library's pick (rule) | alarms at nominal 1% (95% interval) | "
-              "classes whose interval leaves out 1% | classes outside the exchangeable range |",
-              "|---|---|---|---:|---:|"]  # fmt: skip
-    for name, result in results.items():
-        r = result["alarm_rates"]
-        o = r["overall"]
-        outside = sum(not c["ci_low"] <= 0.01 <= c["ci_high"] for c in r["per_class"])
-        off = sum(not in_range(c) for c in r["per_class"])
-        lines.append(f"| {name} | {r['variant']} ({r['rule']}) | {100 * o['rate']:.2f}% "
-                     f"({100 * o['ci_low']:.2f}-{100 * o['ci_high']:.2f}%) | {outside} of "
-                     f"{len(r['per_class'])} | {off} of {len(r['per_class'])} |")  # fmt: skip
+    lines += variant_rotation_lines(results) if len(results) > 1 else []
+    lines += rate_lines(results)
     lines += ["", "| model | the library's pick | part | resamples passing every check | "
               "margins | MNIST family | nominal sets | beats on half |",
               "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -415,13 +434,52 @@ def markdown(results: Mapping[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variant_rotation_lines(results: Mapping[str, dict]) -> list[str]:
+    """The table of :func:`variant_rotations`, over the variants and then with ``auto`` too:
+    per held-out model, the candidate chosen on the others (its worst margin and sets won
+    there) and its report part's verdict."""
+    lines = ["", "| candidates | held out | chosen on the other three (worst margin, sets won) "
+             "| report: beats / slack / MNIST min / passed |", "|---|---|---|---|"]  # fmt: skip
+    for with_auto in (False, True):
+        for rot in variant_rotations(results, with_auto):
+            top, c = rot["ranking"][0], learned.checked(rot["rows"])
+            lines.append(f"| {'variants and auto' if with_auto else 'variants'} | "
+                         f"{rot['held_out']} | {rot['chosen']} ({top['worst_margin']:+.3f}, "
+                         f"{top['sets_won']}) | {_cell(c)} |")  # fmt: skip
+    return lines
+
+
+def rate_lines(results: Mapping[str, dict]) -> list[str]:
+    """The table of the pick's alarm rates at nominal 1%: overall with its exact interval and
+    the expected rate and 95% range of exchangeable inputs with these per-class nulls
+    (:func:`bench.alarms.class_rates.overall_range`), and per class how many leave 1% out of
+    their interval or fall outside their exchangeable range."""
+    lines = ["", "| model | the library's pick (rule) | alarms at nominal 1% (95% interval) | "
+             "expected with these nulls (95% range of exchangeable inputs) | classes whose "
+             "interval leaves out 1% | classes outside the exchangeable range |",
+             "|---|---|---|---|---:|---:|"]  # fmt: skip
+    for name, result in results.items():
+        r = result["alarm_rates"]
+        o, per = r["overall"], r["per_class"]
+        outside = sum(not c["ci_low"] <= 0.01 <= c["ci_high"] for c in per)
+        off = sum(not in_range(c) for c in per)
+        band = overall_range([(c["null_size"], c["inputs"]) for c in per], 0.01)
+        n = sum(c["inputs"] for c in per)
+        lines.append(f"| {name} | {r['variant']} ({r['rule']}) | {100 * o['rate']:.2f}% "
+                     f"({100 * o['ci_low']:.2f}-{100 * o['ci_high']:.2f}%) | "
+                     f"{100 * band['expected'] / n:.2f}% ({100 * band['low'] / n:.2f}-"
+                     f"{100 * band['high'] / n:.2f}%) | {outside} of {len(per)} | {off} of "
+                     f"{len(per)} |")  # fmt: skip
+    return lines
+
+
 def pick_table(name: str, result: dict) -> list[str]:
     """Every report set of a model: the library's pick's AUROC, FPR95 and alarms at nominal 1%
     against each baseline's AUROC / FPR95, its margin over the best logit baseline, and whether
     it beats KNN and the logit baselines."""
     chosen = result["alarm_rates"]["variant"]
-    lines = [f"**{name}**, `auto`'s pick `{chosen}` on the report part (AUROC / FPR95; alarms "
-             "at nominal 1%)", "",
+    lines = [f"**{name}**, the default's variant `{chosen}` on the report part (AUROC / FPR95; "
+             "alarms at nominal 1%)", "",
              "| set | family | pick | alarms | " + " | ".join(BASELINES) + " | margin | beats |",
              "|---|---|---|---:|" + "---|" * len(BASELINES) + "---:|---|"]  # fmt: skip
     for s, mine in result["pick_sets"].items():

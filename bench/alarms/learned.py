@@ -50,10 +50,16 @@ from bench.alarms.scores import Baselines, alarm_rate, detection
 from bench.alarms.sets import base_rows, cache_stem
 from bench.cifar import load_cifar10, to_tensor
 from bench.strong_models import ALARM_MODELS, HELDOUT
-from surprise_monitor.calibrate.evidence_choice import CHOICE_IMAGES, SHIFT_FAMILIES, SHIFTS, choose
+from surprise_monitor.calibrate.evidence_choice import (
+    CHOICE_IMAGES,
+    SHIFT_FAMILIES,
+    SHIFTS,
+    choose,
+    served_variants,
+)
 from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
 from surprise_monitor.monitor import SurpriseMonitor
-from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME, Gate
+from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME, KNN_VARIANTS, Gate
 from surprise_monitor.monitor.conformal import (
     DEFAULT_CLASS_NULL_MIN,
     ClassConditionalNull,
@@ -71,9 +77,12 @@ FAMILY_OF = {
 }  # fmt: skip
 TABLE = "table's evidence"
 HELD_OUT = ", family held out"
+#: The learned variants of this module's tables (without the KNN component, which
+#: :mod:`bench.alarms.knn_evidence` adds).
+LEARNED = tuple(v for v in LEARNED_VARIANTS if v not in KNN_VARIANTS)
 #: The scores reported: the table's variant, then each learned variant fitted on every shift
 #: and with the set's family held out.
-SCORES = (TABLE, *(v + h for v in LEARNED_VARIANTS for h in ("", HELD_OUT)))
+SCORES = (TABLE, *(v + h for v in LEARNED for h in ("", HELD_OUT)))
 #: The fixed evidence variants (no fit).
 FIXED = ("energy", "energy+mass")
 #: The learned rank's weights the leave-one-model-out chooses among.
@@ -173,12 +182,13 @@ def _gates(
     fitted: Mapping[str | None, LearnedEvidence],
     weights: Sequence[float],
 ) -> dict[tuple[str, str | None], Gate]:
-    """``(score label, fit's held-out family)`` -> gate: each learned variant at the library's
-    rank weight on every fit (the label without or with :data:`HELD_OUT`), and at each of
-    ``weights`` on the held-out fits (:func:`weight_label`)."""
+    """``(score label, fit's held-out family)`` -> gate: each learned variant components
+    ``names`` serve at the library's rank weight on every fit (the label without or with
+    :data:`HELD_OUT`), and at each of ``weights`` on the held-out fits (:func:`weight_label`)."""
     out = {}
+    variants = [v for v in served_variants(names) if v in LEARNED_VARIANTS]
     for family, e in fitted.items():
-        for v in LEARNED_VARIANTS:
+        for v in variants:
             # the fit on every shift serves the sets of no synthetic family as "held out" too
             labels = [v + HELD_OUT] if family is not None else [v, v + HELD_OUT]
             for label in labels:
@@ -289,7 +299,7 @@ def weight_rotations(results: Mapping[str, dict], weights: Sequence[float] = WEI
         for m, r in results.items()
     }  # fmt: skip
     family_of = {s: info["family"] for r in results.values() for s, info in r["sets"].items()}
-    candidates = [*FIXED, *(weight_label(v, w) for v in LEARNED_VARIANTS for w in weights)]
+    candidates = [*FIXED, *(weight_label(v, w) for v in LEARNED for w in weights)]
     return loo.leave_one_model_out(aurocs, family_of, candidates)
 
 

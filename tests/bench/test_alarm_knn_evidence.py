@@ -135,3 +135,33 @@ def test_the_baselines_are_scored_once_per_set():
         np.testing.assert_array_equal(first[name], values)
     scores({**found, "logits": found["logits"] + 1.0})
     assert len(calls) == 2
+
+
+def test_the_default_variant_is_chosen_on_the_other_models():
+    """``variant_rotations``: loo's rule over the variants on the other models' selection
+    part, reported on the held-out model's report part; with ``auto`` under each rule as
+    candidates, each model's own pick stands in for it."""
+    base = {"MSP": 0.70, "MaxLogit": 0.71, "Energy": 0.72, "KNN": 0.69}
+
+    def part(best: str, value: float = 0.80) -> dict:
+        row = {**dict.fromkeys(ke.VARIANTS, 0.60), **base, best: value}
+        return {"x": row, "y": dict(row)}
+
+    lk, e = "learned+knn, family held out", "energy"
+    results = {
+        m: {"aurocs": {"selection": part(sel), "report": part(rep, 0.75)},
+            "families": {"x": "geometry", "y": "blur"},
+            "picks": dict.fromkeys(RULES, "energy")}
+        for m, sel, rep in (("a", lk, lk), ("b", lk, e), ("c", e, lk))
+    }  # fmt: skip
+    rotations = {r["held_out"]: r for r in ke.variant_rotations(results)}
+    # held out c: a and b's selection parts choose learned+knn, which scores 0.75 on c's report
+    assert rotations["c"]["chosen"] == lk
+    assert {r["auroc"] for r in rotations["c"]["rows"]} == {0.75}
+    # held out a: learned+knn wins b's, energy c's; both equally behind elsewhere: a tie on the
+    # worst margin (0.60 - 0.72) and the sets won (2 each), then the name
+    assert rotations["a"]["chosen"] == min(e, lk)
+    with_auto = {r["held_out"]: r for r in ke.variant_rotations(results, with_auto=True)}
+    ranking = {row["name"]: row for row in with_auto["c"]["ranking"]}
+    assert ranking["auto:mean"]["worst_margin"] == ranking[e]["worst_margin"]
+    assert {f"auto:{rule}" for rule in RULES} <= set(ranking)

@@ -185,6 +185,30 @@ def test_the_exchangeable_range_matches_a_simulation_of_null_and_traffic():
     assert class_rates.exchangeable_range(50, 100, 0.01) == (0, 0)  # no score can alarm
 
 
+def test_the_overall_range_sums_the_classes_exchangeable_counts():
+    """One class: the beta-binomial range and mean; two classes with nulls of 450 and 99: the
+    mean of each class's ``floor(rate (n + 1)) / (n + 1)`` (0.887% and 1%), and a simulation
+    of both nulls and their traffic gives the same range (within two counts)."""
+    from bench.alarms import class_rates
+
+    one = class_rates.overall_range([(499, 500)], 0.01)
+    assert one["expected"] == pytest.approx(500 * 5 / 500)
+    low, high = class_rates.exchangeable_range(499, 500, 0.01)
+    assert abs(one["low"] - low) <= 1 and abs(one["high"] - high) <= 1
+    both = class_rates.overall_range([(450, 600), (99, 400)], 0.01)
+    assert both["expected"] == pytest.approx(600 * 4 / 451 + 400 * 1 / 100)
+    rng = np.random.default_rng(2)
+    counts = np.zeros(4000)
+    for n, m in ((450, 600), (99, 400)):
+        for d in range(len(counts)):
+            null = np.sort(rng.random(n))
+            above = n - np.searchsorted(null, rng.random(m), side="left")
+            counts[d] += np.sum((1 + above) / (n + 1) <= 0.01)
+    assert abs(np.quantile(counts, 0.025) - both["low"]) <= 2
+    assert abs(np.quantile(counts, 0.975) - both["high"]) <= 2
+    assert counts.mean() == pytest.approx(both["expected"], rel=0.03)
+
+
 def test_resplits_of_exchangeable_scores_hold_and_ties_silence_a_class():
     """Re-drawn halvings: with continuous exchangeable scores each class alarms at about the
     nominal rate and its count lies in the exchangeable range in about 95% of the splits; a

@@ -489,10 +489,11 @@ def test_cli_calibrates_the_gated_score_when_asked(image_folder, tiny_weights, t
 def test_the_default_score_and_evidence_say_how_they_were_reached(
     image_folder, tiny_weights, tmp_path, capsys, caplog
 ):
-    """``--alarm-score auto`` / ``--alarm-evidence auto`` (the defaults) on a small folder: the 8
-    images of the profile pass are too few for the stage distances of 16 channels, so auto takes the
-    Fisher score and warns why; the gated score named, the summary says the evidence choice
-    was skipped (too few held-out images). Both layers off is refused for the gated score."""
+    """``--alarm-score auto`` / ``--alarm-evidence preferred`` (the defaults) on a small folder:
+    the 8 images of the profile pass are too few for the stage distances of 16 channels, so auto
+    takes the Fisher score and warns why; the gated score named, the summary says the evidence
+    fit (or, named, the choice) was skipped (too few held-out images). Both layers off is
+    refused for the gated score."""
     from surprise_monitor.monitor.atypicality import FISHER_SCORE_NAME, GATED_SCORE_NAME
 
     out = tmp_path / "table.safetensors"
@@ -509,6 +510,13 @@ def test_the_default_score_and_evidence_say_how_they_were_reached(
     assert main(_args(image_folder, out, tiny_weights, *gated)) == 0
     alarm = CalibrationTable.load(out).alarm
     assert alarm.heldout["evidence_choice"]["skipped"].endswith("evidence energy")
+    assert alarm.heldout["evidence_choice"]["asked"] == "preferred" and alarm.knn is not None
+    assert (  # the default: learned+knn, as the table has a KNN bank
+        f"alarm: score {GATED_SCORE_NAME} (evidence energy: --alarm-evidence preferred skipped, "
+        "the held-out data has 15 images, fewer than the 1000 the fit of the learned+knn "
+        "evidence needs)"
+    ) in capsys.readouterr().out
+    assert main(_args(image_folder, out, tiny_weights, *gated, "--alarm-evidence", "auto")) == 0
     assert (
         f"alarm: score {GATED_SCORE_NAME} (evidence energy: --alarm-evidence auto skipped, the "
         "held-out data has 15 images, fewer than the 1000 the automatic choice needs)"

@@ -190,3 +190,41 @@ def test_the_knn_variants_compete_only_with_their_component():
     assert ec.fixed_variants([*NAMES, "knn_distance:h"]) == [
         "energy", "energy+mass", "energy+knn", "energy+mass+knn",
     ]  # fmt: skip
+    served = ec.served_variants([*NAMES, "knn_distance:h"])
+    assert {"learned+knn", "learned+mass+knn"} <= set(served) == set(EVIDENCE_VARIANTS)
+    assert not {"learned+knn", "learned+mass+knn"} & set(ec.served_variants(NAMES))
+
+
+def test_preferred_stands_for_learned_knn_where_the_table_has_a_knn_bank():
+    assert AlarmOptions().evidence == ec.PREFERRED == "preferred"
+    assert ec.resolved("preferred", knn=True) == ec.DEFAULT_VARIANT == "learned+knn"
+    assert ec.resolved("preferred", knn=False) == ec.AUTO
+    assert {ec.resolved(v, knn) for v in ("auto", "energy") for knn in (True, False)} == {
+        "auto", "energy"}  # fmt: skip
+
+
+@pytest.mark.parametrize("knn_bank", [300, 0])
+def test_a_calibration_with_the_default_evidence(knn_bank):
+    """With a KNN bank the default (``preferred``) fits ``learned+knn`` on the first held-out
+    images; without one it chooses as ``auto`` does (the mean margin over the variants without
+    the KNN rank)."""
+    model = trained_tiny_cnn(steps=12)
+    x, y = class_images(4000, 3, seed=1)
+    table = calibrate(
+        model, TensorDataset(x[:600], y[:600]), heldout=TensorDataset(x[600:1600], y[600:1600]),
+        progress=False, run=RunOptions(batch_size=100),
+        alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME, knn_bank=knn_bank),
+    )  # fmt: skip
+    alarm = table.alarm
+    record = alarm.heldout["evidence_choice"]
+    assert record["asked"] == "preferred"
+    if knn_bank:
+        assert alarm.knn is not None and record["resolved"] == "learned+knn"
+        assert alarm.evidence == "learned+knn" and alarm.learned is not None
+        assert set(record["mean_margin"]) == set(EVIDENCE_VARIANTS)
+    else:
+        assert alarm.knn is None and record["resolved"] == "auto"
+        mean = record["mean_margin"]
+        assert set(mean) == {"energy", "energy+mass", "learned", "learned+mass"}
+        assert alarm.evidence == max(mean, key=mean.get)
+    assert alarm.null_predicted.size == 1000 - ec.CHOICE_IMAGES

@@ -154,3 +154,26 @@ def test_the_rank_floor_is_that_of_the_smallest_reference():
     assert float(atypicality.tail_ranks(torch.arange(4.0), torch.tensor([9.0]))) == pytest.approx(
         reference.rank_floor
     )
+
+
+def test_learned_with_knn_adds_the_nearest_neighbour_rank_to_energy_s():
+    """``learned+knn``: Fisher's sum of energy's and the KNN distance's ranks plus half the
+    learned rank's term (numpy by hand); refused without the KNN column; an input whose KNN
+    rank outweighs every other term is ``features`` (the head layer's)."""
+    names = [*NAMES, "knn_distance:h"]
+    g = torch.Generator().manual_seed(3)
+    e = LearnedEvidence(torch.randn(2 * len(names), generator=g), 0.3, FLOOR,
+                        torch.sort(torch.randn(300, generator=g)).values)  # fmt: skip
+    r = torch.rand(30, len(names), generator=g) * 0.98 + 0.01
+    gate = atypicality.Gate.columns(names, "learned+knn", float("inf"), e)
+    assert gate.evidence == (2, 4)
+    learned = np.log(e.tail_ranks(r).double().numpy())
+    want = -2 * (np.log(r[:, 2].double().numpy()) + np.log(r[:, 4].double().numpy())
+                 + 0.5 * learned)  # fmt: skip
+    np.testing.assert_allclose(gate.score(r).double().numpy(), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="knn_distance"):
+        atypicality.Gate.columns(NAMES, "learned+knn", 1.0, _evidence())
+    ranks = [0.5, 0.5, 0.5, 0.5, 1e-9]  # the KNN distance far out, nothing else
+    assert float(e.tail_ranks(torch.tensor([ranks]))[0]) ** e.rank_weight > 1e-9
+    assert atypicality.alarm_kind(names, ranks, 1.0, e, "learned+knn") == "features"
+    assert atypicality.alarm_kind(names, ranks, 1.0, e, "learned") != "features"
