@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import TensorDataset
 
-from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate import evidence_choice as ec
-from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
+from surprise_monitor.calibrate.options import AlarmOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, GATED_SCORE_NAME
 from surprise_monitor.monitor.checks import OptionValueError
-from tests._models import class_images, trained_tiny_cnn
 
 
 def test_auroc_is_scikit_learn_s_with_ties():
@@ -103,14 +100,8 @@ def test_choose_takes_the_best_worst_margin_and_energy_on_a_tie():
         ec.choose(NAMES, 1e9, clean, {})
 
 
-def test_a_calibration_with_auto_evidence_re_judged_from_outside():
-    model = trained_tiny_cnn(steps=12)
-    x, y = class_images(4000, 3, seed=1)
-    table = calibrate(
-        model, TensorDataset(x[:600], y[:600]), heldout=TensorDataset(x[600:1600], y[600:1600]),
-        progress=False, run=RunOptions(batch_size=ec.CHOICE_IMAGES),
-        alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME, evidence="auto"),
-    )  # fmt: skip
+def test_a_calibration_with_auto_evidence_re_judged_from_outside(gated_tiny):
+    model, x, table = gated_tiny(ec.CHOICE_IMAGES, evidence="auto")
     # one batch of the choice images: the noise shifts draw per batch, as re-judged below
     alarm = table.alarm
     record = alarm.heldout["evidence_choice"]
@@ -204,17 +195,11 @@ def test_preferred_stands_for_learned_knn_where_the_table_has_a_knn_bank():
 
 
 @pytest.mark.parametrize("knn_bank", [300, 0])
-def test_a_calibration_with_the_default_evidence(knn_bank):
+def test_a_calibration_with_the_default_evidence(gated_tiny, knn_bank):
     """With a KNN bank the default (``preferred``) fits ``learned+knn`` on the first held-out
     images; without one it chooses as ``auto`` does (the mean margin over the variants without
     the KNN rank)."""
-    model = trained_tiny_cnn(steps=12)
-    x, y = class_images(4000, 3, seed=1)
-    table = calibrate(
-        model, TensorDataset(x[:600], y[:600]), heldout=TensorDataset(x[600:1600], y[600:1600]),
-        progress=False, run=RunOptions(batch_size=100),
-        alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME, knn_bank=knn_bank),
-    )  # fmt: skip
+    _, _, table = gated_tiny(100, knn_bank=knn_bank)
     alarm = table.alarm
     record = alarm.heldout["evidence_choice"]
     assert record["asked"] == "preferred"

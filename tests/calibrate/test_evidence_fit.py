@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 from surprise_monitor.calibrate import calibrate
 from surprise_monitor.calibrate import evidence_choice as ec
 from surprise_monitor.calibrate import evidence_fit as ef
-from surprise_monitor.calibrate.options import AlarmOptions, RunOptions
+from surprise_monitor.calibrate.options import AlarmOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME, Gate, alarm_kind
 from surprise_monitor.monitor.learned_evidence import (
@@ -121,14 +121,8 @@ def test_the_learned_margins_are_cross_fitted_without_the_shift_s_family():
 
 
 @pytest.mark.parametrize("variant", LEARNED_VARIANTS)
-def test_a_calibration_with_learned_evidence_refitted_from_outside(tmp_path, variant):
-    model = trained_tiny_cnn(steps=12)
-    x, y = class_images(4000, 3, seed=1)
-    table = calibrate(
-        model, TensorDataset(x[:600], y[:600]), heldout=TensorDataset(x[600:1600], y[600:1600]),
-        progress=False, run=RunOptions(batch_size=64),
-        alarm=AlarmOptions(reference_images=300, score=GATED_SCORE_NAME, evidence=variant),
-    )  # fmt: skip
+def test_a_calibration_with_learned_evidence_refitted_from_outside(tmp_path, gated_tiny, variant):
+    model, x, table = gated_tiny(64, evidence=variant)
     alarm = table.alarm
     assert alarm.evidence == variant and alarm.learned is not None
     assert alarm.heldout["evidence_choice"]["asked"] == variant
