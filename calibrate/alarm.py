@@ -23,8 +23,8 @@ gate's threshold: the ``1 - gate_level`` quantile of the reference images' own g
 (``AlarmOptions.gate_level``; :data:`~surprise_monitor.monitor.atypicality.GATE_LEVEL` unless
 named). Pass 3 first judges the held-out images the evidence variant is chosen on
 (``evidence="auto"``, :mod:`~surprise_monitor.calibrate.evidence_choice`) or a learned variant
-is fitted on (``evidence="learned"``, ``"learned+knn"`` and the like, and the default
-``"preferred"``, the default: ``learned+knn`` where the table has a KNN bank, else ``auto``;
+is fitted on (``evidence="learned"``, ``"learned+knn"`` and the like, and ``"preferred"``,
+the default: ``learned+knn`` where the table has a KNN bank, else ``auto``;
 :mod:`~surprise_monitor.calibrate.evidence_fit`), as they are and shifted; the null leaves them
 out.
 
