@@ -41,7 +41,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -154,15 +154,13 @@ def choice_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str, t
     return out
 
 
-def run_model(name: str, n: int = 500) -> dict:
-    """Both parts' AUROCs of every variant, the choice images' margins, each rule's pick and
-    the feature check (see the module docstring)."""
+def knn_setup(name: str) -> tuple[torch.nn.Module, CalibrationTable, Judged, dict[str, Judged]]:
+    """A model, its benchmark table with the KNN component (:func:`with_knn`), and the choice
+    images' judgements, clean and per synthetic shift, with the KNN rank's column."""
     model = collect.load_model(name)
     table = collect.table_of(name, model, log, GATED_SCORE_NAME)
     clean, shifted = learned.choice_judgements(name, model, table)
     table = with_knn(table, collect.train_features(name, model)[0])
-    alarm = table.alarm
-    assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
     test = load_cifar10("test")
     x = to_tensor(test.images[HELDOUT.start : HELDOUT.start + CHOICE_IMAGES])
     feats = choice_features(model, x)
@@ -171,8 +169,23 @@ def run_model(name: str, n: int = 500) -> dict:
         """The judged choice images' ranks with the KNN rank's column."""
         return torch.cat([judged[0], knn_ranks(table, feats[key])[:, None]], dim=1), judged[1]
 
-    clean = extended("clean", clean)
-    shifted = {s: extended(s, j) for s, j in shifted.items()}
+    return model, table, extended("clean", clean), {s: extended(s, j) for s, j in shifted.items()}
+
+
+def knn_columns(table: CalibrationTable, found: Mapping[str, np.ndarray]) -> torch.Tensor:
+    """A judged set's components with the KNN distance's column, as the judge adds it (the
+    distance of its cached head features to ``table``'s bank)."""
+    assert table.alarm is not None and table.alarm.knn is not None
+    knn = table.alarm.knn(torch.from_numpy(found["features"]).float())[:, None]
+    return torch.cat([torch.from_numpy(found["components"]).float(), knn], dim=1)
+
+
+def run_model(name: str, n: int = 500) -> dict:
+    """Both parts' AUROCs of every variant, the choice images' margins, each rule's pick and
+    the feature check (see the module docstring)."""
+    model, table, clean, shifted = knn_setup(name)
+    alarm = table.alarm
+    assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
     names, threshold = alarm.component_names(), alarm.gate_threshold
     floor = alarm.reference.rank_floor
     margins = choice_margins(names, threshold, clean, shifted, floor)
@@ -181,9 +194,8 @@ def run_model(name: str, n: int = 500) -> dict:
     gap = 0.0
 
     def columns(found: dict[str, np.ndarray]) -> torch.Tensor:
-        """A judged set's components with the KNN distance's column, as the judge adds it."""
-        knn = alarm.knn(torch.from_numpy(found["features"]).float())[:, None]
-        return torch.cat([torch.from_numpy(found["components"]).float(), knn], dim=1)
+        """A judged set's components with the KNN distance's column."""
+        return knn_columns(table, found)
 
     baselines = memoised(Baselines(*collect.train_features(name, model)))
 
@@ -257,28 +269,45 @@ def set_rates(
     """Per report set, the share of its images that alarm at nominal ``rate``: p-values among
     the null of held-out images 500..4,999 (per predicted class, pooled where a class has fewer
     than ``DEFAULT_CLASS_NULL_MIN``), each set scored by ``gate_of(its synthetic family)``."""
-    kind = collect.table_kind(GATED_SCORE_NAME)
     assert table.alarm is not None and table.alarm.reference is not None
     reference = table.alarm.reference
-    meta = json.loads((learned.FAMILIES_RESULTS / f"{name}.json").read_text())
-    null_set = collect.load_judged(collect.folder(name) / "sets" / kind / "selection__cifar10.npz")
-    null_ranks = reference.ranks(columns(null_set))[CHOICE_IMAGES:]
-    null_classes = torch.from_numpy(null_set["classes"]).long()[CHOICE_IMAGES:]
+    null_ranks, null_classes = null_judgements(name, table, columns)
     nulls: dict[str | None, ClassConditionalNull] = {}  # per synthetic family: its gate's null
     out = {}
-    for set_name, info in meta["parts"]["report"]["sets"].items():
-        family = learned.FAMILY_OF.get(info["family"])
+    for set_name, set_family, found in report_sets(name, n):
+        family = learned.FAMILY_OF.get(set_family)
         gate = gate_of(family)
         if family not in nulls:
             nulls[family] = ClassConditionalNull.of(
                 gate.score(null_ranks), null_classes, table.num_classes, DEFAULT_CLASS_NULL_MIN
             )
-        file = f"{cache_stem('report', set_name)}.npz"
-        found = collect.load_judged(collect.folder(name) / "families" / kind / f"n{n}" / file)
         scores = gate.score(reference.ranks(columns(found)))
         classes = torch.from_numpy(found["classes"]).long()
         out[set_name] = alarm_rate(learned.mondrian_p_values(nulls[family], scores, classes), rate)
     return out
+
+
+def null_judgements(
+    name: str, table: CalibrationTable, columns: Callable[[dict[str, np.ndarray]], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conformal null's images (held-out 500..4,999: the selection part's CIFAR-10 images
+    past the choice's): their ranks over ``table``'s reference and their predicted classes."""
+    assert table.alarm is not None and table.alarm.reference is not None
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    null_set = collect.load_judged(collect.folder(name) / "sets" / kind / "selection__cifar10.npz")
+    ranks = table.alarm.reference.ranks(columns(null_set))[CHOICE_IMAGES:]
+    return ranks, torch.from_numpy(null_set["classes"]).long()[CHOICE_IMAGES:]
+
+
+def report_sets(name: str, n: int) -> Iterator[tuple[str, str, dict[str, np.ndarray]]]:
+    """The report part's judged sets of ``bench.alarms.families --n n``: name, family and the
+    cached judgement of each."""
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    meta = json.loads((learned.FAMILIES_RESULTS / f"{name}.json").read_text())
+    for set_name, info in meta["parts"]["report"]["sets"].items():
+        file = f"{cache_stem('report', set_name)}.npz"
+        found = collect.load_judged(collect.folder(name) / "families" / kind / f"n{n}" / file)
+        yield set_name, info["family"], found
 
 
 def label_of(variant: str) -> str:

@@ -53,6 +53,10 @@ def test_the_bench_s_knn_table_is_the_library_s_calibration():
         torch.from_numpy(found["features"])
     ).numpy()
     assert ke.check_features(table, found) < 1e-6
+    # a judged set's columns: its components, then the KNN distance of its features
+    both = ke.knn_columns(table, found)
+    torch.testing.assert_close(both[:, :-1], torch.from_numpy(found["components"]))
+    torch.testing.assert_close(both[:, -1], built.knn(torch.from_numpy(found["features"])))
     found["features"] = found["features"] * 1.5
     assert ke.check_features(table, found) > 0.1
 
