@@ -54,11 +54,18 @@ def exchangeable_range(
     level's ``j`` (:func:`surprise_monitor.monitor.conformal.conditional_level`)."""
     from scipy.stats import betabinom
 
-    j = int(conditional_level(null_size, rate, confidence) * (null_size + 1) + 1e-9)
+    j = threshold_index(null_size, rate, confidence)
     if j < 1:
         return 0, 0
     dist = betabinom(inputs, j, null_size + 1 - j)
     return int(dist.ppf(0.025)), int(dist.ppf(0.975))
+
+
+def threshold_index(null_size: int, rate: float, confidence: float = 0.0) -> int:
+    """``j`` of the alarms' threshold ``p <= j / (n + 1)`` on a null of ``n = null_size``
+    scores at nominal ``rate`` (with ``confidence``, the calibration-conditional level's):
+    exchangeable inputs alarm with probability ``Beta(j, n + 1 - j)``."""
+    return int(conditional_level(null_size, rate, confidence) * (null_size + 1) + 1e-9)
 
 
 def overall_range(
@@ -74,7 +81,7 @@ def overall_range(
     total = np.zeros(draws, np.int64)
     expected = 0.0
     for null_size, inputs in classes:
-        j = int(rate * (null_size + 1) + 1e-9)
+        j = threshold_index(null_size, rate)
         expected += inputs * j / (null_size + 1)
         if j >= 1:
             total += rng.binomial(inputs, rng.beta(j, null_size + 1 - j, size=draws))

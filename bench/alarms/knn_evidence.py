@@ -376,12 +376,10 @@ def variant_rotations(results: Mapping[str, dict], with_auto: bool = False) -> l
     model's report part."""
     aurocs: dict = {}
     for m, r in results.items():
-        aurocs[m] = {}
-        for part, sets in r["aurocs"].items():
-            extra = {f"auto:{rule}": label_of(v) for rule, v in r["picks"].items()}
-            aurocs[m][part] = {s: {**a, **({k: a[v] for k, v in extra.items()}
-                                           if with_auto else {})}
-                               for s, a in sets.items()}  # fmt: skip
+        auto = {f"auto:{rule}": label_of(v) for rule, v in r["picks"].items()} if with_auto else {}
+        aurocs[m] = {part: {s: {**a, **{k: a[v] for k, v in auto.items()}}
+                            for s, a in sets.items()}
+                     for part, sets in r["aurocs"].items()}  # fmt: skip
     family_of = {s: f for r in results.values() for s, f in r["families"].items()}
     first = next(iter(results.values()))["aurocs"]["selection"]
     candidates = [v for v in VARIANTS if v in next(iter(first.values()))]
