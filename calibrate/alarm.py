@@ -187,7 +187,7 @@ def _with_heldout(
             f"fewer than {AUTO_MIN_HELDOUT}",
             options.evidence,
         )
-    predicted, labelled, accuracy, classes, choice = _heldout_scores(
+    predicted, labelled, accuracy, classes, choice, ranks = _heldout_scores(
         model, with_reference, heldout, backend, progress, **passes,
         choice_images=CHOICE_IMAGES if (auto or learn) and not too_few else 0,
     )  # fmt: skip
@@ -213,7 +213,7 @@ def _with_heldout(
     per_class = None
     if options.class_null_min > 0:
         per_class = (*classes, table.num_classes, options.class_null_min)
-    alarm = alarm.with_nulls(predicted, labelled, found, per_class)
+    alarm = alarm.with_nulls(predicted, labelled, found, per_class, ranks)
     _warn_pooled_classes(alarm)
     return alarm
 
@@ -582,12 +582,16 @@ def _heldout_scores(
     num_workers: int,
     device: torch.device,
     choice_images: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, float, tuple[torch.Tensor, torch.Tensor], _Choice | None]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, float, tuple[torch.Tensor, torch.Tensor], _Choice | None,
+    tuple[torch.Tensor, torch.Tensor],
+]:  # fmt: skip
     """Held-out scores judged against the predictions and against the labels, the model's
     accuracy on them (a second judgement only for the misclassified images), the classes
-    they were judged against (``(predictions, labels)``), and with ``choice_images`` the
+    they were judged against (``(predictions, labels)``), with ``choice_images`` the
     judgements of the first that many images, as they are and shifted
-    (:mod:`~surprise_monitor.calibrate.evidence_choice`), which the null leaves out."""
+    (:mod:`~surprise_monitor.calibrate.evidence_choice`), which the null leaves out, and the
+    null images' component tail ranks (against predictions, against labels)."""
     judge = Judge(model, table, execution=Execution(backend=backend, check_fingerprint=False))
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("p", "l", "pr", "lr", "c", "y")}
     choice = _Choice() if choice_images > 0 else None
@@ -629,7 +633,7 @@ def _heldout_scores(
     if choice is not None:
         choice.null_ranks = (out["pr"], out["lr"])
     classes = (out["c"].long(), out["y"].long())
-    return out["p"], out["l"], hits / out["p"].numel(), classes, choice
+    return out["p"], out["l"], hits / out["p"].numel(), classes, choice, (out["pr"], out["lr"])
 
 
 class _Choice:

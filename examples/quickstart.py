@@ -164,7 +164,7 @@ def print_resampled(found: dict[str, float], nominal: float) -> None:
     print(
         f"over {found['draws']} random re-splits of held-out + evaluation digits into null and "
         f"evaluation: mean alarm rate {found['mean']:.2%} (5-95%: {found['p5']:.2%} - "
-        f"{found['p95']:.2%}; nominal {nominal:.0%}, at most {nominal:.0%} on average)."
+        f"{found['p95']:.2%}; nominal {nominal:.0%}, about {nominal:.0%} on average)."
     )
 
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = summarise(monitor, xs, None if name == "noise" else y_ev)
         null_scores = table.alarm.null_predicted.scores  # the held-out digits' scores
         resampled = resampled_alarm_rate(
-            null_scores, results["evaluation"]["report"].score, nominal
+            null_scores, results["evaluation"]["report"].score, nominal, interpolated=True
         )
         print()
         print_table(results, nominal)

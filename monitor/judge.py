@@ -56,6 +56,12 @@ from surprise_monitor.monitor.conformal import (
 )
 from surprise_monitor.monitor.cuda_graphs import StepGraphs
 from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.families import (
+    FAMILIES,
+    FamilyNulls,
+    family_columns,
+    family_statistics,
+)
 from surprise_monitor.monitor.fingerprint import layer_fingerprint, model_fingerprint
 from surprise_monitor.monitor.host_copy import to_host
 from surprise_monitor.monitor.knn_distance import KnnDistance
@@ -69,7 +75,7 @@ from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.monitor.table_alarm import AlarmCalibration
 
 G = TypeVar("G")
-N = TypeVar("N", ConformalNull, ClassConditionalNull)
+N = TypeVar("N", ConformalNull, ClassConditionalNull, FamilyNulls)
 
 
 class TableMismatchError(SurpriseMonitorError, ValueError):
@@ -142,6 +148,7 @@ class DeviceReport:
     alarm: torch.Tensor  # [B] bool: p_value <= alarm_rate
     components: torch.Tensor  # [B, J] float32 the score's components (alarm.component_names())
     component_ranks: torch.Tensor  # [B, J] float32 their tail ranks (NaN: no reference)
+    family_p_values: torch.Tensor  # [B, F] float32 per component family (NaN: no family null)
     nonfinite_input: torch.Tensor  # [] int64: input rows with NaN / Inf (device-side check)
     bad_labels: torch.Tensor  # [] int64: labels outside [0, K) (device-side check)
     nonfinite_alpha: torch.Tensor  # [] int64
@@ -174,6 +181,9 @@ class _AlarmTables:
     null_labelled: ConformalNull | None
     class_null_predicted: ClassConditionalNull | None  # per class (Mondrian), or None
     class_null_labelled: ClassConditionalNull | None
+    family_null_predicted: FamilyNulls | None  # per component family, or None
+    family_null_labelled: FamilyNulls | None
+    family_columns: tuple[torch.Tensor, ...]  # each family's component columns, int64
     level_predicted: torch.Tensor | None  # [K] float32: each class's p-value threshold
     level_labelled: torch.Tensor | None
 
@@ -530,13 +540,35 @@ class Judge:
         score adds energy and the stage distances to the components). The
         p-value is taken among the held-out scores of the input's class (``classes``: the
         label when given, else the prediction) when the table has per-class nulls and that
-        class enough held-out images, else among all of them."""
+        class enough held-out images, else among all of them. With the table's family nulls,
+        the p-value of each component family's statistic
+        (:mod:`~surprise_monitor.monitor.families`) among the held-out images', else NaN."""
         b, dev = alpha_percentile.shape[0], alpha_percentile.device
         nan = torch.full((b,), float("nan"), device=dev)
         no = torch.zeros(b, dtype=torch.bool, device=dev)
         if self.table.alarm is None:
             parts = expectation_mass(alpha_percentile)[:, None]
             return _alarm_fields(nan, nan, no, parts, torch.full_like(parts, float("nan")))
+        out = self._scored(alpha_percentile, means, labels_given, classes, logits)
+        tables = self._alarm_tables_for(dev)
+        family = tables.family_null_labelled if labels_given else tables.family_null_predicted
+        if family is not None:
+            stats = family_statistics(out["component_ranks"], tables.family_columns)
+            out["family_p_values"] = family.p_values(stats)
+        return out
+
+    def _scored(
+        self,
+        alpha_percentile: torch.Tensor,
+        means: list[torch.Tensor],
+        labels_given: bool,
+        classes: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`_alarm`'s fields of a table with an alarm part, before the family p-values."""
+        b, dev = alpha_percentile.shape[0], alpha_percentile.device
+        nan = torch.full((b,), float("nan"), device=dev)
+        no = torch.zeros(b, dtype=torch.bool, device=dev)
         alarm = self._alarm_tables_for(dev)
         stages = [
             percentile_rank(m, grid, alarm.levels)
@@ -558,10 +590,11 @@ class Judge:
         null = alarm.null_labelled if labels_given else alarm.null_predicted
         if null is None:
             return _alarm_fields(score, nan, no, parts, ranks)
-        p = null.p_values(score)
+        between = self.thresholds.interpolated
+        p = null.p_values(score, interpolated=between)
         per_class = alarm.class_null_labelled if labels_given else alarm.class_null_predicted
         if per_class is not None:
-            p = per_class.p_values(score, classes, fallback=p)
+            p = per_class.p_values(score, classes, fallback=p, interpolated=between)
         level = alarm.level_labelled if labels_given else alarm.level_predicted
         assert level is not None
         return _alarm_fields(score, p, p <= level[classes], parts, ranks)
@@ -612,6 +645,12 @@ class Judge:
                     null_labelled=_on(a.null_labelled, device),
                     class_null_predicted=_on(a.class_null_predicted, device),
                     class_null_labelled=_on(a.class_null_labelled, device),
+                    family_null_predicted=_on(a.family_null_predicted, device),
+                    family_null_labelled=_on(a.family_null_labelled, device),
+                    family_columns=tuple(
+                        torch.tensor(c, dtype=torch.int64, device=device)
+                        for c in family_columns(a.component_names())
+                    ),
                     level_predicted=self._levels(a, False, device),
                     level_labelled=self._levels(a, True, device),
                 )
@@ -651,9 +690,11 @@ def _alarm_fields(
     parts: torch.Tensor,
     ranks: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """The :class:`DeviceReport` fields of the alarm, by name."""
+    """The :class:`DeviceReport` fields of the alarm, by name (the family p-values NaN: the
+    caller fills them where the table has family nulls)."""
+    family = torch.full((score.shape[0], len(FAMILIES)), float("nan"), device=score.device)
     return {"score": score, "p_value": p_value, "alarm": alarm, "components": parts,
-            "component_ranks": ranks}  # fmt: skip
+            "component_ranks": ranks, "family_p_values": family}  # fmt: skip
 
 
 def _head_on(alarm: AlarmCalibration, device: torch.device) -> HeadDistance | None:

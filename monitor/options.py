@@ -38,6 +38,7 @@ from surprise_monitor.monitor.checks import (
     percentage,
     positive_int,
 )
+from surprise_monitor.monitor.conformal import INTERPOLATED, P_VALUE_RULES
 
 MODES = ("sync", "async")
 DEFAULT_NAMESPACE = "surprise_monitor"
@@ -88,9 +89,18 @@ class Thresholds:
     )
     alarm_confidence: float = option(
         0.0,
-        "0: the false-alarm rate is at most alarm_rate on average over the draw of the "
+        "0: the false-alarm rate is alarm_rate (at most, with conservative p-values) on "
+        "average over the draw of the "
         "held-out images (marginal); c in (0, 1): with probability at least c over that draw "
         "(calibration-conditional, Bates et al. 2023: a stricter p-value threshold per null)",
+    )
+    p_values: str = option(
+        INTERPOLATED,
+        "how a p-value is read off the held-out scores: interpolated across the gap between "
+        "the two nearest (alarms on alarm_rate of normal inputs on average) or conservative "
+        "(the nearest's rank: at most alarm_rate, below it by up to 1/(n+1); always with "
+        "alarm_confidence)",
+        choices=P_VALUE_RULES,
     )
 
     def __post_init__(self) -> None:
@@ -101,6 +111,13 @@ class Thresholds:
         if isinstance(c, bool) or not isinstance(c, int | float) or not 0.0 <= c < 1.0:
             raise OptionValueError("alarm_confidence", "a number in [0, 1), e.g. 0.9", c)
         object.__setattr__(self, "alarm_confidence", float(c))
+        object.__setattr__(self, "p_values", one_of("p_values", self.p_values, P_VALUE_RULES))
+
+    @property
+    def interpolated(self) -> bool:
+        """Whether the alarm reads interpolated p-values: asked for, and no confidence asked
+        (the calibration-conditional level counts whole gaps)."""
+        return self.p_values == INTERPOLATED and self.alarm_confidence == 0.0
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from surprise_monitor.monitor.atypicality import DEFAULT_EVIDENCE, alarm_kind
+from surprise_monitor.monitor.families import FAMILIES, family_columns, kind_of
 from surprise_monitor.monitor.learned_evidence import LearnedEvidence
 
 
@@ -66,6 +67,7 @@ class MonitorReport:
     component_names: tuple[str, ...] = ()  # the components' names, in column order
     learned: LearnedEvidence | None = None  # the table's learned evidence (its alarm kinds)
     evidence: str = DEFAULT_EVIDENCE  # the gated score's evidence variant (its alarm kinds)
+    family_p_values: torch.Tensor | None = None  # [B, F] per component family (NaN: no null)
 
     def __len__(self) -> int:
         return int(self.classes.shape[0])
@@ -158,6 +160,7 @@ class MonitorReport:
             "alarm": bool(self.alarm[i]),
             "components": self.component_parts(i),
             "alarm_kind": self.alarm_kind(i) if bool(self.alarm[i]) else None,
+            "family_p_values": self.family_parts(i),
             "surprise_count": len(sur),
             "expectation_count": len(exp),
             "surprising_filters": [f.to_dict() for f in sur[:max_filters]],
@@ -167,16 +170,30 @@ class MonitorReport:
     def alarm_kind(self, i: int) -> str | None:
         """The kind of atypicality behind input i's score (a key of
         :data:`surprise_monitor.monitor.atypicality.ALARM_KINDS`: ``"class_evidence"``,
-        ``"low_level"``, ``"features"``): the component family that found it least like the
-        training images, or of the gated score the part that ranked it (the stage distances
-        where the gate opened, else the class evidence)
-        (:func:`~surprise_monitor.monitor.atypicality.alarm_kind`); ``None``
-        without component ranks. ``sample(i)["alarm_kind"]`` holds it for inputs that alarm."""
+        ``"low_level"``, ``"features"``): the component family with the smallest p-value among
+        the held-out images' (:attr:`family_p_values`,
+        :func:`~surprise_monitor.monitor.families.kind_of`); on a table without family nulls,
+        the component family that found it least like the training images, or of the gated
+        score the part that ranked it (:func:`~surprise_monitor.monitor.atypicality.alarm_kind`);
+        ``None`` without component ranks. ``sample(i)["alarm_kind"]`` holds it for inputs that
+        alarm."""
         names = self.component_names or tuple(
             f"component_{j}" for j in range(int(self.components.shape[1]))
         )
         ranks = self.component_ranks[i].tolist()
+        if self.family_p_values is not None:
+            kind = kind_of(self.family_p_values[i].tolist(), ranks, family_columns(names))
+            if kind is not None:
+                return kind
         return alarm_kind(names, ranks, float(self.score[i]), self.learned, self.evidence)
+
+    def family_parts(self, i: int) -> dict[str, float | None]:
+        """Input i's p-value per component family (:data:`~surprise_monitor.monitor.families.
+        FAMILIES`: how unusual the class evidence, the low-level statistics and the high-level
+        features are among held-out images'; ``None`` where the table has no family null)."""
+        if self.family_p_values is None:
+            return dict.fromkeys(FAMILIES)
+        return {f: _number(p) for f, p in zip(FAMILIES, self.family_p_values[i], strict=True)}
 
     def component_parts(self, i: int) -> dict[str, dict[str, float | None]]:
         """Input i's score components by name: ``{"value", "tail_rank"}`` each; the smallest

@@ -29,6 +29,12 @@ from surprise_monitor.monitor.atypicality import (
 )
 from surprise_monitor.monitor.conformal import ClassConditionalNull, ConformalNull
 from surprise_monitor.monitor.errors import SurpriseMonitorError
+from surprise_monitor.monitor.families import (
+    FAMILIES,
+    FamilyNulls,
+    family_columns,
+    family_statistics,
+)
 from surprise_monitor.monitor.knn_distance import KnnDistance
 from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS, LearnedEvidence
 
@@ -83,6 +89,10 @@ class AlarmCalibration:
             head features and its neighbour
             (:class:`~surprise_monitor.monitor.knn_distance.KnnDistance`), else ``None`` (no
             such component: tables made before it, or ``knn_bank=0``).
+        family_null_predicted: the held-out images' family statistics judged against their
+            predictions (:class:`~surprise_monitor.monitor.families.FamilyNulls`: the
+            per-family p-values and the alarm's kind), or ``None`` (tables made before them).
+        family_null_labelled: the same judged against their labels.
     """
 
     score: str
@@ -105,6 +115,8 @@ class AlarmCalibration:
     gate_level: float | None = None
     learned: LearnedEvidence | None = None
     knn: KnnDistance | None = None
+    family_null_predicted: FamilyNulls | None = None
+    family_null_labelled: FamilyNulls | None = None
 
     @property
     def gated(self) -> bool:
@@ -190,10 +202,12 @@ class AlarmCalibration:
         labelled: torch.Tensor,
         heldout: dict[str, Any],
         classes: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+        ranks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> AlarmCalibration:
         """A copy with the nulls of held-out scores (unsorted) and their description;
         ``classes`` = ``(predicted classes, labels, num_classes, min_size)`` adds the
-        per-class (Mondrian) nulls."""
+        per-class (Mondrian) nulls, ``ranks`` = the same images' ``[n, J]`` component tail
+        ranks judged against their predictions and their labels the family nulls."""
         per_class: dict[str, ClassConditionalNull | None] = {
             "class_null_predicted": None, "class_null_labelled": None,
         }  # fmt: skip
@@ -203,10 +217,24 @@ class AlarmCalibration:
                 "class_null_predicted": ClassConditionalNull.of(predicted, pred, k, least),
                 "class_null_labelled": ClassConditionalNull.of(labelled, labels, k, least),
             }
+        families: dict[str, FamilyNulls | None] = {
+            "family_null_predicted": None, "family_null_labelled": None,
+        }  # fmt: skip
+        if ranks is not None:
+            columns = family_columns(self.component_names())
+            families = {
+                f"family_null_{name}": FamilyNulls.of(family_statistics(r, columns))
+                for name, r in zip(("predicted", "labelled"), ranks, strict=True)
+            }
         return replace(
             self, null_predicted=ConformalNull.of(predicted),
             null_labelled=ConformalNull.of(labelled), heldout=dict(heldout), **per_class,
+            **families,
         )  # fmt: skip
+
+    def family_null(self, labels_given: bool) -> FamilyNulls | None:
+        """The family nulls for inputs judged against labels (``True``) or predictions."""
+        return self.family_null_labelled if labels_given else self.family_null_predicted
 
     def validate(self, levels: torch.Tensor) -> None:
         """:class:`AlarmTableError` naming what does not fit (levels: the table's)."""
@@ -239,6 +267,27 @@ class AlarmCalibration:
         if (self.null_predicted is None) != (self.null_labelled is None):
             raise AlarmTableError("null_predicted and null_labelled must be given together")
         self._validate_class_nulls()
+        self._validate_family_nulls()
+
+    def _validate_family_nulls(self) -> None:
+        """:class:`AlarmTableError` when the family nulls do not fit the score's families."""
+        pair = (self.family_null_predicted, self.family_null_labelled)
+        if (pair[0] is None) != (pair[1] is None):
+            raise AlarmTableError(
+                "family_null_predicted and family_null_labelled must be given together"
+            )
+        if pair[0] is None:
+            return
+        columns = family_columns(self.component_names())
+        for name, nulls in zip(("predicted", "labelled"), pair, strict=True):
+            assert nulls is not None
+            for family, cols, size in zip(FAMILIES, columns, nulls.sizes, strict=True):
+                if bool(cols) != bool(size):
+                    raise AlarmTableError(
+                        f"the {name} family null of {family!r} "
+                        + ("is missing" if cols else "is there")
+                        + f" for a score {'with' if cols else 'without'} components of it"
+                    )
 
     def _validate_class_nulls(self) -> None:
         """:class:`AlarmTableError` when the per-class nulls do not fit the pooled ones."""
@@ -366,6 +415,17 @@ class AlarmCalibration:
             "class_null_min": self.class_null_min,
             **(
                 {
+                    "family_nulls": [
+                        f
+                        for f, n in zip(FAMILIES, self.family_null_predicted.sizes, strict=True)
+                        if n
+                    ]
+                }  # fmt: skip
+                if self.family_null_predicted is not None
+                else {}
+            ),
+            **(
+                {
                     "evidence": self.evidence,
                     "gate_threshold": self.gate_threshold,
                     "gate_level": self.gate_level,
@@ -407,6 +467,12 @@ class AlarmCalibration:
             if per_class is not None:
                 out[f"{PREFIX}class_null_{name}"] = per_class.scores
                 out[f"{PREFIX}class_null_{name}_sizes"] = per_class.sizes
+        for name, nulls in (
+            ("predicted", self.family_null_predicted), ("labelled", self.family_null_labelled),
+        ):  # fmt: skip
+            for family, null in zip(FAMILIES, () if nulls is None else nulls.nulls, strict=False):
+                if null is not None:
+                    out[f"{PREFIX}family_null_{name}.{family}"] = null.scores
         return {k: v.detach().cpu().float().contiguous() for k, v in out.items()}
 
     @classmethod
@@ -462,6 +528,7 @@ class AlarmCalibration:
             predicted = ConformalNull(_tensor(tensors, "null_predicted"))
             labelled = ConformalNull(_tensor(tensors, "null_labelled"))
         class_nulls = _class_nulls(meta, tensors) if predicted is not None else (None, None)
+        family_nulls = _family_nulls(meta, tensors)
         return cls(
             score=score, profile_layers=tuple(layers),
             profile_quantiles=grids, reference=reference,
@@ -471,7 +538,8 @@ class AlarmCalibration:
             head_precision=head_precision, class_null_predicted=class_nulls[0],
             class_null_labelled=class_nulls[1], evidence=evidence, stage_means=stage_means,
             stage_precisions=stage_precisions, gate_threshold=threshold, gate_level=level,
-            learned=learned, knn=knn,
+            learned=learned, knn=knn, family_null_predicted=family_nulls[0],
+            family_null_labelled=family_nulls[1],
         )  # fmt: skip
 
 
@@ -528,6 +596,34 @@ def _class_nulls(
             )
         except ValueError as exc:
             raise AlarmTableError(str(exc)) from exc
+    return out[0], out[1]
+
+
+def _family_nulls(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[FamilyNulls | None, FamilyNulls | None]:
+    """The family nulls of a table file (``None, None`` for a table made before them)."""
+    if "family_nulls" not in meta:
+        return None, None
+    listed = _field(meta, "family_nulls", list)
+    unknown = [f for f in listed if f not in FAMILIES]
+    if unknown:
+        raise AlarmTableError(
+            f"metadata field 'alarm.family_nulls' names unknown families {unknown} "
+            f"(known: {list(FAMILIES)})"
+        )
+    out = []
+    for name in ("predicted", "labelled"):
+        try:
+            nulls = tuple(
+                ConformalNull(_tensor(tensors, f"family_null_{name}.{f}")) if f in listed else None
+                for f in FAMILIES
+            )
+        except ValueError as exc:
+            if isinstance(exc, AlarmTableError):
+                raise
+            raise AlarmTableError(f"family null ({name}): {exc}") from exc
+        out.append(FamilyNulls(nulls))
     return out[0], out[1]
 
 

@@ -138,3 +138,18 @@ def exponential_tail(reference, values, points: int = 50):
     s = np.mean(ref[m - k + 1 :] - u) if k > 1 else 1.0
     tail = (1 + k) / (m + 1) * np.exp(-(v - u) / s)
     return np.clip(np.where(v > u, tail, body), np.finfo(np.float32).tiny, 1.0)
+
+
+def interpolated_p(null, s: float) -> float:
+    """The interpolated conformal p-value, by numpy on a plain list walk: ``(k + f) / (n + 1)``
+    with ``k = #{null >= s}`` and ``f`` the share of the gap between the nearest null scores
+    below and at or above ``s`` that lies above it; ``(1 + k) / (n + 1)`` above every null
+    score or at or below the smallest."""
+    import numpy as np
+
+    null = np.sort(np.asarray(null, np.float64))
+    n, k = len(null), int(np.sum(null >= s))
+    if k == 0 or k == n:
+        return (1 + k) / (n + 1)
+    upper, lower = null[n - k], null[n - k - 1]
+    return (k + (upper - s) / (upper - lower)) / (n + 1)

@@ -392,7 +392,7 @@ def in_range(c: dict, rate: float = 0.01) -> bool:
     """Whether a class's alarm count (``learned.alarm_rates``' per-class entry) lies in the
     central 95% range for exchangeable normal inputs, the null's draw included
     (:func:`bench.alarms.class_rates.exchangeable_range`)."""
-    low, high = exchangeable_range(c["null_size"], c["inputs"], rate)
+    low, high = exchangeable_range(c["null_size"], c["inputs"], rate, interpolated=True)
     return low <= c["alarms"] <= high
 
 
@@ -490,7 +490,8 @@ def rate_lines(results: Mapping[str, dict]) -> list[str]:
         o, per = r["overall"], r["per_class"]
         outside = sum(not c["ci_low"] <= 0.01 <= c["ci_high"] for c in per)
         off = sum(not in_range(c) for c in per)
-        band = overall_range([(c["null_size"], c["inputs"]) for c in per], 0.01)
+        band = overall_range([(c["null_size"], c["inputs"]) for c in per], 0.01,
+                             interpolated=True)  # fmt: skip
         n = sum(c["inputs"] for c in per)
         lines.append(f"| {name} | {r['variant']} ({r['rule']}) | {100 * o['rate']:.2f}% "
                      f"({100 * o['ci_low']:.2f}-{100 * o['ci_high']:.2f}%) | "

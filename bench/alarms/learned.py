@@ -281,12 +281,16 @@ def alarm_rates(
 
 
 def mondrian_p_values(
-    per_class: ClassConditionalNull, scores: torch.Tensor, classes: torch.Tensor
+    per_class: ClassConditionalNull,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    interpolated: bool = True,
 ) -> np.ndarray:
     """The p-values of ``scores`` among the held-out scores of their ``classes`` (the pooled
-    null's for a class with too few), as the monitor takes them."""
-    pooled = ConformalNull.of(per_class.scores).p_values(scores)
-    return per_class.p_values(scores, classes, pooled).numpy()
+    null's for a class with too few), as the monitor takes them: interpolated by default
+    (``Thresholds(p_values=...)``), conservative with ``interpolated=False``."""
+    pooled = ConformalNull.of(per_class.scores).p_values(scores, interpolated)
+    return per_class.p_values(scores, classes, pooled, interpolated).numpy()
 
 
 def weight_rotations(results: Mapping[str, dict], weights: Sequence[float] = WEIGHTS) -> list:

@@ -71,6 +71,17 @@ def _parts(components: Any) -> str:
     )
 
 
+def _families(p_values: Any) -> str:
+    """Each component family's p-value among held-out images', smallest first, escaped (a
+    dash for a table without family nulls)."""
+    if not isinstance(p_values, dict) or all(v is None for v in p_values.values()):
+        return "\u2014"
+    ranked = sorted(p_values.items(), key=lambda kv: 2.0 if kv[1] is None else kv[1])
+    return ", ".join(
+        f"{escape(str(name).replace('_', ' '))} {_number(p, '.4f')}" for name, p in ranked
+    )
+
+
 def _when(seconds: float) -> str:
     """A UTC time stamp."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
@@ -251,6 +262,7 @@ def detail_page(rec: AlarmRecord, base: str, explanation: Mapping[str, Any] | No
         f"<dt>score</dt><dd>{_number(r.get('score'), '.4f')}</dd>"
         f"<dt>p-value</dt><dd>{_number(r.get('p_value'), '.5f')}</dd>"
         f'<dt>kind of atypicality</dt><dd id="alarm-kind">{escape(_kind_text(r))}</dd>'
+        f'<dt>p-value per family</dt><dd id="family-p">{_families(r.get("family_p_values"))}</dd>'
         f'<dt>score parts (tail rank)</dt><dd id="parts">{_parts(r.get("components"))}</dd>'
         f"<dt>time</dt><dd>{escape(_when(rec.time))}</dd>"
         f"<dt>request</dt><dd>{escape(rec.request_id or '')}</dd>"

@@ -17,6 +17,7 @@ from surprise_monitor.monitor import AlarmLog, MonitorReport, SurpriseMonitor
 from surprise_monitor.monitor.advice import cli_message
 from surprise_monitor.monitor.alarms.log import DEFAULT_CAPACITY
 from surprise_monitor.monitor.alarms.sink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+from surprise_monitor.monitor.conformal import INTERPOLATED
 from surprise_monitor.monitor.loading.model_args import (
     add_model_arguments,
     command_parser,
@@ -119,8 +120,9 @@ def _monitor_arguments(p: argparse.ArgumentParser) -> None:
                       "judge_batch": "--judge-batch"},
     )  # fmt: skip
     add_option_arguments(
-        m, Thresholds, {"alarm_rate": "--alarm-rate", "alarm_confidence": "--alarm-confidence"}
-    )
+        m, Thresholds, {"alarm_rate": "--alarm-rate", "alarm_confidence": "--alarm-confidence",
+                        "p_values": "--p-values"},
+    )  # fmt: skip
     m.add_argument(
         "--no-fingerprint-check", action="store_true",
         help="use the table with a model whose weights changed since calibration (deliberately)",
@@ -265,6 +267,8 @@ def startup_line(args: argparse.Namespace, table: CalibrationTable | None) -> st
         monitor = f"monitor {args.mode}, alarm rate {args.alarm_rate:g}"
         if args.alarm_confidence:
             monitor += f" with probability {args.alarm_confidence:g} over the held-out draw"
+        elif args.p_values != INTERPOLATED:
+            monitor += f" ({args.p_values} p-values)"
         if args.every > 1:
             monitor += f", one input in {args.every} judged"
     alarm = table.alarm if table is not None else None

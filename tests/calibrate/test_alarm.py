@@ -24,8 +24,11 @@ from surprise_monitor.monitor.atypicality import (
 from surprise_monitor.monitor.options import Thresholds
 from surprise_monitor.monitor.table import CalibrationTable, TableError
 from surprise_monitor.monitor.table_alarm import AlarmTableError
-from tests._checks import exponential_tail, resign
+from tests._checks import exponential_tail, interpolated_p, resign
 from tests._models import TinyCNN, class_dataset, class_images, seeded, trained_tiny_cnn
+
+#: The monitor with conservative p-values, ``(1 + #{null >= s}) / (n + 1)``.
+CONSERVATIVE = Thresholds(p_values="conservative")
 
 
 def _split(start: int, stop: int) -> TensorDataset:
@@ -151,9 +154,11 @@ def test_the_reference_is_the_odd_halfs_components_judged_with_labels(alarmed):
 def test_the_nulls_are_the_held_out_scores_as_deployed(alarmed):
     model, table, _, heldout = alarmed
     x, y = heldout.tensors
-    with SurpriseMonitor(model, table) as monitor:
+    with SurpriseMonitor(model, table, thresholds=CONSERVATIVE) as monitor:
         predicted = monitor.inspect(x)
         labelled = monitor.inspect(x, y)
+    with SurpriseMonitor(model, table) as monitor:
+        interpolated = monitor.inspect(x)
     alarm = table.alarm
     # the same scores up to float32 rounding of the components, which the continuous tail
     # ranks carry into the score
@@ -173,6 +178,9 @@ def test_the_nulls_are_the_held_out_scores_as_deployed(alarmed):
     s = predicted.score.numpy()
     null = alarm.null_predicted.scores.numpy()
     np.testing.assert_allclose(p, [(1 + np.sum(null >= v)) / 401 for v in s], rtol=1e-6)
+    # the monitor's default interpolates across the gap around each score (numpy's walk)
+    np.testing.assert_allclose(interpolated.p_value.numpy(), [interpolated_p(null, v) for v in s],
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
 
 
 def test_reports_name_the_components_and_their_tail_ranks(alarmed):
@@ -326,8 +334,10 @@ def test_per_class_nulls_are_each_classes_held_out_scores(alarmed, tmp_path):
     model, _, _, heldout = alarmed
     table = _mondrian(alarmed, 1)
     x, y = heldout.tensors
-    with SurpriseMonitor(model, table) as monitor:
+    with SurpriseMonitor(model, table, thresholds=CONSERVATIVE) as monitor:
         predicted, labelled = monitor.inspect(x), monitor.inspect(x, y)
+    with SurpriseMonitor(model, table) as monitor:
+        interpolated = monitor.inspect(x)
     a = table.alarm
     for nulls, report, classes in (
         (a.class_null_predicted, predicted, predicted.predictions), (a.class_null_labelled,
@@ -345,11 +355,14 @@ def test_per_class_nulls_are_each_classes_held_out_scores(alarmed, tmp_path):
             (1 + np.sum(null[c] >= v)) / (null[c].size + 1) for v, c in zip(s, k, strict=True)
         ]
         np.testing.assert_allclose(report.p_value.numpy(), want_p, rtol=1e-6)
+        if report is predicted:  # the default's, interpolated within each class's null
+            want_i = [interpolated_p(null[c], v) for v, c in zip(s, k, strict=True)]
+            np.testing.assert_allclose(interpolated.p_value.numpy(), want_i, rtol=1e-4, atol=1e-6)
     assert a.class_nulls_summary().startswith("per-class nulls (Mondrian) for 3 of 3")
     loaded = CalibrationTable.load(table.save(tmp_path / "t.safetensors"))
     assert loaded.alarm.metadata() == a.metadata() and loaded.alarm.class_null_min == 1
     with SurpriseMonitor(model, loaded) as monitor:
-        assert torch.equal(monitor.inspect(x).p_value, predicted.p_value)
+        assert torch.equal(monitor.inspect(x).p_value, interpolated.p_value)
 
 
 def test_a_class_with_too_few_held_out_images_uses_the_pooled_null(alarmed, caplog):
@@ -416,10 +429,16 @@ def test_alarm_confidence_alarms_at_each_nulls_conditional_level(alarmed):
     levels = torch.tensor([conditional_level(int(n), rate, 0.9) for n in nulls.sizes])
     assert torch.equal(r.alarm, r.p_value <= levels[r.classes])
     assert (levels < rate).all() and r.alarm.any()
-    with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=rate)) as monitor:
+    plain = Thresholds(alarm_rate=rate, p_values="conservative")
+    with SurpriseMonitor(model, table, thresholds=plain) as monitor:
         marginal = monitor.inspect(x)
-    assert torch.equal(marginal.p_value, r.p_value)
+    assert torch.equal(marginal.p_value, r.p_value)  # with a confidence: conservative p-values
     assert torch.equal(marginal.alarm, marginal.p_value <= rate)
     assert int(marginal.alarm.sum()) > int(r.alarm.sum())  # the conditional level is stricter
+    with SurpriseMonitor(model, table, thresholds=Thresholds(alarm_rate=rate)) as monitor:
+        default = monitor.inspect(x)
+    assert torch.equal(default.alarm, default.p_value <= rate)
+    assert (default.p_value <= marginal.p_value + 1e-7).all()  # interpolated: within a gap
+    assert int(default.alarm.sum()) >= int(marginal.alarm.sum())
     with pytest.raises(ValueError, match=r"alarm_confidence must be a number in \[0, 1\)"):
         Thresholds(alarm_confidence=1.0)

@@ -185,7 +185,8 @@ def _reference_gate_statistics(model, table) -> np.ndarray:
     refs = [r.double().numpy() for r in a.reference.sorted_components]
     with SurpriseMonitor(model, dataclasses.replace(table, alarm=dataclasses.replace(
             a, reference=None, gate_threshold=None, null_predicted=None, null_labelled=None,
-            class_null_predicted=None, class_null_labelled=None))) as plain:  # fmt: skip
+            class_null_predicted=None, class_null_labelled=None, family_null_predicted=None,
+            family_null_labelled=None))) as plain:  # fmt: skip
         x, y = IMAGES[PICKED[1::2]], _LABELS[PICKED[1::2]]
         rows = plain.inspect(x, y).components.double().numpy()
     return -2 * sum(np.log(_tail(refs[j], rows[:, j])) for j in (4, 5))

@@ -4,6 +4,8 @@ re-fitted from outside."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from surprise_monitor.calibrate import evidence_fit as ef
 from surprise_monitor.calibrate.options import AlarmOptions
 from surprise_monitor.monitor import SurpriseMonitor
 from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME, Gate, alarm_kind
+from surprise_monitor.monitor.families import family_columns, kind_of
 from surprise_monitor.monitor.learned_evidence import (
     LEARNED_EVIDENCE,
     LEARNED_VARIANTS,
@@ -143,9 +146,15 @@ def test_a_calibration_with_learned_evidence_refitted_from_outside(tmp_path, gat
     # the report carries the fit, so its alarm kinds can name what the learned part weighed
     assert torch.equal(null.learned.weights, alarm.learned.weights) and null.evidence == variant
     names = alarm.component_names()
+    old = dataclasses.replace(table, alarm=dataclasses.replace(
+        alarm, family_null_predicted=None, family_null_labelled=None))  # fmt: skip
+    with SurpriseMonitor(model, old) as monitor:
+        before = monitor.inspect(rest[:20])  # a table without family nulls: the fit's kinds
     for i in range(20):
-        ranks, score = null.component_ranks[i].tolist(), float(null.score[i])
-        assert null.alarm_kind(i) == alarm_kind(names, ranks, score, alarm.learned, variant)
+        ranks, score = before.component_ranks[i].tolist(), float(before.score[i])
+        assert before.alarm_kind(i) == alarm_kind(names, ranks, score, alarm.learned, variant)
+        family = null.family_p_values[i].tolist()  # with them: the smallest family p-value's
+        assert null.alarm_kind(i) == kind_of(family, ranks, family_columns(names))
     # the table keeps the fit
     back = CalibrationTable.load(table.save(tmp_path / "t.safetensors"))
     assert torch.equal(back.alarm.learned.weights, alarm.learned.weights)

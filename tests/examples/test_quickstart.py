@@ -28,5 +28,6 @@ def test_quickstart_end_to_end(tmp_path):
     for name in ("inverted", "noise"):
         assert fig[name]["alarm"] > 0.5, (name, fig[name], ev)
         assert fig[name]["alarm"] > ev["alarm"] + 0.4
-    # Over random re-splits the conformal rate is floor(0.01 * 360) / 360 on average (no ties).
-    assert abs(fig["resampled_alarm_rate"]["mean"] - 3 / 360) < 0.0015
+    # Over random re-splits the interpolated p-values alarm on about 1% on average (the
+    # conservative ones on floor(0.01 * 360) / 360 = 0.83%, no ties).
+    assert abs(fig["resampled_alarm_rate"]["mean"] - 0.01) < 0.0015

@@ -13,6 +13,8 @@ from surprise_monitor.monitor.conformal import (
     conditional_level,
     resampled_alarm_rate,
 )
+from surprise_monitor.monitor.options import Thresholds
+from tests._checks import interpolated_p
 
 
 def oracle_p(null: np.ndarray, s: float) -> float:
@@ -219,3 +221,74 @@ def test_bad_confidence_is_refused():
     with pytest.raises(ValueError, match="alarm_confidence"):
         conditional_level(100, 0.01, 1.0)
     assert conditional_level(50, 0.01, 0.9) == pytest.approx(0.5 / 51)  # too small: no alarms
+
+
+def test_interpolated_p_values_match_the_oracle_and_lie_within_a_gap_of_the_conservative():
+    rng = np.random.default_rng(3)
+    null = np.round(rng.normal(size=200), 1).astype(np.float32)  # ties too
+    queries = np.concatenate([null[:30], rng.normal(size=200), [-9, 9, null.max()]])
+    queries = queries.astype(np.float32)
+    found = ConformalNull.of(torch.from_numpy(null))
+    got = found.p_values(torch.from_numpy(queries), interpolated=True).numpy()
+    want = [interpolated_p(null, float(q)) for q in queries]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    conservative = found.p_values(torch.from_numpy(queries)).numpy()
+    assert (got <= conservative + 1e-7).all() and (got >= conservative - 1 / 201 - 1e-7).all()
+    assert got[-3] == 1.0 and got[-2] == got[-1] == pytest.approx(1 / 201)  # the ends
+    nan = found.p_values(torch.tensor([float("nan")]), interpolated=True)
+    assert nan.item() == pytest.approx(1 / 201)
+
+
+def test_interpolated_p_values_are_continuous_and_decreasing():
+    null = ConformalNull.of(torch.tensor([0.0, 1.0, 3.0, 4.0]))
+    grid = torch.linspace(0.01, 4.0, 400)
+    p = null.p_values(grid, interpolated=True)
+    assert (p[1:] <= p[:-1] + 1e-7).all()
+    step = float(grid[1] - grid[0])
+    assert float((p[1:] - p[:-1]).abs().max()) < 0.2 * step + 1e-6  # no jump: slope <= 1/5
+    at = null.p_values(torch.tensor([1.0, 2.0, 3.0]), interpolated=True)
+    torch.testing.assert_close(at, torch.tensor([3 / 5, 2.5 / 5, 2 / 5]))
+
+
+@pytest.mark.parametrize(("n", "least"), [(450, 0.0096), (149, 0.0085)])
+def test_interpolated_p_values_alarm_on_the_nominal_rate_where_conservative_ones_do_not(n, least):
+    """Over many nulls and fresh sets from one distribution (an exponential tail), the
+    conservative p-value alarms on ``floor(0.01 (n + 1)) / (n + 1)`` (0.887% for 450, 0.667%
+    for 149), the interpolated one on about 1%: a little less where the density falls across
+    the gap it interpolates, the more so the wider that gap (the 149's, the top one's)."""
+    g = torch.Generator().manual_seed(1)
+    trials, per = 1500, 2000
+    found = {False: [], True: []}
+    for _ in range(trials):
+        null = ConformalNull.of(torch.empty(n).exponential_(generator=g))
+        fresh = torch.empty(per).exponential_(generator=g)
+        for interpolated, rates in found.items():
+            rates.append(float((null.p_values(fresh, interpolated) <= 0.01).float().mean()))
+    conservative, interpolated = np.mean(found[False]), np.mean(found[True])
+    sd = np.std(found[True]) / np.sqrt(trials)  # ~0.012 pp
+    assert abs(conservative - int(0.01 * (n + 1)) / (n + 1)) < 4 * sd
+    assert least < interpolated < 0.01 + 4 * sd
+    assert interpolated - conservative > 0.0008
+
+
+def test_class_interpolated_p_values_are_each_class_s_and_the_fallback_s():
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=600).astype(np.float32)
+    classes = np.repeat([0, 1, 2], [300, 250, 50])
+    nulls = ClassConditionalNull.of(torch.from_numpy(scores), torch.from_numpy(classes), 3, 100)
+    s = rng.normal(size=90).astype(np.float32)
+    s[:3] = [9, -9, scores[classes == 1].max()]
+    k = np.resize([0, 1, 2], 90)
+    pooled = ConformalNull.of(torch.from_numpy(scores)).p_values(torch.from_numpy(s), True)
+    got = nulls.p_values(torch.from_numpy(s), torch.from_numpy(k), pooled, interpolated=True)
+    want = [interpolated_p(scores[classes == c] if c < 2 else scores, float(v))
+            for v, c in zip(s, k, strict=True)]  # fmt: skip
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_monitor_interpolates_unless_told_or_a_confidence_is_asked():
+    assert Thresholds().interpolated and Thresholds().p_values == "interpolated"
+    assert not Thresholds(p_values="conservative").interpolated
+    assert not Thresholds(alarm_confidence=0.9).interpolated  # whole gaps: conservative
+    with pytest.raises(ValueError, match=r"p_values must be one of \('interpolated', "):
+        Thresholds(p_values="smoothed")

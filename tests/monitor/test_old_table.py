@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from surprise_monitor import CalibrationTable, SurpriseMonitor
+from surprise_monitor import CalibrationTable, SurpriseMonitor, Thresholds
 from tests._models import TinyCNN
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -26,8 +26,16 @@ def test_a_table_written_before_the_rename_loads_and_judges_as_it_did():
     old = json.loads((DATA / "old_results.json").read_text())
     x = torch.tensor(old["inputs"]["images"])
     y = torch.tensor(old["inputs"]["labels"])
-    with SurpriseMonitor(model, table) as monitor:
+    # the old code's p-values were the conservative ones (the default interpolates since stop 40)
+    with SurpriseMonitor(model, table, thresholds=Thresholds(p_values="conservative")) as monitor:
         reports = {"predicted": monitor.inspect(x), "labelled": monitor.inspect(x, y)}
+    with SurpriseMonitor(model, table) as monitor:
+        now = monitor.inspect(x)
+    n = table.alarm.null_predicted.size
+    conservative = reports["predicted"].p_value
+    assert (now.p_value <= conservative + 1e-7).all()  # within one gap of the old p-value
+    assert (now.p_value >= conservative - 1 / (n + 1) - 1e-7).all()
+    assert torch.equal(now.score, reports["predicted"].score)
     for name, report in reports.items():
         want = old[name]
         assert report.classes.tolist() == want["classes"], name

@@ -135,12 +135,26 @@ def test_monitor_from_args_maps_every_flag(calibrated):
     assert "alarm rate 0.01 with probability 0.9 over the held-out draw" in cli.startup_line(
         sure, table
     )
+    plain = cli.parser().parse_args(["--table", "t", "--p-values", "conservative"])
+    with cli.monitor_from_args(plain, model, table, CollectorRegistry(), None) as monitor:
+        assert monitor.thresholds.p_values == "conservative"
+    assert "alarm rate 0.01 (conservative p-values)" in cli.startup_line(plain, table)
+    default = cli.parser().parse_args(["--table", "t"])
+    assert default.p_values == "interpolated"
+    assert "conservative" not in cli.startup_line(default, table)
+
     async_args = cli.parser().parse_args(
         ["--table", "t", "--mode", "async", "--queue-size", "2", "--judge-batch", "8"]
     )
     with cli.monitor_from_args(async_args, model, table, CollectorRegistry(), None) as monitor:
         assert monitor.sampling.mode == "async" and monitor.sampling.queue_size == 2
         assert monitor.sampling.judge_batch == 8
+
+
+def test_an_unknown_p_value_rule_is_named(capsys):
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["--table", "t", "--p-values", "exact"])
+    assert "--p-values: invalid choice: 'exact'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -358,7 +358,8 @@ def test_async_worker_joins_queued_calls_into_fewer_judge_calls(
         # float32 products of another batch size: the head distance (an expanded quadratic
         # form) moves by up to ~4e-5 relative, and the learned evidence the table chose reads it
         torch.testing.assert_close(got.score, ref.score, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(got.p_value, ref.p_value, rtol=1e-5, atol=1e-6)
+        # the interpolated p-value moves with the score across its gap (~1e-5 here)
+        torch.testing.assert_close(got.p_value, ref.p_value, rtol=1e-4, atol=5e-5)
         assert torch.equal(got.alarm, ref.alarm) and got.labels_given == ref.labels_given
     expected = [(f"req-{i}", r.select([j])) for i, r in enumerate(alone)
                 for j in torch.nonzero(r.alarm).flatten().tolist()]  # fmt: skip

@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
 from surprise_monitor.monitor import AlarmLog, SurpriseMonitor
-from surprise_monitor.monitor.atypicality import ALARM_KINDS, alarm_kind
+from surprise_monitor.monitor.atypicality import ALARM_KINDS
+from surprise_monitor.monitor.families import FAMILIES, family_columns, kind_of
 from surprise_monitor.monitor.options import MetricsOptions
 from surprise_monitor.monitor.web.app import alarm_app
 from tests._models import SILENT, heldout_dataset, silent_photo_setup, with_silent_surprise
@@ -121,13 +122,17 @@ def test_thumbnails_json_and_explanations(served):
     ranked = sorted(parts, key=lambda name: parts[name]["tail_rank"])
     assert shown == ", ".join(f"{n} {parts[n]['tail_rank']:.4f}" for n in ranked)
     assert sorted(ranked) == sorted(report.component_names) and len(ranked) == 7  # gated, KNN
-    # the kind of atypicality (of the gated score: the part that ranked the input), in the
-    # JSON and on the page with what it means
+    # the kind of atypicality (the family of the smallest family p-value), in the JSON and on
+    # the page with what it means, and every family's p-value beside it
     kind = newest.report["alarm_kind"]
     ranks = [parts[n]["tail_rank"] for n in parts]
-    assert kind == alarm_kind(list(parts), ranks, newest.report["score"])
+    family = newest.report["family_p_values"]
+    assert kind == kind_of([family[f] for f in FAMILIES], ranks, family_columns(list(parts)))
     shown_kind = dom.text[dom.text.index("kind of atypicality") + 1]
     assert shown_kind == f"{kind.replace('_', ' ')}: {ALARM_KINDS[kind]}"
+    shown_p = dom.text[dom.text.index("p-value per family") + 1]
+    ordered = sorted(FAMILIES, key=lambda f: family[f])
+    assert shown_p == ", ".join(f"{f.replace('_', ' ')} {family[f]:.4f}" for f in ordered)
     summary = client.get(f"/{newest.id}/explanation.json").json()
     assert summary["class"] == newest.report["class"]
     oldest = log.recent()[-1]  # its input left the log (keep_inputs=5)
