@@ -63,7 +63,8 @@ def family_statistics(
     ranks: torch.Tensor, columns: Sequence[Sequence[int] | torch.Tensor]
 ) -> torch.Tensor:
     """``[B, F]`` float32 Tippett statistics ``-log min_j r_j`` of ``[B, J]`` tail ranks over
-    each family's ``columns`` (NaN ranks left out; NaN for a family without a finite rank).
+    each family's ``columns`` (NaN ranks left out; NaN for a family without a finite rank; a
+    rank that underflowed to 0 counts as the smallest positive float32, so stays finite).
     Columns given as int64 tensors on the ranks' device cost no host-to-device copy (the
     judge's, under CUDA graph capture)."""
     b = ranks.shape[0]
@@ -74,7 +75,8 @@ def family_statistics(
         index = torch.as_tensor(cols, dtype=torch.int64, device=ranks.device)
         part = ranks.index_select(1, index).to(torch.float32)
         smallest = torch.nan_to_num(part, nan=float("inf")).amin(dim=1)
-        out[:, f] = torch.where(torch.isfinite(smallest), -torch.log(smallest), out[:, f])
+        floor = smallest.clamp(min=torch.finfo(torch.float32).tiny)  # a rank of 0: finite
+        out[:, f] = torch.where(torch.isfinite(smallest), -torch.log(floor), out[:, f])
     return out
 
 

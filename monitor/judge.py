@@ -549,26 +549,6 @@ class Judge:
         if self.table.alarm is None:
             parts = expectation_mass(alpha_percentile)[:, None]
             return _alarm_fields(nan, nan, no, parts, torch.full_like(parts, float("nan")))
-        out = self._scored(alpha_percentile, means, labels_given, classes, logits)
-        tables = self._alarm_tables_for(dev)
-        family = tables.family_null_labelled if labels_given else tables.family_null_predicted
-        if family is not None:
-            stats = family_statistics(out["component_ranks"], tables.family_columns)
-            out["family_p_values"] = family.p_values(stats)
-        return out
-
-    def _scored(
-        self,
-        alpha_percentile: torch.Tensor,
-        means: list[torch.Tensor],
-        labels_given: bool,
-        classes: torch.Tensor,
-        logits: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """:meth:`_alarm`'s fields of a table with an alarm part, before the family p-values."""
-        b, dev = alpha_percentile.shape[0], alpha_percentile.device
-        nan = torch.full((b,), float("nan"), device=dev)
-        no = torch.zeros(b, dtype=torch.bool, device=dev)
         alarm = self._alarm_tables_for(dev)
         stages = [
             percentile_rank(m, grid, alarm.levels)
@@ -589,7 +569,7 @@ class Judge:
         score = fisher(ranks) if alarm.gate is None else alarm.gate.score(ranks)
         null = alarm.null_labelled if labels_given else alarm.null_predicted
         if null is None:
-            return _alarm_fields(score, nan, no, parts, ranks)
+            return self._with_families(_alarm_fields(score, nan, no, parts, ranks), labels_given)
         between = self.thresholds.interpolated
         p = null.p_values(score, interpolated=between)
         per_class = alarm.class_null_labelled if labels_given else alarm.class_null_predicted
@@ -597,7 +577,21 @@ class Judge:
             p = per_class.p_values(score, classes, fallback=p, interpolated=between)
         level = alarm.level_labelled if labels_given else alarm.level_predicted
         assert level is not None
-        return _alarm_fields(score, p, p <= level[classes], parts, ranks)
+        found = _alarm_fields(score, p, p <= level[classes], parts, ranks)
+        return self._with_families(found, labels_given)
+
+    def _with_families(
+        self, found: dict[str, torch.Tensor], labels_given: bool
+    ) -> dict[str, torch.Tensor]:
+        """``found`` (:meth:`_alarm`'s fields) with each component family's p-value among the
+        table's family nulls, where it has them (:mod:`~surprise_monitor.monitor.families`)."""
+        ranks = found["component_ranks"]
+        tables = self._alarm_tables_for(ranks.device)
+        family = tables.family_null_labelled if labels_given else tables.family_null_predicted
+        if family is not None:
+            stats = family_statistics(ranks, tables.family_columns)
+            found["family_p_values"] = family.p_values(stats)
+        return found
 
     # ------------------------------------------------------------------ helpers
     def _check_shapes(

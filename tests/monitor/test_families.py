@@ -61,6 +61,9 @@ def test_the_statistics_are_tippett_s_over_finite_ranks():
     on_device = [torch.tensor(c, dtype=torch.int64) for c in COLUMNS]
     again = family_statistics(torch.tensor(ranks, dtype=torch.float32), on_device)
     torch.testing.assert_close(again, torch.tensor(got, dtype=torch.float32), equal_nan=True)
+    ranks[7, 5] = 0.0  # a tail rank that underflowed: the largest finite statistic
+    zero = family_statistics(torch.tensor(ranks, dtype=torch.float32), COLUMNS)[7, 1]
+    assert float(zero) == pytest.approx(-np.log(np.finfo(np.float32).tiny), rel=1e-6)
 
 
 def test_the_p_values_are_ranks_among_the_null_and_nan_stays_nan():
