@@ -48,9 +48,8 @@ from bench.alarms.report import log
 from bench.alarms.sets import photo_crops, tinyimagenet_part
 from bench.cifar import load_cifar10
 from bench.strong_models import ALARM_MODELS
-from surprise_monitor.calibrate.evidence_choice import PREFERRED, resolved
-from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
-from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS, Gate
+from surprise_monitor.calibrate.evidence_choice import PREFERRED
+from surprise_monitor.monitor.atypicality import EVIDENCE_VARIANTS
 from surprise_monitor.monitor.conformal import DEFAULT_CLASS_NULL_MIN, ClassConditionalNull
 from surprise_monitor.monitor.families import (
     FAMILIES,
@@ -59,7 +58,6 @@ from surprise_monitor.monitor.families import (
     family_statistics,
     kind_of,
 )
-from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS
 
 OUT = Path(__file__).resolve().parent / "results" / "families" / "alarm_kinds.json"
 #: The kinds, in the table's order.
@@ -90,17 +88,10 @@ def run_model(
     the evidence variant ``evidence`` stands for on a table with a KNN bank; with
     ``tiny_cifar_like`` (``[n]`` bool over the report part's Tiny ImageNet images:
     :func:`cifar_like`) the same of those images under :data:`CIFAR_LIKE`."""
-    _, table, clean, shifted = knn_evidence.knn_setup(name)
+    table, gate, _ = knn_evidence.default_gate(name, evidence)
     alarm = table.alarm
-    assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
+    assert alarm is not None and alarm.reference is not None
     names = alarm.component_names()
-    variant = resolved(evidence, knn=True)
-    fit = None
-    if variant in LEARNED_VARIANTS:
-        fit = fit_learned_evidence(
-            clean[0], {s: r for s, (r, _) in shifted.items()}, alarm.reference.rank_floor
-        )
-    gate = Gate.columns(names, variant, alarm.gate_threshold, fit)
     columns = family_columns(names)
 
     def with_knn(found: dict) -> torch.Tensor:

@@ -127,6 +127,37 @@ def overall_range(
     return {"expected": expected, "low": int(low), "high": int(high)}
 
 
+def interval_holds(inputs: int, rate: float) -> np.ndarray:
+    """``[inputs + 1]`` bool: for each alarm count ``x`` of ``inputs``, whether its exact
+    (Clopper-Pearson) 95% interval holds ``rate``."""
+    from scipy.stats import beta
+
+    x = np.arange(inputs + 1)
+    with np.errstate(invalid="ignore"):
+        low = np.where(x > 0, beta.ppf(0.025, x, inputs - x + 1), 0.0)
+        high = np.where(x < inputs, beta.ppf(0.975, x + 1, inputs - x), 1.0)
+    return (low <= rate) & (rate <= high)
+
+
+def expected_interval_misses(
+    classes: Sequence[tuple[int, int]],
+    rate: float,
+    interpolated: bool = True,
+    draws: int = 20000,
+    seed: int = 0,
+) -> float:
+    """How many of the ``(null_size, inputs)`` classes of ``classes`` are expected to have an
+    alarm count whose exact 95% interval leaves out ``rate``, for exchangeable inputs with
+    p-values from a null of their own (Monte Carlo of the null's draw, :func:`alarm_shares`,
+    then of the count): the per-class check of issue 20, read against what chance gives."""
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for null_size, inputs in classes:
+        counts = rng.binomial(inputs, alarm_shares(null_size, rate, draws, rng, interpolated))
+        total += 1.0 - float(interval_holds(inputs, rate)[counts].mean())
+    return total
+
+
 def per_class(
     p_values: np.ndarray,
     classes: np.ndarray,

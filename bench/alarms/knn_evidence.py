@@ -67,6 +67,7 @@ from surprise_monitor.calibrate.evidence_choice import (
     pick,
     resolved,
 )
+from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
 from surprise_monitor.calibrate.options import DEFAULT_REFERENCE_IMAGES, AlarmOptions
 from surprise_monitor.monitor.atypicality import (
     GATED_SCORE_NAME,
@@ -79,7 +80,7 @@ from surprise_monitor.monitor.conformal import (
     DEFAULT_CLASS_NULL_MIN,
     ClassConditionalNull,
 )
-from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS
+from surprise_monitor.monitor.learned_evidence import LEARNED_VARIANTS, LearnedEvidence
 from surprise_monitor.monitor.table import CalibrationTable
 
 HERE = Path(__file__).resolve().parent
@@ -170,6 +171,25 @@ def knn_setup(name: str) -> tuple[torch.nn.Module, CalibrationTable, Judged, dic
         return torch.cat([judged[0], knn_ranks(table, feats[key])[:, None]], dim=1), judged[1]
 
     return model, table, extended("clean", clean), {s: extended(s, j) for s, j in shifted.items()}
+
+
+def default_gate(
+    name: str, evidence: str = PREFERRED
+) -> tuple[CalibrationTable, Gate, LearnedEvidence | None]:
+    """A model's benchmark table with the KNN component (:func:`knn_setup`), the gate of the
+    evidence variant ``evidence`` stands for on it (the default: ``learned+knn``), fitted as
+    calibration fits it (on the choice images and every one of their synthetic shifts), and
+    that fit (``None`` for a fixed variant)."""
+    _, table, clean, shifted = knn_setup(name)
+    alarm = table.alarm
+    assert alarm is not None and alarm.reference is not None and alarm.gate_threshold is not None
+    variant = resolved(evidence, knn=True)
+    fit = None
+    if variant in LEARNED_VARIANTS:
+        fit = fit_learned_evidence(
+            clean[0], {s: r for s, (r, _) in shifted.items()}, alarm.reference.rank_floor
+        )
+    return table, Gate.columns(alarm.component_names(), variant, alarm.gate_threshold, fit), fit
 
 
 def knn_columns(table: CalibrationTable, found: Mapping[str, np.ndarray]) -> torch.Tensor:

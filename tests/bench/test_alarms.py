@@ -256,3 +256,36 @@ def test_the_interpolated_ranges_match_a_simulation_of_interpolated_p_values():
     assert abs(np.quantile(total, 0.975) - both["high"]) <= 2
     shares = class_rates.alarm_shares(450, 0.01, 20000, np.random.default_rng(0), True)
     assert shares.mean() == pytest.approx(0.01, abs=0.0002)
+
+
+def test_interval_holds_is_the_exact_interval_of_each_count():
+    from bench.alarms import class_rates
+    from bench.alarms.scores import alarm_rate
+
+    holds = class_rates.interval_holds(500, 0.01)
+    for x in (0, 1, 2, 5, 10, 11, 12, 500):
+        r = alarm_rate(np.r_[np.zeros(x), np.ones(500 - x)], 0.5)  # x alarms of 500
+        assert holds[x] == (r["ci_low"] <= 0.01 <= r["ci_high"]), x
+    assert not holds[0] and holds[5] and not holds[500]
+
+
+def test_the_expected_interval_misses_match_a_simulation_of_the_library_s_p_values():
+    """Classes of 450 held-out and 500 reported images: about one in ten misses the exact
+    interval once the null's draw counts (the binomial alone: under one in twenty); a
+    simulation of nulls, traffic and interpolated p-values agrees."""
+    from bench.alarms import class_rates
+    from surprise_monitor.monitor.conformal import ConformalNull
+
+    expected = class_rates.expected_interval_misses([(450, 500)] * 10, 0.01)
+    holds = class_rates.interval_holds(500, 0.01)
+    rng = np.random.default_rng(6)
+    missed = 0
+    trials = 2000
+    for _ in range(trials):
+        null = ConformalNull.of(torch.from_numpy(rng.random(450)))
+        p = null.p_values(torch.from_numpy(rng.random(500)), interpolated=True)
+        missed += not holds[int((p <= 0.01).sum())]
+    assert expected / 10 == pytest.approx(missed / trials, abs=0.02)
+    assert 0.07 < expected / 10 < 0.14
+    binomial_only = class_rates.expected_interval_misses([(10**6, 500)], 0.01)
+    assert binomial_only < 0.05
