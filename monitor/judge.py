@@ -569,7 +569,7 @@ class Judge:
         score = fisher(ranks) if alarm.gate is None else alarm.gate.score(ranks)
         null = alarm.null_labelled if labels_given else alarm.null_predicted
         if null is None:
-            return self._with_families(_alarm_fields(score, nan, no, parts, ranks), labels_given)
+            return _with_families(_alarm_fields(score, nan, no, parts, ranks), alarm, labels_given)
         between = self.thresholds.interpolated
         p = null.p_values(score, interpolated=between)
         per_class = alarm.class_null_labelled if labels_given else alarm.class_null_predicted
@@ -578,20 +578,7 @@ class Judge:
         level = alarm.level_labelled if labels_given else alarm.level_predicted
         assert level is not None
         found = _alarm_fields(score, p, p <= level[classes], parts, ranks)
-        return self._with_families(found, labels_given)
-
-    def _with_families(
-        self, found: dict[str, torch.Tensor], labels_given: bool
-    ) -> dict[str, torch.Tensor]:
-        """``found`` (:meth:`_alarm`'s fields) with each component family's p-value among the
-        table's family nulls, where it has them (:mod:`~surprise_monitor.monitor.families`)."""
-        ranks = found["component_ranks"]
-        tables = self._alarm_tables_for(ranks.device)
-        family = tables.family_null_labelled if labels_given else tables.family_null_predicted
-        if family is not None:
-            stats = family_statistics(ranks, tables.family_columns)
-            found["family_p_values"] = family.p_values(stats)
-        return found
+        return _with_families(found, alarm, labels_given)
 
     # ------------------------------------------------------------------ helpers
     def _check_shapes(
@@ -689,6 +676,19 @@ def _alarm_fields(
     family = torch.full((score.shape[0], len(FAMILIES)), float("nan"), device=score.device)
     return {"score": score, "p_value": p_value, "alarm": alarm, "components": parts,
             "component_ranks": ranks, "family_p_values": family}  # fmt: skip
+
+
+def _with_families(
+    found: dict[str, torch.Tensor], tables: _AlarmTables, labels_given: bool
+) -> dict[str, torch.Tensor]:
+    """``found`` (:meth:`Judge._alarm`'s fields) with each component family's p-value among
+    the family nulls of ``tables`` (the alarm part on the batch's device), where it has them
+    (:mod:`~surprise_monitor.monitor.families`)."""
+    family = tables.family_null_labelled if labels_given else tables.family_null_predicted
+    if family is not None:
+        stats = family_statistics(found["component_ranks"], tables.family_columns)
+        found["family_p_values"] = family.p_values(stats)
+    return found
 
 
 def _head_on(alarm: AlarmCalibration, device: torch.device) -> HeadDistance | None:

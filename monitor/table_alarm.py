@@ -232,10 +232,6 @@ class AlarmCalibration:
             **families,
         )  # fmt: skip
 
-    def family_null(self, labels_given: bool) -> FamilyNulls | None:
-        """The family nulls for inputs judged against labels (``True``) or predictions."""
-        return self.family_null_labelled if labels_given else self.family_null_predicted
-
     def validate(self, levels: torch.Tensor) -> None:
         """:class:`AlarmTableError` naming what does not fit (levels: the table's)."""
         if self.score not in SCORES:
