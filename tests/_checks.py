@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import pytest
 import torch
 
-from surprise_monitor.monitor.table import CalibrationTable
+from surprise_monitor.monitor.table import CalibrationTable, TableError
 
 TABLE_TENSORS = ("quantiles", "mean", "counts", "beta_quantiles", "top_indices", "top_alpha")
 
@@ -79,6 +80,16 @@ def resign(path, edit) -> None:
     text = json.dumps({**entries, "__metadata__": header}).encode()
     text += b" " * (-len(text) % 8)
     Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def assert_load_refuses(table: CalibrationTable, folder, edit, message: str) -> None:
+    """Save ``table`` in ``folder``, change its metadata by ``edit`` (:func:`resign`: the
+    checksum fits, only the metadata is wrong) and check that loading it raises a
+    :class:`TableError` matching ``message``."""
+    path = table.save(folder / "t.safetensors")
+    resign(path, edit)
+    with pytest.raises(TableError, match=message):
+        CalibrationTable.load(path)
 
 
 def table_with_counts(counts) -> CalibrationTable:

@@ -22,9 +22,9 @@ from surprise_monitor.monitor.atypicality import (
     head_distance,
 )
 from surprise_monitor.monitor.options import Thresholds
-from surprise_monitor.monitor.table import CalibrationTable, TableError
+from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.monitor.table_alarm import AlarmTableError
-from tests._checks import exponential_tail, interpolated_p, resign
+from tests._checks import assert_load_refuses, exponential_tail, interpolated_p
 from tests._models import TinyCNN, class_dataset, class_images, seeded, trained_tiny_cnn
 
 #: The monitor with conservative p-values, ``(1 + #{null >= s}) / (n + 1)``.
@@ -262,10 +262,7 @@ def test_a_table_without_held_out_images_scores_but_never_alarms(tmp_path):
 )
 def test_a_bad_alarm_part_is_a_table_error(alarmed, tmp_path, edit, message):
     _, table, _, _ = alarmed
-    path = table.save(tmp_path / "t.safetensors")
-    resign(path, edit)
-    with pytest.raises(TableError, match=message):
-        CalibrationTable.load(path)
+    assert_load_refuses(table, tmp_path, edit, message)
 
 
 def test_bad_head_statistics_are_refused(alarmed):
@@ -397,10 +394,7 @@ def test_a_class_with_too_few_held_out_images_uses_the_pooled_null(alarmed, capl
 )
 def test_bad_per_class_nulls_are_a_table_error(alarmed, tmp_path, edit, message):
     table = _mondrian(alarmed, 1)
-    path = table.save(tmp_path / "t.safetensors")
-    resign(path, edit)
-    with pytest.raises(TableError, match=message):
-        CalibrationTable.load(path)
+    assert_load_refuses(table, tmp_path, edit, message)
     a = table.alarm
     short = dataclasses.replace(
         a.class_null_labelled,

@@ -26,9 +26,9 @@ from surprise_monitor.monitor.atypicality import (
 from surprise_monitor.monitor.checks import OptionValueError
 from surprise_monitor.monitor.knn_distance import KnnDistance
 from surprise_monitor.monitor.learned_evidence import LearnedEvidence
-from surprise_monitor.monitor.table import CalibrationTable, TableError
+from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.monitor.table_alarm import AlarmTableError
-from tests._checks import exponential_tail, resign
+from tests._checks import assert_load_refuses, exponential_tail, resign
 from tests._models import class_images, trained_tiny_cnn
 
 IMAGES, _LABELS = class_images(4000, 3, seed=1)
@@ -295,10 +295,7 @@ def test_a_gated_table_from_before_the_level_was_recorded_judges_as_before(gated
 )
 def test_a_bad_gated_alarm_part_is_a_table_error(gated, tmp_path, edit, message):
     _, table = gated
-    path = table.save(tmp_path / "t.safetensors")
-    resign(path, edit)
-    with pytest.raises(TableError, match=message):
-        CalibrationTable.load(path)
+    assert_load_refuses(table, tmp_path, edit, message)
 
 
 def _learned(components: int) -> LearnedEvidence:
