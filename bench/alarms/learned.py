@@ -242,6 +242,28 @@ def _part(
     return detections(part_scores(name, n, part, scores))
 
 
+def cifar_scores(
+    name: str,
+    table: CalibrationTable,
+    gate: Gate,
+    part: str,
+    columns: Callable[[dict[str, np.ndarray]], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gate``'s scores (over ``table``'s reference) of a part's judged CIFAR-10 images and
+    their predicted classes; the selection part's without the first :data:`CHOICE_IMAGES` (the
+    images calibration's evidence fit takes), i.e. the held-out images 500..4,999 of the null.
+    ``columns``: a judged set's components (default: as judged)."""
+    alarm = table.alarm
+    assert alarm is not None and alarm.reference is not None
+    kind = collect.table_kind(GATED_SCORE_NAME)
+    found = collect.load_judged(collect.folder(name) / "sets" / kind / f"{part}__cifar10.npz")
+    parts = torch.from_numpy(found["components"]) if columns is None else columns(found)
+    scores = gate.score(alarm.reference.ranks(parts.float()))
+    classes = torch.from_numpy(found["classes"]).long()
+    start = CHOICE_IMAGES if part == "selection" else 0
+    return scores[start:], classes[start:]
+
+
 def alarm_rates(
     name: str,
     table: CalibrationTable,
@@ -255,20 +277,8 @@ def alarm_rates(
     ``DEFAULT_CLASS_NULL_MIN``): overall and per predicted class, each with its exact 95%
     interval (``bench.alarms.scores.alarm_rate``) and, per class, the size of the null its
     p-values came from. ``columns``: a judged set's components (default: as judged)."""
-    alarm = table.alarm
-    assert alarm is not None and alarm.reference is not None
-    reference = alarm.reference
-    kind = collect.table_kind(GATED_SCORE_NAME)
-
-    def judged(part: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A part's CIFAR-10 images' scores and predicted classes."""
-        found = collect.load_judged(collect.folder(name) / "sets" / kind / f"{part}__cifar10.npz")
-        parts = torch.from_numpy(found["components"]) if columns is None else columns(found)
-        ranks = reference.ranks(parts.float())
-        return gate.score(ranks), torch.from_numpy(found["classes"]).long()
-
-    null, null_classes = (t[CHOICE_IMAGES:] for t in judged("selection"))
-    scores, classes = judged("report")
+    null, null_classes = cifar_scores(name, table, gate, "selection", columns)
+    scores, classes = cifar_scores(name, table, gate, "report", columns)
     k = table.num_classes
     per_class = ClassConditionalNull.of(null, null_classes, k, DEFAULT_CLASS_NULL_MIN)
     p = mondrian_p_values(per_class, scores, classes)
