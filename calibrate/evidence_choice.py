@@ -301,6 +301,11 @@ def fixed_variants(names: Sequence[str]) -> list[str]:
     return [v for v in served_variants(names) if v not in LEARNED_VARIANTS]
 
 
+def learned_variants(names: Sequence[str]) -> list[str]:
+    """The learned variants components ``names`` serve (:func:`served_variants` with a fit)."""
+    return [v for v in served_variants(names) if v in LEARNED_VARIANTS]
+
+
 def shift_margins(
     clean: Mapping[str, torch.Tensor],
     shifted: Mapping[str, Mapping[str, torch.Tensor]],
@@ -334,7 +339,7 @@ def learned_margins(
     fold = torch.arange(len(clean[0])) % FOLDS
     family = {name: SHIFT_FAMILIES.get(name, name) for name in shifted}
     fits: dict[tuple[str, int], LearnedEvidence] = {}
-    variants = [v for v in served_variants(names) if v in LEARNED_VARIANTS]
+    variants = learned_variants(names)
     margins: dict[str, dict[str, float]] = {v: {} for v in variants}
     for name, (ranks, logits) in shifted.items():
         train = {n: r for n, (r, _) in shifted.items() if family[n] != family[name]}

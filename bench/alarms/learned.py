@@ -55,7 +55,7 @@ from surprise_monitor.calibrate.evidence_choice import (
     SHIFT_FAMILIES,
     SHIFTS,
     choose,
-    served_variants,
+    learned_variants,
 )
 from surprise_monitor.calibrate.evidence_fit import fit_learned_evidence
 from surprise_monitor.monitor import SurpriseMonitor
@@ -186,7 +186,7 @@ def _gates(
     ``names`` serve at the library's rank weight on every fit (the label without or with
     :data:`HELD_OUT`), and at each of ``weights`` on the held-out fits (:func:`weight_label`)."""
     out = {}
-    variants = [v for v in served_variants(names) if v in LEARNED_VARIANTS]
+    variants = learned_variants(names)
     for family, e in fitted.items():
         for v in variants:
             # the fit on every shift serves the sets of no synthetic family as "held out" too
