@@ -8,7 +8,8 @@ component, the default's evidence (``learned+knn``, fitted as calibration fits i
 the gated score's class evidence); the report part's CIFAR-10 images against per-class nulls of
 held-out images 500..4,999 (:func:`bench.alarms.learned.alarm_rates`, the monitor's
 interpolated p-values). A class whose rate's interval leaves out 1% for both scores is a class
-whose report images differ from its null images, whatever the score. The expected number of
+whose report images, in this draw, sit differently against its null images whatever the
+score; the two parts are a random split of the shuffled test file. The expected number of
 such classes for exchangeable inputs counts the null's draw as well as the binomial one
 (:func:`bench.alarms.class_rates.expected_interval_misses`).
 
