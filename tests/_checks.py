@@ -82,14 +82,19 @@ def resign(path, edit) -> None:
     Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
-def assert_load_refuses(table: CalibrationTable, folder, edit, message: str) -> None:
+def load_edited(table: CalibrationTable, folder, edit) -> CalibrationTable:
     """Save ``table`` in ``folder``, change its metadata by ``edit`` (:func:`resign`: the
-    checksum fits, only the metadata is wrong) and check that loading it raises a
-    :class:`TableError` matching ``message``."""
+    checksum fits, only the metadata differs) and load it again."""
     path = table.save(folder / "t.safetensors")
     resign(path, edit)
+    return CalibrationTable.load(path)
+
+
+def assert_load_refuses(table: CalibrationTable, folder, edit, message: str) -> None:
+    """Check that loading ``table`` with its metadata changed by ``edit``
+    (:func:`load_edited`) raises a :class:`TableError` matching ``message``."""
     with pytest.raises(TableError, match=message):
-        CalibrationTable.load(path)
+        load_edited(table, folder, edit)
 
 
 def table_with_counts(counts) -> CalibrationTable:

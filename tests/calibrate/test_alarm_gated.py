@@ -28,7 +28,7 @@ from surprise_monitor.monitor.knn_distance import KnnDistance
 from surprise_monitor.monitor.learned_evidence import LearnedEvidence
 from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.monitor.table_alarm import AlarmTableError
-from tests._checks import assert_load_refuses, exponential_tail, resign
+from tests._checks import assert_load_refuses, exponential_tail, load_edited
 from tests._models import class_images, trained_tiny_cnn
 
 IMAGES, _LABELS = class_images(4000, 3, seed=1)
@@ -269,9 +269,7 @@ def test_the_gated_table_survives_save_and_load(gated, tmp_path):
 
 def test_a_gated_table_from_before_the_level_was_recorded_judges_as_before(gated, tmp_path):
     model, table = gated
-    path = table.save(tmp_path / "t.safetensors")
-    resign(path, lambda m: m["alarm"].pop("gate_level") and None)
-    old = CalibrationTable.load(path)
+    old = load_edited(table, tmp_path, lambda m: m["alarm"].pop("gate_level") and None)
     assert old.alarm.gate_level is None
     assert old.alarm.gate_threshold == table.alarm.gate_threshold
     with SurpriseMonitor(model, old) as before, SurpriseMonitor(model, table) as now:

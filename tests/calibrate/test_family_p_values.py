@@ -19,7 +19,7 @@ from surprise_monitor.monitor.atypicality import GATED_SCORE_NAME, alarm_kind
 from surprise_monitor.monitor.families import FAMILIES, family_columns
 from surprise_monitor.monitor.table import CalibrationTable
 from surprise_monitor.monitor.web.page import detail_page
-from tests._checks import assert_load_refuses, resign
+from tests._checks import assert_load_refuses, load_edited
 from tests._models import class_images, trained_tiny_cnn
 
 IMAGES, LABELS = class_images(4000, 3, seed=1)
@@ -122,9 +122,7 @@ def test_the_file_keeps_the_family_nulls(gated, tmp_path):
 
 def test_a_table_without_family_nulls_judges_and_names_kinds_as_before(gated, tmp_path):
     model, table = gated
-    path = table.save(tmp_path / "t.safetensors")
-    resign(path, lambda m: m["alarm"].pop("family_nulls") and None)
-    old = CalibrationTable.load(path)
+    old = load_edited(table, tmp_path, lambda m: m["alarm"].pop("family_nulls") and None)
     assert old.alarm.family_null_predicted is None
     x = torch.cat([IMAGES[1000:1100], IMAGES[3000:3020] * 4.0])
     with SurpriseMonitor(model, old) as before, SurpriseMonitor(model, table) as now:
